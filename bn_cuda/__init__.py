@@ -1,0 +1,76 @@
+"""bn_cuda: TensorFlow/Keras BatchNormalization for PyTorch on fused C++/CUDA kernels.
+
+Operators live under ``torch.ops.bn_cuda``; the torch-style functional API is
+:func:`bn_cuda.functional.batch_norm`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Dict
+
+import torch
+
+__all__ = ["build_info", "get_include", "functional", "ops"]
+
+_HERE = Path(__file__).resolve().parent
+
+
+def _read_meta() -> Dict[str, Any]:
+    try:
+        return json.loads((_HERE / "_build_meta.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _load_native():
+    meta = _read_meta()
+    built = meta.get("torch")
+    if built is not None and built.split("+")[0] != torch.__version__.split("+")[0]:
+        raise ImportError(
+            f"bn_cuda was built against torch {built} but torch {torch.__version__} is installed. "
+            "Rebuild it against this torch: pip install --no-build-isolation --force-reinstall --no-deps ."
+        )
+    try:
+        from . import _C  # noqa: F401  (registers torch.ops.bn_cuda.*)
+    except ImportError as exc:  # undefined symbols, missing libraries, no build at all
+        hint = (
+            "bn_cuda's native module is missing; build it with "
+            "'pip install --no-build-isolation -e .' from the source tree"
+            if "No module named" in str(exc)
+            else f"bn_cuda's native module failed to load (built for torch {built}, "
+            f"CUDA {meta.get('cuda')}; running torch {torch.__version__}, CUDA {torch.version.cuda}). "
+            "Rebuild it against the installed torch: pip install --no-build-isolation --force-reinstall --no-deps ."
+        )
+        raise ImportError(f"{hint}\n(original error: {exc})") from exc
+    return _C
+
+
+_C = _load_native()
+
+
+def build_info() -> Dict[str, Any]:
+    """How the native module was built.
+
+    Returns
+    -------
+    dict
+        ``version``, ``torch`` (the torch version it was built against), ``cuda`` (CUDA version or
+        None), ``cuda_archs``, ``with_cuda`` (CUDA kernels compiled in), ``cpu_capability``.
+    """
+    return dict(_C.build_info())
+
+
+def get_include() -> str:
+    """Directory holding the public torch-free headers (``#include <bn_cuda/welford.h>``)."""
+    pkg = _HERE / "include"
+    if (pkg / "bn_cuda").is_dir():
+        return str(pkg)
+    src = _HERE.parent / "csrc" / "include"
+    return str(src)
+
+
+from . import ops  # noqa: E402  (fake kernels + autograd)
+from . import functional  # noqa: E402

@@ -1,0 +1,86 @@
+"""Torch-style functional API."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+from . import ops
+
+__all__ = ["batch_norm"]
+
+
+def batch_norm(
+    input: Tensor,
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    weight: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    *,
+    axis: Union[int, Sequence[int]] = 1,
+) -> Tensor:
+    """Batch normalization on bn_cuda's fused kernels; a drop-in for
+    :func:`torch.nn.functional.batch_norm`.
+
+    Parameters
+    ----------
+    input : Tensor
+        Any rank >= 2, any strides (contiguous, channels_last, channels_last_3d, sliced), dtype
+        float32, float64, float16 or bfloat16.
+    running_mean, running_var : Tensor or None
+        Per-feature running statistics, updated in place when ``training`` is True:
+        ``running = (1 - momentum) * running + momentum * batch_stat`` with the unbiased batch
+        variance. Required when ``training`` is False.
+    weight, bias : Tensor or None
+        Per-feature scale and shift.
+    training : bool
+        Normalize with batch statistics (True) or with the running statistics (False).
+    momentum : float
+        Running-statistics update factor (torch's convention).
+    eps : float
+        Added to the variance.
+    axis : int or sequence of int
+        Feature axes (negative allowed). With several axes there is one statistic per element of
+        the feature sub-tensor; per-feature tensors then have the feature dims' shape (e.g.
+        ``(A, B)`` for ``axis=(1, 2)``), a flat ``(A*B,)`` shape, or the rank-preserving Keras shape
+        with 1s in the reduced dims.
+
+    Returns
+    -------
+    Tensor
+        Same shape, dtype and memory format as ``input``.
+    """
+    if not isinstance(input, Tensor):
+        raise TypeError(f"bn_cuda.functional.batch_norm: input must be a Tensor, got {type(input).__name__}")
+    axes = [axis] if isinstance(axis, int) else list(axis)
+    if input.dim() < 2:
+        raise ValueError(
+            f"bn_cuda.functional.batch_norm: input must have at least 2 dimensions, got {input.dim()}-D "
+            f"input of shape {list(input.shape)}"
+        )
+    norm_axes = ops.normalize_axes(axes, input.dim())
+    if momentum is None:
+        raise ValueError("bn_cuda.functional.batch_norm: momentum must be a float, got None "
+                         "(cumulative averaging is handled by the nn modules)")
+    if training:
+        per_feature = input.numel() // max(1, math.prod(input.shape[a] for a in norm_axes))
+        if per_feature == 1:
+            raise ValueError(
+                f"bn_cuda.functional.batch_norm: expected more than 1 value per feature when training, "
+                f"got input of shape {list(input.shape)} with feature axes {norm_axes}"
+            )
+        out, _, _ = ops.batch_norm_train(input, weight, bias, running_mean, running_var, momentum, eps, axes)
+        return out
+    if running_mean is None or running_var is None:
+        raise ValueError(
+            "bn_cuda.functional.batch_norm: running_mean and running_var are required when training=False "
+            f"(got {'a tensor' if running_mean is not None else 'None'} and "
+            f"{'a tensor' if running_var is not None else 'None'})"
+        )
+    return ops.batch_norm_infer(input, weight, bias, running_mean, running_var, eps, axes)

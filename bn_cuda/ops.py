@@ -1,0 +1,231 @@
+"""Fake kernels and autograd for the ``torch.ops.bn_cuda`` operators (schemas: csrc/ops.cpp).
+
+``forward_infer`` and ``backward`` are functional and get their autograd from
+``torch.library.register_autograd``. ``forward_train`` updates the running statistics in place
+(declared ``Tensor(a!)?`` in its schema), and ``register_autograd`` refuses operators with mutable
+arguments, so its autograd is the thin :class:`_ForwardTrain` function below; it works under
+``torch.compile(fullgraph=True)`` (the mutation is functionalized) and its backward calls the
+registered ``backward`` op.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+__all__ = ["batch_norm_train", "batch_norm_infer", "normalize_axes", "num_features"]
+
+_ops = torch.ops.bn_cuda
+
+
+def normalize_axes(axis: Sequence[int], ndim: int) -> List[int]:
+    """Sorted non-negative feature axes; errors name the value received."""
+    out = []
+    for a in axis:
+        a = int(a)
+        if not -ndim <= a < ndim:
+            raise ValueError(
+                f"bn_cuda: axis {a} is out of range for an input of rank {ndim} "
+                f"(valid: {-ndim} .. {ndim - 1}); axis={list(axis)}"
+            )
+        out.append(a % ndim)
+    if len(set(out)) != len(out):
+        raise ValueError(f"bn_cuda: axis contains a dimension more than once; axis={list(axis)}")
+    if not out:
+        raise ValueError("bn_cuda: axis must name at least one feature axis, got []")
+    return sorted(out)
+
+
+def num_features(shape: Sequence[int], axis: Sequence[int]) -> int:
+    axes = normalize_axes(axis, len(shape))
+    return int(math.prod(int(shape[a]) for a in axes))
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ---------------------------------------------------------------------------------------------
+# Fake (meta) kernels: shapes, dtypes and strides exactly as the real kernels produce them.
+
+
+@torch.library.register_fake("bn_cuda::forward_train")
+def _forward_train_fake(input, weight, bias, running_mean, running_var, momentum, eps, axis,
+                        unbiased_running_var=True):
+    c = num_features(input.shape, axis)
+    acc = _acc_dtype(input.dtype)
+    return (torch.empty_like(input), input.new_empty((c,), dtype=acc), input.new_empty((c,), dtype=acc))
+
+
+@torch.library.register_fake("bn_cuda::forward_infer")
+def _forward_infer_fake(input, weight, bias, running_mean, running_var, eps, axis):
+    return torch.empty_like(input)
+
+
+@torch.library.register_fake("bn_cuda::backward")
+def _backward_fake(grad_out, input, weight, save_mean, save_invstd, train, axis, output_mask):
+    c = num_features(input.shape, axis)
+    acc = _acc_dtype(input.dtype)
+    gi = torch.empty_like(input) if output_mask[0] else input.new_empty((0,))
+    gw = input.new_empty((c if output_mask[1] else 0,), dtype=acc)
+    gb = input.new_empty((c if output_mask[2] else 0,), dtype=acc)
+    return gi, gw, gb
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference maths used only for higher-order gradients (the backward of the backward op).
+
+
+def _bcast(t: Tensor, input: Tensor, axes: List[int]) -> Tensor:
+    """A flat per-feature tensor shaped to broadcast against ``input``."""
+    shape = [1] * input.dim()
+    for a in axes:
+        shape[a] = input.shape[a]
+    return t.reshape(shape)
+
+
+def _backward_composite(grad_out, input, weight, mean, invstd, train: bool, axis) -> Tuple[Tensor, Tensor, Tensor]:
+    """Differentiable composite of ``bn_cuda::backward`` (all three outputs, acc dtype)."""
+    axes = normalize_axes(axis, input.dim())
+    red = [d for d in range(input.dim()) if d not in axes]
+    acc = _acc_dtype(input.dtype)
+    x = input.to(acc)
+    g = grad_out.to(acc)
+    m = _bcast(mean.to(acc), input, axes)
+    s = _bcast(invstd.to(acc), input, axes)
+    w = _bcast(weight.to(acc), input, axes) if weight is not None else torch.ones_like(s)
+    xmu = x - m
+    count = max(1, input.numel() // max(1, int(m.numel())))
+    sum_dy = g.sum(red, keepdim=True)
+    sum_dy_xmu = (g * xmu).sum(red, keepdim=True)
+    if train:
+        gi = w * s * (g - sum_dy / count - xmu * s * s * sum_dy_xmu / count)
+    else:
+        gi = w * s * g
+    return gi.to(input.dtype), (sum_dy_xmu * s).reshape(-1), sum_dy.reshape(-1)
+
+
+def _backward_setup(ctx, inputs, output):
+    grad_out, input, weight, save_mean, save_invstd, train, axis, output_mask = inputs
+    ctx.save_for_backward(grad_out, input, weight, save_mean, save_invstd)
+    ctx.train = train
+    ctx.axis = list(axis)
+    ctx.mask = list(output_mask)
+
+
+def _backward_backward(ctx, ggi, ggw, ggb):
+    grad_out, input, weight, save_mean, save_invstd = ctx.saved_tensors
+    prims = [grad_out, input, weight, save_mean, save_invstd]
+    need = [t is not None and ctx.needs_input_grad[k] for k, t in enumerate(prims)]
+    if not any(need):
+        return (None,) * 8
+    with torch.enable_grad():
+        leaves = [t.detach().requires_grad_(n) if t is not None else None for t, n in zip(prims, need)]
+        outs = _backward_composite(*leaves, ctx.train, ctx.axis)
+        pairs = [(o, g) for o, g, m in zip(outs, (ggi, ggw, ggb), ctx.mask) if m and g is not None and g.numel()]
+        wrt = [t for t, n in zip(leaves, need) if n]
+        grads = torch.autograd.grad(
+            [o for o, _ in pairs], wrt, [g.to(o.dtype) for o, g in pairs], allow_unused=True,
+            create_graph=torch.is_grad_enabled(),
+        ) if pairs else [None] * len(wrt)
+    it = iter(grads)
+    res = [next(it) if n else None for n in need]
+    return (*res, None, None, None)
+
+
+torch.library.register_autograd("bn_cuda::backward", _backward_backward, setup_context=_backward_setup)
+
+
+def _infer_setup(ctx, inputs, output):
+    input, weight, bias, running_mean, running_var, eps, axis = inputs
+    # Inference treats the running statistics as constants; copy them so a later in-place update
+    # of the buffers cannot change this step's gradient.
+    mean = running_mean.detach().reshape(-1).to(_acc_dtype(input.dtype), copy=True)
+    invstd = torch.rsqrt(running_var.detach().reshape(-1).to(_acc_dtype(input.dtype)) + eps)
+    ctx.save_for_backward(input, weight, mean, invstd)
+    ctx.axis = list(axis)
+    ctx.has_bias = bias is not None
+
+
+def _infer_backward(ctx, grad_out):
+    input, weight, mean, invstd = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    mask = [need[0], weight is not None and need[1], ctx.has_bias and need[2]]
+    if not any(mask):
+        return (None,) * 7
+    gi, gw, gb = _ops.backward(grad_out, input, weight, mean, invstd, False, ctx.axis, mask)
+    return (
+        gi if mask[0] else None,
+        gw.reshape(weight.shape).to(weight.dtype) if mask[1] else None,
+        gb.reshape(weight.shape if weight is not None else (-1,)).to(input.dtype) if mask[2] else None,
+        None, None, None, None,
+    )
+
+
+torch.library.register_autograd("bn_cuda::forward_infer", _infer_backward, setup_context=_infer_setup)
+
+
+class _ForwardTrain(torch.autograd.Function):
+    """Autograd of the mutable ``bn_cuda::forward_train`` (see the module docstring)."""
+
+    @staticmethod
+    def forward(ctx, input, weight, bias, running_mean, running_var, momentum, eps, axis, unbiased):
+        out, mean, invstd = _ops.forward_train(input, weight, bias, running_mean, running_var,
+                                               momentum, eps, axis, unbiased)
+        ctx.save_for_backward(input, weight, mean, invstd)
+        ctx.axis = list(axis)
+        ctx.bias_shape = None if bias is None else bias.shape
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.set_materialize_grads(False)
+        return out, mean, invstd
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_mean, grad_invstd):
+        input, weight, mean, invstd = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        mask = [need[0], weight is not None and need[1], ctx.bias_shape is not None and need[2]]
+        gi = gw = gb = None
+        if grad_out is not None and any(mask):
+            gi, gw, gb = _ops.backward(grad_out, input, weight, mean, invstd, True, ctx.axis, mask)
+            gi = gi if mask[0] else None
+            gw = gw.reshape(weight.shape).to(weight.dtype) if mask[1] else None
+            gb = gb.reshape(ctx.bias_shape).to(ctx.bias_dtype) if mask[2] else None
+        if need[0] and (grad_mean is not None or grad_invstd is not None):
+            # Gradients reaching the saved statistics (double backward, or a user of the
+            # returned statistics): d mean/dx = 1/M, d invstd/dx = -invstd^3 (x - mean) / M.
+            axes = normalize_axes(ctx.axis, input.dim())
+            count = max(1, input.numel() // max(1, mean.numel()))
+            acc = mean.dtype
+            extra = torch.zeros((), dtype=acc, device=input.device)
+            if grad_mean is not None:
+                extra = extra + _bcast(grad_mean.to(acc), input, axes) / count
+            if grad_invstd is not None:
+                s = _bcast(invstd, input, axes)
+                extra = extra - _bcast(grad_invstd.to(acc), input, axes) * s ** 3 * (
+                    input.to(acc) - _bcast(mean, input, axes)) / count
+            extra = extra.to(input.dtype).expand_as(input)
+            gi = extra if gi is None else gi + extra
+        return gi, gw, gb, None, None, None, None, None, None
+
+
+def batch_norm_train(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                     running_mean: Optional[Tensor], running_var: Optional[Tensor], momentum: float,
+                     eps: float, axis: Sequence[int], unbiased_running_var: bool = True
+                     ) -> Tuple[Tensor, Tensor, Tensor]:
+    """Differentiable training forward. Returns (output, batch mean, batch inverse std).
+
+    Running statistics, when given, are updated in place in the same pass:
+    ``running = (1 - momentum) * running + momentum * batch_stat``.
+    """
+    return _ForwardTrain.apply(input, weight, bias, running_mean, running_var, float(momentum),
+                               float(eps), [int(a) for a in axis], bool(unbiased_running_var))
+
+
+def batch_norm_infer(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                     running_mean: Tensor, running_var: Tensor, eps: float, axis: Sequence[int]) -> Tensor:
+    """Differentiable inference forward with the running statistics."""
+    return _ops.forward_infer(input, weight, bias, running_mean, running_var, float(eps),
+                              [int(a) for a in axis])

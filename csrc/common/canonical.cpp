@@ -1,0 +1,180 @@
+#include "canonical.h"
+
+#include <ATen/ATen.h>
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <numeric>
+#include <sstream>
+
+namespace bn_cuda {
+
+std::string shape_str(at::IntArrayRef s) {
+  std::ostringstream os;
+  os << "[";
+  for (size_t i = 0; i < s.size(); ++i) os << (i ? ", " : "") << s[i];
+  os << "]";
+  return os.str();
+}
+
+std::vector<int64_t> normalize_axes(at::IntArrayRef axis, int64_t ndim) {
+  TORCH_CHECK_VALUE(!axis.empty(), "bn_cuda: axis must name at least one feature axis, got []");
+  std::vector<int64_t> out;
+  for (int64_t a : axis) {
+    TORCH_CHECK_VALUE(a >= -ndim && a < ndim, "bn_cuda: axis ", a, " is out of range for an input of rank ",
+                      ndim, " (valid: ", -ndim, " .. ", ndim - 1, "); axis=", shape_str(axis));
+    out.push_back(a < 0 ? a + ndim : a);
+  }
+  std::sort(out.begin(), out.end());
+  for (size_t i = 1; i < out.size(); ++i)
+    TORCH_CHECK_VALUE(out[i] != out[i - 1], "bn_cuda: axis contains dimension ", out[i],
+                      " more than once; axis=", shape_str(axis));
+  return out;
+}
+
+namespace {
+
+struct GroupView {
+  int64_t so = 0, sc = 0, si = 1;
+  bool ok = true;
+};
+
+// Collapse the dims perm[lo:hi] of t into one (size, stride); size-1 dims are skipped.
+bool collapse(const at::Tensor& t, const std::vector<int64_t>& perm, int64_t lo, int64_t hi, int64_t& stride) {
+  int64_t prev = -1;
+  bool any = false;
+  for (int64_t k = lo; k < hi; ++k) {
+    const int64_t d = perm[k];
+    if (t.size(d) == 1) continue;
+    if (prev >= 0 && t.stride(prev) != t.stride(d) * t.size(d)) return false;
+    prev = d;
+    any = true;
+  }
+  stride = any ? t.stride(prev) : 0;
+  return true;
+}
+
+GroupView group_view(const at::Tensor& t, const Canonical& c) {
+  GroupView g;
+  const int64_t n = static_cast<int64_t>(c.perm.size());
+  int64_t si = 0;
+  bool has_inner = false;
+  for (int64_t k = c.b; k < n; ++k) has_inner |= t.size(c.perm[k]) != 1;
+  g.ok = collapse(t, c.perm, 0, c.a, g.so) && collapse(t, c.perm, c.a, c.b, g.sc) &&
+         collapse(t, c.perm, c.b, n, si);
+  g.si = has_inner ? si : 1;
+  if (!g.ok) return g;
+  if (c.v.channels_last) {
+    g.ok = c.v.C <= 1 || g.sc == 1;
+    g.sc = 1;
+  } else {
+    g.ok = c.v.I <= 1 || g.si == 1;
+  }
+  return g;
+}
+
+void fill_sizes(const at::Tensor& x, Canonical& c) {
+  const int64_t n = static_cast<int64_t>(c.perm.size());
+  c.v.O = 1;
+  c.v.C = 1;
+  c.v.I = 1;
+  for (int64_t k = 0; k < n; ++k) {
+    const int64_t s = x.size(c.perm[k]);
+    (k < c.a ? c.v.O : (k < c.b ? c.v.C : c.v.I)) *= s;
+  }
+  c.v.channels_last = c.v.I == 1;
+}
+
+}  // namespace
+
+Canonical plan_canonical(const at::Tensor& x, at::IntArrayRef axis) {
+  const int64_t nd = x.dim();
+  Canonical c;
+  c.axes = normalize_axes(axis, nd);
+  std::vector<bool> is_feat(nd, false);
+  for (int64_t a : c.axes) {
+    is_feat[a] = true;
+    c.feature_shape.push_back(x.size(a));
+  }
+
+  // 1) Follow memory order: non-size-1 dims by decreasing stride. The features must form one run
+  //    (in axis order, so the flat feature index matches the weight's row-major order).
+  std::vector<int64_t> order;
+  for (int64_t d = 0; d < nd; ++d)
+    if (x.size(d) != 1) order.push_back(d);
+  std::stable_sort(order.begin(), order.end(), [&](int64_t p, int64_t q) { return x.stride(p) > x.stride(q); });
+  int64_t first = -1, last = -1;
+  for (int64_t k = 0; k < static_cast<int64_t>(order.size()); ++k)
+    if (is_feat[order[k]]) {
+      if (first < 0) first = k;
+      last = k;
+    }
+  bool run_ok = true;
+  if (first >= 0) {
+    for (int64_t k = first; k <= last; ++k) run_ok &= is_feat[order[k]];
+    for (int64_t k = first + 1; run_ok && k <= last; ++k) run_ok &= order[k] > order[k - 1];
+  }
+  if (run_ok) {
+    c.perm = order;
+    if (first < 0) {  // every feature dim has size 1: C == 1
+      c.a = 0;
+      c.b = 0;
+    } else {
+      c.a = first;
+      c.b = last + 1;
+    }
+    for (int64_t d = 0; d < nd; ++d)
+      if (x.size(d) == 1) c.perm.push_back(d);
+    fill_sizes(x, c);
+    if (group_view(x, c).ok) return c;
+  }
+
+  // 2) The strides do not allow a view: plan a dense copy. Adjacent feature axes keep the
+  //    input's own dim order (a plain .contiguous()); otherwise features go last.
+  c.perm.clear();
+  bool adjacent = true;
+  for (size_t k = 1; k < c.axes.size(); ++k) adjacent &= c.axes[k] == c.axes[k - 1] + 1;
+  if (adjacent) {
+    for (int64_t d = 0; d < nd; ++d) c.perm.push_back(d);
+    c.a = c.axes.front();
+    c.b = c.axes.back() + 1;
+  } else {
+    for (int64_t d = 0; d < nd; ++d)
+      if (!is_feat[d]) c.perm.push_back(d);
+    c.a = static_cast<int64_t>(c.perm.size());
+    for (int64_t d : c.axes) c.perm.push_back(d);
+    c.b = nd;
+  }
+  fill_sizes(x, c);
+  return c;
+}
+
+bool try_strided3(const at::Tensor& t, const Canonical& c, Strided3& out) {
+  const GroupView g = group_view(t, c);
+  if (!g.ok) return false;
+  out.t = t;
+  out.so = g.so;
+  out.sc = g.sc;
+  return true;
+}
+
+at::Tensor dense_in_perm_order(const at::Tensor& like, const Canonical& c) {
+  std::vector<int64_t> sizes;
+  for (int64_t d : c.perm) sizes.push_back(like.size(d));
+  at::Tensor dense = at::empty(sizes, like.options().memory_format(at::MemoryFormat::Contiguous));
+  std::vector<int64_t> inv(c.perm.size());
+  for (size_t k = 0; k < c.perm.size(); ++k) inv[c.perm[k]] = static_cast<int64_t>(k);
+  return dense.permute(inv);  // same shape as `like`, dense in perm order
+}
+
+Strided3 as_strided3(const at::Tensor& t, const Canonical& c) {
+  Strided3 out;
+  if (try_strided3(t, c, out)) return out;
+  at::Tensor dense = dense_in_perm_order(t, c);
+  dense.copy_(t);
+  const bool ok = try_strided3(dense, c, out);
+  TORCH_INTERNAL_ASSERT(ok, "bn_cuda: dense copy did not give a canonical view");
+  return out;
+}
+
+}  // namespace bn_cuda

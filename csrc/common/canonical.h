@@ -1,0 +1,52 @@
+// Canonicalization of any strided input with any set of feature axes into the kernels'
+// (O, C, I) view, shared by the CPU and CUDA glue.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <string>
+#include <vector>
+
+#include "bn_cuda/params.h"
+
+namespace bn_cuda {
+
+// How an input's dims map onto (O, C, I): perm orders the dims; perm[0:a] are the outer (reduced)
+// dims, perm[a:b] the feature dims, perm[b:] the inner (reduced) dims. Size-1 dims may sit in any
+// group; they never constrain strides.
+struct Canonical {
+  std::vector<int64_t> axes;  // sorted, non-negative feature axes
+  std::vector<int64_t> perm;
+  int64_t a = 0, b = 0;
+  View3 v;
+  std::vector<int64_t> feature_shape;  // sizes of the feature dims, in axis order
+};
+
+// A tensor viewed as (O, C, I) with inner stride 1 (or I == 1 and feature stride 1).
+struct Strided3 {
+  at::Tensor t;  // keeps the storage alive; data_ptr() is element (0, 0, 0)
+  int64_t so = 0, sc = 0;
+  const void* data() const { return t.data_ptr(); }
+  void* mutable_data() const { return t.data_ptr(); }
+};
+
+// Sorted feature axes; errors name the argument and the value received.
+std::vector<int64_t> normalize_axes(at::IntArrayRef axis, int64_t ndim);
+
+// Plan the view for `x` (no data is copied here).
+Canonical plan_canonical(const at::Tensor& x, at::IntArrayRef axis);
+
+// `t` (same shape as the planned input) as a Strided3: a view when its strides allow the planned
+// layout, otherwise a dense copy in the planned dim order.
+Strided3 as_strided3(const at::Tensor& t, const Canonical& c);
+
+// A view of `t` as a Strided3 when possible; false when it would need a copy.
+bool try_strided3(const at::Tensor& t, const Canonical& c, Strided3& out);
+
+// Dense (O, C, I) scratch laid out in the planned dim order, and its view with the original dim
+// order (to copy into a user-visible tensor).
+at::Tensor dense_in_perm_order(const at::Tensor& like, const Canonical& c);
+
+std::string shape_str(at::IntArrayRef s);
+
+}  // namespace bn_cuda

@@ -1,0 +1,217 @@
+#include "glue.h"
+
+#include <ATen/ATen.h>
+#include <c10/util/Exception.h>
+
+#include <cmath>
+#include <sstream>
+
+namespace bn_cuda {
+
+DType dtype_of(const at::Tensor& t, const char* name) {
+  switch (t.scalar_type()) {
+    case at::kFloat:
+      return DType::kFloat32;
+    case at::kDouble:
+      return DType::kFloat64;
+    case at::kHalf:
+      return DType::kFloat16;
+    case at::kBFloat16:
+      return DType::kBFloat16;
+    default:
+      TORCH_CHECK_TYPE(false, "bn_cuda: ", name,
+                       " must be a floating-point tensor (float32, float64, float16 or bfloat16), got ",
+                       t.scalar_type());
+  }
+  return DType::kFloat32;
+}
+
+at::ScalarType acc_scalar_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+namespace {
+
+void check_same_device(const at::Tensor& t, const at::Tensor& input, const char* name) {
+  TORCH_CHECK(t.device() == input.device(), "bn_cuda: ", name, " is on ", t.device(), " but input is on ",
+              input.device(), "; move them to the same device");
+}
+
+std::string accepted_shapes(const Canonical& c, int64_t ndim) {
+  std::vector<int64_t> keras(ndim, 1);
+  for (size_t k = 0; k < c.axes.size(); ++k) keras[c.axes[k]] = c.feature_shape[k];
+  std::ostringstream os;
+  os << shape_str(c.feature_shape);
+  if (c.feature_shape.size() != 1) os << ", [" << c.v.C << "]";
+  os << " or " << shape_str(keras);
+  return os.str();
+}
+
+// Validate a per-feature tensor and bring it to a flat acc-typed contiguous form.
+FeatureTensor feature_tensor(const c10::optional<at::Tensor>& maybe, const char* name, const Canonical& c,
+                             const at::Tensor& input, at::ScalarType acc, bool mutated) {
+  FeatureTensor f;
+  if (!maybe.has_value() || !maybe->defined()) return f;
+  const at::Tensor& t = *maybe;
+  f.user = t;
+  check_same_device(t, input, name);
+  dtype_of(t, name);
+  const int64_t nd = input.dim();
+  bool shape_ok = t.sizes().vec() == c.feature_shape || (t.dim() == 1 && t.numel() == c.v.C);
+  if (!shape_ok && t.dim() == nd) {
+    shape_ok = true;
+    size_t k = 0;
+    for (int64_t d = 0; d < nd; ++d) {
+      const bool feat = k < c.axes.size() && c.axes[k] == d;
+      const int64_t want = feat ? c.feature_shape[k] : 1;
+      if (feat) ++k;
+      shape_ok &= t.size(d) == want;
+    }
+  }
+  TORCH_CHECK(shape_ok, "bn_cuda: ", name, " has shape ", shape_str(t.sizes()), " (", t.numel(),
+              " elements) but the input of shape ", shape_str(input.sizes()), " has ", c.v.C,
+              " features along axis ", shape_str(c.axes), "; expected shape ", accepted_shapes(c, nd));
+  if (t.scalar_type() == acc && t.is_contiguous()) {
+    f.acc = t.view({-1});
+  } else {
+    f.acc = t.to(acc).contiguous().view({-1});
+    f.copy_back = mutated;
+  }
+  return f;
+}
+
+}  // namespace
+
+ForwardCall prepare_forward(const at::Tensor& input, const c10::optional<at::Tensor>& weight,
+                            const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& running_mean,
+                            const c10::optional<at::Tensor>& running_var, bool training, double momentum,
+                            double eps, at::IntArrayRef axis, bool unbiased_running_var) {
+  ForwardCall call;
+  TORCH_CHECK_VALUE(input.dim() >= 2, "bn_cuda: input must have at least 2 dimensions (batch and features), got ",
+                    input.dim(), "-D input of shape ", shape_str(input.sizes()));
+  call.dtype = dtype_of(input, "input");
+  TORCH_CHECK_VALUE(std::isfinite(eps), "bn_cuda: eps must be finite, got ", eps);
+  if (training) {
+    TORCH_CHECK_VALUE(eps > 0, "bn_cuda: eps must be > 0 in training, got ", eps);
+  }
+  call.canon = plan_canonical(input, axis);
+  const Canonical& c = call.canon;
+  const at::ScalarType acc = acc_scalar_type(input.scalar_type());
+  call.weight = feature_tensor(weight, "weight", c, input, acc, false);
+  call.bias = feature_tensor(bias, "bias", c, input, acc, false);
+  call.running_mean = feature_tensor(running_mean, "running_mean", c, input, acc, true);
+  call.running_var = feature_tensor(running_var, "running_var", c, input, acc, true);
+  if (!training) {
+    TORCH_CHECK_VALUE(call.running_mean.acc.defined() && call.running_var.acc.defined(),
+                      "bn_cuda: running_mean and running_var are required when training=False (got ",
+                      call.running_mean.acc.defined() ? "a tensor" : "None", " and ",
+                      call.running_var.acc.defined() ? "a tensor" : "None", ")");
+  }
+
+  call.out = at::empty_like(input);
+  const at::TensorOptions acc_opts = input.options().dtype(acc);
+  if (training) {
+    call.save_mean = at::empty({c.v.C}, acc_opts);
+    call.save_invstd = at::empty({c.v.C}, acc_opts);
+  }
+  call.skip = input.numel() == 0;
+  if (call.skip) {
+    if (training) {
+      call.save_mean.zero_();
+      call.save_invstd.zero_();
+    }
+    return call;
+  }
+  call.x = as_strided3(input, c);
+  if (!try_strided3(call.out, c, call.y)) {
+    call.y = as_strided3(dense_in_perm_order(input, c), c);
+    call.y_scratch = true;
+  }
+  ForwardParams& p = call.p;
+  p.v = c.v;
+  p.x = call.x.data();
+  p.x_so = call.x.so;
+  p.x_sc = call.x.sc;
+  p.y = call.y.mutable_data();
+  p.y_so = call.y.so;
+  p.y_sc = call.y.sc;
+  p.weight = call.weight.ptr();
+  p.bias = call.bias.ptr();
+  p.running_mean = call.running_mean.ptr();
+  p.running_var = call.running_var.ptr();
+  p.save_mean = training ? call.save_mean.data_ptr() : nullptr;
+  p.save_invstd = training ? call.save_invstd.data_ptr() : nullptr;
+  p.momentum = momentum;
+  p.eps = eps;
+  p.unbiased_running_var = unbiased_running_var;
+  return call;
+}
+
+void finish_forward(ForwardCall& call) {
+  if (call.skip) return;
+  if (call.y_scratch) call.out.copy_(call.y.t);
+  for (FeatureTensor* f : {&call.running_mean, &call.running_var})
+    if (f->copy_back) f->user.copy_(f->acc.view(f->user.sizes()));
+}
+
+BackwardCall prepare_backward(const at::Tensor& grad_out, const at::Tensor& input,
+                              const c10::optional<at::Tensor>& weight, const at::Tensor& save_mean,
+                              const at::Tensor& save_invstd, bool train, at::IntArrayRef axis,
+                              std::array<bool, 3> output_mask) {
+  BackwardCall call;
+  TORCH_CHECK_VALUE(input.dim() >= 2, "bn_cuda: input must have at least 2 dimensions, got ", input.dim());
+  call.dtype = dtype_of(input, "input");
+  dtype_of(grad_out, "grad_out");
+  check_same_device(grad_out, input, "grad_out");
+  TORCH_CHECK(grad_out.sizes() == input.sizes(), "bn_cuda: grad_out has shape ", shape_str(grad_out.sizes()),
+              " but input has shape ", shape_str(input.sizes()));
+  call.canon = plan_canonical(input, axis);
+  const Canonical& c = call.canon;
+  const at::ScalarType acc = acc_scalar_type(input.scalar_type());
+  call.weight = feature_tensor(weight, "weight", c, input, acc, false);
+  call.mean = feature_tensor(save_mean, "save_mean", c, input, acc, false);
+  call.invstd = feature_tensor(save_invstd, "save_invstd", c, input, acc, false);
+
+  const at::TensorOptions acc_opts = input.options().dtype(acc);
+  call.grad_input = output_mask[0] ? at::empty_like(input) : at::empty({0}, input.options());
+  call.grad_weight = output_mask[1] ? at::empty({c.v.C}, acc_opts) : at::empty({0}, acc_opts);
+  call.grad_bias = output_mask[2] ? at::empty({c.v.C}, acc_opts) : at::empty({0}, acc_opts);
+  call.skip = input.numel() == 0;
+  if (call.skip) {
+    call.grad_weight.zero_();
+    call.grad_bias.zero_();
+    return call;
+  }
+  at::Tensor dy_t = grad_out.scalar_type() == input.scalar_type() ? grad_out : grad_out.to(input.scalar_type());
+  call.x = as_strided3(input, c);
+  call.dy = as_strided3(dy_t, c);
+  BackwardParams& p = call.p;
+  p.v = c.v;
+  p.x = call.x.data();
+  p.x_so = call.x.so;
+  p.x_sc = call.x.sc;
+  p.dy = call.dy.data();
+  p.dy_so = call.dy.so;
+  p.dy_sc = call.dy.sc;
+  if (output_mask[0]) {
+    if (!try_strided3(call.grad_input, c, call.dx)) {
+      call.dx = as_strided3(dense_in_perm_order(input, c), c);
+      call.dx_scratch = true;
+    }
+    p.dx = call.dx.mutable_data();
+    p.dx_so = call.dx.so;
+    p.dx_sc = call.dx.sc;
+  }
+  p.weight = call.weight.ptr();
+  p.mean = call.mean.ptr();
+  p.invstd = call.invstd.ptr();
+  p.grad_weight = output_mask[1] ? call.grad_weight.data_ptr() : nullptr;
+  p.grad_bias = output_mask[2] ? call.grad_bias.data_ptr() : nullptr;
+  p.train = train;
+  return call;
+}
+
+void finish_backward(BackwardCall& call) {
+  if (call.skip) return;
+  if (call.dx_scratch) call.grad_input.copy_(call.dx.t);
+}
+
+}  // namespace bn_cuda

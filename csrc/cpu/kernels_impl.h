@@ -1,0 +1,532 @@
+// CPU kernels, compiled once per CPU capability (kernels_default.cpp, kernels_avx2.cpp).
+//
+// Statistics: each partial reduction covers a fixed amount of data (plan_partitions_cpu), whose
+// exact moments are computed in two passes while it sits in cache, and partials are combined by
+// Chan's merge in a fixed order. The partition depends only on the shape, never on the thread
+// count, so results are bitwise reproducible.
+//
+// Everything here lives in namespace bn_cuda::cpu::CPU_CAPABILITY (like ATen's own kernels) so
+// the per-capability copies of these templates never collide at link time.
+#pragma once
+
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <type_traits>
+#include <vector>
+
+#include "bn_cuda/epilogue.h"
+#include "bn_cuda/params.h"
+#include "bn_cuda/welford.h"
+
+namespace bn_cuda {
+namespace cpu {
+inline namespace CPU_CAPABILITY {
+
+using at::vec::Vectorized;
+
+template <typename T>
+struct Io {
+  using acc = acc_t<T>;
+  using AV = Vectorized<acc>;
+  static constexpr int64_t L = AV::size();
+  static constexpr int64_t K = 2 * L;  // elements per step: two accumulator vectors
+
+  static inline void load(const T* p, AV& a, AV& b) {
+    if constexpr (std::is_same_v<T, acc>) {
+      a = AV::loadu(p);
+      b = AV::loadu(p + L);
+    } else {
+      at::vec::load_to_float<T>(p, a, b);
+    }
+  }
+  static inline void store(T* p, const AV& a, const AV& b) {
+    if constexpr (std::is_same_v<T, acc>) {
+      a.store(p);
+      b.store(p + L);
+    } else {
+      at::vec::convert_from_float<T>(a, b).store(p);
+    }
+  }
+  static inline acc hsum(const AV& v) {
+    acc tmp[L];
+    v.store(tmp);
+    acc s = acc(0);
+    for (int64_t j = 0; j < L; ++j) s += tmp[j];
+    return s;
+  }
+  // Load K accumulation-type values from an acc array (per-feature coefficients).
+  static inline void load_acc(const acc* p, AV& a, AV& b) {
+    a = AV::loadu(p);
+    b = AV::loadu(p + L);
+  }
+};
+
+// sum(p[0:n])
+template <typename T>
+inline acc_t<T> sum_run(const T* p, int64_t n) {
+  using IO = Io<T>;
+  typename IO::AV s0(0), s1(0);
+  int64_t i = 0;
+  for (; i + IO::K <= n; i += IO::K) {
+    typename IO::AV a, b;
+    IO::load(p + i, a, b);
+    s0 += a;
+    s1 += b;
+  }
+  acc_t<T> s = IO::hsum(s0 + s1);
+  for (; i < n; ++i) s += static_cast<acc_t<T>>(p[i]);
+  return s;
+}
+
+// sum((p[0:n] - mean)^2)
+template <typename T>
+inline acc_t<T> sqdev_run(const T* p, int64_t n, acc_t<T> mean) {
+  using IO = Io<T>;
+  const typename IO::AV m(mean);
+  typename IO::AV s0(0), s1(0);
+  int64_t i = 0;
+  for (; i + IO::K <= n; i += IO::K) {
+    typename IO::AV a, b;
+    IO::load(p + i, a, b);
+    a = a - m;
+    b = b - m;
+    s0 = at::vec::fmadd(a, a, s0);
+    s1 = at::vec::fmadd(b, b, s1);
+  }
+  acc_t<T> s = IO::hsum(s0 + s1);
+  for (; i < n; ++i) {
+    const acc_t<T> d = static_cast<acc_t<T>>(p[i]) - mean;
+    s += d * d;
+  }
+  return s;
+}
+
+// sum(dy) and sum(dy * (x - mean)) over a run.
+template <typename T>
+inline void grad_sums_run(const T* dy, const T* x, int64_t n, acc_t<T> mean, acc_t<T>& sdy, acc_t<T>& sdyx) {
+  using IO = Io<T>;
+  const typename IO::AV m(mean);
+  typename IO::AV a0(0), a1(0), b0(0), b1(0);
+  int64_t i = 0;
+  for (; i + IO::K <= n; i += IO::K) {
+    typename IO::AV g0, g1, x0, x1;
+    IO::load(dy + i, g0, g1);
+    IO::load(x + i, x0, x1);
+    a0 += g0;
+    a1 += g1;
+    b0 = at::vec::fmadd(g0, x0 - m, b0);
+    b1 = at::vec::fmadd(g1, x1 - m, b1);
+  }
+  acc_t<T> s = IO::hsum(a0 + a1), t = IO::hsum(b0 + b1);
+  for (; i < n; ++i) {
+    const acc_t<T> g = static_cast<acc_t<T>>(dy[i]);
+    s += g;
+    t += g * (static_cast<acc_t<T>>(x[i]) - mean);
+  }
+  sdy += s;
+  sdyx += t;
+}
+
+// out = (x - mean) * scale + shift over a run with per-run constants.
+template <typename T>
+inline void apply_run(const T* x, T* out, int64_t n, acc_t<T> mean, acc_t<T> scale, acc_t<T> shift) {
+  using IO = Io<T>;
+  const typename IO::AV m(mean), s(scale), b(shift);
+  int64_t i = 0;
+  for (; i + IO::K <= n; i += IO::K) {
+    typename IO::AV x0, x1;
+    IO::load(x + i, x0, x1);
+    IO::store(out + i, at::vec::fmadd(x0 - m, s, b), at::vec::fmadd(x1 - m, s, b));
+  }
+  const ApplyCoeffs<acc_t<T>> k{mean, scale, shift};
+  for (; i < n; ++i) out[i] = static_cast<T>(apply_one(static_cast<acc_t<T>>(x[i]), k));
+}
+
+// dx = k_dy * dy + k_xmu * (x - mean) + k_0 over a run with per-run constants.
+template <typename T>
+inline void grad_run(const T* dy, const T* x, T* dx, int64_t n, const GradCoeffs<acc_t<T>>& g) {
+  using IO = Io<T>;
+  const typename IO::AV m(g.mean), kd(g.k_dy), kx(g.k_xmu), k0(g.k_0);
+  int64_t i = 0;
+  for (; i + IO::K <= n; i += IO::K) {
+    typename IO::AV g0, g1, x0, x1;
+    IO::load(dy + i, g0, g1);
+    IO::load(x + i, x0, x1);
+    IO::store(dx + i, at::vec::fmadd(kd, g0, at::vec::fmadd(kx, x0 - m, k0)),
+              at::vec::fmadd(kd, g1, at::vec::fmadd(kx, x1 - m, k0)));
+  }
+  for (; i < n; ++i)
+    dx[i] = static_cast<T>(grad_one(static_cast<acc_t<T>>(dy[i]), static_cast<acc_t<T>>(x[i]), g));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Partial statistics.
+
+template <typename A>
+struct PartialArrays {
+  A* mean;
+  A* m2;
+  A* n;
+};
+
+template <typename A>
+inline PartialArrays<A> partial_arrays(void* ws, int64_t P, int64_t C) {
+  A* base = static_cast<A*>(ws);
+  return PartialArrays<A>{base, base + P * C, base + 2 * P * C};
+}
+
+// Channels-first: partition `part` of feature c covers whole rows of the outer dim; rows longer
+// than a chunk are split into chunk-sized segments.
+template <typename T>
+inline WelfordState<acc_t<T>> stats_cf_part(const ForwardParams& p, int64_t c, int64_t part) {
+  using A = acc_t<T>;
+  const View3& v = p.v;
+  const T* x = static_cast<const T*>(p.x) + c * p.x_sc;
+  const int64_t rows_per_part = v.I >= kCpuChunkElems ? 1 : kCpuChunkElems / v.I;
+  const int64_t r0 = part * rows_per_part, r1 = std::min(v.O, r0 + rows_per_part);
+  WelfordState<A> st = welford_empty<A>();
+  if (v.I <= kCpuChunkElems) {
+    A s = A(0);
+    for (int64_t r = r0; r < r1; ++r) s += sum_run(x + r * p.x_so, v.I);
+    const A n = static_cast<A>((r1 - r0) * v.I);
+    const A mean = s / n;
+    A m2 = A(0);
+    for (int64_t r = r0; r < r1; ++r) m2 += sqdev_run(x + r * p.x_so, v.I, mean);
+    st = WelfordState<A>{mean, m2, n};
+  } else {
+    for (int64_t r = r0; r < r1; ++r) {
+      for (int64_t i0 = 0; i0 < v.I; i0 += kCpuChunkElems) {
+        const int64_t len = std::min(kCpuChunkElems, v.I - i0);
+        const T* seg = x + r * p.x_so + i0;
+        const A mean = sum_run(seg, len) / static_cast<A>(len);
+        st = welford_merge(st, WelfordState<A>{mean, sqdev_run(seg, len, mean), static_cast<A>(len)});
+      }
+    }
+  }
+  return st;
+}
+
+// Channels-last: partition `part` covers rows [r0, r1) of (O, C) for every feature.
+template <typename T>
+inline void stats_cl_part(const ForwardParams& p, int64_t part, int64_t P, PartialArrays<acc_t<T>> out) {
+  using A = acc_t<T>;
+  using IO = Io<T>;
+  using AV = typename IO::AV;
+  const View3& v = p.v;
+  const int64_t C = v.C;
+  const int64_t rows_per_part = ceil_div(v.O, P);
+  const int64_t r0 = part * rows_per_part, r1 = std::min(v.O, r0 + rows_per_part);
+  A* mean = out.mean + part * C;
+  A* m2 = out.m2 + part * C;
+  A* cnt = out.n + part * C;
+  const T* x = static_cast<const T*>(p.x);
+  std::fill(mean, mean + C, A(0));
+  std::fill(m2, m2 + C, A(0));
+  const A n = static_cast<A>(std::max<int64_t>(r1 - r0, 0));
+  std::fill(cnt, cnt + C, n);
+  if (r1 <= r0) return;
+  // pass 1: sums into `mean`
+  for (int64_t r = r0; r < r1; ++r) {
+    const T* row = x + r * p.x_so;
+    int64_t c = 0;
+    for (; c + IO::K <= C; c += IO::K) {
+      AV a, b, s0, s1;
+      IO::load(row + c, a, b);
+      IO::load_acc(mean + c, s0, s1);
+      (s0 + a).store(mean + c);
+      (s1 + b).store(mean + c + IO::L);
+    }
+    for (; c < C; ++c) mean[c] += static_cast<A>(row[c]);
+  }
+  const A inv_n = A(1) / n;
+  for (int64_t c = 0; c < C; ++c) mean[c] = mean[c] * inv_n;
+  // pass 2: squared deviations into `m2` (rows still in cache)
+  for (int64_t r = r0; r < r1; ++r) {
+    const T* row = x + r * p.x_so;
+    int64_t c = 0;
+    for (; c + IO::K <= C; c += IO::K) {
+      AV a, b, m0, m1, q0, q1;
+      IO::load(row + c, a, b);
+      IO::load_acc(mean + c, m0, m1);
+      IO::load_acc(m2 + c, q0, q1);
+      a = a - m0;
+      b = b - m1;
+      at::vec::fmadd(a, a, q0).store(m2 + c);
+      at::vec::fmadd(b, b, q1).store(m2 + c + IO::L);
+    }
+    for (; c < C; ++c) {
+      const A d = static_cast<A>(row[c]) - mean[c];
+      m2[c] += d * d;
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Forward.
+
+template <typename A>
+struct CoeffArrays {
+  A* mean;
+  A* scale;
+  A* shift;
+};
+
+template <typename T>
+inline void apply_all(const ForwardParams& p, CoeffArrays<acc_t<T>> k) {
+  using A = acc_t<T>;
+  using IO = Io<T>;
+  using AV = typename IO::AV;
+  const View3& v = p.v;
+  const T* x = static_cast<const T*>(p.x);
+  T* y = static_cast<T*>(p.y);
+  if (!v.channels_last) {
+    const int64_t rows = v.O * v.C;
+    const int64_t grain = std::max<int64_t>(1, kCpuChunkElems / std::max<int64_t>(v.I, 1));
+    at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const int64_t o = r / v.C, c = r % v.C;
+        apply_run(x + o * p.x_so + c * p.x_sc, y + o * p.y_so + c * p.y_sc, v.I, k.mean[c], k.scale[c], k.shift[c]);
+      }
+    });
+    return;
+  }
+  const int64_t C = v.C;
+  const int64_t grain = std::max<int64_t>(1, kCpuChunkElems / C);
+  at::parallel_for(0, v.O, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const T* row = x + r * p.x_so;
+      T* out = y + r * p.y_so;
+      int64_t c = 0;
+      for (; c + IO::K <= C; c += IO::K) {
+        AV a, b, m0, m1, s0, s1, b0, b1;
+        IO::load(row + c, a, b);
+        IO::load_acc(k.mean + c, m0, m1);
+        IO::load_acc(k.scale + c, s0, s1);
+        IO::load_acc(k.shift + c, b0, b1);
+        IO::store(out + c, at::vec::fmadd(a - m0, s0, b0), at::vec::fmadd(b - m1, s1, b1));
+      }
+      for (; c < C; ++c) {
+        const ApplyCoeffs<A> kc{k.mean[c], k.scale[c], k.shift[c]};
+        out[c] = static_cast<T>(apply_one(static_cast<A>(row[c]), kc));
+      }
+    }
+  });
+}
+
+template <typename T>
+void forward_train(const ForwardParams& p) {
+  using A = acc_t<T>;
+  const View3& v = p.v;
+  const int64_t C = v.C, P = p.partitions;
+  PartialArrays<A> part = partial_arrays<A>(p.workspace, P, C);
+  A* coeff_base = static_cast<A*>(p.workspace) + 3 * P * C;
+  CoeffArrays<A> k{coeff_base, coeff_base + C, coeff_base + 2 * C};
+
+  if (!v.channels_last) {
+    at::parallel_for(0, C * P, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t c = t / P, q = t % P;
+        const WelfordState<A> st = stats_cf_part<T>(p, c, q);
+        part.mean[t] = st.mean;
+        part.m2[t] = st.m2;
+        part.n[t] = st.n;
+      }
+    });
+  } else {
+    at::parallel_for(0, P, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t q = begin; q < end; ++q) stats_cl_part<T>(p, q, P, part);
+    });
+  }
+
+  // Finalize: merge partials per feature in partition order.
+  const A* w = static_cast<const A*>(p.weight);
+  const A* b = static_cast<const A*>(p.bias);
+  A* rm = static_cast<A*>(p.running_mean);
+  A* rv = static_cast<A*>(p.running_var);
+  A* sm = static_cast<A*>(p.save_mean);
+  A* si = static_cast<A*>(p.save_invstd);
+  const A eps = static_cast<A>(p.eps), mom = static_cast<A>(p.momentum);
+  at::parallel_for(0, C, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      WelfordState<A> st = welford_empty<A>();
+      for (int64_t q = 0; q < P; ++q) {
+        const int64_t idx = v.channels_last ? q * C + c : c * P + q;
+        st = welford_merge(st, WelfordState<A>{part.mean[idx], part.m2[idx], part.n[idx]});
+      }
+      const A var = biased_var(st);
+      const A invstd = invstd_of(var, eps);
+      sm[c] = st.mean;
+      si[c] = invstd;
+      if (rm) rm[c] = running_update(rm[c], st.mean, mom);
+      if (rv) rv[c] = running_update(rv[c], p.unbiased_running_var ? unbiased_var(st) : var, mom);
+      const ApplyCoeffs<A> kc = apply_coeffs(st.mean, invstd, w, b, c);
+      k.mean[c] = kc.mean;
+      k.scale[c] = kc.scale;
+      k.shift[c] = kc.shift;
+    }
+  });
+  apply_all<T>(p, k);
+}
+
+template <typename T>
+void forward_infer(const ForwardParams& p) {
+  using A = acc_t<T>;
+  const int64_t C = p.v.C;
+  A* base = static_cast<A*>(p.workspace);
+  CoeffArrays<A> k{base, base + C, base + 2 * C};
+  const A* w = static_cast<const A*>(p.weight);
+  const A* b = static_cast<const A*>(p.bias);
+  const A* rm = static_cast<const A*>(p.running_mean);
+  const A* rv = static_cast<const A*>(p.running_var);
+  const A eps = static_cast<A>(p.eps);
+  for (int64_t c = 0; c < C; ++c) {
+    const ApplyCoeffs<A> kc = apply_coeffs(rm[c], invstd_of(rv[c], eps), w, b, c);
+    k.mean[c] = kc.mean;
+    k.scale[c] = kc.scale;
+    k.shift[c] = kc.shift;
+  }
+  apply_all<T>(p, k);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward.
+
+template <typename T>
+void backward(const BackwardParams& p) {
+  using A = acc_t<T>;
+  using IO = Io<T>;
+  using AV = typename IO::AV;
+  const View3& v = p.v;
+  const int64_t C = v.C, P = p.partitions;
+  const T* x = static_cast<const T*>(p.x);
+  const T* dy = static_cast<const T*>(p.dy);
+  const A* mean = static_cast<const A*>(p.mean);
+  const A* invstd = static_cast<const A*>(p.invstd);
+  const A* w = static_cast<const A*>(p.weight);
+  A* sdy = static_cast<A*>(p.workspace);
+  A* sdyx = sdy + P * C;
+  A* gbase = sdyx + P * C;
+  A* g_mean = gbase;
+  A* g_kdy = gbase + C;
+  A* g_kx = gbase + 2 * C;
+  A* g_k0 = gbase + 3 * C;
+  const bool need_sums = p.grad_weight || p.grad_bias || (p.dx && p.train);
+
+  if (need_sums) {
+    if (!v.channels_last) {
+      const int64_t rows_per_part = v.I >= kCpuChunkElems ? 1 : kCpuChunkElems / v.I;
+      at::parallel_for(0, C * P, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t t = begin; t < end; ++t) {
+          const int64_t c = t / P, q = t % P;
+          const int64_t r0 = q * rows_per_part, r1 = std::min(v.O, r0 + rows_per_part);
+          A s = A(0), sx = A(0);
+          for (int64_t r = r0; r < r1; ++r)
+            grad_sums_run(dy + r * p.dy_so + c * p.dy_sc, x + r * p.x_so + c * p.x_sc, v.I, mean[c], s, sx);
+          sdy[t] = s;
+          sdyx[t] = sx;
+        }
+      });
+    } else {
+      const int64_t rows_per_part = ceil_div(v.O, P);
+      at::parallel_for(0, P, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t q = begin; q < end; ++q) {
+          A* s = sdy + q * C;
+          A* sx = sdyx + q * C;
+          std::fill(s, s + C, A(0));
+          std::fill(sx, sx + C, A(0));
+          const int64_t r0 = q * rows_per_part, r1 = std::min(v.O, r0 + rows_per_part);
+          for (int64_t r = r0; r < r1; ++r) {
+            const T* g = dy + r * p.dy_so;
+            const T* xr = x + r * p.x_so;
+            int64_t c = 0;
+            for (; c + IO::K <= C; c += IO::K) {
+              AV g0, g1, x0, x1, m0, m1, a0, a1, b0, b1;
+              IO::load(g + c, g0, g1);
+              IO::load(xr + c, x0, x1);
+              IO::load_acc(mean + c, m0, m1);
+              IO::load_acc(s + c, a0, a1);
+              IO::load_acc(sx + c, b0, b1);
+              (a0 + g0).store(s + c);
+              (a1 + g1).store(s + c + IO::L);
+              at::vec::fmadd(g0, x0 - m0, b0).store(sx + c);
+              at::vec::fmadd(g1, x1 - m1, b1).store(sx + c + IO::L);
+            }
+            for (; c < C; ++c) {
+              const A gv = static_cast<A>(g[c]);
+              s[c] += gv;
+              sx[c] += gv * (static_cast<A>(xr[c]) - mean[c]);
+            }
+          }
+        }
+      });
+    }
+  }
+
+  const A count = static_cast<A>(v.O * v.I);
+  A* gw = static_cast<A*>(p.grad_weight);
+  A* gb = static_cast<A*>(p.grad_bias);
+  for (int64_t c = 0; c < C; ++c) {
+    A s = A(0), sx = A(0);
+    if (need_sums) {
+      for (int64_t q = 0; q < P; ++q) {
+        const int64_t idx = v.channels_last ? q * C + c : c * P + q;
+        s += sdy[idx];
+        sx += sdyx[idx];
+      }
+    }
+    if (gw) gw[c] = sx * invstd[c];
+    if (gb) gb[c] = s;
+    const GradCoeffs<A> g = grad_coeffs(mean[c], invstd[c], w ? w[c] : A(1), s, sx, count, p.train);
+    g_mean[c] = g.mean;
+    g_kdy[c] = g.k_dy;
+    g_kx[c] = g.k_xmu;
+    g_k0[c] = g.k_0;
+  }
+  if (!p.dx) return;
+  T* dx = static_cast<T*>(p.dx);
+  if (!v.channels_last) {
+    const int64_t rows = v.O * C;
+    const int64_t grain = std::max<int64_t>(1, kCpuChunkElems / std::max<int64_t>(v.I, 1));
+    at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const int64_t o = r / C, c = r % C;
+        const GradCoeffs<A> g{g_mean[c], g_kdy[c], g_kx[c], g_k0[c]};
+        grad_run(dy + o * p.dy_so + c * p.dy_sc, x + o * p.x_so + c * p.x_sc, dx + o * p.dx_so + c * p.dx_sc, v.I, g);
+      }
+    });
+    return;
+  }
+  const int64_t grain = std::max<int64_t>(1, kCpuChunkElems / C);
+  at::parallel_for(0, v.O, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const T* g = dy + r * p.dy_so;
+      const T* xr = x + r * p.x_so;
+      T* out = dx + r * p.dx_so;
+      int64_t c = 0;
+      for (; c + IO::K <= C; c += IO::K) {
+        AV g0, g1, x0, x1, m0, m1, d0, d1, k0, k1, z0, z1;
+        IO::load(g + c, g0, g1);
+        IO::load(xr + c, x0, x1);
+        IO::load_acc(g_mean + c, m0, m1);
+        IO::load_acc(g_kdy + c, d0, d1);
+        IO::load_acc(g_kx + c, k0, k1);
+        IO::load_acc(g_k0 + c, z0, z1);
+        IO::store(out + c, at::vec::fmadd(d0, g0, at::vec::fmadd(k0, x0 - m0, z0)),
+                  at::vec::fmadd(d1, g1, at::vec::fmadd(k1, x1 - m1, z1)));
+      }
+      for (; c < C; ++c) {
+        const GradCoeffs<A> gc{g_mean[c], g_kdy[c], g_kx[c], g_k0[c]};
+        out[c] = static_cast<T>(grad_one(static_cast<A>(g[c]), static_cast<A>(xr[c]), gc));
+      }
+    }
+  });
+}
+
+}  // namespace CPU_CAPABILITY
+}  // namespace cpu
+}  // namespace bn_cuda

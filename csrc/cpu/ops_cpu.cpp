@@ -1,0 +1,100 @@
+// CPU bodies of the bn_cuda operators: checks and canonicalization (common/glue), workspace, and
+// the capability-dispatched kernels.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <tuple>
+
+#include "common/glue.h"
+#include "cpu/dispatch.h"
+
+namespace bn_cuda {
+namespace cpu {
+
+bool use_avx2() {
+#if defined(__x86_64__) || defined(_M_X64)
+  static const bool ok = [] {
+    const char* env = std::getenv("ATEN_CPU_CAPABILITY");
+    if (env && std::strcmp(env, "default") == 0) return false;
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+  }();
+  return ok;
+#else
+  return false;
+#endif
+}
+
+const char* capability_name() { return use_avx2() ? "avx2" : "default"; }
+
+}  // namespace cpu
+
+namespace {
+
+at::Tensor workspace(const at::Tensor& like, at::ScalarType acc, size_t bytes) {
+  const int64_t n = static_cast<int64_t>(bytes / (acc == at::kDouble ? 8 : 4)) + 1;
+  return at::empty({n}, like.options().dtype(acc));
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_train_cpu(
+    const at::Tensor& input, const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
+    const c10::optional<at::Tensor>& running_mean, const c10::optional<at::Tensor>& running_var, double momentum,
+    double eps, at::IntArrayRef axis, bool unbiased_running_var) {
+  ForwardCall call = prepare_forward(input, weight, bias, running_mean, running_var, /*training=*/true, momentum,
+                                     eps, axis, unbiased_running_var);
+  at::Tensor ws;
+  if (!call.skip) {
+    call.p.partitions = plan_partitions_cpu(call.p.v);
+    ws = workspace(input, acc_scalar_type(input.scalar_type()),
+                   forward_workspace_bytes(call.p.v, call.p.partitions, acc_size(call.dtype)));
+    call.p.workspace = ws.data_ptr();
+    cpu::forward_train(call.dtype, call.p);
+  }
+  finish_forward(call);
+  return {call.out, call.save_mean, call.save_invstd};
+}
+
+at::Tensor forward_infer_cpu(const at::Tensor& input, const c10::optional<at::Tensor>& weight,
+                             const c10::optional<at::Tensor>& bias, const at::Tensor& running_mean,
+                             const at::Tensor& running_var, double eps, at::IntArrayRef axis) {
+  ForwardCall call =
+      prepare_forward(input, weight, bias, running_mean, running_var, /*training=*/false, 0.0, eps, axis, true);
+  at::Tensor ws;
+  if (!call.skip) {
+    call.p.partitions = 0;
+    ws = workspace(input, acc_scalar_type(input.scalar_type()), forward_workspace_bytes(call.p.v, 0, acc_size(call.dtype)));
+    call.p.workspace = ws.data_ptr();
+    cpu::forward_infer(call.dtype, call.p);
+  }
+  finish_forward(call);
+  return call.out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(const at::Tensor& grad_out, const at::Tensor& input,
+                                                             const c10::optional<at::Tensor>& weight,
+                                                             const at::Tensor& save_mean, const at::Tensor& save_invstd,
+                                                             bool train, at::IntArrayRef axis,
+                                                             std::array<bool, 3> output_mask) {
+  BackwardCall call = prepare_backward(grad_out, input, weight, save_mean, save_invstd, train, axis, output_mask);
+  at::Tensor ws;
+  if (!call.skip) {
+    BackwardParams& p = call.p;
+    p.partitions = plan_partitions_cpu(p.v);
+    ws = workspace(input, acc_scalar_type(input.scalar_type()),
+                   backward_workspace_bytes(p.v, p.partitions, acc_size(call.dtype)));
+    p.workspace = ws.data_ptr();
+    cpu::backward(call.dtype, p);
+  }
+  finish_backward(call);
+  return {call.grad_input, call.grad_weight, call.grad_bias};
+}
+
+}  // namespace
+}  // namespace bn_cuda
+
+TORCH_LIBRARY_IMPL(bn_cuda, CPU, m) {
+  m.impl("forward_train", &bn_cuda::forward_train_cpu);
+  m.impl("forward_infer", &bn_cuda::forward_infer_cpu);
+  m.impl("backward", &bn_cuda::backward_cpu);
+}

@@ -1,0 +1,16 @@
+// Backward kernels for DType::kFloat32. Torch-free: compiles in seconds.
+#include "bn_cuda/cuda/launch.cuh"
+#include "launchers.h"
+
+namespace bn_cuda {
+namespace cuda {
+
+using Elem = typename ScalarOf<DType::kFloat32>::type;
+
+template <>
+cudaError_t backward_t<DType::kFloat32>(const BackwardParams& p, cudaStream_t stream) {
+  return backward<Elem>(p, stream);
+}
+
+}  // namespace cuda
+}  // namespace bn_cuda

@@ -1,0 +1,221 @@
+// Backward kernels (header-only, torch-free): per-feature partial sums of dy and dy * (x - mean),
+// their fixed-order finalize (grad_weight, grad_bias, grad-input coefficients), and grad_input.
+//
+// Workspace layout (acc type A): [0, PC) partial sum(dy), [PC, 2PC) partial sum(dy * (x - mean)),
+// then 4C coefficients: mean, k_dy, k_xmu, k_0 (see epilogue.h).
+#pragma once
+
+#include "../epilogue.h"
+#include "common.cuh"
+
+namespace BN_CUDA_NAMESPACE {
+namespace cuda {
+
+template <typename T, int V, int BLOCK>
+__global__ void __launch_bounds__(BLOCK) grad_sums_cf_kernel(const BackwardParams p) {
+  using A = acc_t<T>;
+  constexpr int U = V >= 4 ? 2 : 4;
+  const int64_t C = p.v.C, P = p.partitions;
+  const int64_t c = blockIdx.x, q = blockIdx.y;
+  const int64_t Iv = p.v.I / V;
+  const int64_t nvec = p.v.O * Iv;
+  const int64_t per = ceil_div(nvec, P);
+  const int64_t begin = q * per;
+  const int64_t end = begin + per < nvec ? begin + per : nvec;
+  const T* x = static_cast<const T*>(p.x) + c * p.x_sc;
+  const T* dy = static_cast<const T*>(p.dy) + c * p.dy_sc;
+  const A mean = static_cast<const A*>(p.mean)[c];
+
+  SumPair<A> s{A(0), A(0)};
+  int64_t k = begin + threadIdx.x;
+  if (k < end) {
+    RowCursor cur;
+    cur.init(k, BLOCK, Iv);
+    for (; k < end; k += static_cast<int64_t>(BLOCK) * U) {
+      A gv[U][V], xv[U][V];
+      int valid = 0;
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        if (k + static_cast<int64_t>(u) * BLOCK < end) {
+          load_pack<T, V>(dy + cur.o * p.dy_so + cur.iv * V, gv[u]);
+          load_pack<T, V>(x + cur.o * p.x_so + cur.iv * V, xv[u]);
+          ++valid;
+          cur.advance();
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        if (u < valid) {
+#pragma unroll
+          for (int e = 0; e < V; ++e) {
+            s.a += gv[u][e];
+            s.b += gv[u][e] * (xv[u][e] - mean);
+          }
+        }
+      }
+    }
+  }
+  s = block_sum<BLOCK>(s);
+  if (threadIdx.x == 0) {
+    A* ws = static_cast<A*>(p.workspace);
+    const int64_t idx = c * P + q;
+    ws[idx] = s.a;
+    ws[P * C + idx] = s.b;
+  }
+}
+
+template <typename T, int V, int BX>
+__global__ void __launch_bounds__(256) grad_sums_cl_kernel(const BackwardParams p) {
+  constexpr int BY = 256 / BX;
+  using A = acc_t<T>;
+  constexpr int U = 4;
+  const int64_t C = p.v.C, O = p.v.O, P = p.partitions;
+  const int tx = threadIdx.x, ty = threadIdx.y;
+  const int64_t c0 = (static_cast<int64_t>(blockIdx.x) * BX + tx) * V;
+  const int64_t q = blockIdx.y;
+  const int64_t per = ceil_div(O, P);
+  const int64_t r0 = q * per;
+  const int64_t r1 = r0 + per < O ? r0 + per : O;
+  const T* x = static_cast<const T*>(p.x);
+  const T* dy = static_cast<const T*>(p.dy);
+
+  A sa[V], sb[V], mean[V];
+#pragma unroll
+  for (int e = 0; e < V; ++e) sa[e] = sb[e] = A(0);
+  if (c0 < C) {
+#pragma unroll
+    for (int e = 0; e < V; ++e) mean[e] = static_cast<const A*>(p.mean)[c0 + e];
+    int64_t r = r0 + ty;
+    for (; r + BY * (U - 1) < r1; r += BY * U) {
+      A gv[U][V], xv[U][V];
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        load_pack<T, V>(dy + (r + BY * u) * p.dy_so + c0, gv[u]);
+        load_pack<T, V>(x + (r + BY * u) * p.x_so + c0, xv[u]);
+      }
+#pragma unroll
+      for (int u = 0; u < U; ++u)
+#pragma unroll
+        for (int e = 0; e < V; ++e) {
+          sa[e] += gv[u][e];
+          sb[e] += gv[u][e] * (xv[u][e] - mean[e]);
+        }
+    }
+    for (; r < r1; r += BY) {
+      A gv[V], xv[V];
+      load_pack<T, V>(dy + r * p.dy_so + c0, gv);
+      load_pack<T, V>(x + r * p.x_so + c0, xv);
+#pragma unroll
+      for (int e = 0; e < V; ++e) {
+        sa[e] += gv[e];
+        sb[e] += gv[e] * (xv[e] - mean[e]);
+      }
+    }
+  }
+  __shared__ A sh_a[BY][BX * V];
+  __shared__ A sh_b[BY][BX * V];
+#pragma unroll
+  for (int e = 0; e < V; ++e) {
+    sh_a[ty][tx * V + e] = sa[e];
+    sh_b[ty][tx * V + e] = sb[e];
+  }
+  __syncthreads();
+  if (ty == 0 && c0 < C) {
+    A* ws = static_cast<A*>(p.workspace);
+#pragma unroll
+    for (int e = 0; e < V; ++e) {
+      A a = A(0), b = A(0);
+      for (int j = 0; j < BY; ++j) {
+        a += sh_a[j][tx * V + e];
+        b += sh_b[j][tx * V + e];
+      }
+      const int64_t idx = q * C + c0 + e;
+      ws[idx] = a;
+      ws[P * C + idx] = b;
+    }
+  }
+}
+
+// One warp per feature; P may be 0 (no sums needed: inference backward of grad_input only).
+template <typename A>
+__global__ void __launch_bounds__(256) finalize_backward_kernel(const BackwardParams p) {
+  const int64_t C = p.v.C, P = p.partitions;
+  const int lane = threadIdx.x & 31;
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * 8 + (threadIdx.x >> 5);
+  if (c >= C) return;  // warp-uniform
+  const A* ws = static_cast<const A*>(p.workspace);
+  SumPair<A> s{A(0), A(0)};
+  for (int64_t q = lane; q < P; q += 32) {
+    const int64_t idx = p.v.channels_last ? q * C + c : c * P + q;
+    s.a += ws[idx];
+    s.b += ws[P * C + idx];
+  }
+  s = warp_sum(s);
+  if (lane != 0) return;
+  const A invstd = static_cast<const A*>(p.invstd)[c];
+  const A mean = static_cast<const A*>(p.mean)[c];
+  if (p.grad_weight) static_cast<A*>(p.grad_weight)[c] = s.b * invstd;
+  if (p.grad_bias) static_cast<A*>(p.grad_bias)[c] = s.a;
+  const A w = p.weight ? static_cast<const A*>(p.weight)[c] : A(1);
+  const GradCoeffs<A> g = grad_coeffs(mean, invstd, w, s.a, s.b, static_cast<A>(p.v.O * p.v.I), p.train);
+  A* coeff = static_cast<A*>(p.workspace) + 2 * P * C;
+  coeff[c] = g.mean;
+  coeff[C + c] = g.k_dy;
+  coeff[2 * C + c] = g.k_xmu;
+  coeff[3 * C + c] = g.k_0;
+}
+
+template <typename T, int V, int BLOCK>
+__global__ void __launch_bounds__(BLOCK) grad_input_cf_kernel(const BackwardParams p) {
+  using A = acc_t<T>;
+  const int64_t C = p.v.C, Iv = p.v.I / V;
+  const int64_t total = p.v.O * C * Iv;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * BLOCK;
+  int64_t k = static_cast<int64_t>(blockIdx.x) * BLOCK + threadIdx.x;
+  if (k >= total) return;
+  const A* coeff = static_cast<const A*>(p.workspace) + 2 * p.partitions * C;
+  const T* x = static_cast<const T*>(p.x);
+  const T* dy = static_cast<const T*>(p.dy);
+  T* dx = static_cast<T*>(p.dx);
+  FlatCursor cur;
+  cur.init(k, stride, C, Iv);
+  for (; k < total; k += stride) {
+    A gv[V], xv[V];
+    load_pack<T, V>(dy + cur.o * p.dy_so + cur.c * p.dy_sc + cur.iv * V, gv);
+    load_pack<T, V>(x + cur.o * p.x_so + cur.c * p.x_sc + cur.iv * V, xv);
+    const GradCoeffs<A> g{coeff[cur.c], coeff[C + cur.c], coeff[2 * C + cur.c], coeff[3 * C + cur.c]};
+#pragma unroll
+    for (int e = 0; e < V; ++e) gv[e] = grad_one(gv[e], xv[e], g);
+    store_pack<T, V>(dx + cur.o * p.dx_so + cur.c * p.dx_sc + cur.iv * V, gv);
+    cur.advance();
+  }
+}
+
+template <typename T, int V, int BX>
+__global__ void __launch_bounds__(256) grad_input_cl_kernel(const BackwardParams p) {
+  constexpr int BY = 256 / BX;
+  using A = acc_t<T>;
+  const int64_t C = p.v.C, O = p.v.O;
+  const int64_t c0 = (static_cast<int64_t>(blockIdx.x) * BX + threadIdx.x) * V;
+  if (c0 >= C) return;
+  const A* coeff = static_cast<const A*>(p.workspace) + 2 * p.partitions * C;
+  GradCoeffs<A> g[V];
+#pragma unroll
+  for (int e = 0; e < V; ++e)
+    g[e] = GradCoeffs<A>{coeff[c0 + e], coeff[C + c0 + e], coeff[2 * C + c0 + e], coeff[3 * C + c0 + e]};
+  const T* x = static_cast<const T*>(p.x);
+  const T* dy = static_cast<const T*>(p.dy);
+  T* dx = static_cast<T*>(p.dx);
+  const int64_t step = static_cast<int64_t>(gridDim.y) * BY;
+  for (int64_t r = static_cast<int64_t>(blockIdx.y) * BY + threadIdx.y; r < O; r += step) {
+    A gv[V], xv[V];
+    load_pack<T, V>(dy + r * p.dy_so + c0, gv);
+    load_pack<T, V>(x + r * p.x_so + c0, xv);
+#pragma unroll
+    for (int e = 0; e < V; ++e) gv[e] = grad_one(gv[e], xv[e], g[e]);
+    store_pack<T, V>(dx + r * p.dx_so + c0, gv);
+  }
+}
+
+}  // namespace cuda
+}  // namespace BN_CUDA_NAMESPACE

@@ -1,0 +1,213 @@
+// Device helpers for the header-only CUDA kernels: element types, vector access, and
+// deterministic warp / block reductions (fixed shuffle trees, no atomics).
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include "../config.h"
+#include "../params.h"
+#include "../welford.h"
+
+namespace BN_CUDA_NAMESPACE {
+namespace cuda {
+
+constexpr unsigned kFullMask = 0xffffffffu;
+
+template <DType D>
+struct ScalarOf;
+template <>
+struct ScalarOf<DType::kFloat32> {
+  using type = float;
+};
+template <>
+struct ScalarOf<DType::kFloat64> {
+  using type = double;
+};
+template <>
+struct ScalarOf<DType::kFloat16> {
+  using type = __half;
+};
+template <>
+struct ScalarOf<DType::kBFloat16> {
+  using type = __nv_bfloat16;
+};
+
+__device__ __forceinline__ float to_acc(float v) { return v; }
+__device__ __forceinline__ double to_acc(double v) { return v; }
+__device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T>
+__device__ __forceinline__ T from_acc(acc_t<T> v);
+template <>
+__device__ __forceinline__ float from_acc<float>(float v) {
+  return v;
+}
+template <>
+__device__ __forceinline__ double from_acc<double>(double v) {
+  return v;
+}
+template <>
+__device__ __forceinline__ __half from_acc<__half>(float v) {
+  return __float2half_rn(v);
+}
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+
+// V consecutive elements moved as one access (16 bytes when V = 16 / sizeof(T)).
+template <typename T, int V>
+struct alignas(sizeof(T) * V) Pack {
+  T v[V];
+};
+
+template <typename T, int V>
+__device__ __forceinline__ void load_pack(const T* p, acc_t<T> (&out)[V]) {
+  const Pack<T, V> pk = *reinterpret_cast<const Pack<T, V>*>(p);
+#pragma unroll
+  for (int k = 0; k < V; ++k) out[k] = to_acc(pk.v[k]);
+}
+
+template <typename T, int V>
+__device__ __forceinline__ void store_pack(T* p, const acc_t<T> (&in)[V]) {
+  Pack<T, V> pk;
+#pragma unroll
+  for (int k = 0; k < V; ++k) pk.v[k] = from_acc<T>(in[k]);
+  *reinterpret_cast<Pack<T, V>*>(p) = pk;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Reductions. Lane 0 (warp) or thread 0 (block) ends with the result; the combination order is
+// fixed, so the result is bitwise reproducible.
+
+template <typename A>
+__device__ __forceinline__ WelfordState<A> shfl_down(const WelfordState<A>& s, int off) {
+  WelfordState<A> r;
+  r.mean = __shfl_down_sync(kFullMask, s.mean, off);
+  r.m2 = __shfl_down_sync(kFullMask, s.m2, off);
+  r.n = __shfl_down_sync(kFullMask, s.n, off);
+  return r;
+}
+
+template <typename A>
+__device__ __forceinline__ WelfordState<A> warp_merge(WelfordState<A> s) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) s = welford_merge(s, shfl_down(s, off));
+  return s;
+}
+
+template <typename A>
+struct SumPair {
+  A a;
+  A b;
+};
+
+template <typename A>
+__device__ __forceinline__ SumPair<A> warp_sum(SumPair<A> s) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) {
+    s.a += __shfl_down_sync(kFullMask, s.a, off);
+    s.b += __shfl_down_sync(kFullMask, s.b, off);
+  }
+  return s;
+}
+
+// Block of BLOCK threads (1-D): merge every thread's state into thread 0.
+template <int BLOCK, typename A>
+__device__ __forceinline__ WelfordState<A> block_merge(WelfordState<A> s) {
+  static_assert(BLOCK % 32 == 0 && BLOCK <= 1024, "block size");
+  __shared__ WelfordState<A> sh[BLOCK / 32];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  s = warp_merge(s);
+  if (lane == 0) sh[warp] = s;
+  __syncthreads();
+  if (warp == 0) {
+    s = lane < BLOCK / 32 ? sh[lane] : welford_empty<A>();
+    s = warp_merge(s);
+  }
+  return s;
+}
+
+template <int BLOCK, typename A>
+__device__ __forceinline__ SumPair<A> block_sum(SumPair<A> s) {
+  static_assert(BLOCK % 32 == 0 && BLOCK <= 1024, "block size");
+  __shared__ SumPair<A> sh[BLOCK / 32];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  s = warp_sum(s);
+  if (lane == 0) sh[warp] = s;
+  __syncthreads();
+  if (warp == 0) {
+    s = lane < BLOCK / 32 ? sh[lane] : SumPair<A>{A(0), A(0)};
+    s = warp_sum(s);
+  }
+  return s;
+}
+
+// Position (o, c, iv) of a flat vector index over (O, C, I / V), advanced by a fixed stride
+// without a division per step.
+struct FlatCursor {
+  int64_t o, c, iv;
+  int64_t step_o, step_c, step_iv;
+  int64_t C, Iv;
+
+  __device__ __forceinline__ void init(int64_t flat, int64_t stride, int64_t C_, int64_t Iv_) {
+    C = C_;
+    Iv = Iv_;
+    const int64_t row = flat / Iv;
+    iv = flat - row * Iv;
+    o = row / C;
+    c = row - o * C;
+    const int64_t srow = stride / Iv;
+    step_iv = stride - srow * Iv;
+    step_o = srow / C;
+    step_c = srow - step_o * C;
+  }
+  __device__ __forceinline__ void advance() {
+    iv += step_iv;
+    int64_t carry = 0;
+    if (iv >= Iv) {
+      iv -= Iv;
+      carry = 1;
+    }
+    c += step_c + carry;
+    o += step_o;
+    if (c >= C) {
+      c -= C;
+      ++o;
+    }
+  }
+};
+
+// Position (o, iv) inside one feature's (O, I / V) range, advanced by a fixed stride.
+struct RowCursor {
+  int64_t o, iv;
+  int64_t step_o, step_iv, Iv;
+
+  __device__ __forceinline__ void init(int64_t flat, int64_t stride, int64_t Iv_) {
+    Iv = Iv_;
+    o = flat / Iv;
+    iv = flat - o * Iv;
+    step_o = stride / Iv;
+    step_iv = stride - step_o * Iv;
+  }
+  __device__ __forceinline__ void advance() {
+    iv += step_iv;
+    o += step_o;
+    if (iv >= Iv) {
+      iv -= Iv;
+      ++o;
+    }
+  }
+};
+
+#define BN_CUDA_RETURN_IF_ERROR()               \
+  do {                                          \
+    const cudaError_t err_ = cudaGetLastError(); \
+    if (err_ != cudaSuccess) return err_;       \
+  } while (0)
+
+}  // namespace cuda
+}  // namespace BN_CUDA_NAMESPACE

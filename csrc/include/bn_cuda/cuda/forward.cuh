@@ -1,0 +1,259 @@
+// Forward kernels (header-only, torch-free): per-feature Welford partials, their Chan-merge
+// finalize (saved statistics, running statistics, apply coefficients), and the apply step.
+//
+// Workspace layout (acc type A, P partitions, C features):
+//   [0, PC) partial means, [PC, 2PC) partial M2, [2PC, 3PC) partial counts,
+//   [3PC, 3PC + 3C) apply coefficients: mean, scale, shift.
+// Partial (feature c, partition q) sits at c * P + q (channels-first) or q * C + c (channels-last).
+#pragma once
+
+#include "../epilogue.h"
+#include "common.cuh"
+
+namespace BN_CUDA_NAMESPACE {
+namespace cuda {
+
+// Channels-first statistics: block (c, q) reduces partition q of feature c. Each thread gathers
+// U vectors of V elements, takes their exact two-pass moments in registers, and Chan-merges the
+// group into its running state; the block then merges its threads in a fixed tree.
+template <typename T, int V, int BLOCK>
+__global__ void __launch_bounds__(BLOCK) stats_cf_kernel(const ForwardParams p) {
+  using A = acc_t<T>;
+  constexpr int U = V >= 4 ? 2 : 4;
+  const int64_t C = p.v.C, P = p.partitions;
+  const int64_t c = blockIdx.x, q = blockIdx.y;
+  const int64_t Iv = p.v.I / V;
+  const int64_t nvec = p.v.O * Iv;
+  const int64_t per = ceil_div(nvec, P);
+  const int64_t begin = q * per;
+  const int64_t end = begin + per < nvec ? begin + per : nvec;
+  const T* x = static_cast<const T*>(p.x) + c * p.x_sc;
+
+  WelfordState<A> st = welford_empty<A>();
+  int64_t k = begin + threadIdx.x;
+  if (k < end) {
+    RowCursor cur;
+    cur.init(k, BLOCK, Iv);
+    for (; k < end; k += static_cast<int64_t>(BLOCK) * U) {
+      A vals[U * V];
+      int valid = 0;
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        if (k + static_cast<int64_t>(u) * BLOCK < end) {
+          A v[V];
+          load_pack<T, V>(x + cur.o * p.x_so + cur.iv * V, v);
+#pragma unroll
+          for (int e = 0; e < V; ++e) vals[u * V + e] = v[e];
+          ++valid;
+          cur.advance();
+        }
+      }
+      if (valid == U) {
+        st = welford_merge(st, welford_of_values<U * V>(vals));
+      } else {
+        for (int u = 0; u < valid; ++u) {
+          A v[V];
+#pragma unroll
+          for (int e = 0; e < V; ++e) v[e] = vals[u * V + e];
+          st = welford_merge(st, welford_of_values<V>(v));
+        }
+      }
+    }
+  }
+  st = block_merge<BLOCK>(st);
+  if (threadIdx.x == 0) {
+    A* ws = static_cast<A*>(p.workspace);
+    const int64_t idx = c * P + q;
+    ws[idx] = st.mean;
+    ws[P * C + idx] = st.m2;
+    ws[2 * P * C + idx] = st.n;
+  }
+}
+
+// Channels-last statistics: a block of BX x BY threads (BX * BY = 256) covers BX * V features of
+// partition q's rows. Threads walk rows BY apart, U rows at a time (one Chan merge per group, its
+// division shared by the V features of the thread); the BY row-groups are then merged through
+// shared memory in a fixed order.
+template <typename T, int V, int BX>
+__global__ void __launch_bounds__(256) stats_cl_kernel(const ForwardParams p) {
+  constexpr int BY = 256 / BX;
+  using A = acc_t<T>;
+  constexpr int U = 4;
+  const int64_t C = p.v.C, O = p.v.O, P = p.partitions;
+  const int tx = threadIdx.x, ty = threadIdx.y;
+  const int64_t c0 = (static_cast<int64_t>(blockIdx.x) * BX + tx) * V;
+  const int64_t q = blockIdx.y;
+  const int64_t per = ceil_div(O, P);
+  const int64_t r0 = q * per;
+  const int64_t r1 = r0 + per < O ? r0 + per : O;
+  const T* x = static_cast<const T*>(p.x);
+
+  A mean[V], m2[V];
+#pragma unroll
+  for (int e = 0; e < V; ++e) mean[e] = m2[e] = A(0);
+  A n = A(0);
+  if (c0 < C) {
+    int64_t r = r0 + ty;
+    for (; r + BY * (U - 1) < r1; r += BY * U) {
+      A v[U][V];
+#pragma unroll
+      for (int u = 0; u < U; ++u) load_pack<T, V>(x + (r + BY * u) * p.x_so + c0, v[u]);
+      const A n_new = n + A(U);
+      const A f = A(U) / n_new;
+      const A g = n * f;
+#pragma unroll
+      for (int e = 0; e < V; ++e) {
+        A s = A(0);
+#pragma unroll
+        for (int u = 0; u < U; ++u) s += v[u][e];
+        const A gm = s / A(U);
+        A gm2 = A(0);
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+          const A d = v[u][e] - gm;
+          gm2 += d * d;
+        }
+        const A delta = gm - mean[e];
+        mean[e] += delta * f;
+        m2[e] += gm2 + delta * delta * g;
+      }
+      n = n_new;
+    }
+    for (; r < r1; r += BY) {
+      A v[V];
+      load_pack<T, V>(x + r * p.x_so + c0, v);
+      n += A(1);
+      const A inv = A(1) / n;
+#pragma unroll
+      for (int e = 0; e < V; ++e) welford_step(mean[e], m2[e], v[e], inv);
+    }
+  }
+  __shared__ A sh_mean[BY][BX * V];
+  __shared__ A sh_m2[BY][BX * V];
+  __shared__ A sh_n[BY][BX];
+#pragma unroll
+  for (int e = 0; e < V; ++e) {
+    sh_mean[ty][tx * V + e] = mean[e];
+    sh_m2[ty][tx * V + e] = m2[e];
+  }
+  sh_n[ty][tx] = n;
+  __syncthreads();
+  if (ty == 0 && c0 < C) {
+    A* ws = static_cast<A*>(p.workspace);
+#pragma unroll
+    for (int e = 0; e < V; ++e) {
+      WelfordState<A> st = welford_empty<A>();
+      for (int j = 0; j < BY; ++j) st = welford_merge(st, WelfordState<A>{sh_mean[j][tx * V + e], sh_m2[j][tx * V + e], sh_n[j][tx]});
+      const int64_t idx = q * C + c0 + e;
+      ws[idx] = st.mean;
+      ws[P * C + idx] = st.m2;
+      ws[2 * P * C + idx] = st.n;
+    }
+  }
+}
+
+// One warp per feature: Chan-merge the P partials (lanes stride over partitions, then a fixed
+// shuffle tree), then write saved statistics, running statistics and apply coefficients.
+template <typename A>
+__global__ void __launch_bounds__(256) finalize_forward_kernel(const ForwardParams p) {
+  const int64_t C = p.v.C, P = p.partitions;
+  const int lane = threadIdx.x & 31;
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * 8 + (threadIdx.x >> 5);
+  if (c >= C) return;  // warp-uniform
+  const A* ws = static_cast<const A*>(p.workspace);
+  WelfordState<A> st = welford_empty<A>();
+  for (int64_t q = lane; q < P; q += 32) {
+    const int64_t idx = p.v.channels_last ? q * C + c : c * P + q;
+    st = welford_merge(st, WelfordState<A>{ws[idx], ws[P * C + idx], ws[2 * P * C + idx]});
+  }
+  st = warp_merge(st);
+  if (lane != 0) return;
+  const A var = biased_var(st);
+  const A invstd = invstd_of(var, static_cast<A>(p.eps));
+  static_cast<A*>(p.save_mean)[c] = st.mean;
+  static_cast<A*>(p.save_invstd)[c] = invstd;
+  const A mom = static_cast<A>(p.momentum);
+  if (p.running_mean) {
+    A* rm = static_cast<A*>(p.running_mean);
+    rm[c] = running_update(rm[c], st.mean, mom);
+  }
+  if (p.running_var) {
+    A* rv = static_cast<A*>(p.running_var);
+    rv[c] = running_update(rv[c], p.unbiased_running_var ? unbiased_var(st) : var, mom);
+  }
+  const ApplyCoeffs<A> k =
+      apply_coeffs(st.mean, invstd, static_cast<const A*>(p.weight), static_cast<const A*>(p.bias), c);
+  A* coeff = static_cast<A*>(p.workspace) + 3 * P * C;
+  coeff[c] = k.mean;
+  coeff[C + c] = k.scale;
+  coeff[2 * C + c] = k.shift;
+}
+
+// Inference: apply coefficients from the running statistics.
+template <typename A>
+__global__ void __launch_bounds__(256) infer_coeffs_kernel(const ForwardParams p) {
+  const int64_t C = p.v.C;
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c >= C) return;
+  const A mean = static_cast<const A*>(p.running_mean)[c];
+  const A var = static_cast<const A*>(p.running_var)[c];
+  const ApplyCoeffs<A> k = apply_coeffs(mean, invstd_of(var, static_cast<A>(p.eps)),
+                                        static_cast<const A*>(p.weight), static_cast<const A*>(p.bias), c);
+  A* coeff = static_cast<A*>(p.workspace) + 3 * p.partitions * C;
+  coeff[c] = k.mean;
+  coeff[C + c] = k.scale;
+  coeff[2 * C + c] = k.shift;
+}
+
+// Channels-first apply: a grid-stride walk over all (o, c, vector) positions.
+template <typename T, int V, int BLOCK>
+__global__ void __launch_bounds__(BLOCK) apply_cf_kernel(const ForwardParams p) {
+  using A = acc_t<T>;
+  const int64_t C = p.v.C, Iv = p.v.I / V;
+  const int64_t total = p.v.O * C * Iv;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * BLOCK;
+  int64_t k = static_cast<int64_t>(blockIdx.x) * BLOCK + threadIdx.x;
+  if (k >= total) return;
+  const A* coeff = static_cast<const A*>(p.workspace) + 3 * p.partitions * C;
+  const T* x = static_cast<const T*>(p.x);
+  T* y = static_cast<T*>(p.y);
+  FlatCursor cur;
+  cur.init(k, stride, C, Iv);
+  for (; k < total; k += stride) {
+    A v[V];
+    load_pack<T, V>(x + cur.o * p.x_so + cur.c * p.x_sc + cur.iv * V, v);
+    const ApplyCoeffs<A> kc{coeff[cur.c], coeff[C + cur.c], coeff[2 * C + cur.c]};
+#pragma unroll
+    for (int e = 0; e < V; ++e) v[e] = apply_one(v[e], kc);
+    store_pack<T, V>(y + cur.o * p.y_so + cur.c * p.y_sc + cur.iv * V, v);
+    cur.advance();
+  }
+}
+
+// Channels-last apply: BX x BY threads; each thread keeps the coefficients of its V features in
+// registers and walks rows.
+template <typename T, int V, int BX>
+__global__ void __launch_bounds__(256) apply_cl_kernel(const ForwardParams p) {
+  constexpr int BY = 256 / BX;
+  using A = acc_t<T>;
+  const int64_t C = p.v.C, O = p.v.O;
+  const int64_t c0 = (static_cast<int64_t>(blockIdx.x) * BX + threadIdx.x) * V;
+  if (c0 >= C) return;
+  const A* coeff = static_cast<const A*>(p.workspace) + 3 * p.partitions * C;
+  ApplyCoeffs<A> kc[V];
+#pragma unroll
+  for (int e = 0; e < V; ++e) kc[e] = ApplyCoeffs<A>{coeff[c0 + e], coeff[C + c0 + e], coeff[2 * C + c0 + e]};
+  const T* x = static_cast<const T*>(p.x);
+  T* y = static_cast<T*>(p.y);
+  const int64_t step = static_cast<int64_t>(gridDim.y) * BY;
+  for (int64_t r = static_cast<int64_t>(blockIdx.y) * BY + threadIdx.y; r < O; r += step) {
+    A v[V];
+    load_pack<T, V>(x + r * p.x_so + c0, v);
+#pragma unroll
+    for (int e = 0; e < V; ++e) v[e] = apply_one(v[e], kc[e]);
+    store_pack<T, V>(y + r * p.y_so + c0, v);
+  }
+}
+
+}  // namespace cuda
+}  // namespace BN_CUDA_NAMESPACE

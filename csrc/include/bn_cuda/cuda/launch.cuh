@@ -1,0 +1,158 @@
+// Host-side launchers of the header-only kernels. Each takes a planned params block (see
+// plan_forward_cuda / plan_backward_cuda in params.h) and a stream, launches on that stream,
+// checks every launch, never synchronizes, and returns the first CUDA error.
+#pragma once
+
+#include "backward.cuh"
+#include "forward.cuh"
+
+namespace BN_CUDA_NAMESPACE {
+namespace cuda {
+
+namespace detail {
+
+inline unsigned grid_1d(int64_t work_items, int64_t per_block, int sm_count, int waves) {
+  int64_t blocks = ceil_div(work_items, per_block);
+  const int64_t cap = static_cast<int64_t>(sm_count) * waves;
+  if (blocks > cap) blocks = cap;
+  return static_cast<unsigned>(blocks < 1 ? 1 : blocks);
+}
+
+// Rows per block-column for the channels-last element-wise kernels.
+inline dim3 grid_cl(const View3& v, int vec, int bx, int sm_count) {
+  const int by = kCudaBlock / bx;
+  const int64_t tiles = ceil_div(ceil_div(v.C, vec), bx);
+  int64_t rows = ceil_div(v.O, by);
+  int64_t want = ceil_div(static_cast<int64_t>(sm_count) * 16, tiles);
+  if (want < 1) want = 1;
+  if (rows > want) rows = want;
+  if (rows > 65535) rows = 65535;
+  return dim3(static_cast<unsigned>(tiles), static_cast<unsigned>(rows < 1 ? 1 : rows));
+}
+
+template <typename T, int V, int BX>
+cudaError_t forward_train_v(const ForwardParams& p, cudaStream_t stream) {
+  using A = acc_t<T>;
+  const View3& v = p.v;
+  if (!v.channels_last) {
+    stats_cf_kernel<T, V, kCudaBlock>
+        <<<dim3(static_cast<unsigned>(v.C), static_cast<unsigned>(p.partitions)), kCudaBlock, 0, stream>>>(p);
+  } else {
+    const dim3 grid(static_cast<unsigned>(ceil_div(ceil_div(v.C, V), BX)), static_cast<unsigned>(p.partitions));
+    stats_cl_kernel<T, V, BX><<<grid, dim3(BX, kCudaBlock / BX), 0, stream>>>(p);
+  }
+  BN_CUDA_RETURN_IF_ERROR();
+  finalize_forward_kernel<A><<<static_cast<unsigned>(ceil_div(v.C, 8)), 256, 0, stream>>>(p);
+  BN_CUDA_RETURN_IF_ERROR();
+  if (!v.channels_last) {
+    const unsigned grid = grid_1d(v.O * v.C * (v.I / V), kCudaBlock, p.sm_count, 16);
+    apply_cf_kernel<T, V, kCudaBlock><<<grid, kCudaBlock, 0, stream>>>(p);
+  } else {
+    apply_cl_kernel<T, V, BX><<<grid_cl(v, V, BX, p.sm_count), dim3(BX, kCudaBlock / BX), 0, stream>>>(p);
+  }
+  BN_CUDA_RETURN_IF_ERROR();
+  return cudaSuccess;
+}
+
+template <typename T, int V, int BX>
+cudaError_t forward_infer_v(const ForwardParams& p, cudaStream_t stream) {
+  using A = acc_t<T>;
+  const View3& v = p.v;
+  infer_coeffs_kernel<A><<<static_cast<unsigned>(ceil_div(v.C, 256)), 256, 0, stream>>>(p);
+  BN_CUDA_RETURN_IF_ERROR();
+  if (!v.channels_last) {
+    const unsigned grid = grid_1d(v.O * v.C * (v.I / V), kCudaBlock, p.sm_count, 16);
+    apply_cf_kernel<T, V, kCudaBlock><<<grid, kCudaBlock, 0, stream>>>(p);
+  } else {
+    apply_cl_kernel<T, V, BX><<<grid_cl(v, V, BX, p.sm_count), dim3(BX, kCudaBlock / BX), 0, stream>>>(p);
+  }
+  BN_CUDA_RETURN_IF_ERROR();
+  return cudaSuccess;
+}
+
+template <typename T, int V, int BX>
+cudaError_t backward_v(const BackwardParams& p, cudaStream_t stream) {
+  using A = acc_t<T>;
+  const View3& v = p.v;
+  if (p.partitions > 0) {
+    if (!v.channels_last) {
+      grad_sums_cf_kernel<T, V, kCudaBlock>
+          <<<dim3(static_cast<unsigned>(v.C), static_cast<unsigned>(p.partitions)), kCudaBlock, 0, stream>>>(p);
+    } else {
+      const dim3 grid(static_cast<unsigned>(ceil_div(ceil_div(v.C, V), BX)), static_cast<unsigned>(p.partitions));
+      grad_sums_cl_kernel<T, V, BX><<<grid, dim3(BX, kCudaBlock / BX), 0, stream>>>(p);
+    }
+    BN_CUDA_RETURN_IF_ERROR();
+  }
+  finalize_backward_kernel<A><<<static_cast<unsigned>(ceil_div(v.C, 8)), 256, 0, stream>>>(p);
+  BN_CUDA_RETURN_IF_ERROR();
+  if (p.dx) {
+    if (!v.channels_last) {
+      const unsigned grid = grid_1d(v.O * v.C * (v.I / V), kCudaBlock, p.sm_count, 16);
+      grad_input_cf_kernel<T, V, kCudaBlock><<<grid, kCudaBlock, 0, stream>>>(p);
+    } else {
+      grad_input_cl_kernel<T, V, BX><<<grid_cl(v, V, BX, p.sm_count), dim3(BX, kCudaBlock / BX), 0, stream>>>(p);
+    }
+    BN_CUDA_RETURN_IF_ERROR();
+  }
+  return cudaSuccess;
+}
+
+// Compile-time vector width and tile shape from the planned run-time values.
+template <typename T, template <typename, int, int> class Fn, typename Params>
+cudaError_t by_shape(const Params& p, cudaStream_t stream) {
+  constexpr int kMaxVec = static_cast<int>(16 / sizeof(T));
+  const bool wide = p.block_x == 32;
+  switch (p.vec) {
+    case 1:
+      return wide ? Fn<T, 1, 32>::run(p, stream) : Fn<T, 1, 8>::run(p, stream);
+    case 2:
+      return wide ? Fn<T, 2, 32>::run(p, stream) : Fn<T, 2, 8>::run(p, stream);
+    case 4:
+      if constexpr (kMaxVec >= 4) return wide ? Fn<T, 4, 32>::run(p, stream) : Fn<T, 4, 8>::run(p, stream);
+      break;
+    case 8:
+      if constexpr (kMaxVec >= 8) return wide ? Fn<T, 8, 32>::run(p, stream) : Fn<T, 8, 8>::run(p, stream);
+      break;
+    default:
+      break;
+  }
+  return cudaErrorInvalidValue;
+}
+
+template <typename T, int V, int BX>
+struct ForwardTrainFn {
+  static cudaError_t run(const ForwardParams& p, cudaStream_t s) { return forward_train_v<T, V, BX>(p, s); }
+};
+template <typename T, int V, int BX>
+struct ForwardInferFn {
+  static cudaError_t run(const ForwardParams& p, cudaStream_t s) { return forward_infer_v<T, V, BX>(p, s); }
+};
+template <typename T, int V, int BX>
+struct BackwardFn {
+  static cudaError_t run(const BackwardParams& p, cudaStream_t s) { return backward_v<T, V, BX>(p, s); }
+};
+
+}  // namespace detail
+
+// Forward training: statistics, finalize (saved + running statistics), apply. T is the element
+// type (float, double, __half, __nv_bfloat16).
+template <typename T>
+cudaError_t forward_train(const ForwardParams& p, cudaStream_t stream) {
+  return detail::by_shape<T, detail::ForwardTrainFn>(p, stream);
+}
+
+// Forward inference with the running statistics.
+template <typename T>
+cudaError_t forward_infer(const ForwardParams& p, cudaStream_t stream) {
+  return detail::by_shape<T, detail::ForwardInferFn>(p, stream);
+}
+
+// Backward: sums, finalize (grad_weight / grad_bias / coefficients), grad_input.
+template <typename T>
+cudaError_t backward(const BackwardParams& p, cudaStream_t stream) {
+  return detail::by_shape<T, detail::BackwardFn>(p, stream);
+}
+
+}  // namespace cuda
+}  // namespace BN_CUDA_NAMESPACE

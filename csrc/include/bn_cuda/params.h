@@ -1,0 +1,182 @@
+// Plain-old-data parameter blocks passed from the torch glue to the torch-free kernels, and the
+// host-side planning (vector width, number of partial reductions) shared by both devices.
+//
+// Every kernel sees its tensors through one canonical 3-D view (O, C, I):
+//   O = product of the reduced dims before the features, C = product of the feature dims,
+//   I = product of the reduced dims after the features.
+// Two layouts reach the kernels (the glue copies anything else into one of them):
+//   channels-first: inner stride 1, outer / feature strides arbitrary      (NCHW-like, I >= 1)
+//   channels-last:  I == 1, feature stride 1, outer stride arbitrary       (NHWC-like)
+// Outputs (y, dx) are always written densely as (O, C, I). Sizes and strides are int64.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include "config.h"
+
+namespace BN_CUDA_NAMESPACE {
+
+// Element type of the input / output tensors (per-feature tensors use acc_t of it).
+enum class DType : int { kFloat32 = 0, kFloat64 = 1, kFloat16 = 2, kBFloat16 = 3 };
+
+inline size_t dtype_size(DType t) {
+  return t == DType::kFloat64 ? 8 : (t == DType::kFloat32 ? 4 : 2);
+}
+inline size_t acc_size(DType t) { return t == DType::kFloat64 ? 8 : 4; }
+
+struct View3 {
+  int64_t O = 0, C = 0, I = 1;
+  bool channels_last = false;
+};
+
+struct ForwardParams {
+  View3 v;
+  const void* x = nullptr;  // input, strides (x_so, x_sc, 1)
+  int64_t x_so = 0, x_sc = 0;
+  void* y = nullptr;  // output, strides (y_so, y_sc, 1)
+  int64_t y_so = 0, y_sc = 0;
+  // Per-feature tensors, all of the accumulation type (float, or double for fp64 input), C long.
+  const void* weight = nullptr;  // may be null (scale 1)
+  const void* bias = nullptr;    // may be null (shift 0)
+  void* running_mean = nullptr;  // training: updated in place when given; inference: read
+  void* running_var = nullptr;
+  void* save_mean = nullptr;  // training: written
+  void* save_invstd = nullptr;
+  double momentum = 0.1;
+  double eps = 1e-5;
+  bool unbiased_running_var = true;  // Bessel-correct the variance fed to running_var
+  // Scratch space, planned by plan_*; its size comes from forward_workspace_bytes.
+  void* workspace = nullptr;
+  int64_t partitions = 1;  // partial reductions per feature
+  int vec = 1;             // elements per vector access
+  int block_x = 32;        // CUDA channels-last tiles: threads across features (block_x * vec)
+  int sm_count = 1;        // CUDA: multiprocessors, for grid sizing
+};
+
+struct BackwardParams {
+  View3 v;
+  const void* dy = nullptr;  // strides (dy_so, dy_sc, 1), same layout class as x
+  int64_t dy_so = 0, dy_sc = 0;
+  const void* x = nullptr;
+  int64_t x_so = 0, x_sc = 0;
+  void* dx = nullptr;  // strides (dx_so, dx_sc, 1); null: not wanted
+  int64_t dx_so = 0, dx_sc = 0;
+  const void* weight = nullptr;  // acc type, may be null
+  const void* mean = nullptr;    // acc type, C
+  const void* invstd = nullptr;  // acc type, C
+  void* grad_weight = nullptr;   // acc type, C; null: not wanted
+  void* grad_bias = nullptr;     // acc type, C; null: not wanted
+  bool train = true;             // false: mean / invstd are constants (inference backward)
+  void* workspace = nullptr;
+  int64_t partitions = 1;
+  int vec = 1;
+  int block_x = 32;
+  int sm_count = 1;
+};
+
+// ---------------------------------------------------------------------------------------------
+// Planning.
+
+inline bool aligned_to(const void* p, size_t bytes) {
+  return p == nullptr || (reinterpret_cast<uintptr_t>(p) % bytes) == 0;
+}
+
+// Widest vector (16 bytes, or 1 element) such that every vector access of every listed tensor is
+// aligned and never straddles a row.
+inline int pick_vec(const View3& v, size_t elem_size, const void* const* ptrs, const int64_t* strides,
+                    int n) {
+  int vec = static_cast<int>(16 / elem_size);
+  if (vec < 1) vec = 1;
+  while (vec > 1) {
+    bool ok = true;
+    const int64_t run = v.channels_last ? v.C : v.I;  // contiguous run length
+    if (run % vec != 0) ok = false;
+    for (int k = 0; ok && k < n; ++k) {
+      if (!aligned_to(ptrs[k], elem_size * vec)) ok = false;
+      if (strides[2 * k] % vec != 0 || (!v.channels_last && strides[2 * k + 1] % vec != 0)) ok = false;
+    }
+    if (ok) break;
+    vec /= 2;
+  }
+  return vec;
+}
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// CUDA: enough blocks to fill the GPU a few times over, each with enough work to amortize its
+// partial state. The split depends only on the shape and the SM count, so results are bitwise
+// reproducible on a given GPU.
+constexpr int kCudaBlock = 256;
+
+inline int64_t plan_partitions_cuda(const View3& v, int vec, int block_x, int sm_count) {
+  const int64_t target_blocks = static_cast<int64_t>(sm_count) * 4;
+  int64_t parts, max_parts;
+  if (!v.channels_last) {
+    const int64_t per_feature = v.O * v.I / vec;  // vectors per feature
+    max_parts = ceil_div(per_feature, kCudaBlock * 4);
+    parts = ceil_div(target_blocks, v.C);
+  } else {
+    const int64_t block_y = kCudaBlock / block_x;
+    const int64_t tiles = ceil_div(ceil_div(v.C, vec), block_x);
+    max_parts = ceil_div(v.O, block_y * 16);
+    parts = ceil_div(target_blocks, tiles);
+  }
+  if (parts > max_parts) parts = max_parts;
+  if (parts > 1024) parts = 1024;
+  return parts < 1 ? 1 : parts;
+}
+
+// Fill vec, block_x, partitions and sm_count of a CUDA call. `ptrs` / `strides` list every
+// tensor the kernels touch with (outer, feature) element strides.
+template <typename Params>
+inline void plan_cuda(Params& p, DType t, int sm_count, const void* const* ptrs, const int64_t* strides, int n) {
+  p.sm_count = sm_count;
+  p.vec = pick_vec(p.v, dtype_size(t), ptrs, strides, n);
+  const int64_t lanes = ceil_div(p.v.C, p.vec);
+  p.block_x = lanes >= 32 ? 32 : 8;
+  p.partitions = plan_partitions_cuda(p.v, p.vec, p.block_x, sm_count);
+}
+
+inline void plan_forward_cuda(ForwardParams& p, DType t, int sm_count) {
+  const void* ptrs[2] = {p.x, p.y};
+  const int64_t strides[4] = {p.x_so, p.x_sc, p.y_so, p.y_sc};
+  plan_cuda(p, t, sm_count, ptrs, strides, 2);
+}
+
+inline void plan_backward_cuda(BackwardParams& p, DType t, int sm_count) {
+  const void* ptrs[3] = {p.x, p.dy, p.dx};
+  const int64_t strides[6] = {p.x_so, p.x_sc, p.dy_so, p.dy_sc, p.dx ? p.dx_so : 0, p.dx ? p.dx_sc : 0};
+  plan_cuda(p, t, sm_count, ptrs, strides, 3);
+  if (!(p.grad_weight || p.grad_bias || (p.dx && p.train))) p.partitions = 0;  // no sums needed
+}
+
+// CPU: a fixed amount of work per partial (independent of the thread count), so the result does
+// not depend on how many threads ran it.
+constexpr int64_t kCpuChunkElems = 1 << 15;
+
+inline int64_t plan_partitions_cpu(const View3& v) {
+  if (!v.channels_last) {
+    const int64_t rows_per_part = v.I >= kCpuChunkElems ? 1 : kCpuChunkElems / v.I;
+    int64_t parts = ceil_div(v.O, rows_per_part);
+    return parts < 1 ? 1 : parts;
+  }
+  const int64_t rows_per_part = v.C >= kCpuChunkElems ? 1 : kCpuChunkElems / v.C;
+  int64_t parts = ceil_div(v.O, rows_per_part < 16 ? 16 : rows_per_part);
+  return parts < 1 ? 1 : parts;
+}
+
+// Rows [begin, end) of the outer dim (channels-last) or of the per-feature flat range
+// (channels-first, in vectors) handled by partition `part` of `parts`.
+inline int64_t part_size(int64_t total, int64_t parts) { return ceil_div(total, parts); }
+
+// Workspace: partial states (3 acc per feature per partition for the forward, 2 for the
+// backward) followed by per-feature apply coefficients (3 for the forward, 4 for the backward).
+inline size_t forward_workspace_bytes(const View3& v, int64_t partitions, size_t acc_size) {
+  return acc_size * static_cast<size_t>(v.C) * static_cast<size_t>(3 * partitions + 3);
+}
+inline size_t backward_workspace_bytes(const View3& v, int64_t partitions, size_t acc_size) {
+  return acc_size * static_cast<size_t>(v.C) * static_cast<size_t>(2 * partitions + 4);
+}
+
+}  // namespace BN_CUDA_NAMESPACE

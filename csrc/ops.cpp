@@ -1,0 +1,72 @@
+// Every operator schema of the bn_cuda library, and the pybind11 module for non-op helpers.
+// CPU bodies: csrc/cpu/ops_cpu.cpp; CUDA bodies: csrc/cuda/ops_cuda.cpp.
+#include <torch/library.h>
+#include <pybind11/pybind11.h>
+
+#include <string>
+
+#include "cpu/dispatch.h"
+
+#ifndef BN_CUDA_VERSION_STR
+#define BN_CUDA_VERSION_STR "0.0.0"
+#endif
+#ifndef BN_CUDA_TORCH_VERSION
+#define BN_CUDA_TORCH_VERSION "unknown"
+#endif
+#ifndef BN_CUDA_CUDA_VERSION
+#define BN_CUDA_CUDA_VERSION ""
+#endif
+#ifndef BN_CUDA_ARCHS
+#define BN_CUDA_ARCHS ""
+#endif
+#ifndef BN_CUDA_WITH_CUDA
+#define BN_CUDA_WITH_CUDA 0
+#endif
+
+TORCH_LIBRARY(bn_cuda, m) {
+  // Training forward: output, per-feature saved mean and inverse std (fp32; fp64 for fp64 input).
+  // Running statistics, when given, are updated in the same call:
+  //   running = (1 - momentum) * running + momentum * batch_stat,
+  // with the Bessel-corrected batch variance unless unbiased_running_var is False.
+  m.def(
+      "forward_train(Tensor input, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, "
+      "Tensor(b!)? running_var, float momentum, float eps, int[] axis, bool unbiased_running_var=True) "
+      "-> (Tensor, Tensor, Tensor)");
+  // Inference forward with the running statistics.
+  m.def(
+      "forward_infer(Tensor input, Tensor? weight, Tensor? bias, Tensor running_mean, Tensor running_var, "
+      "float eps, int[] axis) -> Tensor");
+  // Backward: (grad_input, grad_weight, grad_bias). grad_weight / grad_bias are flat (C,) in the
+  // accumulation dtype; outputs not asked for by output_mask are empty. train=False treats
+  // mean / invstd as constants (backward of the inference forward).
+  m.def(
+      "backward(Tensor grad_out, Tensor input, Tensor? weight, Tensor save_mean, Tensor save_invstd, "
+      "bool train, int[] axis, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+}
+
+namespace {
+
+pybind11::dict build_info() {
+  pybind11::dict d;
+  d["version"] = BN_CUDA_VERSION_STR;
+  d["torch"] = BN_CUDA_TORCH_VERSION;
+  const std::string cuda = BN_CUDA_CUDA_VERSION;
+  d["cuda"] = cuda.empty() ? pybind11::object(pybind11::none()) : pybind11::object(pybind11::str(cuda));
+  d["cuda_archs"] = BN_CUDA_ARCHS;
+  d["with_cuda"] = static_cast<bool>(BN_CUDA_WITH_CUDA);
+  d["cpu_capability"] = bn_cuda::cpu::capability_name();
+#if defined(__clang__)
+  d["compiler"] = std::string("clang ") + __clang_version__;
+#elif defined(__GNUC__)
+  d["compiler"] = std::string("gcc ") + __VERSION__;
+#endif
+  return d;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "bn_cuda native module: operators are registered under torch.ops.bn_cuda";
+  m.def("build_info", &build_info, "How this extension was built (versions, CUDA archs, CPU capability).");
+  m.def("cpu_capability", &bn_cuda::cpu::capability_name, "The CPU kernel variant in use (avx2 or default).");
+}

@@ -1,0 +1,142 @@
+"""Build of bn_cuda._C: C++ CPU kernels always; CUDA kernels whenever a CUDA toolkit and a CUDA
+build of torch are present (a visible GPU is not needed).
+
+Knobs (environment):
+  BN_CUDA_FORCE_CUDA=1   fail loudly when the CUDA kernels cannot be built
+  BN_CUDA_CPU_ONLY=1     skip the CUDA kernels
+  TORCH_CUDA_ARCH_LIST   CUDA archs (default "8.0;9.0+PTX")
+  MAX_JOBS               parallel compile jobs (default: CPU count)
+  CUDA_HOME              toolkit root (default: /usr/local/cuda when it has bin/nvcc)
+"""
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+ROOT = Path(__file__).resolve().parent
+VERSION = "0.1.0"
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+FORCE_CUDA = _flag("BN_CUDA_FORCE_CUDA")
+CPU_ONLY = _flag("BN_CUDA_CPU_ONLY")
+if FORCE_CUDA and CPU_ONLY:
+    raise SystemExit("bn_cuda: BN_CUDA_FORCE_CUDA=1 and BN_CUDA_CPU_ONLY=1 contradict each other; set one.")
+
+# torch.utils.cpp_extension reads CUDA_HOME when it is imported. /usr/local/bin/nvcc may be a
+# wrapper script, from which torch would guess CUDA_HOME=/usr/local and then fail to link
+# -lcudart; point it at the real toolkit first.
+if not os.environ.get("CUDA_HOME") and not os.environ.get("CUDA_PATH"):
+    for candidate in ("/usr/local/cuda",):
+        if (Path(candidate) / "bin" / "nvcc").exists():
+            os.environ["CUDA_HOME"] = candidate
+            break
+os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
+os.environ.setdefault("MAX_JOBS", str(os.cpu_count() or 1))
+
+import torch  # noqa: E402
+from torch.utils import cpp_extension  # noqa: E402
+
+
+def _cuda_reason_missing():
+    if CPU_ONLY:
+        return "BN_CUDA_CPU_ONLY=1"
+    if torch.version.cuda is None:
+        return f"torch {torch.__version__} is a CPU-only build"
+    if cpp_extension.CUDA_HOME is None:
+        return "no CUDA toolkit found (set CUDA_HOME)"
+    if not (Path(cpp_extension.CUDA_HOME) / "bin" / "nvcc").exists():
+        return f"no nvcc under CUDA_HOME={cpp_extension.CUDA_HOME}"
+    return None
+
+
+missing = _cuda_reason_missing()
+WITH_CUDA = missing is None
+if FORCE_CUDA and not WITH_CUDA:
+    raise RuntimeError(f"bn_cuda: BN_CUDA_FORCE_CUDA=1 but the CUDA kernels cannot be built: {missing}")
+if not WITH_CUDA:
+    print(f"bn_cuda: building the CPU kernels only ({missing})")
+
+ARCHS = os.environ["TORCH_CUDA_ARCH_LIST"] if WITH_CUDA else ""
+
+# Public torch-free headers travel inside the package (bn_cuda.get_include()).
+src_inc = ROOT / "csrc" / "include" / "bn_cuda"
+pkg_inc = ROOT / "bn_cuda" / "include" / "bn_cuda"
+if pkg_inc.exists():
+    shutil.rmtree(pkg_inc)
+shutil.copytree(src_inc, pkg_inc)
+
+# What this build was made against, read by bn_cuda/__init__.py before it loads _C.
+meta = {
+    "version": VERSION,
+    "torch": torch.__version__,
+    "cuda": torch.version.cuda if WITH_CUDA else None,
+    "cuda_archs": ARCHS,
+    "with_cuda": WITH_CUDA,
+}
+(ROOT / "bn_cuda" / "_build_meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+
+sources = ["csrc/ops.cpp", "csrc/common/canonical.cpp", "csrc/common/glue.cpp"]
+sources += sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cpu").glob("*.cpp"))
+include_dirs = [str(ROOT / "csrc"), str(ROOT / "csrc" / "include")]
+
+
+def _q(s: str) -> str:
+    return '"' + s + '"'
+
+
+define_macros = [
+    ("BN_CUDA_VERSION_STR", _q(VERSION)),
+    ("BN_CUDA_TORCH_VERSION", _q(torch.__version__)),
+    ("BN_CUDA_CUDA_VERSION", _q(torch.version.cuda if WITH_CUDA else "")),
+    ("BN_CUDA_ARCHS", _q(ARCHS)),
+    ("BN_CUDA_WITH_CUDA", "1" if WITH_CUDA else "0"),
+]
+cxx_flags = ["-O3", "-fopenmp", "-Wall", "-Wno-unused-function", "-Wno-psabi"]
+extra = {"cxx": cxx_flags}
+link_args = ["-fopenmp"]
+
+if WITH_CUDA:
+    sources += sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cuda").glob("*.cpp"))
+    sources += sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cuda").glob("*.cu"))
+    define_macros.append(("BN_CUDA_HAS_CUDA", "1"))
+    # ATen's CUDA headers include cusparse.h & co., which pip's torch ships under
+    # nvidia/cu13/include rather than inside the toolkit.
+    try:
+        import nvidia  # type: ignore
+
+        for base in nvidia.__path__:
+            for sub in ("cu13", "cu12"):
+                inc = Path(base) / sub / "include"
+                if inc.is_dir():
+                    include_dirs.append(str(inc))
+    except ImportError:
+        pass
+    extra["nvcc"] = ["-O3", "-lineinfo", "-std=c++17"]
+    ext = cpp_extension.CUDAExtension(
+        "bn_cuda._C", sources, include_dirs=include_dirs, define_macros=define_macros,
+        extra_compile_args=extra, extra_link_args=link_args,
+    )
+else:
+    ext = cpp_extension.CppExtension(
+        "bn_cuda._C", sources, include_dirs=include_dirs, define_macros=define_macros,
+        extra_compile_args=extra, extra_link_args=link_args,
+    )
+
+setup(
+    name="bn_cuda",
+    version=VERSION,
+    description="TensorFlow/Keras BatchNormalization for PyTorch on fused C++/CUDA kernels",
+    packages=find_packages(include=["bn_cuda", "bn_cuda.*"]),
+    package_data={"bn_cuda": ["_build_meta.json", "include/bn_cuda/*.h", "include/bn_cuda/**/*"]},
+    ext_modules=[ext],
+    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+    python_requires=">=3.9",
+    zip_safe=False,
+)
