@@ -102,7 +102,7 @@ inline int pick_vec(const View3& v, size_t elem_size, const void* const* ptrs, c
   return vec;
 }
 
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+BN_HD int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // CUDA: enough blocks to fill the GPU a few times over, each with enough work to amortize its
 // partial state. The split depends only on the shape and the SM count, so results are bitwise

@@ -1,0 +1,115 @@
+// CUDA bodies of the bn_cuda operators: device guard, current stream, planning, workspace from
+// the caching allocator, and the torch-free launchers. No host synchronization anywhere, so the
+// ops can be captured in CUDA graphs.
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <tuple>
+
+#include "common/glue.h"
+#include "cuda/launchers.h"
+
+namespace bn_cuda {
+namespace cuda {
+
+#define BN_CUDA_DTYPE_SWITCH(t, FN, ...)                    \
+  switch (t) {                                               \
+    case DType::kFloat32:                                    \
+      return FN<DType::kFloat32>(__VA_ARGS__);               \
+    case DType::kFloat64:                                    \
+      return FN<DType::kFloat64>(__VA_ARGS__);               \
+    case DType::kFloat16:                                    \
+      return FN<DType::kFloat16>(__VA_ARGS__);               \
+    case DType::kBFloat16:                                   \
+      return FN<DType::kBFloat16>(__VA_ARGS__);              \
+  }                                                          \
+  return cudaErrorInvalidValue;
+
+inline cudaError_t forward_train(DType t, const ForwardParams& p, cudaStream_t s) {
+  BN_CUDA_DTYPE_SWITCH(t, forward_train_t, p, s)
+}
+inline cudaError_t forward_infer(DType t, const ForwardParams& p, cudaStream_t s) {
+  BN_CUDA_DTYPE_SWITCH(t, forward_infer_t, p, s)
+}
+inline cudaError_t backward(DType t, const BackwardParams& p, cudaStream_t s) {
+  BN_CUDA_DTYPE_SWITCH(t, backward_t, p, s)
+}
+#undef BN_CUDA_DTYPE_SWITCH
+
+}  // namespace cuda
+
+namespace {
+
+int sm_count() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
+
+at::Tensor workspace(const at::Tensor& like, size_t bytes, DType t) {
+  const at::ScalarType acc = t == DType::kFloat64 ? at::kDouble : at::kFloat;
+  const int64_t n = static_cast<int64_t>(bytes / acc_size(t)) + 1;
+  return at::empty({n}, like.options().dtype(acc));
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_train_cuda(
+    const at::Tensor& input, const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
+    const c10::optional<at::Tensor>& running_mean, const c10::optional<at::Tensor>& running_var, double momentum,
+    double eps, at::IntArrayRef axis, bool unbiased_running_var) {
+  const c10::cuda::CUDAGuard guard(input.device());
+  ForwardCall call = prepare_forward(input, weight, bias, running_mean, running_var, /*training=*/true, momentum,
+                                     eps, axis, unbiased_running_var);
+  at::Tensor ws;
+  if (!call.skip) {
+    plan_forward_cuda(call.p, call.dtype, sm_count());
+    ws = workspace(input, forward_workspace_bytes(call.p.v, call.p.partitions, acc_size(call.dtype)), call.dtype);
+    call.p.workspace = ws.data_ptr();
+    C10_CUDA_CHECK(cuda::forward_train(call.dtype, call.p, at::cuda::getCurrentCUDAStream()));
+  }
+  finish_forward(call);
+  return {call.out, call.save_mean, call.save_invstd};
+}
+
+at::Tensor forward_infer_cuda(const at::Tensor& input, const c10::optional<at::Tensor>& weight,
+                              const c10::optional<at::Tensor>& bias, const at::Tensor& running_mean,
+                              const at::Tensor& running_var, double eps, at::IntArrayRef axis) {
+  const c10::cuda::CUDAGuard guard(input.device());
+  ForwardCall call =
+      prepare_forward(input, weight, bias, running_mean, running_var, /*training=*/false, 0.0, eps, axis, true);
+  at::Tensor ws;
+  if (!call.skip) {
+    plan_forward_cuda(call.p, call.dtype, sm_count());
+    call.p.partitions = 0;  // no statistics: the workspace holds only the apply coefficients
+    ws = workspace(input, forward_workspace_bytes(call.p.v, 0, acc_size(call.dtype)), call.dtype);
+    call.p.workspace = ws.data_ptr();
+    C10_CUDA_CHECK(cuda::forward_infer(call.dtype, call.p, at::cuda::getCurrentCUDAStream()));
+  }
+  finish_forward(call);
+  return call.out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(const at::Tensor& grad_out, const at::Tensor& input,
+                                                              const c10::optional<at::Tensor>& weight,
+                                                              const at::Tensor& save_mean, const at::Tensor& save_invstd,
+                                                              bool train, at::IntArrayRef axis,
+                                                              std::array<bool, 3> output_mask) {
+  const c10::cuda::CUDAGuard guard(input.device());
+  BackwardCall call = prepare_backward(grad_out, input, weight, save_mean, save_invstd, train, axis, output_mask);
+  at::Tensor ws;
+  if (!call.skip) {
+    plan_backward_cuda(call.p, call.dtype, sm_count());
+    ws = workspace(input, backward_workspace_bytes(call.p.v, call.p.partitions, acc_size(call.dtype)), call.dtype);
+    call.p.workspace = ws.data_ptr();
+    C10_CUDA_CHECK(cuda::backward(call.dtype, call.p, at::cuda::getCurrentCUDAStream()));
+  }
+  finish_backward(call);
+  return {call.grad_input, call.grad_weight, call.grad_bias};
+}
+
+}  // namespace
+}  // namespace bn_cuda
+
+TORCH_LIBRARY_IMPL(bn_cuda, CUDA, m) {
+  m.impl("forward_train", &bn_cuda::forward_train_cuda);
+  m.impl("forward_infer", &bn_cuda::forward_infer_cuda);
+  m.impl("backward", &bn_cuda::backward_cuda);
+}
