@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# GPU check, run on a machine with an NVIDIA GPU (torch, nvcc, compute-sanitizer preinstalled;
+# no network). Builds from source, runs the test suite on CUDA tensors (opcheck included),
+# compute-sanitizer memcheck/racecheck on a small subset, and the GPU benchmark, then writes a
+# summary. Usage: benchmarks/device_check.sh OUT_DIR   (finishes within ~8 minutes on an H100)
+set -uo pipefail
+OUT="${1:-${OUT:-/tmp/bn_cuda_device_check}}"
+mkdir -p "$OUT"
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$ROOT"
+WORK="$(mktemp -d)"
+PY="${BN_CUDA_PYTHON:-python3}"
+export PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=2
+SUMMARY="$OUT/summary.md"
+status=0
+step() {  # step NAME TIMEOUT CMD...: run, log to $WORK/NAME.log, record the result
+  local name="$1" limit="$2"; shift 2
+  local t0=$SECONDS
+  timeout "$limit" "$@" >"$WORK/$name.log" 2>&1
+  local rc=$?
+  local verdict="PASS"; [ $rc -ne 0 ] && { verdict="FAIL (rc=$rc)"; status=1; }
+  echo "| $name | $verdict | $((SECONDS - t0)) s |" >>"$SUMMARY"
+  echo "== $name: $verdict in $((SECONDS - t0)) s"; tail -n 5 "$WORK/$name.log"
+}
+
+{
+  echo "# bn_cuda device check"
+  echo
+  echo "- date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+  echo "- commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet 2>/dev/null || echo ' (with uncommitted changes)')"
+  echo "- gpu: $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null | head -1)"
+  echo "- torch: $($PY -c 'import torch; print(torch.__version__, "cuda", torch.version.cuda)' 2>&1)"
+  echo "- nvcc: $(nvcc --version 2>/dev/null | tail -1)"
+  echo
+  echo "| step | result | time |"
+  echo "|---|---|---|"
+} >"$SUMMARY"
+
+# Build only for the GPU at hand (fast), with every core.
+ARCH="$($PY -c 'import torch; p=torch.cuda.get_device_capability(); print(f"{p[0]}.{p[1]}")' 2>/dev/null || echo 9.0)"
+step build 420 env TORCH_CUDA_ARCH_LIST="$ARCH" MAX_JOBS="$(nproc)" BN_CUDA_FORCE_CUDA=1 \
+  "$PY" setup.py -q build_ext --inplace
+$PY -c "import bn_cuda; print(bn_cuda.build_info())" >>"$WORK/build.log" 2>&1
+
+# Whole suite (tensorflow parity tests skip: no tensorflow here); CUDA parametrizations run.
+step pytest 300 "$PY" -m pytest tests -q -ra -x --durations=15 -p no:cacheprovider
+
+# compute-sanitizer on a small fwd/bwd/infer sweep (all dtypes, both layouts).
+if command -v compute-sanitizer >/dev/null 2>&1; then
+  step memcheck 180 compute-sanitizer --tool memcheck --error-exitcode 9 "$PY" tests/cuda_smoke.py
+  step racecheck 180 compute-sanitizer --tool racecheck --error-exitcode 9 "$PY" tests/cuda_smoke.py --small
+else
+  echo "| sanitizer | SKIPPED (no compute-sanitizer) | |" >>"$SUMMARY"
+fi
+
+# GPU benchmark (default GPU preset), results next to the summary.
+step bench 300 "$PY" -m benchmarks.bench --preset gpu-default --out "$WORK/bench"
+
+{
+  echo
+  echo "## pytest tail"; echo '```'; tail -n 25 "$WORK/pytest.log"; echo '```'
+  echo "## benchmark"; echo '```'; tail -n 80 "$WORK/bench.log"; echo '```'
+} >>"$SUMMARY"
+
+# At most 8 files come back: the summary, the logs, the benchmark's JSON/CSV/PNG, and a tarball.
+for f in "$WORK"/bench/*.json "$WORK"/bench/*.csv "$WORK"/bench/*.png; do
+  [ -f "$f" ] && cp "$f" "$OUT/" 2>/dev/null
+done
+tar -czf "$OUT/logs.tar.gz" -C "$WORK" . 2>/dev/null
+cp "$WORK/pytest.log" "$OUT/pytest.log" 2>/dev/null
+echo "status: $([ $status -eq 0 ] && echo PASS || echo FAIL)" >>"$SUMMARY"
+cat "$SUMMARY" | head -20
+exit $status

@@ -1,0 +1,75 @@
+"""A short sweep of every CUDA kernel variant, for compute-sanitizer (benchmarks/device_check.sh).
+
+Covers fp32/fp64/fp16/bf16, channels-first (vectorized and unaligned) and channels-last (wide
+and narrow feature tiles), training forward (with running stats), inference forward, and backward
+with every output mask; checks each result against a float64 CPU reference so a silent error
+also fails. Usage: python tests/cuda_smoke.py [--small]
+"""
+
+import sys
+
+import torch
+
+import bn_cuda
+
+SMALL = "--small" in sys.argv
+
+
+def ref_train(x, w, b, eps=1e-5):
+    xd = x.double().cpu()
+    dims = [0] + list(range(2, x.dim()))
+    mean = xd.mean(dims, keepdim=True)
+    var = xd.var(dims, unbiased=False, keepdim=True)
+    shape = [1, -1] + [1] * (x.dim() - 2)
+    return (xd - mean) / torch.sqrt(var + eps) * w.double().cpu().view(shape) + b.double().cpu().view(shape)
+
+
+def main() -> int:
+    assert torch.cuda.is_available(), "needs a CUDA device"
+    dev = "cuda"
+    g = torch.Generator().manual_seed(0)
+    shapes = [(3, 17, 7, 7), (2, 64, 9, 9), (5, 3, 1), (8, 1000), (4, 40, 6)]
+    if not SMALL:
+        shapes += [(16, 256, 14, 14), (33, 130, 5, 3)]
+    failures = 0
+    for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+        tol = {torch.float32: 1e-4, torch.float64: 1e-10, torch.float16: 2e-2, torch.bfloat16: 1e-1}[dtype]
+        for shape in shapes:
+            for fmt in ("contiguous", "channels_last", "offset"):
+                if fmt == "channels_last" and len(shape) != 4:
+                    continue
+                c = shape[1]
+                base = torch.randn(shape, generator=g) * torch.rand(c, generator=g).view(1, -1, *[1] * (len(shape) - 2)) * 3
+                base = base + torch.randn(c, generator=g).view(1, -1, *[1] * (len(shape) - 2)) * 5
+                x = base.to(dev, dtype)
+                if fmt == "channels_last":
+                    x = x.contiguous(memory_format=torch.channels_last)
+                elif fmt == "offset":  # misaligned start: forces the scalar (vec = 1) path
+                    buf = torch.empty(x.numel() + 1, device=dev, dtype=dtype)
+                    buf[1:] = x.reshape(-1)
+                    x = buf[1:].view(shape)
+                w = torch.randn(c, generator=g).to(dev)
+                b = torch.randn(c, generator=g).to(dev)
+                rm, rv = torch.zeros(c, device=dev), torch.ones(c, device=dev)
+                xr = x.detach().requires_grad_(True)
+                wr = w.clone().requires_grad_(True)
+                br = b.clone().requires_grad_(True)
+                y = bn_cuda.functional.batch_norm(xr, rm, rv, wr, br, training=True)
+                err = (y.double().cpu() - ref_train(x, w, b)).abs().max().item()
+                gy = torch.randn_like(y)
+                y.backward(gy)
+                yi = bn_cuda.functional.batch_norm(x, rm, rv, w, b, training=False)
+                for mask in ([True, False, False], [False, True, True], [True, True, True]):
+                    torch.ops.bn_cuda.backward(gy, x, w, torch.zeros(c, device=dev), torch.ones(c, device=dev),
+                                               False, [1], mask)
+                torch.cuda.synchronize()
+                ok = err < tol * 10 and torch.isfinite(xr.grad).all().item() and torch.isfinite(yi).all().item()
+                if not ok:
+                    failures += 1
+                print(f"{str(dtype):15s} {str(shape):18s} {fmt:14s} max|y-ref|={err:.2e} {'ok' if ok else 'FAIL'}")
+    print("failures:", failures)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,145 @@
+"""CUDA-only behaviour: graph capture, streams, bitwise determinism, kernel-variant coverage and
+int64 indexing. Skipped where no CUDA device is visible (run by benchmarks/device_check.sh)."""
+
+import pytest
+import torch
+
+import bn_cuda
+from bn_cuda.functional import batch_norm
+
+pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+
+def _data(shape, dtype=torch.float32, seed=0, offset=5.0):
+    g = torch.Generator().manual_seed(seed)
+    c = shape[1]
+    bshape = [1, c] + [1] * (len(shape) - 2)
+    x = torch.randn(shape, generator=g) * (0.5 + torch.rand(c, generator=g)).view(bshape)
+    x = x + offset * torch.randn(c, generator=g).view(bshape)
+    return x.to("cuda", dtype)
+
+
+def _ref(x, w, b, eps=1e-5):
+    xd = x.double()
+    dims = [0] + list(range(2, x.dim()))
+    var, mean = torch.var_mean(xd, dims, unbiased=False, keepdim=True)
+    shape = [1, -1] + [1] * (x.dim() - 2)
+    return (xd - mean) * torch.rsqrt(var + eps) * w.double().view(shape) + b.double().view(shape)
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 5, 5), (64, 8, 64, 64), (256, 2048, 7, 7), (3, 17, 49), (4096, 64), (8, 5)])
+@pytest.mark.parametrize("fmt", ["contiguous", "channels_last", "misaligned"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_kernel_variants_match_float64(shape, fmt, dtype):
+    if fmt == "channels_last" and len(shape) != 4:
+        pytest.skip("channels_last needs 4-D")
+    x = _data(shape, dtype)
+    if fmt == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif fmt == "misaligned":
+        buf = torch.empty(x.numel() + 1, device="cuda", dtype=dtype)
+        buf[1:] = x.reshape(-1)
+        x = buf[1:].view(shape)
+    c = shape[1]
+    w = torch.randn(c, device="cuda")
+    b = torch.randn(c, device="cuda")
+    rm, rv = torch.zeros(c, device="cuda"), torch.ones(c, device="cuda")
+    y = batch_norm(x, rm, rv, w, b, training=True)
+    ref = _ref(x, w, b)
+    tol = {torch.float32: 2e-5, torch.float64: 1e-12, torch.float16: 4e-3, torch.bfloat16: 3e-2}[dtype]
+    scale = ref.abs().max().item()
+    assert (y.double() - ref).abs().max().item() <= tol * max(1.0, scale)
+    # running stats against torch's own update (float64 reference of the batch stats)
+    dims = [0] + list(range(2, x.dim()))
+    var, mean = torch.var_mean(x.double(), dims, unbiased=True)
+    torch.testing.assert_close(rm.double(), 0.1 * mean, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(rv.double(), 0.9 + 0.1 * var, rtol=1e-4, atol=1e-5)
+    if fmt == "channels_last":
+        assert y.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_bitwise_deterministic():
+    x = _data((64, 96, 28, 28)).contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    w = torch.randn(96, device="cuda", requires_grad=True)
+    b = torch.randn(96, device="cuda", requires_grad=True)
+    gy = torch.randn_like(x)
+    outs = []
+    for _ in range(3):
+        x.grad = w.grad = b.grad = None
+        y = batch_norm(x, None, None, w, b, training=True)
+        y.backward(gy)
+        outs.append((y.detach().clone(), x.grad.clone(), w.grad.clone(), b.grad.clone()))
+    for other in outs[1:]:
+        for a, o in zip(outs[0], other):
+            assert torch.equal(a, o)
+
+
+def test_side_stream_and_graph_capture():
+    x = _data((16, 32, 14, 14))
+    w = torch.randn(32, device="cuda", requires_grad=True)
+    b = torch.randn(32, device="cuda", requires_grad=True)
+    rm, rv = torch.zeros(32, device="cuda"), torch.ones(32, device="cuda")
+    static_x = x.clone().requires_grad_(True)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):  # warm-up on a side stream (also checks current-stream use)
+        for _ in range(2):
+            y = batch_norm(static_x, rm, rv, w, b, training=True)
+            y.sum().backward()
+    torch.cuda.current_stream().wait_stream(s)
+    static_x.grad = w.grad = b.grad = None
+    rm.zero_(), rv.fill_(1)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = batch_norm(static_x, rm, rv, w, b, training=True)
+        (y * y).sum().backward()
+    new = _data((16, 32, 14, 14), seed=3)
+    rm.zero_(), rv.fill_(1)
+    with torch.no_grad():
+        static_x.copy_(new)
+    graph.replay()
+    torch.cuda.synchronize()
+    ref_x = new.clone().requires_grad_(True)
+    ref_w = w.detach().clone().requires_grad_(True)
+    rrm, rrv = torch.zeros(32, device="cuda"), torch.ones(32, device="cuda")
+    ref_y = torch.nn.functional.batch_norm(ref_x, rrm, rrv, ref_w, b.detach(), training=True)
+    (ref_y * ref_y).sum().backward()
+    torch.testing.assert_close(y, ref_y, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(static_x.grad, ref_x.grad, rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(rm, rrm, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(rv, rrv, rtol=1e-5, atol=1e-6)
+
+
+def test_opcheck_cuda():
+    x = _data((4, 6, 5, 3))
+    w = torch.randn(6, device="cuda")
+    b = torch.randn(6, device="cuda")
+    rm, rv = torch.zeros(6, device="cuda"), torch.ones(6, device="cuda")
+    torch.library.opcheck(torch.ops.bn_cuda.forward_train.default, (x, w, b, rm, rv, 0.1, 1e-5, [1], True))
+    torch.library.opcheck(torch.ops.bn_cuda.forward_infer.default, (x, w, b, rm, rv, 1e-5, [1]))
+    mean, invstd = torch.zeros(6, device="cuda"), torch.ones(6, device="cuda")
+    torch.library.opcheck(torch.ops.bn_cuda.backward.default,
+                          (torch.randn_like(x), x, w, mean, invstd, True, [1], [True, True, True]))
+
+
+@pytest.mark.slow
+def test_int64_indexing_beyond_2_pow_31():
+    free, _ = torch.cuda.mem_get_info()
+    if free < 24 * 2**30:
+        pytest.skip("needs ~24 GiB of free GPU memory")
+    n = 2**30 + 40  # 2 features x n > 2^31 elements; fp16 keeps it at ~4.3 GB per tensor
+    x = torch.empty((1, 2, n), device="cuda", dtype=torch.float16)
+    x[:, 0].normal_(3.0, 2.0)
+    x[:, 1].normal_(-1.0, 0.5)
+    y = batch_norm(x, None, None, training=True)
+    for c in range(2):
+        var, mean = torch.var_mean(x[0, c].float(), unbiased=False)
+        tail = slice(n - 1000, n)  # past element 2^31 of the flat tensor for c = 1
+        expect = (x[0, c, tail].float() - mean) * torch.rsqrt(var + 1e-5)
+        torch.testing.assert_close(y[0, c, tail].float(), expect, rtol=2e-3, atol=2e-3)
+    del y
+    x = x.view(n, 2)  # channels-last view: rows past 2^30
+    y = batch_norm(x, None, None, training=True, axis=1)
+    var, mean = torch.var_mean(x.float(), 0, unbiased=False)
+    expect = (x[-1000:].float() - mean) * torch.rsqrt(var + 1e-5)
+    torch.testing.assert_close(y[-1000:].float(), expect, rtol=2e-3, atol=2e-3)
