@@ -65,11 +65,10 @@ def build_info() -> Dict[str, Any]:
 
 def get_include() -> str:
     """Directory holding the public torch-free headers (``#include <bn_cuda/welford.h>``)."""
-    pkg = _HERE / "include"
-    if (pkg / "bn_cuda").is_dir():
-        return str(pkg)
-    src = _HERE.parent / "csrc" / "include"
-    return str(src)
+    src = _HERE.parent / "csrc" / "include"  # a source checkout: always the current headers
+    if (src / "bn_cuda" / "welford.h").is_file():
+        return str(src)
+    return str(_HERE / "include")  # an installed package: the copy setup.py put there
 
 
 from . import ops  # noqa: E402  (fake kernels + autograd)

@@ -147,20 +147,21 @@ def _infer_setup(ctx, inputs, output):
     invstd = torch.rsqrt(running_var.detach().reshape(-1).to(_acc_dtype(input.dtype)) + eps)
     ctx.save_for_backward(input, weight, mean, invstd)
     ctx.axis = list(axis)
-    ctx.has_bias = bias is not None
+    ctx.bias_shape = None if bias is None else bias.shape
+    ctx.bias_dtype = None if bias is None else bias.dtype
 
 
 def _infer_backward(ctx, grad_out):
     input, weight, mean, invstd = ctx.saved_tensors
     need = ctx.needs_input_grad
-    mask = [need[0], weight is not None and need[1], ctx.has_bias and need[2]]
+    mask = [need[0], weight is not None and need[1], ctx.bias_shape is not None and need[2]]
     if not any(mask):
         return (None,) * 7
     gi, gw, gb = _ops.backward(grad_out, input, weight, mean, invstd, False, ctx.axis, mask)
     return (
         gi if mask[0] else None,
         gw.reshape(weight.shape).to(weight.dtype) if mask[1] else None,
-        gb.reshape(weight.shape if weight is not None else (-1,)).to(input.dtype) if mask[2] else None,
+        gb.reshape(ctx.bias_shape).to(ctx.bias_dtype) if mask[2] else None,
         None, None, None, None,
     )
 

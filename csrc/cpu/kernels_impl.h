@@ -1,8 +1,9 @@
 // CPU kernels, compiled once per CPU capability (kernels_default.cpp, kernels_avx2.cpp).
 //
 // Statistics: each partial reduction covers a fixed amount of data (plan_partitions_cpu), whose
-// exact moments are computed in two passes while it sits in cache, and partials are combined by
-// Chan's merge in a fixed order. The partition depends only on the shape, never on the thread
+// moments are computed in two passes while it sits in cache (on data shifted by the feature's
+// first value, so |mean| >> std loses nothing), and partials are combined by Chan's merge in a
+// fixed order. The partition depends only on the shape, never on the thread
 // count, so results are bitwise reproducible.
 //
 // Everything here lives in namespace bn_cuda::cpu::CPU_CAPABILITY (like ATen's own kernels) so
@@ -66,41 +67,46 @@ struct Io {
   }
 };
 
-// sum(p[0:n])
+// sum(p[0:n] - shift). Summing deviations from a value of the same data (instead of the raw
+// values) keeps the sum small when |mean| >> std: with an offset of 1e6 in fp32 a raw sum of 3e4
+// values loses the mean to rounding (ulp(3e10) = 2048) and with it the whole variance. x - shift
+// is exact (Sterbenz) when x and shift are within a factor of two.
 template <typename T>
-inline acc_t<T> sum_run(const T* p, int64_t n) {
+inline acc_t<T> shifted_sum_run(const T* p, int64_t n, acc_t<T> shift) {
   using IO = Io<T>;
+  const typename IO::AV sh(shift);
   typename IO::AV s0(0), s1(0);
   int64_t i = 0;
   for (; i + IO::K <= n; i += IO::K) {
     typename IO::AV a, b;
     IO::load(p + i, a, b);
-    s0 += a;
-    s1 += b;
+    s0 += a - sh;
+    s1 += b - sh;
   }
   acc_t<T> s = IO::hsum(s0 + s1);
-  for (; i < n; ++i) s += static_cast<acc_t<T>>(p[i]);
+  for (; i < n; ++i) s += static_cast<acc_t<T>>(p[i]) - shift;
   return s;
 }
 
-// sum((p[0:n] - mean)^2)
+// sum(((p[0:n] - shift) - dmean)^2), the squared deviations from the mean shift + dmean without
+// rounding that mean to the acc type first (x - shift is exact when x and shift are close).
 template <typename T>
-inline acc_t<T> sqdev_run(const T* p, int64_t n, acc_t<T> mean) {
+inline acc_t<T> sqdev_run(const T* p, int64_t n, acc_t<T> shift, acc_t<T> dmean) {
   using IO = Io<T>;
-  const typename IO::AV m(mean);
+  const typename IO::AV sh(shift), m(dmean);
   typename IO::AV s0(0), s1(0);
   int64_t i = 0;
   for (; i + IO::K <= n; i += IO::K) {
     typename IO::AV a, b;
     IO::load(p + i, a, b);
-    a = a - m;
-    b = b - m;
+    a = (a - sh) - m;
+    b = (b - sh) - m;
     s0 = at::vec::fmadd(a, a, s0);
     s1 = at::vec::fmadd(b, b, s1);
   }
   acc_t<T> s = IO::hsum(s0 + s1);
   for (; i < n; ++i) {
-    const acc_t<T> d = static_cast<acc_t<T>>(p[i]) - mean;
+    const acc_t<T> d = (static_cast<acc_t<T>>(p[i]) - shift) - dmean;
     s += d * d;
   }
   return s;
@@ -167,6 +173,11 @@ inline void grad_run(const T* dy, const T* x, T* dx, int64_t n, const GradCoeffs
 // ---------------------------------------------------------------------------------------------
 // Partial statistics.
 
+// Partial states per (partition, feature). `mean` holds the partial mean MINUS the feature's
+// shift (its first element, feature_shift): every partial of a feature shares that shift, so the
+// partial means and the deltas of Chan's merges stay small and exact even when |mean| >> std
+// (with fp32 means rounded at an offset of 1e6, a merge delta is off by up to 0.06, which alone
+// adds 1e-3 to a variance of 1). The shift is added back once, after the last merge.
 template <typename A>
 struct PartialArrays {
   A* mean;
@@ -180,38 +191,47 @@ inline PartialArrays<A> partial_arrays(void* ws, int64_t P, int64_t C) {
   return PartialArrays<A>{base, base + P * C, base + 2 * P * C};
 }
 
+template <typename T>
+inline acc_t<T> feature_shift(const ForwardParams& p, int64_t c) {
+  const T* x = static_cast<const T*>(p.x);
+  return static_cast<acc_t<T>>(p.v.channels_last ? x[c] : x[c * p.x_sc]);
+}
+
 // Channels-first: partition `part` of feature c covers whole rows of the outer dim; rows longer
-// than a chunk are split into chunk-sized segments.
+// than a chunk are split into chunk-sized segments. The state's mean is relative to the shift.
 template <typename T>
 inline WelfordState<acc_t<T>> stats_cf_part(const ForwardParams& p, int64_t c, int64_t part) {
   using A = acc_t<T>;
   const View3& v = p.v;
   const T* x = static_cast<const T*>(p.x) + c * p.x_sc;
+  const A shift = feature_shift<T>(p, c);
   const int64_t rows_per_part = v.I >= kCpuChunkElems ? 1 : kCpuChunkElems / v.I;
   const int64_t r0 = part * rows_per_part, r1 = std::min(v.O, r0 + rows_per_part);
   WelfordState<A> st = welford_empty<A>();
+  if (r1 <= r0) return st;
   if (v.I <= kCpuChunkElems) {
     A s = A(0);
-    for (int64_t r = r0; r < r1; ++r) s += sum_run(x + r * p.x_so, v.I);
+    for (int64_t r = r0; r < r1; ++r) s += shifted_sum_run(x + r * p.x_so, v.I, shift);
     const A n = static_cast<A>((r1 - r0) * v.I);
-    const A mean = s / n;
+    const A dmean = s / n;
     A m2 = A(0);
-    for (int64_t r = r0; r < r1; ++r) m2 += sqdev_run(x + r * p.x_so, v.I, mean);
-    st = WelfordState<A>{mean, m2, n};
+    for (int64_t r = r0; r < r1; ++r) m2 += sqdev_run(x + r * p.x_so, v.I, shift, dmean);
+    st = WelfordState<A>{dmean, m2, n};
   } else {
     for (int64_t r = r0; r < r1; ++r) {
       for (int64_t i0 = 0; i0 < v.I; i0 += kCpuChunkElems) {
         const int64_t len = std::min(kCpuChunkElems, v.I - i0);
         const T* seg = x + r * p.x_so + i0;
-        const A mean = sum_run(seg, len) / static_cast<A>(len);
-        st = welford_merge(st, WelfordState<A>{mean, sqdev_run(seg, len, mean), static_cast<A>(len)});
+        const A dmean = shifted_sum_run(seg, len, shift) / static_cast<A>(len);
+        st = welford_merge(st, WelfordState<A>{dmean, sqdev_run(seg, len, shift, dmean), static_cast<A>(len)});
       }
     }
   }
   return st;
 }
 
-// Channels-last: partition `part` covers rows [r0, r1) of (O, C) for every feature.
+// Channels-last: partition `part` covers rows [r0, r1) of (O, C) for every feature. Means are
+// relative to the shift (row 0).
 template <typename T>
 inline void stats_cl_part(const ForwardParams& p, int64_t part, int64_t P, PartialArrays<acc_t<T>> out) {
   using A = acc_t<T>;
@@ -230,18 +250,20 @@ inline void stats_cl_part(const ForwardParams& p, int64_t part, int64_t P, Parti
   const A n = static_cast<A>(std::max<int64_t>(r1 - r0, 0));
   std::fill(cnt, cnt + C, n);
   if (r1 <= r0) return;
-  // pass 1: sums into `mean`
+  const T* shift = x;  // row 0: feature_shift for every feature
+  // pass 1: sums of deviations from the shift into `mean`
   for (int64_t r = r0; r < r1; ++r) {
     const T* row = x + r * p.x_so;
     int64_t c = 0;
     for (; c + IO::K <= C; c += IO::K) {
-      AV a, b, s0, s1;
+      AV a, b, h0, h1, s0, s1;
       IO::load(row + c, a, b);
+      IO::load(shift + c, h0, h1);
       IO::load_acc(mean + c, s0, s1);
-      (s0 + a).store(mean + c);
-      (s1 + b).store(mean + c + IO::L);
+      (s0 + (a - h0)).store(mean + c);
+      (s1 + (b - h1)).store(mean + c + IO::L);
     }
-    for (; c < C; ++c) mean[c] += static_cast<A>(row[c]);
+    for (; c < C; ++c) mean[c] += static_cast<A>(row[c]) - static_cast<A>(shift[c]);
   }
   const A inv_n = A(1) / n;
   for (int64_t c = 0; c < C; ++c) mean[c] = mean[c] * inv_n;
@@ -250,17 +272,18 @@ inline void stats_cl_part(const ForwardParams& p, int64_t part, int64_t P, Parti
     const T* row = x + r * p.x_so;
     int64_t c = 0;
     for (; c + IO::K <= C; c += IO::K) {
-      AV a, b, m0, m1, q0, q1;
+      AV a, b, h0, h1, m0, m1, q0, q1;
       IO::load(row + c, a, b);
+      IO::load(shift + c, h0, h1);
       IO::load_acc(mean + c, m0, m1);
       IO::load_acc(m2 + c, q0, q1);
-      a = a - m0;
-      b = b - m1;
+      a = (a - h0) - m0;
+      b = (b - h1) - m1;
       at::vec::fmadd(a, a, q0).store(m2 + c);
       at::vec::fmadd(b, b, q1).store(m2 + c + IO::L);
     }
     for (; c < C; ++c) {
-      const A d = static_cast<A>(row[c]) - mean[c];
+      const A d = (static_cast<A>(row[c]) - static_cast<A>(shift[c])) - mean[c];
       m2[c] += d * d;
     }
   }
@@ -358,6 +381,7 @@ void forward_train(const ForwardParams& p) {
         const int64_t idx = v.channels_last ? q * C + c : c * P + q;
         st = welford_merge(st, WelfordState<A>{part.mean[idx], part.m2[idx], part.n[idx]});
       }
+      st.mean = feature_shift<T>(p, c) + st.mean;  // partial means are relative to the shift
       const A var = biased_var(st);
       const A invstd = invstd_of(var, eps);
       sm[c] = st.mean;

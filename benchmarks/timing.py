@@ -1,0 +1,149 @@
+"""The one place where time is measured.
+
+CPU: :class:`torch.utils.benchmark.Timer` with ``blocked_autorange`` (its block-size estimate is
+the warm-up; blocks run until ``min_run_time`` has passed; the median over blocks is reported),
+with every thread torch uses. Inputs are rotated by the caller (see :func:`rotation_count`) so
+the working set exceeds the last-level cache.
+
+CUDA: CUDA events around each call, with the L2 cache flushed before every call by writing a
+buffer twice the L2 size (``triton.testing.do_bench``'s method). The flush is enqueued before the
+start event, so the host has the flush's duration to enqueue the call; what is left of the host
+launch overhead is part of what eager users pay and is measured. The median over the calls is
+reported.
+"""
+
+from __future__ import annotations
+
+import glob
+import math
+import statistics
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional
+
+import torch
+from torch.utils.benchmark import Timer
+
+__all__ = ["Timing", "TimingConfig", "measure", "llc_bytes", "rotation_count", "describe"]
+
+
+@dataclass(frozen=True)
+class Timing:
+    """A measurement: median and interquartile range in seconds, over ``runs`` calls."""
+
+    median_s: float
+    iqr_s: float
+    runs: int
+
+
+@dataclass(frozen=True)
+class TimingConfig:
+    """Knobs of :func:`measure`.
+
+    ``min_run_time``: CPU seconds of measurement per call site (after the block estimate).
+    ``gpu_target_s``: GPU seconds of timed calls to aim for; the call count is clamped to
+    ``[gpu_min_reps, gpu_max_reps]`` after ``warmup`` untimed calls.
+    """
+
+    min_run_time: float = 0.2
+    gpu_target_s: float = 0.02
+    gpu_min_reps: int = 10
+    gpu_max_reps: int = 100
+    warmup: int = 3
+
+
+_flush_buffers: Dict[int, torch.Tensor] = {}
+
+
+def _l2_flush_buffer(device: torch.device) -> torch.Tensor:
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _flush_buffers:
+        l2 = int(getattr(torch.cuda.get_device_properties(idx), "L2_cache_size", 0) or 50 * 2**20)
+        _flush_buffers[idx] = torch.empty(2 * l2 // 4, dtype=torch.int32, device=device)
+    return _flush_buffers[idx]
+
+
+def _quantiles(xs: List[float]) -> tuple:
+    if len(xs) < 2:
+        return xs[0], 0.0
+    q = statistics.quantiles(xs, n=4, method="inclusive")
+    return statistics.median(xs), q[2] - q[0]
+
+
+def _measure_cuda(fn: Callable[[], Any], device: torch.device, cfg: TimingConfig) -> Timing:
+    flush = _l2_flush_buffer(device)
+
+    def timed(reps: int) -> List[float]:
+        starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+        ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+        for s, e in zip(starts, ends):
+            flush.zero_()
+            s.record()
+            fn()
+            e.record()
+        torch.cuda.synchronize(device)
+        return [s.elapsed_time(e) * 1e-3 for s, e in zip(starts, ends)]
+
+    for _ in range(cfg.warmup):
+        fn()
+    torch.cuda.synchronize(device)
+    estimate = statistics.median(timed(3))
+    reps = int(min(cfg.gpu_max_reps, max(cfg.gpu_min_reps, math.ceil(cfg.gpu_target_s / max(estimate, 1e-7)))))
+    median, iqr = _quantiles(timed(reps))
+    return Timing(median, iqr, reps)
+
+
+def _measure_cpu(fn: Callable[[], Any], cfg: TimingConfig) -> Timing:
+    timer = Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    m = timer.blocked_autorange(min_run_time=cfg.min_run_time)
+    # Each raw time is one block of `number_per_run` calls; the Measurement's times are per call.
+    median, iqr = _quantiles(list(m.times))
+    return Timing(median, iqr, m.number_per_run * len(m.raw_times))
+
+
+def measure(fn: Callable[[], Any], device: torch.device, cfg: Optional[TimingConfig] = None) -> Timing:
+    """Time ``fn()`` on ``device``: median seconds per call (see the module docstring)."""
+    cfg = cfg or TimingConfig()
+    if device.type == "cuda":
+        return _measure_cuda(fn, device, cfg)
+    return _measure_cpu(fn, cfg)
+
+
+def llc_bytes(default: int = 32 * 2**20) -> int:
+    """Size of the CPU's last-level cache (sysfs), or ``default`` where unknown."""
+    best_level, best = -1, 0
+    for d in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*"):
+        try:
+            level = int(open(f"{d}/level").read())
+            text = open(f"{d}/size").read().strip().upper()
+        except (OSError, ValueError):
+            continue
+        mult = {"K": 2**10, "M": 2**20, "G": 2**30}.get(text[-1:], 1)
+        try:
+            size = int(text.rstrip("KMG")) * mult
+        except ValueError:
+            continue
+        if level > best_level or (level == best_level and size > best):
+            best_level, best = level, size
+    return best or default
+
+
+def rotation_count(set_bytes: int, device: torch.device, cap: int = 32) -> int:
+    """How many copies of a case's inputs to cycle through so they are not cache-resident.
+
+    CUDA: 1 (the L2 is flushed before each call instead). CPU: enough copies that together they
+    are twice the last-level cache, at most ``cap``.
+    """
+    if device.type == "cuda" or set_bytes <= 0:
+        return 1
+    return int(max(1, min(cap, math.ceil(2 * llc_bytes() / set_bytes))))
+
+
+def describe(device: torch.device, cfg: TimingConfig) -> str:
+    """The timing method in one sentence, stored in the result files."""
+    if device.type == "cuda":
+        return (f"CUDA events per call, L2 flushed (write of 2x L2) before each call; {cfg.warmup} warm-up "
+                f"calls, then {cfg.gpu_min_reps}-{cfg.gpu_max_reps} timed calls (~{cfg.gpu_target_s * 1e3:.0f} ms); "
+                "median")
+    return (f"torch.utils.benchmark.Timer.blocked_autorange(min_run_time={cfg.min_run_time}) with "
+            f"{torch.get_num_threads()} threads; inputs rotated to exceed 2x LLC ({llc_bytes() // 2**20} MiB); "
+            "median over blocks")

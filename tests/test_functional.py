@@ -1,0 +1,289 @@
+"""bn_cuda.functional.batch_norm against torch.nn.functional.batch_norm in float64 (outputs,
+running statistics, every gradient) over ranks, feature axes, layouts and strides."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bn_cuda.functional import batch_norm
+from conftest import (LAYOUTS, apply_layout, assert_close_ref, coarser, feature_shape, hand_reference, layout_ok,
+                      make_features, make_input, reference_batch_norm)
+
+SHAPES = {2: (6, 5), 3: (4, 3, 7), 4: (3, 5, 4, 6), 5: (2, 3, 4, 3, 5)}
+
+
+def run_case(x, axis=1, training=True, affine=True, dtype=None, device="cpu", momentum=0.1, eps=1e-5,
+             stats=True, weight_shape=None, grad_layout=None, stats_dtype=None):
+    """Run ours (with backward) and the float64 reference on the same data; compare everything."""
+    dtype = dtype or x.dtype
+    fshape = feature_shape(x.shape, axis)
+    wshape = weight_shape if weight_shape is not None else fshape
+    sdt = stats_dtype or (dtype if dtype == torch.float64 else torch.float32)
+    w = make_features(wshape, sdt, device, "weight").requires_grad_() if affine else None
+    b = make_features(wshape, sdt, device, "bias").requires_grad_() if affine else None
+    rm = make_features(wshape, sdt, device, "mean") if stats or not training else None
+    rv = make_features(wshape, sdt, device, "var") if stats or not training else None
+    rm0 = None if rm is None else rm.clone()
+    rv0 = None if rv is None else rv.clone()
+    xr = x.detach().requires_grad_()
+
+    y = batch_norm(xr, rm, rv, w, b, training, momentum, eps, axis=axis)
+    g = torch.randn(x.shape, dtype=torch.float64).to(dtype).to(device)
+    if grad_layout is not None:
+        g = apply_layout(g, grad_layout)
+    y.backward(g)
+
+    ref = reference_batch_norm(x, rm0, rv0, w, b, training, momentum, eps, axis=axis, grad_out=g)
+    assert y.dtype == x.dtype and y.device == x.device and y.shape == x.shape
+    assert_close_ref(y, ref["out"], dtype, "output")
+    if rm is not None:
+        assert rm.dtype == sdt and rm.shape == rm0.shape
+        assert_close_ref(rm, ref["running_mean"], coarser(dtype, sdt), "running_mean")
+        assert_close_ref(rv, ref["running_var"], coarser(dtype, sdt), "running_var")
+        if training:
+            assert not torch.equal(rm, rm0), "running_mean was not updated"
+        else:
+            assert torch.equal(rm, rm0) and torch.equal(rv, rv0), "inference changed the running stats"
+    assert_close_ref(xr.grad, ref["grad_input"], dtype, "grad_input")
+    if affine:
+        assert w.grad.shape == w.shape and b.grad.shape == b.shape
+        assert_close_ref(w.grad, ref["grad_weight"], coarser(dtype, sdt), "grad_weight")
+        assert_close_ref(b.grad, ref["grad_bias"], coarser(dtype, sdt), "grad_bias")
+    return y, xr.grad
+
+
+RANK_LAYOUTS = [(r, l) for r in (2, 3, 4, 5) for l in LAYOUTS if layout_ok(l, r)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("rank,layout", RANK_LAYOUTS, ids=[f"{r}d-{l}" for r, l in RANK_LAYOUTS])
+def test_matches_torch_axis1(rank, layout, training, dtype, device):
+    x = apply_layout(make_input(SHAPES[rank], 1, dtype, device), layout)
+    run_case(x, 1, training, True, dtype, device)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "channels_last_3d", "permuted", "transposed"])
+def test_output_keeps_memory_format(layout, device):
+    rank = 5 if layout == "channels_last_3d" else 4
+    x = apply_layout(make_input(SHAPES[rank], 1, torch.float32, device), layout)
+    w = make_features([x.shape[1]], device=device)
+    rm = make_features([x.shape[1]], device=device, kind="mean")
+    rv = make_features([x.shape[1]], device=device, kind="var")
+    for training in (True, False):
+        y = batch_norm(x, rm, rv, w, w, training)
+        assert y.stride() == x.stride(), f"{layout}: output strides {y.stride()} != input {x.stride()}"
+        assert y.is_contiguous() == x.is_contiguous()
+        for fmt in (torch.channels_last, torch.channels_last_3d):
+            if x.dim() == (4 if fmt is torch.channels_last else 5):
+                assert y.is_contiguous(memory_format=fmt) == x.is_contiguous(memory_format=fmt)
+
+
+def test_sliced_output_is_dense(device):
+    x = apply_layout(make_input((3, 4, 5, 6), 1, torch.float32, device), "sliced")
+    y = batch_norm(x, None, None, training=True)
+    assert y.is_contiguous() or y.is_contiguous(memory_format=torch.channels_last)
+
+
+AXIS_CASES = [
+    ((3, 4, 5, 6), 0),
+    ((3, 4, 5, 6), 2),
+    ((3, 4, 5, 6), -1),
+    ((3, 4, 5, 6), 3),
+    ((3, 4, 5, 6), -3),
+    ((3, 4, 5, 6), (1, 2)),
+    ((3, 4, 5, 6), (2, 3)),
+    ((3, 4, 5, 6), (-1, 1)),
+    ((3, 4, 5, 6), (0, 2)),
+    ((3, 4, 5, 6), (1, 3)),
+    ((3, 4, 5, 6), (0, 1, 3)),
+    ((4, 6, 5), -1),
+    ((4, 6, 5), (0, 2)),
+    ((2, 3, 4, 3, 5), (1, 4)),
+    ((2, 3, 4, 3, 5), -2),
+    ((7, 9), 0),
+    ((7, 9), -1),
+]
+
+
+AXIS_GRID = [(s, a, l) for s, a in AXIS_CASES
+             for l in ("contiguous", "channels_last", "permuted", "sliced", "transposed") if layout_ok(l, len(s))]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("shape,axis,layout", AXIS_GRID,
+                         ids=[f"{len(s)}d-axis{a}-{l}".replace(" ", "") for s, a, l in AXIS_GRID])
+def test_axis_variants(shape, axis, layout, dtype, device):
+    x = apply_layout(make_input(shape, axis, dtype, device), layout)
+    for training in (True, False):
+        run_case(x, axis, training, True, dtype, device)
+
+
+@pytest.mark.parametrize("wshape", ["features", "flat", "keras"])
+@pytest.mark.parametrize("axis", [(1, 2), (-1,), (1, 3)])
+def test_per_feature_shapes(axis, wshape, device):
+    shape = (3, 4, 5, 6)
+    nd = len(shape)
+    fshape = feature_shape(shape, axis)
+    if wshape == "features":
+        ws = fshape
+    elif wshape == "flat":
+        ws = [math.prod(fshape)]
+    else:
+        ws = [shape[d] if d in [a % nd for a in axis] else 1 for d in range(nd)]
+    x = make_input(shape, axis, torch.float64, device)
+    for training in (True, False):
+        run_case(x, list(axis), training, True, torch.float64, device, weight_shape=ws)
+
+
+def test_multi_axis_hand_reference(device):
+    """Multi-axis statistics against a hand-written float64 reference (not through F.batch_norm)."""
+    x = make_input((5, 3, 4, 6), (1, 3), torch.float64, device)
+    w = make_features([3, 6], torch.float64, device, "weight")
+    b = make_features([3, 6], torch.float64, device, "bias")
+    y = batch_norm(x, None, None, w, b, training=True, eps=1e-3, axis=(3, 1))
+    assert_close_ref(y, hand_reference(x, w, b, eps=1e-3, axis=(1, 3)), torch.float64, "output")
+
+
+@pytest.mark.parametrize("affine", ["none", "weight", "bias", "both"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_optional_weight_bias(affine, training, device):
+    x = make_input((4, 3, 5), 1, torch.float64, device).requires_grad_()
+    w = make_features([3], torch.float64, device, "weight").requires_grad_() if affine in ("weight", "both") else None
+    b = make_features([3], torch.float64, device, "bias").requires_grad_() if affine in ("bias", "both") else None
+    rm = make_features([3], torch.float64, device, "mean")
+    rv = make_features([3], torch.float64, device, "var")
+    g = torch.randn(x.shape, dtype=torch.float64)
+    ref = reference_batch_norm(x, rm, rv, w, b, training, 0.1, 1e-5, grad_out=g)
+    y = batch_norm(x, rm, rv, w, b, training)
+    y.backward(g.to(device))
+    assert_close_ref(y, ref["out"], torch.float64, "output")
+    assert_close_ref(x.grad, ref["grad_input"], torch.float64, "grad_input")
+    if w is not None:
+        assert_close_ref(w.grad, ref["grad_weight"], torch.float64, "grad_weight")
+    if b is not None:
+        assert_close_ref(b.grad, ref["grad_bias"], torch.float64, "grad_bias")
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_bias_without_weight_keras_shape(training, device):
+    """Only a bias, in the rank-preserving Keras shape: its gradient keeps that shape."""
+    x = make_input((4, 3, 5), 1, torch.float32, device).requires_grad_()
+    b = make_features([1, 3, 1], torch.float32, device, "bias").requires_grad_()
+    rm = make_features([3], torch.float32, device, "mean")
+    rv = make_features([3], torch.float32, device, "var")
+    y = batch_norm(x, rm, rv, None, b, training)
+    g = torch.randn(x.shape, device=device)
+    y.backward(g)
+    assert b.grad.shape == b.shape and b.grad.dtype == b.dtype
+    assert_close_ref(b.grad, g.double().sum((0, 2), keepdim=True), torch.float32, "grad_bias")
+
+
+@pytest.mark.parametrize("grad_layout", ["expanded", "channels_last", "sliced", "zero_strided_batch"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_grad_out_layouts(layout, grad_layout, device):
+    x = apply_layout(make_input((3, 5, 4, 6), 1, torch.float64, device), layout).requires_grad_()
+    w = make_features([5], torch.float64, device, "weight").requires_grad_()
+    b = make_features([5], torch.float64, device, "bias").requires_grad_()
+    if grad_layout == "expanded":
+        g = torch.randn((), dtype=torch.float64, device=device).expand(x.shape)
+    elif grad_layout == "zero_strided_batch":
+        g = torch.randn((1, 5, 4, 6), dtype=torch.float64, device=device).expand(x.shape)
+    else:
+        g = apply_layout(torch.randn(x.shape, dtype=torch.float64, device=device), grad_layout)
+    ref = reference_batch_norm(x, None, None, w, b, True, grad_out=g)
+    y = batch_norm(x, None, None, w, b, training=True)
+    y.backward(g)
+    assert_close_ref(x.grad, ref["grad_input"], torch.float64, "grad_input", scale=1.0)
+    assert_close_ref(w.grad, ref["grad_weight"], torch.float64, "grad_weight", scale=1.0)
+    assert_close_ref(b.grad, ref["grad_bias"], torch.float64, "grad_bias")
+
+
+def test_sum_backward_expanded_grad(device):
+    """y.sum().backward() hands the op an all-zero-stride grad_out."""
+    x = make_input((4, 3, 5, 5), 1, torch.float64, device).requires_grad_()
+    w = make_features([3], torch.float64, device, "weight").requires_grad_()
+    (batch_norm(x, None, None, w, None, training=True) * 1.0).sum().backward()
+    # d(sum y)/dx is exactly zero in training (the normalized output sums to zero per feature).
+    assert x.grad.abs().max() < 1e-10
+    assert w.grad.abs().max() < 1e-10
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.1, 0.7, 1.0])
+def test_momentum(momentum, device):
+    x = make_input((8, 4, 3), 1, torch.float64, device)
+    rm = make_features([4], torch.float64, device, "mean")
+    rv = make_features([4], torch.float64, device, "var")
+    ref = reference_batch_norm(x, rm, rv, training=True, momentum=momentum)
+    batch_norm(x, rm, rv, training=True, momentum=momentum)
+    assert_close_ref(rm, ref["running_mean"], torch.float64, "running_mean")
+    assert_close_ref(rv, ref["running_var"], torch.float64, "running_var")
+
+
+@pytest.mark.parametrize("eps", [1e-5, 1e-3, 0.5])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_eps(eps, training, device):
+    x = make_input((8, 4, 3), 1, torch.float64, device, scale=0.01)
+    rm = make_features([4], torch.float64, device, "mean")
+    rv = make_features([4], torch.float64, device, "var") * 1e-4
+    ref = reference_batch_norm(x, rm, rv, training=training, eps=eps)
+    y = batch_norm(x, rm, rv, training=training, eps=eps)
+    assert_close_ref(y, ref["out"], torch.float64, "output")
+
+
+@pytest.mark.parametrize("stats_dtype", [torch.float32, torch.float64, "input"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_per_feature_dtypes(dtype, stats_dtype, device):
+    """Weight / bias / running stats of fp32 or the input's dtype; running stats keep their dtype."""
+    sdt = dtype if stats_dtype == "input" else stats_dtype
+    if sdt == torch.float64 and dtype != torch.float64:
+        sdt = torch.float32
+    x = make_input((6, 4, 5), 1, dtype, device)
+    for training in (True, False):
+        run_case(x, 1, training, True, dtype, device, stats_dtype=sdt)
+
+
+def test_non_contiguous_running_stats(device):
+    """Running stats that are strided views are updated in place through the view."""
+    x = make_input((8, 4, 3), 1, torch.float32, device)
+    base_m = make_features([8], torch.float32, device, "mean")
+    base_v = make_features([8], torch.float32, device, "var")
+    rm, rv = base_m[::2], base_v[1::2]
+    untouched_m, untouched_v = base_m[1::2].clone(), base_v[::2].clone()
+    ref = reference_batch_norm(x, rm, rv, training=True)
+    batch_norm(x, rm, rv, training=True)
+    assert_close_ref(base_m[::2], ref["running_mean"], torch.float32, "running_mean")
+    assert_close_ref(base_v[1::2], ref["running_var"], torch.float32, "running_var")
+    assert torch.equal(base_m[1::2], untouched_m) and torch.equal(base_v[::2], untouched_v)
+
+
+def test_training_without_running_stats(device):
+    x = make_input((5, 3, 4), 1, torch.float64, device)
+    y = batch_norm(x, None, None, training=True)
+    ref = F.batch_norm(x.cpu(), None, None, training=True)
+    assert_close_ref(y, ref, torch.float64, "output")
+
+
+def test_drop_in_positional_and_keywords(device):
+    """Same positional order and defaults as torch.nn.functional.batch_norm."""
+    x = make_input((5, 3, 4), 1, torch.float64, device)
+    rm = make_features([3], torch.float64, device, "mean")
+    rv = make_features([3], torch.float64, device, "var")
+    w = make_features([3], torch.float64, device, "weight")
+    b = make_features([3], torch.float64, device, "bias")
+    for args, kwargs in [((rm, rv), {}), ((rm, rv, w, b, False, 0.1, 1e-5), {}),
+                         ((rm, rv), dict(weight=w, bias=b, training=False, momentum=0.2, eps=1e-3))]:
+        ours = batch_norm(x, *args, **kwargs)
+        theirs = F.batch_norm(x, *args, **kwargs)
+        assert_close_ref(ours, theirs, torch.float64, "output")
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_medium_shape_fp32(layout, device):
+    """A medium shape: several partitions per feature on the CPU, several blocks on CUDA."""
+    x = apply_layout(make_input((16, 24, 40, 40), 1, torch.float32, device), layout)
+    run_case(x, 1, True, True, torch.float32, device)

@@ -1,0 +1,227 @@
+"""Hard data against a float64 reference: large offsets in fp32 (|mean| >> std), fp16 values near
+the top of its range, bf16; low-precision error at most ~2x that of torch's own low-precision path
+on the same data (flash-attention's rule)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import bn_cuda  # noqa: F401  (registers torch.ops.bn_cuda)
+from bn_cuda.functional import batch_norm
+from conftest import apply_layout, make_features, make_input, max_err, reference_batch_norm
+
+ops = torch.ops.bn_cuda
+
+# Shapes that reach every CPU statistics path: channels-first with short rows, with rows longer
+# than a CPU chunk (2**15 elements), several partitions per feature, channels-last, 2-D (M, C).
+OFFSET_CASES = [
+    ((16, 3, 24, 24), "contiguous"),
+    ((2, 3, 190, 190), "contiguous"),  # I = 36100 > one CPU chunk
+    ((64, 2, 32, 32), "contiguous"),   # 65536 values per feature: several partitions
+    ((16, 5, 24, 24), "channels_last"),
+    ((8192, 3), "contiguous"),
+    ((3000, 40), "contiguous"),
+]
+
+
+def _fp32_ulp(v: float) -> float:
+    return float(torch.finfo(torch.float32).eps) * 2.0 ** float(torch.tensor(abs(v)).log2().floor())
+
+
+@pytest.mark.parametrize("offset", [1e4, 1e5, 1e6])
+@pytest.mark.parametrize("shape,layout", OFFSET_CASES, ids=[f"{s}-{l}".replace(" ", "") for s, l in OFFSET_CASES])
+def test_large_offset_fp32(shape, layout, offset, device):
+    std = 1.0
+    x = apply_layout(make_input(shape, 1, torch.float32, device, offset=offset, scale=std), layout)
+    c = shape[1]
+    w = make_features([c], torch.float32, device, "weight").requires_grad_()
+    b = make_features([c], torch.float32, device, "bias").requires_grad_()
+    rm = torch.zeros(c, device=device)
+    rv = torch.ones(c, device=device)
+    xr = x.detach().requires_grad_()
+    y = batch_norm(xr, rm, rv, w, b, training=True, momentum=1.0)
+    g = torch.randn(shape, device=device)
+    y.backward(g)
+    ref = reference_batch_norm(x, torch.zeros(c), torch.ones(c), w, b, True, 1.0, 1e-5, grad_out=g)
+
+    assert torch.isfinite(y).all() and torch.isfinite(rv).all() and torch.isfinite(rm).all()
+    assert (rv > 0).all(), f"non-positive running variance {rv}"
+    # The variance of the fp32 data itself (not of a rounded copy) to 1e-4 relative.
+    var_rel = float(((rv.double().cpu() - ref["running_var"]) / ref["running_var"]).abs().max())
+    assert var_rel < 1e-4, f"running_var relative error {var_rel:.3g} at offset {offset:g}"
+    mean_err = float((rm.double().cpu() - ref["running_mean"]).abs().max())
+    assert mean_err <= _fp32_ulp(offset), f"running_mean error {mean_err:.3g} > one fp32 ulp of {offset:g}"
+    # Rounding the mean to fp32 moves every output by up to half an ulp of the offset times the
+    # feature's scale (weight * invstd); anything above that is lost precision.
+    ref_invstd = (ref["running_var"] * (1 - 1 / (x.numel() // c)) + 1e-5).rsqrt()
+    out_tol = 1e-3 + 0.6 * _fp32_ulp(offset) * float((w.detach().double().cpu().abs() * ref_invstd).max())
+    assert max_err(y, ref["out"]) < out_tol, f"output error {max_err(y, ref['out']):.3g} >= {out_tol:.3g}"
+    gi_scale = float(ref["grad_input"].abs().max())
+    assert max_err(xr.grad, ref["grad_input"]) < out_tol * gi_scale
+    assert max_err(w.grad, ref["grad_weight"]) < out_tol * float(ref["grad_weight"].abs().max()) * 10
+    assert max_err(b.grad, ref["grad_bias"]) < 1e-4 * float(ref["grad_bias"].abs().max()) + 1e-3
+
+
+@pytest.mark.parametrize("offset", [1e4, 1e6])
+@pytest.mark.parametrize("axis", [1, -1, (1, 2)])
+def test_large_offset_saved_stats(offset, axis, device):
+    """The op's saved statistics directly: variance never negative, matches float64."""
+    shape = (40, 6, 3, 50)
+    x = make_input(shape, axis, torch.float32, device, offset=offset, scale=0.5)
+    axes = [axis] if isinstance(axis, int) else list(axis)
+    out, mean, invstd = ops.forward_train(x, None, None, None, None, 0.1, 1e-5, axes)
+    assert mean.dtype == torch.float32 and invstd.dtype == torch.float32
+    assert torch.isfinite(invstd).all() and (invstd > 0).all()
+    var = invstd.double().pow(-2) - 1e-5
+    assert (var > 0).all()
+    red = [d for d in range(x.dim()) if d not in [a % x.dim() for a in axes]]
+    x64 = x.double().cpu()
+    ref_mean = x64.mean(red).reshape(-1)
+    ref_var = x64.var(red, unbiased=False).reshape(-1)
+    assert float((mean.double().cpu() - ref_mean).abs().max()) <= _fp32_ulp(offset)
+    assert float(((var.cpu() - ref_var) / ref_var).abs().max()) < 1e-4
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_constant_features_zero_variance(layout, device):
+    """Exactly constant features (per feature, at a large offset) give variance 0, never < 0."""
+    base = torch.tensor([1e6, -3e5, 7.0, 1e-3], dtype=torch.float32)
+    x = apply_layout(base.view(1, 4, 1, 1).expand(6, 4, 5, 7).contiguous().to(device), layout)
+    rv = torch.full((4,), 2.0, device=device)
+    rm = torch.zeros(4, device=device)
+    b = torch.randn(4, device=device)
+    y = batch_norm(x, rm, rv, None, b, training=True, momentum=0.5)
+    _, mean, invstd = ops.forward_train(x, None, None, None, None, 0.1, 1e-5, [1])
+    assert torch.equal(mean.cpu(), base)
+    assert torch.equal(invstd.cpu(), torch.full((4,), 1.0 / (1e-5) ** 0.5, dtype=torch.float64).float()) or \
+        float((invstd.double().cpu() - 1e-5 ** -0.5).abs().max()) < 1e-2
+    assert torch.equal(rv.cpu(), torch.full((4,), 1.0))  # 0.5 * 2 + 0.5 * 0
+    assert torch.equal(y, b.view(1, 4, 1, 1).expand_as(y))
+
+
+def _lowp_case(dtype, device, shape, offset, scale, layout="contiguous"):
+    """Errors of ours and of torch's own low-precision path against float64, same data."""
+    c = shape[1]
+    x = apply_layout(make_input(shape, 1, dtype, device, offset=offset, scale=scale), layout)
+    w = make_features([c], torch.float32, device, "weight")
+    b = make_features([c], torch.float32, device, "bias")
+    g = torch.randn(shape, dtype=torch.float64).to(dtype).to(device)
+    ref = reference_batch_norm(x, torch.zeros(c), torch.ones(c), w, b, True, 0.1, 1e-5, grad_out=g)
+
+    def run(fn):
+        xr = x.detach().requires_grad_()
+        wr = w.detach().requires_grad_()
+        br = b.detach().requires_grad_()
+        rm, rv = torch.zeros(c, device=device), torch.ones(c, device=device)
+        y = fn(xr, rm, rv, wr, br, True, 0.1, 1e-5)
+        y.backward(g)
+        assert y.dtype == dtype and xr.grad.dtype == dtype
+        assert torch.isfinite(y).all() and torch.isfinite(xr.grad).all()
+        return {"out": max_err(y, ref["out"]), "grad_input": max_err(xr.grad, ref["grad_input"]),
+                "grad_weight": max_err(wr.grad, ref["grad_weight"]), "grad_bias": max_err(br.grad, ref["grad_bias"]),
+                "running_mean": max_err(rm, ref["running_mean"]), "running_var": max_err(rv, ref["running_var"])}
+
+    return run(batch_norm), run(F.batch_norm), ref
+
+
+def _assert_within_2x(ours, theirs, ref, dtype):
+    for k in ours:
+        # A floor of a quarter ulp of the result's magnitude: both paths round to dtype, and a
+        # lucky torch error of ~0 must not fail a correctly rounded result.
+        mag = float(ref[k].abs().max()) if ref.get(k) is not None else 1.0
+        floor = 0.25 * float(torch.finfo(dtype).eps) * mag
+        assert ours[k] <= 2.0 * theirs[k] + floor, (
+            f"{k}: bn_cuda {dtype} error {ours[k]:.3g} > 2x torch's {theirs[k]:.3g} (+{floor:.2g})")
+
+
+LOWP_CASES = [
+    ((8, 4, 6, 6), 0.0, 1.0, "contiguous"),
+    ((8, 4, 6, 6), 0.0, 1.0, "channels_last"),
+    ((16, 8, 12, 12), 3.0, 2.0, "contiguous"),
+    ((512, 19), 1.0, 3.0, "contiguous"),
+    ((4, 3, 100, 100), 0.0, 1.0, "contiguous"),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape,offset,scale,layout", LOWP_CASES,
+                         ids=[f"{s}-{o}-{sc}-{l}".replace(" ", "") for s, o, sc, l in LOWP_CASES])
+def test_low_precision_vs_torch(shape, offset, scale, layout, dtype, device):
+    ours, theirs, ref = _lowp_case(dtype, device, shape, offset, scale, layout)
+    _assert_within_2x(ours, theirs, ref, dtype)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_fp16_near_max(layout, device):
+    """fp16 inputs near 6e4 (the top of its range): statistics in fp32, no inf / NaN."""
+    shape = (8, 4, 10, 10)
+    x = make_input(shape, 1, torch.float64, "cpu", offset=6.0e4, scale=800.0).clamp(-65000, 65000)
+    assert float(x.abs().max()) > 6.3e4
+    x = apply_layout(x.half().to(device), layout)
+    assert torch.isfinite(x).all()
+    w = make_features([4], torch.float32, device, "weight")
+    b = make_features([4], torch.float32, device, "bias")
+    rm, rv = torch.zeros(4, device=device), torch.ones(4, device=device)
+    xr = x.detach().requires_grad_()
+    y = batch_norm(xr, rm, rv, w, b, training=True)
+    g = torch.randn(shape, device=device).half()
+    y.backward(g)
+    ref = reference_batch_norm(x, torch.zeros(4), torch.ones(4), w, b, True, grad_out=g)
+    for t in (y, xr.grad, rm, rv):
+        assert torch.isfinite(t).all()
+    # Both paths against float64: within 2x torch's own fp16 error.
+    theirs = {}
+    xt = x.detach().requires_grad_()
+    rmt, rvt = torch.zeros(4, device=device), torch.ones(4, device=device)
+    yt = F.batch_norm(xt, rmt, rvt, w, b, True)
+    yt.backward(g)
+    theirs = {"out": max_err(yt, ref["out"]), "grad_input": max_err(xt.grad, ref["grad_input"]),
+              "running_mean": max_err(rmt, ref["running_mean"]), "running_var": max_err(rvt, ref["running_var"])}
+    ours = {"out": max_err(y, ref["out"]), "grad_input": max_err(xr.grad, ref["grad_input"]),
+            "running_mean": max_err(rm, ref["running_mean"]), "running_var": max_err(rv, ref["running_var"])}
+    _assert_within_2x(ours, theirs, ref, torch.float16)
+    # And in absolute terms: the variance (~6e5) is correct to fp32 accuracy of the fp16 data.
+    assert ours["running_var"] < 1e-4 * float(ref["running_var"].abs().max())
+
+
+def test_fp16_output_near_max(device):
+    """Outputs pushed to ~6e4 by the bias round to fp16 without overflowing."""
+    x = make_input((8, 3, 5, 5), 1, torch.float16, device)
+    b = torch.full((3,), 6.0e4, device=device)
+    w = torch.full((3,), 100.0, device=device)
+    rm, rv = torch.zeros(3, device=device), torch.ones(3, device=device)
+    y = batch_norm(x, rm, rv, w, b, training=True)
+    ref = reference_batch_norm(x, torch.zeros(3), torch.ones(3), w, b, True)["out"]
+    finite = ref.abs() <= 65504
+    assert torch.isfinite(y.cpu()[finite]).all()
+    assert torch.isinf(y.cpu()[~finite]).all()
+    assert max_err(y.cpu()[finite], ref[finite]) <= 32.0  # half an ulp of fp16 at 6e4 is 16
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_inference(dtype, device):
+    x = make_input((8, 6, 7, 7), 1, dtype, device, offset=2.0)
+    w = make_features([6], torch.float32, device, "weight")
+    b = make_features([6], torch.float32, device, "bias")
+    rm = make_features([6], torch.float32, device, "mean") + 2.0
+    rv = make_features([6], torch.float32, device, "var")
+    ref = reference_batch_norm(x, rm, rv, w, b, False)["out"]
+    ours = max_err(batch_norm(x, rm, rv, w, b, False), ref)
+    theirs = max_err(F.batch_norm(x, rm, rv, w, b, False), ref)
+    floor = 0.25 * float(torch.finfo(dtype).eps) * float(ref.abs().max())
+    assert ours <= 2.0 * theirs + floor
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_bf16_fp16_large_offsets(dtype, device):
+    """Low-precision inputs at offsets far above their std: statistics stay correct."""
+    shape = (32, 4, 16, 16)
+    offset = 1000.0 if dtype == torch.float16 else 1e4
+    x = make_input(shape, 1, dtype, device, offset=offset, scale=20.0)
+    rm, rv = torch.zeros(4, device=device), torch.ones(4, device=device)
+    batch_norm(x, rm, rv, training=True, momentum=1.0)
+    ref = reference_batch_norm(x, torch.zeros(4), torch.ones(4), training=True, momentum=1.0)
+    assert float(((rv.double().cpu() - ref["running_var"]) / ref["running_var"]).abs().max()) < 1e-4
+    assert float((rm.double().cpu() - ref["running_mean"]).abs().max()) < 1e-6 * offset + 1e-3
