@@ -1,4 +1,5 @@
-// Backward kernels for DType::kFloat32. Torch-free: compiles in seconds.
+// Backward kernels (fused, staged sums, staged grad_input) for DType::kFloat32.
+// Torch-free: compiles in seconds.
 #include "bn_cuda/cuda/launch.cuh"
 #include "launchers.h"
 
@@ -10,6 +11,11 @@ using Elem = typename ScalarOf<DType::kFloat32>::type;
 template <>
 cudaError_t backward_t<DType::kFloat32>(const BackwardParams& p, cudaStream_t stream) {
   return backward<Elem>(p, stream);
+}
+
+template <>
+cudaError_t backward_apply_t<DType::kFloat32>(const BackwardParams& p, cudaStream_t stream) {
+  return backward_apply<Elem>(p, stream);
 }
 
 }  // namespace cuda

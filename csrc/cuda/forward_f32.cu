@@ -1,4 +1,5 @@
-// Forward kernels (training and inference) for DType::kFloat32. Torch-free: compiles in seconds.
+// Forward kernels (training, inference, staged statistics / apply) for DType::kFloat32.
+// Torch-free: compiles in seconds.
 #include "bn_cuda/cuda/launch.cuh"
 #include "launchers.h"
 
@@ -15,6 +16,21 @@ cudaError_t forward_train_t<DType::kFloat32>(const ForwardParams& p, cudaStream_
 template <>
 cudaError_t forward_infer_t<DType::kFloat32>(const ForwardParams& p, cudaStream_t stream) {
   return forward_infer<Elem>(p, stream);
+}
+
+template <>
+cudaError_t batch_stats_t<DType::kFloat32>(const ForwardParams& p, cudaStream_t stream) {
+  return batch_stats<Elem>(p, stream);
+}
+
+template <>
+cudaError_t apply_given_t<DType::kFloat32>(const ForwardParams& p, cudaStream_t stream) {
+  return apply_given<Elem>(p, stream);
+}
+
+template <>
+cudaError_t gather_stats_t<DType::kFloat32>(const GatherParams& g, cudaStream_t stream) {
+  return gather_stats<Elem>(g, stream);
 }
 
 }  // namespace cuda

@@ -15,6 +15,15 @@ template <DType D>
 cudaError_t forward_infer_t(const ForwardParams& p, cudaStream_t stream);
 template <DType D>
 cudaError_t backward_t(const BackwardParams& p, cudaStream_t stream);
+template <DType D>
+cudaError_t batch_stats_t(const ForwardParams& p, cudaStream_t stream);
+template <DType D>
+cudaError_t apply_given_t(const ForwardParams& p, cudaStream_t stream);
+template <DType D>
+cudaError_t backward_apply_t(const BackwardParams& p, cudaStream_t stream);
+// Accumulation types only: kFloat32 (float) and kFloat64 (double).
+template <DType D>
+cudaError_t gather_stats_t(const GatherParams& g, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace bn_cuda

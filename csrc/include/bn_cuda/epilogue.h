@@ -97,4 +97,28 @@ BN_HD T grad_one(T dy, T x, const GradCoeffs<T>& g) {
   return g.k_dy * dy + g.k_xmu * (x - g.mean) + g.k_0;
 }
 
+// Merged statistics of W per-source states for one feature (sources in order), and the running
+// statistics update; an all-empty feature leaves the running statistics unchanged.
+template <typename A>
+struct GatheredStats {
+  A mean;
+  A invstd;
+  A count;
+};
+
+template <typename A>
+BN_HD GatheredStats<A> gather_finalize(const WelfordState<A>& st, A eps, A momentum, bool unbiased, A* running_mean,
+                                       A* running_var) {
+  GatheredStats<A> g;
+  g.count = st.n;
+  g.mean = st.mean;
+  const A var = biased_var(st);
+  g.invstd = invstd_of(var, eps);
+  if (st.n > A(0)) {
+    if (running_mean) *running_mean = running_update(*running_mean, st.mean, momentum);
+    if (running_var) *running_var = running_update(*running_var, unbiased ? unbiased_var(st) : var, momentum);
+  }
+  return g;
+}
+
 }  // namespace BN_CUDA_NAMESPACE

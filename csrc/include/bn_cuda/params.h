@@ -46,6 +46,14 @@ struct ForwardParams {
   double momentum = 0.1;
   double eps = 1e-5;
   bool unbiased_running_var = true;  // Bessel-correct the variance fed to running_var
+  // Staged use. batch_stats: the merged local Welford state of each feature is written here
+  // (acc type, C each) and nothing else happens. apply: normalize with these caller-supplied
+  // statistics (acc type, C each) instead of computing any.
+  void* stat_mean = nullptr;
+  void* stat_m2 = nullptr;
+  void* stat_count = nullptr;
+  const void* given_mean = nullptr;
+  const void* given_invstd = nullptr;
   // Scratch space, planned by plan_*; its size comes from forward_workspace_bytes.
   void* workspace = nullptr;
   int64_t partitions = 1;  // partial reductions per feature
@@ -68,11 +76,35 @@ struct BackwardParams {
   void* grad_weight = nullptr;   // acc type, C; null: not wanted
   void* grad_bias = nullptr;     // acc type, C; null: not wanted
   bool train = true;             // false: mean / invstd are constants (inference backward)
+  // Staged use. backward_reduce: the per-feature sums are written here and nothing else happens.
+  // backward_apply: grad_input from caller-supplied (e.g. all-reduced) sums and total counts.
+  void* out_sum_dy = nullptr;
+  void* out_sum_dy_xmu = nullptr;
+  const void* given_sum_dy = nullptr;
+  const void* given_sum_dy_xmu = nullptr;
+  const void* given_count = nullptr;
   void* workspace = nullptr;
   int64_t partitions = 1;
   int vec = 1;
   int block_x = 32;
   int sm_count = 1;
+};
+
+// Merge of per-feature Welford states from W sources (e.g. one row per process): rows of
+// (mean, m2, count), each W x C, acc type, merged in row order.
+struct GatherParams {
+  int64_t W = 0, C = 0;
+  const void* mean = nullptr;
+  const void* m2 = nullptr;
+  const void* count = nullptr;
+  void* running_mean = nullptr;  // updated when given and the total count is > 0
+  void* running_var = nullptr;
+  void* out_mean = nullptr;  // C each
+  void* out_invstd = nullptr;
+  void* out_count = nullptr;
+  double momentum = 0.1;
+  double eps = 1e-5;
+  bool unbiased_running_var = true;
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -148,7 +180,9 @@ inline void plan_backward_cuda(BackwardParams& p, DType t, int sm_count) {
   const void* ptrs[3] = {p.x, p.dy, p.dx};
   const int64_t strides[6] = {p.x_so, p.x_sc, p.dy_so, p.dy_sc, p.dx ? p.dx_so : 0, p.dx ? p.dx_sc : 0};
   plan_cuda(p, t, sm_count, ptrs, strides, 3);
-  if (!(p.grad_weight || p.grad_bias || (p.dx && p.train))) p.partitions = 0;  // no sums needed
+  const bool need_sums =
+      p.grad_weight || p.grad_bias || p.out_sum_dy || (p.dx && p.train && p.given_sum_dy == nullptr);
+  if (!need_sums) p.partitions = 0;
 }
 
 // CPU: a fixed amount of work per partial (independent of the thread count), so the result does

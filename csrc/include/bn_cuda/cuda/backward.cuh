@@ -152,6 +152,11 @@ __global__ void __launch_bounds__(256) finalize_backward_kernel(const BackwardPa
   }
   s = warp_sum(s);
   if (lane != 0) return;
+  if (p.out_sum_dy) {  // backward_reduce: hand the local sums to the caller
+    static_cast<A*>(p.out_sum_dy)[c] = s.a;
+    static_cast<A*>(p.out_sum_dy_xmu)[c] = s.b;
+    return;
+  }
   const A invstd = static_cast<const A*>(p.invstd)[c];
   const A mean = static_cast<const A*>(p.mean)[c];
   if (p.grad_weight) static_cast<A*>(p.grad_weight)[c] = s.b * invstd;
@@ -159,6 +164,24 @@ __global__ void __launch_bounds__(256) finalize_backward_kernel(const BackwardPa
   const A w = p.weight ? static_cast<const A*>(p.weight)[c] : A(1);
   const GradCoeffs<A> g = grad_coeffs(mean, invstd, w, s.a, s.b, static_cast<A>(p.v.O * p.v.I), p.train);
   A* coeff = static_cast<A*>(p.workspace) + 2 * P * C;
+  coeff[c] = g.mean;
+  coeff[C + c] = g.k_dy;
+  coeff[2 * C + c] = g.k_xmu;
+  coeff[3 * C + c] = g.k_0;
+}
+
+// grad_input coefficients from caller-supplied sums and total counts (staged backward_apply).
+template <typename A>
+__global__ void __launch_bounds__(256) given_grad_coeffs_kernel(const BackwardParams p) {
+  const int64_t C = p.v.C;
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c >= C) return;
+  const A w = p.weight ? static_cast<const A*>(p.weight)[c] : A(1);
+  const GradCoeffs<A> g = grad_coeffs(static_cast<const A*>(p.mean)[c], static_cast<const A*>(p.invstd)[c], w,
+                                      static_cast<const A*>(p.given_sum_dy)[c],
+                                      static_cast<const A*>(p.given_sum_dy_xmu)[c],
+                                      static_cast<const A*>(p.given_count)[c], p.train);
+  A* coeff = static_cast<A*>(p.workspace) + 2 * p.partitions * C;
   coeff[c] = g.mean;
   coeff[C + c] = g.k_dy;
   coeff[2 * C + c] = g.k_xmu;

@@ -168,6 +168,12 @@ __global__ void __launch_bounds__(256) finalize_forward_kernel(const ForwardPara
   }
   st = warp_merge(st);
   if (lane != 0) return;
+  if (p.stat_mean) {  // batch_stats: hand the merged local state to the caller
+    static_cast<A*>(p.stat_mean)[c] = st.mean;
+    static_cast<A*>(p.stat_m2)[c] = st.m2;
+    static_cast<A*>(p.stat_count)[c] = st.n;
+    return;
+  }
   const A var = biased_var(st);
   const A invstd = invstd_of(var, static_cast<A>(p.eps));
   static_cast<A*>(p.save_mean)[c] = st.mean;
@@ -203,6 +209,45 @@ __global__ void __launch_bounds__(256) infer_coeffs_kernel(const ForwardParams p
   coeff[c] = k.mean;
   coeff[C + c] = k.scale;
   coeff[2 * C + c] = k.shift;
+}
+
+// Apply coefficients from caller-supplied statistics (staged apply op).
+template <typename A>
+__global__ void __launch_bounds__(256) given_coeffs_kernel(const ForwardParams p) {
+  const int64_t C = p.v.C;
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c >= C) return;
+  const ApplyCoeffs<A> k =
+      apply_coeffs(static_cast<const A*>(p.given_mean)[c], static_cast<const A*>(p.given_invstd)[c],
+                   static_cast<const A*>(p.weight), static_cast<const A*>(p.bias), c);
+  A* coeff = static_cast<A*>(p.workspace) + 3 * p.partitions * C;
+  coeff[c] = k.mean;
+  coeff[C + c] = k.scale;
+  coeff[2 * C + c] = k.shift;
+}
+
+// Merge W per-source states per feature (one warp per feature, sources in a fixed order), then
+// the statistics epilogue and the running-statistics update.
+template <typename A>
+__global__ void __launch_bounds__(256) gather_stats_kernel(const GatherParams g) {
+  const int64_t C = g.C, W = g.W;
+  const int lane = threadIdx.x & 31;
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * 8 + (threadIdx.x >> 5);
+  if (c >= C) return;  // warp-uniform
+  const A* mean = static_cast<const A*>(g.mean);
+  const A* m2 = static_cast<const A*>(g.m2);
+  const A* cnt = static_cast<const A*>(g.count);
+  WelfordState<A> st = welford_empty<A>();
+  for (int64_t w = lane; w < W; w += 32) st = welford_merge(st, WelfordState<A>{mean[w * C + c], m2[w * C + c], cnt[w * C + c]});
+  st = warp_merge(st);
+  if (lane != 0) return;
+  A* rm = g.running_mean ? static_cast<A*>(g.running_mean) + c : nullptr;
+  A* rv = g.running_var ? static_cast<A*>(g.running_var) + c : nullptr;
+  const GatheredStats<A> r =
+      gather_finalize(st, static_cast<A>(g.eps), static_cast<A>(g.momentum), g.unbiased_running_var, rm, rv);
+  static_cast<A*>(g.out_mean)[c] = r.mean;
+  static_cast<A*>(g.out_invstd)[c] = r.invstd;
+  static_cast<A*>(g.out_count)[c] = r.count;
 }
 
 // Channels-first apply: a grid-stride walk over all (o, c, vector) positions.

@@ -31,19 +31,8 @@ inline dim3 grid_cl(const View3& v, int vec, int bx, int sm_count) {
 }
 
 template <typename T, int V, int BX>
-cudaError_t forward_train_v(const ForwardParams& p, cudaStream_t stream) {
-  using A = acc_t<T>;
+cudaError_t launch_apply(const ForwardParams& p, cudaStream_t stream) {
   const View3& v = p.v;
-  if (!v.channels_last) {
-    stats_cf_kernel<T, V, kCudaBlock>
-        <<<dim3(static_cast<unsigned>(v.C), static_cast<unsigned>(p.partitions)), kCudaBlock, 0, stream>>>(p);
-  } else {
-    const dim3 grid(static_cast<unsigned>(ceil_div(ceil_div(v.C, V), BX)), static_cast<unsigned>(p.partitions));
-    stats_cl_kernel<T, V, BX><<<grid, dim3(BX, kCudaBlock / BX), 0, stream>>>(p);
-  }
-  BN_CUDA_RETURN_IF_ERROR();
-  finalize_forward_kernel<A><<<static_cast<unsigned>(ceil_div(v.C, 8)), 256, 0, stream>>>(p);
-  BN_CUDA_RETURN_IF_ERROR();
   if (!v.channels_last) {
     const unsigned grid = grid_1d(v.O * v.C * (v.I / V), kCudaBlock, p.sm_count, 16);
     apply_cf_kernel<T, V, kCudaBlock><<<grid, kCudaBlock, 0, stream>>>(p);
@@ -55,19 +44,68 @@ cudaError_t forward_train_v(const ForwardParams& p, cudaStream_t stream) {
 }
 
 template <typename T, int V, int BX>
-cudaError_t forward_infer_v(const ForwardParams& p, cudaStream_t stream) {
-  using A = acc_t<T>;
+cudaError_t launch_stats(const ForwardParams& p, cudaStream_t stream) {
   const View3& v = p.v;
-  infer_coeffs_kernel<A><<<static_cast<unsigned>(ceil_div(v.C, 256)), 256, 0, stream>>>(p);
+  if (!v.channels_last) {
+    stats_cf_kernel<T, V, kCudaBlock>
+        <<<dim3(static_cast<unsigned>(v.C), static_cast<unsigned>(p.partitions)), kCudaBlock, 0, stream>>>(p);
+  } else {
+    const dim3 grid(static_cast<unsigned>(ceil_div(ceil_div(v.C, V), BX)), static_cast<unsigned>(p.partitions));
+    stats_cl_kernel<T, V, BX><<<grid, dim3(BX, kCudaBlock / BX), 0, stream>>>(p);
+  }
   BN_CUDA_RETURN_IF_ERROR();
+  finalize_forward_kernel<acc_t<T>><<<static_cast<unsigned>(ceil_div(v.C, 8)), 256, 0, stream>>>(p);
+  BN_CUDA_RETURN_IF_ERROR();
+  return cudaSuccess;
+}
+
+// Staged: the merged local Welford state per feature (p.stat_*), nothing else.
+template <typename T, int V, int BX>
+cudaError_t batch_stats_v(const ForwardParams& p, cudaStream_t stream) {
+  return launch_stats<T, V, BX>(p, stream);
+}
+
+// Staged: normalize with caller-supplied statistics (p.given_*).
+template <typename T, int V, int BX>
+cudaError_t apply_given_v(const ForwardParams& p, cudaStream_t stream) {
+  given_coeffs_kernel<acc_t<T>><<<static_cast<unsigned>(ceil_div(p.v.C, 256)), 256, 0, stream>>>(p);
+  BN_CUDA_RETURN_IF_ERROR();
+  return launch_apply<T, V, BX>(p, stream);
+}
+
+// Training forward: statistics, finalize (saved + running statistics, coefficients), apply.
+template <typename T, int V, int BX>
+cudaError_t forward_train_v(const ForwardParams& p, cudaStream_t stream) {
+  const cudaError_t err = launch_stats<T, V, BX>(p, stream);
+  return err != cudaSuccess ? err : launch_apply<T, V, BX>(p, stream);
+}
+
+template <typename T, int V, int BX>
+cudaError_t forward_infer_v(const ForwardParams& p, cudaStream_t stream) {
+  infer_coeffs_kernel<acc_t<T>><<<static_cast<unsigned>(ceil_div(p.v.C, 256)), 256, 0, stream>>>(p);
+  BN_CUDA_RETURN_IF_ERROR();
+  return launch_apply<T, V, BX>(p, stream);
+}
+
+template <typename T, int V, int BX>
+cudaError_t launch_grad_input(const BackwardParams& p, cudaStream_t stream) {
+  const View3& v = p.v;
   if (!v.channels_last) {
     const unsigned grid = grid_1d(v.O * v.C * (v.I / V), kCudaBlock, p.sm_count, 16);
-    apply_cf_kernel<T, V, kCudaBlock><<<grid, kCudaBlock, 0, stream>>>(p);
+    grad_input_cf_kernel<T, V, kCudaBlock><<<grid, kCudaBlock, 0, stream>>>(p);
   } else {
-    apply_cl_kernel<T, V, BX><<<grid_cl(v, V, BX, p.sm_count), dim3(BX, kCudaBlock / BX), 0, stream>>>(p);
+    grad_input_cl_kernel<T, V, BX><<<grid_cl(v, V, BX, p.sm_count), dim3(BX, kCudaBlock / BX), 0, stream>>>(p);
   }
   BN_CUDA_RETURN_IF_ERROR();
   return cudaSuccess;
+}
+
+// Staged: grad_input from caller-supplied sums and counts (p.given_*).
+template <typename T, int V, int BX>
+cudaError_t backward_apply_v(const BackwardParams& p, cudaStream_t stream) {
+  given_grad_coeffs_kernel<acc_t<T>><<<static_cast<unsigned>(ceil_div(p.v.C, 256)), 256, 0, stream>>>(p);
+  BN_CUDA_RETURN_IF_ERROR();
+  return launch_grad_input<T, V, BX>(p, stream);
 }
 
 template <typename T, int V, int BX>
@@ -86,16 +124,7 @@ cudaError_t backward_v(const BackwardParams& p, cudaStream_t stream) {
   }
   finalize_backward_kernel<A><<<static_cast<unsigned>(ceil_div(v.C, 8)), 256, 0, stream>>>(p);
   BN_CUDA_RETURN_IF_ERROR();
-  if (p.dx) {
-    if (!v.channels_last) {
-      const unsigned grid = grid_1d(v.O * v.C * (v.I / V), kCudaBlock, p.sm_count, 16);
-      grad_input_cf_kernel<T, V, kCudaBlock><<<grid, kCudaBlock, 0, stream>>>(p);
-    } else {
-      grad_input_cl_kernel<T, V, BX><<<grid_cl(v, V, BX, p.sm_count), dim3(BX, kCudaBlock / BX), 0, stream>>>(p);
-    }
-    BN_CUDA_RETURN_IF_ERROR();
-  }
-  return cudaSuccess;
+  return p.dx ? launch_grad_input<T, V, BX>(p, stream) : cudaSuccess;
 }
 
 // Compile-time vector width and tile shape from the planned run-time values.
@@ -132,6 +161,18 @@ template <typename T, int V, int BX>
 struct BackwardFn {
   static cudaError_t run(const BackwardParams& p, cudaStream_t s) { return backward_v<T, V, BX>(p, s); }
 };
+template <typename T, int V, int BX>
+struct BatchStatsFn {
+  static cudaError_t run(const ForwardParams& p, cudaStream_t s) { return batch_stats_v<T, V, BX>(p, s); }
+};
+template <typename T, int V, int BX>
+struct ApplyGivenFn {
+  static cudaError_t run(const ForwardParams& p, cudaStream_t s) { return apply_given_v<T, V, BX>(p, s); }
+};
+template <typename T, int V, int BX>
+struct BackwardApplyFn {
+  static cudaError_t run(const BackwardParams& p, cudaStream_t s) { return backward_apply_v<T, V, BX>(p, s); }
+};
 
 }  // namespace detail
 
@@ -152,6 +193,32 @@ cudaError_t forward_infer(const ForwardParams& p, cudaStream_t stream) {
 template <typename T>
 cudaError_t backward(const BackwardParams& p, cudaStream_t stream) {
   return detail::by_shape<T, detail::BackwardFn>(p, stream);
+}
+
+// Staged ops, for cross-process statistics and other compositions: local Welford state per
+// feature; merge of W such states (+ running statistics); apply with given statistics; local
+// backward sums (backward<T> with out_sum_* set); grad_input from given sums.
+template <typename T>
+cudaError_t batch_stats(const ForwardParams& p, cudaStream_t stream) {
+  return detail::by_shape<T, detail::BatchStatsFn>(p, stream);
+}
+
+template <typename T>
+cudaError_t apply_given(const ForwardParams& p, cudaStream_t stream) {
+  return detail::by_shape<T, detail::ApplyGivenFn>(p, stream);
+}
+
+template <typename T>
+cudaError_t backward_apply(const BackwardParams& p, cudaStream_t stream) {
+  return detail::by_shape<T, detail::BackwardApplyFn>(p, stream);
+}
+
+template <typename A>
+cudaError_t gather_stats(const GatherParams& g, cudaStream_t stream) {
+  if (g.C == 0) return cudaSuccess;
+  gather_stats_kernel<A><<<static_cast<unsigned>(ceil_div(g.C, 8)), 256, 0, stream>>>(g);
+  BN_CUDA_RETURN_IF_ERROR();
+  return cudaSuccess;
 }
 
 }  // namespace cuda
