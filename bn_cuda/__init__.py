@@ -73,3 +73,4 @@ def get_include() -> str:
 
 from . import ops  # noqa: E402  (fake kernels + autograd)
 from . import functional  # noqa: E402
+from .layers import BatchNormalization, register_constraints  # noqa: E402,F401

@@ -86,3 +86,10 @@ def serialize(obj: Any, module: str) -> Any:
         return {"module": module, "class_name": type(obj).__name__, "config": obj.get_config(),
                 "registered_name": None}
     return obj
+
+
+def to_numpy(value: Any):
+    """A numpy array from a TensorFlow variable/tensor or any array-like (not a torch tensor)."""
+    import numpy as np
+
+    return value.numpy() if hasattr(value, "numpy") and not hasattr(value, "detach") else np.asarray(value)

@@ -16,7 +16,6 @@ are kept separate so that fused kernels can replace them one at a time:
 
 from __future__ import annotations
 
-import math
 from typing import Callable, Mapping, Optional, Sequence, Tuple
 
 import torch

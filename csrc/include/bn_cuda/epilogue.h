@@ -25,11 +25,12 @@ BN_HD T biased_var(const WelfordState<T>& s) {
   return s.n > T(0) ? s.m2 / s.n : T(0);
 }
 
-// Bessel-corrected variance used for running statistics (torch and tf's fused path); for a
-// single value it is +inf like torch's unbiased var (n / (n - 1) with n = 1).
+// Bessel-corrected variance used for running statistics (torch and tf's fused path). With a
+// single value the correction factor is 1, as in TensorFlow's fused kernel (torch refuses one
+// value per feature in training before it gets here).
 template <typename T>
 BN_HD T unbiased_var(const WelfordState<T>& s) {
-  return s.m2 / (s.n - T(1));
+  return s.n > T(1) ? s.m2 / (s.n - T(1)) : s.m2;
 }
 
 // torch convention: running = (1 - momentum) * running + momentum * batch.

@@ -1,0 +1,129 @@
+"""Config, state and Keras import of :class:`bn_cuda.BatchNormalization` (a mixin of the layer)."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Dict, List, Mapping, Optional
+
+import torch
+
+from . import constraints, initializers, regularizers
+from ._serialization import to_numpy as _to_numpy
+
+__all__ = ["KerasLayerIO"]
+
+# Keras base-layer config keys that have no meaning here.
+_KERAS_BASE_KEYS = ("dtype", "dynamic", "autocast", "batch_input_shape", "input_shape", "batch_size",
+                    "input_dim")
+
+
+class KerasLayerIO:
+    """``get_config`` / ``from_config`` / ``from_keras`` and the state_dict hooks that let an
+    unbuilt layer load a state dict."""
+
+    def get_config(self) -> Dict[str, Any]:
+        """Keras's config (also accepted by ``tf_keras.layers.BatchNormalization.from_config``);
+        ``adjustment`` is omitted, as in Keras."""
+        config: Dict[str, Any] = {
+            "name": self.name,
+            "trainable": self.trainable,
+            "axis": self.axis if isinstance(self.axis, int) else list(self.axis),
+            "momentum": self.momentum,
+            "epsilon": self.epsilon,
+            "center": self.center,
+            "scale": self.scale,
+            "beta_initializer": initializers.serialize(self.beta_initializer),
+            "gamma_initializer": initializers.serialize(self.gamma_initializer),
+            "moving_mean_initializer": initializers.serialize(self.moving_mean_initializer),
+            "moving_variance_initializer": initializers.serialize(self.moving_variance_initializer),
+            "beta_regularizer": regularizers.serialize(self.beta_regularizer),
+            "gamma_regularizer": regularizers.serialize(self.gamma_regularizer),
+            "beta_constraint": constraints.serialize(self.beta_constraint),
+            "gamma_constraint": constraints.serialize(self.gamma_constraint),
+        }
+        if self.renorm:
+            config.update(renorm=True, renorm_clipping=dict(self.renorm_clipping),
+                          renorm_momentum=self.renorm_momentum)
+        if self.virtual_batch_size is not None:
+            config["virtual_batch_size"] = self.virtual_batch_size
+        config["fused"] = self.fused
+        config["synchronized"] = self.synchronized
+        if self.adjustment is not None:
+            warnings.warn(f"The `adjustment` function of layer '{self.name}' cannot be serialized and has been "
+                          "omitted from the layer config. It will not be included when re-creating the layer "
+                          "from the saved config.", stacklevel=2)
+        return config
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> Any:
+        """A layer from :meth:`get_config`'s output or a (tf_)keras BatchNormalization config."""
+        config = dict(config)
+        for key in _KERAS_BASE_KEYS:
+            config.pop(key, None)
+        if "axis" in config and not isinstance(config["axis"], int):
+            config["axis"] = list(config["axis"])
+        if config.get("renorm_clipping") is not None:
+            config["renorm_clipping"] = dict(config["renorm_clipping"])
+        return cls(**config)
+
+    def get_extra_state(self) -> Dict[str, Any]:
+        return {"input_shape": None if self._build_shape is None else list(self._build_shape)}
+
+    def set_extra_state(self, state: Any) -> None:
+        shape = state.get("input_shape") if isinstance(state, Mapping) else None
+        if shape is not None:
+            self.build(shape)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # An unbuilt layer builds itself from the saved input spec, so that loading works before
+        # the first call (the usual order when restoring a model).
+        extra = state_dict.get(prefix + "_extra_state")
+        if not self.built and isinstance(extra, Mapping) and extra.get("input_shape") is not None:
+            self.build(extra["input_shape"])
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+    @classmethod
+    def from_keras(cls, keras_layer: Any, **overrides: Any) -> Any:
+        """A layer with a (tf_)keras ``BatchNormalization``'s config and, if it is built, its weights.
+
+        Parameters
+        ----------
+        keras_layer
+            A ``tf_keras`` (or Keras 3) ``BatchNormalization`` layer.
+        **overrides
+            Constructor arguments replacing the config's, e.g. ``fused=False`` or an
+            ``adjustment`` written for torch (a TensorFlow adjustment function cannot be ported).
+        """
+        config = dict(keras_layer.get_config())
+        spec = getattr(keras_layer, "input_spec", None)
+        built = bool(getattr(keras_layer, "built", False)) and getattr(spec, "axes", None)
+        if built:
+            # tf_keras shifts its `axis` by one once built with ghost batches; the input spec keeps
+            # the input's own axes.
+            axes = sorted(int(a) for a in spec.axes)
+            config["axis"] = axes[0] if len(axes) == 1 and isinstance(keras_layer.axis, int) else axes
+        if getattr(keras_layer, "adjustment", None) is not None and "adjustment" not in overrides:
+            warnings.warn(f"Layer '{config.get('name')}' has an `adjustment` function; TensorFlow functions cannot "
+                          "be ported, pass `adjustment=` (a torch function) to from_keras", stacklevel=2)
+        config.update(overrides)
+        layer = cls.from_config(config)
+        if not built:
+            return layer
+        shape: List[Optional[int]] = [None] * int(spec.ndim)
+        for a, dim in spec.axes.items():
+            shape[int(a)] = int(dim)
+        layer.build(shape)
+        with torch.no_grad():
+            for name in ["gamma", "beta"] + layer._variables():
+                ours = getattr(layer, name)
+                theirs = getattr(keras_layer, name, None)
+                if ours is None or theirs is None:
+                    continue
+                value = torch.as_tensor(_to_numpy(theirs))
+                if tuple(value.shape) != tuple(ours.shape):
+                    raise ValueError(f"Weight '{name}' of Keras layer '{config.get('name')}' has shape "
+                                     f"{tuple(value.shape)}, expected {tuple(ours.shape)}")
+                ours.copy_(value.to(ours.dtype))
+        return layer

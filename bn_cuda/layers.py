@@ -1,0 +1,544 @@
+"""``bn_cuda.BatchNormalization``: TensorFlow/Keras's BatchNormalization layer as a ``torch.nn.Module``.
+
+Numerics follow tf_keras 2.x (the oracle of the parity tests), including where tf_keras's own
+code paths differ from each other. The decisions, in tf_keras's terms:
+
+- *tf_keras's fused path* (``tf.compat.v1.nn.fused_batch_norm``) is what tf_keras takes for a 4D
+  input with axis 1 or 3, or a 5D input with axis 1 or 4, unless ``fused=False``,
+  ``synchronized=True``, renorm, ghost batches or an adjustment rule it out, or the compute dtype
+  is float64. On that path the moving variance is fed the Bessel-corrected batch variance and a
+  ``mask`` is ignored (with tf_keras's warning); everywhere else it is fed the biased variance and
+  a mask gives weighted moments. TensorFlow 2.21 no longer floors epsilon there (the old
+  ``1.001e-5`` floor is gone on CPU), so neither do we.
+- ``fused`` chooses *our* implementation: ``None``/``True`` run bn_cuda's fused kernels (always
+  for inference; for training when there is no renorm, ghost batch, adjustment, honoured mask or
+  cross-process hook), ``False`` runs :mod:`bn_cuda.keras.composite`, plain PyTorch ops that
+  mirror tf_keras's non-fused maths step by step. ``fused=True`` with an option the kernels cannot
+  run yet raises a ValueError naming it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import warnings
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+
+from . import ops
+from .keras import checks, composite, constraints, initializers, regularizers
+from .keras._serialization import to_numpy as _to_numpy
+from .keras.layer_io import KerasLayerIO
+
+__all__ = ["BatchNormalization", "register_constraints"]
+
+_HALF = (torch.float16, torch.bfloat16)
+_RENORM_VARS = ("moving_stddev", "renorm_mean", "renorm_stddev")
+_names = itertools.count()
+_MASK_WARNING = ("Masking is not supported with `fused=True`. You should either turn off fusing "
+                 "(`fused=False`) or you should not pass a `mask` argument when calling the layer. "
+                 "For the moment `mask` will be ignored for the normalization.")
+
+InitializerLike = Union[str, Mapping[str, Any], Callable[..., Any], None]
+
+
+def _default_name() -> str:
+    n = next(_names)
+    return "batch_normalization" if n == 0 else f"batch_normalization_{n}"
+
+
+class BatchNormalization(KerasLayerIO, nn.Module):
+    r"""Keras's BatchNormalization layer on bn_cuda's fused kernels, with tf_keras's exact numerics.
+
+    Training normalizes with the batch statistics,
+    ``gamma * (x - mean(x)) / sqrt(var(x) + epsilon) + beta``, and updates
+    ``moving = moving * momentum + batch_stat * (1 - momentum)``; inference uses the moving
+    statistics. Weights are built on the first call (or by :meth:`build`) and are float32 even for
+    float16/bfloat16 inputs; the output has the input's dtype.
+
+    Parameters
+    ----------
+    axis : int or list of int
+        Feature axis (axes). With several axes, or with ``virtual_batch_size``, the weights have
+        the input's rank with 1 in the other dims (Keras's shapes), one value per element of the
+        feature sub-tensor.
+    momentum : float
+        Decay of the moving statistics, in [0, 1].
+    epsilon : float
+        Added to the variance, > 0.
+    center, scale : bool
+        Create and use ``beta`` / ``gamma``.
+    beta_initializer, gamma_initializer, moving_mean_initializer, moving_variance_initializer
+        Keras names (``"zeros"``, ``"ones"``, ``"constant"``, ``"random_normal"``,
+        ``"random_uniform"``, ``"truncated_normal"``, ``"glorot_uniform"``, ``"he_normal"``, ...),
+        Keras config dicts, or callables ``init(shape, dtype) -> array-like``.
+    beta_regularizer, gamma_regularizer
+        ``"l1"``, ``"l2"``, ``"l1_l2"``, a config dict, or a callable ``penalty(weight) -> Tensor``;
+        :attr:`losses` returns the current penalties.
+    beta_constraint, gamma_constraint
+        ``"non_neg"``, ``"max_norm"``, ``"min_max_norm"``, ``"unit_norm"``, a config dict, or a
+        callable ``project(weight) -> Tensor``; see :meth:`apply_constraints` and
+        :func:`register_constraints`.
+    renorm : bool
+        Batch Renormalization (adds ``moving_stddev``, ``renorm_mean``, ``renorm_stddev``).
+    renorm_clipping : dict, optional
+        Keys among ``"rmax"``, ``"rmin"``, ``"dmax"``; a missing key does not clip that side.
+    renorm_momentum : float
+        Decay of ``renorm_mean`` / ``renorm_stddev``, in [0, 1].
+    fused : bool, optional
+        ``None``/``True``: bn_cuda's fused kernels; ``False``: the composite reference path.
+    trainable : bool
+        ``False`` freezes ``gamma``/``beta`` and forces inference mode (TF2 behaviour).
+    virtual_batch_size : int, optional
+        Ghost batch size; must divide the batch in training. Ghost ``j`` holds samples
+        ``j, j + G, j + 2G, ...`` with ``G = batch // virtual_batch_size`` (tf_keras's reshape).
+    adjustment : callable, optional
+        ``adjustment(input_shape: torch.Size) -> (scale, bias)``, tensors broadcastable to the
+        input, applied to the normalized values (after renorm, before gamma/beta) in training only.
+    name : str, optional
+        Layer name, as in Keras.
+    synchronized : bool
+        Statistics over all processes of the default ``torch.distributed`` group when one is
+        initialized with more than one process; otherwise the layer behaves as unsynchronized
+        (with tf_keras's ``synchronized=True`` variance formula on the composite path).
+
+    Examples
+    --------
+    >>> bn = BatchNormalization(axis=1, momentum=0.9)
+    >>> y = bn(torch.randn(8, 3, 5, 5), training=True)
+    >>> bn.moving_mean.shape
+    torch.Size([3])
+    """
+
+    def __init__(
+        self,
+        axis: Union[int, Sequence[int]] = -1,
+        momentum: float = 0.99,
+        epsilon: float = 1e-3,
+        center: bool = True,
+        scale: bool = True,
+        beta_initializer: InitializerLike = "zeros",
+        gamma_initializer: InitializerLike = "ones",
+        moving_mean_initializer: InitializerLike = "zeros",
+        moving_variance_initializer: InitializerLike = "ones",
+        beta_regularizer: Any = None,
+        gamma_regularizer: Any = None,
+        beta_constraint: Any = None,
+        gamma_constraint: Any = None,
+        renorm: bool = False,
+        renorm_clipping: Optional[Mapping[str, float]] = None,
+        renorm_momentum: float = 0.99,
+        fused: Optional[bool] = None,
+        trainable: bool = True,
+        virtual_batch_size: Optional[int] = None,
+        adjustment: Optional[Callable[[torch.Size], Tuple[Any, Any]]] = None,
+        name: Optional[str] = None,
+        synchronized: bool = False,
+    ) -> None:
+        super().__init__()
+        self.axis = checks.check_axis_arg(axis)
+        self.momentum = checks.check_unit_interval("momentum", momentum)
+        self.renorm_momentum = checks.check_unit_interval("renorm_momentum", renorm_momentum)
+        self.epsilon = checks.check_epsilon(epsilon)
+        self.center, self.scale = bool(center), bool(scale)
+        self.beta_initializer = initializers.get(beta_initializer)
+        self.gamma_initializer = initializers.get(gamma_initializer)
+        self.moving_mean_initializer = initializers.get(moving_mean_initializer)
+        self.moving_variance_initializer = initializers.get(moving_variance_initializer)
+        self.beta_regularizer = regularizers.get(beta_regularizer)
+        self.gamma_regularizer = regularizers.get(gamma_regularizer)
+        self.beta_constraint = constraints.get(beta_constraint)
+        self.gamma_constraint = constraints.get(gamma_constraint)
+        self.renorm = bool(renorm)
+        # Like Keras, clipping is only looked at (and validated) with renorm.
+        self.renorm_clipping = checks.check_renorm_clipping(renorm_clipping) if self.renorm else renorm_clipping
+        if adjustment is not None and not callable(adjustment):
+            raise TypeError(f"`adjustment` must be a callable or None. Received: adjustment={adjustment!r}")
+        self.adjustment = adjustment
+        self.virtual_batch_size = checks.check_virtual_batch_size(virtual_batch_size, self.axis, adjustment)
+        if fused not in (None, True, False):
+            raise ValueError(f"`fused` must be None, True or False. Received: fused={fused!r}")
+        self.fused = fused
+        if fused:
+            blocking = [f"{opt}" for opt, on in (("renorm=True", self.renorm),
+                                                 ("virtual_batch_size", self.virtual_batch_size is not None),
+                                                 ("adjustment", adjustment is not None)) if on]
+            if blocking:
+                raise ValueError(
+                    f"`fused=True` is not supported with `{blocking[0]}`: bn_cuda's fused kernels cannot run "
+                    "it yet. Pass `fused=None` (kernels where possible) or `fused=False`.")
+        self.synchronized = bool(synchronized)
+        self.stats_hook: Optional[composite.StatsHook] = None
+        self.name = str(name) if name is not None else _default_name()
+        self._trainable = bool(trainable)
+        self.built = False
+        self._axes: List[int] = []
+        self._build_shape: Optional[List[Optional[int]]] = None
+        self._param_shape: Tuple[int, ...] = ()
+        self.register_parameter("gamma", None)
+        self.register_parameter("beta", None)
+        self.register_buffer("moving_mean", None)
+        self.register_buffer("moving_variance", None)
+        if self.renorm:
+            for var in _RENORM_VARS:
+                self.register_buffer(var, None)
+        # Follows .to()/.cuda() while unbuilt, so weights built from a state_dict land there.
+        self.register_buffer("_device_anchor", torch.empty(0), persistent=False)
+
+    # ------------------------------------------------------------------------------------------
+    # Weights
+
+    @property
+    def trainable(self) -> bool:
+        """``False`` freezes ``gamma``/``beta`` (no gradient) and forces inference mode."""
+        return self._trainable
+
+    @trainable.setter
+    def trainable(self, value: bool) -> None:
+        self._trainable = bool(value)
+        for p in (self.gamma, self.beta):
+            if p is not None:
+                p.requires_grad_(self._trainable)
+
+    def build(self, input_shape: Sequence[Optional[int]], device: Optional[torch.device] = None) -> None:
+        """Create the weights for inputs of this shape (``None`` allowed outside the feature axes)."""
+        shape = [None if s is None else int(s) for s in input_shape]
+        rank = len(shape)
+        axes = checks.validate_axis(self.axis, rank)
+        if self.virtual_batch_size is not None:
+            checks.check_batch_axis(axes, rank)
+        if any(shape[a] is None for a in axes):
+            raise ValueError(f"Input has undefined `axis` dimension. Received input with shape {tuple(shape)} "
+                             f"and axis={tuple(axes)}")
+        spec = [shape[a] if a in axes else None for a in range(rank)]
+        if self.built:
+            if spec != self._build_shape:
+                raise ValueError(f"Layer '{self.name}' was already built for inputs of shape {tuple(self._build_shape)}; "
+                                 f"cannot rebuild it for {tuple(shape)}")
+            return
+        if len(axes) == 1 and self.virtual_batch_size is None:
+            param_shape: List[int] = [shape[axes[0]]]
+        else:
+            param_shape = [shape[i] if i in axes else 1 for i in range(rank)]
+            if self.virtual_batch_size is not None:
+                param_shape.insert(1, 1)  # the ghost dim, as in tf_keras
+        device = self._device_anchor.device if device is None else torch.device(device)
+
+        def make(init) -> Tensor:
+            return _materialize(init, param_shape, name=self.name).to(device)
+
+        if self.scale:
+            self.gamma = nn.Parameter(make(self.gamma_initializer), requires_grad=self._trainable)
+        if self.center:
+            self.beta = nn.Parameter(make(self.beta_initializer), requires_grad=self._trainable)
+        self.moving_mean = make(self.moving_mean_initializer)
+        self.moving_variance = make(self.moving_variance_initializer)
+        if self.renorm:
+            # Separate draws from the initializers, as tf_keras calls them once per variable.
+            self.moving_stddev = make(self.moving_variance_initializer).sqrt()
+            self.renorm_mean = make(self.moving_mean_initializer)
+            self.renorm_stddev = make(self.moving_variance_initializer).sqrt()
+        self._axes = sorted(axes)
+        self._build_shape = spec
+        self._param_shape = tuple(param_shape)
+        self.built = True
+
+    def _variables(self) -> List[str]:
+        return ["moving_mean", "moving_variance"] + (list(_RENORM_VARS) if self.renorm else [])
+
+    @property
+    def losses(self) -> List[Tensor]:
+        """Current regularization penalties (differentiable); add them to the loss."""
+        out = []
+        for reg, weight in ((self.gamma_regularizer, self.gamma), (self.beta_regularizer, self.beta)):
+            if reg is not None and weight is not None:
+                out.append(reg(weight))
+        return out
+
+    @torch.no_grad()
+    def apply_constraints(self) -> None:
+        """Project ``gamma``/``beta`` with their constraints, in place (Keras does this after each
+        optimizer step; :func:`register_constraints` installs that)."""
+        for con, weight in ((self.gamma_constraint, self.gamma), (self.beta_constraint, self.beta)):
+            if con is not None and weight is not None:
+                weight.copy_(torch.as_tensor(con(weight), dtype=weight.dtype, device=weight.device))
+
+    # ------------------------------------------------------------------------------------------
+    # Forward
+
+    def forward(self, inputs: Tensor, training: Optional[bool] = None, mask: Optional[Tensor] = None) -> Tensor:
+        """Normalize ``inputs``.
+
+        Parameters
+        ----------
+        inputs : Tensor
+            Any rank; float16, bfloat16, float32 or float64.
+        training : bool, optional
+            Batch statistics (True) or moving statistics (False); None means ``self.training``.
+            Forced to False when ``trainable`` is False.
+        mask : Tensor, optional
+            Boolean (or 0/1) tensor of shape ``inputs.shape[:-1]``: training statistics are the
+            masked (weighted) moments. Ignored, with tf_keras's warning, where tf_keras takes its
+            fused path. With ghost batches the mask is split into ghosts with the input (tf_keras
+            itself cannot broadcast it there unless ``virtual_batch_size == 1``).
+        """
+        if not isinstance(inputs, Tensor):
+            raise TypeError(f"Inputs to layer '{self.name}' should be tensors. Got {type(inputs).__name__}")
+        if not inputs.is_floating_point():
+            raise TypeError(f"Layer '{self.name}' expects a floating-point input. Received dtype={inputs.dtype}")
+        if not self.built:
+            self.build(inputs.shape, device=inputs.device)
+        self._check_input(inputs)
+        if mask is not None:
+            mask = self._check_mask(inputs, mask)
+        training = bool(self.training if training is None else training) and self._trainable
+        if not training:
+            return self._inference(inputs)
+
+        keras_fused = self.keras_fused_path(inputs)
+        if mask is not None and keras_fused:
+            warnings.warn(_MASK_WARNING, stacklevel=2)
+            mask = None
+        if self.virtual_batch_size is not None and inputs.shape[0] % self.virtual_batch_size != 0:
+            raise ValueError(checks.vbs_message(self.virtual_batch_size,
+                                                f" for an input of batch size {inputs.shape[0]}"))
+        hook = self._stats_hook()
+        blocking = self._kernel_blockers(mask, hook)
+        if self.fused is True and blocking:
+            raise ValueError(f"`fused=True` is not supported with {blocking[0]}: bn_cuda's fused kernels cannot "
+                             "run it yet. Pass `fused=None` (kernels where possible) or `fused=False`.")
+        if self.fused is not False and not blocking:
+            return self._train_kernels(inputs, unbiased=keras_fused)
+        return self._train_composite(inputs, mask, hook)
+
+    def keras_fused_path(self, inputs: Tensor) -> bool:
+        """Whether tf_keras, with this configuration and input, takes its fused path (Bessel-corrected
+        moving variance, mask ignored)."""
+        if self.fused is False or self.synchronized or self.renorm:
+            return False
+        if self.virtual_batch_size is not None or self.adjustment is not None:
+            return False
+        raw = [self.axis] if isinstance(self.axis, int) else self.axis
+        if len(raw) != 1 or raw[0] not in (-4, -3, -1, 1, 3, 4):
+            return False
+        if inputs.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            return False
+        return (inputs.dim(), self._axes[0]) in ((4, 1), (4, 3), (5, 1), (5, 4))
+
+    def _kernel_blockers(self, mask: Optional[Tensor], hook) -> List[str]:
+        found = []
+        if self.renorm:
+            found.append("`renorm=True`")
+        if self.virtual_batch_size is not None:
+            found.append("`virtual_batch_size`")
+        if self.adjustment is not None:
+            found.append("`adjustment`")
+        if mask is not None:
+            found.append("a `mask`")
+        if hook is not None:
+            found.append("`synchronized=True` across processes (or a `stats_hook`)")
+        return found
+
+    def _stats_hook(self) -> Optional[composite.StatsHook]:
+        if self.stats_hook is not None:
+            return self.stats_hook
+        if self.synchronized and torch.distributed.is_available() and torch.distributed.is_initialized() \
+                and torch.distributed.get_world_size() > 1:
+            return _all_reduce_sum
+        return None
+
+    def _check_input(self, x: Tensor) -> None:
+        spec = self._build_shape
+        if x.dim() != len(spec):
+            raise checks.incompatible_input(self.name, f"expected ndim={len(spec)}, found ndim={x.dim()}. "
+                                                       f"Full shape received: {tuple(x.shape)}")
+        for a in self._axes:
+            if x.shape[a] != spec[a]:
+                shown = a - len(spec) if isinstance(self.axis, int) and self.axis < 0 else a
+                raise checks.incompatible_input(
+                    self.name, f"expected axis {shown} of input shape to have value {spec[a]}, but received "
+                               f"input with shape {tuple(x.shape)}")
+
+    def _check_mask(self, x: Tensor, mask: Tensor) -> Tensor:
+        mask = torch.as_tensor(mask, device=x.device)
+        if mask.dim() != x.dim() - 1:
+            raise ValueError("The mask provided should be one dimension less than the inputs. Received: "
+                             f"mask.shape={tuple(mask.shape)}, inputs.shape={tuple(x.shape)}")
+        try:
+            ok = torch.broadcast_shapes(mask.shape, x.shape[:-1]) == x.shape[:-1]
+        except RuntimeError:
+            ok = False
+        if not ok:
+            raise ValueError("The mask provided should have the shape of the inputs without their last axis. "
+                             f"Received: mask.shape={tuple(mask.shape)}, inputs.shape={tuple(x.shape)}")
+        return mask.expand(x.shape[:-1])
+
+    def _flat(self, name: str) -> Optional[Tensor]:
+        """A flat view of a weight; buffers are views so the kernels' in-place updates land in them."""
+        t = getattr(self, name)
+        if t is None or isinstance(t, nn.Parameter):
+            return None if t is None else t.reshape(-1)
+        if not t.is_contiguous():
+            setattr(self, name, t.contiguous())
+            t = getattr(self, name)
+        return t.view(-1)
+
+    def _inference(self, x: Tensor) -> Tensor:
+        if self.fused is not False:
+            return ops.batch_norm_infer(x, self._flat("gamma"), self._flat("beta"), self._flat("moving_mean"),
+                                        self._flat("moving_variance"), self.epsilon, self._axes)
+        work = _upcast(x)
+        shape = [x.shape[i] if i in self._axes else 1 for i in range(x.dim())]
+        p = {n: None if getattr(self, n) is None else getattr(self, n).reshape(shape).to(work.dtype)
+             for n in ("gamma", "beta", "moving_mean", "moving_variance")}
+        out = composite.batch_normalization(work, p["moving_mean"], p["moving_variance"], p["beta"], p["gamma"],
+                                            self.epsilon)
+        return out.to(x.dtype)
+
+    def _train_kernels(self, x: Tensor, unbiased: bool) -> Tensor:
+        # TensorFlow's fused kernel applies Bessel's correction only when a feature has more than
+        # one value (factor 1 otherwise); the biased variance is that value.
+        count = x.numel() // max(1, math.prod(x.shape[a] for a in self._axes))
+        unbiased = unbiased and count > 1
+        out, _, _ = ops.batch_norm_train(x, self._flat("gamma"), self._flat("beta"), self._flat("moving_mean"),
+                                         self._flat("moving_variance"), 1.0 - self.momentum, self.epsilon,
+                                         self._axes, unbiased_running_var=unbiased)
+        return out
+
+    def _train_composite(self, x: Tensor, mask: Optional[Tensor], hook) -> Tensor:
+        """tf_keras's non-fused training step; all values computed first, variables committed last."""
+        work = _upcast(x)
+        axes = self._axes
+        if self.virtual_batch_size is not None:
+            work = composite.ghost_batches(work, self.virtual_batch_size)
+            axes = [a + 1 for a in axes]
+            if mask is not None:
+                mask = composite.ghost_batches(mask, self.virtual_batch_size)
+        reduce_dims = [i for i in range(work.dim()) if i not in axes and not (self.virtual_batch_size and i == 1)]
+        stat_shape = [work.shape[i] if i in axes else 1 for i in range(work.dim())]
+
+        def param(t: Optional[Tensor]) -> Optional[Tensor]:
+            return None if t is None else t.reshape(stat_shape).to(work.dtype)
+
+        scale, offset = param(self.gamma), param(self.beta)
+        if self.adjustment is not None:
+            adj_scale, adj_bias = self.adjustment(torch.Size(work.shape))
+            scale, offset = composite.compose_transforms(_as_work(adj_scale, work), _as_work(adj_bias, work),
+                                                         scale, offset)
+        weights = None if mask is None else mask.to(work.dtype).unsqueeze(-1)
+        mean, var = composite.moments(work, reduce_dims, mask_weights=weights,
+                                      sum_of_squares=self.synchronized, stats_hook=hook)
+        if self.virtual_batch_size is not None:
+            # One moving-average update per step, from the average of the ghost statistics.
+            new_mean, new_var = mean.mean(1, keepdim=True), var.mean(1, keepdim=True)
+        else:
+            new_mean, new_var = mean, var
+        new_mean, new_var = new_mean.detach(), new_var.detach()
+
+        updates: Dict[str, Tensor] = {}
+        moving = {n: param(getattr(self, n)) for n in self._variables()}
+        if self.renorm:
+            r, d, stddev = composite.renorm_correction(new_mean, new_var, moving["renorm_mean"],
+                                                       moving["renorm_stddev"], self.epsilon, self.renorm_clipping)
+            scale, offset = composite.compose_transforms(r.detach(), d.detach(), scale, offset)
+            updates["renorm_mean"] = composite.moving_average(moving["renorm_mean"], new_mean, self.renorm_momentum)
+            updates["renorm_stddev"] = composite.moving_average(moving["renorm_stddev"], stddev,
+                                                                self.renorm_momentum)
+            moving_stddev = composite.moving_average(moving["moving_stddev"], torch.sqrt(new_var + self.epsilon),
+                                                     self.momentum)
+            updates["moving_stddev"] = moving_stddev
+            # tf_keras keeps the variance as the (relu'd) square of the moving stddev, minus epsilon.
+            updates["moving_variance"] = torch.relu(moving_stddev * moving_stddev - self.epsilon)
+        else:
+            updates["moving_variance"] = composite.moving_average(moving["moving_variance"], new_var, self.momentum)
+        updates["moving_mean"] = composite.moving_average(moving["moving_mean"], new_mean, self.momentum)
+
+        out = composite.batch_normalization(work, mean, var, offset, scale, self.epsilon)
+        out = out.reshape(x.shape).to(x.dtype)
+        with torch.no_grad():
+            for n, value in updates.items():
+                buf = getattr(self, n)
+                buf.copy_(value.reshape(buf.shape))
+        return out
+
+    def extra_repr(self) -> str:
+        parts = [f"axis={self.axis}", f"momentum={self.momentum}", f"epsilon={self.epsilon}"]
+        if not self.center:
+            parts.append("center=False")
+        if not self.scale:
+            parts.append("scale=False")
+        if self.renorm:
+            parts.append(f"renorm=True, renorm_clipping={self.renorm_clipping}, "
+                         f"renorm_momentum={self.renorm_momentum}")
+        if self.virtual_batch_size is not None:
+            parts.append(f"virtual_batch_size={self.virtual_batch_size}")
+        if self.adjustment is not None:
+            parts.append("adjustment=...")
+        if self.fused is not None:
+            parts.append(f"fused={self.fused}")
+        if not self._trainable:
+            parts.append("trainable=False")
+        if self.synchronized:
+            parts.append("synchronized=True")
+        if self.built:
+            parts.append(f"param_shape={self._param_shape}")
+        return f"name={self.name!r}, " + ", ".join(parts)
+
+
+def register_constraints(optimizer: torch.optim.Optimizer, model: nn.Module):
+    """After each ``optimizer.step()``, apply the constraints of every :class:`BatchNormalization`
+    in ``model`` (Keras applies constraints after each update).
+
+    Returns
+    -------
+    torch.utils.hooks.RemovableHandle
+        ``handle.remove()`` uninstalls the hook.
+    """
+    layers = [m for m in model.modules() if isinstance(m, BatchNormalization)]
+
+    def hook(opt, args, kwargs) -> None:
+        for layer in layers:
+            layer.apply_constraints()
+
+    return optimizer.register_step_post_hook(hook)
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def _upcast(x: Tensor) -> Tensor:
+    """tf_keras does all non-fused maths in float32 for 16-bit inputs."""
+    return x.float() if x.dtype in _HALF else x
+
+
+def _as_work(value: Any, work: Tensor) -> Optional[Tensor]:
+    if value is None:
+        return None
+    if isinstance(value, Tensor):
+        return value.to(device=work.device, dtype=work.dtype)
+    return torch.as_tensor(_to_numpy(value), dtype=work.dtype, device=work.device)
+
+
+def _materialize(init: Callable, shape: Sequence[int], name: str) -> Tensor:
+    try:
+        value = init(tuple(shape), dtype=torch.float32)
+    except TypeError:  # a callable without a (torch) dtype argument, e.g. a Keras initializer
+        value = init(tuple(shape))
+    value = value if isinstance(value, Tensor) else torch.as_tensor(_to_numpy(value))
+    value = value.detach().to(torch.float32)
+    if tuple(value.shape) != tuple(shape):
+        try:
+            value = value.expand(tuple(shape))
+        except RuntimeError:
+            raise ValueError(f"An initializer of layer '{name}' returned shape {tuple(value.shape)}, "
+                             f"expected {tuple(shape)}") from None
+    return value.clone().contiguous()
+
+
+def _all_reduce_sum(stats: Tensor) -> Tensor:
+    """Differentiable all-reduce-sum over the default process group."""
+    from torch.distributed.nn.functional import all_reduce
+
+    return all_reduce(stats)

@@ -1,0 +1,707 @@
+"""bn_cuda.BatchNormalization's API: errors, configs, state, Keras import, regularizers, constraints,
+training modes, initializers, masks, synchronized hooks, devices."""
+
+from __future__ import annotations
+
+import io
+import os
+import warnings
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np
+import pytest
+import torch
+
+import bn_cuda
+
+# triton's libtriton and TensorFlow both bundle LLVM: loading triton *after* TensorFlow segfaults
+# (torch.optim / torch.compile import it through torch._dynamo). Load it first.
+try:
+    import torch._dynamo  # noqa: F401
+except Exception:  # pragma: no cover
+    pass
+from bn_cuda import BatchNormalization
+from bn_cuda.keras import constraints, initializers, regularizers
+
+_VARS = ("moving_mean", "moving_variance", "moving_stddev", "renorm_mean", "renorm_stddev")
+
+
+def _tf():
+    tf_keras = pytest.importorskip("tf_keras", exc_type=ImportError)
+    import tensorflow as tf
+
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(2)
+        tf.config.threading.set_inter_op_parallelism_threads(1)
+    except RuntimeError:
+        pass
+    return tf, tf_keras
+
+
+def _data(*shape, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    c = shape[-1]
+    return torch.randn(*shape, generator=g) * torch.linspace(0.5, 2.0, c) + torch.linspace(-1.0, 1.0, c)
+
+
+def _snapshot(layer):
+    return {n: getattr(layer, n).clone() for n in _VARS if getattr(layer, n, None) is not None}
+
+
+def _assert_unchanged(layer, before):
+    for n, v in before.items():
+        assert torch.equal(getattr(layer, n), v), f"{n} changed on a failing call"
+
+
+# ----------------------------------------------------------------------------------------------
+# Errors, worded as Keras words them and naming the value
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"renorm": True, "renorm_clipping": {"rmax": 2.0, "foo": 1}},
+     r"Received invalid keys for `renorm_clipping` argument: \{'rmax': 2.0, 'foo': 1\}\. Supported values: "
+     r"\['rmax', 'rmin', 'dmax'\]"),
+    ({"renorm": True, "renorm_clipping": {"rmax": 1.0, "rmin": 2.0}},
+     r"rmax should be greater than rmin in the `renorm_clipping` argument\. Received: rmax=1\.0, rmin=2\.0"),
+    ({"renorm": True, "renorm_clipping": {"dmax": -0.5}},
+     r"dmax should be non-negative in the `renorm_clipping` argument\. Received: dmax=-0\.5"),
+    ({"momentum": 1.5}, r"`momentum` must be a float between \[0, 1\]\. Received: momentum=1\.5"),
+    ({"momentum": -0.1}, r"Received: momentum=-0\.1"),
+    ({"renorm_momentum": 2}, r"`renorm_momentum` must be a float between \[0, 1\]\. Received: renorm_momentum=2"),
+    ({"epsilon": 0.0}, r"`epsilon` must be a positive float\. Received: epsilon=0\.0"),
+    ({"epsilon": -1e-3}, r"Received: epsilon=-0\.001"),
+    ({"virtual_batch_size": 0}, r"`virtual_batch_size` must be a positive integer that divides the true batch "
+                                r"size of the input tensor\. Received: virtual_batch_size=0"),
+    ({"virtual_batch_size": -4}, r"Received: virtual_batch_size=-4"),
+    ({"virtual_batch_size": 2, "adjustment": lambda s: (1.0, 0.0)},
+     r"When using `virtual_batch_size`, adjustment cannot be specified\. Received: virtual_batch_size=2"),
+    ({"virtual_batch_size": 2, "axis": [0, 1]},
+     r"When using `virtual_batch_size`, the batch dimension must be 0 and thus axis cannot include 0\. "
+     r"Received axis=\[0, 1\]"),
+    ({"fused": True, "renorm": True}, r"`fused=True` is not supported with `renorm=True`"),
+    ({"fused": True, "virtual_batch_size": 2}, r"`fused=True` is not supported with `virtual_batch_size`"),
+    ({"fused": True, "adjustment": lambda s: (1.0, 0.0)}, r"`fused=True` is not supported with `adjustment`"),
+    ({"fused": "yes"}, r"`fused` must be None, True or False\. Received: fused='yes'"),
+])
+def test_constructor_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        BatchNormalization(**kwargs)
+
+
+@pytest.mark.parametrize("axis", ["a", 1.5, [1, "b"], True])
+def test_axis_type_error(axis):
+    with pytest.raises(TypeError, match=r"Expected an int or a list/tuple of ints for the argument 'axis', "
+                                         r"but received: "):
+        BatchNormalization(axis=axis)
+
+
+def test_clipping_unchecked_without_renorm():
+    BatchNormalization(renorm_clipping={"foo": 1})  # Keras only looks at it with renorm
+
+
+@pytest.mark.parametrize("axis, shape, match", [
+    (2, (4, 3), r"Invalid value for `axis` argument\. Expected 0 <= axis < inputs\.rank \(with inputs\.rank=2\)\. "
+                r"Received: axis=\(2,\)"),
+    (-3, (4, 3), r"Received: axis=\(-1,\)"),
+    ([1, -1], (4, 3), r"Duplicate axis: \(1, 1\)"),
+])
+def test_invalid_axes(axis, shape, match):
+    layer = BatchNormalization(axis=axis)
+    with pytest.raises(ValueError, match=match):
+        layer(torch.randn(*shape))
+    with pytest.raises(ValueError, match=match):
+        BatchNormalization(axis=axis).build(shape)
+
+
+def test_batch_axis_with_virtual_batch_size_at_build():
+    layer = BatchNormalization(axis=-3, virtual_batch_size=2)
+    with pytest.raises(ValueError, match=r"axis cannot include 0\. Received axis=\[0\]"):
+        layer.build((4, 3, 5))
+
+
+@pytest.mark.parametrize("fused", [None, False])
+def test_incompatible_input(fused):
+    layer = BatchNormalization(fused=fused, name="bn")
+    layer(_data(4, 3), training=True)
+    before = _snapshot(layer)
+    with pytest.raises(ValueError, match=r"Input 0 of layer 'bn' is incompatible with the layer: expected axis -1 "
+                                         r"of input shape to have value 3, but received input with shape \(4, 5\)"):
+        layer(_data(4, 5), training=True)
+    with pytest.raises(ValueError, match=r"expected ndim=2, found ndim=3\. Full shape received: \(4, 2, 3\)"):
+        layer(_data(4, 2, 3), training=True)
+    _assert_unchanged(layer, before)
+    multi = BatchNormalization(axis=[1, 2], name="bn2")
+    multi.build((None, 3, 5))
+    with pytest.raises(ValueError, match=r"expected axis 2 of input shape to have value 5"):
+        multi(_data(4, 3, 4))
+
+
+@pytest.mark.parametrize("fused", [None, False])
+def test_virtual_batch_size_must_divide_batch_in_training(fused):
+    layer = BatchNormalization(virtual_batch_size=3, fused=fused, renorm=True)
+    layer(_data(6, 4), training=True)
+    before = _snapshot(layer)
+    with pytest.raises(ValueError, match=r"`virtual_batch_size` must be a positive integer that divides the true "
+                                         r"batch size of the input tensor\. Received: virtual_batch_size=3 for an "
+                                         r"input of batch size 7"):
+        layer(_data(7, 4), training=True)
+    _assert_unchanged(layer, before)
+    assert layer(_data(7, 4), training=False).shape == (7, 4)  # inference: any batch size
+
+
+@pytest.mark.parametrize("fused", [None, False])
+def test_failing_calls_change_no_moving_variable(fused):
+    calls = {"n": 0}
+
+    def bad_adjustment(shape):
+        calls["n"] += 1
+        if calls["n"] > 1:
+            return torch.ones(7), torch.zeros(7)  # does not broadcast against 4 features
+        return torch.ones(4), torch.zeros(4)
+
+    layer = BatchNormalization(fused=fused, renorm=True, adjustment=bad_adjustment)
+    layer(_data(6, 4), training=True)
+    before = _snapshot(layer)
+    with pytest.raises(RuntimeError):
+        layer(_data(6, 4), training=True)
+    _assert_unchanged(layer, before)
+
+    masked = BatchNormalization(fused=fused)
+    masked(_data(6, 4), training=True)
+    before = _snapshot(masked)
+    with pytest.raises(ValueError, match=r"The mask provided should be one dimension less than the inputs\. "
+                                         r"Received: mask\.shape=\(6, 4\), inputs\.shape=\(6, 4\)"):
+        masked(_data(6, 4), training=True, mask=torch.ones(6, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"mask\.shape=\(5,\), inputs\.shape=\(6, 4\)"):
+        masked(_data(6, 4), training=True, mask=torch.ones(5, dtype=torch.bool))
+    _assert_unchanged(masked, before)
+
+
+def test_fused_true_with_mask_raises_where_the_mask_counts():
+    layer = BatchNormalization(fused=True)
+    x = _data(6, 4)
+    before = (layer(x, training=True), _snapshot(layer))[1]
+    with pytest.raises(ValueError, match=r"`fused=True` is not supported with a `mask`"):
+        layer(x, training=True, mask=torch.ones(6, dtype=torch.bool))
+    _assert_unchanged(layer, before)
+    layer(x, training=False, mask=torch.ones(6, dtype=torch.bool))  # inference ignores masks
+
+
+def test_mask_ignored_on_keras_fused_path():
+    """tf_keras's fused path (4D, axis 1 or 3) ignores the mask with a warning; elsewhere it counts."""
+    x = _data(3, 5, 5, 4)
+    mask = torch.rand(3, 5, 5) > 0.5
+    plain, ignored, honoured = (BatchNormalization(momentum=0.0, fused=f) for f in (None, None, False))
+    plain(x, training=True)
+    with pytest.warns(UserWarning, match="Masking is not supported with `fused=True`"):
+        ignored(x, training=True, mask=mask)
+    honoured(x, training=True, mask=mask)
+    torch.testing.assert_close(ignored.moving_mean, plain.moving_mean)
+    expected = x[mask].mean(0)
+    torch.testing.assert_close(honoured.moving_mean, expected)
+
+
+@pytest.mark.parametrize("kwargs, shape, mask, kernels", [
+    ({}, (6, 4), False, True),
+    ({"fused": True}, (6, 4), False, True),
+    ({"fused": False}, (6, 4), False, False),
+    ({"renorm": True}, (6, 4), False, False),
+    ({"virtual_batch_size": 2}, (6, 4), False, False),
+    ({"adjustment": lambda s: (torch.ones(s[-1:]), torch.zeros(s[-1:]))}, (6, 4), False, False),
+    ({}, (6, 4), True, False),  # the mask counts: composite
+    ({}, (3, 5, 5, 4), True, True),  # tf_keras's fused path ignores the mask: kernels
+    ({"synchronized": True}, (6, 4), False, True),
+])
+def test_kernel_routing(monkeypatch, kwargs, shape, mask, kernels):
+    """fused=None/True run the kernels for what they can run; inference always uses them."""
+    calls = []
+    train, infer = bn_cuda.ops.batch_norm_train, bn_cuda.ops.batch_norm_infer
+    monkeypatch.setattr(bn_cuda.ops, "batch_norm_train", lambda *a, **k: calls.append("train") or train(*a, **k))
+    monkeypatch.setattr(bn_cuda.ops, "batch_norm_infer", lambda *a, **k: calls.append("infer") or infer(*a, **k))
+    layer = BatchNormalization(**kwargs)
+    x = _data(*shape)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        layer(x, training=True, mask=torch.rand(shape[:-1]) > 0.5 if mask else None)
+    assert ("train" in calls) == kernels
+    layer(x, training=False)
+    assert ("infer" in calls) == (kwargs.get("fused") is not False)
+
+
+# ----------------------------------------------------------------------------------------------
+# Building, weights, dtypes
+
+
+def test_lazy_build_and_shapes():
+    layer = BatchNormalization()
+    assert layer.gamma is None and layer.moving_mean is None and not layer.built
+    layer.build((None, 5))
+    assert layer.built and layer.gamma.shape == (5,) and layer.moving_variance.shape == (5,)
+    assert [n for n, _ in layer.named_parameters()] == ["gamma", "beta"]
+    multi = BatchNormalization(axis=[1, 3])
+    multi(_data(2, 3, 4, 5))
+    assert multi.gamma.shape == (1, 3, 1, 5)
+    ghost = BatchNormalization(axis=1, virtual_batch_size=2)
+    ghost(torch.randn(4, 3, 5))
+    assert ghost.moving_mean.shape == (1, 1, 3, 1)
+    renorm = BatchNormalization(renorm=True, scale=False, center=False)
+    renorm(_data(4, 3))
+    assert renorm.gamma is None and renorm.beta is None
+    assert {n for n, _ in renorm.named_buffers()} >= set(_VARS)
+    assert not hasattr(BatchNormalization(), "moving_stddev")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("fused", [None, False])
+def test_half_inputs_keep_float32_weights(dtype, fused):
+    layer = BatchNormalization(fused=fused, renorm=fused is False)
+    x = _data(8, 3).to(dtype).requires_grad_(True)
+    y = layer(x, training=True)
+    assert y.dtype == dtype
+    y.float().sum().backward()
+    assert x.grad.dtype == dtype
+    for t in list(layer.parameters()) + list(layer.buffers()):
+        assert t.dtype == torch.float32 or t.numel() == 0
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"axis": 1}, {"renorm": True}])
+def test_float64_inputs(kwargs):
+    """float64 inputs compute in float64 (tf_keras's non-fused numerics) with float32 weights."""
+    x = _data(6, 3, 5).transpose(1, 2).contiguous().double() if kwargs.get("axis") == 1 else _data(6, 5).double()
+    outs = []
+    for fused in (None, False):
+        layer = BatchNormalization(fused=fused, momentum=0.5, **kwargs)
+        outs.append((layer(x, training=True), layer.moving_variance.clone()))
+        assert outs[-1][0].dtype == torch.float64 and layer.moving_variance.dtype == torch.float32
+    torch.testing.assert_close(outs[0][0], outs[1][0], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(outs[0][1], outs[1][1])  # biased variance: no fused path for float64
+
+
+def test_names():
+    a, b = BatchNormalization(), BatchNormalization()
+    assert a.name.startswith("batch_normalization") and a.name != b.name
+    assert BatchNormalization(name="bn_3").name == "bn_3"
+
+
+# ----------------------------------------------------------------------------------------------
+# training=None and trainable=False
+
+
+@pytest.mark.parametrize("fused", [None, False])
+def test_training_none_follows_module_mode(fused):
+    x = _data(6, 3)
+    layer = BatchNormalization(fused=fused)
+    layer.eval()
+    torch.testing.assert_close(layer(x), layer(x, training=False))
+    assert torch.equal(layer.moving_mean, torch.zeros(3))
+    layer.train()
+    ref = BatchNormalization(fused=fused)
+    torch.testing.assert_close(layer(x), ref(x, training=True))
+    torch.testing.assert_close(layer.moving_mean, ref.moving_mean)
+
+
+@pytest.mark.parametrize("fused", [None, False])
+def test_trainable_false_is_frozen_inference(fused):
+    x = _data(6, 3).requires_grad_(True)
+    layer = BatchNormalization(fused=fused, trainable=False)
+    y = layer(x, training=True)
+    torch.testing.assert_close(y, BatchNormalization(fused=fused)(x, training=False))
+    assert torch.equal(layer.moving_mean, torch.zeros(3))
+    assert not layer.gamma.requires_grad and not layer.beta.requires_grad
+    y.sum().backward()
+    assert layer.gamma.grad is None and x.grad is not None
+    layer.trainable = True
+    assert layer.gamma.requires_grad
+    layer(x, training=True)
+    assert not torch.equal(layer.moving_mean, torch.zeros(3))
+
+
+@pytest.mark.tf
+def test_training_none_matches_tf_keras_default():
+    tf, tf_keras = _tf()
+    x = _data(6, 3).numpy()
+    theirs = tf_keras.layers.BatchNormalization(moving_mean_initializer="ones")
+    ours = BatchNormalization(moving_mean_initializer="ones").eval()
+    np.testing.assert_allclose(ours(torch.from_numpy(x)).detach().numpy(), theirs(x).numpy(), rtol=1e-6, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------
+# Initializers, regularizers, constraints
+
+
+@pytest.mark.parametrize("name, check", [
+    ("zeros", lambda t: torch.equal(t, torch.zeros_like(t))),
+    ("ones", lambda t: torch.equal(t, torch.ones_like(t))),
+    ("constant", lambda t: torch.equal(t, torch.zeros_like(t))),
+    ("random_normal", lambda t: 0.03 < t.std() < 0.07),
+    ("random_uniform", lambda t: t.abs().max() <= 0.05 and t.std() > 0.02),
+    ("truncated_normal", lambda t: t.abs().max() <= 0.1 and t.std() > 0.02),
+    ("glorot_uniform", lambda t: t.abs().max() <= (3.0 / 4000) ** 0.5),
+    ("glorot_normal", lambda t: t.abs().max() <= 2 * (1.0 / 4000) ** 0.5 / 0.8796 + 1e-6),
+    ("he_normal", lambda t: 0.8 < t.std() / (2.0 / 4000) ** 0.5 < 1.2),
+    ("he_uniform", lambda t: t.abs().max() <= (6.0 / 4000) ** 0.5),
+    ("lecun_normal", lambda t: 0.8 < t.std() / (1.0 / 4000) ** 0.5 < 1.2),
+    ("lecun_uniform", lambda t: t.abs().max() <= (3.0 / 4000) ** 0.5),
+])
+def test_initializer_names(name, check):
+    layer = BatchNormalization(gamma_initializer=name)
+    layer.build((None, 4000))
+    assert layer.gamma.dtype == torch.float32 and check(layer.gamma.detach())
+
+
+def test_initializer_forms():
+    layer = BatchNormalization(
+        beta_initializer={"class_name": "Constant", "config": {"value": 0.5}},
+        gamma_initializer=initializers.RandomNormal(mean=1.0, stddev=0.1, seed=7),
+        moving_mean_initializer=lambda shape, dtype=None: np.arange(np.prod(shape)).reshape(shape),
+        moving_variance_initializer="Ones",
+    )
+    layer.build((None, 3))
+    assert torch.equal(layer.beta.detach(), torch.full((3,), 0.5))
+    assert torch.equal(layer.moving_mean, torch.arange(3.0))
+    again = BatchNormalization(gamma_initializer=initializers.RandomNormal(mean=1.0, stddev=0.1, seed=7))
+    again.build((None, 3))
+    assert torch.equal(again.gamma, layer.gamma)  # seeded
+    with pytest.raises(ValueError, match=r"Could not interpret initializer identifier: 'glorot_sideways'"):
+        BatchNormalization(gamma_initializer="glorot_sideways")
+    with pytest.raises(ValueError, match=r"unknown class_name 'Orthogonal'"):
+        BatchNormalization(gamma_initializer={"class_name": "Orthogonal", "config": {}})
+
+
+def test_renorm_stddev_initialized_as_sqrt_of_variance_initializer():
+    layer = BatchNormalization(renorm=True, moving_variance_initializer={"class_name": "Constant",
+                                                                         "config": {"value": 4.0}})
+    layer.build((None, 3))
+    assert torch.equal(layer.moving_stddev, torch.full((3,), 2.0))
+    assert torch.equal(layer.renorm_stddev, torch.full((3,), 2.0))
+
+
+def test_regularizer_losses():
+    layer = BatchNormalization(gamma_regularizer="l2", beta_regularizer=regularizers.L1(0.5),
+                               gamma_initializer={"class_name": "Constant", "config": {"value": 2.0}},
+                               beta_initializer={"class_name": "Constant", "config": {"value": -1.0}})
+    layer.build((None, 3))
+    l2, l1 = layer.losses
+    torch.testing.assert_close(l2, torch.tensor(0.01 * 4 * 3))
+    torch.testing.assert_close(l1, torch.tensor(0.5 * 3))
+    sum(layer.losses).backward()
+    torch.testing.assert_close(layer.gamma.grad, torch.full((3,), 0.04))
+    torch.testing.assert_close(layer.beta.grad, torch.full((3,), -0.5))
+    both = BatchNormalization(gamma_regularizer="l1_l2", beta_regularizer=lambda w: w.sum() * 0)
+    both.build((None, 2))
+    torch.testing.assert_close(both.losses[0], torch.tensor(0.01 * 2 + 0.01 * 2))
+    assert BatchNormalization(center=False, beta_regularizer="l2").losses == []
+
+
+@pytest.mark.tf
+def test_regularizer_losses_match_tf_keras():
+    tf, tf_keras = _tf()
+    kwargs = dict(gamma_regularizer="l1_l2", beta_regularizer="l2",
+                  gamma_initializer={"class_name": "RandomNormal", "config": {"seed": 1}},
+                  beta_initializer="random_uniform")
+    theirs = tf_keras.layers.BatchNormalization(**kwargs)
+    theirs.build((None, 5))
+    ours = BatchNormalization.from_keras(theirs)
+    np.testing.assert_allclose([t.item() for t in ours.losses], [float(t) for t in theirs.losses], rtol=1e-6)
+
+
+def test_constraints_apply():
+    layer = BatchNormalization(gamma_constraint="non_neg", beta_constraint=constraints.MaxNorm(1.0))
+    layer.build((None, 4))
+    with torch.no_grad():
+        layer.gamma.copy_(torch.tensor([-1.0, 2.0, -3.0, 4.0]))
+        layer.beta.copy_(torch.tensor([3.0, 0.0, 4.0, 0.0]))
+    layer.apply_constraints()
+    assert torch.equal(layer.gamma.detach(), torch.tensor([0.0, 2.0, 0.0, 4.0]))
+    torch.testing.assert_close(layer.beta.detach(), torch.tensor([0.6, 0.0, 0.8, 0.0]))
+    unit = constraints.get("unit_norm")(torch.tensor([3.0, 4.0]))
+    torch.testing.assert_close(unit, torch.tensor([0.6, 0.8]))
+    mm = constraints.get({"class_name": "MinMaxNorm", "config": {"min_value": 10.0, "max_value": 20.0}})
+    torch.testing.assert_close(mm(torch.tensor([3.0, 4.0])), torch.tensor([6.0, 8.0]))
+
+
+def test_register_constraints_after_optimizer_step():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), BatchNormalization(gamma_constraint="non_neg"),
+                                torch.nn.Sequential(BatchNormalization(beta_constraint=constraints.MaxNorm(0.1))))
+    x = _data(8, 3)
+    model[1].train()
+    model(x)  # build
+    opt = torch.optim.SGD(model.parameters(), lr=100.0)
+    handle = bn_cuda.register_constraints(opt, model)
+    loss = model(x).mul(torch.linspace(-1, 1, 4)).pow(3).sum()
+    loss.backward()
+    opt.step()
+    assert (model[1].gamma >= 0).all() and (model[1].gamma == 0).any()
+    assert model[2][0].beta.norm() <= 0.1 + 1e-6
+    handle.remove()
+    with torch.no_grad():
+        model[1].gamma.fill_(-1.0)
+    opt.zero_grad()
+    opt.step()
+    assert (model[1].gamma < 0).all()  # hook removed
+
+
+@pytest.mark.tf
+def test_constraints_match_tf_keras():
+    tf, tf_keras = _tf()
+    w = np.array([[-1.0, 2.0, 3.0], [0.5, -4.0, 1.0]], dtype=np.float32)
+    for name in ("non_neg", "max_norm", "unit_norm", "min_max_norm"):
+        ours = constraints.get(name)(torch.from_numpy(w)).numpy()
+        theirs = tf_keras.constraints.get(name)(tf.constant(w)).numpy()
+        np.testing.assert_allclose(ours, theirs, rtol=1e-6, err_msg=name)
+
+
+# ----------------------------------------------------------------------------------------------
+# Config and state
+
+
+def _config_kwargs():
+    return dict(axis=[1, 2], momentum=0.9, epsilon=1e-4, center=False,
+                gamma_initializer=initializers.Constant(1.5), moving_variance_initializer="he_normal",
+                gamma_regularizer=regularizers.L1L2(l1=0.1, l2=0.2), gamma_constraint="max_norm",
+                renorm=True, renorm_clipping={"rmax": 3.0}, renorm_momentum=0.5, fused=False,
+                trainable=False, virtual_batch_size=2, name="bn_cfg", synchronized=True)
+
+
+def test_config_round_trip():
+    layer = BatchNormalization(**_config_kwargs())
+    config = layer.get_config()
+    assert config["axis"] == [1, 2] and config["virtual_batch_size"] == 2 and config["renorm_clipping"] == {"rmax": 3.0}
+    assert config["gamma_initializer"] == {"module": "keras.initializers", "class_name": "Constant",
+                                           "config": {"value": 1.5}, "registered_name": None}
+    clone = BatchNormalization.from_config(config)
+    assert clone.get_config() == config
+    assert clone.gamma_regularizer == layer.gamma_regularizer and not clone.trainable
+    plain = BatchNormalization()
+    assert "renorm" not in plain.get_config() and "virtual_batch_size" not in plain.get_config()
+    assert BatchNormalization.from_config(plain.get_config()).get_config() == plain.get_config()
+
+
+def test_config_omits_adjustment_with_warning():
+    layer = BatchNormalization(adjustment=lambda s: (1.0, 0.0))
+    with pytest.warns(UserWarning, match="`adjustment` function .* cannot be serialized"):
+        config = layer.get_config()
+    assert "adjustment" not in config and BatchNormalization.from_config(config).adjustment is None
+
+
+@pytest.mark.tf
+def test_config_interchange_with_tf_keras():
+    tf, tf_keras = _tf()
+    config = BatchNormalization(**dict(_config_kwargs(), trainable=True)).get_config()
+    theirs = tf_keras.layers.BatchNormalization.from_config(config)
+    theirs_config = theirs.get_config()
+    for key in ("axis", "momentum", "epsilon", "center", "renorm_clipping", "virtual_batch_size"):
+        assert theirs_config[key] == config[key], key
+    back = BatchNormalization.from_config(theirs_config)
+    assert back.gamma_regularizer == regularizers.L1L2(l1=theirs.gamma_regularizer.l1, l2=theirs.gamma_regularizer.l2)
+    assert back.gamma_constraint == constraints.MaxNorm(2, 0)
+
+
+@pytest.mark.parametrize("fused", [None, False])
+def test_state_dict_round_trip(fused):
+    layer = BatchNormalization(axis=1, renorm=fused is False, fused=fused)
+    for s in range(3):
+        layer(_data(6, 5, 3, seed=s).transpose(1, 2).contiguous(), training=True)
+    sd = layer.state_dict()
+    assert set(sd) >= {"gamma", "beta", "moving_mean", "moving_variance"}
+    buf = io.BytesIO()
+    torch.save(sd, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=True)
+    fresh = BatchNormalization(axis=1, renorm=fused is False, fused=fused)
+    fresh.load_state_dict(loaded)  # unbuilt: builds from the saved input spec
+    for k, v in sd.items():
+        if isinstance(v, torch.Tensor):
+            assert torch.equal(fresh.state_dict()[k], v), k
+    x = _data(4, 3, 5, seed=9)
+    torch.testing.assert_close(fresh(x, training=False), layer(x, training=False), rtol=0, atol=0)
+    built = BatchNormalization(axis=1, renorm=fused is False, fused=fused)
+    built.build((None, 3, 5))
+    built.load_state_dict(sd)
+    torch.testing.assert_close(built(x, training=False), layer(x, training=False), rtol=0, atol=0)
+    wrong = BatchNormalization(axis=1, renorm=fused is False)
+    wrong.build((None, 4, 5))
+    with pytest.raises(Exception):
+        wrong.load_state_dict(sd)
+
+
+# ----------------------------------------------------------------------------------------------
+# Keras import
+
+
+def _trained_tf_layer(tf, tf_keras, shape, steps=3, **kwargs):
+    layer = tf_keras.layers.BatchNormalization(**kwargs)
+    rs = np.random.RandomState(0)
+    layer.build(shape)
+    for w in layer.weights:
+        w.assign((0.5 + rs.rand(*w.shape)).astype(np.float32))
+    for _ in range(steps):
+        layer((rs.randn(*shape) * 2 + 1).astype(np.float32), training=True)
+    return layer
+
+
+@pytest.mark.tf
+@pytest.mark.parametrize("kwargs, shape", [
+    ({}, (4, 3)),
+    ({"axis": 1, "momentum": 0.9, "epsilon": 1e-4}, (4, 3, 5, 5)),
+    ({"axis": [1, 2], "center": False}, (4, 3, 5)),
+    ({"renorm": True, "renorm_clipping": {"rmax": 2.0, "dmax": 1.0}, "renorm_momentum": 0.5}, (6, 3)),
+    ({"axis": 1, "virtual_batch_size": 2, "renorm": True}, (4, 3, 5)),
+    ({"gamma_regularizer": "l2", "beta_constraint": "non_neg", "scale": False}, (4, 3)),
+])
+def test_from_keras(kwargs, shape):
+    tf, tf_keras = _tf()
+    theirs = _trained_tf_layer(tf, tf_keras, shape, **kwargs)
+    ours = BatchNormalization.from_keras(theirs)
+    assert ours.name == theirs.name
+    for name in ("gamma", "beta") + _VARS:
+        tv = getattr(theirs, name, None)
+        if tv is not None:
+            np.testing.assert_array_equal(getattr(ours, name).detach().numpy(), tv.numpy(), err_msg=name)
+    x = (np.random.RandomState(1).randn(*shape) * 2 + 1).astype(np.float32)
+    np.testing.assert_allclose(ours(torch.from_numpy(x), training=False).detach().numpy(),
+                               theirs(x, training=False).numpy(), rtol=1e-5, atol=1e-5)
+    if "virtual_batch_size" not in kwargs:
+        np.testing.assert_allclose(ours(torch.from_numpy(x), training=True).detach().numpy(),
+                                   theirs(x, training=True).numpy(), rtol=1e-5, atol=1e-5)
+    unbuilt = BatchNormalization.from_keras(tf_keras.layers.BatchNormalization(**kwargs), fused=False)
+    assert not unbuilt.built and unbuilt.fused is False
+
+
+@pytest.mark.tf
+def test_from_keras_adjustment_is_not_ported():
+    tf, tf_keras = _tf()
+    theirs = tf_keras.layers.BatchNormalization(adjustment=lambda s: (tf.ones(s[-1:]), tf.zeros(s[-1:])))
+    theirs.build((None, 3))
+    with pytest.warns(UserWarning, match="cannot be ported"):
+        ours = BatchNormalization.from_keras(theirs)
+    assert ours.adjustment is None
+    ported = BatchNormalization.from_keras(theirs, adjustment=lambda s: (torch.ones(s[-1:]), torch.zeros(s[-1:])))
+    assert ported.adjustment is not None
+
+
+@pytest.mark.tf
+def test_from_keras3_layer():
+    _tf()
+    keras = pytest.importorskip("keras")
+    if not hasattr(keras, "version") or not keras.version().startswith("3"):
+        pytest.skip("Keras 3 not installed")
+    theirs = keras.layers.BatchNormalization(axis=1, momentum=0.8, renorm=True)
+    theirs.build((None, 3, 4))
+    rs = np.random.RandomState(0)
+    for w in theirs.weights:
+        w.assign((0.5 + rs.rand(*w.shape)).astype(np.float32))
+    ours = BatchNormalization.from_keras(theirs)
+    x = rs.randn(2, 3, 4).astype(np.float32)
+    np.testing.assert_allclose(ours(torch.from_numpy(x), training=False).detach().numpy(),
+                               np.asarray(theirs(x, training=False)), rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# Ghost batches, synchronized hooks
+
+
+def test_ghost_membership_is_strided():
+    """tf_keras's reshape puts sample i in ghost i % (batch // virtual_batch_size)."""
+    x = _data(6, 2)
+    layer = BatchNormalization(virtual_batch_size=3, center=False, scale=False, epsilon=1e-12)
+    y = layer(x, training=True)
+    ghost = x[[1, 3, 5]]
+    torch.testing.assert_close(y[[1, 3, 5]], (ghost - ghost.mean(0)) / ghost.std(0, unbiased=False))
+
+
+def test_ghost_batches_with_mask():
+    x = _data(8, 2)
+    mask = torch.tensor([1, 1, 0, 1, 1, 1, 1, 0], dtype=torch.bool)
+    layer = BatchNormalization(virtual_batch_size=4, momentum=0.0)
+    layer(x, training=True, mask=mask)
+    ghosts = [[i for i in range(j, 8, 2) if mask[i]] for j in range(2)]
+    expected = torch.stack([x[g].mean(0) for g in ghosts]).mean(0)
+    torch.testing.assert_close(layer.moving_mean, expected.reshape(1, 1, 2))
+
+
+@pytest.mark.parametrize("fused", [None, False])
+def test_synchronized_without_process_group_is_unsynchronized(fused):
+    x = _data(9, 3)
+    a = BatchNormalization(synchronized=True, fused=fused, momentum=0.5)
+    b = BatchNormalization(fused=fused, momentum=0.5)
+    torch.testing.assert_close(a(x, training=True), b(x, training=True))
+    torch.testing.assert_close(a.moving_variance, b.moving_variance)  # biased, as tf_keras's sync path
+
+
+def test_stats_hook_sees_local_sums():
+    seen = []
+
+    def hook(stats):
+        seen.append(stats.detach().clone())
+        return stats * 2  # as if a second process had the same batch
+
+    x = _data(5, 3)
+    layer = BatchNormalization(synchronized=True, momentum=0.0)
+    layer.stats_hook = hook
+    y = layer(x, training=True)
+    assert len(seen) == 1 and seen[0].shape == (3, 1, 3)
+    torch.testing.assert_close(seen[0][0, 0], x.sum(0))
+    torch.testing.assert_close(seen[0][2, 0], torch.full((3,), 5.0))
+    torch.testing.assert_close(y, BatchNormalization(momentum=0.0)(x, training=True), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layer.moving_mean, x.mean(0))
+    layer.fused = True
+    with pytest.raises(ValueError, match=r"`fused=True` is not supported with `synchronized=True` across processes"):
+        layer(x, training=True)
+
+
+def test_synchronized_with_single_process_group(tmp_path):
+    import torch.distributed as dist
+
+    if not dist.is_available() or dist.is_initialized():
+        pytest.skip("torch.distributed unavailable or already initialized")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        x = _data(7, 3).requires_grad_(True)
+        a, b = BatchNormalization(synchronized=True), BatchNormalization()
+        ya, yb = a(x, training=True), b(x, training=True)
+        torch.testing.assert_close(ya, yb)
+        torch.testing.assert_close(a.moving_variance, b.moving_variance)
+    finally:
+        dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------------------------
+# Devices
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("kwargs, shape", [
+    ({}, (7, 3)),
+    ({"axis": 1}, (3, 17, 7, 7)),
+    ({"axis": [1, 3]}, (3, 3, 7, 5)),
+    ({"renorm": True, "renorm_clipping": {"rmax": 1.2, "dmax": 0.3}}, (9, 5)),
+    ({"virtual_batch_size": 3, "axis": 1}, (6, 3, 7)),
+])
+@pytest.mark.parametrize("fused", [None, False])
+def test_cuda_matches_cpu(kwargs, shape, dtype, fused):
+    """The layer on CUDA (weights built on the input's device) matches the same layer on CPU."""
+    torch.manual_seed(0)
+    ref = BatchNormalization(fused=fused, **kwargs)
+    dev = BatchNormalization(fused=fused, **kwargs)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-3, atol=2e-3)
+    for step in range(3):
+        x = (torch.randn(*shape) * 2 + 0.5).to(dtype)
+        xc = x.cuda().requires_grad_(True)
+        xr = x.clone().requires_grad_(True)
+        yc, yr = dev(xc, training=True), ref(xr, training=True)
+        assert dev.gamma.is_cuda and dev.moving_mean.is_cuda and yc.dtype == dtype
+        g = torch.randn(*shape).to(dtype)
+        yc.backward(g.cuda())
+        yr.backward(g)
+        torch.testing.assert_close(yc.cpu().float(), yr.float(), **tol)
+        torch.testing.assert_close(xc.grad.cpu().float(), xr.grad.float(), **tol)
+        torch.testing.assert_close(dev.gamma.grad.cpu(), ref.gamma.grad, **tol)
+        for n in _VARS:
+            if getattr(ref, n, None) is not None:
+                torch.testing.assert_close(getattr(dev, n).cpu(), getattr(ref, n), rtol=1e-5, atol=1e-5)
+    x = (torch.randn(*shape) * 2 + 0.5).to(dtype)
+    torch.testing.assert_close(dev(x.cuda(), training=False).cpu().float(), ref(x, training=False).float(), **tol)
