@@ -82,7 +82,8 @@ meta = {
 }
 (ROOT / "bn_cuda" / "_build_meta.json").write_text(json.dumps(meta, indent=2) + "\n")
 
-sources = ["csrc/ops.cpp", "csrc/common/canonical.cpp", "csrc/common/glue.cpp"]
+sources = ["csrc/ops.cpp"]
+sources += sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "common").glob("*.cpp"))
 sources += sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cpu").glob("*.cpp"))
 include_dirs = [str(ROOT / "csrc"), str(ROOT / "csrc" / "include")]
 

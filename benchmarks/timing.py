@@ -1,9 +1,12 @@
 """The one place where time is measured.
 
 CPU: :class:`torch.utils.benchmark.Timer` with ``blocked_autorange`` (its block-size estimate is
-the warm-up; blocks run until ``min_run_time`` has passed; the median over blocks is reported),
-with every thread torch uses. Inputs are rotated by the caller (see :func:`rotation_count`) so
-the working set exceeds the last-level cache.
+the warm-up; blocks run until ``min_run_time`` has passed), with every thread torch uses. The
+implementations of one row (and the reference copy) are measured in ``rounds`` interleaved rounds
+(the first is ``blocked_autorange``, later ones ``Timer.timeit`` blocks of the size it chose) so
+that load arriving or leaving mid-row (other processes on a shared machine) hits all of them
+alike; the median over all blocks of all rounds is reported. Inputs are rotated by the caller
+(see :func:`rotation_count`) so the working set exceeds the last-level cache.
 
 CUDA: CUDA events around each call, with the L2 cache flushed before every call by writing a
 buffer twice the L2 size (``triton.testing.do_bench``'s method). The flush is enqueued before the
@@ -18,7 +21,7 @@ import glob
 import math
 import statistics
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Union
 
 import torch
 from torch.utils.benchmark import Timer
@@ -39,12 +42,14 @@ class Timing:
 class TimingConfig:
     """Knobs of :func:`measure`.
 
-    ``min_run_time``: CPU seconds of measurement per call site (after the block estimate).
+    ``min_run_time``: CPU seconds of measurement per call site (after the block estimates),
+    split over ``rounds`` interleaved rounds.
     ``gpu_target_s``: GPU seconds of timed calls to aim for; the call count is clamped to
     ``[gpu_min_reps, gpu_max_reps]`` after ``warmup`` untimed calls.
     """
 
     min_run_time: float = 0.2
+    rounds: int = 3
     gpu_target_s: float = 0.02
     gpu_min_reps: int = 10
     gpu_max_reps: int = 100
@@ -92,20 +97,52 @@ def _measure_cuda(fn: Callable[[], Any], device: torch.device, cfg: TimingConfig
     return Timing(median, iqr, reps)
 
 
-def _measure_cpu(fn: Callable[[], Any], cfg: TimingConfig) -> Timing:
-    timer = Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
-    m = timer.blocked_autorange(min_run_time=cfg.min_run_time)
-    # Each raw time is one block of `number_per_run` calls; the Measurement's times are per call.
-    median, iqr = _quantiles(list(m.times))
-    return Timing(median, iqr, m.number_per_run * len(m.raw_times))
+def measure(fns: Dict[str, Callable[[], Any]], device: torch.device,
+            cfg: Optional[TimingConfig] = None) -> Dict[str, Union[Timing, Exception]]:
+    """Time each ``fn()`` of ``fns`` on ``device``: median seconds per call (module docstring).
 
-
-def measure(fn: Callable[[], Any], device: torch.device, cfg: Optional[TimingConfig] = None) -> Timing:
-    """Time ``fn()`` on ``device``: median seconds per call (see the module docstring)."""
+    Returns the same keys, each mapped to a :class:`Timing` or to the exception its call raised.
+    """
     cfg = cfg or TimingConfig()
+    out: Dict[str, Union[Timing, Exception]] = {}
     if device.type == "cuda":
-        return _measure_cuda(fn, device, cfg)
-    return _measure_cpu(fn, cfg)
+        for name, fn in fns.items():
+            try:
+                out[name] = _measure_cuda(fn, device, cfg)
+            except Exception as exc:  # noqa: BLE001  (reported per implementation)
+                out[name] = exc
+        return out
+    per_call: Dict[str, List[float]] = {n: [] for n in fns}
+    runs: Dict[str, int] = {n: 0 for n in fns}
+    timers = {n: Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads()) for n, fn in fns.items()}
+    number: Dict[str, int] = {}
+    rounds = max(1, cfg.rounds)
+    per_round = cfg.min_run_time / rounds
+    for r in range(rounds):
+        for name, timer in timers.items():
+            if name in out:
+                continue
+            try:
+                if r == 0:  # the block-size estimate (and warm-up) happens once per call site
+                    m = timer.blocked_autorange(min_run_time=per_round)
+                    number[name] = m.number_per_run
+                    blocks = [m]
+                else:
+                    blocks, spent = [], 0.0
+                    while spent < per_round:
+                        blocks.append(timer.timeit(number[name]))
+                        spent += blocks[-1].raw_times[0]
+            except Exception as exc:  # noqa: BLE001
+                out[name] = exc
+                continue
+            for m in blocks:  # each raw time is one block of `number_per_run` calls; `times` are per call
+                per_call[name] += list(m.times)
+                runs[name] += m.number_per_run * len(m.raw_times)
+    for name in fns:
+        if name not in out:
+            median, iqr = _quantiles(per_call[name])
+            out[name] = Timing(median, iqr, runs[name])
+    return out
 
 
 def llc_bytes(default: int = 32 * 2**20) -> int:
@@ -144,6 +181,7 @@ def describe(device: torch.device, cfg: TimingConfig) -> str:
         return (f"CUDA events per call, L2 flushed (write of 2x L2) before each call; {cfg.warmup} warm-up "
                 f"calls, then {cfg.gpu_min_reps}-{cfg.gpu_max_reps} timed calls (~{cfg.gpu_target_s * 1e3:.0f} ms); "
                 "median")
-    return (f"torch.utils.benchmark.Timer.blocked_autorange(min_run_time={cfg.min_run_time}) with "
-            f"{torch.get_num_threads()} threads; inputs rotated to exceed 2x LLC ({llc_bytes() // 2**20} MiB); "
-            "median over blocks")
+    return (f"torch.utils.benchmark.Timer.blocked_autorange with {torch.get_num_threads()} threads, "
+            f"{cfg.rounds} interleaved rounds of min_run_time={cfg.min_run_time / max(1, cfg.rounds):.3g} s per "
+            f"implementation and row; inputs rotated to exceed 2x LLC ({llc_bytes() // 2**20} MiB); median "
+            "over all blocks")

@@ -73,4 +73,5 @@ def get_include() -> str:
 
 from . import ops  # noqa: E402  (fake kernels + autograd)
 from . import functional  # noqa: E402
+from . import staged  # noqa: E402  (fake kernels of the staged ops)
 from .layers import BatchNormalization, register_constraints  # noqa: E402,F401

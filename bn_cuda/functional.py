@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import math
-from typing import Optional, Sequence, Union
+import operator
+from typing import List, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -11,6 +11,19 @@ from torch import Tensor
 from . import ops
 
 __all__ = ["batch_norm"]
+
+
+def _axis_list(axis) -> List[int]:
+    """``axis`` as a list of ints; anything else (floats, strings, bools) is a TypeError."""
+    items = list(axis) if isinstance(axis, (list, tuple, torch.Size)) else [axis]
+    out = []
+    for a in items:
+        if isinstance(a, bool) or not hasattr(a, "__index__"):
+            raise TypeError(
+                f"bn_cuda.functional.batch_norm: axis must be an int or a sequence of ints, got {axis!r}"
+            )
+        out.append(operator.index(a))
+    return out
 
 
 def batch_norm(
@@ -58,7 +71,7 @@ def batch_norm(
     """
     if not isinstance(input, Tensor):
         raise TypeError(f"bn_cuda.functional.batch_norm: input must be a Tensor, got {type(input).__name__}")
-    axes = [axis] if isinstance(axis, int) else list(axis)
+    axes = _axis_list(axis)
     if input.dim() < 2:
         raise ValueError(
             f"bn_cuda.functional.batch_norm: input must have at least 2 dimensions, got {input.dim()}-D "
@@ -69,7 +82,10 @@ def batch_norm(
         raise ValueError("bn_cuda.functional.batch_norm: momentum must be a float, got None "
                          "(cumulative averaging is handled by the nn modules)")
     if training:
-        per_feature = input.numel() // max(1, math.prod(input.shape[a] for a in norm_axes))
+        features = 1
+        for a in norm_axes:  # (a plain loop: dynamo cannot trace math.prod over a generator)
+            features *= input.shape[a]
+        per_feature = input.numel() // max(1, features)
         if per_feature == 1:
             raise ValueError(
                 f"bn_cuda.functional.batch_norm: expected more than 1 value per feature when training, "

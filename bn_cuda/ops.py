@@ -16,7 +16,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-__all__ = ["batch_norm_train", "batch_norm_infer", "normalize_axes", "num_features"]
+__all__ = ["batch_norm_train", "batch_norm_infer", "check_same_device", "normalize_axes", "num_features"]
 
 _ops = torch.ops.bn_cuda
 
@@ -44,6 +44,19 @@ def num_features(shape: Sequence[int], axis: Sequence[int]) -> int:
     return int(math.prod(int(shape[a]) for a in axes))
 
 
+def check_same_device(input: Tensor, **tensors: Optional[Tensor]) -> None:
+    """Every given tensor is on the input's device; the error names the tensor and both devices.
+
+    Runs before dispatch: with tensors on two devices the dispatcher would pick one device's kernel
+    (or the meta kernel) and the mismatch would surface there as an unrelated error, or not at all.
+    """
+    for name, t in tensors.items():
+        if t is not None and t.device != input.device:
+            raise RuntimeError(
+                f"bn_cuda: {name} is on {t.device} but input is on {input.device}; move them to the same device"
+            )
+
+
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -55,6 +68,7 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 @torch.library.register_fake("bn_cuda::forward_train")
 def _forward_train_fake(input, weight, bias, running_mean, running_var, momentum, eps, axis,
                         unbiased_running_var=True):
+    check_same_device(input, weight=weight, bias=bias, running_mean=running_mean, running_var=running_var)
     c = num_features(input.shape, axis)
     acc = _acc_dtype(input.dtype)
     return (torch.empty_like(input), input.new_empty((c,), dtype=acc), input.new_empty((c,), dtype=acc))
@@ -62,11 +76,14 @@ def _forward_train_fake(input, weight, bias, running_mean, running_var, momentum
 
 @torch.library.register_fake("bn_cuda::forward_infer")
 def _forward_infer_fake(input, weight, bias, running_mean, running_var, eps, axis):
+    check_same_device(input, weight=weight, bias=bias, running_mean=running_mean, running_var=running_var)
+    num_features(input.shape, axis)  # validates axis
     return torch.empty_like(input)
 
 
 @torch.library.register_fake("bn_cuda::backward")
 def _backward_fake(grad_out, input, weight, save_mean, save_invstd, train, axis, output_mask):
+    check_same_device(input, grad_out=grad_out, weight=weight, save_mean=save_mean, save_invstd=save_invstd)
     c = num_features(input.shape, axis)
     acc = _acc_dtype(input.dtype)
     gi = torch.empty_like(input) if output_mask[0] else input.new_empty((0,))
@@ -143,8 +160,10 @@ def _infer_setup(ctx, inputs, output):
     input, weight, bias, running_mean, running_var, eps, axis = inputs
     # Inference treats the running statistics as constants; copy them so a later in-place update
     # of the buffers cannot change this step's gradient.
-    mean = running_mean.detach().reshape(-1).to(_acc_dtype(input.dtype), copy=True)
-    invstd = torch.rsqrt(running_var.detach().reshape(-1).to(_acc_dtype(input.dtype)) + eps)
+    # (copy=True: below autograd an op may not return its input, and .to() without a copy does.)
+    acc = _acc_dtype(input.dtype)
+    mean = running_mean.detach().to(acc, copy=True).reshape(-1)
+    invstd = torch.rsqrt(running_var.detach().to(acc, copy=True).reshape(-1) + eps)
     ctx.save_for_backward(input, weight, mean, invstd)
     ctx.axis = list(axis)
     ctx.bias_shape = None if bias is None else bias.shape
@@ -221,6 +240,7 @@ def batch_norm_train(input: Tensor, weight: Optional[Tensor], bias: Optional[Ten
     Running statistics, when given, are updated in place in the same pass:
     ``running = (1 - momentum) * running + momentum * batch_stat``.
     """
+    check_same_device(input, weight=weight, bias=bias, running_mean=running_mean, running_var=running_var)
     return _ForwardTrain.apply(input, weight, bias, running_mean, running_var, float(momentum),
                                float(eps), [int(a) for a in axis], bool(unbiased_running_var))
 
@@ -228,5 +248,6 @@ def batch_norm_train(input: Tensor, weight: Optional[Tensor], bias: Optional[Ten
 def batch_norm_infer(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                      running_mean: Tensor, running_var: Tensor, eps: float, axis: Sequence[int]) -> Tensor:
     """Differentiable inference forward with the running statistics."""
+    check_same_device(input, weight=weight, bias=bias, running_mean=running_mean, running_var=running_var)
     return _ops.forward_infer(input, weight, bias, running_mean, running_var, float(eps),
                               [int(a) for a in axis])

@@ -42,6 +42,24 @@ TORCH_LIBRARY(bn_cuda, m) {
   m.def(
       "backward(Tensor grad_out, Tensor input, Tensor? weight, Tensor save_mean, Tensor save_invstd, "
       "bool train, int[] axis, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+
+  // Staged operators (synchronized batch norm and other compositions); per-feature tensors are
+  // flat (C,) in the accumulation dtype.
+  // Local Welford state per feature: (mean, m2, count).
+  m.def("batch_stats(Tensor input, int[] axis) -> (Tensor, Tensor, Tensor)");
+  // Chan merge of W states ((W, C) each, rows in order) -> (mean, invstd, count); running stats
+  // are updated in place except for features whose total count is 0.
+  m.def(
+      "gather_stats(Tensor mean, Tensor m2, Tensor count, Tensor(a!)? running_mean, Tensor(b!)? running_var, "
+      "float momentum, float eps, bool unbiased_running_var=True) -> (Tensor, Tensor, Tensor)");
+  // (input - mean) * invstd * weight + bias with caller-supplied statistics.
+  m.def("normalize(Tensor input, Tensor mean, Tensor invstd, Tensor? weight, Tensor? bias, int[] axis) -> Tensor");
+  // Local (sum(grad_out), sum(grad_out * (input - mean))) per feature.
+  m.def("grad_sums(Tensor grad_out, Tensor input, Tensor mean, Tensor invstd, int[] axis) -> (Tensor, Tensor)");
+  // Training grad_input from (e.g. all-reduced) sums and total per-feature counts.
+  m.def(
+      "grad_input(Tensor grad_out, Tensor input, Tensor mean, Tensor invstd, Tensor? weight, Tensor sum_dy, "
+      "Tensor sum_dy_xmu, Tensor count, int[] axis) -> Tensor");
 }
 
 namespace {

@@ -233,11 +233,19 @@ def reference_batch_norm(x, running_mean=None, running_var=None, weight=None, bi
     y2 = F.batch_norm(x2, rm, rv, w64, b64, training, momentum, eps)
     y = _from_torch_layout(y2, x.shape, perm)
     res = {"out": y.detach(), "running_mean": rm, "running_var": rv, "grad_input": None,
-           "grad_weight": None, "grad_bias": None}
+           "grad_input_scale": None, "grad_weight": None, "grad_bias": None}
     if grad_out is not None:
+        # The natural scale of grad_input: its terms are w * invstd * grad_out, and in training
+        # they cancel (to ~0 with two values per feature), so its own magnitude can be far smaller.
+        with torch.no_grad():
+            var = x2.var(0, unbiased=False) if training else rv.detach().clone() if rv is not None else None
+            invstd = (var + eps).rsqrt()
+            wabs = w64.detach().abs() if w64 is not None else torch.ones_like(invstd)
+            res_scale = float((wabs * invstd).max()) * float(grad_out.detach().abs().max()) if x.numel() else 1.0
         inputs = [x64] + [t for t in (w64, b64) if t is not None]
         grads = torch.autograd.grad(y, inputs, grad_out.detach().to("cpu", torch.float64))
         res["grad_input"] = grads[0]
+        res["grad_input_scale"] = max(res_scale, float(grads[0].abs().max()) if grads[0].numel() else 0.0)
         k = 1
         if w64 is not None:
             res["grad_weight"] = grads[k].reshape(weight.shape)

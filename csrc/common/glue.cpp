@@ -19,23 +19,22 @@ DType dtype_of(const at::Tensor& t, const char* name) {
     case at::kBFloat16:
       return DType::kBFloat16;
     default:
+      // torch.<name> (torch.uint8, torch.int64) as Python users spell dtypes, not c10's "Byte".
       TORCH_CHECK_TYPE(false, "bn_cuda: ", name,
-                       " must be a floating-point tensor (float32, float64, float16 or bfloat16), got ",
-                       t.scalar_type());
+                       " must be a floating-point tensor (float32, float64, float16 or bfloat16), got torch.",
+                       c10::getDtypeNames(t.scalar_type()).first);
   }
   return DType::kFloat32;
 }
 
 at::ScalarType acc_scalar_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
-namespace {
-
 void check_same_device(const at::Tensor& t, const at::Tensor& input, const char* name) {
   TORCH_CHECK(t.device() == input.device(), "bn_cuda: ", name, " is on ", t.device(), " but input is on ",
               input.device(), "; move them to the same device");
 }
 
-std::string accepted_shapes(const Canonical& c, int64_t ndim) {
+static std::string accepted_shapes(const Canonical& c, int64_t ndim) {
   std::vector<int64_t> keras(ndim, 1);
   for (size_t k = 0; k < c.axes.size(); ++k) keras[c.axes[k]] = c.feature_shape[k];
   std::ostringstream os;
@@ -77,8 +76,6 @@ FeatureTensor feature_tensor(const c10::optional<at::Tensor>& maybe, const char*
   }
   return f;
 }
-
-}  // namespace
 
 ForwardCall prepare_forward(const at::Tensor& input, const c10::optional<at::Tensor>& weight,
                             const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& running_mean,

@@ -26,6 +26,13 @@ struct FeatureTensor {
   void* ptr() const { return acc.defined() ? acc.data_ptr() : nullptr; }
 };
 
+void check_same_device(const at::Tensor& t, const at::Tensor& input, const char* name);
+
+// Validate a per-feature tensor of `input` (shape: the feature dims', flat (C,), or the
+// rank-preserving Keras shape; same device; floating) and bring it to flat acc-typed form.
+FeatureTensor feature_tensor(const c10::optional<at::Tensor>& maybe, const char* name, const Canonical& c,
+                             const at::Tensor& input, at::ScalarType acc, bool mutated);
+
 struct ForwardCall {
   Canonical canon;
   DType dtype = DType::kFloat32;

@@ -173,6 +173,21 @@ inline void grad_run(const T* dy, const T* x, T* dx, int64_t n, const GradCoeffs
 // ---------------------------------------------------------------------------------------------
 // Partial statistics.
 
+// Grain (tasks per chunk of at::parallel_for) so that a thread gets at least kCpuChunkElems
+// elements: tiny inputs then run inline instead of waking the thread pool, which costs more than
+// the work (milliseconds on a loaded machine). It only decides which thread runs a task, never the
+// partition, so results stay independent of the thread count.
+inline int64_t grain_for(int64_t elems_per_task) {
+  return std::max<int64_t>(1, kCpuChunkElems / std::max<int64_t>(1, elems_per_task));
+}
+
+// Elements in one channels-first partition / one channels-last partition.
+inline int64_t cf_part_elems(const View3& v) {
+  const int64_t rows_per_part = v.I >= kCpuChunkElems ? 1 : kCpuChunkElems / v.I;
+  return std::min(rows_per_part, v.O) * v.I;
+}
+inline int64_t cl_part_elems(const View3& v, int64_t P) { return ceil_div(v.O, P) * v.C; }
+
 // Partial states per (partition, feature). `mean` holds the partial mean MINUS the feature's
 // shift (its first element, feature_shift): every partial of a feature shares that shift, so the
 // partial means and the deltas of Chan's merges stay small and exact even when |mean| >> std
@@ -351,7 +366,7 @@ void forward_train(const ForwardParams& p) {
   CoeffArrays<A> k{coeff_base, coeff_base + C, coeff_base + 2 * C};
 
   if (!v.channels_last) {
-    at::parallel_for(0, C * P, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, C * P, grain_for(cf_part_elems(v)), [&](int64_t begin, int64_t end) {
       for (int64_t t = begin; t < end; ++t) {
         const int64_t c = t / P, q = t % P;
         const WelfordState<A> st = stats_cf_part<T>(p, c, q);
@@ -361,7 +376,7 @@ void forward_train(const ForwardParams& p) {
       }
     });
   } else {
-    at::parallel_for(0, P, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, P, grain_for(cl_part_elems(v, P)), [&](int64_t begin, int64_t end) {
       for (int64_t q = begin; q < end; ++q) stats_cl_part<T>(p, q, P, part);
     });
   }
@@ -374,7 +389,7 @@ void forward_train(const ForwardParams& p) {
   A* sm = static_cast<A*>(p.save_mean);
   A* si = static_cast<A*>(p.save_invstd);
   const A eps = static_cast<A>(p.eps), mom = static_cast<A>(p.momentum);
-  at::parallel_for(0, C, 256, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, C, grain_for(8 * P), [&](int64_t begin, int64_t end) {
     for (int64_t c = begin; c < end; ++c) {
       WelfordState<A> st = welford_empty<A>();
       for (int64_t q = 0; q < P; ++q) {
@@ -382,6 +397,12 @@ void forward_train(const ForwardParams& p) {
         st = welford_merge(st, WelfordState<A>{part.mean[idx], part.m2[idx], part.n[idx]});
       }
       st.mean = feature_shift<T>(p, c) + st.mean;  // partial means are relative to the shift
+      if (p.stat_mean) {  // staged batch_stats: hand the merged local state to the caller
+        static_cast<A*>(p.stat_mean)[c] = st.mean;
+        static_cast<A*>(p.stat_m2)[c] = st.m2;
+        static_cast<A*>(p.stat_count)[c] = st.n;
+        continue;
+      }
       const A var = biased_var(st);
       const A invstd = invstd_of(var, eps);
       sm[c] = st.mean;
@@ -394,7 +415,7 @@ void forward_train(const ForwardParams& p) {
       k.shift[c] = kc.shift;
     }
   });
-  apply_all<T>(p, k);
+  if (!p.stat_mean) apply_all<T>(p, k);
 }
 
 template <typename T>
@@ -408,8 +429,10 @@ void forward_infer(const ForwardParams& p) {
   const A* rm = static_cast<const A*>(p.running_mean);
   const A* rv = static_cast<const A*>(p.running_var);
   const A eps = static_cast<A>(p.eps);
+  const A* gm = static_cast<const A*>(p.given_mean);  // staged normalize: statistics given
+  const A* gi = static_cast<const A*>(p.given_invstd);
   for (int64_t c = 0; c < C; ++c) {
-    const ApplyCoeffs<A> kc = apply_coeffs(rm[c], invstd_of(rv[c], eps), w, b, c);
+    const ApplyCoeffs<A> kc = gm ? apply_coeffs(gm[c], gi[c], w, b, c) : apply_coeffs(rm[c], invstd_of(rv[c], eps), w, b, c);
     k.mean[c] = kc.mean;
     k.scale[c] = kc.scale;
     k.shift[c] = kc.shift;
@@ -439,12 +462,14 @@ void backward(const BackwardParams& p) {
   A* g_kdy = gbase + C;
   A* g_kx = gbase + 2 * C;
   A* g_k0 = gbase + 3 * C;
-  const bool need_sums = p.grad_weight || p.grad_bias || (p.dx && p.train);
+  // Staged: given_sum_* replace the local sums; out_sum_* receive them.
+  const bool given = p.given_sum_dy != nullptr;
+  const bool need_sums = !given && (p.grad_weight || p.grad_bias || p.out_sum_dy || (p.dx && p.train));
 
   if (need_sums) {
     if (!v.channels_last) {
       const int64_t rows_per_part = v.I >= kCpuChunkElems ? 1 : kCpuChunkElems / v.I;
-      at::parallel_for(0, C * P, 1, [&](int64_t begin, int64_t end) {
+      at::parallel_for(0, C * P, grain_for(cf_part_elems(v)), [&](int64_t begin, int64_t end) {
         for (int64_t t = begin; t < end; ++t) {
           const int64_t c = t / P, q = t % P;
           const int64_t r0 = q * rows_per_part, r1 = std::min(v.O, r0 + rows_per_part);
@@ -457,7 +482,7 @@ void backward(const BackwardParams& p) {
       });
     } else {
       const int64_t rows_per_part = ceil_div(v.O, P);
-      at::parallel_for(0, P, 1, [&](int64_t begin, int64_t end) {
+      at::parallel_for(0, P, grain_for(cl_part_elems(v, P)), [&](int64_t begin, int64_t end) {
         for (int64_t q = begin; q < end; ++q) {
           A* s = sdy + q * C;
           A* sx = sdyx + q * C;
@@ -503,9 +528,18 @@ void backward(const BackwardParams& p) {
         sx += sdyx[idx];
       }
     }
+    if (given) {
+      s = static_cast<const A*>(p.given_sum_dy)[c];
+      sx = static_cast<const A*>(p.given_sum_dy_xmu)[c];
+    }
+    if (p.out_sum_dy) {
+      static_cast<A*>(p.out_sum_dy)[c] = s;
+      static_cast<A*>(p.out_sum_dy_xmu)[c] = sx;
+    }
     if (gw) gw[c] = sx * invstd[c];
     if (gb) gb[c] = s;
-    const GradCoeffs<A> g = grad_coeffs(mean[c], invstd[c], w ? w[c] : A(1), s, sx, count, p.train);
+    const A n = given ? static_cast<const A*>(p.given_count)[c] : count;
+    const GradCoeffs<A> g = grad_coeffs(mean[c], invstd[c], w ? w[c] : A(1), s, sx, n, p.train);
     g_mean[c] = g.mean;
     g_kdy[c] = g.k_dy;
     g_kx[c] = g.k_xmu;

@@ -10,6 +10,7 @@
 #include <tuple>
 
 #include "common/glue.h"
+#include "common/staged.h"
 #include "cuda/launchers.h"
 
 namespace bn_cuda {
@@ -36,6 +37,15 @@ inline cudaError_t forward_infer(DType t, const ForwardParams& p, cudaStream_t s
 }
 inline cudaError_t backward(DType t, const BackwardParams& p, cudaStream_t s) {
   BN_CUDA_DTYPE_SWITCH(t, backward_t, p, s)
+}
+inline cudaError_t batch_stats(DType t, const ForwardParams& p, cudaStream_t s) {
+  BN_CUDA_DTYPE_SWITCH(t, batch_stats_t, p, s)
+}
+inline cudaError_t apply_given(DType t, const ForwardParams& p, cudaStream_t s) {
+  BN_CUDA_DTYPE_SWITCH(t, apply_given_t, p, s)
+}
+inline cudaError_t backward_apply(DType t, const BackwardParams& p, cudaStream_t s) {
+  BN_CUDA_DTYPE_SWITCH(t, backward_apply_t, p, s)
 }
 #undef BN_CUDA_DTYPE_SWITCH
 
@@ -105,10 +115,92 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(const at::Tensor& g
   return {call.grad_input, call.grad_weight, call.grad_bias};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_stats_cuda(const at::Tensor& input, at::IntArrayRef axis) {
+  const c10::cuda::CUDAGuard guard(input.device());
+  BatchStatsCall call = prepare_batch_stats(input, axis);
+  at::Tensor ws;
+  if (!call.skip) {
+    plan_forward_cuda(call.p, call.dtype, sm_count());
+    ws = workspace(input, forward_workspace_bytes(call.p.v, call.p.partitions, acc_size(call.dtype)), call.dtype);
+    call.p.workspace = ws.data_ptr();
+    C10_CUDA_CHECK(cuda::batch_stats(call.dtype, call.p, at::cuda::getCurrentCUDAStream()));
+  }
+  return {call.mean, call.m2, call.count};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gather_stats_cuda(
+    const at::Tensor& mean, const at::Tensor& m2, const at::Tensor& count, const c10::optional<at::Tensor>& running_mean,
+    const c10::optional<at::Tensor>& running_var, double momentum, double eps, bool unbiased_running_var) {
+  const c10::cuda::CUDAGuard guard(mean.device());
+  GatherCall call = prepare_gather(mean, m2, count, running_mean, running_var, momentum, eps, unbiased_running_var);
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  C10_CUDA_CHECK(call.is_double ? cuda::gather_stats_t<DType::kFloat64>(call.g, stream)
+                                : cuda::gather_stats_t<DType::kFloat32>(call.g, stream));
+  finish_gather(call);
+  return {call.out_mean, call.out_invstd, call.out_count};
+}
+
+at::Tensor normalize_cuda(const at::Tensor& input, const at::Tensor& mean, const at::Tensor& invstd,
+                          const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
+                          at::IntArrayRef axis) {
+  const c10::cuda::CUDAGuard guard(input.device());
+  NormalizeCall call = prepare_normalize(input, mean, invstd, weight, bias, axis);
+  ForwardCall& f = call.fwd;
+  at::Tensor ws;
+  if (!f.skip) {
+    plan_forward_cuda(f.p, f.dtype, sm_count());
+    f.p.partitions = 0;  // the workspace holds only the apply coefficients
+    ws = workspace(input, forward_workspace_bytes(f.p.v, 0, acc_size(f.dtype)), f.dtype);
+    f.p.workspace = ws.data_ptr();
+    C10_CUDA_CHECK(cuda::apply_given(f.dtype, f.p, at::cuda::getCurrentCUDAStream()));
+  }
+  finish_forward(f);
+  return f.out;
+}
+
+std::tuple<at::Tensor, at::Tensor> grad_sums_cuda(const at::Tensor& grad_out, const at::Tensor& input,
+                                                  const at::Tensor& mean, const at::Tensor& invstd,
+                                                  at::IntArrayRef axis) {
+  const c10::cuda::CUDAGuard guard(input.device());
+  GradSumsCall call = prepare_grad_sums(grad_out, input, mean, invstd, axis);
+  BackwardCall& b = call.bwd;
+  at::Tensor ws;
+  if (!b.skip) {
+    plan_backward_cuda(b.p, b.dtype, sm_count());
+    ws = workspace(input, backward_workspace_bytes(b.p.v, b.p.partitions, acc_size(b.dtype)), b.dtype);
+    b.p.workspace = ws.data_ptr();
+    C10_CUDA_CHECK(cuda::backward(b.dtype, b.p, at::cuda::getCurrentCUDAStream()));
+  }
+  return {call.sum_dy, call.sum_dy_xmu};
+}
+
+at::Tensor grad_input_cuda(const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& mean,
+                           const at::Tensor& invstd, const c10::optional<at::Tensor>& weight, const at::Tensor& sum_dy,
+                           const at::Tensor& sum_dy_xmu, const at::Tensor& count, at::IntArrayRef axis) {
+  const c10::cuda::CUDAGuard guard(input.device());
+  GradInputCall call = prepare_grad_input(grad_out, input, mean, invstd, weight, sum_dy, sum_dy_xmu, count, axis);
+  BackwardCall& b = call.bwd;
+  at::Tensor ws;
+  if (!b.skip) {
+    plan_backward_cuda(b.p, b.dtype, sm_count());
+    b.p.partitions = 0;  // sums are given
+    ws = workspace(input, backward_workspace_bytes(b.p.v, 0, acc_size(b.dtype)), b.dtype);
+    b.p.workspace = ws.data_ptr();
+    C10_CUDA_CHECK(cuda::backward_apply(b.dtype, b.p, at::cuda::getCurrentCUDAStream()));
+  }
+  finish_backward(b);
+  return b.grad_input;
+}
+
 }  // namespace
 }  // namespace bn_cuda
 
 TORCH_LIBRARY_IMPL(bn_cuda, CUDA, m) {
+  m.impl("batch_stats", &bn_cuda::batch_stats_cuda);
+  m.impl("gather_stats", &bn_cuda::gather_stats_cuda);
+  m.impl("normalize", &bn_cuda::normalize_cuda);
+  m.impl("grad_sums", &bn_cuda::grad_sums_cuda);
+  m.impl("grad_input", &bn_cuda::grad_input_cuda);
   m.impl("forward_train", &bn_cuda::forward_train_cuda);
   m.impl("forward_infer", &bn_cuda::forward_infer_cuda);
   m.impl("backward", &bn_cuda::backward_cuda);

@@ -13,6 +13,16 @@
 namespace BN_CUDA_NAMESPACE {
 namespace cuda {
 
+// Every partial state of a feature is taken of (x - shift), shift being the feature's first
+// element (feature_shift): partial means then stay near zero, so the deltas of Chan's merges are
+// exact even when |mean| >> std (fp32 means rounded at an offset of 1e6 are off by up to 0.06,
+// which a merge would square into the variance). finalize adds the shift back once.
+template <typename T>
+__device__ __forceinline__ acc_t<T> feature_shift(const ForwardParams& p, int64_t c) {
+  const T* x = static_cast<const T*>(p.x);
+  return to_acc(p.v.channels_last ? x[c] : x[c * p.x_sc]);
+}
+
 // Channels-first statistics: block (c, q) reduces partition q of feature c. Each thread gathers
 // U vectors of V elements, takes their exact two-pass moments in registers, and Chan-merges the
 // group into its running state; the block then merges its threads in a fixed tree.
@@ -28,6 +38,7 @@ __global__ void __launch_bounds__(BLOCK) stats_cf_kernel(const ForwardParams p) 
   const int64_t begin = q * per;
   const int64_t end = begin + per < nvec ? begin + per : nvec;
   const T* x = static_cast<const T*>(p.x) + c * p.x_sc;
+  const A shift = to_acc(x[0]);  // see feature_shift
 
   WelfordState<A> st = welford_empty<A>();
   int64_t k = begin + threadIdx.x;
@@ -43,7 +54,7 @@ __global__ void __launch_bounds__(BLOCK) stats_cf_kernel(const ForwardParams p) 
           A v[V];
           load_pack<T, V>(x + cur.o * p.x_so + cur.iv * V, v);
 #pragma unroll
-          for (int e = 0; e < V; ++e) vals[u * V + e] = v[e];
+          for (int e = 0; e < V; ++e) vals[u * V + e] = v[e] - shift;
           ++valid;
           cur.advance();
         }
@@ -93,11 +104,17 @@ __global__ void __launch_bounds__(256) stats_cl_kernel(const ForwardParams p) {
   for (int e = 0; e < V; ++e) mean[e] = m2[e] = A(0);
   A n = A(0);
   if (c0 < C) {
+    A shift[V];  // see feature_shift
+    load_pack<T, V>(x + c0, shift);
     int64_t r = r0 + ty;
     for (; r + BY * (U - 1) < r1; r += BY * U) {
       A v[U][V];
 #pragma unroll
-      for (int u = 0; u < U; ++u) load_pack<T, V>(x + (r + BY * u) * p.x_so + c0, v[u]);
+      for (int u = 0; u < U; ++u) {
+        load_pack<T, V>(x + (r + BY * u) * p.x_so + c0, v[u]);
+#pragma unroll
+        for (int e = 0; e < V; ++e) v[u][e] -= shift[e];
+      }
       const A n_new = n + A(U);
       const A f = A(U) / n_new;
       const A g = n * f;
@@ -122,6 +139,8 @@ __global__ void __launch_bounds__(256) stats_cl_kernel(const ForwardParams p) {
     for (; r < r1; r += BY) {
       A v[V];
       load_pack<T, V>(x + r * p.x_so + c0, v);
+#pragma unroll
+      for (int e = 0; e < V; ++e) v[e] -= shift[e];
       n += A(1);
       const A inv = A(1) / n;
 #pragma unroll
@@ -154,8 +173,9 @@ __global__ void __launch_bounds__(256) stats_cl_kernel(const ForwardParams p) {
 
 // One warp per feature: Chan-merge the P partials (lanes stride over partitions, then a fixed
 // shuffle tree), then write saved statistics, running statistics and apply coefficients.
-template <typename A>
+template <typename T>
 __global__ void __launch_bounds__(256) finalize_forward_kernel(const ForwardParams p) {
+  using A = acc_t<T>;
   const int64_t C = p.v.C, P = p.partitions;
   const int lane = threadIdx.x & 31;
   const int64_t c = static_cast<int64_t>(blockIdx.x) * 8 + (threadIdx.x >> 5);
@@ -168,6 +188,7 @@ __global__ void __launch_bounds__(256) finalize_forward_kernel(const ForwardPara
   }
   st = warp_merge(st);
   if (lane != 0) return;
+  st.mean += feature_shift<T>(p, c);
   if (p.stat_mean) {  // batch_stats: hand the merged local state to the caller
     static_cast<A*>(p.stat_mean)[c] = st.mean;
     static_cast<A*>(p.stat_m2)[c] = st.m2;

@@ -54,7 +54,7 @@ cudaError_t launch_stats(const ForwardParams& p, cudaStream_t stream) {
     stats_cl_kernel<T, V, BX><<<grid, dim3(BX, kCudaBlock / BX), 0, stream>>>(p);
   }
   BN_CUDA_RETURN_IF_ERROR();
-  finalize_forward_kernel<acc_t<T>><<<static_cast<unsigned>(ceil_div(v.C, 8)), 256, 0, stream>>>(p);
+  finalize_forward_kernel<T><<<static_cast<unsigned>(ceil_div(v.C, 8)), 256, 0, stream>>>(p);
   BN_CUDA_RETURN_IF_ERROR();
   return cudaSuccess;
 }

@@ -1,0 +1,223 @@
+"""Synchronized batch normalization over ``torch.distributed`` (NCCL between GPUs, gloo between CPUs).
+
+Training forward, world size > 1::
+
+    batch_stats  (local Welford state per feature: mean, M2, count)
+    -> one all-gather of the packed (3, C) state        (uneven and empty batches: counts travel along)
+    -> gather_stats (Chan merge of the W rows in rank order on the device; running statistics update)
+    -> normalize
+
+Backward: ``grad_sums`` (local sum(dy), sum(dy * (x - mean))) -> one all-reduce of the packed
+(2, C) sums -> ``grad_input``. The weight / bias gradients are the *local* sums; DDP reduces them
+across ranks like any other parameter gradient.
+
+Nothing in that path reads a tensor on the host, so it can be captured in a CUDA graph. The one
+exception is the feature-count check (:class:`FeatureCountCheck`), a one-integer all-gather that
+runs on a layer's first call for each feature count and is cached afterwards: run one step before
+capturing.
+"""
+
+from __future__ import annotations
+
+from typing import Any, List, Optional, Sequence, Set, Tuple, Union
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from . import ops, staged
+
+__all__ = ["FeatureCountCheck", "all_reduce_sum", "process_group_and_size", "sync_batch_norm",
+           "sync_batch_stats", "sync_moments", "SyncNormalize"]
+
+ProcessGroup = Any  # torch.distributed.ProcessGroup, or None for the default group
+
+
+def process_group_and_size(process_group: ProcessGroup = None) -> Tuple[ProcessGroup, int]:
+    """``(group, world_size)``; world size 1 when torch.distributed is unavailable or uninitialized."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return None, 1
+    group = process_group if process_group is not None else dist.group.WORLD
+    return group, dist.get_world_size(group)
+
+
+def _all_gather_flat(output: Tensor, input: Tensor, group: ProcessGroup) -> None:
+    """Concatenate every rank's ``input`` along dim 0 into ``output`` (rank order)."""
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # renamed in torch 2.x
+    gather(output, input, group=group)
+
+
+class FeatureCountCheck:
+    """Checks that every process of a group normalizes the same number of features.
+
+    Packing per-feature states of different lengths into one all-gather would abort the gloo
+    process or, over NCCL, hang or read garbage, so the count is exchanged first: a one-integer
+    all-gather, done once per (group, feature count) and cached. A layer keeps one instance.
+
+    With ghost batches the number of ghosts depends on each rank's batch size, so it is exchanged
+    on every call (:meth:`ghosts`), together with the feature count.
+    """
+
+    def __init__(self, who: str = "bn_cuda") -> None:
+        self.who = who
+        self._group: ProcessGroup = None
+        self._verified: Set[int] = set()
+
+    def __getstate__(self):  # a pickled / deep-copied layer re-checks in its new processes
+        return {"who": self.who}
+
+    def __setstate__(self, state) -> None:
+        self.__init__(state.get("who", "bn_cuda"))
+
+    def _exchange(self, values: Sequence[int], group: ProcessGroup, device: torch.device) -> List[List[int]]:
+        mine = torch.tensor([list(values)], dtype=torch.int64, device=device)
+        world = dist.get_world_size(group)
+        everyone = mine.new_empty((world, len(values)))
+        _all_gather_flat(everyone, mine, group)
+        return everyone.tolist()
+
+    def _raise_if_differ(self, features: int, by_rank: List[int], group: ProcessGroup, what: str) -> None:
+        if all(f == features for f in by_rank):
+            return
+        rank = dist.get_rank(group)
+        other = next(r for r, f in enumerate(by_rank) if f != features)
+        raise RuntimeError(
+            f"{self.who}: the processes of the group normalize different numbers of {what}: this process "
+            f"(rank {rank}) has {features}, rank {other} has {by_rank[other]} (by rank: {by_rank}). "
+            "Every process must run the layer on inputs with the same feature dims.")
+
+    def __call__(self, features: int, group: ProcessGroup, device: torch.device) -> None:
+        """Raise a RuntimeError on every rank if the feature counts differ (cached once passed)."""
+        if group is not self._group:
+            self._group, self._verified = group, set()
+        if features in self._verified:
+            return
+        by_rank = [row[0] for row in self._exchange([features], group, device)]
+        self._raise_if_differ(features, by_rank, group, "features")
+        self._verified.add(features)
+
+    def ghosts(self, features: int, ghosts: int, group: ProcessGroup, device: torch.device) -> int:
+        """Exchange (features, ghost count); raise if the features differ, else return the most ghosts."""
+        rows = self._exchange([features, ghosts], group, device)
+        self._raise_if_differ(features, [r[0] for r in rows], group, "features")
+        return max(r[1] for r in rows)
+
+
+@torch.no_grad()
+def sync_batch_stats(input: Tensor, axis: Sequence[int], running_mean: Optional[Tensor],
+                     running_var: Optional[Tensor], momentum: float, eps: float, group: ProcessGroup,
+                     world_size: int, *, unbiased_running_var: bool = True, pad_to: Optional[int] = None
+                     ) -> Tuple[Tensor, Tensor, Tensor]:
+    """Global ``(mean, invstd, count)`` per feature, each ``(C,)``; running statistics updated in place.
+
+    ``pad_to`` (ghost batches): append empty states so that every rank sends ``pad_to`` features.
+    """
+    mean, m2, count = staged.batch_stats(input, axis)
+    local = torch.stack((mean, m2, count))  # (3, C): one message per rank
+    if pad_to is not None and pad_to > local.shape[1]:
+        local = torch.nn.functional.pad(local, (0, pad_to - local.shape[1]))  # count 0: merged as nothing
+    gathered = local.new_empty((world_size * 3, local.shape[1]))
+    _all_gather_flat(gathered, local, group)
+    means, m2s, counts = gathered.view(world_size, 3, -1).transpose(0, 1).contiguous().unbind(0)
+    return staged.gather_stats(means, m2s, counts, running_mean, running_var, momentum, eps,
+                               unbiased_running_var)
+
+
+@torch.no_grad()
+def sync_moments(input: Tensor, axis: Sequence[int], eps: float, group: ProcessGroup, world_size: int,
+                 *, pad_to: Optional[int] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Global ``(mean, biased variance, invstd, count)`` per feature, for callers that need the
+    variance itself (renorm, ghost-batch moving averages). No running statistics are touched.
+
+    ``gather_stats`` writes the variance only into running statistics; with zeroed scratch
+    buffers and momentum 1 they receive ``0 * 0 + 1 * batch_stat``, the statistic itself, exactly
+    (and stay 0 for features with no values).
+    """
+    c = pad_to if pad_to is not None else ops.num_features(input.shape, axis)
+    acc = torch.float64 if input.dtype == torch.float64 else torch.float32
+    mean_out = torch.zeros(c, dtype=acc, device=input.device)
+    var_out = torch.zeros(c, dtype=acc, device=input.device)
+    _, invstd, count = sync_batch_stats(input, axis, mean_out, var_out, 1.0, eps, group, world_size,
+                                        unbiased_running_var=False, pad_to=pad_to)
+    return mean_out, var_out, invstd, count
+
+
+class SyncNormalize(torch.autograd.Function):
+    """``normalize`` with global batch statistics computed from ``input``; its backward is the full
+    batch-norm training backward over the global batch (one all-reduce)."""
+
+    @staticmethod
+    def forward(ctx, input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], mean: Tensor,
+                invstd: Tensor, count: Tensor, axis: List[int], group: ProcessGroup) -> Tensor:
+        ctx.save_for_backward(input, weight, mean, invstd, count)
+        ctx.axis, ctx.group = axis, group
+        ctx.bias_meta = None if bias is None else (bias.shape, bias.dtype)
+        return staged.normalize(input, mean, invstd, weight, bias, axis)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: Tensor):
+        input, weight, mean, invstd, count = ctx.saved_tensors
+        need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
+        sum_dy, sum_dy_xmu = staged.grad_sums(grad_out, input, mean, invstd, ctx.axis)
+        grad_input = grad_weight = grad_bias = None
+        if need_weight:
+            grad_weight = (sum_dy_xmu * invstd).reshape(weight.shape).to(weight.dtype)
+        if need_bias:
+            grad_bias = sum_dy.reshape(ctx.bias_meta[0]).to(ctx.bias_meta[1])
+        if need_input:
+            # Every rank needs the input gradient (same model), so every rank joins this all-reduce.
+            total = torch.stack((sum_dy, sum_dy_xmu))
+            dist.all_reduce(total, group=ctx.group)
+            grad_input = staged.grad_input(grad_out, input, mean, invstd, weight, total[0], total[1], count,
+                                           ctx.axis)
+        return grad_input, grad_weight, grad_bias, None, None, None, None, None
+
+
+def sync_batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                    weight: Optional[Tensor] = None, bias: Optional[Tensor] = None, momentum: float = 0.1,
+                    eps: float = 1e-5, *, axis: Union[int, Sequence[int]] = 1,
+                    process_group: ProcessGroup = None, unbiased_running_var: bool = True,
+                    feature_check: Optional[FeatureCountCheck] = None) -> Tensor:
+    """Training-mode batch normalization with statistics over every process of ``process_group``.
+
+    Parameters
+    ----------
+    input : Tensor
+        This process's part of the global batch (it may be empty); any strides.
+    running_mean, running_var : Tensor or None
+        Flat ``(C,)`` running statistics, updated in place with the global statistics
+        (``(1 - momentum) * running + momentum * stat``; unbiased variance unless
+        ``unbiased_running_var=False``). Left unchanged when the global batch is empty.
+    weight, bias : Tensor or None
+        Flat ``(C,)`` affine parameters; their gradients are this process's share (DDP sums them).
+    momentum, eps : float
+        As in :func:`torch.nn.functional.batch_norm`.
+    axis : int or sequence of int
+        Feature axes.
+    process_group : ProcessGroup, optional
+        Default: the whole world. With no initialized group, or a group of one process, this is
+        plain :func:`bn_cuda.ops.batch_norm_train` (no collective).
+    feature_check : FeatureCountCheck, optional
+        A layer's cached check; without one the feature count is exchanged on every call.
+    """
+    axes = ops.normalize_axes([axis] if isinstance(axis, int) else list(axis), input.dim())
+    ops.check_same_device(input, weight=weight, bias=bias, running_mean=running_mean, running_var=running_var)
+    group, world_size = process_group_and_size(process_group)
+    if world_size <= 1:
+        out, _, _ = ops.batch_norm_train(input, weight, bias, running_mean, running_var, momentum, eps, axes,
+                                         unbiased_running_var)
+        return out
+    check = feature_check if feature_check is not None else FeatureCountCheck("bn_cuda.sync_batch_norm")
+    check(ops.num_features(input.shape, axes), group, input.device)
+    mean, invstd, count = sync_batch_stats(input, axes, running_mean, running_var, momentum, eps, group,
+                                           world_size, unbiased_running_var=unbiased_running_var)
+    return SyncNormalize.apply(input, weight, bias, mean, invstd, count, axes, group)
+
+
+def all_reduce_sum(tensor: Tensor, group: ProcessGroup = None) -> Tensor:
+    """Differentiable all-reduce-sum (the gradient is the all-reduce-sum of the gradients)."""
+    from torch.distributed.nn.functional import all_reduce
+
+    return all_reduce(tensor, group=group if group is not None else dist.group.WORLD)

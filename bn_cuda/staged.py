@@ -1,0 +1,90 @@
+"""Staged operators: the fused forward / backward split at the points where statistics cross a
+process boundary (synchronized batch norm) or where a composition needs them.
+
+Forward:  ``batch_stats`` (local Welford state per feature) -> exchange -> ``gather_stats``
+(Chan merge of W states in a fixed order, running statistics update) -> ``normalize``.
+Backward: ``grad_sums`` (local sum(dy), sum(dy * (x - mean))) -> all-reduce -> ``grad_input``.
+
+All per-feature outputs are flat ``(C,)`` tensors in the accumulation dtype (fp32; fp64 for fp64
+input). None of them synchronizes with the host.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from .ops import _acc_dtype, num_features
+
+__all__ = ["batch_stats", "gather_stats", "normalize", "grad_sums", "grad_input"]
+
+_ops = torch.ops.bn_cuda
+
+
+@torch.library.register_fake("bn_cuda::batch_stats")
+def _batch_stats_fake(input, axis):
+    c = num_features(input.shape, axis)
+    acc = _acc_dtype(input.dtype)
+    return tuple(input.new_empty((c,), dtype=acc) for _ in range(3))
+
+
+@torch.library.register_fake("bn_cuda::gather_stats")
+def _gather_stats_fake(mean, m2, count, running_mean, running_var, momentum, eps, unbiased_running_var=True):
+    c = mean.shape[-1]
+    return tuple(mean.new_empty((c,)) for _ in range(3))
+
+
+@torch.library.register_fake("bn_cuda::normalize")
+def _normalize_fake(input, mean, invstd, weight, bias, axis):
+    return torch.empty_like(input)
+
+
+@torch.library.register_fake("bn_cuda::grad_sums")
+def _grad_sums_fake(grad_out, input, mean, invstd, axis):
+    c = num_features(input.shape, axis)
+    acc = _acc_dtype(input.dtype)
+    return input.new_empty((c,), dtype=acc), input.new_empty((c,), dtype=acc)
+
+
+@torch.library.register_fake("bn_cuda::grad_input")
+def _grad_input_fake(grad_out, input, mean, invstd, weight, sum_dy, sum_dy_xmu, count, axis):
+    return torch.empty_like(input)
+
+
+def batch_stats(input: Tensor, axis: Sequence[int]) -> Tuple[Tensor, Tensor, Tensor]:
+    """Local per-feature Welford state: ``(mean, m2, count)``, each ``(C,)``."""
+    return _ops.batch_stats(input, [int(a) for a in axis])
+
+
+def gather_stats(mean: Tensor, m2: Tensor, count: Tensor, running_mean: Optional[Tensor],
+                 running_var: Optional[Tensor], momentum: float, eps: float,
+                 unbiased_running_var: bool = True) -> Tuple[Tensor, Tensor, Tensor]:
+    """Merge ``W`` states (``(W, C)`` each; rows in order) into ``(mean, invstd, count)``.
+
+    Running statistics, when given, are updated in place (torch's momentum convention), except
+    for features whose total count is 0, which keep their running statistics.
+    """
+    return _ops.gather_stats(mean, m2, count, running_mean, running_var, float(momentum), float(eps),
+                             bool(unbiased_running_var))
+
+
+def normalize(input: Tensor, mean: Tensor, invstd: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+              axis: Sequence[int]) -> Tensor:
+    """``(input - mean) * invstd * weight + bias`` with per-feature statistics."""
+    return _ops.normalize(input, mean, invstd, weight, bias, [int(a) for a in axis])
+
+
+def grad_sums(grad_out: Tensor, input: Tensor, mean: Tensor, invstd: Tensor,
+              axis: Sequence[int]) -> Tuple[Tensor, Tensor]:
+    """Local ``(sum(dy), sum(dy * (x - mean)))`` per feature."""
+    return _ops.grad_sums(grad_out, input, mean, invstd, [int(a) for a in axis])
+
+
+def grad_input(grad_out: Tensor, input: Tensor, mean: Tensor, invstd: Tensor, weight: Optional[Tensor],
+               sum_dy: Tensor, sum_dy_xmu: Tensor, count: Tensor, axis: Sequence[int]) -> Tensor:
+    """Training grad_input from (e.g. all-reduced) sums and total per-feature counts."""
+    return _ops.grad_input(grad_out, input, mean, invstd, weight, sum_dy, sum_dy_xmu, count,
+                           [int(a) for a in axis])
+

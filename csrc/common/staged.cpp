@@ -1,0 +1,141 @@
+#include "staged.h"
+
+#include <ATen/ATen.h>
+#include <c10/util/Exception.h>
+
+namespace bn_cuda {
+
+BatchStatsCall prepare_batch_stats(const at::Tensor& input, at::IntArrayRef axis) {
+  BatchStatsCall call;
+  TORCH_CHECK_VALUE(input.dim() >= 2, "bn_cuda.batch_stats: input must have at least 2 dimensions, got ",
+                    input.dim(), "-D input of shape ", shape_str(input.sizes()));
+  call.dtype = dtype_of(input, "input");
+  call.canon = plan_canonical(input, axis);
+  const at::TensorOptions acc = input.options().dtype(acc_scalar_type(input.scalar_type()));
+  const int64_t C = call.canon.v.C;
+  call.mean = at::empty({C}, acc);
+  call.m2 = at::empty({C}, acc);
+  call.count = at::empty({C}, acc);
+  call.skip = input.numel() == 0;
+  if (call.skip) {  // an empty local batch: the empty state (merging it changes nothing)
+    call.mean.zero_();
+    call.m2.zero_();
+    call.count.zero_();
+    return call;
+  }
+  call.x = as_strided3(input, call.canon);
+  ForwardParams& p = call.p;
+  p.v = call.canon.v;
+  p.x = call.x.data();
+  p.x_so = call.x.so;
+  p.x_sc = call.x.sc;
+  p.stat_mean = call.mean.data_ptr();
+  p.stat_m2 = call.m2.data_ptr();
+  p.stat_count = call.count.data_ptr();
+  return call;
+}
+
+GatherCall prepare_gather(const at::Tensor& mean, const at::Tensor& m2, const at::Tensor& count,
+                          const c10::optional<at::Tensor>& running_mean, const c10::optional<at::Tensor>& running_var,
+                          double momentum, double eps, bool unbiased_running_var) {
+  GatherCall call;
+  TORCH_CHECK_VALUE(mean.dim() == 1 || mean.dim() == 2, "bn_cuda.gather_stats: mean must be (C,) or (W, C), got shape ",
+                    shape_str(mean.sizes()));
+  TORCH_CHECK(m2.sizes() == mean.sizes() && count.sizes() == mean.sizes(), "bn_cuda.gather_stats: mean, m2 and count ",
+              "must have the same shape, got ", shape_str(mean.sizes()), ", ", shape_str(m2.sizes()), " and ",
+              shape_str(count.sizes()));
+  dtype_of(mean, "mean");
+  check_same_device(m2, mean, "m2");
+  check_same_device(count, mean, "count");
+  TORCH_CHECK_VALUE(eps > 0, "bn_cuda.gather_stats: eps must be > 0, got ", eps);
+  const at::ScalarType acc = mean.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  call.is_double = acc == at::kDouble;
+  const int64_t W = mean.dim() == 2 ? mean.size(0) : 1;
+  const int64_t C = mean.size(-1);
+  call.mean = mean.to(acc).contiguous();
+  call.m2 = m2.to(acc).contiguous();
+  call.count = count.to(acc).contiguous();
+  Canonical flat;  // per-feature tensors of a (1, C) "input"
+  flat.axes = {1};
+  flat.feature_shape = {C};
+  flat.v.C = C;
+  const at::Tensor like = at::empty({1, C}, mean.options().dtype(acc));
+  call.running_mean = feature_tensor(running_mean, "running_mean", flat, like, acc, true);
+  call.running_var = feature_tensor(running_var, "running_var", flat, like, acc, true);
+  call.out_mean = at::empty({C}, mean.options().dtype(acc));
+  call.out_invstd = at::empty({C}, mean.options().dtype(acc));
+  call.out_count = at::empty({C}, mean.options().dtype(acc));
+  GatherParams& g = call.g;
+  g.W = W;
+  g.C = C;
+  g.mean = call.mean.data_ptr();
+  g.m2 = call.m2.data_ptr();
+  g.count = call.count.data_ptr();
+  g.running_mean = call.running_mean.ptr();
+  g.running_var = call.running_var.ptr();
+  g.out_mean = call.out_mean.data_ptr();
+  g.out_invstd = call.out_invstd.data_ptr();
+  g.out_count = call.out_count.data_ptr();
+  g.momentum = momentum;
+  g.eps = eps;
+  g.unbiased_running_var = unbiased_running_var;
+  return call;
+}
+
+void finish_gather(GatherCall& call) {
+  for (FeatureTensor* f : {&call.running_mean, &call.running_var})
+    if (f->copy_back) f->user.copy_(f->acc.view(f->user.sizes()));
+}
+
+NormalizeCall prepare_normalize(const at::Tensor& input, const at::Tensor& mean, const at::Tensor& invstd,
+                                const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
+                                at::IntArrayRef axis) {
+  NormalizeCall call;
+  // The training preparation (no running statistics needed); eps is unused by normalize.
+  call.fwd = prepare_forward(input, weight, bias, c10::nullopt, c10::nullopt, /*training=*/true, 0.0, 1.0, axis, true);
+  const at::ScalarType acc = acc_scalar_type(input.scalar_type());
+  call.mean = feature_tensor(mean, "mean", call.fwd.canon, input, acc, false);
+  call.invstd = feature_tensor(invstd, "invstd", call.fwd.canon, input, acc, false);
+  ForwardParams& p = call.fwd.p;
+  p.save_mean = nullptr;
+  p.save_invstd = nullptr;
+  p.given_mean = call.mean.ptr();
+  p.given_invstd = call.invstd.ptr();
+  return call;
+}
+
+GradSumsCall prepare_grad_sums(const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& mean,
+                               const at::Tensor& invstd, at::IntArrayRef axis) {
+  GradSumsCall call;
+  call.bwd = prepare_backward(grad_out, input, c10::nullopt, mean, invstd, true, axis, {false, false, false});
+  const at::TensorOptions acc = input.options().dtype(acc_scalar_type(input.scalar_type()));
+  call.sum_dy = at::empty({call.bwd.canon.v.C}, acc);
+  call.sum_dy_xmu = at::empty({call.bwd.canon.v.C}, acc);
+  if (call.bwd.skip) {
+    call.sum_dy.zero_();
+    call.sum_dy_xmu.zero_();
+    return call;
+  }
+  call.bwd.p.out_sum_dy = call.sum_dy.data_ptr();
+  call.bwd.p.out_sum_dy_xmu = call.sum_dy_xmu.data_ptr();
+  return call;
+}
+
+GradInputCall prepare_grad_input(const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& mean,
+                                 const at::Tensor& invstd, const c10::optional<at::Tensor>& weight,
+                                 const at::Tensor& sum_dy, const at::Tensor& sum_dy_xmu, const at::Tensor& count,
+                                 at::IntArrayRef axis) {
+  GradInputCall call;
+  call.bwd = prepare_backward(grad_out, input, weight, mean, invstd, true, axis, {true, false, false});
+  const at::ScalarType acc = acc_scalar_type(input.scalar_type());
+  call.sum_dy = feature_tensor(sum_dy, "sum_dy", call.bwd.canon, input, acc, false);
+  call.sum_dy_xmu = feature_tensor(sum_dy_xmu, "sum_dy_xmu", call.bwd.canon, input, acc, false);
+  call.count = feature_tensor(count, "count", call.bwd.canon, input, acc, false);
+  BackwardParams& p = call.bwd.p;
+  p.given_sum_dy = call.sum_dy.ptr();
+  p.given_sum_dy_xmu = call.sum_dy_xmu.ptr();
+  p.given_count = call.count.ptr();
+  return call;
+}
+
+}  // namespace bn_cuda

@@ -1,0 +1,114 @@
+// CPU bodies of the staged operators (batch_stats, gather_stats, normalize, grad_sums,
+// grad_input): the same capability-dispatched kernels as the fused ops, run in part.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <tuple>
+
+#include "bn_cuda/epilogue.h"
+#include "common/staged.h"
+#include "cpu/dispatch.h"
+
+namespace bn_cuda {
+namespace {
+
+at::Tensor workspace(const at::Tensor& like, DType t, size_t bytes) {
+  const at::ScalarType acc = t == DType::kFloat64 ? at::kDouble : at::kFloat;
+  return at::empty({static_cast<int64_t>(bytes / acc_size(t)) + 1}, like.options().dtype(acc));
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_stats_cpu(const at::Tensor& input, at::IntArrayRef axis) {
+  BatchStatsCall call = prepare_batch_stats(input, axis);
+  if (!call.skip) {
+    call.p.partitions = plan_partitions_cpu(call.p.v);
+    at::Tensor ws = workspace(input, call.dtype, forward_workspace_bytes(call.p.v, call.p.partitions, acc_size(call.dtype)));
+    call.p.workspace = ws.data_ptr();
+    cpu::forward_train(call.dtype, call.p);
+  }
+  return {call.mean, call.m2, call.count};
+}
+
+template <typename A>
+void gather_kernel(const GatherParams& g) {
+  const A* mean = static_cast<const A*>(g.mean);
+  const A* m2 = static_cast<const A*>(g.m2);
+  const A* cnt = static_cast<const A*>(g.count);
+  at::parallel_for(0, g.C, 1024, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      WelfordState<A> st = welford_empty<A>();
+      for (int64_t w = 0; w < g.W; ++w)
+        st = welford_merge(st, WelfordState<A>{mean[w * g.C + c], m2[w * g.C + c], cnt[w * g.C + c]});
+      A* rm = g.running_mean ? static_cast<A*>(g.running_mean) + c : nullptr;
+      A* rv = g.running_var ? static_cast<A*>(g.running_var) + c : nullptr;
+      const GatheredStats<A> r =
+          gather_finalize(st, static_cast<A>(g.eps), static_cast<A>(g.momentum), g.unbiased_running_var, rm, rv);
+      static_cast<A*>(g.out_mean)[c] = r.mean;
+      static_cast<A*>(g.out_invstd)[c] = r.invstd;
+      static_cast<A*>(g.out_count)[c] = r.count;
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gather_stats_cpu(
+    const at::Tensor& mean, const at::Tensor& m2, const at::Tensor& count, const c10::optional<at::Tensor>& running_mean,
+    const c10::optional<at::Tensor>& running_var, double momentum, double eps, bool unbiased_running_var) {
+  GatherCall call = prepare_gather(mean, m2, count, running_mean, running_var, momentum, eps, unbiased_running_var);
+  if (call.is_double) {
+    gather_kernel<double>(call.g);
+  } else {
+    gather_kernel<float>(call.g);
+  }
+  finish_gather(call);
+  return {call.out_mean, call.out_invstd, call.out_count};
+}
+
+at::Tensor normalize_cpu(const at::Tensor& input, const at::Tensor& mean, const at::Tensor& invstd,
+                         const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
+                         at::IntArrayRef axis) {
+  NormalizeCall call = prepare_normalize(input, mean, invstd, weight, bias, axis);
+  ForwardCall& f = call.fwd;
+  if (!f.skip) {
+    f.p.partitions = 0;
+    at::Tensor ws = workspace(input, f.dtype, forward_workspace_bytes(f.p.v, 0, acc_size(f.dtype)));
+    f.p.workspace = ws.data_ptr();
+    cpu::forward_infer(f.dtype, f.p);
+  }
+  finish_forward(f);
+  return f.out;
+}
+
+void run_backward(BackwardCall& b, const at::Tensor& input) {
+  if (b.skip) return;
+  b.p.partitions = plan_partitions_cpu(b.p.v);
+  at::Tensor ws = workspace(input, b.dtype, backward_workspace_bytes(b.p.v, b.p.partitions, acc_size(b.dtype)));
+  b.p.workspace = ws.data_ptr();
+  cpu::backward(b.dtype, b.p);
+}
+
+std::tuple<at::Tensor, at::Tensor> grad_sums_cpu(const at::Tensor& grad_out, const at::Tensor& input,
+                                                 const at::Tensor& mean, const at::Tensor& invstd, at::IntArrayRef axis) {
+  GradSumsCall call = prepare_grad_sums(grad_out, input, mean, invstd, axis);
+  run_backward(call.bwd, input);
+  return {call.sum_dy, call.sum_dy_xmu};
+}
+
+at::Tensor grad_input_cpu(const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& mean,
+                          const at::Tensor& invstd, const c10::optional<at::Tensor>& weight, const at::Tensor& sum_dy,
+                          const at::Tensor& sum_dy_xmu, const at::Tensor& count, at::IntArrayRef axis) {
+  GradInputCall call = prepare_grad_input(grad_out, input, mean, invstd, weight, sum_dy, sum_dy_xmu, count, axis);
+  run_backward(call.bwd, input);
+  finish_backward(call.bwd);
+  return call.bwd.grad_input;
+}
+
+}  // namespace
+}  // namespace bn_cuda
+
+TORCH_LIBRARY_IMPL(bn_cuda, CPU, m) {
+  m.impl("batch_stats", &bn_cuda::batch_stats_cpu);
+  m.impl("gather_stats", &bn_cuda::gather_stats_cpu);
+  m.impl("normalize", &bn_cuda::normalize_cpu);
+  m.impl("grad_sums", &bn_cuda::grad_sums_cpu);
+  m.impl("grad_input", &bn_cuda::grad_input_cpu);
+}

@@ -1,0 +1,213 @@
+"""Autograd: gradcheck / gradgradcheck in float64, torch.library.opcheck on every op, and
+torch.compile(fullgraph=True) training through the functional API."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.autograd import gradcheck, gradgradcheck
+
+import bn_cuda  # noqa: F401
+from bn_cuda.functional import batch_norm
+from conftest import apply_layout, assert_close_ref, feature_shape, make_features, make_input, reference_batch_norm
+
+ops = torch.ops.bn_cuda
+
+GRAD_CASES = [
+    ((3, 4), 1, "contiguous"),
+    ((3, 2, 5), 1, "contiguous"),
+    ((2, 3, 2, 3), 1, "channels_last"),
+    ((2, 3, 2, 3), (1, 3), "contiguous"),
+    ((3, 2, 4), -1, "sliced"),
+]
+
+
+def _leaves(shape, axis, layout, affine, device, stats=True):
+    x = apply_layout(make_input(shape, axis, torch.float64, device), layout).requires_grad_()
+    fs = feature_shape(shape, axis)
+    w = make_features(fs, torch.float64, device, "weight").requires_grad_() if affine in ("weight", "both") else None
+    b = make_features(fs, torch.float64, device, "bias").requires_grad_() if affine in ("bias", "both") else None
+    rm = make_features(fs, torch.float64, device, "mean") if stats else None
+    rv = make_features(fs, torch.float64, device, "var") if stats else None
+    return x, w, b, rm, rv
+
+
+def _fn(axis, training, rm, rv, with_w, with_b):
+    def f(x, *wb):
+        it = iter(wb)
+        w = next(it) if with_w else None
+        b = next(it) if with_b else None
+        # Fresh copies of the running stats: gradcheck calls f many times.
+        return batch_norm(x, None if rm is None else rm.clone(), None if rv is None else rv.clone(),
+                          w, b, training, 0.1, 1e-3, axis=axis)
+    return f
+
+
+@pytest.mark.parametrize("affine", ["none", "weight", "bias", "both"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("shape,axis,layout", GRAD_CASES, ids=[f"{s}-{a}-{l}".replace(" ", "") for s, a, l in GRAD_CASES])
+def test_gradcheck(shape, axis, layout, training, affine, device):
+    x, w, b, rm, rv = _leaves(shape, axis, layout, affine, device)
+    f = _fn(axis, training, rm, rv, w is not None, b is not None)
+    inputs = (x,) + tuple(t for t in (w, b) if t is not None)
+    assert gradcheck(f, inputs, eps=1e-6, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("affine", ["none", "both", "weight"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("shape,axis,layout", GRAD_CASES[:4], ids=[f"{s}-{a}-{l}".replace(" ", "") for s, a, l in GRAD_CASES[:4]])
+def test_gradgradcheck(shape, axis, layout, training, affine, device):
+    x, w, b, rm, rv = _leaves(shape, axis, layout, affine, device)
+    f = _fn(axis, training, rm, rv, w is not None, b is not None)
+    inputs = (x,) + tuple(t for t in (w, b) if t is not None)
+    assert gradgradcheck(f, inputs, eps=1e-6, atol=1e-5, rtol=1e-4)
+
+
+def test_gradcheck_saved_statistics(device):
+    """The saved mean / invstd returned by the training op are differentiable too."""
+    x = make_input((4, 3, 2), 1, torch.float64, device).requires_grad_()
+
+    def f(x):
+        _, mean, invstd = bn_cuda.ops.batch_norm_train(x, None, None, None, None, 0.1, 1e-3, [1])
+        return mean, invstd
+
+    assert gradcheck(f, (x,), eps=1e-6, atol=1e-6)
+    assert gradgradcheck(f, (x,), eps=1e-6, atol=1e-5)
+
+
+def test_gradcheck_backward_op(device):
+    """The registered backward op, differentiated directly (double backward of either forward)."""
+    x = make_input((3, 2, 4), 1, torch.float64, device).requires_grad_()
+    g = torch.randn(3, 2, 4, dtype=torch.float64, device=device).requires_grad_()
+    w = make_features([2], torch.float64, device, "weight").requires_grad_()
+    mean = x.detach().mean((0, 2)).requires_grad_()
+    invstd = (x.detach().var((0, 2), unbiased=False) + 1e-3).rsqrt().requires_grad_()
+    for train in (True, False):
+        def f(g, x, w, mean, invstd):
+            return ops.backward(g, x, w, mean, invstd, train, [1], [True, True, True])
+        assert gradcheck(f, (g, x, w, mean, invstd), eps=1e-6, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# opcheck
+
+
+def _opcheck_samples(device):
+    """(op, args) samples covering layouts, axes, per-feature shapes, dtypes, optional tensors."""
+    out = []
+    f64 = torch.float64
+    for shape, axis, layout, dtype in [
+        ((4, 3, 5), [1], "contiguous", f64),
+        ((2, 3, 4, 5), [1], "channels_last", torch.float32),
+        ((2, 3, 4, 5), [1, 3], "contiguous", f64),
+        ((6, 7), [-1], "sliced", torch.float16),
+        ((3, 4, 5), [2], "permuted", torch.bfloat16),
+        ((0, 3, 4), [1], "contiguous", torch.float32),
+    ]:
+        fs = feature_shape(shape, axis)
+        sdt = f64 if dtype == f64 else torch.float32
+        x = apply_layout(make_input(shape, axis, dtype, device), layout)
+        w = make_features(fs, sdt, device, "weight")
+        b = make_features(fs, sdt, device, "bias")
+        rm = make_features(fs, sdt, device, "mean")
+        rv = make_features(fs, sdt, device, "var")
+        out.append((ops.forward_train.default, (x, w, b, rm, rv, 0.1, 1e-5, axis, True)))
+        out.append((ops.forward_train.default, (x, None, None, None, None, 0.1, 1e-5, axis, False)))
+        out.append((ops.forward_infer.default, (x, w, b, rm, rv, 1e-5, axis)))
+        out.append((ops.forward_infer.default, (x.detach().requires_grad_(), w.detach().requires_grad_(),
+                                                b.detach().requires_grad_(), rm, rv, 1e-5, axis)))
+        out.append((ops.forward_infer.default, (x, None, None, rm, rv, 1e-5, axis)))
+        n = max(1, x.numel() // max(1, rm.numel()))
+        mean = torch.randn(rm.numel(), dtype=sdt, device=device)
+        invstd = torch.rand(rm.numel(), dtype=sdt, device=device) + 0.5
+        g = torch.randn(shape, dtype=torch.float64, device=device).to(dtype)
+        for mask in ([True, True, True], [True, False, False], [False, True, True]):
+            out.append((ops.backward.default, (g, x, w, mean, invstd, True, axis, mask)))
+        out.append((ops.backward.default, (g, x, None, mean, invstd, False, axis, [True, False, True])))
+        if dtype == f64:
+            out.append((ops.backward.default, (g.detach().requires_grad_(), x.detach().requires_grad_(),
+                                               w.detach().requires_grad_(), mean, invstd, True, axis,
+                                               [True, True, True])))
+        del n
+    return out
+
+
+def test_opcheck(device):
+    samples = _opcheck_samples(device)
+    seen = set()
+    for op, args in samples:
+        # Each opcheck runs schema, autograd-registration, fake-tensor and aot-dispatch checks.
+        torch.library.opcheck(op, args)
+        seen.add(op.name())
+    assert seen == {"bn_cuda::forward_train", "bn_cuda::forward_infer", "bn_cuda::backward"}
+
+
+def test_fake_kernels_match_real(device):
+    """Fake kernels give the real outputs' shapes, dtypes and strides (channels_last included)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    for op, args in _opcheck_samples(device):
+        real = op(*[a.detach() if isinstance(a, torch.Tensor) else a for a in args])
+        with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+            fargs = [mode.from_tensor(a.detach()) if isinstance(a, torch.Tensor) else a for a in args]
+            fake = op(*fargs)
+        real = real if isinstance(real, tuple) else (real,)
+        fake = fake if isinstance(fake, tuple) else (fake,)
+        for r, f in zip(real, fake):
+            assert r.shape == f.shape and r.dtype == f.dtype, op
+            if r.numel() > 1:
+                assert r.stride() == f.stride(), (op, r.stride(), f.stride())
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.compile
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_compile_fullgraph_training(backend, device):
+    torch._dynamo.reset()
+
+    def loss_fn(x, w, b, rm, rv):
+        y = batch_norm(x, rm, rv, w, b, training=True, momentum=0.2, eps=1e-5)
+        return (y * y.detach().sin()).sum()
+
+    compiled = torch.compile(loss_fn, fullgraph=True, backend=backend)
+    x = make_input((4, 3, 5, 5), 1, torch.float64, device)
+    w0 = make_features([3], torch.float64, device, "weight")
+    b0 = make_features([3], torch.float64, device, "bias")
+    runs = []
+    for fn in (compiled, loss_fn):
+        xr = x.clone().requires_grad_()
+        w = w0.clone().requires_grad_()
+        b = b0.clone().requires_grad_()
+        rm = torch.zeros(3, dtype=torch.float64, device=device)
+        rv = torch.ones(3, dtype=torch.float64, device=device)
+        loss = fn(xr, w, b, rm, rv)
+        loss.backward()
+        runs.append((loss.detach(), xr.grad, w.grad, b.grad, rm, rv))
+    ref = reference_batch_norm(x, torch.zeros(3), torch.ones(3), training=True, momentum=0.2)
+    compiled_run, eager_run = runs
+    # Running statistics were updated in place through the compiled graph.
+    assert_close_ref(compiled_run[4], ref["running_mean"], torch.float64, "running_mean")
+    assert_close_ref(compiled_run[5], ref["running_var"], torch.float64, "running_var")
+    for a, e, name in zip(compiled_run, eager_run, ["loss", "grad_input", "grad_weight", "grad_bias", "rm", "rv"]):
+        assert_close_ref(a, e, torch.float64, name)
+
+
+def test_compile_fullgraph_eval_and_multi_axis(device):
+    torch._dynamo.reset()
+
+    def f(x, w, rm, rv):
+        return batch_norm(x, rm, rv, w, None, training=False, axis=(-1, 1)).square().sum()
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    x = make_input((3, 4, 2, 5), (1, 3), torch.float64, device)
+    w = make_features([4, 5], torch.float64, device, "weight")
+    rm = make_features([4, 5], torch.float64, device, "mean")
+    rv = make_features([4, 5], torch.float64, device, "var")
+    grads = []
+    for fn in (compiled, f):
+        xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+        fn(xr, wr, rm, rv).backward()
+        grads.append((xr.grad, wr.grad))
+    for a, e in zip(*grads):
+        assert_close_ref(a, e, torch.float64)

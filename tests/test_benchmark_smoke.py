@@ -1,0 +1,98 @@
+"""Smoke test of the benchmark harness (benchmarks/): a tiny CPU run through the public entry
+points, checking the files and their fields. Never asserts on speed."""
+
+import csv
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root holds benchmarks/
+
+bench = pytest.importorskip("benchmarks.bench")
+from benchmarks import impls as bench_impls  # noqa: E402
+from benchmarks import presets  # noqa: E402
+from benchmarks.bytes_model import min_bytes  # noqa: E402
+from benchmarks.report import CSV_FIELDS  # noqa: E402
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One thread: on a loaded 2-core machine torch's OpenMP regions stall for whole scheduler
+    slices, which makes the run slow (not wrong). Restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+TINY = dict(device="cpu", min_run_time=0.003, rounds=1, time_budget=0, progress=False, chart=True)
+
+
+def test_presets_cover_what_the_quick_run_promises():
+    cases = presets.expand(presets.PRESETS["quick"])
+    assert {c.layout for c in cases} == {"nchw", "nhwc"}
+    assert {c.dtype for c in cases} == {"fp32"}
+    assert {m for c in cases for m in c.modes} == set(presets.MODES)
+    assert {3, 17, 1000} <= {c.shape[1] for c in cases}
+    assert {"plain", "ghost", "renorm"} <= {c.variant for c in cases}
+    assert not any(c.compile for c in cases)
+    for name, preset in presets.PRESETS.items():
+        assert presets.expand(preset), name
+    assert presets.parse_shape("32x64x56x56") == (32, 64, 56, 56)
+    with pytest.raises(ValueError, match="at least 2"):
+        presets.parse_shape("7")
+
+
+def test_tiny_cpu_run_writes_consistent_results(tmp_path):
+    doc = bench.run(bench.BenchConfig(shapes=[(8, 3, 5, 5), (6, 7)], variants=["plain", "ghost"],
+                                      out=str(tmp_path), **TINY))
+    assert doc["failed"] is False
+    names = {Path(f).name for f in doc["files"]}
+    assert {"custom.json", "custom.csv", "custom.md"} <= names
+    pytest.importorskip("matplotlib")
+    assert (tmp_path / "custom.png").stat().st_size > 0
+
+    data = json.loads((tmp_path / "custom.json").read_text())
+    for key in ("device_name", "torch", "torch_cuda", "cpu_model", "torch_threads", "bn_cuda_build"):
+        assert key in data["machine"]
+    assert "bytes_model" in data["settings"] and "timing" in data["settings"]
+    plain = [r for r in data["rows"] if r["variant"] == "plain"]
+    assert len(plain) == 3 * 4  # 8x3x5x5 in NCHW and NHWC, 6x7 in NC; four modes each
+    for r in plain:
+        assert r["check_ok"] is True, r
+        assert r["impls"]["bn_cuda"]["ms"] > 0 and r["impls"]["torch"]["ms"] > 0
+        assert r["speedup"]["torch"] > 0
+        assert r["torch_backend"] == "native"
+        shape = tuple(int(s) for s in r["shape"].split("x"))
+        assert r["bytes"] == min_bytes(shape, torch.float32, r["mode"])
+    ghost = [r for r in data["rows"] if r["variant"] == "ghost"]
+    assert len(ghost) == 3 * 3  # training modes only; 6x7 is skipped (batch too small for ghost batches)
+    for r in ghost:  # timed against the composite path, or skipped with a reason
+        assert (r["check_ok"] is True and r["speedup"]["composite"] > 0) or \
+            any(n.startswith("skipped") for n in r["notes"]), r
+
+    with open(tmp_path / "custom.csv") as f:
+        reader = csv.DictReader(f)
+        assert reader.fieldnames == CSV_FIELDS
+        lines = list(reader)
+    assert len(lines) == len(data["rows"])
+    for line in lines:
+        if line["variant"] == "plain":
+            assert line["check_ok"] == "True" and float(line["speedup_vs_torch"]) > 0
+
+
+def test_failed_check_is_loud_and_exits_nonzero(tmp_path, monkeypatch, capsys):
+    def wrong(x, rm, rv, w, b, training, momentum, eps):
+        return F.batch_norm(x, rm, rv, w, b, training, momentum, eps) * 1.5
+
+    monkeypatch.setattr(bench_impls, "_bn_cuda_fn", wrong)
+    rc = bench.main(["--shape", "4x3x2x2", "--layout", "nchw", "--mode", "inference", "--device", "cpu",
+                     "--min-run-time", "0.003", "--rounds", "1", "--out", str(tmp_path), "--no-chart", "--no-progress"])
+    assert rc == 1
+    out = capsys.readouterr()
+    assert "FAIL" in out.out and "CORRECTNESS FAILURES" in out.out
+    data = json.loads((tmp_path / "custom.json").read_text())
+    assert data["failed"] is True and data["rows"][0]["check_ok"] is False

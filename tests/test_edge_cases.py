@@ -1,0 +1,275 @@
+"""Edge cases: empty batches, single features and spatial sizes of 1, odd sizes that hit every
+vector tail, partial gradient requests, expanded inputs, and the agreement of the AVX2 and the
+portable ("default") copies of the CPU kernels."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import bn_cuda
+from bn_cuda.functional import batch_norm
+from conftest import apply_layout, assert_close_ref, make_features, make_input, reference_batch_norm
+
+ops = torch.ops.bn_cuda
+
+
+# ---------------------------------------------------------------------------------------------
+# Empty inputs
+
+
+EMPTY_CASES = [
+    ((0, 3, 4), 1, "contiguous"),
+    ((0, 3, 4, 5), 1, "channels_last"),
+    ((0, 3), 1, "contiguous"),
+    ((0, 3, 4, 5), (1, 3), "contiguous"),
+    ((4, 3, 0), 1, "contiguous"),        # empty spatial dim: no value per feature either
+    ((2, 3, 0, 5), -1, "contiguous"),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("shape,axis,layout", EMPTY_CASES, ids=[f"{s}-{a}-{l}".replace(" ", "") for s, a, l in EMPTY_CASES])
+def test_empty_batch(shape, axis, layout, training, dtype, device):
+    x = apply_layout(torch.empty(shape, dtype=dtype, device=device), layout).requires_grad_()
+    axes = [axis] if isinstance(axis, int) else list(axis)
+    fs = [shape[a] for a in axes]
+    sdt = torch.float64 if dtype == torch.float64 else torch.float32
+    w = make_features(fs, sdt, device, "weight").requires_grad_()
+    b = make_features(fs, sdt, device, "bias").requires_grad_()
+    rm = make_features(fs, sdt, device, "mean")
+    rv = make_features(fs, sdt, device, "var")
+    rm0, rv0 = rm.clone(), rv.clone()
+    y = batch_norm(x, rm, rv, w, b, training, axis=axis)
+    assert y.shape == x.shape and y.dtype == dtype and y.device == x.device
+    if layout == "channels_last":
+        assert y.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(rm, rm0) and torch.equal(rv, rv0), "an empty batch changed the running statistics"
+    y.backward(torch.empty_like(y))
+    assert x.grad.shape == x.shape
+    assert w.grad.shape == w.shape and b.grad.shape == b.shape
+    assert torch.equal(w.grad, torch.zeros_like(w)) and torch.equal(b.grad, torch.zeros_like(b))
+
+
+def test_empty_batch_ops(device):
+    x = torch.empty(0, 5, 3, device=device)
+    out, mean, invstd = ops.forward_train(x, None, None, None, None, 0.1, 1e-5, [1])
+    assert out.shape == x.shape and mean.shape == (5,) and invstd.shape == (5,)
+    assert torch.isfinite(mean).all() and torch.isfinite(invstd).all()
+    gi, gw, gb = ops.backward(x, x, torch.ones(5, device=device), mean, invstd, True, [1], [True, True, True])
+    assert gi.shape == x.shape
+    assert torch.equal(gw, torch.zeros(5, device=device)) and torch.equal(gb, torch.zeros(5, device=device))
+
+
+def test_zero_features(device):
+    x = torch.randn(4, 0, 3, device=device)
+    rm, rv = torch.zeros(0, device=device), torch.ones(0, device=device)
+    for training in (True, False):
+        y = batch_norm(x, rm, rv, torch.ones(0, device=device), torch.zeros(0, device=device), training)
+        assert y.shape == x.shape
+
+
+# ---------------------------------------------------------------------------------------------
+# Odd sizes
+
+
+ODD = [(n, c, s, layout) for n in (2, 3) for c in (1, 3, 17, 1000) for s in (1, 7, 49)
+       for layout in ("contiguous", "channels_last")]
+
+
+@pytest.mark.parametrize("n,c,s,layout", ODD, ids=[f"N{n}-C{c}-S{s}-{l}" for n, c, s, l in ODD])
+def test_odd_sizes(n, c, s, layout, device):
+    # spatial s as (s, 1) for 4-D layouts, so channels_last applies; 49 also as 7 x 7.
+    hw = (7, 7) if s == 49 else (s, 1)
+    x = apply_layout(make_input((n, c) + hw, 1, torch.float32, device), layout)
+    w = make_features([c], torch.float32, device, "weight").requires_grad_()
+    b = make_features([c], torch.float32, device, "bias").requires_grad_()
+    for training in (True, False):
+        rm = make_features([c], torch.float32, device, "mean")
+        rv = make_features([c], torch.float32, device, "var")
+        rm0, rv0 = rm.clone(), rv.clone()
+        xr = x.detach().requires_grad_()
+        w.grad = b.grad = None
+        y = batch_norm(xr, rm, rv, w, b, training)
+        g = torch.randn(x.shape, device=device)
+        y.backward(g)
+        ref = reference_batch_norm(x, rm0, rv0, w, b, training, grad_out=g)
+        assert_close_ref(y, ref["out"], torch.float32, "output")
+        assert_close_ref(rm, ref["running_mean"], torch.float32, "running_mean")
+        assert_close_ref(rv, ref["running_var"], torch.float32, "running_var")
+        assert_close_ref(xr.grad, ref["grad_input"], torch.float32, "grad_input", scale=ref["grad_input_scale"])
+        assert_close_ref(w.grad, ref["grad_weight"], torch.float32, "grad_weight")
+        assert_close_ref(b.grad, ref["grad_bias"], torch.float32, "grad_bias")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("c", [1, 17])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_odd_sizes_other_dtypes(c, layout, dtype, device):
+    x = apply_layout(make_input((3, c, 7, 1), 1, dtype, device), layout)
+    sdt = torch.float64 if dtype == torch.float64 else torch.float32
+    w = make_features([c], sdt, device, "weight")
+    rm = make_features([c], sdt, device, "mean")
+    rv = make_features([c], sdt, device, "var")
+    ref = reference_batch_norm(x, rm, rv, w, None, True)
+    y = batch_norm(x, rm, rv, w, None, True)
+    assert_close_ref(y, ref["out"], dtype, "output")
+    assert_close_ref(rv, ref["running_var"], dtype if dtype == torch.float64 else torch.float32, "running_var")
+
+
+@pytest.mark.parametrize("shape", [(2, 1), (3, 1, 1, 1), (2, 5, 1), (2, 1, 1, 9)])
+def test_single_feature_or_spatial(shape, device):
+    x = make_input(shape, 1, torch.float64, device).requires_grad_()
+    g = torch.randn(shape, dtype=torch.float64, device=device)
+    ref = reference_batch_norm(x, None, None, None, None, True, grad_out=g)
+    y = batch_norm(x, None, None, training=True)
+    y.backward(g)
+    assert_close_ref(y, ref["out"], torch.float64, "output")
+    assert_close_ref(x.grad, ref["grad_input"], torch.float64, "grad_input", scale=ref["grad_input_scale"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Partial gradients, unusual inputs
+
+
+@pytest.mark.parametrize("want", ["input", "weight", "bias", "weight+bias"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_partial_gradient_requests(want, training, device):
+    x = make_input((4, 3, 5), 1, torch.float64, device)
+    w = make_features([3], torch.float64, device, "weight")
+    b = make_features([3], torch.float64, device, "bias")
+    rm = make_features([3], torch.float64, device, "mean")
+    rv = make_features([3], torch.float64, device, "var")
+    g = torch.randn(x.shape, dtype=torch.float64, device=device)
+    ref = reference_batch_norm(x, rm, rv, w, b, training, grad_out=g)
+    x.requires_grad_("input" in want)
+    w.requires_grad_("weight" in want)
+    b.requires_grad_("bias" in want)
+    batch_norm(x, rm, rv, w, b, training).backward(g)
+    for t, key, name in ((x, "grad_input", "input"), (w, "grad_weight", "weight"), (b, "grad_bias", "bias")):
+        if name in want:
+            assert_close_ref(t.grad, ref[key], torch.float64, key)
+        else:
+            assert t.grad is None
+
+
+def test_expanded_input(device):
+    """An input with a stride-0 (expanded) batch dim."""
+    base = make_input((1, 4, 6), 1, torch.float64, device)
+    x = base.expand(5, 4, 6)
+    ref = reference_batch_norm(x, None, None, None, None, True)
+    assert_close_ref(batch_norm(x, None, None, training=True), ref["out"], torch.float64, "output")
+
+
+def test_expanded_input_eval(device):
+    x = make_input((1, 4), 1, torch.float64, device).expand(3, 4)
+    rm = make_features([4], torch.float64, device, "mean")
+    rv = make_features([4], torch.float64, device, "var")
+    ref = reference_batch_norm(x, rm, rv, None, None, False)
+    assert_close_ref(batch_norm(x, rm, rv, training=False), ref["out"], torch.float64, "output")
+
+
+def test_running_stats_in_input_dtype_and_keras_shape(device):
+    """fp16 running stats in the rank-preserving Keras shape are updated in place, in fp16."""
+    x = make_input((6, 3, 4, 4), 1, torch.float16, device)
+    rm = make_features([1, 3, 1, 1], torch.float16, device, "mean")
+    rv = make_features([1, 3, 1, 1], torch.float16, device, "var")
+    ref = reference_batch_norm(x, rm, rv, None, None, True)
+    ptr_m, ptr_v = rm.data_ptr(), rv.data_ptr()
+    batch_norm(x, rm, rv, training=True)
+    assert rm.data_ptr() == ptr_m and rv.data_ptr() == ptr_v and rm.dtype == torch.float16
+    assert_close_ref(rm, ref["running_mean"], torch.float16, "running_mean")
+    assert_close_ref(rv, ref["running_var"], torch.float16, "running_var")
+
+
+def test_unbiased_running_var_flag(device):
+    x = make_input((5, 3, 4), 1, torch.float64, device)
+    rv_u = torch.zeros(3, dtype=torch.float64, device=device)
+    rv_b = torch.zeros(3, dtype=torch.float64, device=device)
+    ops.forward_train(x, None, None, None, rv_u, 1.0, 1e-5, [1], True)
+    ops.forward_train(x, None, None, None, rv_b, 1.0, 1e-5, [1], False)
+    x64 = x.cpu()
+    assert_close_ref(rv_u, x64.var((0, 2), unbiased=True), torch.float64, "unbiased")
+    assert_close_ref(rv_b, x64.var((0, 2), unbiased=False), torch.float64, "biased")
+
+
+# ---------------------------------------------------------------------------------------------
+# AVX2 vs portable CPU kernels
+
+
+_SUBPROCESS = textwrap.dedent("""
+    import sys, torch, bn_cuda
+    from bn_cuda.functional import batch_norm
+    cases = torch.load(sys.argv[1])
+    out = {"capability": bn_cuda.build_info()["cpu_capability"], "results": []}
+    for c in cases:
+        x = c["x"].detach().requires_grad_()
+        w = c["w"].detach().requires_grad_()
+        b = c["b"].detach().requires_grad_()
+        rm, rv = c["rm"].clone(), c["rv"].clone()
+        y = batch_norm(x, rm, rv, w, b, c["training"], axis=c["axis"])
+        y.backward(c["g"])
+        out["results"].append([y, rm, rv, x.grad, w.grad, b.grad])
+    torch.save(out, sys.argv[2])
+""")
+
+
+def _capability_cases():
+    torch.manual_seed(0)
+    cases = []
+    all_dtypes = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+    for shape, axis, layout, dtypes in [((4, 19, 7, 5), 1, "contiguous", all_dtypes),
+                                        ((4, 19, 7, 5), 1, "channels_last", all_dtypes),
+                                        ((300, 37), 1, "contiguous", all_dtypes),
+                                        ((3, 5, 4, 6), (1, 3), "contiguous", all_dtypes),
+                                        ((2, 3, 190, 190), 1, "contiguous", (torch.float32,))]:
+        for dtype in dtypes:
+            for training in (True, False):
+                x = apply_layout(make_input(shape, axis, dtype, offset=2.0), layout)
+                axes = [axis] if isinstance(axis, int) else list(axis)
+                fs = [shape[a] for a in axes]
+                sdt = torch.float64 if dtype == torch.float64 else torch.float32
+                cases.append(dict(x=x, w=make_features(fs, sdt, kind="weight"), b=make_features(fs, sdt, kind="bias"),
+                                  rm=make_features(fs, sdt, kind="mean"), rv=make_features(fs, sdt, kind="var"),
+                                  g=apply_layout(torch.randn(shape, dtype=torch.float64).to(dtype), layout),
+                                  training=training, axis=axis))
+    return cases
+
+
+def _run_capability(cases_path, out_path, capability):
+    env = dict(os.environ)
+    if capability is None:
+        env.pop("ATEN_CPU_CAPABILITY", None)
+    else:
+        env["ATEN_CPU_CAPABILITY"] = capability
+    proc = subprocess.run([sys.executable, "-c", _SUBPROCESS, str(cases_path), str(out_path)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return torch.load(out_path)
+
+
+def test_avx2_and_default_kernels_agree(tmp_path):
+    if os.environ.get("ATEN_CPU_CAPABILITY", "") == "default" or bn_cuda.build_info()["cpu_capability"] != "avx2":
+        pytest.skip("this CPU (or the environment) does not run the AVX2 kernels")
+    cases = _capability_cases()
+    torch.save(cases, tmp_path / "cases.pt")
+    default = _run_capability(tmp_path / "cases.pt", tmp_path / "default.pt", "default")
+    assert default["capability"] == "default"
+    avx2 = _run_capability(tmp_path / "cases.pt", tmp_path / "avx2.pt", None)
+    assert avx2["capability"] == "avx2"
+    names = ["output", "running_mean", "running_var", "grad_input", "grad_weight", "grad_bias"]
+    for case, ra, rd in zip(cases, avx2["results"], default["results"]):
+        dtype = case["x"].dtype
+        for name, a, d in zip(names, ra, rd):
+            assert a.dtype == d.dtype and a.stride() == d.stride(), name
+            # The copies differ only by rounding (FMA contraction, vector width).
+            tol_dtype = a.dtype if a.dtype in (torch.float64, torch.float16, torch.bfloat16) else dtype
+            assert_close_ref(a, d.double(), tol_dtype if name in ("output", "grad_input") else
+                             (torch.float64 if a.dtype == torch.float64 else torch.float32),
+                             f"{name} {dtype} axis={case['axis']} training={case['training']}")

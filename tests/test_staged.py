@@ -1,0 +1,99 @@
+"""The staged operators (batch_stats -> gather_stats -> normalize; grad_sums -> grad_input) split
+across several "ranks" must reproduce batch norm on the concatenated batch."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bn_cuda import staged
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def _data(shape, dtype, device, seed=0, offset=1e3):
+    g = torch.Generator().manual_seed(seed)
+    c = shape[1]
+    b = [1, c] + [1] * (len(shape) - 2)
+    x = torch.randn(shape, generator=g, dtype=torch.float64) * (0.5 + torch.rand(c, generator=g, dtype=torch.float64)).view(b)
+    return (x + offset * torch.randn(c, generator=g, dtype=torch.float64).view(b)).to(device, dtype)
+
+
+def _staged_step(x, splits, w, b, rm, rv, gy, momentum=0.1, eps=1e-5):
+    parts = list(torch.split(x, splits))
+    states = [staged.batch_stats(p, [1]) for p in parts]
+    mean, m2, cnt = (torch.stack([s[k] for s in states]) for k in range(3))
+    gm, ginv, gc = staged.gather_stats(mean, m2, cnt, rm, rv, momentum, eps)
+    ys = [staged.normalize(p, gm, ginv, w, b, [1]) for p in parts]
+    gys = list(torch.split(gy, splits))
+    sums = [staged.grad_sums(g, p, gm, ginv, [1]) for g, p in zip(gys, parts)]
+    sdy = sum(s[0] for s in sums)
+    sdyx = sum(s[1] for s in sums)
+    gis = [staged.grad_input(g, p, gm, ginv, w, sdy, sdyx, gc, [1]) for g, p in zip(gys, parts)]
+    gw = sum(s[1] * ginv for s in sums)
+    gb = sdy
+    return torch.cat(ys), torch.cat(gis), gw, gb
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("splits,shape", [([2, 3, 5], (10, 3, 7, 7)), ([0, 1, 4], (5, 17, 2, 3)),
+                                          ([0, 0, 3], (3, 4, 5)), ([1, 1, 1], (3, 1000)), ([4], (4, 5, 1, 1))])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_split_batches_match_concatenated(device, splits, shape, channels_last):
+    x = _data(shape, torch.float64, device)
+    if channels_last:
+        if x.dim() != 4:
+            pytest.skip("channels_last needs 4-D")
+        x = x.contiguous(memory_format=torch.channels_last)
+    c = shape[1]
+    w = torch.randn(c, dtype=torch.float64, device=device)
+    b = torch.randn(c, dtype=torch.float64, device=device)
+    rm, rv = torch.zeros(c, dtype=torch.float64, device=device), torch.ones(c, dtype=torch.float64, device=device)
+    gy = torch.randn(shape, dtype=torch.float64, device=device)
+    y, gi, gw, gb = _staged_step(x, splits, w, b, rm, rv, gy)
+    xr, wr, br = x.clone().requires_grad_(), w.clone().requires_grad_(), b.clone().requires_grad_()
+    rrm, rrv = torch.zeros_like(rm), torch.ones_like(rv)
+    yr = F.batch_norm(xr, rrm, rrv, wr, br, training=True)
+    yr.backward(gy)
+    for a, r in [(y, yr), (gi, xr.grad), (gw, wr.grad), (gb, br.grad), (rm, rrm), (rv, rrv)]:
+        torch.testing.assert_close(a, r.detach(), rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_all_empty_keeps_running_stats(device):
+    c = 6
+    x = torch.empty(0, c, 3, device=device)
+    mean, m2, cnt = staged.batch_stats(x, [1])
+    assert torch.equal(cnt, torch.zeros(c, device=device)) and torch.equal(m2, torch.zeros(c, device=device))
+    rm, rv = torch.randn(c, device=device), torch.rand(c, device=device) + 0.5
+    rm0, rv0 = rm.clone(), rv.clone()
+    _, _, total = staged.gather_stats(torch.stack([mean, mean]), torch.stack([m2, m2]), torch.stack([cnt, cnt]),
+                                      rm, rv, 0.1, 1e-5)
+    assert torch.equal(rm, rm0) and torch.equal(rv, rv0)
+    assert torch.equal(total, torch.zeros(c, device=device))
+
+
+def test_gather_stats_errors_name_arguments():
+    m = torch.zeros(2, 3)
+    with pytest.raises(RuntimeError, match="same shape"):
+        staged.gather_stats(m, torch.zeros(2, 4), m, None, None, 0.1, 1e-5)
+    with pytest.raises(RuntimeError, match="running_mean"):
+        staged.gather_stats(m, m, m, torch.zeros(5), None, 0.1, 1e-5)
+    with pytest.raises(ValueError, match="eps"):
+        staged.gather_stats(m, m, m, None, None, 0.1, 0.0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck_staged_ops(device):
+    x = _data((4, 3, 5), torch.float32, device, offset=2.0)
+    w, b = torch.randn(3, device=device), torch.randn(3, device=device)
+    mean, m2, cnt = torch.ops.bn_cuda.batch_stats(x, [1])
+    torch.library.opcheck(torch.ops.bn_cuda.batch_stats.default, (x, [1]))
+    stack = (torch.stack([mean, mean]), torch.stack([m2, m2]), torch.stack([cnt, cnt]))
+    torch.library.opcheck(torch.ops.bn_cuda.gather_stats.default,
+                          (*stack, torch.zeros(3, device=device), torch.ones(3, device=device), 0.1, 1e-5, True))
+    gm, ginv, gc = torch.ops.bn_cuda.gather_stats(*stack, None, None, 0.1, 1e-5)
+    torch.library.opcheck(torch.ops.bn_cuda.normalize.default, (x, gm, ginv, w, b, [1]))
+    gy = torch.randn_like(x)
+    torch.library.opcheck(torch.ops.bn_cuda.grad_sums.default, (gy, x, gm, ginv, [1]))
+    sdy, sdyx = torch.ops.bn_cuda.grad_sums(gy, x, gm, ginv, [1])
+    torch.library.opcheck(torch.ops.bn_cuda.grad_input.default, (gy, x, gm, ginv, w, sdy, sdyx, gc, [1]))
