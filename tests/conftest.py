@@ -19,6 +19,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+try:  # triton (pulled in by torch._dynamo / torch.optim) segfaults when imported after
+    import torch._dynamo  # noqa: F401  tensorflow in one process (both bundle LLVM): load it first.
+except Exception:  # pragma: no cover - a torch without dynamo
+    pass
+
 HAS_CUDA = torch.cuda.is_available()
 DEVICES: List = ["cpu"] + ([pytest.param("cuda", marks=pytest.mark.cuda)] if HAS_CUDA else [])
 FLOAT_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]

@@ -117,7 +117,6 @@ def _opcheck_samples(device):
         out.append((ops.forward_infer.default, (x.detach().requires_grad_(), w.detach().requires_grad_(),
                                                 b.detach().requires_grad_(), rm, rv, 1e-5, axis)))
         out.append((ops.forward_infer.default, (x, None, None, rm, rv, 1e-5, axis)))
-        n = max(1, x.numel() // max(1, rm.numel()))
         mean = torch.randn(rm.numel(), dtype=sdt, device=device)
         invstd = torch.rand(rm.numel(), dtype=sdt, device=device) + 0.5
         g = torch.randn(shape, dtype=torch.float64, device=device).to(dtype)
@@ -128,7 +127,6 @@ def _opcheck_samples(device):
             out.append((ops.backward.default, (g.detach().requires_grad_(), x.detach().requires_grad_(),
                                                w.detach().requires_grad_(), mean, invstd, True, axis,
                                                [True, True, True])))
-        del n
     return out
 
 

@@ -21,7 +21,7 @@ from typing import Callable, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-__all__ = ["StatsHook", "ghost_batches", "moments", "renorm_correction", "compose_transforms",
+__all__ = ["StatsHook", "ghost_batches", "moments", "sum_moments", "renorm_correction", "compose_transforms",
            "batch_normalization", "moving_average"]
 
 StatsHook = Callable[[Tensor], Tensor]
@@ -65,16 +65,8 @@ def moments(x: Tensor, reduce_dims: Sequence[int], *, mask_weights: Optional[Ten
     """
     dims = list(reduce_dims)
     if sum_of_squares or stats_hook is not None:
-        if mask_weights is not None:
-            y = x * mask_weights
-            count = (mask_weights + torch.zeros_like(x)).sum(dims, keepdim=True)
-        else:
-            y = x
-            count = torch.ones_like(x).sum(dims, keepdim=True)
-        local = torch.stack([y.sum(dims, keepdim=True), y.square().sum(dims, keepdim=True), count])
-        total, total_sq, count = (stats_hook(local) if stats_hook is not None else local).unbind(0)
-        mean = _div_no_nan(total, count)
-        return mean, torch.clamp_min(_div_no_nan(total_sq, count) - mean.square(), 0.0)
+        mean, var, _ = sum_moments(x, dims, mask_weights=mask_weights, stats_hook=stats_hook)
+        return mean, var
     if mask_weights is None:
         mean = x.mean(dims, keepdim=True)
         # tf.nn.moments stops the gradient through the mean inside the variance.
@@ -83,6 +75,23 @@ def moments(x: Tensor, reduce_dims: Sequence[int], *, mask_weights: Optional[Ten
     mean = _div_no_nan((mask_weights * x).sum(dims, keepdim=True), sum_w)
     var = _div_no_nan((mask_weights * (x - mean).square()).sum(dims, keepdim=True), sum_w)
     return mean, var
+
+
+def sum_moments(x: Tensor, reduce_dims: Sequence[int], *, mask_weights: Optional[Tensor] = None,
+                stats_hook: Optional[StatsHook] = None) -> Tuple[Tensor, Tensor, Tensor]:
+    """tf_keras's synchronized moments: ``(mean, max(E[x^2] - E[x]^2, 0), count)`` from the
+    (optionally ``stats_hook``-reduced) sums, 0 where the count is 0. Arguments as :func:`moments`."""
+    dims = list(reduce_dims)
+    if mask_weights is not None:
+        y = x * mask_weights
+        count = (mask_weights + torch.zeros_like(x)).sum(dims, keepdim=True)
+    else:
+        y = x
+        count = torch.ones_like(x).sum(dims, keepdim=True)
+    local = torch.stack([y.sum(dims, keepdim=True), y.square().sum(dims, keepdim=True), count])
+    total, total_sq, count = (stats_hook(local) if stats_hook is not None else local).unbind(0)
+    mean = _div_no_nan(total, count)
+    return mean, torch.clamp_min(_div_no_nan(total_sq, count) - mean.square(), 0.0), count
 
 
 def renorm_correction(mean: Tensor, variance: Tensor, renorm_mean: Tensor, renorm_stddev: Tensor,

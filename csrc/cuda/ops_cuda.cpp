@@ -4,7 +4,7 @@
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
+#include <ATen/DeviceGuard.h>
 #include <torch/library.h>
 
 #include <tuple>
@@ -65,7 +65,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_train_cuda(
     const at::Tensor& input, const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
     const c10::optional<at::Tensor>& running_mean, const c10::optional<at::Tensor>& running_var, double momentum,
     double eps, at::IntArrayRef axis, bool unbiased_running_var) {
-  const c10::cuda::CUDAGuard guard(input.device());
+  const at::OptionalDeviceGuard guard(at::device_of(input));  // no-op for a CPU input: prepare_* names the mismatch
   ForwardCall call = prepare_forward(input, weight, bias, running_mean, running_var, /*training=*/true, momentum,
                                      eps, axis, unbiased_running_var);
   at::Tensor ws;
@@ -82,7 +82,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_train_cuda(
 at::Tensor forward_infer_cuda(const at::Tensor& input, const c10::optional<at::Tensor>& weight,
                               const c10::optional<at::Tensor>& bias, const at::Tensor& running_mean,
                               const at::Tensor& running_var, double eps, at::IntArrayRef axis) {
-  const c10::cuda::CUDAGuard guard(input.device());
+  const at::OptionalDeviceGuard guard(at::device_of(input));  // no-op for a CPU input: prepare_* names the mismatch
   ForwardCall call =
       prepare_forward(input, weight, bias, running_mean, running_var, /*training=*/false, 0.0, eps, axis, true);
   at::Tensor ws;
@@ -102,7 +102,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(const at::Tensor& g
                                                               const at::Tensor& save_mean, const at::Tensor& save_invstd,
                                                               bool train, at::IntArrayRef axis,
                                                               std::array<bool, 3> output_mask) {
-  const c10::cuda::CUDAGuard guard(input.device());
+  const at::OptionalDeviceGuard guard(at::device_of(input));  // no-op for a CPU input: prepare_* names the mismatch
   BackwardCall call = prepare_backward(grad_out, input, weight, save_mean, save_invstd, train, axis, output_mask);
   at::Tensor ws;
   if (!call.skip) {
@@ -116,7 +116,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(const at::Tensor& g
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_stats_cuda(const at::Tensor& input, at::IntArrayRef axis) {
-  const c10::cuda::CUDAGuard guard(input.device());
+  const at::OptionalDeviceGuard guard(at::device_of(input));  // no-op for a CPU input: prepare_* names the mismatch
   BatchStatsCall call = prepare_batch_stats(input, axis);
   at::Tensor ws;
   if (!call.skip) {
@@ -131,7 +131,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_stats_cuda(const at::Tensor
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gather_stats_cuda(
     const at::Tensor& mean, const at::Tensor& m2, const at::Tensor& count, const c10::optional<at::Tensor>& running_mean,
     const c10::optional<at::Tensor>& running_var, double momentum, double eps, bool unbiased_running_var) {
-  const c10::cuda::CUDAGuard guard(mean.device());
+  const at::OptionalDeviceGuard guard(at::device_of(mean));
   GatherCall call = prepare_gather(mean, m2, count, running_mean, running_var, momentum, eps, unbiased_running_var);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   C10_CUDA_CHECK(call.is_double ? cuda::gather_stats_t<DType::kFloat64>(call.g, stream)
@@ -143,7 +143,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gather_stats_cuda(
 at::Tensor normalize_cuda(const at::Tensor& input, const at::Tensor& mean, const at::Tensor& invstd,
                           const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
                           at::IntArrayRef axis) {
-  const c10::cuda::CUDAGuard guard(input.device());
+  const at::OptionalDeviceGuard guard(at::device_of(input));  // no-op for a CPU input: prepare_* names the mismatch
   NormalizeCall call = prepare_normalize(input, mean, invstd, weight, bias, axis);
   ForwardCall& f = call.fwd;
   at::Tensor ws;
@@ -161,7 +161,7 @@ at::Tensor normalize_cuda(const at::Tensor& input, const at::Tensor& mean, const
 std::tuple<at::Tensor, at::Tensor> grad_sums_cuda(const at::Tensor& grad_out, const at::Tensor& input,
                                                   const at::Tensor& mean, const at::Tensor& invstd,
                                                   at::IntArrayRef axis) {
-  const c10::cuda::CUDAGuard guard(input.device());
+  const at::OptionalDeviceGuard guard(at::device_of(input));  // no-op for a CPU input: prepare_* names the mismatch
   GradSumsCall call = prepare_grad_sums(grad_out, input, mean, invstd, axis);
   BackwardCall& b = call.bwd;
   at::Tensor ws;
@@ -177,7 +177,7 @@ std::tuple<at::Tensor, at::Tensor> grad_sums_cuda(const at::Tensor& grad_out, co
 at::Tensor grad_input_cuda(const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& mean,
                            const at::Tensor& invstd, const c10::optional<at::Tensor>& weight, const at::Tensor& sum_dy,
                            const at::Tensor& sum_dy_xmu, const at::Tensor& count, at::IntArrayRef axis) {
-  const c10::cuda::CUDAGuard guard(input.device());
+  const at::OptionalDeviceGuard guard(at::device_of(input));  // no-op for a CPU input: prepare_* names the mismatch
   GradInputCall call = prepare_grad_input(grad_out, input, mean, invstd, weight, sum_dy, sum_dy_xmu, count, axis);
   BackwardCall& b = call.bwd;
   at::Tensor ws;

@@ -1,0 +1,129 @@
+"""``BatchNormalization(synchronized=True)`` across processes: the training step on bn_cuda's staged
+kernels, and the all-reduce hook of the composite (``fused=False``) path.
+
+Statistics are those of the global batch over every process of the group, computed as by
+:mod:`bn_cuda.distributed` (one all-gather of per-feature Welford states, Chan's merge on the
+device). tf_keras's synchronized layer takes its non-fused path, so the moving variance is fed the
+*biased* global variance.
+
+- Ghost batches: rank ``r`` splits its batch into ``G_r = B_r // virtual_batch_size`` ghosts as
+  tf_keras does (sample ``i`` in ghost ``i % G_r``). Global ghost ``g`` is the union of every rank's
+  ghost ``g``: each rank sends one state per (ghost, feature), padded with empty states up to the
+  largest ``G_r``, and the states are merged per ghost. With equal batch sizes this is
+  single-process ghost batching of the concatenated batch with ``virtual_batch_size * W``. The
+  moving statistics get the average over the global ghosts (one update per step, as tf_keras).
+  Ghost counts depend on each rank's batch, so they are exchanged on every call (one small
+  all-gather read on the host: this path cannot be captured in a CUDA graph).
+- Renorm: ``r`` and ``d`` come from the global statistics, so every rank applies the same
+  correction and keeps the same renorm statistics.
+- A global batch with no values leaves every moving statistic unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any, Dict, List, Optional
+
+import torch
+from torch import Tensor
+
+from .. import distributed, ops
+from . import composite
+
+if TYPE_CHECKING:
+    from ..layers import BatchNormalization
+
+__all__ = ["train_step", "AllReduceStats"]
+
+
+def _per_ghost(t: Optional[Tensor], ghosts: int) -> Optional[Tensor]:
+    """A flat per-feature tensor repeated for each ghost (ghost-major, as the ghost view's features)."""
+    return None if t is None else t.reshape(1, -1).expand(ghosts, -1).reshape(-1)
+
+
+def train_step(layer: "BatchNormalization", x: Tensor, group: Any, world_size: int) -> Tensor:
+    """One synchronized training step of ``layer`` on its part ``x`` of the global batch."""
+    axes: List[int] = list(layer._axes)
+    features = ops.num_features(x.shape, axes)
+    check = layer._feature_check
+    view, view_axes, ghosts, global_ghosts = x, axes, None, 1
+    if layer.virtual_batch_size is None:
+        check(features, group, x.device)
+    else:
+        local = x.shape[0] // layer.virtual_batch_size
+        global_ghosts = check.ghosts(features, local, group, x.device)
+        if global_ghosts > 0:  # (all-empty: the per-feature path below; its counts are 0)
+            ghosts = local
+            view = x.reshape(layer.virtual_batch_size, ghosts, *x.shape[1:])  # tf_keras's ghost view
+            view_axes = [1] + [a + 1 for a in axes]
+    gamma, beta = layer._flat("gamma"), layer._flat("beta")
+    eps = layer.epsilon
+
+    if ghosts is None and not layer.renorm:
+        # The plain case: the running statistics are updated inside gather_stats.
+        mean, invstd, count = distributed.sync_batch_stats(
+            view, view_axes, layer._flat("moving_mean"), layer._flat("moving_variance"), 1.0 - layer.momentum,
+            eps, group, world_size, unbiased_running_var=False)
+        return distributed.SyncNormalize.apply(view, gamma, beta, mean, invstd, count, view_axes, group)
+
+    pad = None if ghosts is None else global_ghosts * features
+    mean, var, invstd, count = distributed.sync_moments(view, view_axes, eps, group, world_size, pad_to=pad)
+    if ghosts is None:
+        new_mean, new_var, has_data = mean, var, count > 0
+    else:
+        new_mean = mean.view(global_ghosts, features).mean(0)
+        new_var = var.view(global_ghosts, features).mean(0)
+        has_data = count.view(global_ghosts, features).sum(0) > 0
+        # This rank's ghosts are the first ones of the global list.
+        mean, invstd, count = (t[: ghosts * features] for t in (mean, invstd, count))
+
+    moving = {n: layer._flat(n) for n in layer._variables()}
+    updates: Dict[str, Tensor] = {}
+    scale, offset = gamma, beta
+    if layer.renorm:
+        r, d, stddev = composite.renorm_correction(new_mean, new_var, moving["renorm_mean"],
+                                                   moving["renorm_stddev"], eps, layer.renorm_clipping)
+        scale, offset = composite.compose_transforms(r, d, scale, offset)  # r, d: no gradient
+        updates["renorm_mean"] = composite.moving_average(moving["renorm_mean"], new_mean, layer.renorm_momentum)
+        updates["renorm_stddev"] = composite.moving_average(moving["renorm_stddev"], stddev,
+                                                            layer.renorm_momentum)
+        moving_stddev = composite.moving_average(moving["moving_stddev"], stddev, layer.momentum)
+        updates["moving_stddev"] = moving_stddev
+        updates["moving_variance"] = torch.relu(moving_stddev * moving_stddev - eps)
+    else:
+        updates["moving_variance"] = composite.moving_average(moving["moving_variance"], new_var, layer.momentum)
+    updates["moving_mean"] = composite.moving_average(moving["moving_mean"], new_mean, layer.momentum)
+
+    if ghosts is not None:
+        scale, offset = _per_ghost(scale, ghosts), _per_ghost(offset, ghosts)
+    out = distributed.SyncNormalize.apply(view, scale, offset, mean, invstd, count, view_axes, group, pad)
+    with torch.no_grad():
+        for name, value in updates.items():
+            buf = moving[name]
+            buf.copy_(torch.where(has_data, value.to(buf.dtype), buf))
+    return out.reshape(x.shape)
+
+
+class AllReduceStats:
+    """``stats_hook`` of the composite path under synchronization: the all-reduce-sum of the
+    stacked local ``(sum, sum of squares, count)``, differentiable (the gradient is all-reduced).
+
+    With ghost batches (``ghost_dim``: the ghost dim of the stacked tensor) the local ghosts are
+    padded with zeros up to the largest ghost count of the group; the result then holds every
+    global ghost, this rank's first.
+    """
+
+    def __init__(self, group: Any, check: distributed.FeatureCountCheck, ghost_dim: Optional[int] = None) -> None:
+        self.group, self.check, self.ghost_dim = group, check, ghost_dim
+
+    def __call__(self, local: Tensor) -> Tensor:
+        if self.ghost_dim is None:
+            self.check(local[0].numel(), self.group, local.device)
+            return distributed.all_reduce_sum(local, self.group)
+        ghosts = local.shape[self.ghost_dim]
+        features = math.prod(s for d, s in enumerate(local.shape) if d not in (0, self.ghost_dim))
+        most = self.check.ghosts(features, ghosts, self.group, local.device)
+        if most > ghosts:
+            pad = [0, 0] * (local.dim() - 1 - self.ghost_dim) + [0, most - ghosts]
+            local = torch.nn.functional.pad(local, pad)
+        return distributed.all_reduce_sum(local, self.group)
