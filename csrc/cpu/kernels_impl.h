@@ -245,13 +245,55 @@ inline WelfordState<acc_t<T>> stats_cf_part(const ForwardParams& p, int64_t c, i
   return st;
 }
 
+// Channels-last blocks: NP pairs of accumulator vectors (NP * K features) stay in registers while
+// the rows of a partition stream past, instead of read-modify-writing per-feature arrays per row.
+
+// Two-pass moments of rows [r0, r1) for features [c, c + NP * K), relative to the shift row.
+template <typename T, int NP>
+inline void stats_cl_block(const T* x, int64_t so, const T* shift, int64_t r0, int64_t r1, int64_t c,
+                           acc_t<T>* mean, acc_t<T>* m2) {
+  using IO = Io<T>;
+  using AV = typename IO::AV;
+  using A = acc_t<T>;
+  AV h[2 * NP], s[2 * NP], q[2 * NP];
+  for (int j = 0; j < NP; ++j) IO::load(shift + c + j * IO::K, h[2 * j], h[2 * j + 1]);
+  for (int k = 0; k < 2 * NP; ++k) s[k] = q[k] = AV(A(0));
+  for (int64_t r = r0; r < r1; ++r) {
+    const T* row = x + r * so + c;
+    for (int j = 0; j < NP; ++j) {
+      AV a, b;
+      IO::load(row + j * IO::K, a, b);
+      s[2 * j] += a - h[2 * j];
+      s[2 * j + 1] += b - h[2 * j + 1];
+    }
+  }
+  const AV inv(A(1) / static_cast<A>(r1 - r0));
+  for (int k = 0; k < 2 * NP; ++k) s[k] = s[k] * inv;
+  for (int64_t r = r0; r < r1; ++r) {
+    const T* row = x + r * so + c;
+    for (int j = 0; j < NP; ++j) {
+      AV a, b;
+      IO::load(row + j * IO::K, a, b);
+      a = (a - h[2 * j]) - s[2 * j];
+      b = (b - h[2 * j + 1]) - s[2 * j + 1];
+      q[2 * j] = at::vec::fmadd(a, a, q[2 * j]);
+      q[2 * j + 1] = at::vec::fmadd(b, b, q[2 * j + 1]);
+    }
+  }
+  for (int j = 0; j < NP; ++j) {
+    s[2 * j].store(mean + c + j * IO::K);
+    s[2 * j + 1].store(mean + c + j * IO::K + IO::L);
+    q[2 * j].store(m2 + c + j * IO::K);
+    q[2 * j + 1].store(m2 + c + j * IO::K + IO::L);
+  }
+}
+
 // Channels-last: partition `part` covers rows [r0, r1) of (O, C) for every feature. Means are
 // relative to the shift (row 0).
 template <typename T>
 inline void stats_cl_part(const ForwardParams& p, int64_t part, int64_t P, PartialArrays<acc_t<T>> out) {
   using A = acc_t<T>;
   using IO = Io<T>;
-  using AV = typename IO::AV;
   const View3& v = p.v;
   const int64_t C = v.C;
   const int64_t rows_per_part = ceil_div(v.O, P);
@@ -260,48 +302,65 @@ inline void stats_cl_part(const ForwardParams& p, int64_t part, int64_t P, Parti
   A* m2 = out.m2 + part * C;
   A* cnt = out.n + part * C;
   const T* x = static_cast<const T*>(p.x);
-  std::fill(mean, mean + C, A(0));
-  std::fill(m2, m2 + C, A(0));
   const A n = static_cast<A>(std::max<int64_t>(r1 - r0, 0));
   std::fill(cnt, cnt + C, n);
-  if (r1 <= r0) return;
+  if (r1 <= r0) {
+    std::fill(mean, mean + C, A(0));
+    std::fill(m2, m2 + C, A(0));
+    return;
+  }
   const T* shift = x;  // row 0: feature_shift for every feature
-  // pass 1: sums of deviations from the shift into `mean`
-  for (int64_t r = r0; r < r1; ++r) {
-    const T* row = x + r * p.x_so;
-    int64_t c = 0;
-    for (; c + IO::K <= C; c += IO::K) {
-      AV a, b, h0, h1, s0, s1;
-      IO::load(row + c, a, b);
-      IO::load(shift + c, h0, h1);
-      IO::load_acc(mean + c, s0, s1);
-      (s0 + (a - h0)).store(mean + c);
-      (s1 + (b - h1)).store(mean + c + IO::L);
+  int64_t c = 0;
+  for (; c + 2 * IO::K <= C; c += 2 * IO::K) stats_cl_block<T, 2>(x, p.x_so, shift, r0, r1, c, mean, m2);
+  for (; c + IO::K <= C; c += IO::K) stats_cl_block<T, 1>(x, p.x_so, shift, r0, r1, c, mean, m2);
+  for (; c < C; ++c) {  // the last < K features: scalar two-pass down the column
+    const A h = static_cast<A>(shift[c]);
+    A sum = A(0);
+    for (int64_t r = r0; r < r1; ++r) sum += static_cast<A>(x[r * p.x_so + c]) - h;
+    const A dm = sum / n;
+    A q = A(0);
+    for (int64_t r = r0; r < r1; ++r) {
+      const A d = (static_cast<A>(x[r * p.x_so + c]) - h) - dm;
+      q += d * d;
     }
-    for (; c < C; ++c) mean[c] += static_cast<A>(row[c]) - static_cast<A>(shift[c]);
+    mean[c] = dm;
+    m2[c] = q;
   }
-  const A inv_n = A(1) / n;
-  for (int64_t c = 0; c < C; ++c) mean[c] = mean[c] * inv_n;
-  // pass 2: squared deviations into `m2` (rows still in cache)
-  for (int64_t r = r0; r < r1; ++r) {
-    const T* row = x + r * p.x_so;
-    int64_t c = 0;
-    for (; c + IO::K <= C; c += IO::K) {
-      AV a, b, h0, h1, m0, m1, q0, q1;
-      IO::load(row + c, a, b);
-      IO::load(shift + c, h0, h1);
-      IO::load_acc(mean + c, m0, m1);
-      IO::load_acc(m2 + c, q0, q1);
-      a = (a - h0) - m0;
-      b = (b - h1) - m1;
-      at::vec::fmadd(a, a, q0).store(m2 + c);
-      at::vec::fmadd(b, b, q1).store(m2 + c + IO::L);
+}
+
+// Channels-last partials: merge rows 1..P-1 into row 0, in row order. Every feature of a row has
+// the same count, so Chan's factors are scalars and the loop over features vectorizes; walking
+// rows (not features) keeps the accesses sequential.
+template <typename A>
+inline void merge_cl_partials(PartialArrays<A> part, int64_t P, int64_t C) {
+  at::parallel_for(0, C, std::max<int64_t>(64, kCpuChunkElems / std::max<int64_t>(1, P)), [&](int64_t c0, int64_t c1) {
+    for (int64_t q = 1; q < P; ++q) {
+      const A nb = part.n[q * C + c0];
+      if (nb == A(0)) continue;
+      const A na = part.n[c0];
+      const A n = na + nb, f = nb / n, g = na * f;
+      const A* mb = part.mean + q * C;
+      const A* m2b = part.m2 + q * C;
+      for (int64_t c = c0; c < c1; ++c) {
+        const A d = mb[c] - part.mean[c];
+        part.mean[c] += d * f;
+        part.m2[c] += m2b[c] + d * d * g;
+        part.n[c] = n;
+      }
     }
-    for (; c < C; ++c) {
-      const A d = (static_cast<A>(row[c]) - static_cast<A>(shift[c])) - mean[c];
-      m2[c] += d * d;
-    }
-  }
+  });
+}
+
+// Channels-last partial sums: rows 1..P-1 added into row 0, in row order.
+template <typename A>
+inline void sum_cl_partials(A* a, A* b, int64_t P, int64_t C) {
+  at::parallel_for(0, C, std::max<int64_t>(64, kCpuChunkElems / std::max<int64_t>(1, P)), [&](int64_t c0, int64_t c1) {
+    for (int64_t q = 1; q < P; ++q)
+      for (int64_t c = c0; c < c1; ++c) {
+        a[c] += a[q * C + c];
+        b[c] += b[q * C + c];
+      }
+  });
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -389,11 +448,13 @@ void forward_train(const ForwardParams& p) {
   A* sm = static_cast<A*>(p.save_mean);
   A* si = static_cast<A*>(p.save_invstd);
   const A eps = static_cast<A>(p.eps), mom = static_cast<A>(p.momentum);
-  at::parallel_for(0, C, grain_for(8 * P), [&](int64_t begin, int64_t end) {
+  if (v.channels_last) merge_cl_partials(part, P, C);  // the merged state is then row 0
+  const int64_t merge_rows = v.channels_last ? 1 : P;
+  at::parallel_for(0, C, grain_for(8 * merge_rows), [&](int64_t begin, int64_t end) {
     for (int64_t c = begin; c < end; ++c) {
       WelfordState<A> st = welford_empty<A>();
-      for (int64_t q = 0; q < P; ++q) {
-        const int64_t idx = v.channels_last ? q * C + c : c * P + q;
+      for (int64_t q = 0; q < merge_rows; ++q) {
+        const int64_t idx = v.channels_last ? c : c * P + q;
         st = welford_merge(st, WelfordState<A>{part.mean[idx], part.m2[idx], part.n[idx]});
       }
       st.mean = feature_shift<T>(p, c) + st.mean;  // partial means are relative to the shift
@@ -486,30 +547,35 @@ void backward(const BackwardParams& p) {
         for (int64_t q = begin; q < end; ++q) {
           A* s = sdy + q * C;
           A* sx = sdyx + q * C;
-          std::fill(s, s + C, A(0));
-          std::fill(sx, sx + C, A(0));
           const int64_t r0 = q * rows_per_part, r1 = std::min(v.O, r0 + rows_per_part);
-          for (int64_t r = r0; r < r1; ++r) {
-            const T* g = dy + r * p.dy_so;
-            const T* xr = x + r * p.x_so;
-            int64_t c = 0;
-            for (; c + IO::K <= C; c += IO::K) {
-              AV g0, g1, x0, x1, m0, m1, a0, a1, b0, b1;
-              IO::load(g + c, g0, g1);
-              IO::load(xr + c, x0, x1);
-              IO::load_acc(mean + c, m0, m1);
-              IO::load_acc(s + c, a0, a1);
-              IO::load_acc(sx + c, b0, b1);
-              (a0 + g0).store(s + c);
-              (a1 + g1).store(s + c + IO::L);
-              at::vec::fmadd(g0, x0 - m0, b0).store(sx + c);
-              at::vec::fmadd(g1, x1 - m1, b1).store(sx + c + IO::L);
+          int64_t c = 0;
+          for (; c + IO::K <= C; c += IO::K) {  // K features in registers, rows streamed
+            AV m0, m1;
+            IO::load_acc(mean + c, m0, m1);
+            AV a0(A(0)), a1(A(0)), b0(A(0)), b1(A(0));
+            for (int64_t r = r0; r < r1; ++r) {
+              AV g0, g1, x0, x1;
+              IO::load(dy + r * p.dy_so + c, g0, g1);
+              IO::load(x + r * p.x_so + c, x0, x1);
+              a0 += g0;
+              a1 += g1;
+              b0 = at::vec::fmadd(g0, x0 - m0, b0);
+              b1 = at::vec::fmadd(g1, x1 - m1, b1);
             }
-            for (; c < C; ++c) {
-              const A gv = static_cast<A>(g[c]);
-              s[c] += gv;
-              sx[c] += gv * (static_cast<A>(xr[c]) - mean[c]);
+            a0.store(s + c);
+            a1.store(s + c + IO::L);
+            b0.store(sx + c);
+            b1.store(sx + c + IO::L);
+          }
+          for (; c < C; ++c) {
+            A a = A(0), b = A(0);
+            for (int64_t r = r0; r < r1; ++r) {
+              const A gv = static_cast<A>(dy[r * p.dy_so + c]);
+              a += gv;
+              b += gv * (static_cast<A>(x[r * p.x_so + c]) - mean[c]);
             }
+            s[c] = a;
+            sx[c] = b;
           }
         }
       });
@@ -519,11 +585,13 @@ void backward(const BackwardParams& p) {
   const A count = static_cast<A>(v.O * v.I);
   A* gw = static_cast<A*>(p.grad_weight);
   A* gb = static_cast<A*>(p.grad_bias);
+  if (need_sums && v.channels_last) sum_cl_partials(sdy, sdyx, P, C);  // the totals are then row 0
+  const int64_t sum_rows = v.channels_last ? 1 : P;
   for (int64_t c = 0; c < C; ++c) {
     A s = A(0), sx = A(0);
     if (need_sums) {
-      for (int64_t q = 0; q < P; ++q) {
-        const int64_t idx = v.channels_last ? q * C + c : c * P + q;
+      for (int64_t q = 0; q < sum_rows; ++q) {
+        const int64_t idx = v.channels_last ? c : c * P + q;
         s += sdy[idx];
         sx += sdyx[idx];
       }
