@@ -14,7 +14,8 @@ across ranks like any other parameter gradient.
 Nothing in that path reads a tensor on the host, so it can be captured in a CUDA graph. The one
 exception is the feature-count check (:class:`FeatureCountCheck`), a one-integer all-gather that
 runs on a layer's first call for each feature count and is cached afterwards: run one step before
-capturing.
+capturing. (Keras ghost batches exchange their ghost counts on every call; see
+:mod:`bn_cuda.keras.synchronized`.)
 """
 
 from __future__ import annotations
@@ -54,6 +55,11 @@ class FeatureCountCheck:
     Packing per-feature states of different lengths into one all-gather would abort the gloo
     process or, over NCCL, hang or read garbage, so the count is exchanged first: a one-integer
     all-gather, done once per (group, feature count) and cached. A layer keeps one instance.
+
+    The cache is keyed by this rank's own count, so a rank whose count changes after the layer's
+    first call, while the others' do not, is not caught (the exchange would pair with another
+    rank's statistics all-gather), so layers with weights or running statistics check their input
+    against their own feature count before any collective.
 
     With ghost batches the number of ghosts depends on each rank's batch size, so it is exchanged
     on every call (:meth:`ghosts`), together with the feature count.
@@ -176,7 +182,7 @@ class SyncNormalize(torch.autograd.Function):
             total = torch.stack((sum_dy, sum_dy_xmu))
             if ctx.pad_to is not None and ctx.pad_to > local:
                 total = torch.nn.functional.pad(total, (0, ctx.pad_to - local))
-            pass
+            dist.all_reduce(total, group=ctx.group)
             grad_input = staged.grad_input(grad_out, input, mean, invstd, weight, total[0, :local],
                                            total[1, :local], count, ctx.axis)
         return grad_input, grad_weight, grad_bias, None, None, None, None, None, None
@@ -223,8 +229,20 @@ def sync_batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: 
     return SyncNormalize.apply(input, weight, bias, mean, invstd, count, axes, group)
 
 
+class _AllReduceSum(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, tensor: Tensor, group: ProcessGroup) -> Tensor:
+        ctx.group = group
+        out = tensor.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(out, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        # d(sum over ranks of each rank's loss) / d(this rank's summand): the summed gradients.
+        return _AllReduceSum.apply(grad, ctx.group), None
+
+
 def all_reduce_sum(tensor: Tensor, group: ProcessGroup = None) -> Tensor:
     """Differentiable all-reduce-sum (the gradient is the all-reduce-sum of the gradients)."""
-    from torch.distributed.nn.functional import all_reduce
-
-    return all_reduce(tensor, group=group if group is not None else dist.group.WORLD)
+    return _AllReduceSum.apply(tensor, group)

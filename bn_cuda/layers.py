@@ -12,9 +12,12 @@ code paths differ from each other. The decisions, in tf_keras's terms:
   ``1.001e-5`` floor is gone on CPU), so neither do we.
 - ``fused`` chooses *our* implementation: ``None``/``True`` run bn_cuda's fused kernels (always
   for inference; for training when there is no renorm, ghost batch, adjustment, honoured mask or
-  cross-process hook), ``False`` runs :mod:`bn_cuda.keras.composite`, plain PyTorch ops that
+  ``stats_hook``), ``False`` runs :mod:`bn_cuda.keras.composite`, plain PyTorch ops that
   mirror tf_keras's non-fused maths step by step. ``fused=True`` with an option the kernels cannot
   run yet raises a ValueError naming it.
+- ``synchronized=True`` with an initialized group of several processes, in training: the staged
+  kernels over the global batch, renorm and ghost batches included (:mod:`bn_cuda.keras.synchronized`);
+  with ``fused=False``, a mask or an adjustment, the composite path with an all-reduce of the sums.
 """
 
 from __future__ import annotations

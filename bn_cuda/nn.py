@@ -81,6 +81,10 @@ class SyncBatchNorm(_BatchNorm):
         if world_size <= 1:
             return functional.batch_norm(input, running_mean, running_var, self.weight, self.bias, bn_training,
                                          factor, self.eps)
+        if input.size(1) != self.num_features and (self.weight is not None or running_mean is not None):
+            # Caught here, before any collective: the feature-count check is cached per count.
+            raise ValueError(f"SyncBatchNorm: expected {self.num_features} channels in dim 1, got input of shape "
+                             f"{tuple(input.shape)}")
         return distributed.sync_batch_norm(input, running_mean, running_var, self.weight, self.bias, factor,
                                            self.eps, axis=1, process_group=group,
                                            feature_check=self._feature_check)
