@@ -35,6 +35,11 @@ __all__ = ["FeatureCountCheck", "all_reduce_sum", "process_group_and_size", "syn
 ProcessGroup = Any  # torch.distributed.ProcessGroup, or None for the default group
 
 
+LOCAL = "bn_cuda.local"
+"""``group`` value meaning "this process only": the staged-kernel path with no collective (the
+single-process fused path of ghost batches, renorm and adjustment)."""
+
+
 def process_group_and_size(process_group: ProcessGroup = None) -> Tuple[ProcessGroup, int]:
     """``(group, world_size)``; world size 1 when torch.distributed is unavailable or uninitialized."""
     if not (dist.is_available() and dist.is_initialized()):
@@ -123,8 +128,11 @@ def sync_batch_stats(input: Tensor, axis: Sequence[int], running_mean: Optional[
     local = torch.stack((mean, m2, count))  # (3, C): one message per rank
     if pad_to is not None and pad_to > local.shape[1]:
         local = torch.nn.functional.pad(local, (0, pad_to - local.shape[1]))  # count 0: merged as nothing
-    gathered = local.new_empty((world_size * 3, local.shape[1]))
-    _all_gather_flat(gathered, local, group)
+    if world_size == 1:  # LOCAL: nothing to exchange
+        gathered = local
+    else:
+        gathered = local.new_empty((world_size * 3, local.shape[1]))
+        _all_gather_flat(gathered, local, group)
     means, m2s, counts = gathered.view(world_size, 3, -1).transpose(0, 1).contiguous().unbind(0)
     return staged.gather_stats(means, m2s, counts, running_mean, running_var, momentum, eps,
                                unbiased_running_var)
@@ -182,7 +190,8 @@ class SyncNormalize(torch.autograd.Function):
             total = torch.stack((sum_dy, sum_dy_xmu))
             if ctx.pad_to is not None and ctx.pad_to > local:
                 total = torch.nn.functional.pad(total, (0, ctx.pad_to - local))
-            dist.all_reduce(total, group=ctx.group)
+            if ctx.group is not LOCAL:
+                dist.all_reduce(total, group=ctx.group)
             grad_input = staged.grad_input(grad_out, input, mean, invstd, weight, total[0, :local],
                                            total[1, :local], count, ctx.axis)
         return grad_input, grad_weight, grad_bias, None, None, None, None, None, None

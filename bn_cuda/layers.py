@@ -10,14 +10,16 @@ code paths differ from each other. The decisions, in tf_keras's terms:
   ``mask`` is ignored (with tf_keras's warning); everywhere else it is fed the biased variance and
   a mask gives weighted moments. TensorFlow 2.21 no longer floors epsilon there (the old
   ``1.001e-5`` floor is gone on CPU), so neither do we.
-- ``fused`` chooses *our* implementation: ``None``/``True`` run bn_cuda's fused kernels (always
-  for inference; for training when there is no renorm, ghost batch, adjustment, honoured mask or
-  ``stats_hook``), ``False`` runs :mod:`bn_cuda.keras.composite`, plain PyTorch ops that
-  mirror tf_keras's non-fused maths step by step. ``fused=True`` with an option the kernels cannot
-  run yet raises a ValueError naming it.
+- ``fused`` chooses *our* implementation: ``None``/``True`` run bn_cuda's kernels — the fused
+  training op for plain configurations, inference always, and the staged kernels (statistics,
+  per-feature finalize, normalize; :mod:`bn_cuda.keras.synchronized`) for ghost batches, renorm and
+  per-feature adjustments. ``False`` runs :mod:`bn_cuda.keras.composite`, plain PyTorch ops that
+  mirror tf_keras's non-fused maths step by step. What still runs only on the composite path: an
+  honoured ``mask``, an adjustment whose outputs vary over reduced dims, and a custom
+  ``stats_hook``; ``fused=True`` with one of those raises a ValueError naming it.
 - ``synchronized=True`` with an initialized group of several processes, in training: the staged
-  kernels over the global batch, renorm and ghost batches included (:mod:`bn_cuda.keras.synchronized`);
-  with ``fused=False``, a mask or an adjustment, the composite path with an all-reduce of the sums.
+  kernels over the global batch, renorm, ghost batches and adjustments included; with
+  ``fused=False`` or a mask, the composite path with an all-reduce of the sums.
 """
 
 from __future__ import annotations
@@ -91,7 +93,9 @@ class BatchNormalization(KerasLayerIO, nn.Module):
     renorm_momentum : float
         Decay of ``renorm_mean`` / ``renorm_stddev``, in [0, 1].
     fused : bool, optional
-        ``None``/``True``: bn_cuda's fused kernels; ``False``: the composite reference path.
+        ``None``/``True``: bn_cuda's kernels (fused, or staged for ghost batches / renorm /
+        adjustment); ``False``: the composite reference path. ``True`` raises a ValueError for what
+        only the composite path runs (an honoured mask).
     trainable : bool
         ``False`` freezes ``gamma``/``beta`` and forces inference mode (TF2 behaviour).
     virtual_batch_size : int, optional
@@ -169,14 +173,6 @@ class BatchNormalization(KerasLayerIO, nn.Module):
         if fused not in (None, True, False):
             raise ValueError(f"`fused` must be None, True or False. Received: fused={fused!r}")
         self.fused = fused
-        if fused:
-            blocking = [f"{opt}" for opt, on in (("renorm=True", self.renorm),
-                                                 ("virtual_batch_size", self.virtual_batch_size is not None),
-                                                 ("adjustment", adjustment is not None)) if on]
-            if blocking:
-                raise ValueError(
-                    f"`fused=True` is not supported with `{blocking[0]}`: bn_cuda's fused kernels cannot run "
-                    "it yet. Pass `fused=None` (kernels where possible) or `fused=False`.")
         self.synchronized = bool(synchronized)
         self.stats_hook: Optional[composite.StatsHook] = None
         self.name = str(name) if name is not None else _default_name()
@@ -316,11 +312,20 @@ class BatchNormalization(KerasLayerIO, nn.Module):
             raise ValueError(checks.vbs_message(self.virtual_batch_size,
                                                 f" for an input of batch size {inputs.shape[0]}"))
         group, world_size = self._sync_group()
-        if world_size > 1 and self.stats_hook is None and self.fused is not False and mask is None \
-                and self.adjustment is None:
+        staged = self.fused is not False and mask is None and self.stats_hook is None and (
+            world_size > 1 or self.renorm or self.virtual_batch_size is not None or self.adjustment is not None)
+        if staged:
+            # Ghost batches, renorm, adjustment and cross-process statistics run on the staged
+            # kernels (statistics, per-feature finalize, normalize). An adjustment whose outputs vary
+            # over reduced dims cannot be folded into per-feature coefficients.
+            from . import distributed
             from .keras import synchronized
 
-            return synchronized.train_step(self, inputs, group, world_size)
+            adjustment = None if self.adjustment is None else synchronized.flat_adjustment(self, inputs)
+            if self.adjustment is None or adjustment is not None:
+                if world_size == 1:
+                    group = distributed.LOCAL
+                return synchronized.train_step(self, inputs, group, world_size, adjustment)
         hook = self._stats_hook(group, world_size)
         blocking = self._kernel_blockers(mask, hook)
         if self.fused is True and blocking:
@@ -346,12 +351,8 @@ class BatchNormalization(KerasLayerIO, nn.Module):
 
     def _kernel_blockers(self, mask: Optional[Tensor], hook) -> List[str]:
         found = []
-        if self.renorm:
-            found.append("`renorm=True`")
-        if self.virtual_batch_size is not None:
-            found.append("`virtual_batch_size`")
         if self.adjustment is not None:
-            found.append("`adjustment`")
+            found.append("an `adjustment` whose outputs vary over reduced dims")
         if mask is not None:
             found.append("a `mask`")
         if hook is not None:

@@ -79,9 +79,6 @@ def _assert_unchanged(layer, before):
     ({"virtual_batch_size": 2, "axis": [0, 1]},
      r"When using `virtual_batch_size`, the batch dimension must be 0 and thus axis cannot include 0\. "
      r"Received axis=\[0, 1\]"),
-    ({"fused": True, "renorm": True}, r"`fused=True` is not supported with `renorm=True`"),
-    ({"fused": True, "virtual_batch_size": 2}, r"`fused=True` is not supported with `virtual_batch_size`"),
-    ({"fused": True, "adjustment": lambda s: (1.0, 0.0)}, r"`fused=True` is not supported with `adjustment`"),
     ({"fused": "yes"}, r"`fused` must be None, True or False\. Received: fused='yes'"),
 ])
 def test_constructor_errors(kwargs, match):
@@ -206,18 +203,26 @@ def test_mask_ignored_on_keras_fused_path():
     ({}, (6, 4), False, True),
     ({"fused": True}, (6, 4), False, True),
     ({"fused": False}, (6, 4), False, False),
-    ({"renorm": True}, (6, 4), False, False),
-    ({"virtual_batch_size": 2}, (6, 4), False, False),
-    ({"adjustment": lambda s: (torch.ones(s[-1:]), torch.zeros(s[-1:]))}, (6, 4), False, False),
+    ({"renorm": True}, (6, 4), False, True),
+    ({"fused": True, "renorm": True, "renorm_clipping": {"rmax": 1.5}}, (6, 4), False, True),
+    ({"virtual_batch_size": 2}, (6, 4), False, True),
+    ({"fused": True, "virtual_batch_size": 3, "axis": 1}, (6, 4, 3, 3), False, True),
+    ({"adjustment": lambda s: (torch.ones(s[-1:]), torch.zeros(s[-1:]))}, (6, 4), False, True),
+    # an adjustment varying over the batch cannot be folded per feature: composite
+    ({"adjustment": lambda s: (torch.rand(s[0], 1), torch.zeros(s[-1:]))}, (6, 4), False, False),
+    ({"renorm": True}, (6, 4), True, False),  # the mask counts: composite
     ({}, (6, 4), True, False),  # the mask counts: composite
     ({}, (3, 5, 5, 4), True, True),  # tf_keras's fused path ignores the mask: kernels
     ({"synchronized": True}, (6, 4), False, True),
 ])
 def test_kernel_routing(monkeypatch, kwargs, shape, mask, kernels):
-    """fused=None/True run the kernels for what they can run; inference always uses them."""
+    """fused=None/True run the kernels (fused, or staged for ghost batches / renorm / adjustment) for
+    what they can run; inference always uses them."""
     calls = []
     train, infer = bn_cuda.ops.batch_norm_train, bn_cuda.ops.batch_norm_infer
+    stats = bn_cuda.staged.batch_stats
     monkeypatch.setattr(bn_cuda.ops, "batch_norm_train", lambda *a, **k: calls.append("train") or train(*a, **k))
+    monkeypatch.setattr(bn_cuda.staged, "batch_stats", lambda *a, **k: calls.append("train") or stats(*a, **k))
     monkeypatch.setattr(bn_cuda.ops, "batch_norm_infer", lambda *a, **k: calls.append("infer") or infer(*a, **k))
     layer = BatchNormalization(**kwargs)
     x = _data(*shape)

@@ -22,7 +22,7 @@ device). tf_keras's synchronized layer takes its non-fused path, so the moving v
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, Dict, List, Optional
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -41,23 +41,32 @@ def _per_ghost(t: Optional[Tensor], ghosts: int) -> Optional[Tensor]:
     return None if t is None else t.reshape(1, -1).expand(ghosts, -1).reshape(-1)
 
 
-def train_step(layer: "BatchNormalization", x: Tensor, group: Any, world_size: int) -> Tensor:
-    """One synchronized training step of ``layer`` on its part ``x`` of the global batch."""
+def train_step(layer: "BatchNormalization", x: Tensor, group: Any, world_size: int,
+               adjustment: Optional[Tuple[Tensor, Tensor]] = None) -> Tensor:
+    """One training step of ``layer`` on its part ``x`` of the global batch, on the staged kernels.
+
+    ``group=distributed.LOCAL`` with ``world_size=1`` is the single-process fused path of ghost
+    batches, renorm and adjustment (no collective). ``adjustment``: the adjustment callable's
+    ``(scale, bias)`` as flat per-feature tensors (see ``flat_adjustment``).
+    """
     axes: List[int] = list(layer._axes)
     features = ops.num_features(x.shape, axes)
     check = layer._feature_check
     view, view_axes, ghosts, global_ghosts = x, axes, None, 1
     if layer.virtual_batch_size is None:
-        check(features, group, x.device)
+        if world_size > 1:
+            check(features, group, x.device)
     else:
         local = x.shape[0] // layer.virtual_batch_size
-        global_ghosts = check.ghosts(features, local, group, x.device)
+        global_ghosts = check.ghosts(features, local, group, x.device) if world_size > 1 else local
         if global_ghosts > 0:  # (all-empty: the per-feature path below; its counts are 0)
             ghosts = local
             view = x.reshape(layer.virtual_batch_size, ghosts, *x.shape[1:])  # tf_keras's ghost view
             view_axes = [1] + [a + 1 for a in axes]
     gamma, beta = layer._flat("gamma"), layer._flat("beta")
     eps = layer.epsilon
+    if adjustment is not None:  # tf_keras: adjustment first, then gamma / beta
+        gamma, beta = composite.compose_transforms(adjustment[0], adjustment[1], gamma, beta)
 
     if ghosts is None and not layer.renorm:
         # The plain case: the running statistics are updated inside gather_stats.
@@ -102,6 +111,25 @@ def train_step(layer: "BatchNormalization", x: Tensor, group: Any, world_size: i
             buf = moving[name]
             buf.copy_(torch.where(has_data, value.to(buf.dtype), buf))
     return out.reshape(x.shape)
+
+
+def flat_adjustment(layer: "BatchNormalization", x: Tensor) -> Optional[Tuple[Tensor, Tensor]]:
+    """The adjustment's ``(scale, bias)`` as flat per-feature tensors, or None when they vary over
+    reduced dims too (then only the composite path can apply them)."""
+    adj_scale, adj_bias = layer.adjustment(torch.Size(x.shape))
+    stat_shape = tuple(x.shape[i] if i in layer._axes else 1 for i in range(x.dim()))
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    flat = []
+    for t in (adj_scale, adj_bias):
+        t = torch.as_tensor(t, device=x.device)
+        try:
+            ok = t.dim() <= len(stat_shape) and torch.broadcast_shapes(t.shape, stat_shape) == stat_shape
+        except RuntimeError:
+            ok = False
+        if not ok:
+            return None
+        flat.append(torch.broadcast_to(t.to(acc), stat_shape).reshape(-1))
+    return flat[0], flat[1]
 
 
 class AllReduceStats:
