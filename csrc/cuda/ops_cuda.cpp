@@ -1,12 +1,18 @@
 // CUDA bodies of the bn_cuda operators: device guard, current stream, planning, workspace from
 // the caching allocator, and the torch-free launchers. No host synchronization anywhere, so the
 // ops can be captured in CUDA graphs.
+//
+// Only c10/cuda headers: ATen/cuda/CUDAContext.h would pull in cusparse.h & co., which not every
+// toolkit install has next to nvcc.
 #include <ATen/ATen.h>
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAException.h>
 #include <ATen/DeviceGuard.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAFunctions.h>
+#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <array>
+#include <atomic>
 #include <tuple>
 
 #include "common/glue.h"
@@ -53,7 +59,24 @@ inline cudaError_t backward_apply(DType t, const BackwardParams& p, cudaStream_t
 
 namespace {
 
-int sm_count() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
+// Multiprocessors of the current device, queried once per device (an attribute read, no sync).
+int sm_count() {
+  static std::array<std::atomic<int>, 64> cache{};
+  const int dev = c10::cuda::current_device();
+  if (dev < 0 || dev >= static_cast<int>(cache.size())) {
+    int n = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev));
+    return n;
+  }
+  int n = cache[dev].load(std::memory_order_relaxed);
+  if (n == 0) {
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev));
+    cache[dev].store(n, std::memory_order_relaxed);
+  }
+  return n;
+}
+
+cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 
 at::Tensor workspace(const at::Tensor& like, size_t bytes, DType t) {
   const at::ScalarType acc = t == DType::kFloat64 ? at::kDouble : at::kFloat;
@@ -73,7 +96,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_train_cuda(
     plan_forward_cuda(call.p, call.dtype, sm_count());
     ws = workspace(input, forward_workspace_bytes(call.p.v, call.p.partitions, acc_size(call.dtype)), call.dtype);
     call.p.workspace = ws.data_ptr();
-    C10_CUDA_CHECK(cuda::forward_train(call.dtype, call.p, at::cuda::getCurrentCUDAStream()));
+    C10_CUDA_CHECK(cuda::forward_train(call.dtype, call.p, current_stream()));
   }
   finish_forward(call);
   return {call.out, call.save_mean, call.save_invstd};
@@ -91,7 +114,7 @@ at::Tensor forward_infer_cuda(const at::Tensor& input, const c10::optional<at::T
     call.p.partitions = 0;  // no statistics: the workspace holds only the apply coefficients
     ws = workspace(input, forward_workspace_bytes(call.p.v, 0, acc_size(call.dtype)), call.dtype);
     call.p.workspace = ws.data_ptr();
-    C10_CUDA_CHECK(cuda::forward_infer(call.dtype, call.p, at::cuda::getCurrentCUDAStream()));
+    C10_CUDA_CHECK(cuda::forward_infer(call.dtype, call.p, current_stream()));
   }
   finish_forward(call);
   return call.out;
@@ -109,7 +132,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(const at::Tensor& g
     plan_backward_cuda(call.p, call.dtype, sm_count());
     ws = workspace(input, backward_workspace_bytes(call.p.v, call.p.partitions, acc_size(call.dtype)), call.dtype);
     call.p.workspace = ws.data_ptr();
-    C10_CUDA_CHECK(cuda::backward(call.dtype, call.p, at::cuda::getCurrentCUDAStream()));
+    C10_CUDA_CHECK(cuda::backward(call.dtype, call.p, current_stream()));
   }
   finish_backward(call);
   return {call.grad_input, call.grad_weight, call.grad_bias};
@@ -123,7 +146,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_stats_cuda(const at::Tensor
     plan_forward_cuda(call.p, call.dtype, sm_count());
     ws = workspace(input, forward_workspace_bytes(call.p.v, call.p.partitions, acc_size(call.dtype)), call.dtype);
     call.p.workspace = ws.data_ptr();
-    C10_CUDA_CHECK(cuda::batch_stats(call.dtype, call.p, at::cuda::getCurrentCUDAStream()));
+    C10_CUDA_CHECK(cuda::batch_stats(call.dtype, call.p, current_stream()));
   }
   return {call.mean, call.m2, call.count};
 }
@@ -133,7 +156,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gather_stats_cuda(
     const c10::optional<at::Tensor>& running_var, double momentum, double eps, bool unbiased_running_var) {
   const at::OptionalDeviceGuard guard(at::device_of(mean));
   GatherCall call = prepare_gather(mean, m2, count, running_mean, running_var, momentum, eps, unbiased_running_var);
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = current_stream();
   C10_CUDA_CHECK(call.is_double ? cuda::gather_stats_t<DType::kFloat64>(call.g, stream)
                                 : cuda::gather_stats_t<DType::kFloat32>(call.g, stream));
   finish_gather(call);
@@ -152,7 +175,7 @@ at::Tensor normalize_cuda(const at::Tensor& input, const at::Tensor& mean, const
     f.p.partitions = 0;  // the workspace holds only the apply coefficients
     ws = workspace(input, forward_workspace_bytes(f.p.v, 0, acc_size(f.dtype)), f.dtype);
     f.p.workspace = ws.data_ptr();
-    C10_CUDA_CHECK(cuda::apply_given(f.dtype, f.p, at::cuda::getCurrentCUDAStream()));
+    C10_CUDA_CHECK(cuda::apply_given(f.dtype, f.p, current_stream()));
   }
   finish_forward(f);
   return f.out;
@@ -169,7 +192,7 @@ std::tuple<at::Tensor, at::Tensor> grad_sums_cuda(const at::Tensor& grad_out, co
     plan_backward_cuda(b.p, b.dtype, sm_count());
     ws = workspace(input, backward_workspace_bytes(b.p.v, b.p.partitions, acc_size(b.dtype)), b.dtype);
     b.p.workspace = ws.data_ptr();
-    C10_CUDA_CHECK(cuda::backward(b.dtype, b.p, at::cuda::getCurrentCUDAStream()));
+    C10_CUDA_CHECK(cuda::backward(b.dtype, b.p, current_stream()));
   }
   return {call.sum_dy, call.sum_dy_xmu};
 }
@@ -186,7 +209,7 @@ at::Tensor grad_input_cuda(const at::Tensor& grad_out, const at::Tensor& input, 
     b.p.partitions = 0;  // sums are given
     ws = workspace(input, backward_workspace_bytes(b.p.v, 0, acc_size(b.dtype)), b.dtype);
     b.p.workspace = ws.data_ptr();
-    C10_CUDA_CHECK(cuda::backward_apply(b.dtype, b.p, at::cuda::getCurrentCUDAStream()));
+    C10_CUDA_CHECK(cuda::backward_apply(b.dtype, b.p, current_stream()));
   }
   finish_backward(b);
   return b.grad_input;
