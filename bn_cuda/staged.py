@@ -24,7 +24,7 @@ _ops = torch.ops.bn_cuda
 
 
 @torch.library.register_fake("bn_cuda::batch_stats")
-def _batch_stats_fake(input, axis):
+def _batch_stats_fake(input, axis, mask=None):
     c = num_features(input.shape, axis)
     acc = _acc_dtype(input.dtype)
     return tuple(input.new_empty((c,), dtype=acc) for _ in range(3))
@@ -49,13 +49,17 @@ def _grad_sums_fake(grad_out, input, mean, invstd, axis):
 
 
 @torch.library.register_fake("bn_cuda::grad_input")
-def _grad_input_fake(grad_out, input, mean, invstd, weight, sum_dy, sum_dy_xmu, count, axis):
+def _grad_input_fake(grad_out, input, mean, invstd, weight, sum_dy, sum_dy_xmu, count, axis, mask=None):
     return torch.empty_like(input)
 
 
-def batch_stats(input: Tensor, axis: Sequence[int]) -> Tuple[Tensor, Tensor, Tensor]:
-    """Local per-feature Welford state: ``(mean, m2, count)``, each ``(C,)``."""
-    return _ops.batch_stats(input, [int(a) for a in axis])
+def batch_stats(input: Tensor, axis: Sequence[int], mask: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
+    """Local per-feature Welford state: ``(mean, m2, count)``, each ``(C,)``.
+
+    ``mask``: a bool (or 0/1 uint8) tensor broadcastable to ``input``; the statistics are then the
+    weighted moments of the unmasked elements (``count`` = their number per feature).
+    """
+    return _ops.batch_stats(input, [int(a) for a in axis], mask)
 
 
 def gather_stats(mean: Tensor, m2: Tensor, count: Tensor, running_mean: Optional[Tensor],
@@ -83,8 +87,14 @@ def grad_sums(grad_out: Tensor, input: Tensor, mean: Tensor, invstd: Tensor,
 
 
 def grad_input(grad_out: Tensor, input: Tensor, mean: Tensor, invstd: Tensor, weight: Optional[Tensor],
-               sum_dy: Tensor, sum_dy_xmu: Tensor, count: Tensor, axis: Sequence[int]) -> Tensor:
-    """Training grad_input from (e.g. all-reduced) sums and total per-feature counts."""
+               sum_dy: Tensor, sum_dy_xmu: Tensor, count: Tensor, axis: Sequence[int],
+               mask: Optional[Tensor] = None) -> Tensor:
+    """Training grad_input from (e.g. all-reduced) sums and total per-feature counts.
+
+    With the ``mask`` ``m`` of masked statistics (and their counts): the gradient through the
+    weighted moments, ``weight * invstd * (dy - m * (sum_dy + (x - mean) * invstd^2 * sum_dy_xmu) / count)``
+    (the sums run over every element; only the unmasked ones moved the statistics).
+    """
     return _ops.grad_input(grad_out, input, mean, invstd, weight, sum_dy, sum_dy_xmu, count,
-                           [int(a) for a in axis])
+                           [int(a) for a in axis], mask)
 

@@ -45,8 +45,9 @@ TORCH_LIBRARY(bn_cuda, m) {
 
   // Staged operators (synchronized batch norm and other compositions); per-feature tensors are
   // flat (C,) in the accumulation dtype.
-  // Local Welford state per feature: (mean, m2, count).
-  m.def("batch_stats(Tensor input, int[] axis) -> (Tensor, Tensor, Tensor)");
+  // Local Welford state per feature: (mean, m2, count); with a 0/1 mask broadcastable to the
+  // input, the weighted moments (count = number of unmasked elements).
+  m.def("batch_stats(Tensor input, int[] axis, Tensor? mask=None) -> (Tensor, Tensor, Tensor)");
   // Chan merge of W states ((W, C) each, rows in order) -> (mean, invstd, count); running stats
   // are updated in place except for features whose total count is 0.
   m.def(
@@ -56,10 +57,11 @@ TORCH_LIBRARY(bn_cuda, m) {
   m.def("normalize(Tensor input, Tensor mean, Tensor invstd, Tensor? weight, Tensor? bias, int[] axis) -> Tensor");
   // Local (sum(grad_out), sum(grad_out * (input - mean))) per feature.
   m.def("grad_sums(Tensor grad_out, Tensor input, Tensor mean, Tensor invstd, int[] axis) -> (Tensor, Tensor)");
-  // Training grad_input from (e.g. all-reduced) sums and total per-feature counts.
+  // Training grad_input from (e.g. all-reduced) sums and total per-feature counts; with the mask
+  // of masked statistics, the gradient of the weighted moments.
   m.def(
       "grad_input(Tensor grad_out, Tensor input, Tensor mean, Tensor invstd, Tensor? weight, Tensor sum_dy, "
-      "Tensor sum_dy_xmu, Tensor count, int[] axis) -> Tensor");
+      "Tensor sum_dy_xmu, Tensor count, int[] axis, Tensor? mask=None) -> Tensor");
 }
 
 namespace {

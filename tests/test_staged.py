@@ -97,3 +97,66 @@ def test_opcheck_staged_ops(device):
     torch.library.opcheck(torch.ops.bn_cuda.grad_sums.default, (gy, x, gm, ginv, [1]))
     sdy, sdyx = torch.ops.bn_cuda.grad_sums(gy, x, gm, ginv, [1])
     torch.library.opcheck(torch.ops.bn_cuda.grad_input.default, (gy, x, gm, ginv, w, sdy, sdyx, gc, [1]))
+
+
+def _masked_reference(x, mask, w, b, eps, gy):
+    """Weighted-moments batch norm in float64 with autograd (tf.nn.weighted_moments semantics)."""
+    xr = x.detach().double().requires_grad_(True)
+    wm = mask.double().expand_as(xr)
+    dims = [d for d in range(x.dim()) if d != 1]
+    cnt = wm.sum(dims, keepdim=True)
+    mean = (wm * xr).sum(dims, keepdim=True) / cnt
+    var = (wm * (xr - mean) ** 2).sum(dims, keepdim=True) / cnt
+    shape = [1, -1] + [1] * (x.dim() - 2)
+    y = (xr - mean) / torch.sqrt(var + eps) * w.double().view(shape) + b.double().view(shape)
+    y.backward(gy.double())
+    return y.detach(), xr.grad, mean.reshape(-1), var.reshape(-1), cnt.reshape(-1)
+
+
+@pytest.mark.parametrize("shape,mask_shape,channels_last", [
+    ((6, 5, 4, 3), (6, 1, 4, 3), False),   # per-position mask, channels-first
+    ((6, 5, 4, 3), (6, 1, 4, 3), True),    # channels-last
+    ((7, 17), (7, 1), False),              # 2-D, per-sample mask (Keras: mask[..., None])
+    ((4, 9, 3), (4, 9, 1), False),         # Keras-style (batch, time) mask on a features-last input
+    ((5, 3, 40000), (5, 1, 40000), False),  # rows longer than a CPU chunk
+])
+@pytest.mark.parametrize("device", DEVICES)
+def test_masked_stats_and_grad_match_weighted_moments(shape, mask_shape, channels_last, device):
+    g = torch.Generator().manual_seed(3)
+    x = _data(shape, torch.float64, "cpu", seed=4, offset=50.0)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    mask = torch.rand(mask_shape, generator=g) > 0.4
+    mask.view(-1)[0] = True  # at least one unmasked element per feature
+    c = shape[1]
+    w, b = torch.randn(c, dtype=torch.float64), torch.randn(c, dtype=torch.float64)
+    gy = torch.randn(shape, dtype=torch.float64)
+    axis = [1]
+    if len(shape) == 3 and shape[2] == 3:  # features last for the Keras-style case
+        axis = [2]
+        w, b = torch.randn(3, dtype=torch.float64), torch.randn(3, dtype=torch.float64)
+        xp, gp, mp = x.transpose(1, 2), gy.transpose(1, 2), mask.transpose(1, 2)
+        ref_y, ref_gx, ref_mean, ref_var, ref_cnt = _masked_reference(xp, mp, w, b, 1e-3, gp)
+        ref_y, ref_gx = ref_y.transpose(1, 2), ref_gx.transpose(1, 2)
+    else:
+        ref_y, ref_gx, ref_mean, ref_var, ref_cnt = _masked_reference(x, mask, w, b, 1e-3, gy)
+    x, mask, w, b, gy = (t.to(device) for t in (x, mask, w, b, gy))
+    ref_y, ref_gx, ref_mean, ref_var, ref_cnt = (t.to(device) for t in (ref_y, ref_gx, ref_mean, ref_var, ref_cnt))
+    mean, m2, cnt = staged.batch_stats(x, axis, mask)
+    torch.testing.assert_close(cnt, ref_cnt, rtol=0, atol=0)
+    torch.testing.assert_close(mean, ref_mean, rtol=1e-12, atol=1e-10)
+    torch.testing.assert_close(m2 / cnt, ref_var, rtol=1e-10, atol=1e-12)
+    gm, ginv, gc = staged.gather_stats(mean[None], m2[None], cnt[None], None, None, 0.1, 1e-3)
+    y = staged.normalize(x, gm, ginv, w, b, axis)
+    torch.testing.assert_close(y, ref_y, rtol=1e-10, atol=1e-10)
+    sdy, sdyx = staged.grad_sums(gy, x, gm, ginv, axis)
+    gx = staged.grad_input(gy, x, gm, ginv, w, sdy, sdyx, gc, axis, mask)
+    torch.testing.assert_close(gx, ref_gx, rtol=1e-9, atol=1e-10)
+
+
+def test_mask_errors_name_the_argument():
+    x = torch.randn(4, 3)
+    with pytest.raises(TypeError, match="mask"):
+        staged.batch_stats(x, [1], torch.ones(4, 1))
+    with pytest.raises(RuntimeError, match="mask of shape \\[5, 1\\] does not broadcast"):
+        staged.batch_stats(x, [1], torch.ones(5, 1, dtype=torch.bool))

@@ -1,6 +1,7 @@
 #include "canonical.h"
 
 #include <ATen/ATen.h>
+#include <ATen/ExpandUtils.h>
 #include <c10/util/Exception.h>
 
 #include <algorithm>
@@ -147,6 +148,43 @@ Canonical plan_canonical(const at::Tensor& x, at::IntArrayRef axis) {
   }
   fill_sizes(x, c);
   return c;
+}
+
+bool group_strides(const at::Tensor& t, const Canonical& c, int64_t& so, int64_t& sc, int64_t& si) {
+  const int64_t n = static_cast<int64_t>(c.perm.size());
+  bool has_inner = false;
+  for (int64_t k = c.b; k < n; ++k) has_inner |= t.size(c.perm[k]) != 1;
+  if (!(collapse(t, c.perm, 0, c.a, so) && collapse(t, c.perm, c.a, c.b, sc) && collapse(t, c.perm, c.b, n, si)))
+    return false;
+  if (!has_inner) si = 1;
+  return true;
+}
+
+Strided3 mask_strided3(const at::Tensor& mask, const at::Tensor& input, const Canonical& c, const char* name) {
+  TORCH_CHECK_TYPE(mask.scalar_type() == at::kBool || mask.scalar_type() == at::kByte, "bn_cuda: ", name,
+                   " must be a bool (or uint8 0/1) tensor, got ", mask.scalar_type());
+  TORCH_CHECK(mask.device() == input.device(), "bn_cuda: ", name, " is on ", mask.device(), " but input is on ",
+              input.device());
+  TORCH_CHECK(at::is_expandable_to(mask.sizes(), input.sizes()),
+              "bn_cuda: ", name, " of shape ", shape_str(mask.sizes()), " does not broadcast to the input shape ",
+              shape_str(input.sizes()));
+  at::Tensor m = mask.expand(input.sizes());
+  if (m.scalar_type() == at::kBool) m = m.view(at::kByte);
+  Strided3 out;
+  int64_t so = 0, sc = 0, si = 1;
+  if (group_strides(m, c, so, sc, si) && (c.v.I <= 1 || si == 1)) {
+    out.t = m;
+    out.so = so;
+    out.sc = sc;
+    return out;
+  }
+  at::Tensor dense = dense_in_perm_order(m, c);
+  dense.copy_(m);
+  group_strides(dense, c, so, sc, si);
+  out.t = dense;
+  out.so = so;
+  out.sc = sc;
+  return out;
 }
 
 bool try_strided3(const at::Tensor& t, const Canonical& c, Strided3& out) {

@@ -43,6 +43,15 @@ Strided3 as_strided3(const at::Tensor& t, const Canonical& c);
 // A view of `t` as a Strided3 when possible; false when it would need a copy.
 bool try_strided3(const at::Tensor& t, const Canonical& c, Strided3& out);
 
+// The (outer, feature, inner) element strides of `t` under the planned grouping, without the
+// layout-class check; false when a group's dims do not collapse into one stride.
+bool group_strides(const at::Tensor& t, const Canonical& c, int64_t& so, int64_t& sc, int64_t& si);
+
+// A 0/1 mask (bool or uint8, broadcastable to `input`) as bytes viewed like the input: strides
+// (so, sc) with inner stride 1 (any feature stride, e.g. 0 for a per-row mask); a dense byte copy
+// in the planned dim order when the strides do not allow a view. Errors name `name`.
+Strided3 mask_strided3(const at::Tensor& mask, const at::Tensor& input, const Canonical& c, const char* name);
+
 // Dense (O, C, I) scratch laid out in the planned dim order, and its view with the original dim
 // order (to copy into a user-visible tensor).
 at::Tensor dense_in_perm_order(const at::Tensor& like, const Canonical& c);

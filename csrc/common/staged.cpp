@@ -5,7 +5,8 @@
 
 namespace bn_cuda {
 
-BatchStatsCall prepare_batch_stats(const at::Tensor& input, at::IntArrayRef axis) {
+BatchStatsCall prepare_batch_stats(const at::Tensor& input, at::IntArrayRef axis,
+                                   const c10::optional<at::Tensor>& mask) {
   BatchStatsCall call;
   TORCH_CHECK_VALUE(input.dim() >= 2, "bn_cuda.batch_stats: input must have at least 2 dimensions, got ",
                     input.dim(), "-D input of shape ", shape_str(input.sizes()));
@@ -16,6 +17,7 @@ BatchStatsCall prepare_batch_stats(const at::Tensor& input, at::IntArrayRef axis
   call.mean = at::empty({C}, acc);
   call.m2 = at::empty({C}, acc);
   call.count = at::empty({C}, acc);
+  if (mask.has_value() && mask->defined()) call.mask = mask_strided3(*mask, input, call.canon, "mask");
   call.skip = input.numel() == 0;
   if (call.skip) {  // an empty local batch: the empty state (merging it changes nothing)
     call.mean.zero_();
@@ -29,6 +31,11 @@ BatchStatsCall prepare_batch_stats(const at::Tensor& input, at::IntArrayRef axis
   p.x = call.x.data();
   p.x_so = call.x.so;
   p.x_sc = call.x.sc;
+  if (call.mask.t.defined()) {
+    p.mask = static_cast<const uint8_t*>(call.mask.data());
+    p.m_so = call.mask.so;
+    p.m_sc = call.mask.sc;
+  }
   p.stat_mean = call.mean.data_ptr();
   p.stat_m2 = call.m2.data_ptr();
   p.stat_count = call.count.data_ptr();
@@ -124,10 +131,16 @@ GradSumsCall prepare_grad_sums(const at::Tensor& grad_out, const at::Tensor& inp
 GradInputCall prepare_grad_input(const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& mean,
                                  const at::Tensor& invstd, const c10::optional<at::Tensor>& weight,
                                  const at::Tensor& sum_dy, const at::Tensor& sum_dy_xmu, const at::Tensor& count,
-                                 at::IntArrayRef axis) {
+                                 at::IntArrayRef axis, const c10::optional<at::Tensor>& mask) {
   GradInputCall call;
   call.bwd = prepare_backward(grad_out, input, weight, mean, invstd, true, axis, {true, false, false});
   const at::ScalarType acc = acc_scalar_type(input.scalar_type());
+  if (mask.has_value() && mask->defined()) {
+    call.mask = mask_strided3(*mask, input, call.bwd.canon, "mask");
+    call.bwd.p.mask = static_cast<const uint8_t*>(call.mask.data());
+    call.bwd.p.m_so = call.mask.so;
+    call.bwd.p.m_sc = call.mask.sc;
+  }
   call.sum_dy = feature_tensor(sum_dy, "sum_dy", call.bwd.canon, input, acc, false);
   call.sum_dy_xmu = feature_tensor(sum_dy_xmu, "sum_dy_xmu", call.bwd.canon, input, acc, false);
   call.count = feature_tensor(count, "count", call.bwd.canon, input, acc, false);

@@ -11,12 +11,13 @@ namespace bn_cuda {
 struct BatchStatsCall {
   Canonical canon;
   DType dtype = DType::kFloat32;
-  Strided3 x;
+  Strided3 x, mask;
   at::Tensor mean, m2, count;  // outputs, (C,) acc type
   ForwardParams p;
   bool skip = false;
 };
-BatchStatsCall prepare_batch_stats(const at::Tensor& input, at::IntArrayRef axis);
+BatchStatsCall prepare_batch_stats(const at::Tensor& input, at::IntArrayRef axis,
+                                   const c10::optional<at::Tensor>& mask);
 
 struct GatherCall {
   at::Tensor mean, m2, count;  // (W, C) acc type, contiguous
@@ -50,10 +51,11 @@ GradSumsCall prepare_grad_sums(const at::Tensor& grad_out, const at::Tensor& inp
 struct GradInputCall {
   BackwardCall bwd;
   FeatureTensor sum_dy, sum_dy_xmu, count;
+  Strided3 mask;
 };
 GradInputCall prepare_grad_input(const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& mean,
                                  const at::Tensor& invstd, const c10::optional<at::Tensor>& weight,
                                  const at::Tensor& sum_dy, const at::Tensor& sum_dy_xmu, const at::Tensor& count,
-                                 at::IntArrayRef axis);
+                                 at::IntArrayRef axis, const c10::optional<at::Tensor>& mask);
 
 }  // namespace bn_cuda

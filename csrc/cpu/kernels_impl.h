@@ -245,6 +245,70 @@ inline WelfordState<acc_t<T>> stats_cf_part(const ForwardParams& p, int64_t c, i
   return st;
 }
 
+// Masked (weighted) statistics: each element counts with weight w in {0, 1} read from a byte
+// mask viewed like x. Same two-pass-then-Chan structure as the unmasked partitions; the weighted
+// moments are mean = sum(w x) / sum(w), M2 = sum(w (x - mean)^2). Scalar loops: masks are not on
+// the hot path the vector code serves.
+template <typename T>
+inline WelfordState<acc_t<T>> masked_stats_cf_part(const ForwardParams& p, int64_t c, int64_t part) {
+  using A = acc_t<T>;
+  const View3& v = p.v;
+  const T* x = static_cast<const T*>(p.x) + c * p.x_sc;
+  const uint8_t* m = p.mask + c * p.m_sc;
+  const A shift = feature_shift<T>(p, c);
+  const int64_t rows_per_part = v.I >= kCpuChunkElems ? 1 : kCpuChunkElems / v.I;
+  const int64_t r0 = part * rows_per_part, r1 = std::min(v.O, r0 + rows_per_part);
+  WelfordState<A> st = welford_empty<A>();
+  for (int64_t i0 = 0; i0 < v.I; i0 += kCpuChunkElems) {  // one segment unless rows are long
+    const int64_t len = std::min(kCpuChunkElems, v.I - i0);
+    A s = A(0), n = A(0);
+    for (int64_t r = r0; r < r1; ++r)
+      for (int64_t i = i0; i < i0 + len; ++i) {
+        const A w = static_cast<A>(m[r * p.m_so + i] != 0);
+        s += w * (static_cast<A>(x[r * p.x_so + i]) - shift);
+        n += w;
+      }
+    if (n == A(0)) continue;
+    const A dm = s / n;
+    A q = A(0);
+    for (int64_t r = r0; r < r1; ++r)
+      for (int64_t i = i0; i < i0 + len; ++i) {
+        const A d = (static_cast<A>(x[r * p.x_so + i]) - shift) - dm;
+        q += static_cast<A>(m[r * p.m_so + i] != 0) * d * d;
+      }
+    st = welford_merge(st, WelfordState<A>{dm, q, n});
+  }
+  return st;
+}
+
+template <typename T>
+inline void masked_stats_cl_part(const ForwardParams& p, int64_t part, int64_t P, PartialArrays<acc_t<T>> out) {
+  using A = acc_t<T>;
+  const View3& v = p.v;
+  const int64_t C = v.C;
+  const int64_t rows_per_part = ceil_div(v.O, P);
+  const int64_t r0 = part * rows_per_part, r1 = std::min(v.O, r0 + rows_per_part);
+  const T* x = static_cast<const T*>(p.x);
+  for (int64_t c = 0; c < C; ++c) {
+    const A h = static_cast<A>(x[c]);  // feature_shift
+    A s = A(0), n = A(0);
+    for (int64_t r = r0; r < r1; ++r) {
+      const A w = static_cast<A>(p.mask[r * p.m_so + c * p.m_sc] != 0);
+      s += w * (static_cast<A>(x[r * p.x_so + c]) - h);
+      n += w;
+    }
+    const A dm = n > A(0) ? s / n : A(0);
+    A q = A(0);
+    for (int64_t r = r0; r < r1; ++r) {
+      const A d = (static_cast<A>(x[r * p.x_so + c]) - h) - dm;
+      q += static_cast<A>(p.mask[r * p.m_so + c * p.m_sc] != 0) * d * d;
+    }
+    out.mean[part * C + c] = dm;
+    out.m2[part * C + c] = q;
+    out.n[part * C + c] = n;
+  }
+}
+
 // Channels-last blocks: NP pairs of accumulator vectors (NP * K features) stay in registers while
 // the rows of a partition stream past, instead of read-modify-writing per-feature arrays per row.
 
@@ -428,7 +492,7 @@ void forward_train(const ForwardParams& p) {
     at::parallel_for(0, C * P, grain_for(cf_part_elems(v)), [&](int64_t begin, int64_t end) {
       for (int64_t t = begin; t < end; ++t) {
         const int64_t c = t / P, q = t % P;
-        const WelfordState<A> st = stats_cf_part<T>(p, c, q);
+        const WelfordState<A> st = p.mask ? masked_stats_cf_part<T>(p, c, q) : stats_cf_part<T>(p, c, q);
         part.mean[t] = st.mean;
         part.m2[t] = st.m2;
         part.n[t] = st.n;
@@ -436,7 +500,13 @@ void forward_train(const ForwardParams& p) {
     });
   } else {
     at::parallel_for(0, P, grain_for(cl_part_elems(v, P)), [&](int64_t begin, int64_t end) {
-      for (int64_t q = begin; q < end; ++q) stats_cl_part<T>(p, q, P, part);
+      for (int64_t q = begin; q < end; ++q) {
+        if (p.mask) {
+          masked_stats_cl_part<T>(p, q, P, part);
+        } else {
+          stats_cl_part<T>(p, q, P, part);
+        }
+      }
     });
   }
 
@@ -448,13 +518,15 @@ void forward_train(const ForwardParams& p) {
   A* sm = static_cast<A*>(p.save_mean);
   A* si = static_cast<A*>(p.save_invstd);
   const A eps = static_cast<A>(p.eps), mom = static_cast<A>(p.momentum);
-  if (v.channels_last) merge_cl_partials(part, P, C);  // the merged state is then row 0
-  const int64_t merge_rows = v.channels_last ? 1 : P;
+  // Channels-last partials share one count per row, except under a mask: merge those per feature.
+  const bool row_merged = v.channels_last && !p.mask;
+  if (row_merged) merge_cl_partials(part, P, C);  // the merged state is then row 0
+  const int64_t merge_rows = row_merged ? 1 : P;
   at::parallel_for(0, C, grain_for(8 * merge_rows), [&](int64_t begin, int64_t end) {
     for (int64_t c = begin; c < end; ++c) {
       WelfordState<A> st = welford_empty<A>();
       for (int64_t q = 0; q < merge_rows; ++q) {
-        const int64_t idx = v.channels_last ? c : c * P + q;
+        const int64_t idx = row_merged ? c : (v.channels_last ? q * C + c : c * P + q);
         st = welford_merge(st, WelfordState<A>{part.mean[idx], part.m2[idx], part.n[idx]});
       }
       st.mean = feature_shift<T>(p, c) + st.mean;  // partial means are relative to the shift
@@ -615,6 +687,22 @@ void backward(const BackwardParams& p) {
   }
   if (!p.dx) return;
   T* dx = static_cast<T*>(p.dx);
+  if (p.mask) {  // weighted moments: the statistics terms scale with each element's weight
+    const int64_t rows = v.channels_last ? v.O : v.O * C;
+    const int64_t run = v.channels_last ? C : v.I;
+    at::parallel_for(0, rows, std::max<int64_t>(1, kCpuChunkElems / run), [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        for (int64_t j = 0; j < run; ++j) {
+          const int64_t o = v.channels_last ? r : r / C, c = v.channels_last ? j : r % C, i = v.channels_last ? 0 : j;
+          const A g = static_cast<A>(dy[o * p.dy_so + c * p.dy_sc + i]);
+          const A xm = static_cast<A>(x[o * p.x_so + c * p.x_sc + i]) - g_mean[c];
+          const A w = static_cast<A>(p.mask[o * p.m_so + c * p.m_sc + i] != 0);
+          dx[o * p.dx_so + c * p.dx_sc + i] = static_cast<T>(g_kdy[c] * g + w * (g_kx[c] * xm + g_k0[c]));
+        }
+      }
+    });
+    return;
+  }
   if (!v.channels_last) {
     const int64_t rows = v.O * C;
     const int64_t grain = std::max<int64_t>(1, kCpuChunkElems / std::max<int64_t>(v.I, 1));

@@ -18,8 +18,9 @@ at::Tensor workspace(const at::Tensor& like, DType t, size_t bytes) {
   return at::empty({static_cast<int64_t>(bytes / acc_size(t)) + 1}, like.options().dtype(acc));
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_stats_cpu(const at::Tensor& input, at::IntArrayRef axis) {
-  BatchStatsCall call = prepare_batch_stats(input, axis);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_stats_cpu(const at::Tensor& input, at::IntArrayRef axis,
+                                                                const c10::optional<at::Tensor>& mask) {
+  BatchStatsCall call = prepare_batch_stats(input, axis, mask);
   if (!call.skip) {
     call.p.partitions = plan_partitions_cpu(call.p.v);
     at::Tensor ws = workspace(input, call.dtype, forward_workspace_bytes(call.p.v, call.p.partitions, acc_size(call.dtype)));
@@ -95,8 +96,10 @@ std::tuple<at::Tensor, at::Tensor> grad_sums_cpu(const at::Tensor& grad_out, con
 
 at::Tensor grad_input_cpu(const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& mean,
                           const at::Tensor& invstd, const c10::optional<at::Tensor>& weight, const at::Tensor& sum_dy,
-                          const at::Tensor& sum_dy_xmu, const at::Tensor& count, at::IntArrayRef axis) {
-  GradInputCall call = prepare_grad_input(grad_out, input, mean, invstd, weight, sum_dy, sum_dy_xmu, count, axis);
+                          const at::Tensor& sum_dy_xmu, const at::Tensor& count, at::IntArrayRef axis,
+                          const c10::optional<at::Tensor>& mask) {
+  GradInputCall call =
+      prepare_grad_input(grad_out, input, mean, invstd, weight, sum_dy, sum_dy_xmu, count, axis, mask);
   run_backward(call.bwd, input);
   finish_backward(call.bwd);
   return call.bwd.grad_input;

@@ -138,9 +138,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(const at::Tensor& g
   return {call.grad_input, call.grad_weight, call.grad_bias};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_stats_cuda(const at::Tensor& input, at::IntArrayRef axis) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_stats_cuda(const at::Tensor& input, at::IntArrayRef axis,
+                                                                 const c10::optional<at::Tensor>& mask) {
   const at::OptionalDeviceGuard guard(at::device_of(input));  // no-op for a CPU input: prepare_* names the mismatch
-  BatchStatsCall call = prepare_batch_stats(input, axis);
+  BatchStatsCall call = prepare_batch_stats(input, axis, mask);
   at::Tensor ws;
   if (!call.skip) {
     plan_forward_cuda(call.p, call.dtype, sm_count());
@@ -199,9 +200,11 @@ std::tuple<at::Tensor, at::Tensor> grad_sums_cuda(const at::Tensor& grad_out, co
 
 at::Tensor grad_input_cuda(const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& mean,
                            const at::Tensor& invstd, const c10::optional<at::Tensor>& weight, const at::Tensor& sum_dy,
-                           const at::Tensor& sum_dy_xmu, const at::Tensor& count, at::IntArrayRef axis) {
+                           const at::Tensor& sum_dy_xmu, const at::Tensor& count, at::IntArrayRef axis,
+                           const c10::optional<at::Tensor>& mask) {
   const at::OptionalDeviceGuard guard(at::device_of(input));  // no-op for a CPU input: prepare_* names the mismatch
-  GradInputCall call = prepare_grad_input(grad_out, input, mean, invstd, weight, sum_dy, sum_dy_xmu, count, axis);
+  GradInputCall call =
+      prepare_grad_input(grad_out, input, mean, invstd, weight, sum_dy, sum_dy_xmu, count, axis, mask);
   BackwardCall& b = call.bwd;
   at::Tensor ws;
   if (!b.skip) {

@@ -54,6 +54,10 @@ struct ForwardParams {
   void* stat_count = nullptr;
   const void* given_mean = nullptr;
   const void* given_invstd = nullptr;
+  // Masked statistics (batch_stats): 0/1 weights per element as bytes, viewed like x with strides
+  // (m_so, m_sc, 1) (channels-last: (m_so, m_sc)); statistics are the weighted moments.
+  const uint8_t* mask = nullptr;
+  int64_t m_so = 0, m_sc = 0;
   // Scratch space, planned by plan_*; its size comes from forward_workspace_bytes.
   void* workspace = nullptr;
   int64_t partitions = 1;  // partial reductions per feature
@@ -83,6 +87,9 @@ struct BackwardParams {
   const void* given_sum_dy = nullptr;
   const void* given_sum_dy_xmu = nullptr;
   const void* given_count = nullptr;
+  // Masked statistics (grad_input of weighted moments): dx = k_dy dy + w (k_xmu (x - mean) + k_0).
+  const uint8_t* mask = nullptr;
+  int64_t m_so = 0, m_sc = 0;
   void* workspace = nullptr;
   int64_t partitions = 1;
   int vec = 1;
@@ -180,8 +187,9 @@ inline void plan_backward_cuda(BackwardParams& p, DType t, int sm_count) {
   const void* ptrs[3] = {p.x, p.dy, p.dx};
   const int64_t strides[6] = {p.x_so, p.x_sc, p.dy_so, p.dy_sc, p.dx ? p.dx_so : 0, p.dx ? p.dx_sc : 0};
   plan_cuda(p, t, sm_count, ptrs, strides, 3);
+  // As the CPU backward: given sums replace the local ones for every output.
   const bool need_sums =
-      p.grad_weight || p.grad_bias || p.out_sum_dy || (p.dx && p.train && p.given_sum_dy == nullptr);
+      p.given_sum_dy == nullptr && (p.grad_weight || p.grad_bias || p.out_sum_dy || (p.dx && p.train));
   if (!need_sums) p.partitions = 0;
 }
 

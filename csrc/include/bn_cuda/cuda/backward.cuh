@@ -136,7 +136,7 @@ __global__ void __launch_bounds__(256) grad_sums_cl_kernel(const BackwardParams 
   }
 }
 
-// One warp per feature; P may be 0 (no sums needed: inference backward of grad_input only).
+// One warp per feature; P may be 0 (no local sums needed: inference grad_input, or given sums).
 template <typename A>
 __global__ void __launch_bounds__(256) finalize_backward_kernel(const BackwardParams p) {
   const int64_t C = p.v.C, P = p.partitions;
@@ -152,17 +152,25 @@ __global__ void __launch_bounds__(256) finalize_backward_kernel(const BackwardPa
   }
   s = warp_sum(s);
   if (lane != 0) return;
-  if (p.out_sum_dy) {  // backward_reduce: hand the local sums to the caller
+  // Staged fields, exactly as the CPU backward treats them: given sums and counts (e.g.
+  // all-reduced) replace the local ones; out_sum_* receive the sums and the epilogue still runs,
+  // so no combination of fields leaves the grad_input coefficients unwritten.
+  A count = static_cast<A>(p.v.O * p.v.I);
+  if (p.given_sum_dy) {
+    s.a = static_cast<const A*>(p.given_sum_dy)[c];
+    s.b = static_cast<const A*>(p.given_sum_dy_xmu)[c];
+    count = static_cast<const A*>(p.given_count)[c];
+  }
+  if (p.out_sum_dy) {
     static_cast<A*>(p.out_sum_dy)[c] = s.a;
     static_cast<A*>(p.out_sum_dy_xmu)[c] = s.b;
-    return;
   }
   const A invstd = static_cast<const A*>(p.invstd)[c];
   const A mean = static_cast<const A*>(p.mean)[c];
   if (p.grad_weight) static_cast<A*>(p.grad_weight)[c] = s.b * invstd;
   if (p.grad_bias) static_cast<A*>(p.grad_bias)[c] = s.a;
   const A w = p.weight ? static_cast<const A*>(p.weight)[c] : A(1);
-  const GradCoeffs<A> g = grad_coeffs(mean, invstd, w, s.a, s.b, static_cast<A>(p.v.O * p.v.I), p.train);
+  const GradCoeffs<A> g = grad_coeffs(mean, invstd, w, s.a, s.b, count, p.train);
   A* coeff = static_cast<A*>(p.workspace) + 2 * P * C;
   coeff[c] = g.mean;
   coeff[C + c] = g.k_dy;

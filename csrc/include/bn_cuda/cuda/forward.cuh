@@ -216,16 +216,19 @@ __global__ void __launch_bounds__(256) finalize_forward_kernel(const ForwardPara
   coeff[2 * C + c] = k.shift;
 }
 
-// Inference: apply coefficients from the running statistics.
+// Inference: apply coefficients from the running statistics, or from given_* when set (as the
+// CPU forward_infer does; running_* may then be null).
 template <typename A>
 __global__ void __launch_bounds__(256) infer_coeffs_kernel(const ForwardParams p) {
   const int64_t C = p.v.C;
   const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (c >= C) return;
-  const A mean = static_cast<const A*>(p.running_mean)[c];
-  const A var = static_cast<const A*>(p.running_var)[c];
-  const ApplyCoeffs<A> k = apply_coeffs(mean, invstd_of(var, static_cast<A>(p.eps)),
-                                        static_cast<const A*>(p.weight), static_cast<const A*>(p.bias), c);
+  const A* gm = static_cast<const A*>(p.given_mean);
+  const A mean = gm ? gm[c] : static_cast<const A*>(p.running_mean)[c];
+  const A invstd = gm ? static_cast<const A*>(p.given_invstd)[c]
+                      : invstd_of(static_cast<const A*>(p.running_var)[c], static_cast<A>(p.eps));
+  const ApplyCoeffs<A> k =
+      apply_coeffs(mean, invstd, static_cast<const A*>(p.weight), static_cast<const A*>(p.bias), c);
   A* coeff = static_cast<A*>(p.workspace) + 3 * p.partitions * C;
   coeff[c] = k.mean;
   coeff[C + c] = k.scale;

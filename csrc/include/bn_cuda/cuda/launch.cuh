@@ -5,6 +5,7 @@
 
 #include "backward.cuh"
 #include "forward.cuh"
+#include "masked.cuh"
 
 namespace BN_CUDA_NAMESPACE {
 namespace cuda {
@@ -30,6 +31,17 @@ inline dim3 grid_cl(const View3& v, int vec, int bx, int sm_count) {
   return dim3(static_cast<unsigned>(tiles), static_cast<unsigned>(rows < 1 ? 1 : rows));
 }
 
+// Grid of the per-(feature, partition) reductions: x = features (channels-first) or feature tiles
+// (channels-last), y = partitions. gridDim.x is at most 2^31 - 1; casting a larger feature count
+// to unsigned would silently drop features and leave their workspace partials unwritten, so such a
+// shape is refused instead (it needs more than 4e9 elements).
+inline bool reduction_grid(const View3& v, int vec, int bx, int64_t partitions, dim3& grid) {
+  const int64_t gx = v.channels_last ? ceil_div(ceil_div(v.C, vec), bx) : v.C;
+  if (gx < 1 || gx > 2147483647 || partitions < 1 || partitions > 65535) return false;
+  grid = dim3(static_cast<unsigned>(gx), static_cast<unsigned>(partitions));
+  return true;
+}
+
 template <typename T, int V, int BX>
 cudaError_t launch_apply(const ForwardParams& p, cudaStream_t stream) {
   const View3& v = p.v;
@@ -46,11 +58,11 @@ cudaError_t launch_apply(const ForwardParams& p, cudaStream_t stream) {
 template <typename T, int V, int BX>
 cudaError_t launch_stats(const ForwardParams& p, cudaStream_t stream) {
   const View3& v = p.v;
+  dim3 grid;
+  if (!reduction_grid(v, V, BX, p.partitions, grid)) return cudaErrorInvalidConfiguration;
   if (!v.channels_last) {
-    stats_cf_kernel<T, V, kCudaBlock>
-        <<<dim3(static_cast<unsigned>(v.C), static_cast<unsigned>(p.partitions)), kCudaBlock, 0, stream>>>(p);
+    stats_cf_kernel<T, V, kCudaBlock><<<grid, kCudaBlock, 0, stream>>>(p);
   } else {
-    const dim3 grid(static_cast<unsigned>(ceil_div(ceil_div(v.C, V), BX)), static_cast<unsigned>(p.partitions));
     stats_cl_kernel<T, V, BX><<<grid, dim3(BX, kCudaBlock / BX), 0, stream>>>(p);
   }
   BN_CUDA_RETURN_IF_ERROR();
@@ -77,7 +89,10 @@ cudaError_t apply_given_v(const ForwardParams& p, cudaStream_t stream) {
 template <typename T, int V, int BX>
 cudaError_t forward_train_v(const ForwardParams& p, cudaStream_t stream) {
   const cudaError_t err = launch_stats<T, V, BX>(p, stream);
-  return err != cudaSuccess ? err : launch_apply<T, V, BX>(p, stream);
+  // With stat_mean set, finalize hands over the merged state and writes no apply coefficients
+  // (and y may be null): stop there, as the CPU forward_train does.
+  if (err != cudaSuccess || p.stat_mean != nullptr) return err;
+  return launch_apply<T, V, BX>(p, stream);
 }
 
 template <typename T, int V, int BX>
@@ -113,11 +128,11 @@ cudaError_t backward_v(const BackwardParams& p, cudaStream_t stream) {
   using A = acc_t<T>;
   const View3& v = p.v;
   if (p.partitions > 0) {
+    dim3 grid;
+    if (!reduction_grid(v, V, BX, p.partitions, grid)) return cudaErrorInvalidConfiguration;
     if (!v.channels_last) {
-      grad_sums_cf_kernel<T, V, kCudaBlock>
-          <<<dim3(static_cast<unsigned>(v.C), static_cast<unsigned>(p.partitions)), kCudaBlock, 0, stream>>>(p);
+      grad_sums_cf_kernel<T, V, kCudaBlock><<<grid, kCudaBlock, 0, stream>>>(p);
     } else {
-      const dim3 grid(static_cast<unsigned>(ceil_div(ceil_div(v.C, V), BX)), static_cast<unsigned>(p.partitions));
       grad_sums_cl_kernel<T, V, BX><<<grid, dim3(BX, kCudaBlock / BX), 0, stream>>>(p);
     }
     BN_CUDA_RETURN_IF_ERROR();
@@ -174,6 +189,38 @@ struct BackwardApplyFn {
   static cudaError_t run(const BackwardParams& p, cudaStream_t s) { return backward_apply_v<T, V, BX>(p, s); }
 };
 
+// Masked statistics (batch_stats / grad_input with p.mask): one element per access.
+template <typename T>
+cudaError_t masked_batch_stats(const ForwardParams& p, cudaStream_t stream) {
+  const View3& v = p.v;
+  if (p.partitions < 1 || p.partitions > 65535) return cudaErrorInvalidConfiguration;
+  if (!v.channels_last) {
+    if (v.C > 2147483647) return cudaErrorInvalidConfiguration;
+    masked_stats_cf_kernel<T, kCudaBlock>
+        <<<dim3(static_cast<unsigned>(v.C), static_cast<unsigned>(p.partitions)), kCudaBlock, 0, stream>>>(p);
+  } else if (v.C >= 32) {
+    masked_stats_cl_kernel<T, 32><<<dim3(static_cast<unsigned>(ceil_div(v.C, 32)), static_cast<unsigned>(p.partitions)),
+                                    dim3(32, 8), 0, stream>>>(p);
+  } else {
+    masked_stats_cl_kernel<T, 8><<<dim3(static_cast<unsigned>(ceil_div(v.C, 8)), static_cast<unsigned>(p.partitions)),
+                                   dim3(8, 32), 0, stream>>>(p);
+  }
+  BN_CUDA_RETURN_IF_ERROR();
+  finalize_forward_kernel<T><<<static_cast<unsigned>(ceil_div(v.C, 8)), 256, 0, stream>>>(p);
+  BN_CUDA_RETURN_IF_ERROR();
+  return cudaSuccess;
+}
+
+template <typename T>
+cudaError_t masked_grad_input(const BackwardParams& p, cudaStream_t stream) {
+  given_grad_coeffs_kernel<acc_t<T>><<<static_cast<unsigned>(ceil_div(p.v.C, 256)), 256, 0, stream>>>(p);
+  BN_CUDA_RETURN_IF_ERROR();
+  const unsigned grid = grid_1d(p.v.O * p.v.C * p.v.I, kCudaBlock, p.sm_count, 16);
+  masked_grad_input_kernel<T, kCudaBlock><<<grid, kCudaBlock, 0, stream>>>(p);
+  BN_CUDA_RETURN_IF_ERROR();
+  return cudaSuccess;
+}
+
 }  // namespace detail
 
 // Forward training: statistics, finalize (saved + running statistics), apply. T is the element
@@ -200,6 +247,7 @@ cudaError_t backward(const BackwardParams& p, cudaStream_t stream) {
 // backward sums (backward<T> with out_sum_* set); grad_input from given sums.
 template <typename T>
 cudaError_t batch_stats(const ForwardParams& p, cudaStream_t stream) {
+  if (p.mask) return detail::masked_batch_stats<T>(p, stream);
   return detail::by_shape<T, detail::BatchStatsFn>(p, stream);
 }
 
@@ -210,6 +258,7 @@ cudaError_t apply_given(const ForwardParams& p, cudaStream_t stream) {
 
 template <typename T>
 cudaError_t backward_apply(const BackwardParams& p, cudaStream_t stream) {
+  if (p.mask) return detail::masked_grad_input<T>(p, stream);
   return detail::by_shape<T, detail::BackwardApplyFn>(p, stream);
 }
 

@@ -1,0 +1,126 @@
+// Masked (weighted) statistics and their input gradient, header-only and torch-free.
+//
+// A byte mask viewed like x (strides (m_so, m_sc, 1)) gives each element a weight w in {0, 1}:
+// the statistics are the weighted moments mean = sum(w x) / sum(w), M2 = sum(w (x - mean)^2),
+// and the input gradient of y = (x - mean) * invstd * gamma + beta (applied to every element) is
+// dx = k_dy dy + w (k_xmu (x - mean) + k_0), the statistics terms scaled by the element's weight.
+// One element per thread access (masks are off the hot path the vectorized kernels serve); the
+// partials, finalize and workspace layout are the unmasked kernels' (see forward.cuh).
+#pragma once
+
+#include "backward.cuh"
+#include "forward.cuh"
+
+namespace BN_CUDA_NAMESPACE {
+namespace cuda {
+
+// Weighted Welford step: an element of weight 0 leaves the state untouched.
+template <typename A>
+__device__ __forceinline__ void masked_step(A& mean, A& m2, A& n, A v, bool w) {
+  if (w) {
+    n += A(1);
+    const A d = v - mean;
+    mean += d / n;
+    m2 += d * (v - mean);
+  }
+}
+
+// Channels-first: block (c, q) walks partition q of feature c's (O, I) elements.
+template <typename T, int BLOCK>
+__global__ void __launch_bounds__(BLOCK) masked_stats_cf_kernel(const ForwardParams p) {
+  using A = acc_t<T>;
+  const int64_t C = p.v.C, P = p.partitions;
+  const int64_t c = blockIdx.x, q = blockIdx.y;
+  const int64_t I = p.v.I;
+  const int64_t total = p.v.O * I;
+  const int64_t per = ceil_div(total, P);
+  const int64_t begin = q * per;
+  const int64_t end = begin + per < total ? begin + per : total;
+  const T* x = static_cast<const T*>(p.x) + c * p.x_sc;
+  const uint8_t* m = p.mask + c * p.m_sc;
+  const A shift = to_acc(x[0]);  // see feature_shift
+  A mean = A(0), m2 = A(0), n = A(0);
+  int64_t k = begin + threadIdx.x;
+  if (k < end) {
+    RowCursor cur;
+    cur.init(k, BLOCK, I);
+    for (; k < end; k += BLOCK) {
+      masked_step(mean, m2, n, to_acc(x[cur.o * p.x_so + cur.iv]) - shift, m[cur.o * p.m_so + cur.iv] != 0);
+      cur.advance();
+    }
+  }
+  const WelfordState<A> st = block_merge<BLOCK>(WelfordState<A>{mean, m2, n});
+  if (threadIdx.x == 0) {
+    A* ws = static_cast<A*>(p.workspace);
+    const int64_t idx = c * P + q;
+    ws[idx] = st.mean;
+    ws[P * C + idx] = st.m2;
+    ws[2 * P * C + idx] = st.n;
+  }
+}
+
+// Channels-last: BX x BY threads, one feature per thread column, rows BY apart; per-feature counts
+// (a mask may differ between features of a row), merged through shared memory in a fixed order.
+template <typename T, int BX>
+__global__ void __launch_bounds__(256) masked_stats_cl_kernel(const ForwardParams p) {
+  constexpr int BY = 256 / BX;
+  using A = acc_t<T>;
+  const int64_t C = p.v.C, O = p.v.O, P = p.partitions;
+  const int tx = threadIdx.x, ty = threadIdx.y;
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * BX + tx;
+  const int64_t q = blockIdx.y;
+  const int64_t per = ceil_div(O, P);
+  const int64_t r0 = q * per;
+  const int64_t r1 = r0 + per < O ? r0 + per : O;
+  const T* x = static_cast<const T*>(p.x);
+  A mean = A(0), m2 = A(0), n = A(0);
+  if (c < C) {
+    const A shift = to_acc(x[c]);
+    for (int64_t r = r0 + ty; r < r1; r += BY)
+      masked_step(mean, m2, n, to_acc(x[r * p.x_so + c]) - shift, p.mask[r * p.m_so + c * p.m_sc] != 0);
+  }
+  __shared__ A sh_mean[BY][BX];
+  __shared__ A sh_m2[BY][BX];
+  __shared__ A sh_n[BY][BX];
+  sh_mean[ty][tx] = mean;
+  sh_m2[ty][tx] = m2;
+  sh_n[ty][tx] = n;
+  __syncthreads();
+  if (ty == 0 && c < C) {
+    WelfordState<A> st = welford_empty<A>();
+    for (int j = 0; j < BY; ++j) st = welford_merge(st, WelfordState<A>{sh_mean[j][tx], sh_m2[j][tx], sh_n[j][tx]});
+    A* ws = static_cast<A*>(p.workspace);
+    const int64_t idx = q * C + c;
+    ws[idx] = st.mean;
+    ws[P * C + idx] = st.m2;
+    ws[2 * P * C + idx] = st.n;
+  }
+}
+
+// grad_input of masked statistics, both layouts: a grid-stride walk over every (o, c, i).
+template <typename T, int BLOCK>
+__global__ void __launch_bounds__(BLOCK) masked_grad_input_kernel(const BackwardParams p) {
+  using A = acc_t<T>;
+  const int64_t C = p.v.C, I = p.v.I;
+  const int64_t total = p.v.O * C * I;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * BLOCK;
+  int64_t k = static_cast<int64_t>(blockIdx.x) * BLOCK + threadIdx.x;
+  if (k >= total) return;
+  const A* coeff = static_cast<const A*>(p.workspace) + 2 * p.partitions * C;
+  const T* x = static_cast<const T*>(p.x);
+  const T* dy = static_cast<const T*>(p.dy);
+  T* dx = static_cast<T*>(p.dx);
+  FlatCursor cur;
+  cur.init(k, stride, C, I);
+  for (; k < total; k += stride) {
+    const A g = to_acc(dy[cur.o * p.dy_so + cur.c * p.dy_sc + cur.iv]);
+    const A xm = to_acc(x[cur.o * p.x_so + cur.c * p.x_sc + cur.iv]) - coeff[cur.c];
+    const A w = p.mask[cur.o * p.m_so + cur.c * p.m_sc + cur.iv] != 0 ? A(1) : A(0);
+    const A out = coeff[C + cur.c] * g + w * (coeff[2 * C + cur.c] * xm + coeff[3 * C + cur.c]);
+    dx[cur.o * p.dx_so + cur.c * p.dx_sc + cur.iv] = from_acc<T>(out);
+    cur.advance();
+  }
+}
+
+}  // namespace cuda
+}  // namespace BN_CUDA_NAMESPACE
