@@ -118,13 +118,13 @@ class FeatureCountCheck:
 @torch.no_grad()
 def sync_batch_stats(input: Tensor, axis: Sequence[int], running_mean: Optional[Tensor],
                      running_var: Optional[Tensor], momentum: float, eps: float, group: ProcessGroup,
-                     world_size: int, *, unbiased_running_var: bool = True, pad_to: Optional[int] = None
-                     ) -> Tuple[Tensor, Tensor, Tensor]:
+                     world_size: int, *, unbiased_running_var: bool = True, pad_to: Optional[int] = None,
+                     mask: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
     """Global ``(mean, invstd, count)`` per feature, each ``(C,)``; running statistics updated in place.
 
     ``pad_to`` (ghost batches): append empty states so that every rank sends ``pad_to`` features.
     """
-    mean, m2, count = staged.batch_stats(input, axis)
+    mean, m2, count = staged.batch_stats(input, axis, mask)
     local = torch.stack((mean, m2, count))  # (3, C): one message per rank
     if pad_to is not None and pad_to > local.shape[1]:
         local = torch.nn.functional.pad(local, (0, pad_to - local.shape[1]))  # count 0: merged as nothing
@@ -140,7 +140,8 @@ def sync_batch_stats(input: Tensor, axis: Sequence[int], running_mean: Optional[
 
 @torch.no_grad()
 def sync_moments(input: Tensor, axis: Sequence[int], eps: float, group: ProcessGroup, world_size: int,
-                 *, pad_to: Optional[int] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+                 *, pad_to: Optional[int] = None, mask: Optional[Tensor] = None
+                 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Global ``(mean, biased variance, invstd, count)`` per feature, for callers that need the
     variance itself (renorm, ghost-batch moving averages). No running statistics are touched.
 
@@ -153,7 +154,7 @@ def sync_moments(input: Tensor, axis: Sequence[int], eps: float, group: ProcessG
     mean_out = torch.zeros(c, dtype=acc, device=input.device)
     var_out = torch.zeros(c, dtype=acc, device=input.device)
     _, invstd, count = sync_batch_stats(input, axis, mean_out, var_out, 1.0, eps, group, world_size,
-                                        unbiased_running_var=False, pad_to=pad_to)
+                                        unbiased_running_var=False, pad_to=pad_to, mask=mask)
     return mean_out, var_out, invstd, count
 
 
@@ -162,13 +163,14 @@ class SyncNormalize(torch.autograd.Function):
     batch-norm training backward over the global batch (one all-reduce).
 
     ``pad_to`` (ghost batches): the number of features every rank all-reduces; this rank's come first.
+    ``mask``: the 0/1 mask of masked statistics (broadcastable to ``input``), for their gradient.
     """
 
     @staticmethod
     def forward(ctx, input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], mean: Tensor,
                 invstd: Tensor, count: Tensor, axis: List[int], group: ProcessGroup,
-                pad_to: Optional[int] = None) -> Tensor:
-        ctx.save_for_backward(input, weight, mean, invstd, count)
+                pad_to: Optional[int] = None, mask: Optional[Tensor] = None) -> Tensor:
+        ctx.save_for_backward(input, weight, mean, invstd, count, mask)
         ctx.axis, ctx.group, ctx.pad_to = axis, group, pad_to
         ctx.bias_meta = None if bias is None else (bias.shape, bias.dtype)
         return staged.normalize(input, mean, invstd, weight, bias, axis)
@@ -176,7 +178,7 @@ class SyncNormalize(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out: Tensor):
-        input, weight, mean, invstd, count = ctx.saved_tensors
+        input, weight, mean, invstd, count, mask = ctx.saved_tensors
         need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
         sum_dy, sum_dy_xmu = staged.grad_sums(grad_out, input, mean, invstd, ctx.axis)
         grad_input = grad_weight = grad_bias = None
@@ -193,8 +195,8 @@ class SyncNormalize(torch.autograd.Function):
             if ctx.group is not LOCAL:
                 dist.all_reduce(total, group=ctx.group)
             grad_input = staged.grad_input(grad_out, input, mean, invstd, weight, total[0, :local],
-                                           total[1, :local], count, ctx.axis)
-        return grad_input, grad_weight, grad_bias, None, None, None, None, None, None
+                                           total[1, :local], count, ctx.axis, mask)
+        return grad_input, grad_weight, grad_bias, None, None, None, None, None, None, None
 
 
 def sync_batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],

@@ -312,8 +312,9 @@ class BatchNormalization(KerasLayerIO, nn.Module):
             raise ValueError(checks.vbs_message(self.virtual_batch_size,
                                                 f" for an input of batch size {inputs.shape[0]}"))
         group, world_size = self._sync_group()
-        staged = self.fused is not False and mask is None and self.stats_hook is None and (
-            world_size > 1 or self.renorm or self.virtual_batch_size is not None or self.adjustment is not None)
+        staged = self.fused is not False and self.stats_hook is None and (
+            world_size > 1 or self.renorm or self.virtual_batch_size is not None or self.adjustment is not None
+            or mask is not None) and (mask is None or mask.dtype == torch.bool)  # other dtypes: weights
         if staged:
             # Ghost batches, renorm, adjustment and cross-process statistics run on the staged
             # kernels (statistics, per-feature finalize, normalize). An adjustment whose outputs vary
@@ -325,7 +326,7 @@ class BatchNormalization(KerasLayerIO, nn.Module):
             if self.adjustment is None or adjustment is not None:
                 if world_size == 1:
                     group = distributed.LOCAL
-                return synchronized.train_step(self, inputs, group, world_size, adjustment)
+                return synchronized.train_step(self, inputs, group, world_size, adjustment, mask)
         hook = self._stats_hook(group, world_size)
         blocking = self._kernel_blockers(mask, hook)
         if self.fused is True and blocking:
@@ -354,7 +355,7 @@ class BatchNormalization(KerasLayerIO, nn.Module):
         if self.adjustment is not None:
             found.append("an `adjustment` whose outputs vary over reduced dims")
         if mask is not None:
-            found.append("a `mask`")
+            found.append("a non-boolean `mask` (arbitrary weights)")
         if hook is not None:
             found.append("`synchronized=True` across processes (or a `stats_hook`)")
         return found

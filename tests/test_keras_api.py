@@ -175,14 +175,21 @@ def test_failing_calls_change_no_moving_variable(fused):
     _assert_unchanged(masked, before)
 
 
-def test_fused_true_with_mask_raises_where_the_mask_counts():
-    layer = BatchNormalization(fused=True)
+def test_fused_true_with_mask():
+    """Boolean masks run on the kernels (masked statistics); other dtypes are arbitrary weights,
+    which only the composite path computes, so fused=True refuses them without touching state."""
     x = _data(6, 4)
-    before = (layer(x, training=True), _snapshot(layer))[1]
-    with pytest.raises(ValueError, match=r"`fused=True` is not supported with a `mask`"):
-        layer(x, training=True, mask=torch.ones(6, dtype=torch.bool))
-    _assert_unchanged(layer, before)
-    layer(x, training=False, mask=torch.ones(6, dtype=torch.bool))  # inference ignores masks
+    mask = torch.tensor([True, False, True, True, False, True])
+    fused, composite = BatchNormalization(fused=True), BatchNormalization(fused=False)
+    y = fused(x, training=True, mask=mask)
+    torch.testing.assert_close(y, composite(x, training=True, mask=mask), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fused.moving_mean, composite.moving_mean, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(fused.moving_variance, composite.moving_variance, rtol=1e-6, atol=1e-7)
+    before = _snapshot(fused)
+    with pytest.raises(ValueError, match=r"`fused=True` is not supported with a non-boolean `mask`"):
+        fused(x, training=True, mask=mask.float())
+    _assert_unchanged(fused, before)
+    fused(x, training=False, mask=mask.float())  # inference ignores masks
 
 
 def test_mask_ignored_on_keras_fused_path():
@@ -210,8 +217,8 @@ def test_mask_ignored_on_keras_fused_path():
     ({"adjustment": lambda s: (torch.ones(s[-1:]), torch.zeros(s[-1:]))}, (6, 4), False, True),
     # an adjustment varying over the batch cannot be folded per feature: composite
     ({"adjustment": lambda s: (torch.rand(s[0], 1), torch.zeros(s[-1:]))}, (6, 4), False, False),
-    ({"renorm": True}, (6, 4), True, False),  # the mask counts: composite
-    ({}, (6, 4), True, False),  # the mask counts: composite
+    ({"renorm": True}, (6, 4), True, True),  # boolean masks: masked statistics on the kernels
+    ({}, (6, 4), True, True),
     ({}, (3, 5, 5, 4), True, True),  # tf_keras's fused path ignores the mask: kernels
     ({"synchronized": True}, (6, 4), False, True),
 ])

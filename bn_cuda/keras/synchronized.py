@@ -42,12 +42,14 @@ def _per_ghost(t: Optional[Tensor], ghosts: int) -> Optional[Tensor]:
 
 
 def train_step(layer: "BatchNormalization", x: Tensor, group: Any, world_size: int,
-               adjustment: Optional[Tuple[Tensor, Tensor]] = None) -> Tensor:
+               adjustment: Optional[Tuple[Tensor, Tensor]] = None, mask: Optional[Tensor] = None) -> Tensor:
     """One training step of ``layer`` on its part ``x`` of the global batch, on the staged kernels.
 
     ``group=distributed.LOCAL`` with ``world_size=1`` is the single-process fused path of ghost
     batches, renorm and adjustment (no collective). ``adjustment``: the adjustment callable's
-    ``(scale, bias)`` as flat per-feature tensors (see ``flat_adjustment``).
+    ``(scale, bias)`` as flat per-feature tensors (see ``flat_adjustment``). ``mask``: tf_keras's
+    mask (``x.shape[:-1]``); the statistics are then the masked (weighted) moments and, as in
+    tf_keras, the moving statistics move towards them even for a feature with no unmasked value.
     """
     axes: List[int] = list(layer._axes)
     features = ops.num_features(x.shape, axes)
@@ -63,12 +65,15 @@ def train_step(layer: "BatchNormalization", x: Tensor, group: Any, world_size: i
             ghosts = local
             view = x.reshape(layer.virtual_batch_size, ghosts, *x.shape[1:])  # tf_keras's ghost view
             view_axes = [1] + [a + 1 for a in axes]
+            if mask is not None:
+                mask = mask.reshape(layer.virtual_batch_size, ghosts, *mask.shape[1:])
+    weights = None if mask is None else mask.unsqueeze(-1)  # broadcast over the last (feature) axis
     gamma, beta = layer._flat("gamma"), layer._flat("beta")
     eps = layer.epsilon
     if adjustment is not None:  # tf_keras: adjustment first, then gamma / beta
         gamma, beta = composite.compose_transforms(adjustment[0], adjustment[1], gamma, beta)
 
-    if ghosts is None and not layer.renorm:
+    if ghosts is None and not layer.renorm and weights is None:
         # The plain case: the running statistics are updated inside gather_stats.
         mean, invstd, count = distributed.sync_batch_stats(
             view, view_axes, layer._flat("moving_mean"), layer._flat("moving_variance"), 1.0 - layer.momentum,
@@ -76,7 +81,8 @@ def train_step(layer: "BatchNormalization", x: Tensor, group: Any, world_size: i
         return distributed.SyncNormalize.apply(view, gamma, beta, mean, invstd, count, view_axes, group)
 
     pad = None if ghosts is None else global_ghosts * features
-    mean, var, invstd, count = distributed.sync_moments(view, view_axes, eps, group, world_size, pad_to=pad)
+    mean, var, invstd, count = distributed.sync_moments(view, view_axes, eps, group, world_size, pad_to=pad,
+                                                        mask=weights)
     if ghosts is None:
         new_mean, new_var, has_data = mean, var, count > 0
     else:
@@ -103,9 +109,12 @@ def train_step(layer: "BatchNormalization", x: Tensor, group: Any, world_size: i
         updates["moving_variance"] = composite.moving_average(moving["moving_variance"], new_var, layer.momentum)
     updates["moving_mean"] = composite.moving_average(moving["moving_mean"], new_mean, layer.momentum)
 
+    if weights is not None:  # tf_keras updates towards the (0) moments of fully masked features too
+        has_data = torch.ones_like(has_data) if x.numel() > 0 else has_data
     if ghosts is not None:
         scale, offset = _per_ghost(scale, ghosts), _per_ghost(offset, ghosts)
-    out = distributed.SyncNormalize.apply(view, scale, offset, mean, invstd, count, view_axes, group, pad)
+    out = distributed.SyncNormalize.apply(view, scale, offset, mean, invstd, count, view_axes, group, pad,
+                                          weights)
     with torch.no_grad():
         for name, value in updates.items():
             buf = moving[name]
