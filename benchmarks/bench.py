@@ -23,7 +23,7 @@ import torch
 from . import presets as P
 from .bytes_model import BYTES_MODEL
 from .machine import OtherLoad, device_slug, machine_info
-from .report import markdown_table, print_table, summary_lines, write_chart, write_csv, write_json
+from .report import LOADED, markdown_table, print_table, summary_lines, write_chart, write_csv, write_json
 from .runner import TOLERANCE, RunEnv, run_case, skipped_rows
 from .timing import TimingConfig, describe
 
@@ -136,32 +136,32 @@ def run(cfg: BenchConfig) -> Dict[str, Any]:
     env = RunEnv(device=device, timing=tcfg, seed=cfg.seed, on_mode_done=progress.step)
     import bn_cuda  # noqa: F401  (fails loudly, with bn_cuda's own actionable message)
 
-    rows: List[Dict[str, Any]] = []
+    per_case: List[List[Dict[str, Any]]] = []
     for case in cases:
-        elapsed = time.perf_counter() - t_start
-        if budget and elapsed > budget:
-            rows += skipped_rows(case, env, f"time budget of {budget:.0f} s used up")
+        if budget and time.perf_counter() - t_start > budget:
+            per_case.append(skipped_rows(case, env, f"time budget of {budget:.0f} s used up"))
             progress.step(len(case.modes))
             continue
         progress.case(case.label)
         done_before = progress.done
-        try:
-            case_rows = run_case(case, env)
-        except torch.cuda.OutOfMemoryError as exc:  # type: ignore[attr-defined]
-            case_rows = skipped_rows(case, env, f"out of memory ({str(exc).splitlines()[0][:120]})")
-        except Exception as exc:  # noqa: BLE001  (e.g. a sticky CUDA error): counted as a failure
-            case_rows = skipped_rows(case, env, f"case crashed ({type(exc).__name__}: {str(exc)[:160]})")
-            for r in case_rows:
-                r["check_ok"] = False
+        per_case.append(_run_one(case, env, device))
         progress.step(len(case.modes) - (progress.done - done_before))
-        for r in case_rows:
-            r["case_wall_s"] = round(time.perf_counter() - t_start - elapsed, 2)
-        rows += case_rows
-        if device.type == "cuda":
-            try:
-                torch.cuda.empty_cache()
-            except RuntimeError:
-                pass
+    # On a shared CPU, cases measured while other processes were busy are measured again with
+    # what is left of the budget; the quieter measurement is kept.
+    remeasured = 0
+    if device.type == "cpu":
+        env.on_mode_done = lambda: None
+        loaded = sorted((i for i, rs in enumerate(per_case) if rs and (rs[0].get("other_cpu_share") or 0) > LOADED),
+                        key=lambda i: -per_case[i][0]["other_cpu_share"])
+        for i in loaded:
+            if budget and time.perf_counter() - t_start > budget:
+                break
+            progress.case(f"again (was loaded): {cases[i].label}")
+            remeasured += 1
+            again = _run_one(cases[i], env, device)
+            if again and (again[0].get("other_cpu_share") or 0) < per_case[i][0]["other_cpu_share"]:
+                per_case[i] = again
+    rows: List[Dict[str, Any]] = [r for rs in per_case for r in rs]
     progress.close()
     wall = time.perf_counter() - t_start
     others = other_load.fraction()
@@ -180,13 +180,20 @@ def run(cfg: BenchConfig) -> Dict[str, Any]:
             "pct_copy": "100 * copy time / implementation time, the copy moving the same bytes in the same run",
             "time_budget_s": budget, "seed": cfg.seed, "load_avg_at_start": load_at_start,
             "load_avg_at_end": os.getloadavg() if hasattr(os, "getloadavg") else None,
-            "other_processes_cpu_share": None if others is None else round(others, 3), **cfg.extra,
+            "other_processes_cpu_share": None if others is None else round(others, 3),
+            "cases_measured_again": remeasured, **cfg.extra,
         },
         "wall_time_s": round(wall, 1), "rows": rows, "summary": summary_lines(rows),
     }
     if device.type == "cpu" and others is not None and others > 0.05:
-        doc["summary"].insert(0, f"WARNING: other processes kept {others:.0%} of the {os.cpu_count()} CPUs busy "
-                                 "during this run; CPU timings (especially with every core in use) are unreliable")
+        still = sum(1 for r in rows if (r.get("other_cpu_share") or 0) > LOADED)
+        doc["summary"].insert(0, (
+            f"WARNING: other processes kept {others:.0%} of the {os.cpu_count()} CPUs busy during this run; "
+            f"{remeasured} loaded cases were measured again, {still} rows are still marked † (unreliable)")
+            if still else (
+            f"note: other processes kept {others:.0%} of the {os.cpu_count()} CPUs busy during this run; "
+            f"the {remeasured} cases measured under load were measured again, and every row kept was "
+            f"measured with other processes below {LOADED:.0%} (other_cpu_share)"))
     failed = any(r.get("check_ok") is False for r in rows)
     doc["failed"] = failed
 
@@ -204,6 +211,30 @@ def run(cfg: BenchConfig) -> Dict[str, Any]:
     doc["files"] = files
     doc["table_title"] = title
     return doc
+
+
+def _run_one(case: P.Case, env: RunEnv, device: torch.device) -> List[Dict[str, Any]]:
+    """Rows of one case; never raises. Records the case's wall time and other processes' CPU share."""
+    t0 = time.perf_counter()
+    load = OtherLoad()
+    try:
+        case_rows = run_case(case, env)
+    except torch.cuda.OutOfMemoryError as exc:  # type: ignore[attr-defined]
+        case_rows = skipped_rows(case, env, f"out of memory ({str(exc).splitlines()[0][:120]})")
+    except Exception as exc:  # noqa: BLE001  (e.g. a sticky CUDA error): counted as a failure
+        case_rows = skipped_rows(case, env, f"case crashed ({type(exc).__name__}: {str(exc)[:160]})")
+        for r in case_rows:
+            r["check_ok"] = False
+    share = load.fraction() if device.type == "cpu" else None
+    for r in case_rows:
+        r["case_wall_s"] = round(time.perf_counter() - t0, 2)
+        r["other_cpu_share"] = None if share is None else round(share, 3)
+    if device.type == "cuda":
+        try:
+            torch.cuda.empty_cache()
+        except RuntimeError:
+            pass
+    return case_rows
 
 
 def _write(doc: Dict[str, Any], rows: List[Dict[str, Any]], out: Path, label: str, title: str,
@@ -241,13 +272,20 @@ def _csv_list(text: str, allowed: Sequence[str], flag: str) -> List[str]:
     return items
 
 
+def _shape_arg(text: str) -> tuple:
+    try:
+        return P.parse_shape(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks.bench", description=__doc__.split("\n\n")[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="presets:\n" + "\n".join(f"  {n:15s} {pr.description}" for n, pr in P.PRESETS.items()))
     p.add_argument("--preset", choices=list(P.PRESETS), help="shape set (default: gpu-default on CUDA, quick on CPU)")
     p.add_argument("--quick", action="store_true", help="same as --preset quick")
-    p.add_argument("--shape", action="append", default=[], type=P.parse_shape, metavar="NxCxHxW",
+    p.add_argument("--shape", action="append", default=[], type=_shape_arg, metavar="NxCxHxW",
                    help="custom shape (repeatable); replaces the preset")
     p.add_argument("--dtype", type=lambda s: _csv_list(s, list(P.DTYPES), "--dtype"), help="e.g. fp32,bf16")
     p.add_argument("--layout", type=lambda s: _csv_list(s, list(P.LAYOUTS), "--layout"), help="nchw,nhwc")

@@ -10,14 +10,17 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from .runner import BASELINES, IMPLS
 
-__all__ = ["CSV_FIELDS", "table_rows", "markdown_table", "print_table", "summary_lines", "write_csv",
+__all__ = ["LOADED", "CSV_FIELDS", "table_rows", "markdown_table", "print_table", "summary_lines", "write_csv",
            "write_json", "write_chart", "flat_row"]
+
+#: Rows measured while other processes used more than this share of the CPUs are marked with a dagger.
+LOADED = 0.10
 
 CSV_FIELDS: List[str] = (
     ["group", "shape", "layout", "dtype", "variant", "mode", "bytes", "copy_ms", "copy_gbs"]
     + [f"{i}_{k}" for i in IMPLS for k in ("ms", "iqr_ms", "runs", "gbs", "pct_copy", "status")]
     + ["torch_backend"] + [f"speedup_vs_{b}" for b in BASELINES]
-    + ["check_ok", "check_max_err", "check_worst", "check_tol", "notes"]
+    + ["check_ok", "check_max_err", "check_worst", "check_tol", "other_cpu_share", "case_wall_s", "notes"]
 )
 _SHORT = {"torch": "vs torch", "torch_nocudnn": "vs no-cuDNN", "torch_compile": "vs compile",
           "composite": "vs composite"}
@@ -57,7 +60,8 @@ def table_rows(rows: Sequence[Dict[str, Any]]) -> tuple:
         bn = r.get("impls", {}).get("bn_cuda", {})
         tr = r.get("impls", {}).get("torch", {})
         v = "" if r["variant"] == "plain" else f" {r['variant']}"
-        cells = [f"{r['shape']} {r['layout']} {r['dtype']}{v}", r["mode"], _f(bn.get("ms"), ".3f"),
+        dagger = " †" if (r.get("other_cpu_share") or 0) > LOADED else ""
+        cells = [f"{r['shape']} {r['layout']} {r['dtype']}{v}{dagger}", r["mode"], _f(bn.get("ms"), ".3f"),
                  _f(bn.get("gbs"), ".1f"), _f(bn.get("pct_copy"), ".0f"), _f(tr.get("ms"), ".3f"),
                  r.get("torch_backend") or ""]
         cells += [_f(r.get("speedup", {}).get(b), ".2f") + ("x" if r.get("speedup", {}).get(b) else "")
@@ -94,6 +98,10 @@ def summary_lines(rows: Sequence[Dict[str, Any]]) -> List[str]:
                 parts.append(f"{m} {_geomean(s):.2f}x ({slower}/{len(s)} slower)")
         if parts:
             lines.append(f"bn_cuda {_SHORT[b]} (geomean): " + ", ".join(parts))
+    loaded = [r for r in rows if (r.get("other_cpu_share") or 0) > LOADED]
+    if loaded:
+        lines.append(f"† {len(loaded)} of {len(rows)} rows were measured while other processes used more than "
+                     f"{LOADED:.0%} of the CPUs (column other_cpu_share): their times are inflated and unreliable")
     fails = [r for r in rows if r.get("check_ok") is False]
     if fails:
         seen = dict.fromkeys(f"{r['shape']} {r['layout']} {r['dtype']} {r['variant']}: {_check_cell(r)}"
@@ -206,6 +214,9 @@ def write_chart(rows: Sequence[Dict[str, Any]], path: Path, title: str) -> Optio
     ax1.axhline(1.0, color="black", lw=0.8)
     ax1.set_ylabel("speedup over torch (plain)\nor composite (ghost/renorm)")
     ax1.set_yscale("log")
+    from matplotlib.ticker import FuncFormatter
+    ax1.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}x"))
+    ax1.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}x" if f"{v:.0e}"[0] in "25" else ""))
     ax1.legend(fontsize=8, ncol=len(modes))
     ax1.set_title(title, fontsize=10)
     tops = [v for p in ax2.patches for v in [p.get_height()] if v == v]

@@ -119,12 +119,12 @@ class FeatureCountCheck:
 def sync_batch_stats(input: Tensor, axis: Sequence[int], running_mean: Optional[Tensor],
                      running_var: Optional[Tensor], momentum: float, eps: float, group: ProcessGroup,
                      world_size: int, *, unbiased_running_var: bool = True, pad_to: Optional[int] = None,
-                     mask: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
+                     mask: Optional[Tensor] = None, ghosts: int = 1) -> Tuple[Tensor, Tensor, Tensor]:
     """Global ``(mean, invstd, count)`` per feature, each ``(C,)``; running statistics updated in place.
 
     ``pad_to`` (ghost batches): append empty states so that every rank sends ``pad_to`` features.
     """
-    mean, m2, count = staged.batch_stats(input, axis, mask)
+    mean, m2, count = staged.batch_stats(input, axis, mask, ghosts)
     local = torch.stack((mean, m2, count))  # (3, C): one message per rank
     if pad_to is not None and pad_to > local.shape[1]:
         local = torch.nn.functional.pad(local, (0, pad_to - local.shape[1]))  # count 0: merged as nothing
@@ -140,7 +140,7 @@ def sync_batch_stats(input: Tensor, axis: Sequence[int], running_mean: Optional[
 
 @torch.no_grad()
 def sync_moments(input: Tensor, axis: Sequence[int], eps: float, group: ProcessGroup, world_size: int,
-                 *, pad_to: Optional[int] = None, mask: Optional[Tensor] = None
+                 *, pad_to: Optional[int] = None, mask: Optional[Tensor] = None, ghosts: int = 1
                  ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Global ``(mean, biased variance, invstd, count)`` per feature, for callers that need the
     variance itself (renorm, ghost-batch moving averages). No running statistics are touched.
@@ -149,12 +149,12 @@ def sync_moments(input: Tensor, axis: Sequence[int], eps: float, group: ProcessG
     buffers and momentum 1 they receive ``0 * 0 + 1 * batch_stat``, the statistic itself, exactly
     (and stay 0 for features with no values).
     """
-    c = pad_to if pad_to is not None else ops.num_features(input.shape, axis)
+    c = pad_to if pad_to is not None else ops.num_features(input.shape, axis) * ghosts
     acc = torch.float64 if input.dtype == torch.float64 else torch.float32
     mean_out = torch.zeros(c, dtype=acc, device=input.device)
     var_out = torch.zeros(c, dtype=acc, device=input.device)
     _, invstd, count = sync_batch_stats(input, axis, mean_out, var_out, 1.0, eps, group, world_size,
-                                        unbiased_running_var=False, pad_to=pad_to, mask=mask)
+                                        unbiased_running_var=False, pad_to=pad_to, mask=mask, ghosts=ghosts)
     return mean_out, var_out, invstd, count
 
 
@@ -164,23 +164,24 @@ class SyncNormalize(torch.autograd.Function):
 
     ``pad_to`` (ghost batches): the number of features every rank all-reduces; this rank's come first.
     ``mask``: the 0/1 mask of masked statistics (broadcastable to ``input``), for their gradient.
+    ``ghosts``: ghost batches of the staged ops (per-feature tensors then hold ghosts * C entries).
     """
 
     @staticmethod
     def forward(ctx, input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], mean: Tensor,
                 invstd: Tensor, count: Tensor, axis: List[int], group: ProcessGroup,
-                pad_to: Optional[int] = None, mask: Optional[Tensor] = None) -> Tensor:
+                pad_to: Optional[int] = None, mask: Optional[Tensor] = None, ghosts: int = 1) -> Tensor:
         ctx.save_for_backward(input, weight, mean, invstd, count, mask)
-        ctx.axis, ctx.group, ctx.pad_to = axis, group, pad_to
+        ctx.axis, ctx.group, ctx.pad_to, ctx.ghosts = axis, group, pad_to, ghosts
         ctx.bias_meta = None if bias is None else (bias.shape, bias.dtype)
-        return staged.normalize(input, mean, invstd, weight, bias, axis)
+        return staged.normalize(input, mean, invstd, weight, bias, axis, ghosts)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out: Tensor):
         input, weight, mean, invstd, count, mask = ctx.saved_tensors
         need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
-        sum_dy, sum_dy_xmu = staged.grad_sums(grad_out, input, mean, invstd, ctx.axis)
+        sum_dy, sum_dy_xmu = staged.grad_sums(grad_out, input, mean, invstd, ctx.axis, ctx.ghosts)
         grad_input = grad_weight = grad_bias = None
         if need_weight:
             grad_weight = (sum_dy_xmu * invstd).reshape(weight.shape).to(weight.dtype)
@@ -195,8 +196,8 @@ class SyncNormalize(torch.autograd.Function):
             if ctx.group is not LOCAL:
                 dist.all_reduce(total, group=ctx.group)
             grad_input = staged.grad_input(grad_out, input, mean, invstd, weight, total[0, :local],
-                                           total[1, :local], count, ctx.axis, mask)
-        return grad_input, grad_weight, grad_bias, None, None, None, None, None, None, None
+                                           total[1, :local], count, ctx.axis, mask, ctx.ghosts)
+        return grad_input, grad_weight, grad_bias, None, None, None, None, None, None, None, None
 
 
 def sync_batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],

@@ -24,8 +24,8 @@ _ops = torch.ops.bn_cuda
 
 
 @torch.library.register_fake("bn_cuda::batch_stats")
-def _batch_stats_fake(input, axis, mask=None):
-    c = num_features(input.shape, axis)
+def _batch_stats_fake(input, axis, mask=None, ghosts=1):
+    c = num_features(input.shape, axis) * ghosts
     acc = _acc_dtype(input.dtype)
     return tuple(input.new_empty((c,), dtype=acc) for _ in range(3))
 
@@ -37,29 +37,34 @@ def _gather_stats_fake(mean, m2, count, running_mean, running_var, momentum, eps
 
 
 @torch.library.register_fake("bn_cuda::normalize")
-def _normalize_fake(input, mean, invstd, weight, bias, axis):
+def _normalize_fake(input, mean, invstd, weight, bias, axis, ghosts=1):
     return torch.empty_like(input)
 
 
 @torch.library.register_fake("bn_cuda::grad_sums")
-def _grad_sums_fake(grad_out, input, mean, invstd, axis):
-    c = num_features(input.shape, axis)
+def _grad_sums_fake(grad_out, input, mean, invstd, axis, ghosts=1):
+    c = num_features(input.shape, axis) * ghosts
     acc = _acc_dtype(input.dtype)
     return input.new_empty((c,), dtype=acc), input.new_empty((c,), dtype=acc)
 
 
 @torch.library.register_fake("bn_cuda::grad_input")
-def _grad_input_fake(grad_out, input, mean, invstd, weight, sum_dy, sum_dy_xmu, count, axis, mask=None):
+def _grad_input_fake(grad_out, input, mean, invstd, weight, sum_dy, sum_dy_xmu, count, axis, mask=None,
+                     ghosts=1):
     return torch.empty_like(input)
 
 
-def batch_stats(input: Tensor, axis: Sequence[int], mask: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
+def batch_stats(input: Tensor, axis: Sequence[int], mask: Optional[Tensor] = None,
+                ghosts: int = 1) -> Tuple[Tensor, Tensor, Tensor]:
     """Local per-feature Welford state: ``(mean, m2, count)``, each ``(C,)``.
 
     ``mask``: a bool (or 0/1 uint8) tensor broadcastable to ``input``; the statistics are then the
     weighted moments of the unmasked elements (``count`` = their number per feature).
+    ``ghosts``: tf_keras's ghost batches (sample ``n`` in ghost ``n % ghosts``); one state per
+    (ghost, feature), ``ghosts * C`` entries, ghost-major. No copy of the input for channels-last
+    layouts (ghost rows) nor for layouts where the batch dim can be split next to the features.
     """
-    return _ops.batch_stats(input, [int(a) for a in axis], mask)
+    return _ops.batch_stats(input, [int(a) for a in axis], mask, int(ghosts))
 
 
 def gather_stats(mean: Tensor, m2: Tensor, count: Tensor, running_mean: Optional[Tensor],
@@ -75,20 +80,20 @@ def gather_stats(mean: Tensor, m2: Tensor, count: Tensor, running_mean: Optional
 
 
 def normalize(input: Tensor, mean: Tensor, invstd: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
-              axis: Sequence[int]) -> Tensor:
-    """``(input - mean) * invstd * weight + bias`` with per-feature statistics."""
-    return _ops.normalize(input, mean, invstd, weight, bias, [int(a) for a in axis])
+              axis: Sequence[int], ghosts: int = 1) -> Tensor:
+    """``(input - mean) * invstd * weight + bias`` with per-feature (per ghost and feature) statistics."""
+    return _ops.normalize(input, mean, invstd, weight, bias, [int(a) for a in axis], int(ghosts))
 
 
 def grad_sums(grad_out: Tensor, input: Tensor, mean: Tensor, invstd: Tensor,
-              axis: Sequence[int]) -> Tuple[Tensor, Tensor]:
-    """Local ``(sum(dy), sum(dy * (x - mean)))`` per feature."""
-    return _ops.grad_sums(grad_out, input, mean, invstd, [int(a) for a in axis])
+              axis: Sequence[int], ghosts: int = 1) -> Tuple[Tensor, Tensor]:
+    """Local ``(sum(dy), sum(dy * (x - mean)))`` per feature (per ghost and feature)."""
+    return _ops.grad_sums(grad_out, input, mean, invstd, [int(a) for a in axis], int(ghosts))
 
 
 def grad_input(grad_out: Tensor, input: Tensor, mean: Tensor, invstd: Tensor, weight: Optional[Tensor],
                sum_dy: Tensor, sum_dy_xmu: Tensor, count: Tensor, axis: Sequence[int],
-               mask: Optional[Tensor] = None) -> Tensor:
+               mask: Optional[Tensor] = None, ghosts: int = 1) -> Tensor:
     """Training grad_input from (e.g. all-reduced) sums and total per-feature counts.
 
     With the ``mask`` ``m`` of masked statistics (and their counts): the gradient through the
@@ -96,5 +101,5 @@ def grad_input(grad_out: Tensor, input: Tensor, mean: Tensor, invstd: Tensor, we
     (the sums run over every element; only the unmasked ones moved the statistics).
     """
     return _ops.grad_input(grad_out, input, mean, invstd, weight, sum_dy, sum_dy_xmu, count,
-                           [int(a) for a in axis], mask)
+                           [int(a) for a in axis], mask, int(ghosts))
 

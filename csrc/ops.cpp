@@ -44,24 +44,29 @@ TORCH_LIBRARY(bn_cuda, m) {
       "bool train, int[] axis, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
 
   // Staged operators (synchronized batch norm and other compositions); per-feature tensors are
-  // flat (C,) in the accumulation dtype.
+  // flat (C,) in the accumulation dtype. ghosts > 1: tf_keras's ghost batches (sample n in ghost
+  // n % ghosts); per-feature tensors then hold ghosts * C entries, ghost-major.
   // Local Welford state per feature: (mean, m2, count); with a 0/1 mask broadcastable to the
   // input, the weighted moments (count = number of unmasked elements).
-  m.def("batch_stats(Tensor input, int[] axis, Tensor? mask=None) -> (Tensor, Tensor, Tensor)");
+  m.def("batch_stats(Tensor input, int[] axis, Tensor? mask=None, int ghosts=1) -> (Tensor, Tensor, Tensor)");
   // Chan merge of W states ((W, C) each, rows in order) -> (mean, invstd, count); running stats
   // are updated in place except for features whose total count is 0.
   m.def(
       "gather_stats(Tensor mean, Tensor m2, Tensor count, Tensor(a!)? running_mean, Tensor(b!)? running_var, "
       "float momentum, float eps, bool unbiased_running_var=True) -> (Tensor, Tensor, Tensor)");
   // (input - mean) * invstd * weight + bias with caller-supplied statistics.
-  m.def("normalize(Tensor input, Tensor mean, Tensor invstd, Tensor? weight, Tensor? bias, int[] axis) -> Tensor");
+  m.def(
+      "normalize(Tensor input, Tensor mean, Tensor invstd, Tensor? weight, Tensor? bias, int[] axis, int ghosts=1) "
+      "-> Tensor");
   // Local (sum(grad_out), sum(grad_out * (input - mean))) per feature.
-  m.def("grad_sums(Tensor grad_out, Tensor input, Tensor mean, Tensor invstd, int[] axis) -> (Tensor, Tensor)");
+  m.def(
+      "grad_sums(Tensor grad_out, Tensor input, Tensor mean, Tensor invstd, int[] axis, int ghosts=1) "
+      "-> (Tensor, Tensor)");
   // Training grad_input from (e.g. all-reduced) sums and total per-feature counts; with the mask
   // of masked statistics, the gradient of the weighted moments.
   m.def(
       "grad_input(Tensor grad_out, Tensor input, Tensor mean, Tensor invstd, Tensor? weight, Tensor sum_dy, "
-      "Tensor sum_dy_xmu, Tensor count, int[] axis, Tensor? mask=None) -> Tensor");
+      "Tensor sum_dy_xmu, Tensor count, int[] axis, Tensor? mask=None, int ghosts=1) -> Tensor");
 }
 
 namespace {

@@ -160,3 +160,78 @@ def test_mask_errors_name_the_argument():
         staged.batch_stats(x, [1], torch.ones(4, 1))
     with pytest.raises(RuntimeError, match="mask of shape \\[5, 1\\] does not broadcast"):
         staged.batch_stats(x, [1], torch.ones(5, 1, dtype=torch.bool))
+
+
+def _ghost_reference(x, axis, ghosts, w, b, eps, gy, mask=None):
+    """tf_keras's ghost batches in float64 with autograd: reshape (N, ...) -> (N / G, G, ...)."""
+    xr = x.detach().double().requires_grad_(True)
+    xg = xr.reshape(x.shape[0] // ghosts, ghosts, *x.shape[1:])
+    gaxes = [1] + [a % x.dim() + 1 for a in axis]
+    dims = [d for d in range(xg.dim()) if d not in gaxes]
+    shape = [xg.shape[d] if d in gaxes else 1 for d in range(xg.dim())]
+    if mask is None:
+        wm = torch.ones_like(xg)
+    else:
+        wm = mask.double().expand_as(xr).reshape(xg.shape)
+    cnt = wm.sum(dims, keepdim=True)
+    mean = (wm * xg).sum(dims, keepdim=True) / cnt
+    var = (wm * (xg - mean) ** 2).sum(dims, keepdim=True) / cnt
+    yg = (xg - mean) / torch.sqrt(var + eps) * w.double().reshape(shape) + b.double().reshape(shape)
+    y = yg.reshape(x.shape)
+    y.backward(gy.double())
+    return y.detach(), xr.grad, mean.reshape(-1).detach(), var.reshape(-1).detach()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape,axis,layout,ghosts", [
+    ((8, 5, 6, 7), [1], "contiguous", 4),        # NCHW: split view, features (G, C) adjacent
+    ((8, 5, 6, 7), [1], "channels_last", 2),     # NHWC memory: ghost rows
+    ((8, 6, 7, 5), [-1], "contiguous", 4),       # (B, H, W, C): ghost rows
+    ((12, 9, 17), [-1], "contiguous", 3),        # (B, T, C) sequences: ghost rows
+    ((6, 17), [1], "contiguous", 3),             # 2-D
+    ((16, 1000), [1], "contiguous", 2),
+    ((8, 3, 4, 5), [1, 3], "contiguous", 2),     # two feature axes
+])
+@pytest.mark.parametrize("masked", [False, True])
+def test_ghost_batches_match_reference(device, shape, axis, layout, ghosts, masked):
+    g = torch.Generator().manual_seed(5)
+    x = _data(shape, torch.float64, "cpu", seed=6, offset=20.0)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    c = 1
+    for a in axis:
+        c *= shape[a]
+    w = torch.randn(ghosts * c, dtype=torch.float64, generator=g)
+    b = torch.randn(ghosts * c, dtype=torch.float64, generator=g)
+    gy = torch.randn(shape, dtype=torch.float64, generator=g)
+    mask = None
+    if masked:
+        mask = torch.rand(shape[:-1] + (1,), generator=g) > 0.3
+        mask.view(-1)[: shape[0]] = True
+    ref_y, ref_gx, ref_mean, ref_var = _ghost_reference(x, axis, ghosts, w, b, 1e-3, gy, mask)
+    x, w, b, gy = (t.to(device) for t in (x, w, b, gy))
+    if mask is not None:
+        mask = mask.to(device)
+    mean, m2, cnt = staged.batch_stats(x, axis, mask, ghosts=ghosts)
+    assert mean.shape == (ghosts * c,)
+    torch.testing.assert_close(mean.cpu(), ref_mean, rtol=1e-11, atol=1e-10)
+    torch.testing.assert_close((m2 / cnt).cpu(), ref_var, rtol=1e-10, atol=1e-11)
+    gm, ginv, gc = staged.gather_stats(mean[None], m2[None], cnt[None], None, None, 0.1, 1e-3)
+    y = staged.normalize(x, gm, ginv, w, b, axis, ghosts=ghosts)
+    assert y.shape == x.shape
+    torch.testing.assert_close(y.cpu(), ref_y, rtol=1e-10, atol=1e-10)
+    if layout == "channels_last":
+        assert y.is_contiguous(memory_format=torch.channels_last)
+    sdy, sdyx = staged.grad_sums(gy, x, gm, ginv, axis, ghosts=ghosts)
+    gx = staged.grad_input(gy, x, gm, ginv, w, sdy, sdyx, gc, axis, mask, ghosts=ghosts)
+    torch.testing.assert_close(gx.cpu(), ref_gx, rtol=1e-9, atol=1e-10)
+
+
+def test_ghost_errors_name_the_value():
+    x = torch.randn(6, 4)
+    with pytest.raises(ValueError, match="ghosts=4 must divide the batch size, got a batch of 6"):
+        staged.batch_stats(x, [1], ghosts=4)
+    with pytest.raises(ValueError, match="batch dim 0 cannot be a feature axis"):
+        staged.batch_stats(x, [0], ghosts=2)
+    with pytest.raises(ValueError, match="ghosts must be >= 1, got 0"):
+        staged.batch_stats(x, [1], ghosts=0)

@@ -54,7 +54,7 @@ def train_step(layer: "BatchNormalization", x: Tensor, group: Any, world_size: i
     axes: List[int] = list(layer._axes)
     features = ops.num_features(x.shape, axes)
     check = layer._feature_check
-    view, view_axes, ghosts, global_ghosts = x, axes, None, 1
+    ghosts, global_ghosts = None, 1
     if layer.virtual_batch_size is None:
         if world_size > 1:
             check(features, group, x.device)
@@ -62,11 +62,9 @@ def train_step(layer: "BatchNormalization", x: Tensor, group: Any, world_size: i
         local = x.shape[0] // layer.virtual_batch_size
         global_ghosts = check.ghosts(features, local, group, x.device) if world_size > 1 else local
         if global_ghosts > 0:  # (all-empty: the per-feature path below; its counts are 0)
-            ghosts = local
-            view = x.reshape(layer.virtual_batch_size, ghosts, *x.shape[1:])  # tf_keras's ghost view
-            view_axes = [1] + [a + 1 for a in axes]
-            if mask is not None:
-                mask = mask.reshape(layer.virtual_batch_size, ghosts, *mask.shape[1:])
+            # Sample i in ghost i % ghosts (tf_keras's reshape), run by the staged ops; an empty
+            # local batch runs as one (empty) ghost, padded like the others.
+            ghosts = max(local, 1)
     weights = None if mask is None else mask.unsqueeze(-1)  # broadcast over the last (feature) axis
     gamma, beta = layer._flat("gamma"), layer._flat("beta")
     eps = layer.epsilon
@@ -76,13 +74,13 @@ def train_step(layer: "BatchNormalization", x: Tensor, group: Any, world_size: i
     if ghosts is None and not layer.renorm and weights is None:
         # The plain case: the running statistics are updated inside gather_stats.
         mean, invstd, count = distributed.sync_batch_stats(
-            view, view_axes, layer._flat("moving_mean"), layer._flat("moving_variance"), 1.0 - layer.momentum,
+            x, axes, layer._flat("moving_mean"), layer._flat("moving_variance"), 1.0 - layer.momentum,
             eps, group, world_size, unbiased_running_var=False)
-        return distributed.SyncNormalize.apply(view, gamma, beta, mean, invstd, count, view_axes, group)
+        return distributed.SyncNormalize.apply(x, gamma, beta, mean, invstd, count, axes, group)
 
     pad = None if ghosts is None else global_ghosts * features
-    mean, var, invstd, count = distributed.sync_moments(view, view_axes, eps, group, world_size, pad_to=pad,
-                                                        mask=weights)
+    mean, var, invstd, count = distributed.sync_moments(x, axes, eps, group, world_size, pad_to=pad,
+                                                        mask=weights, ghosts=ghosts or 1)
     if ghosts is None:
         new_mean, new_var, has_data = mean, var, count > 0
     else:
@@ -113,13 +111,13 @@ def train_step(layer: "BatchNormalization", x: Tensor, group: Any, world_size: i
         has_data = torch.ones_like(has_data) if x.numel() > 0 else has_data
     if ghosts is not None:
         scale, offset = _per_ghost(scale, ghosts), _per_ghost(offset, ghosts)
-    out = distributed.SyncNormalize.apply(view, scale, offset, mean, invstd, count, view_axes, group, pad,
-                                          weights)
+    out = distributed.SyncNormalize.apply(x, scale, offset, mean, invstd, count, axes, group, pad,
+                                          weights, ghosts or 1)
     with torch.no_grad():
         for name, value in updates.items():
             buf = moving[name]
             buf.copy_(torch.where(has_data, value.to(buf.dtype), buf))
-    return out.reshape(x.shape)
+    return out
 
 
 def flat_adjustment(layer: "BatchNormalization", x: Tensor) -> Optional[Tuple[Tensor, Tensor]]:

@@ -150,6 +150,25 @@ Canonical plan_canonical(const at::Tensor& x, at::IntArrayRef axis) {
   return c;
 }
 
+bool ghost_rows_apply(const Canonical& c, const at::Tensor& input) {
+  if (!c.v.channels_last || c.a == 0 || input.size(0) < 1) return false;
+  for (int64_t a : c.axes)
+    if (a == 0) return false;
+  // The first non-size-1 outer dim must be the batch dim (a size-1 batch has one ghost anyway).
+  for (int64_t k = 0; k < c.a; ++k) {
+    const int64_t d = c.perm[k];
+    if (input.size(d) == 1) continue;
+    return d == 0;
+  }
+  return false;
+}
+
+void set_ghost_rows(Canonical& c, const at::Tensor& input, int64_t ghosts) {
+  TORCH_INTERNAL_ASSERT(ghost_rows_apply(c, input) && input.size(0) % ghosts == 0, "bn_cuda: ghost rows do not apply");
+  c.v.G = ghosts;
+  c.v.S = c.v.O / input.size(0);
+}
+
 bool group_strides(const at::Tensor& t, const Canonical& c, int64_t& so, int64_t& sc, int64_t& si) {
   const int64_t n = static_cast<int64_t>(c.perm.size());
   bool has_inner = false;
@@ -160,7 +179,7 @@ bool group_strides(const at::Tensor& t, const Canonical& c, int64_t& so, int64_t
   return true;
 }
 
-Strided3 mask_strided3(const at::Tensor& mask, const at::Tensor& input, const Canonical& c, const char* name) {
+at::Tensor expand_mask(const at::Tensor& mask, const at::Tensor& input, const char* name) {
   TORCH_CHECK_TYPE(mask.scalar_type() == at::kBool || mask.scalar_type() == at::kByte, "bn_cuda: ", name,
                    " must be a bool (or uint8 0/1) tensor, got ", mask.scalar_type());
   TORCH_CHECK(mask.device() == input.device(), "bn_cuda: ", name, " is on ", mask.device(), " but input is on ",
@@ -169,7 +188,11 @@ Strided3 mask_strided3(const at::Tensor& mask, const at::Tensor& input, const Ca
               "bn_cuda: ", name, " of shape ", shape_str(mask.sizes()), " does not broadcast to the input shape ",
               shape_str(input.sizes()));
   at::Tensor m = mask.expand(input.sizes());
-  if (m.scalar_type() == at::kBool) m = m.view(at::kByte);
+  return m.scalar_type() == at::kBool ? m.view(at::kByte) : m;
+}
+
+Strided3 mask_strided3(const at::Tensor& mask, const at::Tensor& input, const Canonical& c, const char* name) {
+  at::Tensor m = expand_mask(mask, input, name);
   Strided3 out;
   int64_t so = 0, sc = 0, si = 1;
   if (group_strides(m, c, so, sc, si) && (c.v.I <= 1 || si == 1)) {

@@ -43,6 +43,12 @@ Strided3 as_strided3(const at::Tensor& t, const Canonical& c);
 // A view of `t` as a Strided3 when possible; false when it would need a copy.
 bool try_strided3(const at::Tensor& t, const Canonical& c, Strided3& out);
 
+// Ghost batches (tf_keras's virtual_batch_size, sample n in ghost n % ghosts) as ghost rows of a
+// channels-last view: possible when the planned view is channels-last and its outer group starts
+// with the batch dim (dim 0). set_ghost_rows sets View3::G / S (asserting that it is possible).
+bool ghost_rows_apply(const Canonical& c, const at::Tensor& input);
+void set_ghost_rows(Canonical& c, const at::Tensor& input, int64_t ghosts);
+
 // The (outer, feature, inner) element strides of `t` under the planned grouping, without the
 // layout-class check; false when a group's dims do not collapse into one stride.
 bool group_strides(const at::Tensor& t, const Canonical& c, int64_t& so, int64_t& sc, int64_t& si);
@@ -51,6 +57,8 @@ bool group_strides(const at::Tensor& t, const Canonical& c, int64_t& so, int64_t
 // (so, sc) with inner stride 1 (any feature stride, e.g. 0 for a per-row mask); a dense byte copy
 // in the planned dim order when the strides do not allow a view. Errors name `name`.
 Strided3 mask_strided3(const at::Tensor& mask, const at::Tensor& input, const Canonical& c, const char* name);
+// The checks of mask_strided3, then the mask expanded to the input's shape as bytes.
+at::Tensor expand_mask(const at::Tensor& mask, const at::Tensor& input, const char* name);
 
 // Dense (O, C, I) scratch laid out in the planned dim order, and its view with the original dim
 // order (to copy into a user-visible tensor).

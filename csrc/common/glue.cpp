@@ -54,7 +54,7 @@ FeatureTensor feature_tensor(const c10::optional<at::Tensor>& maybe, const char*
   check_same_device(t, input, name);
   dtype_of(t, name);
   const int64_t nd = input.dim();
-  bool shape_ok = t.sizes().vec() == c.feature_shape || (t.dim() == 1 && t.numel() == c.v.C);
+  bool shape_ok = t.sizes().vec() == c.feature_shape || (t.dim() == 1 && t.numel() == c.v.features());
   if (!shape_ok && t.dim() == nd) {
     shape_ok = true;
     size_t k = 0;
@@ -80,7 +80,7 @@ FeatureTensor feature_tensor(const c10::optional<at::Tensor>& maybe, const char*
 ForwardCall prepare_forward(const at::Tensor& input, const c10::optional<at::Tensor>& weight,
                             const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& running_mean,
                             const c10::optional<at::Tensor>& running_var, bool training, double momentum,
-                            double eps, at::IntArrayRef axis, bool unbiased_running_var) {
+                            double eps, at::IntArrayRef axis, bool unbiased_running_var, int64_t ghosts) {
   ForwardCall call;
   TORCH_CHECK_VALUE(input.dim() >= 2, "bn_cuda: input must have at least 2 dimensions (batch and features), got ",
                     input.dim(), "-D input of shape ", shape_str(input.sizes()));
@@ -90,6 +90,7 @@ ForwardCall prepare_forward(const at::Tensor& input, const c10::optional<at::Ten
     TORCH_CHECK_VALUE(eps > 0, "bn_cuda: eps must be > 0 in training, got ", eps);
   }
   call.canon = plan_canonical(input, axis);
+  if (ghosts > 1) set_ghost_rows(call.canon, input, ghosts);
   const Canonical& c = call.canon;
   const at::ScalarType acc = acc_scalar_type(input.scalar_type());
   call.weight = feature_tensor(weight, "weight", c, input, acc, false);
@@ -106,8 +107,8 @@ ForwardCall prepare_forward(const at::Tensor& input, const c10::optional<at::Ten
   call.out = at::empty_like(input);
   const at::TensorOptions acc_opts = input.options().dtype(acc);
   if (training) {
-    call.save_mean = at::empty({c.v.C}, acc_opts);
-    call.save_invstd = at::empty({c.v.C}, acc_opts);
+    call.save_mean = at::empty({c.v.features()}, acc_opts);
+    call.save_invstd = at::empty({c.v.features()}, acc_opts);
   }
   call.skip = input.numel() == 0;
   if (call.skip) {
@@ -152,7 +153,7 @@ void finish_forward(ForwardCall& call) {
 BackwardCall prepare_backward(const at::Tensor& grad_out, const at::Tensor& input,
                               const c10::optional<at::Tensor>& weight, const at::Tensor& save_mean,
                               const at::Tensor& save_invstd, bool train, at::IntArrayRef axis,
-                              std::array<bool, 3> output_mask) {
+                              std::array<bool, 3> output_mask, int64_t ghosts) {
   BackwardCall call;
   TORCH_CHECK_VALUE(input.dim() >= 2, "bn_cuda: input must have at least 2 dimensions, got ", input.dim());
   call.dtype = dtype_of(input, "input");
@@ -161,6 +162,7 @@ BackwardCall prepare_backward(const at::Tensor& grad_out, const at::Tensor& inpu
   TORCH_CHECK(grad_out.sizes() == input.sizes(), "bn_cuda: grad_out has shape ", shape_str(grad_out.sizes()),
               " but input has shape ", shape_str(input.sizes()));
   call.canon = plan_canonical(input, axis);
+  if (ghosts > 1) set_ghost_rows(call.canon, input, ghosts);
   const Canonical& c = call.canon;
   const at::ScalarType acc = acc_scalar_type(input.scalar_type());
   call.weight = feature_tensor(weight, "weight", c, input, acc, false);
@@ -169,8 +171,8 @@ BackwardCall prepare_backward(const at::Tensor& grad_out, const at::Tensor& inpu
 
   const at::TensorOptions acc_opts = input.options().dtype(acc);
   call.grad_input = output_mask[0] ? at::empty_like(input) : at::empty({0}, input.options());
-  call.grad_weight = output_mask[1] ? at::empty({c.v.C}, acc_opts) : at::empty({0}, acc_opts);
-  call.grad_bias = output_mask[2] ? at::empty({c.v.C}, acc_opts) : at::empty({0}, acc_opts);
+  call.grad_weight = output_mask[1] ? at::empty({c.v.features()}, acc_opts) : at::empty({0}, acc_opts);
+  call.grad_bias = output_mask[2] ? at::empty({c.v.features()}, acc_opts) : at::empty({0}, acc_opts);
   call.skip = input.numel() == 0;
   if (call.skip) {
     call.grad_weight.zero_();

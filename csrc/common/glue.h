@@ -28,6 +28,9 @@ struct FeatureTensor {
 
 void check_same_device(const at::Tensor& t, const at::Tensor& input, const char* name);
 
+// `ghosts` > 1 on prepare_*: the input's rows run as ghost rows (see View3); the caller checked
+// with ghost_rows_apply that the planned view allows it.
+
 // Validate a per-feature tensor of `input` (shape: the feature dims', flat (C,), or the
 // rank-preserving Keras shape; same device; floating) and bring it to flat acc-typed form.
 FeatureTensor feature_tensor(const c10::optional<at::Tensor>& maybe, const char* name, const Canonical& c,
@@ -49,7 +52,7 @@ struct ForwardCall {
 ForwardCall prepare_forward(const at::Tensor& input, const c10::optional<at::Tensor>& weight,
                             const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& running_mean,
                             const c10::optional<at::Tensor>& running_var, bool training, double momentum,
-                            double eps, at::IntArrayRef axis, bool unbiased_running_var);
+                            double eps, at::IntArrayRef axis, bool unbiased_running_var, int64_t ghosts = 1);
 void finish_forward(ForwardCall& call);
 
 struct BackwardCall {
@@ -67,7 +70,7 @@ struct BackwardCall {
 BackwardCall prepare_backward(const at::Tensor& grad_out, const at::Tensor& input,
                               const c10::optional<at::Tensor>& weight, const at::Tensor& save_mean,
                               const at::Tensor& save_invstd, bool train, at::IntArrayRef axis,
-                              std::array<bool, 3> output_mask);
+                              std::array<bool, 3> output_mask, int64_t ghosts = 1);
 void finish_backward(BackwardCall& call);
 
 }  // namespace bn_cuda

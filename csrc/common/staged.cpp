@@ -5,15 +5,56 @@
 
 namespace bn_cuda {
 
-BatchStatsCall prepare_batch_stats(const at::Tensor& input, at::IntArrayRef axis,
-                                   const c10::optional<at::Tensor>& mask) {
+GhostPlan plan_ghosts(const at::Tensor& input, at::IntArrayRef axis, int64_t ghosts, bool masked) {
+  TORCH_CHECK_VALUE(input.dim() >= 2, "bn_cuda: input must have at least 2 dimensions, got ", input.dim(),
+                    "-D input of shape ", shape_str(input.sizes()));
+  GhostPlan g;
+  g.input = input;
+  g.axis = normalize_axes(axis, input.dim());
+  if (ghosts == 1) return g;
+  const int64_t n = input.size(0);
+  TORCH_CHECK_VALUE(ghosts >= 1, "bn_cuda: ghosts must be >= 1, got ", ghosts);
+  TORCH_CHECK_VALUE(n % ghosts == 0, "bn_cuda: ghosts=", ghosts, " must divide the batch size, got a batch of ", n);
+  for (int64_t a : g.axis)
+    TORCH_CHECK_VALUE(a != 0, "bn_cuda: with ghost batches the batch dim 0 cannot be a feature axis; axis=",
+                      shape_str(axis));
+  if (!masked && ghost_rows_apply(plan_canonical(input, g.axis), input)) {
+    g.rows = ghosts;  // channels-last: ghost rows, no copy
+    return g;
+  }
+  // Elsewhere: split the batch dim into (n / ghosts, ghosts), always a view, with the ghost dim as
+  // the first feature axis (per-feature order: ghost-major, as with ghost rows).
+  g.split = true;
+  g.split_shape = {n / ghosts, ghosts};
+  for (int64_t d = 1; d < input.dim(); ++d) g.split_shape.push_back(input.size(d));
+  g.input = input.view(g.split_shape);
+  std::vector<int64_t> axes = {1};
+  for (int64_t a : g.axis) axes.push_back(a + 1);
+  g.axis = axes;
+  return g;
+}
+
+at::Tensor ghost_view(const at::Tensor& t, const GhostPlan& g) {
+  if (!g.split) return t;
+  TORCH_CHECK(t.dim() + 1 == static_cast<int64_t>(g.split_shape.size()), "bn_cuda: expected a tensor of the input's rank ",
+              g.split_shape.size() - 1, ", got shape ", shape_str(t.sizes()));
+  return t.view(g.split_shape);
+}
+
+BatchStatsCall prepare_batch_stats(const at::Tensor& input_, at::IntArrayRef axis_,
+                                   const c10::optional<at::Tensor>& mask_, int64_t ghosts) {
   BatchStatsCall call;
-  TORCH_CHECK_VALUE(input.dim() >= 2, "bn_cuda.batch_stats: input must have at least 2 dimensions, got ",
-                    input.dim(), "-D input of shape ", shape_str(input.sizes()));
+  const bool masked = mask_.has_value() && mask_->defined();
+  const GhostPlan gp = plan_ghosts(input_, axis_, ghosts, masked);
+  const at::Tensor& input = gp.input;
+  const at::IntArrayRef axis(gp.axis);
+  c10::optional<at::Tensor> mask;
+  if (masked) mask = ghost_view(expand_mask(*mask_, input_, "mask"), gp);
   call.dtype = dtype_of(input, "input");
   call.canon = plan_canonical(input, axis);
+  if (gp.rows > 1) set_ghost_rows(call.canon, input, gp.rows);
   const at::TensorOptions acc = input.options().dtype(acc_scalar_type(input.scalar_type()));
-  const int64_t C = call.canon.v.C;
+  const int64_t C = call.canon.v.features();
   call.mean = at::empty({C}, acc);
   call.m2 = at::empty({C}, acc);
   call.count = at::empty({C}, acc);
@@ -94,12 +135,17 @@ void finish_gather(GatherCall& call) {
     if (f->copy_back) f->user.copy_(f->acc.view(f->user.sizes()));
 }
 
-NormalizeCall prepare_normalize(const at::Tensor& input, const at::Tensor& mean, const at::Tensor& invstd,
+NormalizeCall prepare_normalize(const at::Tensor& input_, const at::Tensor& mean, const at::Tensor& invstd,
                                 const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
-                                at::IntArrayRef axis) {
+                                at::IntArrayRef axis_, int64_t ghosts) {
   NormalizeCall call;
+  const GhostPlan gp = plan_ghosts(input_, axis_, ghosts, false);
+  const at::Tensor& input = gp.input;
+  const at::IntArrayRef axis(gp.axis);
+  call.input_shape = input_.sizes().vec();
   // The training preparation (no running statistics needed); eps is unused by normalize.
-  call.fwd = prepare_forward(input, weight, bias, c10::nullopt, c10::nullopt, /*training=*/true, 0.0, 1.0, axis, true);
+  call.fwd = prepare_forward(input, weight, bias, c10::nullopt, c10::nullopt, /*training=*/true, 0.0, 1.0, axis, true,
+                             gp.rows);
   const at::ScalarType acc = acc_scalar_type(input.scalar_type());
   call.mean = feature_tensor(mean, "mean", call.fwd.canon, input, acc, false);
   call.invstd = feature_tensor(invstd, "invstd", call.fwd.canon, input, acc, false);
@@ -111,13 +157,16 @@ NormalizeCall prepare_normalize(const at::Tensor& input, const at::Tensor& mean,
   return call;
 }
 
-GradSumsCall prepare_grad_sums(const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& mean,
-                               const at::Tensor& invstd, at::IntArrayRef axis) {
+GradSumsCall prepare_grad_sums(const at::Tensor& grad_out, const at::Tensor& input_, const at::Tensor& mean,
+                               const at::Tensor& invstd, at::IntArrayRef axis_, int64_t ghosts) {
   GradSumsCall call;
-  call.bwd = prepare_backward(grad_out, input, c10::nullopt, mean, invstd, true, axis, {false, false, false});
+  const GhostPlan gp = plan_ghosts(input_, axis_, ghosts, false);
+  const at::Tensor& input = gp.input;
+  call.bwd = prepare_backward(ghost_view(grad_out, gp), input, c10::nullopt, mean, invstd, true, gp.axis,
+                              {false, false, false}, gp.rows);
   const at::TensorOptions acc = input.options().dtype(acc_scalar_type(input.scalar_type()));
-  call.sum_dy = at::empty({call.bwd.canon.v.C}, acc);
-  call.sum_dy_xmu = at::empty({call.bwd.canon.v.C}, acc);
+  call.sum_dy = at::empty({call.bwd.canon.v.features()}, acc);
+  call.sum_dy_xmu = at::empty({call.bwd.canon.v.features()}, acc);
   if (call.bwd.skip) {
     call.sum_dy.zero_();
     call.sum_dy_xmu.zero_();
@@ -128,12 +177,20 @@ GradSumsCall prepare_grad_sums(const at::Tensor& grad_out, const at::Tensor& inp
   return call;
 }
 
-GradInputCall prepare_grad_input(const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& mean,
+GradInputCall prepare_grad_input(const at::Tensor& grad_out, const at::Tensor& input_, const at::Tensor& mean,
                                  const at::Tensor& invstd, const c10::optional<at::Tensor>& weight,
                                  const at::Tensor& sum_dy, const at::Tensor& sum_dy_xmu, const at::Tensor& count,
-                                 at::IntArrayRef axis, const c10::optional<at::Tensor>& mask) {
+                                 at::IntArrayRef axis_, const c10::optional<at::Tensor>& mask_, int64_t ghosts) {
   GradInputCall call;
-  call.bwd = prepare_backward(grad_out, input, weight, mean, invstd, true, axis, {true, false, false});
+  const bool masked = mask_.has_value() && mask_->defined();
+  const GhostPlan gp = plan_ghosts(input_, axis_, ghosts, masked);
+  const at::Tensor& input = gp.input;
+  const at::IntArrayRef axis(gp.axis);
+  c10::optional<at::Tensor> mask;
+  if (masked) mask = ghost_view(expand_mask(*mask_, input_, "mask"), gp);
+  call.input_shape = input_.sizes().vec();
+  call.bwd = prepare_backward(ghost_view(grad_out, gp), input, weight, mean, invstd, true, axis, {true, false, false},
+                              gp.rows);
   const at::ScalarType acc = acc_scalar_type(input.scalar_type());
   if (mask.has_value() && mask->defined()) {
     call.mask = mask_strided3(*mask, input, call.bwd.canon, "mask");

@@ -8,6 +8,20 @@
 
 namespace bn_cuda {
 
+// How `ghosts` ghost batches (sample n in ghost n % ghosts, tf_keras's virtual_batch_size) run:
+// as ghost rows of a channels-last view (rows > 1: no copy), or by splitting the batch dim into
+// (n / ghosts, ghosts) with the ghost dim as the first feature axis (always a view). Either way the
+// per-feature arrays have ghosts * C entries, ghost-major. Errors name `ghosts` and the value.
+struct GhostPlan {
+  at::Tensor input;           // the input to plan with (the split view when split)
+  std::vector<int64_t> axis;  // its feature axes
+  int64_t rows = 1;           // ghost rows (View3::G), 1 when none or split
+  bool split = false;
+  std::vector<int64_t> split_shape;
+};
+GhostPlan plan_ghosts(const at::Tensor& input, at::IntArrayRef axis, int64_t ghosts, bool masked);
+at::Tensor ghost_view(const at::Tensor& t, const GhostPlan& g);  // the same split of a companion tensor
+
 struct BatchStatsCall {
   Canonical canon;
   DType dtype = DType::kFloat32;
@@ -17,7 +31,7 @@ struct BatchStatsCall {
   bool skip = false;
 };
 BatchStatsCall prepare_batch_stats(const at::Tensor& input, at::IntArrayRef axis,
-                                   const c10::optional<at::Tensor>& mask);
+                                   const c10::optional<at::Tensor>& mask, int64_t ghosts);
 
 struct GatherCall {
   at::Tensor mean, m2, count;  // (W, C) acc type, contiguous
@@ -35,10 +49,12 @@ void finish_gather(GatherCall& call);
 struct NormalizeCall {
   ForwardCall fwd;
   FeatureTensor mean, invstd;
+  std::vector<int64_t> input_shape;  // the caller's (fwd.out may have the ghost-split shape)
+  at::Tensor output() const { return fwd.out.reshape(input_shape); }
 };
 NormalizeCall prepare_normalize(const at::Tensor& input, const at::Tensor& mean, const at::Tensor& invstd,
                                 const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
-                                at::IntArrayRef axis);
+                                at::IntArrayRef axis, int64_t ghosts);
 
 // grad_sums / grad_input: a BackwardCall with the staged fields filled.
 struct GradSumsCall {
@@ -46,16 +62,18 @@ struct GradSumsCall {
   at::Tensor sum_dy, sum_dy_xmu;  // outputs, (C,) acc type
 };
 GradSumsCall prepare_grad_sums(const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& mean,
-                               const at::Tensor& invstd, at::IntArrayRef axis);
+                               const at::Tensor& invstd, at::IntArrayRef axis, int64_t ghosts);
 
 struct GradInputCall {
   BackwardCall bwd;
   FeatureTensor sum_dy, sum_dy_xmu, count;
   Strided3 mask;
+  std::vector<int64_t> input_shape;
+  at::Tensor output() const { return bwd.grad_input.reshape(input_shape); }
 };
 GradInputCall prepare_grad_input(const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& mean,
                                  const at::Tensor& invstd, const c10::optional<at::Tensor>& weight,
                                  const at::Tensor& sum_dy, const at::Tensor& sum_dy_xmu, const at::Tensor& count,
-                                 at::IntArrayRef axis, const c10::optional<at::Tensor>& mask);
+                                 at::IntArrayRef axis, const c10::optional<at::Tensor>& mask, int64_t ghosts);
 
 }  // namespace bn_cuda

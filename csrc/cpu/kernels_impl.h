@@ -188,6 +188,32 @@ inline int64_t cf_part_elems(const View3& v) {
 }
 inline int64_t cl_part_elems(const View3& v, int64_t P) { return ceil_div(v.O, P) * v.C; }
 
+// Channels-last partition `part` of P (P / G per ghost): its ghost g and ghost-row range
+// [rho0, rho1), and the physical row runs it covers. Ghost row rho of ghost g is physical row
+// ((rho / S) * G + g) * S + rho % S, so a partition is a few runs of consecutive rows (one run
+// without ghosts).
+using RowRuns = std::vector<std::pair<int64_t, int64_t>>;
+
+inline int64_t cl_partition(const View3& v, int64_t part, int64_t P, RowRuns& runs) {
+  const int64_t per_ghost = P / v.G;
+  const int64_t g = part / per_ghost, j = part % per_ghost;
+  const int64_t R = v.ghost_rows();
+  const int64_t per = ceil_div(R, per_ghost);
+  const int64_t rho0 = std::min(R, j * per), rho1 = std::min(R, rho0 + per);
+  runs.clear();
+  for (int64_t rho = rho0; rho < rho1;) {
+    const int64_t k = rho / v.S, s = rho % v.S;
+    const int64_t len = std::min(v.S - s, rho1 - rho);
+    const int64_t r = (k * v.G + g) * v.S + s;
+    runs.emplace_back(r, r + len);
+    rho += len;
+  }
+  return g;
+}
+
+// Ghost of physical row r (channels-last ghost view).
+inline int64_t ghost_of_row(const View3& v, int64_t r) { return v.G == 1 ? 0 : (r / v.S) % v.G; }
+
 // Partial states per (partition, feature). `mean` holds the partial mean MINUS the feature's
 // shift (its first element, feature_shift): every partial of a feature shares that shift, so the
 // partial means and the deltas of Chan's merges stay small and exact even when |mean| >> std
@@ -206,10 +232,12 @@ inline PartialArrays<A> partial_arrays(void* ws, int64_t P, int64_t C) {
   return PartialArrays<A>{base, base + P * C, base + 2 * P * C};
 }
 
+// Feature f's shift: its first element (with ghosts, f = g * C + c starts at row g * S).
 template <typename T>
-inline acc_t<T> feature_shift(const ForwardParams& p, int64_t c) {
+inline acc_t<T> feature_shift(const ForwardParams& p, int64_t f) {
   const T* x = static_cast<const T*>(p.x);
-  return static_cast<acc_t<T>>(p.v.channels_last ? x[c] : x[c * p.x_sc]);
+  if (!p.v.channels_last) return static_cast<acc_t<T>>(x[f * p.x_sc]);
+  return static_cast<acc_t<T>>(x[(f / p.v.C) * p.v.S * p.x_so + f % p.v.C]);
 }
 
 // Channels-first: partition `part` of feature c covers whole rows of the outer dim; rows longer
@@ -312,9 +340,10 @@ inline void masked_stats_cl_part(const ForwardParams& p, int64_t part, int64_t P
 // Channels-last blocks: NP pairs of accumulator vectors (NP * K features) stay in registers while
 // the rows of a partition stream past, instead of read-modify-writing per-feature arrays per row.
 
-// Two-pass moments of rows [r0, r1) for features [c, c + NP * K), relative to the shift row.
+// Two-pass moments of the rows in `runs` (n of them) for features [c, c + NP * K), relative to the
+// shift row.
 template <typename T, int NP>
-inline void stats_cl_block(const T* x, int64_t so, const T* shift, int64_t r0, int64_t r1, int64_t c,
+inline void stats_cl_block(const T* x, int64_t so, const T* shift, const RowRuns& runs, int64_t n, int64_t c,
                            acc_t<T>* mean, acc_t<T>* m2) {
   using IO = Io<T>;
   using AV = typename IO::AV;
@@ -322,18 +351,20 @@ inline void stats_cl_block(const T* x, int64_t so, const T* shift, int64_t r0, i
   AV h[2 * NP], s[2 * NP], q[2 * NP];
   for (int j = 0; j < NP; ++j) IO::load(shift + c + j * IO::K, h[2 * j], h[2 * j + 1]);
   for (int k = 0; k < 2 * NP; ++k) s[k] = q[k] = AV(A(0));
-  for (int64_t r = r0; r < r1; ++r) {
-    const T* row = x + r * so + c;
-    for (int j = 0; j < NP; ++j) {
-      AV a, b;
-      IO::load(row + j * IO::K, a, b);
-      s[2 * j] += a - h[2 * j];
-      s[2 * j + 1] += b - h[2 * j + 1];
+  for (const auto& run : runs)
+    for (int64_t r = run.first; r < run.second; ++r) {
+      const T* row = x + r * so + c;
+      for (int j = 0; j < NP; ++j) {
+        AV a, b;
+        IO::load(row + j * IO::K, a, b);
+        s[2 * j] += a - h[2 * j];
+        s[2 * j + 1] += b - h[2 * j + 1];
+      }
     }
-  }
-  const AV inv(A(1) / static_cast<A>(r1 - r0));
+  const AV inv(A(1) / static_cast<A>(n));
   for (int k = 0; k < 2 * NP; ++k) s[k] = s[k] * inv;
-  for (int64_t r = r0; r < r1; ++r) {
+  for (const auto& run : runs)
+  for (int64_t r = run.first; r < run.second; ++r) {
     const T* row = x + r * so + c;
     for (int j = 0; j < NP; ++j) {
       AV a, b;
@@ -352,79 +383,101 @@ inline void stats_cl_block(const T* x, int64_t so, const T* shift, int64_t r0, i
   }
 }
 
-// Channels-last: partition `part` covers rows [r0, r1) of (O, C) for every feature. Means are
-// relative to the shift (row 0).
+// Channels-last: partition `part` covers some rows of (O, C) (of one ghost) for every feature.
+// Means are relative to the shift row (the ghost's first row).
 template <typename T>
 inline void stats_cl_part(const ForwardParams& p, int64_t part, int64_t P, PartialArrays<acc_t<T>> out) {
   using A = acc_t<T>;
   using IO = Io<T>;
   const View3& v = p.v;
   const int64_t C = v.C;
-  const int64_t rows_per_part = ceil_div(v.O, P);
-  const int64_t r0 = part * rows_per_part, r1 = std::min(v.O, r0 + rows_per_part);
+  RowRuns runs;
+  const int64_t g = cl_partition(v, part, P, runs);
+  int64_t rows = 0;
+  for (const auto& run : runs) rows += run.second - run.first;
   A* mean = out.mean + part * C;
   A* m2 = out.m2 + part * C;
   A* cnt = out.n + part * C;
   const T* x = static_cast<const T*>(p.x);
-  const A n = static_cast<A>(std::max<int64_t>(r1 - r0, 0));
+  const A n = static_cast<A>(rows);
   std::fill(cnt, cnt + C, n);
-  if (r1 <= r0) {
+  if (rows == 0) {
     std::fill(mean, mean + C, A(0));
     std::fill(m2, m2 + C, A(0));
     return;
   }
-  const T* shift = x;  // row 0: feature_shift for every feature
+  const T* shift = x + g * v.S * p.x_so;  // feature_shift of every feature of ghost g
   int64_t c = 0;
-  for (; c + 2 * IO::K <= C; c += 2 * IO::K) stats_cl_block<T, 2>(x, p.x_so, shift, r0, r1, c, mean, m2);
-  for (; c + IO::K <= C; c += IO::K) stats_cl_block<T, 1>(x, p.x_so, shift, r0, r1, c, mean, m2);
+  for (; c + 2 * IO::K <= C; c += 2 * IO::K) stats_cl_block<T, 2>(x, p.x_so, shift, runs, rows, c, mean, m2);
+  for (; c + IO::K <= C; c += IO::K) stats_cl_block<T, 1>(x, p.x_so, shift, runs, rows, c, mean, m2);
   for (; c < C; ++c) {  // the last < K features: scalar two-pass down the column
     const A h = static_cast<A>(shift[c]);
     A sum = A(0);
-    for (int64_t r = r0; r < r1; ++r) sum += static_cast<A>(x[r * p.x_so + c]) - h;
+    for (const auto& run : runs)
+      for (int64_t r = run.first; r < run.second; ++r) sum += static_cast<A>(x[r * p.x_so + c]) - h;
     const A dm = sum / n;
     A q = A(0);
-    for (int64_t r = r0; r < r1; ++r) {
-      const A d = (static_cast<A>(x[r * p.x_so + c]) - h) - dm;
-      q += d * d;
-    }
+    for (const auto& run : runs)
+      for (int64_t r = run.first; r < run.second; ++r) {
+        const A d = (static_cast<A>(x[r * p.x_so + c]) - h) - dm;
+        q += d * d;
+      }
     mean[c] = dm;
     m2[c] = q;
   }
 }
 
-// Channels-last partials: merge rows 1..P-1 into row 0, in row order. Every feature of a row has
-// the same count, so Chan's factors are scalars and the loop over features vectorizes; walking
-// rows (not features) keeps the accesses sequential.
+// Channels-last partials: merge each group's rows into its first row (group = the P / G
+// partitions of one ghost), in row order. Every feature of a row has the same count, so Chan's
+// factors are scalars and the loop over features vectorizes; walking rows (not features) keeps
+// the accesses sequential.
 template <typename A>
-inline void merge_cl_partials(PartialArrays<A> part, int64_t P, int64_t C) {
-  at::parallel_for(0, C, std::max<int64_t>(64, kCpuChunkElems / std::max<int64_t>(1, P)), [&](int64_t c0, int64_t c1) {
-    for (int64_t q = 1; q < P; ++q) {
-      const A nb = part.n[q * C + c0];
-      if (nb == A(0)) continue;
-      const A na = part.n[c0];
-      const A n = na + nb, f = nb / n, g = na * f;
-      const A* mb = part.mean + q * C;
-      const A* m2b = part.m2 + q * C;
-      for (int64_t c = c0; c < c1; ++c) {
-        const A d = mb[c] - part.mean[c];
-        part.mean[c] += d * f;
-        part.m2[c] += m2b[c] + d * d * g;
-        part.n[c] = n;
+inline void merge_cl_partials(PartialArrays<A> part, int64_t P, int64_t C, int64_t G) {
+  const int64_t per = P / G;
+  at::parallel_for(0, G * C, std::max<int64_t>(64, kCpuChunkElems / std::max<int64_t>(1, per)), [&](int64_t f0, int64_t f1) {
+    for (int64_t g = f0 / C; g * C < f1; ++g) {
+      const int64_t c0 = std::max(f0, g * C) - g * C, c1 = std::min(f1, (g + 1) * C) - g * C;
+      A* ma = part.mean + g * per * C;
+      A* m2a = part.m2 + g * per * C;
+      A* na_row = part.n + g * per * C;
+      for (int64_t q = 1; q < per; ++q) {
+        const int64_t row = (g * per + q) * C;
+        const A nb = part.n[row + c0];
+        if (nb == A(0)) continue;
+        const A na = na_row[c0];
+        const A n = na + nb, f = nb / n, w = na * f;
+        const A* mb = part.mean + row;
+        const A* m2b = part.m2 + row;
+        for (int64_t c = c0; c < c1; ++c) {
+          const A d = mb[c] - ma[c];
+          ma[c] += d * f;
+          m2a[c] += m2b[c] + d * d * w;
+          na_row[c] = n;
+        }
       }
     }
   });
 }
 
-// Channels-last partial sums: rows 1..P-1 added into row 0, in row order.
+// Channels-last partial sums: each group's rows added into its first row, in row order.
 template <typename A>
-inline void sum_cl_partials(A* a, A* b, int64_t P, int64_t C) {
-  at::parallel_for(0, C, std::max<int64_t>(64, kCpuChunkElems / std::max<int64_t>(1, P)), [&](int64_t c0, int64_t c1) {
-    for (int64_t q = 1; q < P; ++q)
-      for (int64_t c = c0; c < c1; ++c) {
-        a[c] += a[q * C + c];
-        b[c] += b[q * C + c];
+inline void sum_cl_partials(A* a, A* b, int64_t P, int64_t C, int64_t G) {
+  const int64_t per = P / G;
+  at::parallel_for(0, G * C, std::max<int64_t>(64, kCpuChunkElems / std::max<int64_t>(1, per)), [&](int64_t f0, int64_t f1) {
+    for (int64_t f = f0; f < f1; ++f) {
+      const int64_t g = f / C, c = f % C;
+      const int64_t base = g * per * C + c;
+      for (int64_t q = 1; q < per; ++q) {
+        a[base] += a[base + q * C];
+        b[base] += b[base + q * C];
       }
+    }
   });
+}
+
+// Index of feature f's merged partial: channels-last (row-merged) f = g * C + c -> row g * P / G.
+inline int64_t merged_cl_index(const View3& v, int64_t P, int64_t f) {
+  return (f / v.C) * (P / v.G) * v.C + f % v.C;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -462,17 +515,21 @@ inline void apply_all(const ForwardParams& p, CoeffArrays<acc_t<T>> k) {
     for (int64_t r = begin; r < end; ++r) {
       const T* row = x + r * p.x_so;
       T* out = y + r * p.y_so;
+      const int64_t f0 = ghost_of_row(v, r) * C;  // this row's ghost's coefficients
+      const A* km = k.mean + f0;
+      const A* ks = k.scale + f0;
+      const A* kb = k.shift + f0;
       int64_t c = 0;
       for (; c + IO::K <= C; c += IO::K) {
         AV a, b, m0, m1, s0, s1, b0, b1;
         IO::load(row + c, a, b);
-        IO::load_acc(k.mean + c, m0, m1);
-        IO::load_acc(k.scale + c, s0, s1);
-        IO::load_acc(k.shift + c, b0, b1);
+        IO::load_acc(km + c, m0, m1);
+        IO::load_acc(ks + c, s0, s1);
+        IO::load_acc(kb + c, b0, b1);
         IO::store(out + c, at::vec::fmadd(a - m0, s0, b0), at::vec::fmadd(b - m1, s1, b1));
       }
       for (; c < C; ++c) {
-        const ApplyCoeffs<A> kc{k.mean[c], k.scale[c], k.shift[c]};
+        const ApplyCoeffs<A> kc{km[c], ks[c], kb[c]};
         out[c] = static_cast<T>(apply_one(static_cast<A>(row[c]), kc));
       }
     }
@@ -483,10 +540,10 @@ template <typename T>
 void forward_train(const ForwardParams& p) {
   using A = acc_t<T>;
   const View3& v = p.v;
-  const int64_t C = v.C, P = p.partitions;
+  const int64_t C = v.C, P = p.partitions, F = v.features();
   PartialArrays<A> part = partial_arrays<A>(p.workspace, P, C);
   A* coeff_base = static_cast<A*>(p.workspace) + 3 * P * C;
-  CoeffArrays<A> k{coeff_base, coeff_base + C, coeff_base + 2 * C};
+  CoeffArrays<A> k{coeff_base, coeff_base + F, coeff_base + 2 * F};
 
   if (!v.channels_last) {
     at::parallel_for(0, C * P, grain_for(cf_part_elems(v)), [&](int64_t begin, int64_t end) {
@@ -520,13 +577,13 @@ void forward_train(const ForwardParams& p) {
   const A eps = static_cast<A>(p.eps), mom = static_cast<A>(p.momentum);
   // Channels-last partials share one count per row, except under a mask: merge those per feature.
   const bool row_merged = v.channels_last && !p.mask;
-  if (row_merged) merge_cl_partials(part, P, C);  // the merged state is then row 0
+  if (row_merged) merge_cl_partials(part, P, C, v.G);  // each ghost's merged state: its first row
   const int64_t merge_rows = row_merged ? 1 : P;
-  at::parallel_for(0, C, grain_for(8 * merge_rows), [&](int64_t begin, int64_t end) {
-    for (int64_t c = begin; c < end; ++c) {
+  at::parallel_for(0, F, grain_for(8 * merge_rows), [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {  // c: feature index, ghost-major with ghosts
       WelfordState<A> st = welford_empty<A>();
       for (int64_t q = 0; q < merge_rows; ++q) {
-        const int64_t idx = row_merged ? c : (v.channels_last ? q * C + c : c * P + q);
+        const int64_t idx = row_merged ? merged_cl_index(v, P, c) : (v.channels_last ? q * C + c : c * P + q);
         st = welford_merge(st, WelfordState<A>{part.mean[idx], part.m2[idx], part.n[idx]});
       }
       st.mean = feature_shift<T>(p, c) + st.mean;  // partial means are relative to the shift
@@ -554,7 +611,7 @@ void forward_train(const ForwardParams& p) {
 template <typename T>
 void forward_infer(const ForwardParams& p) {
   using A = acc_t<T>;
-  const int64_t C = p.v.C;
+  const int64_t C = p.v.features();  // with ghosts (staged normalize): one set per (ghost, feature)
   A* base = static_cast<A*>(p.workspace);
   CoeffArrays<A> k{base, base + C, base + 2 * C};
   const A* w = static_cast<const A*>(p.weight);
@@ -582,7 +639,7 @@ void backward(const BackwardParams& p) {
   using IO = Io<T>;
   using AV = typename IO::AV;
   const View3& v = p.v;
-  const int64_t C = v.C, P = p.partitions;
+  const int64_t C = v.C, P = p.partitions, F = v.features();  // F = G * C per-feature entries
   const T* x = static_cast<const T*>(p.x);
   const T* dy = static_cast<const T*>(p.dy);
   const A* mean = static_cast<const A*>(p.mean);
@@ -592,9 +649,9 @@ void backward(const BackwardParams& p) {
   A* sdyx = sdy + P * C;
   A* gbase = sdyx + P * C;
   A* g_mean = gbase;
-  A* g_kdy = gbase + C;
-  A* g_kx = gbase + 2 * C;
-  A* g_k0 = gbase + 3 * C;
+  A* g_kdy = gbase + F;
+  A* g_kx = gbase + 2 * F;
+  A* g_k0 = gbase + 3 * F;
   // Staged: given_sum_* replace the local sums; out_sum_* receive them.
   const bool given = p.given_sum_dy != nullptr;
   const bool need_sums = !given && (p.grad_weight || p.grad_bias || p.out_sum_dy || (p.dx && p.train));
@@ -614,26 +671,27 @@ void backward(const BackwardParams& p) {
         }
       });
     } else {
-      const int64_t rows_per_part = ceil_div(v.O, P);
       at::parallel_for(0, P, grain_for(cl_part_elems(v, P)), [&](int64_t begin, int64_t end) {
+        RowRuns runs;
         for (int64_t q = begin; q < end; ++q) {
           A* s = sdy + q * C;
           A* sx = sdyx + q * C;
-          const int64_t r0 = q * rows_per_part, r1 = std::min(v.O, r0 + rows_per_part);
+          const A* gmean = mean + cl_partition(v, q, P, runs) * C;  // this partition's ghost
           int64_t c = 0;
           for (; c + IO::K <= C; c += IO::K) {  // K features in registers, rows streamed
             AV m0, m1;
-            IO::load_acc(mean + c, m0, m1);
+            IO::load_acc(gmean + c, m0, m1);
             AV a0(A(0)), a1(A(0)), b0(A(0)), b1(A(0));
-            for (int64_t r = r0; r < r1; ++r) {
-              AV g0, g1, x0, x1;
-              IO::load(dy + r * p.dy_so + c, g0, g1);
-              IO::load(x + r * p.x_so + c, x0, x1);
-              a0 += g0;
-              a1 += g1;
-              b0 = at::vec::fmadd(g0, x0 - m0, b0);
-              b1 = at::vec::fmadd(g1, x1 - m1, b1);
-            }
+            for (const auto& run : runs)
+              for (int64_t r = run.first; r < run.second; ++r) {
+                AV g0, g1, x0, x1;
+                IO::load(dy + r * p.dy_so + c, g0, g1);
+                IO::load(x + r * p.x_so + c, x0, x1);
+                a0 += g0;
+                a1 += g1;
+                b0 = at::vec::fmadd(g0, x0 - m0, b0);
+                b1 = at::vec::fmadd(g1, x1 - m1, b1);
+              }
             a0.store(s + c);
             a1.store(s + c + IO::L);
             b0.store(sx + c);
@@ -641,11 +699,12 @@ void backward(const BackwardParams& p) {
           }
           for (; c < C; ++c) {
             A a = A(0), b = A(0);
-            for (int64_t r = r0; r < r1; ++r) {
-              const A gv = static_cast<A>(dy[r * p.dy_so + c]);
-              a += gv;
-              b += gv * (static_cast<A>(x[r * p.x_so + c]) - mean[c]);
-            }
+            for (const auto& run : runs)
+              for (int64_t r = run.first; r < run.second; ++r) {
+                const A gv = static_cast<A>(dy[r * p.dy_so + c]);
+                a += gv;
+                b += gv * (static_cast<A>(x[r * p.x_so + c]) - gmean[c]);
+              }
             s[c] = a;
             sx[c] = b;
           }
@@ -654,16 +713,16 @@ void backward(const BackwardParams& p) {
     }
   }
 
-  const A count = static_cast<A>(v.O * v.I);
+  const A count = static_cast<A>(v.O * v.I / v.G);  // elements per (ghost, feature)
   A* gw = static_cast<A*>(p.grad_weight);
   A* gb = static_cast<A*>(p.grad_bias);
-  if (need_sums && v.channels_last) sum_cl_partials(sdy, sdyx, P, C);  // the totals are then row 0
+  if (need_sums && v.channels_last) sum_cl_partials(sdy, sdyx, P, C, v.G);  // totals: each group's first row
   const int64_t sum_rows = v.channels_last ? 1 : P;
-  for (int64_t c = 0; c < C; ++c) {
+  for (int64_t c = 0; c < F; ++c) {  // c: feature index, ghost-major with ghosts
     A s = A(0), sx = A(0);
     if (need_sums) {
       for (int64_t q = 0; q < sum_rows; ++q) {
-        const int64_t idx = v.channels_last ? c : c * P + q;
+        const int64_t idx = v.channels_last ? merged_cl_index(v, P, c) : c * P + q;
         s += sdy[idx];
         sx += sdyx[idx];
       }
@@ -721,20 +780,25 @@ void backward(const BackwardParams& p) {
       const T* g = dy + r * p.dy_so;
       const T* xr = x + r * p.x_so;
       T* out = dx + r * p.dx_so;
+      const int64_t f0 = ghost_of_row(v, r) * C;  // this row's ghost's coefficients
+      const A* cm = g_mean + f0;
+      const A* cd = g_kdy + f0;
+      const A* cx = g_kx + f0;
+      const A* c0 = g_k0 + f0;
       int64_t c = 0;
       for (; c + IO::K <= C; c += IO::K) {
         AV g0, g1, x0, x1, m0, m1, d0, d1, k0, k1, z0, z1;
         IO::load(g + c, g0, g1);
         IO::load(xr + c, x0, x1);
-        IO::load_acc(g_mean + c, m0, m1);
-        IO::load_acc(g_kdy + c, d0, d1);
-        IO::load_acc(g_kx + c, k0, k1);
-        IO::load_acc(g_k0 + c, z0, z1);
+        IO::load_acc(cm + c, m0, m1);
+        IO::load_acc(cd + c, d0, d1);
+        IO::load_acc(cx + c, k0, k1);
+        IO::load_acc(c0 + c, z0, z1);
         IO::store(out + c, at::vec::fmadd(d0, g0, at::vec::fmadd(k0, x0 - m0, z0)),
                   at::vec::fmadd(d1, g1, at::vec::fmadd(k1, x1 - m1, z1)));
       }
       for (; c < C; ++c) {
-        const GradCoeffs<A> gc{g_mean[c], g_kdy[c], g_kx[c], g_k0[c]};
+        const GradCoeffs<A> gc{cm[c], cd[c], cx[c], c0[c]};
         out[c] = static_cast<T>(grad_one(static_cast<A>(g[c]), static_cast<A>(xr[c]), gc));
       }
     }

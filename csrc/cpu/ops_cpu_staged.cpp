@@ -19,8 +19,8 @@ at::Tensor workspace(const at::Tensor& like, DType t, size_t bytes) {
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_stats_cpu(const at::Tensor& input, at::IntArrayRef axis,
-                                                                const c10::optional<at::Tensor>& mask) {
-  BatchStatsCall call = prepare_batch_stats(input, axis, mask);
+                                                                const c10::optional<at::Tensor>& mask, int64_t ghosts) {
+  BatchStatsCall call = prepare_batch_stats(input, axis, mask, ghosts);
   if (!call.skip) {
     call.p.partitions = plan_partitions_cpu(call.p.v);
     at::Tensor ws = workspace(input, call.dtype, forward_workspace_bytes(call.p.v, call.p.partitions, acc_size(call.dtype)));
@@ -66,8 +66,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gather_stats_cpu(
 
 at::Tensor normalize_cpu(const at::Tensor& input, const at::Tensor& mean, const at::Tensor& invstd,
                          const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
-                         at::IntArrayRef axis) {
-  NormalizeCall call = prepare_normalize(input, mean, invstd, weight, bias, axis);
+                         at::IntArrayRef axis, int64_t ghosts) {
+  NormalizeCall call = prepare_normalize(input, mean, invstd, weight, bias, axis, ghosts);
   ForwardCall& f = call.fwd;
   if (!f.skip) {
     f.p.partitions = 0;
@@ -76,7 +76,7 @@ at::Tensor normalize_cpu(const at::Tensor& input, const at::Tensor& mean, const 
     cpu::forward_infer(f.dtype, f.p);
   }
   finish_forward(f);
-  return f.out;
+  return call.output();
 }
 
 void run_backward(BackwardCall& b, const at::Tensor& input) {
@@ -88,8 +88,9 @@ void run_backward(BackwardCall& b, const at::Tensor& input) {
 }
 
 std::tuple<at::Tensor, at::Tensor> grad_sums_cpu(const at::Tensor& grad_out, const at::Tensor& input,
-                                                 const at::Tensor& mean, const at::Tensor& invstd, at::IntArrayRef axis) {
-  GradSumsCall call = prepare_grad_sums(grad_out, input, mean, invstd, axis);
+                                                 const at::Tensor& mean, const at::Tensor& invstd, at::IntArrayRef axis,
+                                                 int64_t ghosts) {
+  GradSumsCall call = prepare_grad_sums(grad_out, input, mean, invstd, axis, ghosts);
   run_backward(call.bwd, input);
   return {call.sum_dy, call.sum_dy_xmu};
 }
@@ -97,12 +98,12 @@ std::tuple<at::Tensor, at::Tensor> grad_sums_cpu(const at::Tensor& grad_out, con
 at::Tensor grad_input_cpu(const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& mean,
                           const at::Tensor& invstd, const c10::optional<at::Tensor>& weight, const at::Tensor& sum_dy,
                           const at::Tensor& sum_dy_xmu, const at::Tensor& count, at::IntArrayRef axis,
-                          const c10::optional<at::Tensor>& mask) {
+                          const c10::optional<at::Tensor>& mask, int64_t ghosts) {
   GradInputCall call =
-      prepare_grad_input(grad_out, input, mean, invstd, weight, sum_dy, sum_dy_xmu, count, axis, mask);
+      prepare_grad_input(grad_out, input, mean, invstd, weight, sum_dy, sum_dy_xmu, count, axis, mask, ghosts);
   run_backward(call.bwd, input);
   finish_backward(call.bwd);
-  return call.bwd.grad_input;
+  return call.output();
 }
 
 }  // namespace

@@ -139,9 +139,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(const at::Tensor& g
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_stats_cuda(const at::Tensor& input, at::IntArrayRef axis,
-                                                                 const c10::optional<at::Tensor>& mask) {
+                                                                 const c10::optional<at::Tensor>& mask, int64_t ghosts) {
   const at::OptionalDeviceGuard guard(at::device_of(input));  // no-op for a CPU input: prepare_* names the mismatch
-  BatchStatsCall call = prepare_batch_stats(input, axis, mask);
+  BatchStatsCall call = prepare_batch_stats(input, axis, mask, ghosts);
   at::Tensor ws;
   if (!call.skip) {
     plan_forward_cuda(call.p, call.dtype, sm_count());
@@ -166,9 +166,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gather_stats_cuda(
 
 at::Tensor normalize_cuda(const at::Tensor& input, const at::Tensor& mean, const at::Tensor& invstd,
                           const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
-                          at::IntArrayRef axis) {
+                          at::IntArrayRef axis, int64_t ghosts) {
   const at::OptionalDeviceGuard guard(at::device_of(input));  // no-op for a CPU input: prepare_* names the mismatch
-  NormalizeCall call = prepare_normalize(input, mean, invstd, weight, bias, axis);
+  NormalizeCall call = prepare_normalize(input, mean, invstd, weight, bias, axis, ghosts);
   ForwardCall& f = call.fwd;
   at::Tensor ws;
   if (!f.skip) {
@@ -179,14 +179,14 @@ at::Tensor normalize_cuda(const at::Tensor& input, const at::Tensor& mean, const
     C10_CUDA_CHECK(cuda::apply_given(f.dtype, f.p, current_stream()));
   }
   finish_forward(f);
-  return f.out;
+  return call.output();
 }
 
 std::tuple<at::Tensor, at::Tensor> grad_sums_cuda(const at::Tensor& grad_out, const at::Tensor& input,
                                                   const at::Tensor& mean, const at::Tensor& invstd,
-                                                  at::IntArrayRef axis) {
+                                                  at::IntArrayRef axis, int64_t ghosts) {
   const at::OptionalDeviceGuard guard(at::device_of(input));  // no-op for a CPU input: prepare_* names the mismatch
-  GradSumsCall call = prepare_grad_sums(grad_out, input, mean, invstd, axis);
+  GradSumsCall call = prepare_grad_sums(grad_out, input, mean, invstd, axis, ghosts);
   BackwardCall& b = call.bwd;
   at::Tensor ws;
   if (!b.skip) {
@@ -201,10 +201,10 @@ std::tuple<at::Tensor, at::Tensor> grad_sums_cuda(const at::Tensor& grad_out, co
 at::Tensor grad_input_cuda(const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& mean,
                            const at::Tensor& invstd, const c10::optional<at::Tensor>& weight, const at::Tensor& sum_dy,
                            const at::Tensor& sum_dy_xmu, const at::Tensor& count, at::IntArrayRef axis,
-                           const c10::optional<at::Tensor>& mask) {
+                           const c10::optional<at::Tensor>& mask, int64_t ghosts) {
   const at::OptionalDeviceGuard guard(at::device_of(input));  // no-op for a CPU input: prepare_* names the mismatch
   GradInputCall call =
-      prepare_grad_input(grad_out, input, mean, invstd, weight, sum_dy, sum_dy_xmu, count, axis, mask);
+      prepare_grad_input(grad_out, input, mean, invstd, weight, sum_dy, sum_dy_xmu, count, axis, mask, ghosts);
   BackwardCall& b = call.bwd;
   at::Tensor ws;
   if (!b.skip) {
@@ -215,7 +215,7 @@ at::Tensor grad_input_cuda(const at::Tensor& grad_out, const at::Tensor& input, 
     C10_CUDA_CHECK(cuda::backward_apply(b.dtype, b.p, current_stream()));
   }
   finish_backward(b);
-  return b.grad_input;
+  return call.output();
 }
 
 }  // namespace

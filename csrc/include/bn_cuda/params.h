@@ -28,6 +28,13 @@ inline size_t acc_size(DType t) { return t == DType::kFloat64 ? 8 : 4; }
 struct View3 {
   int64_t O = 0, C = 0, I = 1;
   bool channels_last = false;
+  // Ghost batches on a channels-last view (tf_keras's virtual_batch_size): the O rows are
+  // (vbs, G, S) in row-major order (S rows per sample, G ghosts, sample n in ghost n % G), and
+  // every per-feature array (statistics, coefficients, weights) has G * C entries, ghost-major.
+  // Partitions then come in G groups of partitions / G, group g covering ghost g's rows.
+  int64_t G = 1, S = 1;
+  BN_HD int64_t features() const { return G * C; }
+  BN_HD int64_t ghost_rows() const { return O / G; }
 };
 
 struct ForwardParams {
@@ -158,12 +165,13 @@ inline int64_t plan_partitions_cuda(const View3& v, int vec, int block_x, int sm
   } else {
     const int64_t block_y = kCudaBlock / block_x;
     const int64_t tiles = ceil_div(ceil_div(v.C, vec), block_x);
-    max_parts = ceil_div(v.O, block_y * 16);
-    parts = ceil_div(target_blocks, tiles);
+    max_parts = ceil_div(v.ghost_rows(), block_y * 16);
+    parts = ceil_div(target_blocks, tiles * v.G);
   }
   if (parts > max_parts) parts = max_parts;
+  if (parts * v.G > 65535) parts = 65535 / v.G;  // gridDim.y holds all G groups
   if (parts > 1024) parts = 1024;
-  return parts < 1 ? 1 : parts;
+  return (parts < 1 ? 1 : parts) * (v.channels_last ? v.G : 1);
 }
 
 // Fill vec, block_x, partitions and sm_count of a CUDA call. `ptrs` / `strides` list every
@@ -204,8 +212,8 @@ inline int64_t plan_partitions_cpu(const View3& v) {
     return parts < 1 ? 1 : parts;
   }
   const int64_t rows_per_part = v.C >= kCpuChunkElems ? 1 : kCpuChunkElems / v.C;
-  int64_t parts = ceil_div(v.O, rows_per_part < 16 ? 16 : rows_per_part);
-  return parts < 1 ? 1 : parts;
+  int64_t parts = ceil_div(v.ghost_rows(), rows_per_part < 16 ? 16 : rows_per_part);
+  return (parts < 1 ? 1 : parts) * v.G;  // G groups (one per ghost)
 }
 
 // Rows [begin, end) of the outer dim (channels-last) or of the per-feature flat range
@@ -215,10 +223,10 @@ inline int64_t part_size(int64_t total, int64_t parts) { return ceil_div(total, 
 // Workspace: partial states (3 acc per feature per partition for the forward, 2 for the
 // backward) followed by per-feature apply coefficients (3 for the forward, 4 for the backward).
 inline size_t forward_workspace_bytes(const View3& v, int64_t partitions, size_t acc_size) {
-  return acc_size * static_cast<size_t>(v.C) * static_cast<size_t>(3 * partitions + 3);
+  return acc_size * static_cast<size_t>(3 * partitions * v.C + 3 * v.features());
 }
 inline size_t backward_workspace_bytes(const View3& v, int64_t partitions, size_t acc_size) {
-  return acc_size * static_cast<size_t>(v.C) * static_cast<size_t>(2 * partitions + 4);
+  return acc_size * static_cast<size_t>(2 * partitions * v.C + 4 * v.features());
 }
 
 }  // namespace BN_CUDA_NAMESPACE

@@ -69,13 +69,16 @@ __global__ void __launch_bounds__(256) grad_sums_cl_kernel(const BackwardParams 
   constexpr int BY = 256 / BX;
   using A = acc_t<T>;
   constexpr int U = 4;
-  const int64_t C = p.v.C, O = p.v.O, P = p.partitions;
+  const int64_t C = p.v.C, P = p.partitions;
   const int tx = threadIdx.x, ty = threadIdx.y;
   const int64_t c0 = (static_cast<int64_t>(blockIdx.x) * BX + tx) * V;
-  const int64_t q = blockIdx.y;
-  const int64_t per = ceil_div(O, P);
-  const int64_t r0 = q * per;
-  const int64_t r1 = r0 + per < O ? r0 + per : O;
+  // Partition blockIdx.y: chunk j of ghost g's rows (see stats_cl_kernel).
+  const int64_t per_ghost = P / p.v.G;
+  const int64_t g = blockIdx.y / per_ghost, j = blockIdx.y % per_ghost;
+  const int64_t R = p.v.ghost_rows();
+  const int64_t per = ceil_div(R, per_ghost);
+  const int64_t r0 = j * per < R ? j * per : R;
+  const int64_t r1 = r0 + per < R ? r0 + per : R;
   const T* x = static_cast<const T*>(p.x);
   const T* dy = static_cast<const T*>(p.dy);
 
@@ -84,14 +87,18 @@ __global__ void __launch_bounds__(256) grad_sums_cl_kernel(const BackwardParams 
   for (int e = 0; e < V; ++e) sa[e] = sb[e] = A(0);
   if (c0 < C) {
 #pragma unroll
-    for (int e = 0; e < V; ++e) mean[e] = static_cast<const A*>(p.mean)[c0 + e];
-    int64_t r = r0 + ty;
+    for (int e = 0; e < V; ++e) mean[e] = static_cast<const A*>(p.mean)[g * C + c0 + e];
+    int64_t r = r0 + ty;  // ghost row
+    GhostRows rows;
+    rows.init(p.v, g, r < R ? r : 0, BY);
     for (; r + BY * (U - 1) < r1; r += BY * U) {
       A gv[U][V], xv[U][V];
 #pragma unroll
       for (int u = 0; u < U; ++u) {
-        load_pack<T, V>(dy + (r + BY * u) * p.dy_so + c0, gv[u]);
-        load_pack<T, V>(x + (r + BY * u) * p.x_so + c0, xv[u]);
+        const int64_t pr = rows.row();
+        rows.advance();
+        load_pack<T, V>(dy + pr * p.dy_so + c0, gv[u]);
+        load_pack<T, V>(x + pr * p.x_so + c0, xv[u]);
       }
 #pragma unroll
       for (int u = 0; u < U; ++u)
@@ -103,8 +110,10 @@ __global__ void __launch_bounds__(256) grad_sums_cl_kernel(const BackwardParams 
     }
     for (; r < r1; r += BY) {
       A gv[V], xv[V];
-      load_pack<T, V>(dy + r * p.dy_so + c0, gv);
-      load_pack<T, V>(x + r * p.x_so + c0, xv);
+      const int64_t pr = rows.row();
+      rows.advance();
+      load_pack<T, V>(dy + pr * p.dy_so + c0, gv);
+      load_pack<T, V>(x + pr * p.x_so + c0, xv);
 #pragma unroll
       for (int e = 0; e < V; ++e) {
         sa[e] += gv[e];
@@ -129,7 +138,7 @@ __global__ void __launch_bounds__(256) grad_sums_cl_kernel(const BackwardParams 
         a += sh_a[j][tx * V + e];
         b += sh_b[j][tx * V + e];
       }
-      const int64_t idx = q * C + c0 + e;
+      const int64_t idx = static_cast<int64_t>(blockIdx.y) * C + c0 + e;
       ws[idx] = a;
       ws[P * C + idx] = b;
     }
@@ -139,14 +148,15 @@ __global__ void __launch_bounds__(256) grad_sums_cl_kernel(const BackwardParams 
 // One warp per feature; P may be 0 (no local sums needed: inference grad_input, or given sums).
 template <typename A>
 __global__ void __launch_bounds__(256) finalize_backward_kernel(const BackwardParams p) {
-  const int64_t C = p.v.C, P = p.partitions;
+  const int64_t C = p.v.C, P = p.partitions, F = p.v.features();
   const int lane = threadIdx.x & 31;
-  const int64_t c = static_cast<int64_t>(blockIdx.x) * 8 + (threadIdx.x >> 5);
-  if (c >= C) return;  // warp-uniform
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * 8 + (threadIdx.x >> 5);  // feature (ghost-major)
+  if (c >= F) return;  // warp-uniform
   const A* ws = static_cast<const A*>(p.workspace);
   SumPair<A> s{A(0), A(0)};
-  for (int64_t q = lane; q < P; q += 32) {
-    const int64_t idx = p.v.channels_last ? q * C + c : c * P + q;
+  const int64_t nparts = p.v.channels_last ? P / p.v.G : P;
+  for (int64_t q = lane; q < nparts; q += 32) {
+    const int64_t idx = partial_index(p.v, P, c, q);
     s.a += ws[idx];
     s.b += ws[P * C + idx];
   }
@@ -155,7 +165,7 @@ __global__ void __launch_bounds__(256) finalize_backward_kernel(const BackwardPa
   // Staged fields, exactly as the CPU backward treats them: given sums and counts (e.g.
   // all-reduced) replace the local ones; out_sum_* receive the sums and the epilogue still runs,
   // so no combination of fields leaves the grad_input coefficients unwritten.
-  A count = static_cast<A>(p.v.O * p.v.I);
+  A count = static_cast<A>(p.v.O * p.v.I / p.v.G);  // elements per (ghost, feature)
   if (p.given_sum_dy) {
     s.a = static_cast<const A*>(p.given_sum_dy)[c];
     s.b = static_cast<const A*>(p.given_sum_dy_xmu)[c];
@@ -173,17 +183,17 @@ __global__ void __launch_bounds__(256) finalize_backward_kernel(const BackwardPa
   const GradCoeffs<A> g = grad_coeffs(mean, invstd, w, s.a, s.b, count, p.train);
   A* coeff = static_cast<A*>(p.workspace) + 2 * P * C;
   coeff[c] = g.mean;
-  coeff[C + c] = g.k_dy;
-  coeff[2 * C + c] = g.k_xmu;
-  coeff[3 * C + c] = g.k_0;
+  coeff[F + c] = g.k_dy;
+  coeff[2 * F + c] = g.k_xmu;
+  coeff[3 * F + c] = g.k_0;
 }
 
 // grad_input coefficients from caller-supplied sums and total counts (staged backward_apply).
 template <typename A>
 __global__ void __launch_bounds__(256) given_grad_coeffs_kernel(const BackwardParams p) {
-  const int64_t C = p.v.C;
+  const int64_t C = p.v.C, F = p.v.features();
   const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (c >= C) return;
+  if (c >= F) return;
   const A w = p.weight ? static_cast<const A*>(p.weight)[c] : A(1);
   const GradCoeffs<A> g = grad_coeffs(static_cast<const A*>(p.mean)[c], static_cast<const A*>(p.invstd)[c], w,
                                       static_cast<const A*>(p.given_sum_dy)[c],
@@ -191,15 +201,15 @@ __global__ void __launch_bounds__(256) given_grad_coeffs_kernel(const BackwardPa
                                       static_cast<const A*>(p.given_count)[c], p.train);
   A* coeff = static_cast<A*>(p.workspace) + 2 * p.partitions * C;
   coeff[c] = g.mean;
-  coeff[C + c] = g.k_dy;
-  coeff[2 * C + c] = g.k_xmu;
-  coeff[3 * C + c] = g.k_0;
+  coeff[F + c] = g.k_dy;
+  coeff[2 * F + c] = g.k_xmu;
+  coeff[3 * F + c] = g.k_0;
 }
 
 template <typename T, int V, int BLOCK>
 __global__ void __launch_bounds__(BLOCK) grad_input_cf_kernel(const BackwardParams p) {
   using A = acc_t<T>;
-  const int64_t C = p.v.C, Iv = p.v.I / V;
+  const int64_t C = p.v.C, Iv = p.v.I / V, F = C;  // channels-first: no ghosts
   const int64_t total = p.v.O * C * Iv;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * BLOCK;
   int64_t k = static_cast<int64_t>(blockIdx.x) * BLOCK + threadIdx.x;
@@ -214,7 +224,7 @@ __global__ void __launch_bounds__(BLOCK) grad_input_cf_kernel(const BackwardPara
     A gv[V], xv[V];
     load_pack<T, V>(dy + cur.o * p.dy_so + cur.c * p.dy_sc + cur.iv * V, gv);
     load_pack<T, V>(x + cur.o * p.x_so + cur.c * p.x_sc + cur.iv * V, xv);
-    const GradCoeffs<A> g{coeff[cur.c], coeff[C + cur.c], coeff[2 * C + cur.c], coeff[3 * C + cur.c]};
+    const GradCoeffs<A> g{coeff[cur.c], coeff[F + cur.c], coeff[2 * F + cur.c], coeff[3 * F + cur.c]};
 #pragma unroll
     for (int e = 0; e < V; ++e) gv[e] = grad_one(gv[e], xv[e], g);
     store_pack<T, V>(dx + cur.o * p.dx_so + cur.c * p.dx_sc + cur.iv * V, gv);
@@ -226,25 +236,44 @@ template <typename T, int V, int BX>
 __global__ void __launch_bounds__(256) grad_input_cl_kernel(const BackwardParams p) {
   constexpr int BY = 256 / BX;
   using A = acc_t<T>;
-  const int64_t C = p.v.C, O = p.v.O;
+  const int64_t C = p.v.C, O = p.v.O, F = p.v.features();
   const int64_t c0 = (static_cast<int64_t>(blockIdx.x) * BX + threadIdx.x) * V;
   if (c0 >= C) return;
   const A* coeff = static_cast<const A*>(p.workspace) + 2 * p.partitions * C;
-  GradCoeffs<A> g[V];
-#pragma unroll
-  for (int e = 0; e < V; ++e)
-    g[e] = GradCoeffs<A>{coeff[c0 + e], coeff[C + c0 + e], coeff[2 * C + c0 + e], coeff[3 * C + c0 + e]};
   const T* x = static_cast<const T*>(p.x);
   const T* dy = static_cast<const T*>(p.dy);
   T* dx = static_cast<T*>(p.dx);
   const int64_t step = static_cast<int64_t>(gridDim.y) * BY;
-  for (int64_t r = static_cast<int64_t>(blockIdx.y) * BY + threadIdx.y; r < O; r += step) {
+  const int64_t r_first = static_cast<int64_t>(blockIdx.y) * BY + threadIdx.y;
+  if (p.v.G == 1) {  // one coefficient set: keep it in registers
+    GradCoeffs<A> g[V];
+#pragma unroll
+    for (int e = 0; e < V; ++e)
+      g[e] = GradCoeffs<A>{coeff[c0 + e], coeff[F + c0 + e], coeff[2 * F + c0 + e], coeff[3 * F + c0 + e]};
+    for (int64_t r = r_first; r < O; r += step) {
+      A gv[V], xv[V];
+      load_pack<T, V>(dy + r * p.dy_so + c0, gv);
+      load_pack<T, V>(x + r * p.x_so + c0, xv);
+#pragma unroll
+      for (int e = 0; e < V; ++e) gv[e] = grad_one(gv[e], xv[e], g[e]);
+      store_pack<T, V>(dx + r * p.dx_so + c0, gv);
+    }
+    return;
+  }
+  RowGhost rg;  // ghost batches: each row takes its ghost's coefficients
+  rg.init(r_first, step, p.v.S, p.v.G);
+  for (int64_t r = r_first; r < O; r += step) {
+    const int64_t f = rg.g * C + c0;
     A gv[V], xv[V];
     load_pack<T, V>(dy + r * p.dy_so + c0, gv);
     load_pack<T, V>(x + r * p.x_so + c0, xv);
 #pragma unroll
-    for (int e = 0; e < V; ++e) gv[e] = grad_one(gv[e], xv[e], g[e]);
+    for (int e = 0; e < V; ++e) {
+      const GradCoeffs<A> g{coeff[f + e], coeff[F + f + e], coeff[2 * F + f + e], coeff[3 * F + f + e]};
+      gv[e] = grad_one(gv[e], xv[e], g);
+    }
     store_pack<T, V>(dx + r * p.dx_so + c0, gv);
+    rg.advance();
   }
 }
 

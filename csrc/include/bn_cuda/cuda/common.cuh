@@ -203,6 +203,56 @@ struct RowCursor {
   }
 };
 
+// The ghost (n / S) % G of a physical channels-last row r = n * S + s, advanced by a fixed row
+// stride without a division per step.
+struct RowGhost {
+  int64_t s, g;
+  int64_t step_s, step_g;
+  int64_t S, G;
+  __device__ __forceinline__ void init(int64_t r, int64_t stride, int64_t S_, int64_t G_) {
+    S = S_;
+    G = G_;
+    const int64_t n = r / S;
+    s = r - n * S;
+    g = n % G;
+    const int64_t step_n = stride / S;
+    step_s = stride - step_n * S;
+    step_g = step_n % G;
+  }
+  __device__ __forceinline__ void advance() {
+    s += step_s;
+    int64_t carry = 0;
+    if (s >= S) {
+      s -= S;
+      carry = 1;
+    }
+    g += step_g + carry;
+    if (g >= G) g -= G;
+  }
+};
+
+// Index of partial q (of the partials of feature f) in the workspace arrays. Channels-last
+// partials are grouped by ghost: partition g * (P / G) + q holds ghost g's q-th chunk of rows.
+__device__ __forceinline__ int64_t partial_index(const View3& v, int64_t P, int64_t f, int64_t q) {
+  if (!v.channels_last) return f * P + q;
+  return ((f / v.C) * (P / v.G) + q) * v.C + f % v.C;
+}
+
+// Ghost-row cursor of the channels-last statistics: ghost row rho = k * S + s of ghost g is
+// physical row (k * G + g) * S + s; rows advance by a fixed stride without a division per step.
+struct GhostRows {
+  RowCursor cur;  // (o = k, iv = s)
+  int64_t G, S, g;
+  __device__ __forceinline__ void init(const View3& v, int64_t ghost, int64_t rho, int64_t stride) {
+    G = v.G;
+    S = v.S;
+    g = ghost;
+    cur.init(rho, stride, S);
+  }
+  __device__ __forceinline__ int64_t row() const { return (cur.o * G + g) * S + cur.iv; }
+  __device__ __forceinline__ void advance() { cur.advance(); }
+};
+
 #define BN_CUDA_RETURN_IF_ERROR()               \
   do {                                          \
     const cudaError_t err_ = cudaGetLastError(); \

@@ -18,10 +18,12 @@ namespace cuda {
 // exact even when |mean| >> std (fp32 means rounded at an offset of 1e6 are off by up to 0.06,
 // which a merge would square into the variance). finalize adds the shift back once.
 template <typename T>
-__device__ __forceinline__ acc_t<T> feature_shift(const ForwardParams& p, int64_t c) {
+__device__ __forceinline__ acc_t<T> feature_shift(const ForwardParams& p, int64_t f) {
   const T* x = static_cast<const T*>(p.x);
-  return to_acc(p.v.channels_last ? x[c] : x[c * p.x_sc]);
+  if (!p.v.channels_last) return to_acc(x[f * p.x_sc]);
+  return to_acc(x[(f / p.v.C) * p.v.S * p.x_so + f % p.v.C]);  // ghost g's first row is g * S
 }
+
 
 // Channels-first statistics: block (c, q) reduces partition q of feature c. Each thread gathers
 // U vectors of V elements, takes their exact two-pass moments in registers, and Chan-merges the
@@ -90,13 +92,16 @@ __global__ void __launch_bounds__(256) stats_cl_kernel(const ForwardParams p) {
   constexpr int BY = 256 / BX;
   using A = acc_t<T>;
   constexpr int U = 4;
-  const int64_t C = p.v.C, O = p.v.O, P = p.partitions;
+  const int64_t C = p.v.C, P = p.partitions;
   const int tx = threadIdx.x, ty = threadIdx.y;
   const int64_t c0 = (static_cast<int64_t>(blockIdx.x) * BX + tx) * V;
-  const int64_t q = blockIdx.y;
-  const int64_t per = ceil_div(O, P);
-  const int64_t r0 = q * per;
-  const int64_t r1 = r0 + per < O ? r0 + per : O;
+  // Partition blockIdx.y: chunk j of ghost g's rows (one ghost, G = 1, without ghost batches).
+  const int64_t per_ghost = P / p.v.G;
+  const int64_t g = blockIdx.y / per_ghost, j = blockIdx.y % per_ghost;
+  const int64_t R = p.v.ghost_rows();
+  const int64_t per = ceil_div(R, per_ghost);
+  const int64_t r0 = j * per < R ? j * per : R;
+  const int64_t r1 = r0 + per < R ? r0 + per : R;
   const T* x = static_cast<const T*>(p.x);
 
   A mean[V], m2[V];
@@ -105,13 +110,16 @@ __global__ void __launch_bounds__(256) stats_cl_kernel(const ForwardParams p) {
   A n = A(0);
   if (c0 < C) {
     A shift[V];  // see feature_shift
-    load_pack<T, V>(x + c0, shift);
-    int64_t r = r0 + ty;
+    load_pack<T, V>(x + g * p.v.S * p.x_so + c0, shift);
+    int64_t r = r0 + ty;  // ghost row
+    GhostRows rows;
+    rows.init(p.v, g, r < R ? r : 0, BY);
     for (; r + BY * (U - 1) < r1; r += BY * U) {
       A v[U][V];
 #pragma unroll
       for (int u = 0; u < U; ++u) {
-        load_pack<T, V>(x + (r + BY * u) * p.x_so + c0, v[u]);
+        load_pack<T, V>(x + rows.row() * p.x_so + c0, v[u]);
+        rows.advance();
 #pragma unroll
         for (int e = 0; e < V; ++e) v[u][e] -= shift[e];
       }
@@ -138,7 +146,8 @@ __global__ void __launch_bounds__(256) stats_cl_kernel(const ForwardParams p) {
     }
     for (; r < r1; r += BY) {
       A v[V];
-      load_pack<T, V>(x + r * p.x_so + c0, v);
+      load_pack<T, V>(x + rows.row() * p.x_so + c0, v);
+      rows.advance();
 #pragma unroll
       for (int e = 0; e < V; ++e) v[e] -= shift[e];
       n += A(1);
@@ -163,7 +172,7 @@ __global__ void __launch_bounds__(256) stats_cl_kernel(const ForwardParams p) {
     for (int e = 0; e < V; ++e) {
       WelfordState<A> st = welford_empty<A>();
       for (int j = 0; j < BY; ++j) st = welford_merge(st, WelfordState<A>{sh_mean[j][tx * V + e], sh_m2[j][tx * V + e], sh_n[j][tx]});
-      const int64_t idx = q * C + c0 + e;
+      const int64_t idx = static_cast<int64_t>(blockIdx.y) * C + c0 + e;
       ws[idx] = st.mean;
       ws[P * C + idx] = st.m2;
       ws[2 * P * C + idx] = st.n;
@@ -176,14 +185,15 @@ __global__ void __launch_bounds__(256) stats_cl_kernel(const ForwardParams p) {
 template <typename T>
 __global__ void __launch_bounds__(256) finalize_forward_kernel(const ForwardParams p) {
   using A = acc_t<T>;
-  const int64_t C = p.v.C, P = p.partitions;
+  const int64_t C = p.v.C, P = p.partitions, F = p.v.features();
   const int lane = threadIdx.x & 31;
-  const int64_t c = static_cast<int64_t>(blockIdx.x) * 8 + (threadIdx.x >> 5);
-  if (c >= C) return;  // warp-uniform
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * 8 + (threadIdx.x >> 5);  // feature (ghost-major)
+  if (c >= F) return;  // warp-uniform
   const A* ws = static_cast<const A*>(p.workspace);
   WelfordState<A> st = welford_empty<A>();
-  for (int64_t q = lane; q < P; q += 32) {
-    const int64_t idx = p.v.channels_last ? q * C + c : c * P + q;
+  const int64_t nparts = p.v.channels_last ? P / p.v.G : P;
+  for (int64_t q = lane; q < nparts; q += 32) {
+    const int64_t idx = partial_index(p.v, P, c, q);
     st = welford_merge(st, WelfordState<A>{ws[idx], ws[P * C + idx], ws[2 * P * C + idx]});
   }
   st = warp_merge(st);
@@ -212,17 +222,17 @@ __global__ void __launch_bounds__(256) finalize_forward_kernel(const ForwardPara
       apply_coeffs(st.mean, invstd, static_cast<const A*>(p.weight), static_cast<const A*>(p.bias), c);
   A* coeff = static_cast<A*>(p.workspace) + 3 * P * C;
   coeff[c] = k.mean;
-  coeff[C + c] = k.scale;
-  coeff[2 * C + c] = k.shift;
+  coeff[F + c] = k.scale;
+  coeff[2 * F + c] = k.shift;
 }
 
 // Inference: apply coefficients from the running statistics, or from given_* when set (as the
 // CPU forward_infer does; running_* may then be null).
 template <typename A>
 __global__ void __launch_bounds__(256) infer_coeffs_kernel(const ForwardParams p) {
-  const int64_t C = p.v.C;
+  const int64_t C = p.v.C, F = p.v.features();
   const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (c >= C) return;
+  if (c >= F) return;
   const A* gm = static_cast<const A*>(p.given_mean);
   const A mean = gm ? gm[c] : static_cast<const A*>(p.running_mean)[c];
   const A invstd = gm ? static_cast<const A*>(p.given_invstd)[c]
@@ -231,23 +241,23 @@ __global__ void __launch_bounds__(256) infer_coeffs_kernel(const ForwardParams p
       apply_coeffs(mean, invstd, static_cast<const A*>(p.weight), static_cast<const A*>(p.bias), c);
   A* coeff = static_cast<A*>(p.workspace) + 3 * p.partitions * C;
   coeff[c] = k.mean;
-  coeff[C + c] = k.scale;
-  coeff[2 * C + c] = k.shift;
+  coeff[F + c] = k.scale;
+  coeff[2 * F + c] = k.shift;
 }
 
 // Apply coefficients from caller-supplied statistics (staged apply op).
 template <typename A>
 __global__ void __launch_bounds__(256) given_coeffs_kernel(const ForwardParams p) {
-  const int64_t C = p.v.C;
+  const int64_t C = p.v.C, F = p.v.features();
   const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (c >= C) return;
+  if (c >= F) return;
   const ApplyCoeffs<A> k =
       apply_coeffs(static_cast<const A*>(p.given_mean)[c], static_cast<const A*>(p.given_invstd)[c],
                    static_cast<const A*>(p.weight), static_cast<const A*>(p.bias), c);
   A* coeff = static_cast<A*>(p.workspace) + 3 * p.partitions * C;
   coeff[c] = k.mean;
-  coeff[C + c] = k.scale;
-  coeff[2 * C + c] = k.shift;
+  coeff[F + c] = k.scale;
+  coeff[2 * F + c] = k.shift;
 }
 
 // Merge W per-source states per feature (one warp per feature, sources in a fixed order), then
@@ -278,7 +288,7 @@ __global__ void __launch_bounds__(256) gather_stats_kernel(const GatherParams g)
 template <typename T, int V, int BLOCK>
 __global__ void __launch_bounds__(BLOCK) apply_cf_kernel(const ForwardParams p) {
   using A = acc_t<T>;
-  const int64_t C = p.v.C, Iv = p.v.I / V;
+  const int64_t C = p.v.C, Iv = p.v.I / V, F = C;  // channels-first: no ghosts
   const int64_t total = p.v.O * C * Iv;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * BLOCK;
   int64_t k = static_cast<int64_t>(blockIdx.x) * BLOCK + threadIdx.x;
@@ -291,7 +301,7 @@ __global__ void __launch_bounds__(BLOCK) apply_cf_kernel(const ForwardParams p) 
   for (; k < total; k += stride) {
     A v[V];
     load_pack<T, V>(x + cur.o * p.x_so + cur.c * p.x_sc + cur.iv * V, v);
-    const ApplyCoeffs<A> kc{coeff[cur.c], coeff[C + cur.c], coeff[2 * C + cur.c]};
+    const ApplyCoeffs<A> kc{coeff[cur.c], coeff[F + cur.c], coeff[2 * F + cur.c]};
 #pragma unroll
     for (int e = 0; e < V; ++e) v[e] = apply_one(v[e], kc);
     store_pack<T, V>(y + cur.o * p.y_so + cur.c * p.y_sc + cur.iv * V, v);
@@ -305,22 +315,40 @@ template <typename T, int V, int BX>
 __global__ void __launch_bounds__(256) apply_cl_kernel(const ForwardParams p) {
   constexpr int BY = 256 / BX;
   using A = acc_t<T>;
-  const int64_t C = p.v.C, O = p.v.O;
+  const int64_t C = p.v.C, O = p.v.O, F = p.v.features();
   const int64_t c0 = (static_cast<int64_t>(blockIdx.x) * BX + threadIdx.x) * V;
   if (c0 >= C) return;
   const A* coeff = static_cast<const A*>(p.workspace) + 3 * p.partitions * C;
-  ApplyCoeffs<A> kc[V];
-#pragma unroll
-  for (int e = 0; e < V; ++e) kc[e] = ApplyCoeffs<A>{coeff[c0 + e], coeff[C + c0 + e], coeff[2 * C + c0 + e]};
   const T* x = static_cast<const T*>(p.x);
   T* y = static_cast<T*>(p.y);
   const int64_t step = static_cast<int64_t>(gridDim.y) * BY;
-  for (int64_t r = static_cast<int64_t>(blockIdx.y) * BY + threadIdx.y; r < O; r += step) {
+  const int64_t r_first = static_cast<int64_t>(blockIdx.y) * BY + threadIdx.y;
+  if (p.v.G == 1) {  // one coefficient set: keep it in registers
+    ApplyCoeffs<A> kc[V];
+#pragma unroll
+    for (int e = 0; e < V; ++e) kc[e] = ApplyCoeffs<A>{coeff[c0 + e], coeff[F + c0 + e], coeff[2 * F + c0 + e]};
+    for (int64_t r = r_first; r < O; r += step) {
+      A v[V];
+      load_pack<T, V>(x + r * p.x_so + c0, v);
+#pragma unroll
+      for (int e = 0; e < V; ++e) v[e] = apply_one(v[e], kc[e]);
+      store_pack<T, V>(y + r * p.y_so + c0, v);
+    }
+    return;
+  }
+  RowGhost rg;  // ghost batches: each row takes its ghost's coefficients
+  rg.init(r_first, step, p.v.S, p.v.G);
+  for (int64_t r = r_first; r < O; r += step) {
+    const int64_t f = rg.g * C + c0;
     A v[V];
     load_pack<T, V>(x + r * p.x_so + c0, v);
 #pragma unroll
-    for (int e = 0; e < V; ++e) v[e] = apply_one(v[e], kc[e]);
+    for (int e = 0; e < V; ++e) {
+      const ApplyCoeffs<A> kc{coeff[f + e], coeff[F + f + e], coeff[2 * F + f + e]};
+      v[e] = apply_one(v[e], kc);
+    }
     store_pack<T, V>(y + r * p.y_so + c0, v);
+    rg.advance();
   }
 }
 

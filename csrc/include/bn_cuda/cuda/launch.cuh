@@ -66,7 +66,7 @@ cudaError_t launch_stats(const ForwardParams& p, cudaStream_t stream) {
     stats_cl_kernel<T, V, BX><<<grid, dim3(BX, kCudaBlock / BX), 0, stream>>>(p);
   }
   BN_CUDA_RETURN_IF_ERROR();
-  finalize_forward_kernel<T><<<static_cast<unsigned>(ceil_div(v.C, 8)), 256, 0, stream>>>(p);
+  finalize_forward_kernel<T><<<static_cast<unsigned>(ceil_div(v.features(), 8)), 256, 0, stream>>>(p);
   BN_CUDA_RETURN_IF_ERROR();
   return cudaSuccess;
 }
@@ -80,7 +80,7 @@ cudaError_t batch_stats_v(const ForwardParams& p, cudaStream_t stream) {
 // Staged: normalize with caller-supplied statistics (p.given_*).
 template <typename T, int V, int BX>
 cudaError_t apply_given_v(const ForwardParams& p, cudaStream_t stream) {
-  given_coeffs_kernel<acc_t<T>><<<static_cast<unsigned>(ceil_div(p.v.C, 256)), 256, 0, stream>>>(p);
+  given_coeffs_kernel<acc_t<T>><<<static_cast<unsigned>(ceil_div(p.v.features(), 256)), 256, 0, stream>>>(p);
   BN_CUDA_RETURN_IF_ERROR();
   return launch_apply<T, V, BX>(p, stream);
 }
@@ -97,7 +97,7 @@ cudaError_t forward_train_v(const ForwardParams& p, cudaStream_t stream) {
 
 template <typename T, int V, int BX>
 cudaError_t forward_infer_v(const ForwardParams& p, cudaStream_t stream) {
-  infer_coeffs_kernel<acc_t<T>><<<static_cast<unsigned>(ceil_div(p.v.C, 256)), 256, 0, stream>>>(p);
+  infer_coeffs_kernel<acc_t<T>><<<static_cast<unsigned>(ceil_div(p.v.features(), 256)), 256, 0, stream>>>(p);
   BN_CUDA_RETURN_IF_ERROR();
   return launch_apply<T, V, BX>(p, stream);
 }
@@ -118,7 +118,7 @@ cudaError_t launch_grad_input(const BackwardParams& p, cudaStream_t stream) {
 // Staged: grad_input from caller-supplied sums and counts (p.given_*).
 template <typename T, int V, int BX>
 cudaError_t backward_apply_v(const BackwardParams& p, cudaStream_t stream) {
-  given_grad_coeffs_kernel<acc_t<T>><<<static_cast<unsigned>(ceil_div(p.v.C, 256)), 256, 0, stream>>>(p);
+  given_grad_coeffs_kernel<acc_t<T>><<<static_cast<unsigned>(ceil_div(p.v.features(), 256)), 256, 0, stream>>>(p);
   BN_CUDA_RETURN_IF_ERROR();
   return launch_grad_input<T, V, BX>(p, stream);
 }
@@ -137,7 +137,7 @@ cudaError_t backward_v(const BackwardParams& p, cudaStream_t stream) {
     }
     BN_CUDA_RETURN_IF_ERROR();
   }
-  finalize_backward_kernel<A><<<static_cast<unsigned>(ceil_div(v.C, 8)), 256, 0, stream>>>(p);
+  finalize_backward_kernel<A><<<static_cast<unsigned>(ceil_div(v.features(), 8)), 256, 0, stream>>>(p);
   BN_CUDA_RETURN_IF_ERROR();
   return p.dx ? launch_grad_input<T, V, BX>(p, stream) : cudaSuccess;
 }
@@ -206,14 +206,14 @@ cudaError_t masked_batch_stats(const ForwardParams& p, cudaStream_t stream) {
                                    dim3(8, 32), 0, stream>>>(p);
   }
   BN_CUDA_RETURN_IF_ERROR();
-  finalize_forward_kernel<T><<<static_cast<unsigned>(ceil_div(v.C, 8)), 256, 0, stream>>>(p);
+  finalize_forward_kernel<T><<<static_cast<unsigned>(ceil_div(v.features(), 8)), 256, 0, stream>>>(p);
   BN_CUDA_RETURN_IF_ERROR();
   return cudaSuccess;
 }
 
 template <typename T>
 cudaError_t masked_grad_input(const BackwardParams& p, cudaStream_t stream) {
-  given_grad_coeffs_kernel<acc_t<T>><<<static_cast<unsigned>(ceil_div(p.v.C, 256)), 256, 0, stream>>>(p);
+  given_grad_coeffs_kernel<acc_t<T>><<<static_cast<unsigned>(ceil_div(p.v.features(), 256)), 256, 0, stream>>>(p);
   BN_CUDA_RETURN_IF_ERROR();
   const unsigned grid = grid_1d(p.v.O * p.v.C * p.v.I, kCudaBlock, p.sm_count, 16);
   masked_grad_input_kernel<T, kCudaBlock><<<grid, kCudaBlock, 0, stream>>>(p);

@@ -101,7 +101,7 @@ __global__ void __launch_bounds__(256) masked_stats_cl_kernel(const ForwardParam
 template <typename T, int BLOCK>
 __global__ void __launch_bounds__(BLOCK) masked_grad_input_kernel(const BackwardParams p) {
   using A = acc_t<T>;
-  const int64_t C = p.v.C, I = p.v.I;
+  const int64_t C = p.v.C, I = p.v.I, F = C;  // masks come without ghost rows
   const int64_t total = p.v.O * C * I;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * BLOCK;
   int64_t k = static_cast<int64_t>(blockIdx.x) * BLOCK + threadIdx.x;
@@ -116,7 +116,7 @@ __global__ void __launch_bounds__(BLOCK) masked_grad_input_kernel(const Backward
     const A g = to_acc(dy[cur.o * p.dy_so + cur.c * p.dy_sc + cur.iv]);
     const A xm = to_acc(x[cur.o * p.x_so + cur.c * p.x_sc + cur.iv]) - coeff[cur.c];
     const A w = p.mask[cur.o * p.m_so + cur.c * p.m_sc + cur.iv] != 0 ? A(1) : A(0);
-    const A out = coeff[C + cur.c] * g + w * (coeff[2 * C + cur.c] * xm + coeff[3 * C + cur.c]);
+    const A out = coeff[F + cur.c] * g + w * (coeff[2 * F + cur.c] * xm + coeff[3 * F + cur.c]);
     dx[cur.o * p.dx_so + cur.c * p.dx_sc + cur.iv] = from_acc<T>(out);
     cur.advance();
   }
