@@ -176,7 +176,7 @@ def _infer_backward(ctx, grad_out):
     mask = [need[0], weight is not None and need[1], ctx.bias_shape is not None and need[2]]
     if not any(mask):
         return (None,) * 7
-    gi, gw, gb = _ops.backward(grad_out, input, weight, mean, invstd, False, ctx.axis, mask)
+    gi, gw, gb = _ops.backward.default(grad_out, input, weight, mean, invstd, False, ctx.axis, mask)
     return (
         gi if mask[0] else None,
         gw.reshape(weight.shape).to(weight.dtype) if mask[1] else None,
@@ -193,7 +193,7 @@ class _ForwardTrain(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, input, weight, bias, running_mean, running_var, momentum, eps, axis, unbiased):
-        out, mean, invstd = _ops.forward_train(input, weight, bias, running_mean, running_var,
+        out, mean, invstd = _ops.forward_train.default(input, weight, bias, running_mean, running_var,
                                                momentum, eps, axis, unbiased)
         ctx.save_for_backward(input, weight, mean, invstd)
         ctx.axis = list(axis)
@@ -209,7 +209,7 @@ class _ForwardTrain(torch.autograd.Function):
         mask = [need[0], weight is not None and need[1], ctx.bias_shape is not None and need[2]]
         gi = gw = gb = None
         if grad_out is not None and any(mask):
-            gi, gw, gb = _ops.backward(grad_out, input, weight, mean, invstd, True, ctx.axis, mask)
+            gi, gw, gb = _ops.backward.default(grad_out, input, weight, mean, invstd, True, ctx.axis, mask)
             gi = gi if mask[0] else None
             gw = gw.reshape(weight.shape).to(weight.dtype) if mask[1] else None
             gb = gb.reshape(ctx.bias_shape).to(ctx.bias_dtype) if mask[2] else None
@@ -231,6 +231,13 @@ class _ForwardTrain(torch.autograd.Function):
         return gi, gw, gb, None, None, None, None, None, None
 
 
+def _no_grad_needed(*tensors: Optional[Tensor]) -> bool:
+    """True outside tracing when no gradient can flow: the autograd layers can be skipped."""
+    if torch.compiler.is_compiling():
+        return False
+    return not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in tensors)
+
+
 def batch_norm_train(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                      running_mean: Optional[Tensor], running_var: Optional[Tensor], momentum: float,
                      eps: float, axis: Sequence[int], unbiased_running_var: bool = True
@@ -241,13 +248,20 @@ def batch_norm_train(input: Tensor, weight: Optional[Tensor], bias: Optional[Ten
     ``running = (1 - momentum) * running + momentum * batch_stat``.
     """
     check_same_device(input, weight=weight, bias=bias, running_mean=running_mean, running_var=running_var)
-    return _ForwardTrain.apply(input, weight, bias, running_mean, running_var, float(momentum),
-                               float(eps), [int(a) for a in axis], bool(unbiased_running_var))
+    args = (input, weight, bias, running_mean, running_var, float(momentum), float(eps), [int(a) for a in axis],
+            bool(unbiased_running_var))
+    if _no_grad_needed(input, weight, bias):
+        return _ops.forward_train.default(*args)
+    return _ForwardTrain.apply(*args)
 
 
 def batch_norm_infer(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                      running_mean: Tensor, running_var: Tensor, eps: float, axis: Sequence[int]) -> Tensor:
     """Differentiable inference forward with the running statistics."""
     check_same_device(input, weight=weight, bias=bias, running_mean=running_mean, running_var=running_var)
-    return _ops.forward_infer(input, weight, bias, running_mean, running_var, float(eps),
-                              [int(a) for a in axis])
+    args = (input, weight, bias, running_mean, running_var, float(eps), [int(a) for a in axis])
+    if _no_grad_needed(input, weight, bias):
+        # Skip the Python autograd kernel register_autograd installs (tens of microseconds a call).
+        with torch._C._AutoDispatchBelowAutograd():
+            return _ops.forward_infer.default(*args)
+    return _ops.forward_infer.default(*args)

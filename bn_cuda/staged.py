@@ -64,7 +64,7 @@ def batch_stats(input: Tensor, axis: Sequence[int], mask: Optional[Tensor] = Non
     (ghost, feature), ``ghosts * C`` entries, ghost-major. No copy of the input for channels-last
     layouts (ghost rows) nor for layouts where the batch dim can be split next to the features.
     """
-    return _ops.batch_stats(input, [int(a) for a in axis], mask, int(ghosts))
+    return _ops.batch_stats.default(input, [int(a) for a in axis], mask, int(ghosts))
 
 
 def gather_stats(mean: Tensor, m2: Tensor, count: Tensor, running_mean: Optional[Tensor],
@@ -75,20 +75,20 @@ def gather_stats(mean: Tensor, m2: Tensor, count: Tensor, running_mean: Optional
     Running statistics, when given, are updated in place (torch's momentum convention), except
     for features whose total count is 0, which keep their running statistics.
     """
-    return _ops.gather_stats(mean, m2, count, running_mean, running_var, float(momentum), float(eps),
+    return _ops.gather_stats.default(mean, m2, count, running_mean, running_var, float(momentum), float(eps),
                              bool(unbiased_running_var))
 
 
 def normalize(input: Tensor, mean: Tensor, invstd: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
               axis: Sequence[int], ghosts: int = 1) -> Tensor:
     """``(input - mean) * invstd * weight + bias`` with per-feature (per ghost and feature) statistics."""
-    return _ops.normalize(input, mean, invstd, weight, bias, [int(a) for a in axis], int(ghosts))
+    return _ops.normalize.default(input, mean, invstd, weight, bias, [int(a) for a in axis], int(ghosts))
 
 
 def grad_sums(grad_out: Tensor, input: Tensor, mean: Tensor, invstd: Tensor,
               axis: Sequence[int], ghosts: int = 1) -> Tuple[Tensor, Tensor]:
     """Local ``(sum(dy), sum(dy * (x - mean)))`` per feature (per ghost and feature)."""
-    return _ops.grad_sums(grad_out, input, mean, invstd, [int(a) for a in axis], int(ghosts))
+    return _ops.grad_sums.default(grad_out, input, mean, invstd, [int(a) for a in axis], int(ghosts))
 
 
 def grad_input(grad_out: Tensor, input: Tensor, mean: Tensor, invstd: Tensor, weight: Optional[Tensor],
@@ -100,6 +100,6 @@ def grad_input(grad_out: Tensor, input: Tensor, mean: Tensor, invstd: Tensor, we
     weighted moments, ``weight * invstd * (dy - m * (sum_dy + (x - mean) * invstd^2 * sum_dy_xmu) / count)``
     (the sums run over every element; only the unmasked ones moved the statistics).
     """
-    return _ops.grad_input(grad_out, input, mean, invstd, weight, sum_dy, sum_dy_xmu, count,
+    return _ops.grad_input.default(grad_out, input, mean, invstd, weight, sum_dy, sum_dy_xmu, count,
                            [int(a) for a in axis], mask, int(ghosts))
 

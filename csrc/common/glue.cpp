@@ -69,7 +69,7 @@ FeatureTensor feature_tensor(const c10::optional<at::Tensor>& maybe, const char*
               " elements) but the input of shape ", shape_str(input.sizes()), " has ", c.v.C,
               " features along axis ", shape_str(c.axes), "; expected shape ", accepted_shapes(c, nd));
   if (t.scalar_type() == acc && t.is_contiguous()) {
-    f.acc = t.view({-1});
+    f.acc = t;  // contiguous and already the acc type: used through its data pointer, no view
   } else {
     f.acc = t.to(acc).contiguous().view({-1});
     f.copy_back = mutated;
