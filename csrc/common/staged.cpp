@@ -41,15 +41,23 @@ at::Tensor ghost_view(const at::Tensor& t, const GhostPlan& g) {
   return t.view(g.split_shape);
 }
 
+// plan_ghosts for an op that may take a mask; `mask` receives the checked mask, expanded to the
+// input and split like it (masked ghost batches always split: the masked kernels have no ghost rows).
+GhostPlan plan_masked_ghosts(const at::Tensor& input, at::IntArrayRef axis, const c10::optional<at::Tensor>& mask_in,
+                             int64_t ghosts, c10::optional<at::Tensor>& mask) {
+  const bool masked = mask_in.has_value() && mask_in->defined();
+  GhostPlan gp = plan_ghosts(input, axis, ghosts, masked);
+  if (masked) mask = ghost_view(expand_mask(*mask_in, input, "mask"), gp);
+  return gp;
+}
+
 BatchStatsCall prepare_batch_stats(const at::Tensor& input_, at::IntArrayRef axis_,
                                    const c10::optional<at::Tensor>& mask_, int64_t ghosts) {
   BatchStatsCall call;
-  const bool masked = mask_.has_value() && mask_->defined();
-  const GhostPlan gp = plan_ghosts(input_, axis_, ghosts, masked);
+  c10::optional<at::Tensor> mask;
+  const GhostPlan gp = plan_masked_ghosts(input_, axis_, mask_, ghosts, mask);
   const at::Tensor& input = gp.input;
   const at::IntArrayRef axis(gp.axis);
-  c10::optional<at::Tensor> mask;
-  if (masked) mask = ghost_view(expand_mask(*mask_, input_, "mask"), gp);
   call.dtype = dtype_of(input, "input");
   call.canon = plan_canonical(input, axis);
   if (gp.rows > 1) set_ghost_rows(call.canon, input, gp.rows);
@@ -182,12 +190,10 @@ GradInputCall prepare_grad_input(const at::Tensor& grad_out, const at::Tensor& i
                                  const at::Tensor& sum_dy, const at::Tensor& sum_dy_xmu, const at::Tensor& count,
                                  at::IntArrayRef axis_, const c10::optional<at::Tensor>& mask_, int64_t ghosts) {
   GradInputCall call;
-  const bool masked = mask_.has_value() && mask_->defined();
-  const GhostPlan gp = plan_ghosts(input_, axis_, ghosts, masked);
+  c10::optional<at::Tensor> mask;
+  const GhostPlan gp = plan_masked_ghosts(input_, axis_, mask_, ghosts, mask);
   const at::Tensor& input = gp.input;
   const at::IntArrayRef axis(gp.axis);
-  c10::optional<at::Tensor> mask;
-  if (masked) mask = ghost_view(expand_mask(*mask_, input_, "mask"), gp);
   call.input_shape = input_.sizes().vec();
   call.bwd = prepare_backward(ghost_view(grad_out, gp), input, weight, mean, invstd, true, axis, {true, false, false},
                               gp.rows);
