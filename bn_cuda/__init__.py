@@ -7,13 +7,13 @@ Operators live under ``torch.ops.bn_cuda``; the torch-style functional API is
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any, Dict
 
 import torch
 
-__all__ = ["build_info", "get_include", "functional", "ops"]
+__all__ = ["build_info", "get_include", "functional", "ops", "staged", "nn", "BatchNormalization",
+           "register_constraints"]
 
 _HERE = Path(__file__).resolve().parent
 

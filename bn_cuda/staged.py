@@ -18,7 +18,7 @@ from torch import Tensor
 
 from .ops import _acc_dtype, num_features
 
-__all__ = ["batch_stats", "gather_stats", "normalize", "grad_sums", "grad_input"]
+__all__ = ["batch_stats", "gather_stats", "normalize", "grad_sums", "grad_input", "keras_finalize"]
 
 _ops = torch.ops.bn_cuda
 
@@ -52,6 +52,34 @@ def _grad_sums_fake(grad_out, input, mean, invstd, axis, ghosts=1):
 def _grad_input_fake(grad_out, input, mean, invstd, weight, sum_dy, sum_dy_xmu, count, axis, mask=None,
                      ghosts=1):
     return torch.empty_like(input)
+
+
+@torch.library.register_fake("bn_cuda::keras_finalize")
+def _keras_finalize_fake(mean, var, count, moving_mean, moving_variance, moving_stddev, renorm_mean,
+                         renorm_stddev, ghosts, momentum, renorm_momentum, eps, rmin, rmax, dmax, always_update):
+    c = mean.shape[0] // ghosts
+    return mean.new_empty((c,)), mean.new_empty((c,))
+
+
+def keras_finalize(mean: Tensor, var: Tensor, count: Tensor, moving_mean: Tensor, moving_variance: Tensor,
+                   moving_stddev: Optional[Tensor], renorm_mean: Optional[Tensor], renorm_stddev: Optional[Tensor],
+                   ghosts: int, momentum: float, renorm_momentum: float, eps: float,
+                   rmin: Optional[float] = None, rmax: Optional[float] = None, dmax: Optional[float] = None,
+                   always_update: bool = False) -> Tuple[Tensor, Tensor]:
+    """tf_keras's training epilogue of ghost batches / batch renormalization, in one device step.
+
+    Averages the ``ghosts`` per-ghost ``(mean, var)`` (``ghosts * C`` each, ghost-major), takes
+    renorm's ``r`` and ``d`` from the *pre-update* renorm statistics (clipped to ``[rmin, rmax]`` and
+    ``[-dmax, dmax]``; ``None`` = no clip on that side), and updates the moving variables in place
+    with tf_keras's decay ``v - (v - value) * (1 - momentum)``; with renorm, ``moving_variance`` is
+    ``relu(moving_stddev^2 - eps)``. Features without data keep their moving variables unless
+    ``always_update``. Returns ``(r, d)`` (1 and 0 without renorm), with no gradient.
+    """
+    return _ops.keras_finalize.default(mean, var, count, moving_mean, moving_variance, moving_stddev, renorm_mean,
+                                       renorm_stddev, int(ghosts), float(momentum), float(renorm_momentum),
+                                       float(eps), None if rmin is None else float(rmin),
+                                       None if rmax is None else float(rmax), None if dmax is None else float(dmax),
+                                       bool(always_update))
 
 
 def batch_stats(input: Tensor, axis: Sequence[int], mask: Optional[Tensor] = None,

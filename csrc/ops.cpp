@@ -67,6 +67,15 @@ TORCH_LIBRARY(bn_cuda, m) {
   m.def(
       "grad_input(Tensor grad_out, Tensor input, Tensor mean, Tensor invstd, Tensor? weight, Tensor sum_dy, "
       "Tensor sum_dy_xmu, Tensor count, int[] axis, Tensor? mask=None, int ghosts=1) -> Tensor");
+  // tf_keras's training epilogue of ghost batches / batch renormalization, on the device: average
+  // the ghosts' (mean, biased var), renorm's clipped r and d from the pre-update renorm statistics
+  // (a missing bound does not clip), every moving variable updated with tf_keras's decay
+  // (features with no data keep theirs unless always_update). Returns (r, d): 1 and 0 without renorm.
+  m.def(
+      "keras_finalize(Tensor mean, Tensor var, Tensor count, Tensor(a!) moving_mean, Tensor(b!) moving_variance, "
+      "Tensor(c!)? moving_stddev, Tensor(d!)? renorm_mean, Tensor(e!)? renorm_stddev, int ghosts, float momentum, "
+      "float renorm_momentum, float eps, float? rmin, float? rmax, float? dmax, bool always_update) "
+      "-> (Tensor, Tensor)");
 }
 
 namespace {

@@ -4,7 +4,6 @@ int64 indexing. Skipped where no CUDA device is visible (run by benchmarks/devic
 import pytest
 import torch
 
-import bn_cuda
 from bn_cuda.functional import batch_norm
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]

@@ -235,3 +235,61 @@ def test_ghost_errors_name_the_value():
         staged.batch_stats(x, [0], ghosts=2)
     with pytest.raises(ValueError, match="ghosts must be >= 1, got 0"):
         staged.batch_stats(x, [1], ghosts=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("ghosts", [1, 3])
+@pytest.mark.parametrize("renorm", [False, True])
+def test_keras_finalize_matches_composite(device, ghosts, renorm):
+    """The one-step device epilogue against bn_cuda.keras.composite (tf_keras's maths)."""
+    from bn_cuda.keras import composite
+
+    g = torch.Generator().manual_seed(7)
+    c = 5
+    mean = torch.randn(ghosts * c, generator=g, dtype=torch.float64)
+    var = torch.rand(ghosts * c, generator=g, dtype=torch.float64) + 0.1
+    count = torch.full((ghosts * c,), 4.0, dtype=torch.float64)
+    count[:c] = 0 if ghosts > 1 else 4.0  # an empty ghost still counts in the average
+    bufs = {n: torch.rand(c, generator=g, dtype=torch.float64) + 0.5
+            for n in ("moving_mean", "moving_variance", "moving_stddev", "renorm_mean", "renorm_stddev")}
+    clip = {"rmin": 0.8, "rmax": 1.1, "dmax": 0.2}
+    eps, mom, rmom = 1e-3, 0.9, 0.7
+    ref = {n: t.clone() for n, t in bufs.items()}
+    new_mean = mean.view(ghosts, c).mean(0)
+    new_var = var.view(ghosts, c).mean(0)
+    if renorm:
+        r_ref, d_ref, stddev = composite.renorm_correction(new_mean, new_var, ref["renorm_mean"], ref["renorm_stddev"],
+                                                           eps, clip)
+        ref["renorm_mean"] = composite.moving_average(ref["renorm_mean"], new_mean, rmom)
+        ref["renorm_stddev"] = composite.moving_average(ref["renorm_stddev"], stddev, rmom)
+        ref["moving_stddev"] = composite.moving_average(ref["moving_stddev"], stddev, mom)
+        ref["moving_variance"] = torch.relu(ref["moving_stddev"] ** 2 - eps)
+    else:
+        r_ref, d_ref = torch.ones(c, dtype=torch.float64), torch.zeros(c, dtype=torch.float64)
+        ref["moving_variance"] = composite.moving_average(ref["moving_variance"], new_var, mom)
+    ref["moving_mean"] = composite.moving_average(ref["moving_mean"], new_mean, mom)
+    t = {n: v.to(device) for n, v in bufs.items()}
+    args = (mean.to(device), var.to(device), count.to(device), t["moving_mean"], t["moving_variance"],
+            t["moving_stddev"] if renorm else None, t["renorm_mean"] if renorm else None,
+            t["renorm_stddev"] if renorm else None, ghosts, mom, rmom, eps, clip["rmin"], clip["rmax"], clip["dmax"],
+            False)
+    r, d = staged.keras_finalize(*args)
+    torch.testing.assert_close(r.cpu(), r_ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(d.cpu(), d_ref, rtol=1e-12, atol=1e-12)
+    for n in ("moving_mean", "moving_variance") + (("moving_stddev", "renorm_mean", "renorm_stddev") if renorm else ()):
+        torch.testing.assert_close(t[n].cpu(), ref[n], rtol=1e-12, atol=1e-12, msg=n)
+    fresh = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
+    torch.library.opcheck(torch.ops.bn_cuda.keras_finalize.default, tuple(fresh))
+
+
+def test_keras_finalize_keeps_empty_features():
+    c = 3
+    z = torch.zeros(c)
+    mm, mv = torch.randn(c), torch.rand(c)
+    mm0, mv0 = mm.clone(), mv.clone()
+    staged.keras_finalize(z, z, z, mm, mv, None, None, None, 1, 0.9, 0.9, 1e-3)
+    assert torch.equal(mm, mm0) and torch.equal(mv, mv0)
+    staged.keras_finalize(z, z, z, mm, mv, None, None, None, 1, 0.9, 0.9, 1e-3, always_update=True)
+    torch.testing.assert_close(mm, mm0 * 0.9)
+    with pytest.raises(ValueError, match="moving_stddev, renorm_mean and renorm_stddev go together"):
+        staged.keras_finalize(z, z, z, mm, mv, torch.ones(c), None, None, 1, 0.9, 0.9, 1e-3)

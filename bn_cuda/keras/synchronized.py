@@ -22,12 +22,12 @@ device). tf_keras's synchronized layer takes its non-fused path, so the moving v
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, List, Optional, Tuple
 
 import torch
 from torch import Tensor
 
-from .. import distributed, ops
+from .. import distributed, ops, staged
 from . import composite
 
 if TYPE_CHECKING:
@@ -81,43 +81,23 @@ def train_step(layer: "BatchNormalization", x: Tensor, group: Any, world_size: i
     pad = None if ghosts is None else global_ghosts * features
     mean, var, invstd, count = distributed.sync_moments(x, axes, eps, group, world_size, pad_to=pad,
                                                         mask=weights, ghosts=ghosts or 1)
-    if ghosts is None:
-        new_mean, new_var, has_data = mean, var, count > 0
-    else:
-        new_mean = mean.view(global_ghosts, features).mean(0)
-        new_var = var.view(global_ghosts, features).mean(0)
-        has_data = count.view(global_ghosts, features).sum(0) > 0
-        # This rank's ghosts are the first ones of the global list.
-        mean, invstd, count = (t[: ghosts * features] for t in (mean, invstd, count))
-
+    # Ghost averaging, renorm's r and d and every moving-variable update: one device step.
     moving = {n: layer._flat(n) for n in layer._variables()}
-    updates: Dict[str, Tensor] = {}
+    clip = layer.renorm_clipping or {}
+    r, d = staged.keras_finalize(
+        mean, var, count, moving["moving_mean"], moving["moving_variance"], moving.get("moving_stddev"),
+        moving.get("renorm_mean"), moving.get("renorm_stddev"), global_ghosts if ghosts is not None else 1,
+        layer.momentum, layer.renorm_momentum, eps, clip.get("rmin"), clip.get("rmax"), clip.get("dmax"),
+        always_update=weights is not None and x.numel() > 0)  # tf_keras moves masked features towards 0 too
+    if ghosts is not None:  # this rank's ghosts are the first ones of the global list
+        mean, invstd, count = (t[: ghosts * features] for t in (mean, invstd, count))
     scale, offset = gamma, beta
     if layer.renorm:
-        r, d, stddev = composite.renorm_correction(new_mean, new_var, moving["renorm_mean"],
-                                                   moving["renorm_stddev"], eps, layer.renorm_clipping)
         scale, offset = composite.compose_transforms(r, d, scale, offset)  # r, d: no gradient
-        updates["renorm_mean"] = composite.moving_average(moving["renorm_mean"], new_mean, layer.renorm_momentum)
-        updates["renorm_stddev"] = composite.moving_average(moving["renorm_stddev"], stddev,
-                                                            layer.renorm_momentum)
-        moving_stddev = composite.moving_average(moving["moving_stddev"], stddev, layer.momentum)
-        updates["moving_stddev"] = moving_stddev
-        updates["moving_variance"] = torch.relu(moving_stddev * moving_stddev - eps)
-    else:
-        updates["moving_variance"] = composite.moving_average(moving["moving_variance"], new_var, layer.momentum)
-    updates["moving_mean"] = composite.moving_average(moving["moving_mean"], new_mean, layer.momentum)
-
-    if weights is not None:  # tf_keras updates towards the (0) moments of fully masked features too
-        has_data = torch.ones_like(has_data) if x.numel() > 0 else has_data
     if ghosts is not None:
         scale, offset = _per_ghost(scale, ghosts), _per_ghost(offset, ghosts)
-    out = distributed.SyncNormalize.apply(x, scale, offset, mean, invstd, count, axes, group, pad,
-                                          weights, ghosts or 1)
-    with torch.no_grad():
-        for name, value in updates.items():
-            buf = moving[name]
-            buf.copy_(torch.where(has_data, value.to(buf.dtype), buf))
-    return out
+    return distributed.SyncNormalize.apply(x, scale, offset, mean, invstd, count, axes, group, pad,
+                                           weights, ghosts or 1)
 
 
 def flat_adjustment(layer: "BatchNormalization", x: Tensor) -> Optional[Tuple[Tensor, Tensor]]:

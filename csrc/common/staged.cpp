@@ -3,6 +3,8 @@
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 
+#include <limits>
+
 namespace bn_cuda {
 
 GhostPlan plan_ghosts(const at::Tensor& input, at::IntArrayRef axis, int64_t ghosts, bool masked) {
@@ -212,6 +214,77 @@ GradInputCall prepare_grad_input(const at::Tensor& grad_out, const at::Tensor& i
   p.given_sum_dy_xmu = call.sum_dy_xmu.ptr();
   p.given_count = call.count.ptr();
   return call;
+}
+
+KerasFinalizeCall prepare_keras_finalize(const at::Tensor& mean, const at::Tensor& var, const at::Tensor& count,
+                                         const at::Tensor& moving_mean, const at::Tensor& moving_variance,
+                                         const c10::optional<at::Tensor>& moving_stddev,
+                                         const c10::optional<at::Tensor>& renorm_mean,
+                                         const c10::optional<at::Tensor>& renorm_stddev, int64_t ghosts,
+                                         double momentum, double renorm_momentum, double eps,
+                                         c10::optional<double> rmin, c10::optional<double> rmax,
+                                         c10::optional<double> dmax, bool always_update) {
+  KerasFinalizeCall call;
+  TORCH_CHECK_VALUE(ghosts >= 1, "bn_cuda.keras_finalize: ghosts must be >= 1, got ", ghosts);
+  TORCH_CHECK_VALUE(mean.dim() == 1 && mean.numel() % ghosts == 0, "bn_cuda.keras_finalize: mean must be flat with ",
+                    "ghosts * C entries, got shape ", shape_str(mean.sizes()), " for ghosts=", ghosts);
+  TORCH_CHECK(var.sizes() == mean.sizes() && count.sizes() == mean.sizes(), "bn_cuda.keras_finalize: mean, var and ",
+              "count must have the same shape, got ", shape_str(mean.sizes()), ", ", shape_str(var.sizes()), " and ",
+              shape_str(count.sizes()));
+  dtype_of(mean, "mean");
+  check_same_device(var, mean, "var");
+  check_same_device(count, mean, "count");
+  TORCH_CHECK_VALUE(eps > 0, "bn_cuda.keras_finalize: eps must be > 0, got ", eps);
+  const bool renorm = moving_stddev.has_value() && moving_stddev->defined();
+  TORCH_CHECK_VALUE(renorm == (renorm_mean.has_value() && renorm_mean->defined()) &&
+                        renorm == (renorm_stddev.has_value() && renorm_stddev->defined()),
+                    "bn_cuda.keras_finalize: moving_stddev, renorm_mean and renorm_stddev go together (renorm)");
+  const at::ScalarType acc = mean.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  call.is_double = acc == at::kDouble;
+  const int64_t C = mean.numel() / ghosts;
+  call.mean = mean.to(acc).contiguous();
+  call.var = var.to(acc).contiguous();
+  call.count = count.to(acc).contiguous();
+  Canonical flat;  // per-feature tensors of a (1, C) "input"
+  flat.axes = {1};
+  flat.feature_shape = {C};
+  flat.v.C = C;
+  const at::Tensor like = at::empty({1, C}, mean.options().dtype(acc));
+  call.moving_mean = feature_tensor(moving_mean, "moving_mean", flat, like, acc, true);
+  call.moving_variance = feature_tensor(moving_variance, "moving_variance", flat, like, acc, true);
+  call.moving_stddev = feature_tensor(moving_stddev, "moving_stddev", flat, like, acc, true);
+  call.renorm_mean = feature_tensor(renorm_mean, "renorm_mean", flat, like, acc, true);
+  call.renorm_stddev = feature_tensor(renorm_stddev, "renorm_stddev", flat, like, acc, true);
+  call.r = at::empty({C}, mean.options().dtype(acc));
+  call.d = at::empty({C}, mean.options().dtype(acc));
+  KerasFinalizeParams& p = call.p;
+  p.G = ghosts;
+  p.C = C;
+  p.mean = call.mean.data_ptr();
+  p.var = call.var.data_ptr();
+  p.count = call.count.data_ptr();
+  p.moving_mean = call.moving_mean.ptr();
+  p.moving_variance = call.moving_variance.ptr();
+  p.moving_stddev = call.moving_stddev.ptr();
+  p.renorm_mean = call.renorm_mean.ptr();
+  p.renorm_stddev = call.renorm_stddev.ptr();
+  p.r = call.r.data_ptr();
+  p.d = call.d.data_ptr();
+  p.momentum = momentum;
+  p.renorm_momentum = renorm_momentum;
+  p.eps = eps;
+  const double nan = std::numeric_limits<double>::quiet_NaN();
+  p.rmin = rmin.value_or(nan);
+  p.rmax = rmax.value_or(nan);
+  p.dmax = dmax.value_or(nan);
+  p.always_update = always_update;
+  return call;
+}
+
+void finish_keras_finalize(KerasFinalizeCall& call) {
+  for (FeatureTensor* f : {&call.moving_mean, &call.moving_variance, &call.moving_stddev, &call.renorm_mean,
+                           &call.renorm_stddev})
+    if (f->copy_back) f->user.copy_(f->acc.view(f->user.sizes()));
 }
 
 }  // namespace bn_cuda

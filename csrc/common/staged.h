@@ -4,6 +4,7 @@
 
 #include <ATen/core/Tensor.h>
 
+#include "bn_cuda/epilogue.h"
 #include "glue.h"
 
 namespace bn_cuda {
@@ -75,5 +76,23 @@ GradInputCall prepare_grad_input(const at::Tensor& grad_out, const at::Tensor& i
                                  const at::Tensor& invstd, const c10::optional<at::Tensor>& weight,
                                  const at::Tensor& sum_dy, const at::Tensor& sum_dy_xmu, const at::Tensor& count,
                                  at::IntArrayRef axis, const c10::optional<at::Tensor>& mask, int64_t ghosts);
+
+// keras_finalize: tf_keras's ghost / renorm epilogue (epilogue.h).
+struct KerasFinalizeCall {
+  at::Tensor mean, var, count;  // G * C, acc type, contiguous
+  FeatureTensor moving_mean, moving_variance, moving_stddev, renorm_mean, renorm_stddev;
+  at::Tensor r, d;
+  KerasFinalizeParams p;
+  bool is_double = false;
+};
+KerasFinalizeCall prepare_keras_finalize(const at::Tensor& mean, const at::Tensor& var, const at::Tensor& count,
+                                         const at::Tensor& moving_mean, const at::Tensor& moving_variance,
+                                         const c10::optional<at::Tensor>& moving_stddev,
+                                         const c10::optional<at::Tensor>& renorm_mean,
+                                         const c10::optional<at::Tensor>& renorm_stddev, int64_t ghosts,
+                                         double momentum, double renorm_momentum, double eps,
+                                         c10::optional<double> rmin, c10::optional<double> rmax,
+                                         c10::optional<double> dmax, bool always_update);
+void finish_keras_finalize(KerasFinalizeCall& call);
 
 }  // namespace bn_cuda

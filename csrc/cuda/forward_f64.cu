@@ -33,5 +33,10 @@ cudaError_t gather_stats_t<DType::kFloat64>(const GatherParams& g, cudaStream_t 
   return gather_stats<Elem>(g, stream);
 }
 
+template <>
+cudaError_t keras_finalize_t<DType::kFloat64>(const KerasFinalizeParams& p, cudaStream_t stream) {
+  return keras_finalize<Elem>(p, stream);
+}
+
 }  // namespace cuda
 }  // namespace bn_cuda

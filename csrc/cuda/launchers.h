@@ -4,6 +4,7 @@
 
 #include <cuda_runtime_api.h>
 
+#include "bn_cuda/epilogue.h"
 #include "bn_cuda/params.h"
 
 namespace bn_cuda {
@@ -24,6 +25,8 @@ cudaError_t backward_apply_t(const BackwardParams& p, cudaStream_t stream);
 // Accumulation types only: kFloat32 (float) and kFloat64 (double).
 template <DType D>
 cudaError_t gather_stats_t(const GatherParams& g, cudaStream_t stream);
+template <DType D>
+cudaError_t keras_finalize_t(const KerasFinalizeParams& p, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace bn_cuda

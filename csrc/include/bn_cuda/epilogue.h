@@ -122,4 +122,79 @@ BN_HD GatheredStats<A> gather_finalize(const WelfordState<A>& st, A eps, A momen
   return g;
 }
 
+// tf_keras's moving average: variable - (variable - value) * (1 - momentum) (momentum is the decay).
+template <typename A>
+BN_HD A keras_moving_average(A variable, A value, A momentum) {
+  return variable - (variable - value) * (A(1) - momentum);
+}
+
+// tf_keras's per-feature training epilogue for ghost batches and batch renormalization, on the
+// device in one step: average the G ghost statistics, take renorm's r and d from the pre-update
+// renorm statistics (clipped; a NaN bound means "no clip"), and update every moving variable.
+// Features without any data keep their moving variables unless always_update (tf_keras's
+// masked moments move them towards 0 too).
+struct KerasFinalizeParams {
+  int64_t G = 1, C = 0;
+  const void* mean = nullptr;  // G * C, ghost-major
+  const void* var = nullptr;
+  const void* count = nullptr;
+  void* moving_mean = nullptr;  // C each
+  void* moving_variance = nullptr;
+  void* moving_stddev = nullptr;  // renorm only (all three non-null, or all null)
+  void* renorm_mean = nullptr;
+  void* renorm_stddev = nullptr;
+  void* r = nullptr;  // C outputs: 1 and 0 without renorm
+  void* d = nullptr;
+  double momentum = 0.99, renorm_momentum = 0.99, eps = 1e-3;
+  double rmin = 0, rmax = 0, dmax = 0;  // NaN: no clip on that side
+  bool always_update = false;
+};
+
+template <typename A>
+BN_HD void keras_finalize_feature(const KerasFinalizeParams& p, int64_t c) {
+  const A* mean = static_cast<const A*>(p.mean);
+  const A* var = static_cast<const A*>(p.var);
+  const A* cnt = static_cast<const A*>(p.count);
+  A m = A(0), v = A(0), n = A(0);
+  for (int64_t g = 0; g < p.G; ++g) {  // tf_keras: reduce_mean over the ghost axis, in order
+    m += mean[g * p.C + c];
+    v += var[g * p.C + c];
+    n += cnt[g * p.C + c];
+  }
+  m = m / static_cast<A>(p.G);
+  v = v / static_cast<A>(p.G);
+  const bool update = p.always_update || n > A(0);
+  const A mom = static_cast<A>(p.momentum), eps = static_cast<A>(p.eps);
+  A* mm = static_cast<A*>(p.moving_mean);
+  A* mv = static_cast<A*>(p.moving_variance);
+  A r = A(1), d = A(0);
+  if (p.renorm_mean) {
+    A* rm = static_cast<A*>(p.renorm_mean);
+    A* rs = static_cast<A*>(p.renorm_stddev);
+    A* ms = static_cast<A*>(p.moving_stddev);
+    const A stddev = bn_sqrt(v + eps);
+    const A floor = bn_sqrt(eps);
+    const A denom = rs[c] > floor ? rs[c] : floor;
+    r = stddev / denom;
+    d = (m - rm[c]) / denom;
+    const A rmin = static_cast<A>(p.rmin), rmax = static_cast<A>(p.rmax), dmax = static_cast<A>(p.dmax);
+    if (rmin == rmin && r < rmin) r = rmin;  // (x == x: not NaN)
+    if (rmax == rmax && r > rmax) r = rmax;
+    if (dmax == dmax) d = d < -dmax ? -dmax : (d > dmax ? dmax : d);
+    if (update) {
+      const A rmom = static_cast<A>(p.renorm_momentum);
+      rm[c] = keras_moving_average(rm[c], m, rmom);
+      rs[c] = keras_moving_average(rs[c], stddev, rmom);
+      ms[c] = keras_moving_average(ms[c], stddev, mom);
+      const A var_from_std = ms[c] * ms[c] - eps;  // tf_keras keeps relu(stddev^2 - eps)
+      mv[c] = var_from_std > A(0) ? var_from_std : A(0);
+    }
+  } else if (update) {
+    mv[c] = keras_moving_average(mv[c], v, mom);
+  }
+  if (update) mm[c] = keras_moving_average(mm[c], m, mom);
+  static_cast<A*>(p.r)[c] = r;
+  static_cast<A*>(p.d)[c] = d;
+}
+
 }  // namespace BN_CUDA_NAMESPACE

@@ -284,6 +284,14 @@ __global__ void __launch_bounds__(256) gather_stats_kernel(const GatherParams g)
   static_cast<A*>(g.out_count)[c] = r.count;
 }
 
+// tf_keras's ghost / renorm epilogue (keras_finalize_feature), one thread per feature.
+template <typename A>
+__global__ void __launch_bounds__(256) keras_finalize_kernel(const KerasFinalizeParams p) {
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c >= p.C) return;
+  keras_finalize_feature<A>(p, c);
+}
+
 // Channels-first apply: a grid-stride walk over all (o, c, vector) positions.
 template <typename T, int V, int BLOCK>
 __global__ void __launch_bounds__(BLOCK) apply_cf_kernel(const ForwardParams p) {

@@ -262,6 +262,15 @@ cudaError_t backward_apply(const BackwardParams& p, cudaStream_t stream) {
   return detail::by_shape<T, detail::BackwardApplyFn>(p, stream);
 }
 
+// tf_keras's per-feature epilogue of ghost batches / batch renormalization (epilogue.h).
+template <typename A>
+cudaError_t keras_finalize(const KerasFinalizeParams& p, cudaStream_t stream) {
+  if (p.C == 0) return cudaSuccess;
+  keras_finalize_kernel<A><<<static_cast<unsigned>(ceil_div(p.C, 256)), 256, 0, stream>>>(p);
+  BN_CUDA_RETURN_IF_ERROR();
+  return cudaSuccess;
+}
+
 template <typename A>
 cudaError_t gather_stats(const GatherParams& g, cudaStream_t stream) {
   if (g.C == 0) return cudaSuccess;
