@@ -93,33 +93,67 @@ BatchStatsCall prepare_batch_stats(const at::Tensor& input_, at::IntArrayRef axi
   return call;
 }
 
+namespace {
+
+// Validated (mean, m2|var, count) per-feature triples: same shape, same device, one floating dtype,
+// converted to the accumulation type (fp32; fp64 for fp64). Errors are prefixed with `op`.
+struct StatTriple {
+  at::Tensor a, b, c;
+  at::ScalarType acc;
+};
+StatTriple stat_triple(const char* op, const at::Tensor& a, const char* an, const at::Tensor& b, const char* bn,
+                       const at::Tensor& c) {
+  TORCH_CHECK(b.sizes() == a.sizes() && c.sizes() == a.sizes(), "bn_cuda.", op, ": ", an, ", ", bn, " and count ",
+              "must have the same shape, got ", shape_str(a.sizes()), ", ", shape_str(b.sizes()), " and ",
+              shape_str(c.sizes()));
+  dtype_of(a, an);
+  check_same_device(b, a, bn);
+  check_same_device(c, a, "count");
+  StatTriple t;
+  t.acc = a.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  t.a = a.to(t.acc).contiguous();
+  t.b = b.to(t.acc).contiguous();
+  t.c = c.to(t.acc).contiguous();
+  return t;
+}
+
+// A per-feature tensor of C entries that belongs to no input (running / moving statistics of the
+// staged ops): the shape / device / dtype checks of feature_tensor against a (1, C) stand-in.
+struct FlatFeatures {
+  Canonical flat;
+  at::Tensor like;
+  at::ScalarType acc;
+  FlatFeatures(int64_t C, const at::Tensor& on, at::ScalarType acc_) : acc(acc_) {
+    flat.axes = {1};
+    flat.feature_shape = {C};
+    flat.v.C = C;
+    like = at::empty({1, C}, on.options().dtype(acc));
+  }
+  FeatureTensor operator()(const c10::optional<at::Tensor>& t, const char* name) const {
+    return feature_tensor(t, name, flat, like, acc, /*mutated=*/true);
+  }
+};
+
+}  // namespace
+
 GatherCall prepare_gather(const at::Tensor& mean, const at::Tensor& m2, const at::Tensor& count,
                           const c10::optional<at::Tensor>& running_mean, const c10::optional<at::Tensor>& running_var,
                           double momentum, double eps, bool unbiased_running_var) {
   GatherCall call;
   TORCH_CHECK_VALUE(mean.dim() == 1 || mean.dim() == 2, "bn_cuda.gather_stats: mean must be (C,) or (W, C), got shape ",
                     shape_str(mean.sizes()));
-  TORCH_CHECK(m2.sizes() == mean.sizes() && count.sizes() == mean.sizes(), "bn_cuda.gather_stats: mean, m2 and count ",
-              "must have the same shape, got ", shape_str(mean.sizes()), ", ", shape_str(m2.sizes()), " and ",
-              shape_str(count.sizes()));
-  dtype_of(mean, "mean");
-  check_same_device(m2, mean, "m2");
-  check_same_device(count, mean, "count");
+  const StatTriple t = stat_triple("gather_stats", mean, "mean", m2, "m2", count);
   TORCH_CHECK_VALUE(eps > 0, "bn_cuda.gather_stats: eps must be > 0, got ", eps);
-  const at::ScalarType acc = mean.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const at::ScalarType acc = t.acc;
   call.is_double = acc == at::kDouble;
   const int64_t W = mean.dim() == 2 ? mean.size(0) : 1;
   const int64_t C = mean.size(-1);
-  call.mean = mean.to(acc).contiguous();
-  call.m2 = m2.to(acc).contiguous();
-  call.count = count.to(acc).contiguous();
-  Canonical flat;  // per-feature tensors of a (1, C) "input"
-  flat.axes = {1};
-  flat.feature_shape = {C};
-  flat.v.C = C;
-  const at::Tensor like = at::empty({1, C}, mean.options().dtype(acc));
-  call.running_mean = feature_tensor(running_mean, "running_mean", flat, like, acc, true);
-  call.running_var = feature_tensor(running_var, "running_var", flat, like, acc, true);
+  call.mean = t.a;
+  call.m2 = t.b;
+  call.count = t.c;
+  const FlatFeatures features(C, mean, acc);
+  call.running_mean = features(running_mean, "running_mean");
+  call.running_var = features(running_var, "running_var");
   call.out_mean = at::empty({C}, mean.options().dtype(acc));
   call.out_invstd = at::empty({C}, mean.options().dtype(acc));
   call.out_count = at::empty({C}, mean.options().dtype(acc));
@@ -228,33 +262,24 @@ KerasFinalizeCall prepare_keras_finalize(const at::Tensor& mean, const at::Tenso
   TORCH_CHECK_VALUE(ghosts >= 1, "bn_cuda.keras_finalize: ghosts must be >= 1, got ", ghosts);
   TORCH_CHECK_VALUE(mean.dim() == 1 && mean.numel() % ghosts == 0, "bn_cuda.keras_finalize: mean must be flat with ",
                     "ghosts * C entries, got shape ", shape_str(mean.sizes()), " for ghosts=", ghosts);
-  TORCH_CHECK(var.sizes() == mean.sizes() && count.sizes() == mean.sizes(), "bn_cuda.keras_finalize: mean, var and ",
-              "count must have the same shape, got ", shape_str(mean.sizes()), ", ", shape_str(var.sizes()), " and ",
-              shape_str(count.sizes()));
-  dtype_of(mean, "mean");
-  check_same_device(var, mean, "var");
-  check_same_device(count, mean, "count");
+  const StatTriple t = stat_triple("keras_finalize", mean, "mean", var, "var", count);
   TORCH_CHECK_VALUE(eps > 0, "bn_cuda.keras_finalize: eps must be > 0, got ", eps);
   const bool renorm = moving_stddev.has_value() && moving_stddev->defined();
   TORCH_CHECK_VALUE(renorm == (renorm_mean.has_value() && renorm_mean->defined()) &&
                         renorm == (renorm_stddev.has_value() && renorm_stddev->defined()),
                     "bn_cuda.keras_finalize: moving_stddev, renorm_mean and renorm_stddev go together (renorm)");
-  const at::ScalarType acc = mean.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const at::ScalarType acc = t.acc;
   call.is_double = acc == at::kDouble;
   const int64_t C = mean.numel() / ghosts;
-  call.mean = mean.to(acc).contiguous();
-  call.var = var.to(acc).contiguous();
-  call.count = count.to(acc).contiguous();
-  Canonical flat;  // per-feature tensors of a (1, C) "input"
-  flat.axes = {1};
-  flat.feature_shape = {C};
-  flat.v.C = C;
-  const at::Tensor like = at::empty({1, C}, mean.options().dtype(acc));
-  call.moving_mean = feature_tensor(moving_mean, "moving_mean", flat, like, acc, true);
-  call.moving_variance = feature_tensor(moving_variance, "moving_variance", flat, like, acc, true);
-  call.moving_stddev = feature_tensor(moving_stddev, "moving_stddev", flat, like, acc, true);
-  call.renorm_mean = feature_tensor(renorm_mean, "renorm_mean", flat, like, acc, true);
-  call.renorm_stddev = feature_tensor(renorm_stddev, "renorm_stddev", flat, like, acc, true);
+  call.mean = t.a;
+  call.var = t.b;
+  call.count = t.c;
+  const FlatFeatures features(C, mean, acc);
+  call.moving_mean = features(moving_mean, "moving_mean");
+  call.moving_variance = features(moving_variance, "moving_variance");
+  call.moving_stddev = features(moving_stddev, "moving_stddev");
+  call.renorm_mean = features(renorm_mean, "renorm_mean");
+  call.renorm_stddev = features(renorm_stddev, "renorm_stddev");
   call.r = at::empty({C}, mean.options().dtype(acc));
   call.d = at::empty({C}, mean.options().dtype(acc));
   KerasFinalizeParams& p = call.p;
