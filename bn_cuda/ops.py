@@ -3,9 +3,10 @@
 ``forward_infer`` and ``backward`` are functional and get their autograd from
 ``torch.library.register_autograd``. ``forward_train`` updates the running statistics in place
 (declared ``Tensor(a!)?`` in its schema), and ``register_autograd`` refuses operators with mutable
-arguments, so its autograd is the thin :class:`_ForwardTrain` function below; it works under
-``torch.compile(fullgraph=True)`` (the mutation is functionalized) and its backward calls the
-registered ``backward`` op.
+arguments, so its autograd kernel is C++ (``csrc/common/autograd.cpp``, dispatch key Autograd): a
+Python ``torch.autograd.Function`` cost more host time per call than the kernel on small tensors.
+Its backward calls the registered ``backward`` op, so double backward uses that op's autograd
+below, and it works under ``torch.compile(fullgraph=True)`` (the mutation is functionalized).
 """
 
 from __future__ import annotations
@@ -188,49 +189,6 @@ def _infer_backward(ctx, grad_out):
 torch.library.register_autograd("bn_cuda::forward_infer", _infer_backward, setup_context=_infer_setup)
 
 
-class _ForwardTrain(torch.autograd.Function):
-    """Autograd of the mutable ``bn_cuda::forward_train`` (see the module docstring)."""
-
-    @staticmethod
-    def forward(ctx, input, weight, bias, running_mean, running_var, momentum, eps, axis, unbiased):
-        out, mean, invstd = _ops.forward_train.default(input, weight, bias, running_mean, running_var,
-                                               momentum, eps, axis, unbiased)
-        ctx.save_for_backward(input, weight, mean, invstd)
-        ctx.axis = list(axis)
-        ctx.bias_shape = None if bias is None else bias.shape
-        ctx.bias_dtype = None if bias is None else bias.dtype
-        ctx.set_materialize_grads(False)
-        return out, mean, invstd
-
-    @staticmethod
-    def backward(ctx, grad_out, grad_mean, grad_invstd):
-        input, weight, mean, invstd = ctx.saved_tensors
-        need = ctx.needs_input_grad
-        mask = [need[0], weight is not None and need[1], ctx.bias_shape is not None and need[2]]
-        gi = gw = gb = None
-        if grad_out is not None and any(mask):
-            gi, gw, gb = _ops.backward.default(grad_out, input, weight, mean, invstd, True, ctx.axis, mask)
-            gi = gi if mask[0] else None
-            gw = gw.reshape(weight.shape).to(weight.dtype) if mask[1] else None
-            gb = gb.reshape(ctx.bias_shape).to(ctx.bias_dtype) if mask[2] else None
-        if need[0] and (grad_mean is not None or grad_invstd is not None):
-            # Gradients reaching the saved statistics (double backward, or a user of the
-            # returned statistics): d mean/dx = 1/M, d invstd/dx = -invstd^3 (x - mean) / M.
-            axes = normalize_axes(ctx.axis, input.dim())
-            count = max(1, input.numel() // max(1, mean.numel()))
-            acc = mean.dtype
-            extra = torch.zeros((), dtype=acc, device=input.device)
-            if grad_mean is not None:
-                extra = extra + _bcast(grad_mean.to(acc), input, axes) / count
-            if grad_invstd is not None:
-                s = _bcast(invstd, input, axes)
-                extra = extra - _bcast(grad_invstd.to(acc), input, axes) * s ** 3 * (
-                    input.to(acc) - _bcast(mean, input, axes)) / count
-            extra = extra.to(input.dtype).expand_as(input)
-            gi = extra if gi is None else gi + extra
-        return gi, gw, gb, None, None, None, None, None, None
-
-
 def _no_grad_needed(*tensors: Optional[Tensor]) -> bool:
     """True outside tracing when no gradient can flow: the autograd layers can be skipped."""
     if torch.compiler.is_compiling():
@@ -250,9 +208,8 @@ def batch_norm_train(input: Tensor, weight: Optional[Tensor], bias: Optional[Ten
     check_same_device(input, weight=weight, bias=bias, running_mean=running_mean, running_var=running_var)
     args = (input, weight, bias, running_mean, running_var, float(momentum), float(eps), [int(a) for a in axis],
             bool(unbiased_running_var))
-    if _no_grad_needed(input, weight, bias):
-        return _ops.forward_train.default(*args)
-    return _ForwardTrain.apply(*args)
+    # The op's autograd kernel is C++ (csrc/common/autograd.cpp): no Python layer to skip.
+    return _ops.forward_train.default(*args)
 
 
 def batch_norm_infer(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],

@@ -113,6 +113,12 @@ def _opcheck_samples(device):
         rv = make_features(fs, sdt, device, "var")
         out.append((ops.forward_train.default, (x, w, b, rm, rv, 0.1, 1e-5, axis, True)))
         out.append((ops.forward_train.default, (x, None, None, None, None, 0.1, 1e-5, axis, False)))
+        # Inputs that require grad: the C++ autograd kernel (opcheck's autograd-registration check).
+        out.append((ops.forward_train.default, (x.detach().requires_grad_(), w.detach().requires_grad_(),
+                                                b.detach().requires_grad_(), rm.clone(), rv.clone(), 0.1, 1e-5,
+                                                axis, True)))
+        out.append((ops.forward_train.default, (x.detach().requires_grad_(), None, b.detach().requires_grad_(),
+                                                None, None, 0.1, 1e-5, axis, True)))
         out.append((ops.forward_infer.default, (x, w, b, rm, rv, 1e-5, axis)))
         out.append((ops.forward_infer.default, (x.detach().requires_grad_(), w.detach().requires_grad_(),
                                                 b.detach().requires_grad_(), rm, rv, 1e-5, axis)))
