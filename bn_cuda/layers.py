@@ -312,6 +312,7 @@ class BatchNormalization(KerasLayerIO, nn.Module):
             raise ValueError(checks.vbs_message(self.virtual_batch_size,
                                                 f" for an input of batch size {inputs.shape[0]}"))
         group, world_size = self._sync_group()
+        adj_raw = None
         staged = self.fused is not False and self.stats_hook is None and (
             world_size > 1 or self.renorm or self.virtual_batch_size is not None or self.adjustment is not None
             or mask is not None) and (mask is None or mask.dtype == torch.bool)  # other dtypes: weights
@@ -322,19 +323,22 @@ class BatchNormalization(KerasLayerIO, nn.Module):
             from . import distributed
             from .keras import synchronized
 
-            adjustment = None if self.adjustment is None else synchronized.flat_adjustment(self, inputs)
+            adjustment = None
+            if self.adjustment is not None:  # called once per step, whichever path runs it
+                adj_raw = self.adjustment(torch.Size(inputs.shape))
+                adjustment = synchronized.flat_adjustment(self, inputs, adj_raw)
             if self.adjustment is None or adjustment is not None:
                 if world_size == 1:
                     group = distributed.LOCAL
                 return synchronized.train_step(self, inputs, group, world_size, adjustment, mask)
         hook = self._stats_hook(group, world_size)
-        blocking = self._kernel_blockers(mask, hook)
+        blocking = self._kernel_blockers(mask, hook, inputs, adj_raw)
         if self.fused is True and blocking:
             raise ValueError(f"`fused=True` is not supported with {blocking[0]}: bn_cuda's fused kernels cannot "
                              "run it yet. Pass `fused=None` (kernels where possible) or `fused=False`.")
         if self.fused is not False and not blocking:
             return self._train_kernels(inputs, unbiased=keras_fused)
-        return self._train_composite(inputs, mask, hook)
+        return self._train_composite(inputs, mask, hook, adj_raw)
 
     def keras_fused_path(self, inputs: Tensor) -> bool:
         """Whether tf_keras, with this configuration and input, takes its fused path (Bessel-corrected
@@ -350,12 +354,17 @@ class BatchNormalization(KerasLayerIO, nn.Module):
             return False
         return (inputs.dim(), self._axes[0]) in ((4, 1), (4, 3), (5, 1), (5, 4))
 
-    def _kernel_blockers(self, mask: Optional[Tensor], hook) -> List[str]:
+    def _kernel_blockers(self, mask: Optional[Tensor], hook, inputs: Tensor, adj_raw=None) -> List[str]:
         found = []
         if self.adjustment is not None:
-            found.append("an `adjustment` whose outputs vary over reduced dims")
+            got = ""
+            if adj_raw is not None:
+                shapes = [list(torch.as_tensor(t).shape) for t in adj_raw]
+                got = (f" (got scale shape {shapes[0]} and bias shape {shapes[1]} for an input of shape "
+                       f"{list(inputs.shape)})")
+            found.append("an `adjustment` whose outputs vary over reduced dims" + got)
         if mask is not None:
-            found.append("a non-boolean `mask` (arbitrary weights)")
+            found.append(f"a non-boolean `mask` (arbitrary weights; got dtype {mask.dtype})")
         if hook is not None:
             found.append("`synchronized=True` across processes (or a `stats_hook`)")
         return found
@@ -439,7 +448,7 @@ class BatchNormalization(KerasLayerIO, nn.Module):
                                          self._axes, unbiased_running_var=unbiased)
         return out
 
-    def _train_composite(self, x: Tensor, mask: Optional[Tensor], hook) -> Tensor:
+    def _train_composite(self, x: Tensor, mask: Optional[Tensor], hook, adj_raw=None) -> Tensor:
         """tf_keras's non-fused training step; all values computed first, variables committed last."""
         work = _upcast(x)
         axes = self._axes
@@ -456,7 +465,8 @@ class BatchNormalization(KerasLayerIO, nn.Module):
 
         scale, offset = param(self.gamma), param(self.beta)
         if self.adjustment is not None:
-            adj_scale, adj_bias = self.adjustment(torch.Size(work.shape))
+            # (adj_raw: the outputs of this step's call, when the staged path already made it)
+            adj_scale, adj_bias = adj_raw if adj_raw is not None else self.adjustment(torch.Size(work.shape))
             scale, offset = composite.compose_transforms(_as_work(adj_scale, work), _as_work(adj_bias, work),
                                                          scale, offset)
         weights = None if mask is None else mask.to(work.dtype).unsqueeze(-1)
@@ -465,6 +475,8 @@ class BatchNormalization(KerasLayerIO, nn.Module):
             mean, var, count = composite.sum_moments(work, reduce_dims, mask_weights=weights, stats_hook=hook)
         else:
             mean, var = composite.moments(work, reduce_dims, mask_weights=weights, sum_of_squares=self.synchronized)
+        if work.numel() == 0:  # empty batch: finite statistics (the mean of nothing is NaN), no update below
+            mean, var = torch.zeros_like(mean), torch.zeros_like(var)
         if self.virtual_batch_size is not None:
             # One moving-average update per step, from the average of the ghost statistics (under
             # synchronization: of every rank's ghosts; this rank's own come first).
@@ -474,6 +486,8 @@ class BatchNormalization(KerasLayerIO, nn.Module):
         else:
             new_mean, new_var = mean, var
         new_mean, new_var = new_mean.detach(), new_var.detach()
+        if work.numel() == 0:  # (the average over zero ghost batches is NaN too)
+            new_mean, new_var = torch.zeros_like(new_mean), torch.zeros_like(new_var)
         has_data = None
         if count is not None:  # nothing anywhere: keep every moving statistic, and r / d finite
             has_data = count.detach() > 0
@@ -500,8 +514,10 @@ class BatchNormalization(KerasLayerIO, nn.Module):
 
         out = composite.batch_normalization(work, mean, var, offset, scale, self.epsilon)
         out = out.reshape(x.shape).to(x.dtype)
+        # An empty batch leaves every moving variable as it is, on every path (tf_keras would write
+        # NaN into them; the fused path never has).
         with torch.no_grad():
-            for n, value in updates.items():
+            for n, value in updates.items() if x.numel() > 0 else ():
                 if has_data is not None:
                     value = torch.where(has_data, value, moving[n])
                 buf = getattr(self, n)

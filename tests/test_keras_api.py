@@ -186,9 +186,17 @@ def test_fused_true_with_mask():
     torch.testing.assert_close(fused.moving_mean, composite.moving_mean, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(fused.moving_variance, composite.moving_variance, rtol=1e-6, atol=1e-7)
     before = _snapshot(fused)
-    with pytest.raises(ValueError, match=r"`fused=True` is not supported with a non-boolean `mask`"):
+    with pytest.raises(ValueError, match=r"`fused=True` is not supported with a non-boolean `mask` "
+                                         r"\(arbitrary weights; got dtype torch.float32\)"):
         fused(x, training=True, mask=mask.float())
     _assert_unchanged(fused, before)
+    per_sample = BatchNormalization(fused=True, adjustment=lambda s: (torch.rand(s[0], 1) + 0.5, torch.zeros(s[-1])))
+    per_sample.build(x.shape)
+    before = _snapshot(per_sample)
+    with pytest.raises(ValueError, match=r"`adjustment` whose outputs vary over reduced dims \(got scale shape "
+                                         r"\[6, 1\] and bias shape \[4\] for an input of shape \[6, 4\]\)"):
+        per_sample(x, training=True)
+    _assert_unchanged(per_sample, before)
     fused(x, training=False, mask=mask.float())  # inference ignores masks
 
 

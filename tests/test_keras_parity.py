@@ -96,11 +96,16 @@ CASES = [
     Case("renorm_dmax_only", (5, 7, 5), {"renorm": True, "renorm_clipping": {"dmax": 0.3}}),
     Case("renorm_no_clipping", (5, 7, 3), {"renorm": True, "renorm_momentum": 0.5}),
     Case("renorm_4d_nhwc", (3, 7, 1, 5), {"renorm": True, "renorm_clipping": CLIP_FULL}),
+    # decays 1 - momentum are rounded from double, as tf_keras does (1e-4 here is where a float32
+    # subtraction is off by 1.7e-4 relative)
+    Case("renorm_momentum_9999", (9, 5), {"renorm": True, "momentum": 0.9999, "renorm_momentum": 0.9999},
+         shift=5.0),
     # ghost batches
     Case("vbs_2d", (12, 3), {"virtual_batch_size": 3}, infer_shape=(7, 3)),
     Case("vbs_nchw", (6, 3, 7, 1), {"axis": 1, "virtual_batch_size": 2}, infer_shape=(5, 3, 7, 1)),
     Case("vbs_3d", (8, 7, 3), {"virtual_batch_size": 4, "momentum": 0.5}),
     Case("vbs_1", (4, 7, 3), {"virtual_batch_size": 1}),
+    Case("vbs_momentum_9999", (8, 5), {"virtual_batch_size": 2, "momentum": 0.9999}, shift=5.0),
     Case("vbs_whole_batch", (6, 5), {"virtual_batch_size": 6}),
     Case("vbs_axis_list", (6, 3, 7), {"axis": [1, 2], "virtual_batch_size": 3}),
     Case("vbs_renorm", (12, 5), {"virtual_batch_size": 4, "renorm": True, "renorm_clipping": CLIP_FULL},
@@ -116,6 +121,9 @@ CASES = [
     Case("mask_3d_axis1", (5, 3, 7), {"axis": 1}, mask=True),
     Case("mask_4d_nhwc", (3, 7, 7, 3), mask=True),
     Case("mask_renorm", (5, 7, 3), {"renorm": True, "renorm_clipping": CLIP_FULL}, mask=True),
+    # ghost batches of one sample: some features of a ghost have a single unmasked value
+    Case("mask_vbs1", (4, 6, 3), {"virtual_batch_size": 1}, mask=True),
+    Case("mask_momentum_9999", (5, 7, 3), {"momentum": 0.9999}, mask=True, shift=5.0),
     # 16-bit inputs (mixed precision policy on the tf side)
     Case("fp16_2d", (7, 3), dtype="float16"),
     Case("fp16_4d_nhwc", (3, 7, 7, 3), dtype="float16"),

@@ -124,3 +124,57 @@ def test_bitwise_deterministic(device, name):
         runs.append([y.detach(), xr.grad, lay.gamma.grad] + [b.clone() for b in lay.buffers()])
     for a, b in zip(*runs):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("fused", [None, False])
+@pytest.mark.parametrize("per_sample", [False, True])
+def test_adjustment_called_once_per_training_step(fused, per_sample):
+    """The adjustment runs once per training step on every path (a random adjustment draws once),
+    and never in inference."""
+    calls = []
+
+    def adj(shape):
+        calls.append(tuple(shape))
+        scale = torch.rand(shape[0], 1, 1) + 0.5 if per_sample else torch.rand(shape[-1]) + 0.5
+        return scale, torch.zeros(shape[-1])
+
+    shape = (6, 4, 3)
+    layer = bn_cuda.BatchNormalization(fused=fused, adjustment=adj)
+    x = _input(shape, "cpu", seed=3).float()
+    for step in range(3):
+        layer(x, training=True)
+        assert calls == [shape] * (step + 1)
+    layer(x, training=False)
+    assert len(calls) == 3
+
+
+def test_masked_single_unmasked_value_is_exact():
+    """A feature with one unmasked value whose first element is masked: its mean is that value
+    exactly, so the output there is exactly the bias (variance 0)."""
+    x = torch.tensor([[[-1.9252812, 0.5530972, -1.6053288], [-1.9697868, 1.1547437, 7.580402]]])
+    m = torch.tensor([[False, True]])
+    mean, m2, count = bn_cuda.staged.batch_stats(x, [2], m.unsqueeze(-1))
+    assert torch.equal(mean, x[0, 1]) and torch.equal(m2, torch.zeros(3)) and torch.equal(count, torch.ones(3))
+    for fused in (None, False):
+        layer = bn_cuda.BatchNormalization(fused=fused)
+        y = layer(x, training=True, mask=m)
+        assert torch.equal(y[0, 1], torch.zeros(3)), (fused, y[0, 1])
+
+
+@pytest.mark.parametrize("fused", [None, False])
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_empty_batch_keeps_moving_variables(fused, name):
+    """A training step on an empty batch: empty output, zero parameter gradients, and every moving
+    variable unchanged on both paths (a deliberate difference from tf_keras, which writes NaN)."""
+    shape = (12, 7, 5)
+    layer = _layer(name, fused, "cpu", shape)
+    before = {n: b.clone() for n, b in layer.named_buffers()}
+    x = torch.zeros((0,) + shape[1:], requires_grad=True)
+    mask = None if "mask" not in name else torch.zeros((0,) + shape[1:-1], dtype=torch.bool)
+    y = layer(x, training=True, mask=mask)
+    assert y.shape == x.shape
+    y.sum().backward()
+    assert torch.equal(layer.gamma.grad, torch.zeros_like(layer.gamma))
+    assert torch.equal(layer.beta.grad, torch.zeros_like(layer.beta))
+    for n, b in layer.named_buffers():
+        assert torch.equal(b, before[n]), (name, fused, n)

@@ -100,10 +100,11 @@ def train_step(layer: "BatchNormalization", x: Tensor, group: Any, world_size: i
                                            weights, ghosts or 1)
 
 
-def flat_adjustment(layer: "BatchNormalization", x: Tensor) -> Optional[Tuple[Tensor, Tensor]]:
-    """The adjustment's ``(scale, bias)`` as flat per-feature tensors, or None when they vary over
-    reduced dims too (then only the composite path can apply them)."""
-    adj_scale, adj_bias = layer.adjustment(torch.Size(x.shape))
+def flat_adjustment(layer: "BatchNormalization", x: Tensor, raw: Tuple[Any, Any]) -> Optional[Tuple[Tensor, Tensor]]:
+    """The adjustment's outputs ``raw = (scale, bias)`` (of ``layer.adjustment(x.shape)``) as flat
+    per-feature tensors, or None when they vary over reduced dims too (then only the composite path
+    can apply them)."""
+    adj_scale, adj_bias = raw
     stat_shape = tuple(x.shape[i] if i in layer._axes else 1 for i in range(x.dim()))
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     flat = []

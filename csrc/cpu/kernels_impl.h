@@ -278,13 +278,52 @@ inline WelfordState<acc_t<T>> stats_cf_part(const ForwardParams& p, int64_t c, i
 // mask viewed like x. Same two-pass-then-Chan structure as the unmasked partitions; the weighted
 // moments are mean = sum(w x) / sum(w), M2 = sum(w (x - mean)^2). Scalar loops: masks are not on
 // the hot path the vector code serves.
+//
+// The shift of a masked feature is its first UNMASKED element (its first element when every one
+// is masked): with a masked-out shift, a feature with a single unmasked value would get a mean one
+// rounding away from that value, and with a zero variance the output is then far from 0.
+// (Masked kernels never see ghost rows: masked ghost batches are split views, G == 1.)
 template <typename T>
-inline WelfordState<acc_t<T>> masked_stats_cf_part(const ForwardParams& p, int64_t c, int64_t part) {
+inline void masked_feature_shifts(const ForwardParams& p, acc_t<T>* shifts) {
+  using A = acc_t<T>;
+  const View3& v = p.v;
+  const T* x = static_cast<const T*>(p.x);
+  if (!v.channels_last) {
+    at::parallel_for(0, v.C, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t c = begin; c < end; ++c) {
+        A sh = static_cast<A>(x[c * p.x_sc]);
+        bool found = false;
+        for (int64_t r = 0; r < v.O && !found; ++r)
+          for (int64_t i = 0; i < v.I; ++i)
+            if (p.mask[c * p.m_sc + r * p.m_so + i] != 0) {
+              sh = static_cast<A>(x[c * p.x_sc + r * p.x_so + i]);
+              found = true;
+              break;
+            }
+        shifts[c] = sh;
+      }
+    });
+    return;
+  }
+  std::vector<char> found(static_cast<size_t>(v.C), 0);
+  int64_t left = v.C;
+  for (int64_t c = 0; c < v.C; ++c) shifts[c] = static_cast<A>(x[c]);
+  for (int64_t r = 0; r < v.O && left > 0; ++r)
+    for (int64_t c = 0; c < v.C; ++c)
+      if (!found[c] && p.mask[r * p.m_so + c * p.m_sc] != 0) {
+        shifts[c] = static_cast<A>(x[r * p.x_so + c]);
+        found[c] = 1;
+        --left;
+      }
+}
+
+template <typename T>
+inline WelfordState<acc_t<T>> masked_stats_cf_part(const ForwardParams& p, int64_t c, int64_t part,
+                                                   acc_t<T> shift) {
   using A = acc_t<T>;
   const View3& v = p.v;
   const T* x = static_cast<const T*>(p.x) + c * p.x_sc;
   const uint8_t* m = p.mask + c * p.m_sc;
-  const A shift = feature_shift<T>(p, c);
   const int64_t rows_per_part = v.I >= kCpuChunkElems ? 1 : kCpuChunkElems / v.I;
   const int64_t r0 = part * rows_per_part, r1 = std::min(v.O, r0 + rows_per_part);
   WelfordState<A> st = welford_empty<A>();
@@ -311,7 +350,8 @@ inline WelfordState<acc_t<T>> masked_stats_cf_part(const ForwardParams& p, int64
 }
 
 template <typename T>
-inline void masked_stats_cl_part(const ForwardParams& p, int64_t part, int64_t P, PartialArrays<acc_t<T>> out) {
+inline void masked_stats_cl_part(const ForwardParams& p, int64_t part, int64_t P, PartialArrays<acc_t<T>> out,
+                                 const acc_t<T>* shifts) {
   using A = acc_t<T>;
   const View3& v = p.v;
   const int64_t C = v.C;
@@ -319,7 +359,7 @@ inline void masked_stats_cl_part(const ForwardParams& p, int64_t part, int64_t P
   const int64_t r0 = part * rows_per_part, r1 = std::min(v.O, r0 + rows_per_part);
   const T* x = static_cast<const T*>(p.x);
   for (int64_t c = 0; c < C; ++c) {
-    const A h = static_cast<A>(x[c]);  // feature_shift
+    const A h = shifts[c];
     A s = A(0), n = A(0);
     for (int64_t r = r0; r < r1; ++r) {
       const A w = static_cast<A>(p.mask[r * p.m_so + c * p.m_sc] != 0);
@@ -647,12 +687,14 @@ void forward_train(const ForwardParams& p) {
   PartialArrays<A> part = partial_arrays<A>(p.workspace, P, C);
   A* coeff_base = static_cast<A*>(p.workspace) + 3 * P * C;
   CoeffArrays<A> k{coeff_base, coeff_base + F, coeff_base + 2 * F};
+  // Masked: per-feature shifts in k.mean until the finalize below overwrites it (same index).
+  if (p.mask) masked_feature_shifts<T>(p, k.mean);
 
   if (!v.channels_last) {
     at::parallel_for(0, C * P, grain_for(cf_part_elems(v)), [&](int64_t begin, int64_t end) {
       for (int64_t t = begin; t < end; ++t) {
         const int64_t c = t / P, q = t % P;
-        const WelfordState<A> st = p.mask ? masked_stats_cf_part<T>(p, c, q) : stats_cf_part<T>(p, c, q);
+        const WelfordState<A> st = p.mask ? masked_stats_cf_part<T>(p, c, q, k.mean[c]) : stats_cf_part<T>(p, c, q);
         part.mean[t] = st.mean;
         part.m2[t] = st.m2;
         part.n[t] = st.n;
@@ -662,7 +704,7 @@ void forward_train(const ForwardParams& p) {
     at::parallel_for(0, P, grain_for(cl_part_elems(v, P)), [&](int64_t begin, int64_t end) {
       for (int64_t q = begin; q < end; ++q) {
         if (p.mask) {
-          masked_stats_cl_part<T>(p, q, P, part);
+          masked_stats_cl_part<T>(p, q, P, part, k.mean);
         } else {
           stats_cl_part<T>(p, q, P, part);
         }
@@ -689,7 +731,7 @@ void forward_train(const ForwardParams& p) {
         const int64_t idx = row_merged ? merged_cl_index(v, P, c) : (v.channels_last ? q * C + c : c * P + q);
         st = welford_merge(st, WelfordState<A>{part.mean[idx], part.m2[idx], part.n[idx]});
       }
-      st.mean = feature_shift<T>(p, c) + st.mean;  // partial means are relative to the shift
+      st.mean = (p.mask ? k.mean[c] : feature_shift<T>(p, c)) + st.mean;  // partials are relative to the shift
       if (p.stat_mean) {  // staged batch_stats: hand the merged local state to the caller
         static_cast<A*>(p.stat_mean)[c] = st.mean;
         static_cast<A*>(p.stat_m2)[c] = st.m2;

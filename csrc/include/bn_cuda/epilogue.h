@@ -122,10 +122,12 @@ BN_HD GatheredStats<A> gather_finalize(const WelfordState<A>& st, A eps, A momen
   return g;
 }
 
-// tf_keras's moving average: variable - (variable - value) * (1 - momentum) (momentum is the decay).
+// tf_keras's moving average: variable - (variable - value) * decay, decay = 1 - momentum computed
+// in double and then rounded, as tf_keras does (rounding momentum first and subtracting in float32
+// is off by up to 1.7e-4 relative for momentum 0.9999).
 template <typename A>
-BN_HD A keras_moving_average(A variable, A value, A momentum) {
-  return variable - (variable - value) * (A(1) - momentum);
+BN_HD A keras_moving_average(A variable, A value, A decay) {
+  return variable - (variable - value) * decay;
 }
 
 // tf_keras's per-feature training epilogue for ghost batches and batch renormalization, on the
@@ -164,7 +166,7 @@ BN_HD void keras_finalize_feature(const KerasFinalizeParams& p, int64_t c) {
   m = m / static_cast<A>(p.G);
   v = v / static_cast<A>(p.G);
   const bool update = p.always_update || n > A(0);
-  const A mom = static_cast<A>(p.momentum), eps = static_cast<A>(p.eps);
+  const A decay = static_cast<A>(1.0 - p.momentum), eps = static_cast<A>(p.eps);
   A* mm = static_cast<A*>(p.moving_mean);
   A* mv = static_cast<A*>(p.moving_variance);
   A r = A(1), d = A(0);
@@ -182,17 +184,17 @@ BN_HD void keras_finalize_feature(const KerasFinalizeParams& p, int64_t c) {
     if (rmax == rmax && r > rmax) r = rmax;
     if (dmax == dmax) d = d < -dmax ? -dmax : (d > dmax ? dmax : d);
     if (update) {
-      const A rmom = static_cast<A>(p.renorm_momentum);
-      rm[c] = keras_moving_average(rm[c], m, rmom);
-      rs[c] = keras_moving_average(rs[c], stddev, rmom);
-      ms[c] = keras_moving_average(ms[c], stddev, mom);
+      const A rdecay = static_cast<A>(1.0 - p.renorm_momentum);
+      rm[c] = keras_moving_average(rm[c], m, rdecay);
+      rs[c] = keras_moving_average(rs[c], stddev, rdecay);
+      ms[c] = keras_moving_average(ms[c], stddev, decay);
       const A var_from_std = ms[c] * ms[c] - eps;  // tf_keras keeps relu(stddev^2 - eps)
       mv[c] = var_from_std > A(0) ? var_from_std : A(0);
     }
   } else if (update) {
-    mv[c] = keras_moving_average(mv[c], v, mom);
+    mv[c] = keras_moving_average(mv[c], v, decay);
   }
-  if (update) mm[c] = keras_moving_average(mm[c], m, mom);
+  if (update) mm[c] = keras_moving_average(mm[c], m, decay);
   static_cast<A*>(p.r)[c] = r;
   static_cast<A*>(p.d)[c] = d;
 }
