@@ -38,7 +38,8 @@ def test_presets_cover_what_the_quick_run_promises():
     assert {m for c in cases for m in c.modes} == set(presets.MODES)
     assert {3, 17, 1000} <= {c.shape[1] for c in cases}
     assert {"plain", "ghost", "renorm"} <= {c.variant for c in cases}
-    assert not any(c.compile for c in cases)
+    # one torch.compile baseline: compiling costs tens of seconds on a small CPU
+    assert [(c.shape, c.layout) for c in cases if c.compile] == [((8, 256, 14, 14), "nchw")]
     for name, preset in presets.PRESETS.items():
         assert presets.expand(preset), name
     assert presets.parse_shape("32x64x56x56") == (32, 64, 56, 56)

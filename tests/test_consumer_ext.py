@@ -83,3 +83,24 @@ def test_ops_through_dispatcher(consumer, device):
     assert torch.equal(rm1, rm2) and torch.equal(rv1, rv2)
     yi = consumer.bn_infer(x, w, b, rm1, rv1, 1e-5)
     assert torch.equal(yi, bn_cuda.functional.batch_norm(x, rm1, rv1, w, b, training=False))
+
+
+@pytest.mark.parametrize("device", _devices())
+def test_staged_ops_through_dispatcher(consumer, device):
+    """The staged ops (batch_stats, gather_stats, normalize) called from C++ through bn_cuda/ops.h."""
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(5, 17, 7, generator=g) * (torch.rand(17, 1, generator=g) + 0.5)
+         + 1e3 * torch.randn(17, 1, generator=g)).to(device)
+    w, b = torch.randn(17, generator=g).to(device), torch.randn(17, generator=g).to(device)
+    y = consumer.bn_staged(x, w, b, 1e-5)
+    torch.testing.assert_close(y, bn_cuda.functional.batch_norm(x, None, None, w, b, training=True, eps=1e-5),
+                               rtol=1e-5, atol=1e-5)
+    mask = torch.rand(5, 1, 7, generator=g).to(device) > 0.4
+    mean, m2, count = consumer.masked_stats(x, mask)
+    xd, wd = x.double().cpu(), mask.expand_as(x).double().cpu()
+    n = wd.sum((0, 2))
+    ref_mean = (xd * wd).sum((0, 2)) / n
+    ref_m2 = (wd * (xd - ref_mean.view(1, -1, 1)) ** 2).sum((0, 2))
+    torch.testing.assert_close(count.double().cpu(), n)
+    torch.testing.assert_close(mean.double().cpu(), ref_mean, rtol=1e-7, atol=1e-4)
+    torch.testing.assert_close(m2.double().cpu(), ref_m2, rtol=1e-4, atol=1e-3)

@@ -4,9 +4,9 @@
 // refuses operators with mutable arguments; a Python torch.autograd.Function around the op costs
 // 15-40 us of host time per call, more than the whole kernel on small tensors and as much as a
 // GPU launch. This kernel (dispatch key Autograd, device-agnostic) records one C++ node whose
-// backward calls the registered bn_cuda::backward op through the dispatcher, so double backward
-// still goes through that op's own autograd (bn_cuda/ops.py) and torch.compile traces the
-// backward op like any other.
+// backward calls the registered bn_cuda::backward op through the dispatcher (bn_cuda/ops.h, the
+// header other extensions use), so double backward still goes through that op's own autograd
+// (bn_cuda/ops.py) and torch.compile traces the backward op like any other.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
@@ -15,6 +15,7 @@
 #include <tuple>
 #include <vector>
 
+#include "bn_cuda/ops.h"
 #include "canonical.h"
 
 namespace bn_cuda {
@@ -23,30 +24,6 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 using OptTensor = c10::optional<at::Tensor>;
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> call_forward_train(const at::Tensor& input, const OptTensor& weight,
-                                                                 const OptTensor& bias, const OptTensor& running_mean,
-                                                                 const OptTensor& running_var, double momentum,
-                                                                 double eps, at::IntArrayRef axis, bool unbiased) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("bn_cuda::forward_train", "")
-                       .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
-                           const at::Tensor&, const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&,
-                           double, double, at::IntArrayRef, bool)>();
-  return op.call(input, weight, bias, running_mean, running_var, momentum, eps, axis, unbiased);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> call_backward(const at::Tensor& grad_out, const at::Tensor& input,
-                                                            const OptTensor& weight, const at::Tensor& mean,
-                                                            const at::Tensor& invstd, bool train, at::IntArrayRef axis,
-                                                            std::array<bool, 3> mask) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("bn_cuda::backward", "")
-                       .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
-                           const at::Tensor&, const at::Tensor&, const OptTensor&, const at::Tensor&,
-                           const at::Tensor&, bool, at::IntArrayRef, std::array<bool, 3>)>();
-  return op.call(grad_out, input, weight, mean, invstd, train, axis, mask);
-}
 
 // A flat per-feature tensor shaped to broadcast against `input` (feature axes sorted).
 at::Tensor bcast(const at::Tensor& t, const at::Tensor& input, const std::vector<int64_t>& axes) {
@@ -63,7 +40,7 @@ struct ForwardTrain : public torch::autograd::Function<ForwardTrain> {
     {
       at::AutoDispatchBelowAutograd guard;
       std::tie(out, mean, invstd) =
-          call_forward_train(input, weight, bias, running_mean, running_var, momentum, eps, axis, unbiased);
+          ops::forward_train(input, weight, bias, running_mean, running_var, momentum, eps, axis, unbiased);
     }
     const bool has_w = weight.has_value() && weight->defined();
     const bool has_b = bias.has_value() && bias->defined();
@@ -97,10 +74,10 @@ struct ForwardTrain : public torch::autograd::Function<ForwardTrain> {
     if (grad_out.defined() && (mask[0] || mask[1] || mask[2])) {
       OptTensor w = has_w ? OptTensor(weight) : OptTensor();
       if (at::GradMode::is_enabled()) {  // create_graph: through the backward op's own autograd
-        std::tie(gi, gw, gb) = call_backward(grad_out, input, w, mean, invstd, true, axis, mask);
+        std::tie(gi, gw, gb) = ops::backward(grad_out, input, w, mean, invstd, true, axis, mask);
       } else {  // skip that (Python) autograd kernel: tens of microseconds a call
         at::AutoDispatchBelowAutograd guard;
-        std::tie(gi, gw, gb) = call_backward(grad_out, input, w, mean, invstd, true, axis, mask);
+        std::tie(gi, gw, gb) = ops::backward(grad_out, input, w, mean, invstd, true, axis, mask);
       }
       if (!mask[0]) gi = at::Tensor();
       gw = mask[1] ? gw.reshape_symint(weight.sym_sizes()).to(weight.scalar_type()) : at::Tensor();

@@ -54,5 +54,88 @@ inline Tensor3 backward(const at::Tensor& grad_out, const at::Tensor& input, con
   return op.call(grad_out, input, weight, save_mean, save_invstd, train, axis, output_mask);
 }
 
+// ---------------------------------------------------------------------------------------------
+// Staged operators: the steps of a batch norm, for compositions (synchronized statistics, custom
+// normalizations). Per-feature tensors are flat (C,) in the accumulation dtype (fp32; fp64 for
+// fp64 input). ghosts > 1: tf_keras's ghost batches (sample n in ghost n % ghosts); per-feature
+// tensors then hold ghosts * C entries, ghost-major.
+
+using Tensor2 = std::tuple<at::Tensor, at::Tensor>;
+
+// Local Welford state per feature: (mean, m2, count). With a bool / 0-1 uint8 mask broadcastable
+// to the input: the weighted moments of the unmasked elements.
+inline Tensor3 batch_stats(const at::Tensor& input, at::IntArrayRef axis, const OptTensor& mask = std::nullopt,
+                           int64_t ghosts = 1) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("bn_cuda::batch_stats", "")
+                             .typed<Tensor3(const at::Tensor&, at::IntArrayRef, const OptTensor&, int64_t)>();
+  return op.call(input, axis, mask, ghosts);
+}
+
+// Chan merge of W states ((W, C) each, rows in order) -> (mean, invstd, count); running stats
+// updated in place (torch's momentum convention) except for features whose total count is 0.
+inline Tensor3 gather_stats(const at::Tensor& mean, const at::Tensor& m2, const at::Tensor& count,
+                            const OptTensor& running_mean, const OptTensor& running_var, double momentum, double eps,
+                            bool unbiased_running_var = true) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("bn_cuda::gather_stats", "")
+                             .typed<Tensor3(const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptTensor&,
+                                            const OptTensor&, double, double, bool)>();
+  return op.call(mean, m2, count, running_mean, running_var, momentum, eps, unbiased_running_var);
+}
+
+// (input - mean) * invstd * weight + bias with caller-supplied statistics.
+inline at::Tensor normalize(const at::Tensor& input, const at::Tensor& mean, const at::Tensor& invstd,
+                            const OptTensor& weight, const OptTensor& bias, at::IntArrayRef axis, int64_t ghosts = 1) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("bn_cuda::normalize", "")
+                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                               const OptTensor&, const OptTensor&, at::IntArrayRef, int64_t)>();
+  return op.call(input, mean, invstd, weight, bias, axis, ghosts);
+}
+
+// Local (sum(grad_out), sum(grad_out * (input - mean))) per feature.
+inline Tensor2 grad_sums(const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& mean,
+                         const at::Tensor& invstd, at::IntArrayRef axis, int64_t ghosts = 1) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("bn_cuda::grad_sums", "")
+                             .typed<Tensor2(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                            const at::Tensor&, at::IntArrayRef, int64_t)>();
+  return op.call(grad_out, input, mean, invstd, axis, ghosts);
+}
+
+// Training grad_input from (e.g. all-reduced) sums and total per-feature counts.
+inline at::Tensor grad_input(const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& mean,
+                             const at::Tensor& invstd, const OptTensor& weight, const at::Tensor& sum_dy,
+                             const at::Tensor& sum_dy_xmu, const at::Tensor& count, at::IntArrayRef axis,
+                             const OptTensor& mask = std::nullopt, int64_t ghosts = 1) {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("bn_cuda::grad_input", "")
+          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                            const OptTensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                            at::IntArrayRef, const OptTensor&, int64_t)>();
+  return op.call(grad_out, input, mean, invstd, weight, sum_dy, sum_dy_xmu, count, axis, mask, ghosts);
+}
+
+// tf_keras's training epilogue (ghost averaging, renorm's clipped r and d, every moving variable
+// updated in place with tf_keras's decay); returns (r, d), 1 and 0 without renorm. A missing
+// bound does not clip.
+inline Tensor2 keras_finalize(const at::Tensor& mean, const at::Tensor& var, const at::Tensor& count,
+                              const at::Tensor& moving_mean, const at::Tensor& moving_variance,
+                              const OptTensor& moving_stddev, const OptTensor& renorm_mean,
+                              const OptTensor& renorm_stddev, int64_t ghosts, double momentum, double renorm_momentum,
+                              double eps, std::optional<double> rmin, std::optional<double> rmax,
+                              std::optional<double> dmax, bool always_update) {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("bn_cuda::keras_finalize", "")
+          .typed<Tensor2(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                         const at::Tensor&, const OptTensor&, const OptTensor&, const OptTensor&, int64_t, double,
+                         double, double, std::optional<double>, std::optional<double>, std::optional<double>, bool)>();
+  return op.call(mean, var, count, moving_mean, moving_variance, moving_stddev, renorm_mean, renorm_stddev, ghosts,
+                 momentum, renorm_momentum, eps, rmin, rmax, dmax, always_update);
+}
+
 }  // namespace ops
 }  // namespace BN_CUDA_NAMESPACE

@@ -47,10 +47,27 @@ at::Tensor bn_infer(const at::Tensor& input, const at::Tensor& weight, const at:
   return BN_CUDA_NAMESPACE::ops::forward_infer(input, weight, bias, running_mean, running_var, eps, {1});
 }
 
+// A batch norm composed from the staged ops (local Welford state -> Chan merge -> normalize), as
+// an extension building its own normalization on bn_cuda's statistics would write it.
+at::Tensor bn_staged(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias, double eps) {
+  namespace ops = BN_CUDA_NAMESPACE::ops;
+  const auto [mean, m2, count] = ops::batch_stats(input, {1});
+  const auto [gmean, invstd, gcount] = ops::gather_stats(mean.unsqueeze(0), m2.unsqueeze(0), count.unsqueeze(0),
+                                                         std::nullopt, std::nullopt, 0.0, eps);
+  return ops::normalize(input, gmean, invstd, weight, bias, {1});
+}
+
+// Masked per-channel Welford state (mean, m2, count) through the dispatcher.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_stats(const at::Tensor& input, const at::Tensor& mask) {
+  return BN_CUDA_NAMESPACE::ops::batch_stats(input, {1}, mask);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("channel_stats", &channel_stats, "per-channel (mean, biased var) with bn_cuda's Welford headers");
   m.def("bn_train", &bn_train, "bn_cuda::forward_train called through the dispatcher");
   m.def("bn_infer", &bn_infer, "bn_cuda::forward_infer called through the dispatcher");
+  m.def("bn_staged", &bn_staged, "batch_stats -> gather_stats -> normalize through the dispatcher");
+  m.def("masked_stats", &masked_stats, "bn_cuda::batch_stats with a mask through the dispatcher");
 }
