@@ -178,3 +178,33 @@ def test_empty_batch_keeps_moving_variables(fused, name):
     assert torch.equal(layer.beta.grad, torch.zeros_like(layer.beta))
     for n, b in layer.named_buffers():
         assert torch.equal(b, before[n]), (name, fused, n)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("pad", [float("inf"), float("nan"), 1e30])
+@pytest.mark.parametrize("shape,axis", [((6, 5, 3), -1), ((9, 4), -1), ((5, 3, 7), 1)])
+def test_masked_padding_does_not_leak(device, pad, shape, axis):
+    """Masked-out elements never enter the statistics, even when the padding holds inf, NaN or huge
+    values (the statistics shift is an unmasked element); with finite padding and a loss that
+    ignores the padded outputs, the gradients are those of the unpadded input too. (Not 4-D:
+    there tf_keras's fused path ignores masks.)"""
+    x = _input(shape, device, seed=7).float()
+    mask = torch.rand(shape[:-1], generator=torch.Generator().manual_seed(8)).to(device) > 0.4
+    mask.view(-1)[0] = False  # the first element is padding
+    mask.view(-1)[1] = True
+    padded = x.masked_fill(~mask.unsqueeze(-1), pad)
+    gy = _input(shape, device, seed=9).float()
+    results = []
+    for inp in (x, padded):
+        layer = bn_cuda.BatchNormalization(axis=axis, fused=None).to(device)
+        xi = inp.clone().requires_grad_(True)
+        y = layer(xi, training=True, mask=mask)
+        keep = mask.unsqueeze(-1).expand_as(y)
+        got = [y[keep], layer.moving_mean, layer.moving_variance]
+        if pad == 1e30:
+            (y * gy).masked_fill(~keep, 0).sum().backward()
+            got += [xi.grad[keep], layer.gamma.grad, layer.beta.grad]
+        results.append(got)
+    for a, b in zip(*results):
+        assert torch.isfinite(b).all()
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

@@ -332,17 +332,18 @@ inline WelfordState<acc_t<T>> masked_stats_cf_part(const ForwardParams& p, int64
     A s = A(0), n = A(0);
     for (int64_t r = r0; r < r1; ++r)
       for (int64_t i = i0; i < i0 + len; ++i) {
-        const A w = static_cast<A>(m[r * p.m_so + i] != 0);
-        s += w * (static_cast<A>(x[r * p.x_so + i]) - shift);
-        n += w;
+        if (m[r * p.m_so + i] == 0) continue;  // (skipped, not weighted by 0: padding may be inf / NaN)
+        s += static_cast<A>(x[r * p.x_so + i]) - shift;
+        n += A(1);
       }
     if (n == A(0)) continue;
     const A dm = s / n;
     A q = A(0);
     for (int64_t r = r0; r < r1; ++r)
       for (int64_t i = i0; i < i0 + len; ++i) {
+        if (m[r * p.m_so + i] == 0) continue;
         const A d = (static_cast<A>(x[r * p.x_so + i]) - shift) - dm;
-        q += static_cast<A>(m[r * p.m_so + i] != 0) * d * d;
+        q += d * d;
       }
     st = welford_merge(st, WelfordState<A>{dm, q, n});
   }
@@ -362,15 +363,16 @@ inline void masked_stats_cl_part(const ForwardParams& p, int64_t part, int64_t P
     const A h = shifts[c];
     A s = A(0), n = A(0);
     for (int64_t r = r0; r < r1; ++r) {
-      const A w = static_cast<A>(p.mask[r * p.m_so + c * p.m_sc] != 0);
-      s += w * (static_cast<A>(x[r * p.x_so + c]) - h);
-      n += w;
+      if (p.mask[r * p.m_so + c * p.m_sc] == 0) continue;  // (skipped: padding may be inf / NaN)
+      s += static_cast<A>(x[r * p.x_so + c]) - h;
+      n += A(1);
     }
     const A dm = n > A(0) ? s / n : A(0);
     A q = A(0);
     for (int64_t r = r0; r < r1; ++r) {
+      if (p.mask[r * p.m_so + c * p.m_sc] == 0) continue;
       const A d = (static_cast<A>(x[r * p.x_so + c]) - h) - dm;
-      q += static_cast<A>(p.mask[r * p.m_so + c * p.m_sc] != 0) * d * d;
+      q += d * d;
     }
     out.mean[part * C + c] = dm;
     out.m2[part * C + c] = q;
@@ -932,8 +934,8 @@ void backward(const BackwardParams& p) {
           const int64_t o = v.channels_last ? r : r / C, c = v.channels_last ? j : r % C, i = v.channels_last ? 0 : j;
           const A g = static_cast<A>(dy[o * p.dy_so + c * p.dy_sc + i]);
           const A xm = static_cast<A>(x[o * p.x_so + c * p.x_sc + i]) - g_mean[c];
-          const A w = static_cast<A>(p.mask[o * p.m_so + c * p.m_sc + i] != 0);
-          dx[o * p.dx_so + c * p.dx_sc + i] = static_cast<T>(g_kdy[c] * g + w * (g_kx[c] * xm + g_k0[c]));
+          const bool w = p.mask[o * p.m_so + c * p.m_sc + i] != 0;  // (a select: padding may be inf / NaN)
+          dx[o * p.dx_so + c * p.dx_sc + i] = static_cast<T>(g_kdy[c] * g + (w ? g_kx[c] * xm + g_k0[c] : A(0)));
         }
       }
     });

@@ -169,7 +169,9 @@ inline int64_t plan_partitions_cuda(const View3& v, int vec, int block_x, int sm
     parts = ceil_div(target_blocks, tiles * v.G);
   }
   if (parts > max_parts) parts = max_parts;
-  if (parts * v.G > 65535) parts = 65535 / v.G;  // gridDim.y holds all G groups
+  // Prefer grids whose partitions fit gridDim.y (65535); with more ghosts than that, each ghost
+  // still needs a partition and reduction_grid continues along gridDim.z.
+  if (parts * v.G > 65535) parts = 65535 / v.G;
   if (parts > 1024) parts = 1024;
   return (parts < 1 ? 1 : parts) * (v.channels_last ? v.G : 1);
 }

@@ -2,7 +2,8 @@
 // their fixed-order finalize (grad_weight, grad_bias, grad-input coefficients), and grad_input.
 //
 // Workspace layout (acc type A): [0, PC) partial sum(dy), [PC, 2PC) partial sum(dy * (x - mean)),
-// then 4C coefficients: mean, k_dy, k_xmu, k_0 (see epilogue.h).
+// then 4F coefficients (F = G * C, ghost-major): mean, k_dy, k_xmu, k_0 (see epilogue.h). Partials
+// are indexed as in forward.cuh.
 #pragma once
 
 #include "../epilogue.h"
@@ -16,7 +17,8 @@ __global__ void __launch_bounds__(BLOCK) grad_sums_cf_kernel(const BackwardParam
   using A = acc_t<T>;
   constexpr int U = V >= 4 ? 2 : 4;
   const int64_t C = p.v.C, P = p.partitions;
-  const int64_t c = blockIdx.x, q = blockIdx.y;
+  const int64_t c = blockIdx.x, q = block_partition();
+  if (q >= P) return;  // block-uniform, before any barrier
   const int64_t Iv = p.v.I / V;
   const int64_t nvec = p.v.O * Iv;
   const int64_t per = ceil_div(nvec, P);
@@ -72,9 +74,11 @@ __global__ void __launch_bounds__(256) grad_sums_cl_kernel(const BackwardParams 
   const int64_t C = p.v.C, P = p.partitions;
   const int tx = threadIdx.x, ty = threadIdx.y;
   const int64_t c0 = (static_cast<int64_t>(blockIdx.x) * BX + tx) * V;
-  // Partition blockIdx.y: chunk j of ghost g's rows (see stats_cl_kernel).
+  // Partition q: chunk j of ghost g's rows (see stats_cl_kernel).
+  const int64_t q = block_partition();
+  if (q >= P) return;  // block-uniform, before the barrier
   const int64_t per_ghost = P / p.v.G;
-  const int64_t g = blockIdx.y / per_ghost, j = blockIdx.y % per_ghost;
+  const int64_t g = q / per_ghost, j = q % per_ghost;
   const int64_t R = p.v.ghost_rows();
   const int64_t per = ceil_div(R, per_ghost);
   const int64_t r0 = j * per < R ? j * per : R;
@@ -138,7 +142,7 @@ __global__ void __launch_bounds__(256) grad_sums_cl_kernel(const BackwardParams 
         a += sh_a[j][tx * V + e];
         b += sh_b[j][tx * V + e];
       }
-      const int64_t idx = static_cast<int64_t>(blockIdx.y) * C + c0 + e;
+      const int64_t idx = q * C + c0 + e;
       ws[idx] = a;
       ws[P * C + idx] = b;
     }

@@ -231,6 +231,13 @@ struct RowGhost {
   }
 };
 
+// Partition handled by this block of a per-(feature, partition) reduction. Partitions run along
+// gridDim.y and, past its limit of 65535 (channels-last ghost rows with more than 65535 ghosts:
+// P >= G), along gridDim.z too (see reduction_grid); blocks past the last partition have no work.
+__device__ __forceinline__ int64_t block_partition() {
+  return static_cast<int64_t>(blockIdx.z) * gridDim.y + blockIdx.y;
+}
+
 // Index of partial q (of the partials of feature f) in the workspace arrays. Channels-last
 // partials are grouped by ghost: partition g * (P / G) + q holds ghost g's q-th chunk of rows.
 __device__ __forceinline__ int64_t partial_index(const View3& v, int64_t P, int64_t f, int64_t q) {

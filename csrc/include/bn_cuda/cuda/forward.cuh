@@ -1,10 +1,11 @@
 // Forward kernels (header-only, torch-free): per-feature Welford partials, their Chan-merge
 // finalize (saved statistics, running statistics, apply coefficients), and the apply step.
 //
-// Workspace layout (acc type A, P partitions, C features):
+// Workspace layout (acc type A, P partitions, C features, F = G * C per-feature entries):
 //   [0, PC) partial means, [PC, 2PC) partial M2, [2PC, 3PC) partial counts,
-//   [3PC, 3PC + 3C) apply coefficients: mean, scale, shift.
-// Partial (feature c, partition q) sits at c * P + q (channels-first) or q * C + c (channels-last).
+//   [3PC, 3PC + 3F) apply coefficients: mean, scale, shift (F each, ghost-major).
+// Partial (feature c, partition q) sits at c * P + q (channels-first) or q * C + c (channels-last,
+// where partition q = g * (P / G) + j is chunk j of ghost g's rows; see partial_index).
 #pragma once
 
 #include "../epilogue.h"
@@ -33,7 +34,8 @@ __global__ void __launch_bounds__(BLOCK) stats_cf_kernel(const ForwardParams p) 
   using A = acc_t<T>;
   constexpr int U = V >= 4 ? 2 : 4;
   const int64_t C = p.v.C, P = p.partitions;
-  const int64_t c = blockIdx.x, q = blockIdx.y;
+  const int64_t c = blockIdx.x, q = block_partition();
+  if (q >= P) return;  // block-uniform, before any barrier
   const int64_t Iv = p.v.I / V;
   const int64_t nvec = p.v.O * Iv;
   const int64_t per = ceil_div(nvec, P);
@@ -95,9 +97,11 @@ __global__ void __launch_bounds__(256) stats_cl_kernel(const ForwardParams p) {
   const int64_t C = p.v.C, P = p.partitions;
   const int tx = threadIdx.x, ty = threadIdx.y;
   const int64_t c0 = (static_cast<int64_t>(blockIdx.x) * BX + tx) * V;
-  // Partition blockIdx.y: chunk j of ghost g's rows (one ghost, G = 1, without ghost batches).
+  // Partition q: chunk j of ghost g's rows (one ghost, G = 1, without ghost batches).
+  const int64_t q = block_partition();
+  if (q >= P) return;  // block-uniform, before the barrier
   const int64_t per_ghost = P / p.v.G;
-  const int64_t g = blockIdx.y / per_ghost, j = blockIdx.y % per_ghost;
+  const int64_t g = q / per_ghost, j = q % per_ghost;
   const int64_t R = p.v.ghost_rows();
   const int64_t per = ceil_div(R, per_ghost);
   const int64_t r0 = j * per < R ? j * per : R;
@@ -125,7 +129,7 @@ __global__ void __launch_bounds__(256) stats_cl_kernel(const ForwardParams p) {
       }
       const A n_new = n + A(U);
       const A f = A(U) / n_new;
-      const A g = n * f;
+      const A w = n * f;  // na * nb / n
 #pragma unroll
       for (int e = 0; e < V; ++e) {
         A s = A(0);
@@ -140,7 +144,7 @@ __global__ void __launch_bounds__(256) stats_cl_kernel(const ForwardParams p) {
         }
         const A delta = gm - mean[e];
         mean[e] += delta * f;
-        m2[e] += gm2 + delta * delta * g;
+        m2[e] += gm2 + delta * delta * w;
       }
       n = n_new;
     }
@@ -172,7 +176,7 @@ __global__ void __launch_bounds__(256) stats_cl_kernel(const ForwardParams p) {
     for (int e = 0; e < V; ++e) {
       WelfordState<A> st = welford_empty<A>();
       for (int j = 0; j < BY; ++j) st = welford_merge(st, WelfordState<A>{sh_mean[j][tx * V + e], sh_m2[j][tx * V + e], sh_n[j][tx]});
-      const int64_t idx = static_cast<int64_t>(blockIdx.y) * C + c0 + e;
+      const int64_t idx = q * C + c0 + e;
       ws[idx] = st.mean;
       ws[P * C + idx] = st.m2;
       ws[2 * P * C + idx] = st.n;
@@ -198,7 +202,9 @@ __global__ void __launch_bounds__(256) finalize_forward_kernel(const ForwardPara
   }
   st = warp_merge(st);
   if (lane != 0) return;
-  st.mean += feature_shift<T>(p, c);
+  // (masked statistics: the shift the masked_shift kernels stored; batch_stats returns below,
+  // before anything overwrites that region)
+  st.mean += p.mask ? ws[3 * P * C + c] : feature_shift<T>(p, c);
   if (p.stat_mean) {  // batch_stats: hand the merged local state to the caller
     static_cast<A*>(p.stat_mean)[c] = st.mean;
     static_cast<A*>(p.stat_m2)[c] = st.m2;

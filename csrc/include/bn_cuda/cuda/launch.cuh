@@ -32,13 +32,19 @@ inline dim3 grid_cl(const View3& v, int vec, int bx, int sm_count) {
 }
 
 // Grid of the per-(feature, partition) reductions: x = features (channels-first) or feature tiles
-// (channels-last), y = partitions. gridDim.x is at most 2^31 - 1; casting a larger feature count
-// to unsigned would silently drop features and leave their workspace partials unwritten, so such a
-// shape is refused instead (it needs more than 4e9 elements).
+// (channels-last), y (and z) = partitions. gridDim.x is at most 2^31 - 1; casting a larger feature
+// count to unsigned would silently drop features and leave their workspace partials unwritten, so
+// such a shape is refused instead (it needs more than 4e9 elements). gridDim.y is at most 65535,
+// but channels-last ghost rows need P >= G partitions (one group per ghost, and G can be the batch
+// size, e.g. virtual_batch_size = 1): partitions past 65535 continue along z (block_partition),
+// and the blocks of the last z-slice past P return at once.
 inline bool reduction_grid(const View3& v, int vec, int bx, int64_t partitions, dim3& grid) {
   const int64_t gx = v.channels_last ? ceil_div(ceil_div(v.C, vec), bx) : v.C;
-  if (gx < 1 || gx > 2147483647 || partitions < 1 || partitions > 65535) return false;
-  grid = dim3(static_cast<unsigned>(gx), static_cast<unsigned>(partitions));
+  if (gx < 1 || gx > 2147483647 || partitions < 1) return false;
+  const int64_t gz = ceil_div(partitions, 65535);
+  if (gz > 65535) return false;
+  const int64_t gy = ceil_div(partitions, gz);
+  grid = dim3(static_cast<unsigned>(gx), static_cast<unsigned>(gy), static_cast<unsigned>(gz));
   return true;
 }
 
@@ -193,17 +199,22 @@ struct BackwardApplyFn {
 template <typename T>
 cudaError_t masked_batch_stats(const ForwardParams& p, cudaStream_t stream) {
   const View3& v = p.v;
-  if (p.partitions < 1 || p.partitions > 65535) return cudaErrorInvalidConfiguration;
+  const int bx = v.C >= 32 ? 32 : 8;  // channels-last tile width (one feature per thread column)
+  dim3 grid;
+  if (!reduction_grid(v, 1, bx, p.partitions, grid)) return cudaErrorInvalidConfiguration;
+  if (!p.stat_mean) return cudaErrorInvalidValue;  // masked statistics run as batch_stats only
   if (!v.channels_last) {
-    if (v.C > 2147483647) return cudaErrorInvalidConfiguration;
-    masked_stats_cf_kernel<T, kCudaBlock>
-        <<<dim3(static_cast<unsigned>(v.C), static_cast<unsigned>(p.partitions)), kCudaBlock, 0, stream>>>(p);
-  } else if (v.C >= 32) {
-    masked_stats_cl_kernel<T, 32><<<dim3(static_cast<unsigned>(ceil_div(v.C, 32)), static_cast<unsigned>(p.partitions)),
-                                    dim3(32, 8), 0, stream>>>(p);
+    masked_shift_cf_kernel<T, kCudaBlock><<<grid.x, kCudaBlock, 0, stream>>>(p);
   } else {
-    masked_stats_cl_kernel<T, 8><<<dim3(static_cast<unsigned>(ceil_div(v.C, 8)), static_cast<unsigned>(p.partitions)),
-                                   dim3(8, 32), 0, stream>>>(p);
+    masked_shift_cl_kernel<T><<<static_cast<unsigned>(ceil_div(v.C, 256)), 256, 0, stream>>>(p);
+  }
+  BN_CUDA_RETURN_IF_ERROR();
+  if (!v.channels_last) {
+    masked_stats_cf_kernel<T, kCudaBlock><<<grid, kCudaBlock, 0, stream>>>(p);
+  } else if (bx == 32) {
+    masked_stats_cl_kernel<T, 32><<<grid, dim3(32, 8), 0, stream>>>(p);
+  } else {
+    masked_stats_cl_kernel<T, 8><<<grid, dim3(8, 32), 0, stream>>>(p);
   }
   BN_CUDA_RETURN_IF_ERROR();
   finalize_forward_kernel<T><<<static_cast<unsigned>(ceil_div(v.features(), 8)), 256, 0, stream>>>(p);

@@ -25,12 +25,62 @@ __device__ __forceinline__ void masked_step(A& mean, A& m2, A& n, A v, bool w) {
   }
 }
 
+// Every masked partial of a feature is taken of (x - shift) with shift its first UNMASKED element
+// (its first element when all are masked), found by the masked_shift kernels below and kept in
+// the apply-coefficient region of the workspace (masked_shift_of), which batch_stats leaves
+// unused. A masked-out shift would leave a feature with one unmasked value a mean one rounding
+// away from that value (see masked_feature_shifts in csrc/cpu/kernels_impl.h).
+template <typename A>
+__device__ __forceinline__ A* masked_shift_of(const ForwardParams& p) {
+  return static_cast<A*>(p.workspace) + 3 * p.partitions * p.v.C;
+}
+
+// Channels-first shift: block c scans feature c in element order, BLOCK elements at a time, and
+// stops at the first chunk holding an unmasked element (the lowest such thread wins).
+template <typename T, int BLOCK>
+__global__ void __launch_bounds__(BLOCK) masked_shift_cf_kernel(const ForwardParams p) {
+  using A = acc_t<T>;
+  const int64_t c = blockIdx.x;
+  const int64_t I = p.v.I, total = p.v.O * I;
+  const T* x = static_cast<const T*>(p.x) + c * p.x_sc;
+  const uint8_t* m = p.mask + c * p.m_sc;
+  __shared__ int first;
+  if (threadIdx.x == 0) first = BLOCK;
+  __syncthreads();
+  int64_t found = -1;
+  for (int64_t base = 0; base < total; base += BLOCK) {
+    const int64_t k = base + threadIdx.x;
+    if (k < total && m[(k / I) * p.m_so + k % I] != 0) atomicMin(&first, static_cast<int>(threadIdx.x));
+    __syncthreads();
+    const int f = first;
+    __syncthreads();  // every thread has read `first` before any thread of the next chunk writes it
+    if (f < BLOCK) {  // block-uniform
+      found = base + f;
+      break;
+    }
+  }
+  if (threadIdx.x == 0)
+    masked_shift_of<A>(p)[c] = to_acc(found < 0 ? x[0] : x[(found / I) * p.x_so + found % I]);
+}
+
+// Channels-last shift: one thread per feature walks the rows until one is unmasked.
+template <typename T>
+__global__ void __launch_bounds__(256) masked_shift_cl_kernel(const ForwardParams p) {
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * 256 + threadIdx.x;
+  if (c >= p.v.C) return;
+  const T* x = static_cast<const T*>(p.x);
+  int64_t r = 0;
+  while (r < p.v.O && p.mask[r * p.m_so + c * p.m_sc] == 0) ++r;
+  masked_shift_of<acc_t<T>>(p)[c] = to_acc(x[(r < p.v.O ? r : 0) * p.x_so + c]);
+}
+
 // Channels-first: block (c, q) walks partition q of feature c's (O, I) elements.
 template <typename T, int BLOCK>
 __global__ void __launch_bounds__(BLOCK) masked_stats_cf_kernel(const ForwardParams p) {
   using A = acc_t<T>;
   const int64_t C = p.v.C, P = p.partitions;
-  const int64_t c = blockIdx.x, q = blockIdx.y;
+  const int64_t c = blockIdx.x, q = block_partition();
+  if (q >= P) return;  // block-uniform, before any barrier
   const int64_t I = p.v.I;
   const int64_t total = p.v.O * I;
   const int64_t per = ceil_div(total, P);
@@ -38,7 +88,7 @@ __global__ void __launch_bounds__(BLOCK) masked_stats_cf_kernel(const ForwardPar
   const int64_t end = begin + per < total ? begin + per : total;
   const T* x = static_cast<const T*>(p.x) + c * p.x_sc;
   const uint8_t* m = p.mask + c * p.m_sc;
-  const A shift = to_acc(x[0]);  // see feature_shift
+  const A shift = masked_shift_of<A>(p)[c];
   A mean = A(0), m2 = A(0), n = A(0);
   int64_t k = begin + threadIdx.x;
   if (k < end) {
@@ -68,14 +118,15 @@ __global__ void __launch_bounds__(256) masked_stats_cl_kernel(const ForwardParam
   const int64_t C = p.v.C, O = p.v.O, P = p.partitions;
   const int tx = threadIdx.x, ty = threadIdx.y;
   const int64_t c = static_cast<int64_t>(blockIdx.x) * BX + tx;
-  const int64_t q = blockIdx.y;
+  const int64_t q = block_partition();
+  if (q >= P) return;  // block-uniform, before the barrier
   const int64_t per = ceil_div(O, P);
   const int64_t r0 = q * per;
   const int64_t r1 = r0 + per < O ? r0 + per : O;
   const T* x = static_cast<const T*>(p.x);
   A mean = A(0), m2 = A(0), n = A(0);
   if (c < C) {
-    const A shift = to_acc(x[c]);
+    const A shift = masked_shift_of<A>(p)[c];
     for (int64_t r = r0 + ty; r < r1; r += BY)
       masked_step(mean, m2, n, to_acc(x[r * p.x_so + c]) - shift, p.mask[r * p.m_so + c * p.m_sc] != 0);
   }
@@ -115,8 +166,9 @@ __global__ void __launch_bounds__(BLOCK) masked_grad_input_kernel(const Backward
   for (; k < total; k += stride) {
     const A g = to_acc(dy[cur.o * p.dy_so + cur.c * p.dy_sc + cur.iv]);
     const A xm = to_acc(x[cur.o * p.x_so + cur.c * p.x_sc + cur.iv]) - coeff[cur.c];
-    const A w = p.mask[cur.o * p.m_so + cur.c * p.m_sc + cur.iv] != 0 ? A(1) : A(0);
-    const A out = coeff[F + cur.c] * g + w * (coeff[2 * F + cur.c] * xm + coeff[3 * F + cur.c]);
+    // (a select, not a product with the weight: masked-out padding may hold inf or NaN)
+    const bool w = p.mask[cur.o * p.m_so + cur.c * p.m_sc + cur.iv] != 0;
+    const A out = coeff[F + cur.c] * g + (w ? coeff[2 * F + cur.c] * xm + coeff[3 * F + cur.c] : A(0));
     dx[cur.o * p.dx_so + cur.c * p.dx_sc + cur.iv] = from_acc<T>(out);
     cur.advance();
   }
