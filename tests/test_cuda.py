@@ -142,3 +142,27 @@ def test_int64_indexing_beyond_2_pow_31():
     var, mean = torch.var_mean(x.float(), 0, unbiased=False)
     expect = (x[-1000:].float() - mean) * torch.rsqrt(var + 1e-5)
     torch.testing.assert_close(y[-1000:].float(), expect, rtol=2e-3, atol=2e-3)
+
+
+def test_more_ghosts_than_grid_y():
+    """Channels-last ghost rows need a partition per ghost: more than 65535 ghosts run along
+    gridDim.z too. Same statistics as the CPU kernels (which never had that limit)."""
+    from bn_cuda import staged
+
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(70000, 8, generator=g) * 2 + torch.arange(8.0)
+    mask = torch.rand(70000, 1, generator=g) > 0.3
+    for m in (None, mask):
+        got = staged.batch_stats(x.cuda(), [1], None if m is None else m.cuda(), ghosts=70000 if m is None else 1)
+        want = staged.batch_stats(x, [1], m, ghosts=70000 if m is None else 1)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a.cpu(), b, rtol=1e-6, atol=1e-6)
+    # with ghosts: the whole batch in ghost rows, forward through the Keras layer
+    import bn_cuda
+
+    layer = bn_cuda.BatchNormalization(virtual_batch_size=1)
+    layer_cpu = bn_cuda.BatchNormalization(virtual_batch_size=1)
+    xs = x[:66000, :].reshape(66000, 1, 8)
+    y = layer.cuda()(xs.cuda(), training=True)
+    torch.testing.assert_close(y.cpu(), layer_cpu(xs, training=True), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layer.moving_mean.cpu(), layer_cpu.moving_mean, rtol=1e-6, atol=1e-6)
