@@ -475,7 +475,10 @@ class BatchNormalization(KerasLayerIO, nn.Module):
             mean, var, count = composite.sum_moments(work, reduce_dims, mask_weights=weights, stats_hook=hook)
         else:
             mean, var = composite.moments(work, reduce_dims, mask_weights=weights, sum_of_squares=self.synchronized)
-        if work.numel() == 0:  # empty batch: finite statistics (the mean of nothing is NaN), no update below
+        # An empty batch (and, under synchronization, an empty global batch: `count` below) keeps
+        # every moving variable; tf_keras would write NaN into them.
+        local_empty = hook is None and work.numel() == 0
+        if local_empty:  # finite statistics (the mean of nothing is NaN), no update below
             mean, var = torch.zeros_like(mean), torch.zeros_like(var)
         if self.virtual_batch_size is not None:
             # One moving-average update per step, from the average of the ghost statistics (under
@@ -486,7 +489,7 @@ class BatchNormalization(KerasLayerIO, nn.Module):
         else:
             new_mean, new_var = mean, var
         new_mean, new_var = new_mean.detach(), new_var.detach()
-        if work.numel() == 0:  # (the average over zero ghost batches is NaN too)
+        if local_empty:  # (the average over zero ghost batches is NaN too)
             new_mean, new_var = torch.zeros_like(new_mean), torch.zeros_like(new_var)
         has_data = None
         if count is not None:  # nothing anywhere: keep every moving statistic, and r / d finite
@@ -514,10 +517,8 @@ class BatchNormalization(KerasLayerIO, nn.Module):
 
         out = composite.batch_normalization(work, mean, var, offset, scale, self.epsilon)
         out = out.reshape(x.shape).to(x.dtype)
-        # An empty batch leaves every moving variable as it is, on every path (tf_keras would write
-        # NaN into them; the fused path never has).
         with torch.no_grad():
-            for n, value in updates.items() if x.numel() > 0 else ():
+            for n, value in updates.items() if not local_empty else ():
                 if has_data is not None:
                     value = torch.where(has_data, value, moving[n])
                 buf = getattr(self, n)
