@@ -208,3 +208,29 @@ def test_masked_padding_does_not_leak(device, pad, shape, axis):
     for a, b in zip(*results):
         assert torch.isfinite(b).all()
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", ["cf", "cl"])
+def test_masked_stats_all_masked_feature(device, layout):
+    """batch_stats of a feature with no unmasked element: count 0, mean 0, m2 0, whatever the
+    padding holds (NaN here); the other features are unaffected."""
+    from bn_cuda import staged
+
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(40, 3, 5, generator=g).double()
+    mask = torch.rand(40, 3, 5, generator=g) > 0.3
+    mask[:, 1, :] = False  # feature 1 has no data
+    axis = [1]
+    if layout == "cl":  # features last: (40, 5, 3)
+        x, mask, axis = x.transpose(1, 2).contiguous(), mask.transpose(1, 2).contiguous(), [2]
+    x = x.masked_fill(~mask, float("nan"))
+    mean, m2, count = staged.batch_stats(x.to(device), axis, mask.to(device))
+    mean, m2, count = mean.cpu(), m2.cpu(), count.cpu()
+    assert count[1].item() == 0 and mean[1].item() == 0 and m2[1].item() == 0
+    xf, mf = x.movedim(axis[0], 0).reshape(3, -1), mask.movedim(axis[0], 0).reshape(3, -1)
+    for c in (0, 2):
+        vals = xf[c][mf[c]]
+        assert count[c].item() == vals.numel()
+        torch.testing.assert_close(mean[c], vals.mean())
+        torch.testing.assert_close(m2[c], ((vals - vals.mean()) ** 2).sum())

@@ -733,7 +733,9 @@ void forward_train(const ForwardParams& p) {
         const int64_t idx = row_merged ? merged_cl_index(v, P, c) : (v.channels_last ? q * C + c : c * P + q);
         st = welford_merge(st, WelfordState<A>{part.mean[idx], part.m2[idx], part.n[idx]});
       }
-      st.mean = (p.mask ? k.mean[c] : feature_shift<T>(p, c)) + st.mean;  // partials are relative to the shift
+      // Partials are relative to the shift; a masked feature with no unmasked element gets mean
+      // 0, not its padding.
+      st.mean = p.mask ? (st.n > A(0) ? k.mean[c] + st.mean : A(0)) : feature_shift<T>(p, c) + st.mean;
       if (p.stat_mean) {  // staged batch_stats: hand the merged local state to the caller
         static_cast<A*>(p.stat_mean)[c] = st.mean;
         static_cast<A*>(p.stat_m2)[c] = st.m2;

@@ -204,7 +204,8 @@ __global__ void __launch_bounds__(256) finalize_forward_kernel(const ForwardPara
   if (lane != 0) return;
   // (masked statistics: the shift the masked_shift kernels stored; batch_stats returns below,
   // before anything overwrites that region)
-  st.mean += p.mask ? ws[3 * P * C + c] : feature_shift<T>(p, c);
+  // (a feature with no unmasked element gets mean 0, not its padding)
+  st.mean = p.mask ? (st.n > A(0) ? ws[3 * P * C + c] + st.mean : A(0)) : feature_shift<T>(p, c) + st.mean;
   if (p.stat_mean) {  // batch_stats: hand the merged local state to the caller
     static_cast<A*>(p.stat_mean)[c] = st.mean;
     static_cast<A*>(p.stat_m2)[c] = st.m2;

@@ -63,15 +63,23 @@ __global__ void __launch_bounds__(BLOCK) masked_shift_cf_kernel(const ForwardPar
     masked_shift_of<A>(p)[c] = to_acc(found < 0 ? x[0] : x[(found / I) * p.x_so + found % I]);
 }
 
-// Channels-last shift: one thread per feature walks the rows until one is unmasked.
+// Channels-last shift: one thread per feature walks the rows until one is unmasked, 16 rows per
+// step (independent loads in flight, so a long masked prefix costs O / 16 round trips).
 template <typename T>
 __global__ void __launch_bounds__(256) masked_shift_cl_kernel(const ForwardParams p) {
   const int64_t c = static_cast<int64_t>(blockIdx.x) * 256 + threadIdx.x;
   if (c >= p.v.C) return;
   const T* x = static_cast<const T*>(p.x);
-  int64_t r = 0;
-  while (r < p.v.O && p.mask[r * p.m_so + c * p.m_sc] == 0) ++r;
-  masked_shift_of<acc_t<T>>(p)[c] = to_acc(x[(r < p.v.O ? r : 0) * p.x_so + c]);
+  const int64_t O = p.v.O;
+  int64_t hit = -1;
+  for (int64_t r = 0; r < O && hit < 0; r += 16) {
+#pragma unroll
+    for (int j = 15; j >= 0; --j) {  // downwards: the lowest unmasked row of the step wins
+      const int64_t rr = r + j;
+      if (rr < O && p.mask[rr * p.m_so + c * p.m_sc] != 0) hit = rr;
+    }
+  }
+  masked_shift_of<acc_t<T>>(p)[c] = to_acc(x[(hit < 0 ? 0 : hit) * p.x_so + c]);
 }
 
 // Channels-first: block (c, q) walks partition q of feature c's (O, I) elements.
