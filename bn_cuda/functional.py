@@ -71,7 +71,7 @@ def batch_norm(
     """
     if not isinstance(input, Tensor):
         raise TypeError(f"bn_cuda.functional.batch_norm: input must be a Tensor, got {type(input).__name__}")
-    axes = _axis_list(axis)
+    axes = [axis] if type(axis) is int else _axis_list(axis)  # (fast path for the common int)
     if input.dim() < 2:
         raise ValueError(
             f"bn_cuda.functional.batch_norm: input must have at least 2 dimensions, got {input.dim()}-D "

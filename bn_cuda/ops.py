@@ -1,12 +1,12 @@
 """Fake kernels and autograd for the ``torch.ops.bn_cuda`` operators (schemas: csrc/ops.cpp).
 
-``forward_infer`` and ``backward`` are functional and get their autograd from
-``torch.library.register_autograd``. ``forward_train`` updates the running statistics in place
-(declared ``Tensor(a!)?`` in its schema), and ``register_autograd`` refuses operators with mutable
-arguments, so its autograd kernel is C++ (``csrc/common/autograd.cpp``, dispatch key Autograd): a
-Python ``torch.autograd.Function`` cost more host time per call than the kernel on small tensors.
-Its backward calls the registered ``backward`` op, so double backward uses that op's autograd
-below, and it works under ``torch.compile(fullgraph=True)`` (the mutation is functionalized).
+``backward`` gets its autograd (double backward) from ``torch.library.register_autograd`` below.
+The two forwards have C++ autograd kernels (``csrc/common/autograd.cpp``, dispatch key Autograd):
+``forward_train`` updates the running statistics in place (declared ``Tensor(a!)?`` in its schema)
+and ``register_autograd`` refuses operators with mutable arguments; and a Python autograd layer
+costs more host time per call than the kernel on small tensors (about 9 us even under no_grad).
+Their backward nodes call the registered ``backward`` op, so double backward goes through its
+autograd, and they work under ``torch.compile(fullgraph=True)`` (the mutation is functionalized).
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ _ops = torch.ops.bn_cuda
 
 def normalize_axes(axis: Sequence[int], ndim: int) -> List[int]:
     """Sorted non-negative feature axes; errors name the value received."""
+    if len(axis) == 1 and type(axis[0]) is int and -ndim <= axis[0] < ndim:  # the common case, fast
+        return [axis[0] % ndim]
     out = []
     for a in axis:
         a = int(a)
@@ -51,8 +53,9 @@ def check_same_device(input: Tensor, **tensors: Optional[Tensor]) -> None:
     Runs before dispatch: with tensors on two devices the dispatcher would pick one device's kernel
     (or the meta kernel) and the mismatch would surface there as an unrelated error, or not at all.
     """
+    dev = input.device
     for name, t in tensors.items():
-        if t is not None and t.device != input.device:
+        if t is not None and t.device != dev:
             raise RuntimeError(
                 f"bn_cuda: {name} is on {t.device} but input is on {input.device}; move them to the same device"
             )
@@ -157,45 +160,6 @@ def _backward_backward(ctx, ggi, ggw, ggb):
 torch.library.register_autograd("bn_cuda::backward", _backward_backward, setup_context=_backward_setup)
 
 
-def _infer_setup(ctx, inputs, output):
-    input, weight, bias, running_mean, running_var, eps, axis = inputs
-    # Inference treats the running statistics as constants; copy them so a later in-place update
-    # of the buffers cannot change this step's gradient.
-    # (copy=True: below autograd an op may not return its input, and .to() without a copy does.)
-    acc = _acc_dtype(input.dtype)
-    mean = running_mean.detach().to(acc, copy=True).reshape(-1)
-    invstd = torch.rsqrt(running_var.detach().to(acc, copy=True).reshape(-1) + eps)
-    ctx.save_for_backward(input, weight, mean, invstd)
-    ctx.axis = list(axis)
-    ctx.bias_shape = None if bias is None else bias.shape
-    ctx.bias_dtype = None if bias is None else bias.dtype
-
-
-def _infer_backward(ctx, grad_out):
-    input, weight, mean, invstd = ctx.saved_tensors
-    need = ctx.needs_input_grad
-    mask = [need[0], weight is not None and need[1], ctx.bias_shape is not None and need[2]]
-    if not any(mask):
-        return (None,) * 7
-    gi, gw, gb = _ops.backward.default(grad_out, input, weight, mean, invstd, False, ctx.axis, mask)
-    return (
-        gi if mask[0] else None,
-        gw.reshape(weight.shape).to(weight.dtype) if mask[1] else None,
-        gb.reshape(ctx.bias_shape).to(ctx.bias_dtype) if mask[2] else None,
-        None, None, None, None,
-    )
-
-
-torch.library.register_autograd("bn_cuda::forward_infer", _infer_backward, setup_context=_infer_setup)
-
-
-def _no_grad_needed(*tensors: Optional[Tensor]) -> bool:
-    """True outside tracing when no gradient can flow: the autograd layers can be skipped."""
-    if torch.compiler.is_compiling():
-        return False
-    return not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in tensors)
-
-
 def batch_norm_train(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                      running_mean: Optional[Tensor], running_var: Optional[Tensor], momentum: float,
                      eps: float, axis: Sequence[int], unbiased_running_var: bool = True
@@ -216,9 +180,5 @@ def batch_norm_infer(input: Tensor, weight: Optional[Tensor], bias: Optional[Ten
                      running_mean: Tensor, running_var: Tensor, eps: float, axis: Sequence[int]) -> Tensor:
     """Differentiable inference forward with the running statistics."""
     check_same_device(input, weight=weight, bias=bias, running_mean=running_mean, running_var=running_var)
-    args = (input, weight, bias, running_mean, running_var, float(eps), [int(a) for a in axis])
-    if _no_grad_needed(input, weight, bias):
-        # Skip the Python autograd kernel register_autograd installs (tens of microseconds a call).
-        with torch._C._AutoDispatchBelowAutograd():
-            return _ops.forward_infer.default(*args)
-    return _ops.forward_infer.default(*args)
+    return _ops.forward_infer.default(input, weight, bias, running_mean, running_var, float(eps),
+                                      [int(a) for a in axis])

@@ -1,4 +1,4 @@
-// Autograd kernel of bn_cuda::forward_train, in C++.
+// Autograd kernels of bn_cuda::forward_train and bn_cuda::forward_infer, in C++.
 //
 // forward_train updates the running statistics in place, and torch.library.register_autograd
 // refuses operators with mutable arguments; a Python torch.autograd.Function around the op costs
@@ -32,6 +32,64 @@ at::Tensor bcast(const at::Tensor& t, const at::Tensor& input, const std::vector
   return t.reshape_symint(shape);
 }
 
+// What both forwards save of weight and bias: the weight itself (the backward needs it), and only
+// the bias's shape and dtype.
+void save_affine(AutogradContext* ctx, const OptTensor& weight, const OptTensor& bias, at::IntArrayRef axis) {
+  const bool has_w = weight.has_value() && weight->defined();
+  const bool has_b = bias.has_value() && bias->defined();
+  ctx->saved_data["axis"] = axis.vec();
+  ctx->saved_data["has_w"] = has_w;
+  ctx->saved_data["has_b"] = has_b;
+  if (has_b) {
+    ctx->saved_data["bias_shape"] = c10::IValue(bias->sym_sizes());  // symbolic under torch.compile
+    ctx->saved_data["bias_dtype"] = static_cast<int64_t>(bias->scalar_type());
+  }
+}
+
+// Which of (input, weight, bias) need a gradient. Edges exist only for the tensors given: input,
+// [weight], [bias], [running stats].
+std::array<bool, 3> grad_mask(AutogradContext* ctx) {
+  const bool has_w = ctx->saved_data["has_w"].toBool();
+  const bool has_b = ctx->saved_data["has_b"].toBool();
+  const size_t w_edge = 1, b_edge = has_w ? 2 : 1;
+  return {ctx->needs_input_grad(0), has_w && ctx->needs_input_grad(w_edge), has_b && ctx->needs_input_grad(b_edge)};
+}
+
+// (grad_input, grad_weight, grad_bias) through bn_cuda::backward, weight / bias gradients in the
+// parameters' own shapes and dtypes; undefined where not needed.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> param_backward(AutogradContext* ctx, const at::Tensor& grad_out,
+                                                             const at::Tensor& input, const at::Tensor& weight,
+                                                             const at::Tensor& mean, const at::Tensor& invstd,
+                                                             bool train, at::IntArrayRef axis,
+                                                             std::array<bool, 3> mask) {
+  at::Tensor gi, gw, gb;
+  if (!grad_out.defined() || !(mask[0] || mask[1] || mask[2])) return {gi, gw, gb};
+  const OptTensor w = weight.defined() ? OptTensor(weight) : OptTensor();
+  if (at::GradMode::is_enabled()) {  // create_graph: through the backward op's own autograd
+    std::tie(gi, gw, gb) = ops::backward(grad_out, input, w, mean, invstd, train, axis, mask);
+  } else {  // skip that (Python) autograd kernel: microseconds a call
+    at::AutoDispatchBelowAutograd guard;
+    std::tie(gi, gw, gb) = ops::backward(grad_out, input, w, mean, invstd, train, axis, mask);
+  }
+  if (!mask[0]) gi = at::Tensor();
+  gw = mask[1] ? gw.reshape_symint(weight.sym_sizes()).to(weight.scalar_type()) : at::Tensor();
+  if (mask[2]) {
+    const auto shape = ctx->saved_data["bias_shape"].toSymIntVector();
+    const auto dtype = static_cast<at::ScalarType>(ctx->saved_data["bias_dtype"].toInt());
+    gb = gb.reshape_symint(shape).to(dtype);
+  } else {
+    gb = at::Tensor();
+  }
+  return {gi, gw, gb};
+}
+
+// Whether the autograd layer can be skipped: no gradient can flow from this call.
+bool no_grad_needed(const at::Tensor& input, const OptTensor& weight, const OptTensor& bias) {
+  if (!at::GradMode::is_enabled()) return true;
+  const auto req = [](const OptTensor& t) { return t.has_value() && t->defined() && t->requires_grad(); };
+  return !input.requires_grad() && !req(weight) && !req(bias);
+}
+
 struct ForwardTrain : public torch::autograd::Function<ForwardTrain> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& input, const OptTensor& weight,
                                const OptTensor& bias, const OptTensor& running_mean, const OptTensor& running_var,
@@ -42,16 +100,8 @@ struct ForwardTrain : public torch::autograd::Function<ForwardTrain> {
       std::tie(out, mean, invstd) =
           ops::forward_train(input, weight, bias, running_mean, running_var, momentum, eps, axis, unbiased);
     }
-    const bool has_w = weight.has_value() && weight->defined();
-    const bool has_b = bias.has_value() && bias->defined();
-    ctx->save_for_backward({input, has_w ? *weight : at::Tensor(), mean, invstd});
-    ctx->saved_data["axis"] = axis.vec();
-    ctx->saved_data["has_w"] = has_w;
-    ctx->saved_data["has_b"] = has_b;
-    if (has_b) {
-      ctx->saved_data["bias_shape"] = c10::IValue(bias->sym_sizes());  // symbolic under torch.compile
-      ctx->saved_data["bias_dtype"] = static_cast<int64_t>(bias->scalar_type());
-    }
+    ctx->save_for_backward({input, weight.value_or(at::Tensor()), mean, invstd});
+    save_affine(ctx, weight, bias, axis);
     ctx->set_materialize_grads(false);
     return {out, mean, invstd};
   }
@@ -63,32 +113,9 @@ struct ForwardTrain : public torch::autograd::Function<ForwardTrain> {
     const at::Tensor& mean = saved[2];
     const at::Tensor& invstd = saved[3];
     const std::vector<int64_t> axis = ctx->saved_data["axis"].toIntVector();
-    const bool has_w = ctx->saved_data["has_w"].toBool();
-    const bool has_b = ctx->saved_data["has_b"].toBool();
-    // Edges exist only for the tensors given: input, [weight], [bias], [running stats].
-    const size_t w_edge = 1, b_edge = has_w ? 2 : 1;
-    const std::array<bool, 3> mask = {ctx->needs_input_grad(0), has_w && ctx->needs_input_grad(w_edge),
-                                      has_b && ctx->needs_input_grad(b_edge)};
-    const at::Tensor& grad_out = grads[0];
+    const std::array<bool, 3> mask = grad_mask(ctx);
     at::Tensor gi, gw, gb;
-    if (grad_out.defined() && (mask[0] || mask[1] || mask[2])) {
-      OptTensor w = has_w ? OptTensor(weight) : OptTensor();
-      if (at::GradMode::is_enabled()) {  // create_graph: through the backward op's own autograd
-        std::tie(gi, gw, gb) = ops::backward(grad_out, input, w, mean, invstd, true, axis, mask);
-      } else {  // skip that (Python) autograd kernel: tens of microseconds a call
-        at::AutoDispatchBelowAutograd guard;
-        std::tie(gi, gw, gb) = ops::backward(grad_out, input, w, mean, invstd, true, axis, mask);
-      }
-      if (!mask[0]) gi = at::Tensor();
-      gw = mask[1] ? gw.reshape_symint(weight.sym_sizes()).to(weight.scalar_type()) : at::Tensor();
-      if (mask[2]) {
-        const auto shape = ctx->saved_data["bias_shape"].toSymIntVector();
-        const auto dtype = static_cast<at::ScalarType>(ctx->saved_data["bias_dtype"].toInt());
-        gb = gb.reshape_symint(shape).to(dtype);
-      } else {
-        gb = at::Tensor();
-      }
-    }
+    std::tie(gi, gw, gb) = param_backward(ctx, grads[0], input, weight, mean, invstd, /*train=*/true, axis, mask);
     const at::Tensor& grad_mean = grads[1];
     const at::Tensor& grad_invstd = grads[2];
     if (ctx->needs_input_grad(0) && (grad_mean.defined() || grad_invstd.defined())) {
@@ -114,9 +141,52 @@ struct ForwardTrain : public torch::autograd::Function<ForwardTrain> {
   }
 };
 
+// Inference: the running statistics are constants (copied at the call, so a later in-place update
+// of the buffers cannot change this step's gradient); grad_input = dy * invstd * weight.
+struct ForwardInfer : public torch::autograd::Function<ForwardInfer> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& input, const OptTensor& weight,
+                               const OptTensor& bias, const at::Tensor& running_mean, const at::Tensor& running_var,
+                               double eps, at::IntArrayRef axis) {
+    at::Tensor out;
+    {
+      at::AutoDispatchBelowAutograd guard;
+      out = ops::forward_infer(input, weight, bias, running_mean, running_var, eps, axis);
+    }
+    const auto acc = input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+    const at::Tensor mean = running_mean.detach().to(acc, false, /*copy=*/true).reshape(-1);
+    const at::Tensor invstd = at::rsqrt(running_var.detach().to(acc, false, /*copy=*/true).reshape(-1) + eps);
+    ctx->save_for_backward({input, weight.value_or(at::Tensor()), mean, invstd});
+    save_affine(ctx, weight, bias, axis);
+    return {out};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const variable_list saved = ctx->get_saved_variables();
+    const std::vector<int64_t> axis = ctx->saved_data["axis"].toIntVector();
+    at::Tensor gi, gw, gb;
+    std::tie(gi, gw, gb) =
+        param_backward(ctx, grads[0], saved[0], saved[1], saved[2], saved[3], /*train=*/false, axis, grad_mask(ctx));
+    return {gi, gw, gb, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+at::Tensor forward_infer_autograd(const at::Tensor& input, const OptTensor& weight, const OptTensor& bias,
+                                  const at::Tensor& running_mean, const at::Tensor& running_var, double eps,
+                                  at::IntArrayRef axis) {
+  if (no_grad_needed(input, weight, bias)) {
+    at::AutoDispatchBelowAutograd guard;
+    return ops::forward_infer(input, weight, bias, running_mean, running_var, eps, axis);
+  }
+  return ForwardInfer::apply(input, weight, bias, running_mean, running_var, eps, axis)[0];
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_train_autograd(
     const at::Tensor& input, const OptTensor& weight, const OptTensor& bias, const OptTensor& running_mean,
     const OptTensor& running_var, double momentum, double eps, at::IntArrayRef axis, bool unbiased) {
+  if (no_grad_needed(input, weight, bias)) {
+    at::AutoDispatchBelowAutograd guard;
+    return ops::forward_train(input, weight, bias, running_mean, running_var, momentum, eps, axis, unbiased);
+  }
   variable_list r =
       ForwardTrain::apply(input, weight, bias, running_mean, running_var, momentum, eps, axis, unbiased);
   return {r[0], r[1], r[2]};
@@ -125,4 +195,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_train_autograd(
 }  // namespace
 }  // namespace bn_cuda
 
-TORCH_LIBRARY_IMPL(bn_cuda, Autograd, m) { m.impl("forward_train", &bn_cuda::forward_train_autograd); }
+TORCH_LIBRARY_IMPL(bn_cuda, Autograd, m) {
+  m.impl("forward_train", &bn_cuda::forward_train_autograd);
+  m.impl("forward_infer", &bn_cuda::forward_infer_autograd);
+}
