@@ -225,3 +225,26 @@ def test_bf16_fp16_large_offsets(dtype, device):
     ref = reference_batch_norm(x, torch.zeros(4), torch.ones(4), training=True, momentum=1.0)
     assert float(((rv.double().cpu() - ref["running_var"]) / ref["running_var"]).abs().max()) < 1e-4
     assert float((rm.double().cpu() - ref["running_mean"]).abs().max()) < 1e-6 * offset + 1e-3
+
+
+@pytest.mark.parametrize("c", [1, 2, 3, 4, 5, 6, 8, 12, 17])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("rows", [7, 40001])
+def test_channels_last_few_features_backward(c, dtype, rows):
+    """Channels-last rows with few features (the vectorized periodic backward: pattern of
+    lcm(C, lanes) elements), odd row counts (tails) and several partitions, against float64 autograd;
+    with a large offset, which the sums must not lose."""
+    g = torch.Generator().manual_seed(c * 1000 + rows)
+    x = (torch.randn(rows, c, generator=g, dtype=torch.float64) * (0.5 + torch.rand(c, generator=g, dtype=torch.float64))
+         + 1e3 * torch.randn(c, generator=g, dtype=torch.float64))
+    dy = torch.randn(rows, c, generator=g, dtype=torch.float64)
+    w = torch.randn(c, generator=g, dtype=torch.float64)
+    b = torch.randn(c, generator=g, dtype=torch.float64)
+    ref = [t.clone().requires_grad_() for t in (x, w, b)]
+    F.batch_norm(ref[0], None, None, ref[1], ref[2], True, 0.1, 1e-5).backward(dy)
+    ours = [t.to(dtype).requires_grad_() for t in (x, w, b)]
+    batch_norm(ours[0], None, None, ours[1], ours[2], training=True, eps=1e-5).backward(dy.to(dtype))
+    tol = 1e-10 if dtype == torch.float64 else 1e-3
+    for o, r, name in zip(ours, ref, ["input", "weight", "bias"]):
+        scale = r.grad.abs().max().item() + 1.0
+        assert max_err(o.grad.double(), r.grad) <= tol * scale, (name, max_err(o.grad.double(), r.grad))

@@ -18,6 +18,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <numeric>
 #include <type_traits>
 #include <vector>
 
@@ -202,6 +203,10 @@ inline int64_t cl_partition(const View3& v, int64_t part, int64_t P, RowRuns& ru
   const int64_t per = ceil_div(R, per_ghost);
   const int64_t rho0 = std::min(R, j * per), rho1 = std::min(R, rho0 + per);
   runs.clear();
+  if (v.G == 1) {  // no ghosts: one run (S need not be set then)
+    if (rho1 > rho0) runs.emplace_back(rho0, rho1);
+    return 0;
+  }
   for (int64_t rho = rho0; rho < rho1;) {
     const int64_t k = rho / v.S, s = rho % v.S;
     const int64_t len = std::min(v.S - s, rho1 - rho);
@@ -786,6 +791,113 @@ void forward_infer(const ForwardParams& p) {
 // ---------------------------------------------------------------------------------------------
 // Backward.
 
+// Channels-last with few features (C < 2 vectors) in dense rows (outer stride C) and no ghosts:
+// the rows form one flat run whose feature pattern repeats every W = lcm(C, L) elements, so NV =
+// W / L accumulator vectors per sum follow it and the loops are fully vectorized, instead of C
+// scalar chains per row. NV (1..4) when that applies (fp32 / fp64 only), else 0.
+template <typename T>
+inline int periodic_vectors(const View3& v, bool dense) {
+  constexpr int64_t L = Vectorized<T>::size();
+  if (!std::is_same_v<T, acc_t<T>> || !dense || !v.channels_last || v.G != 1 || v.C >= 2 * L) return 0;
+  const int64_t W = std::lcm(v.C, L);
+  return W <= 4 * L ? static_cast<int>(W / L) : 0;
+}
+
+// Per-feature (sum dy, sum dy (x - mean)) of the flat elements [begin, end) (begin, end multiples
+// of C), added to s / sx: lanes accumulate in chunk order, then fold in lane order.
+template <typename T, int NV>
+inline void grad_sums_periodic(const T* dy, const T* x, int64_t begin, int64_t end, int64_t C, const T* mean, T* s,
+                               T* sx) {
+  using AV = Vectorized<T>;
+  constexpr int64_t L = AV::size(), W = NV * L;
+  T pat[W];
+  for (int64_t e = 0; e < W; ++e) pat[e] = mean[e % C];
+  AV m[NV], a[NV], b[NV];
+  for (int j = 0; j < NV; ++j) {
+    m[j] = AV::loadu(pat + j * L);
+    a[j] = AV(T(0));
+    b[j] = AV(T(0));
+  }
+  int64_t e = begin;
+  for (; e + W <= end; e += W) {
+    for (int j = 0; j < NV; ++j) {
+      const AV g = AV::loadu(dy + e + j * L);
+      const AV xv = AV::loadu(x + e + j * L);
+      a[j] += g;
+      b[j] = at::vec::fmadd(g, xv - m[j], b[j]);
+    }
+  }
+  T ta[W], tb[W];
+  for (int j = 0; j < NV; ++j) {
+    a[j].store(ta + j * L);
+    b[j].store(tb + j * L);
+  }
+  for (int64_t k = 0; k < W; ++k) {
+    s[k % C] += ta[k];
+    sx[k % C] += tb[k];
+  }
+  for (; e < end; ++e) {
+    const int64_t c = e % C;
+    s[c] += dy[e];
+    sx[c] += dy[e] * (x[e] - mean[c]);
+  }
+}
+
+// dx = k_dy dy + k_xmu (x - mean) + k_0 over the flat elements [begin, end) (begin a multiple of W).
+template <typename T, int NV>
+inline void grad_input_periodic(const T* dy, const T* x, T* dx, int64_t begin, int64_t end, int64_t C, const T* gm,
+                                const T* kd, const T* kx, const T* k0) {
+  using AV = Vectorized<T>;
+  constexpr int64_t L = AV::size(), W = NV * L;
+  T pm[W], pd[W], px[W], p0[W];
+  for (int64_t e = 0; e < W; ++e) {
+    pm[e] = gm[e % C];
+    pd[e] = kd[e % C];
+    px[e] = kx[e % C];
+    p0[e] = k0[e % C];
+  }
+  AV m[NV], d[NV], k[NV], z[NV];
+  for (int j = 0; j < NV; ++j) {
+    m[j] = AV::loadu(pm + j * L);
+    d[j] = AV::loadu(pd + j * L);
+    k[j] = AV::loadu(px + j * L);
+    z[j] = AV::loadu(p0 + j * L);
+  }
+  int64_t e = begin;
+  for (; e + W <= end; e += W) {
+    for (int j = 0; j < NV; ++j) {
+      const AV g = AV::loadu(dy + e + j * L);
+      const AV xv = AV::loadu(x + e + j * L);
+      at::vec::fmadd(d[j], g, at::vec::fmadd(k[j], xv - m[j], z[j])).store(dx + e + j * L);
+    }
+  }
+  for (; e < end; ++e) {
+    const int64_t c = e % C;
+    const GradCoeffs<T> g{gm[c], kd[c], kx[c], k0[c]};
+    dx[e] = grad_one(dy[e], x[e], g);
+  }
+}
+
+template <typename T, template <typename, int> class Fn, typename... Args>
+inline void with_periodic(int nv, Args&&... args) {
+  switch (nv) {
+    case 1: Fn<T, 1>::run(std::forward<Args>(args)...); break;
+    case 2: Fn<T, 2>::run(std::forward<Args>(args)...); break;
+    case 3: Fn<T, 3>::run(std::forward<Args>(args)...); break;
+    default: Fn<T, 4>::run(std::forward<Args>(args)...); break;
+  }
+}
+template <typename T, int NV>
+struct GradSumsPeriodic {
+  template <typename... Args>
+  static void run(Args&&... args) { grad_sums_periodic<T, NV>(std::forward<Args>(args)...); }
+};
+template <typename T, int NV>
+struct GradInputPeriodic {
+  template <typename... Args>
+  static void run(Args&&... args) { grad_input_periodic<T, NV>(std::forward<Args>(args)...); }
+};
+
 template <typename T>
 void backward(const BackwardParams& p) {
   using A = acc_t<T>;
@@ -824,12 +936,22 @@ void backward(const BackwardParams& p) {
         }
       });
     } else {
+      const int nv = periodic_vectors<T>(v, p.x_so == C && p.dy_so == C);
       at::parallel_for(0, P, grain_for(cl_part_elems(v, P)), [&](int64_t begin, int64_t end) {
         RowRuns runs;
         for (int64_t q = begin; q < end; ++q) {
           A* s = sdy + q * C;
           A* sx = sdyx + q * C;
           const A* gmean = mean + cl_partition(v, q, P, runs) * C;  // this partition's ghost
+          if constexpr (std::is_same_v<T, A>) {
+            if (nv) {
+              std::fill(s, s + C, A(0));
+              std::fill(sx, sx + C, A(0));
+              for (const auto& run : runs)
+                with_periodic<T, GradSumsPeriodic>(nv, dy, x, run.first * C, run.second * C, C, gmean, s, sx);
+              continue;
+            }
+          }
           if (C <= kCpuRowMajorMaxC) {  // see stats_cl_rowmajor
             std::fill(s, s + C, A(0));
             std::fill(sx, sx + C, A(0));
@@ -956,6 +1078,16 @@ void backward(const BackwardParams& p) {
     return;
   }
   const int64_t grain = std::max<int64_t>(1, kCpuChunkElems / C);
+  if constexpr (std::is_same_v<T, A>) {
+    if (const int nv = periodic_vectors<T>(v, p.x_so == C && p.dy_so == C && p.dx_so == C)) {
+      const int64_t W = nv * Vectorized<T>::size(), N = v.O * C;
+      at::parallel_for(0, ceil_div(N, W), std::max<int64_t>(1, kCpuChunkElems / W), [&](int64_t begin, int64_t end) {
+        with_periodic<T, GradInputPeriodic>(nv, dy, x, dx, begin * W, std::min(N, end * W), C, g_mean, g_kdy, g_kx,
+                                            g_k0);
+      });
+      return;
+    }
+  }
   if (folding_is_exact(mean, invstd, F)) {
     // dx = k_dy * dy + k_xmu * x + (k_0 - k_xmu * mean): one load and one subtract fewer per
     // vector, exact enough when |mean| <= 8 std (see folding_is_exact).
