@@ -921,6 +921,33 @@ void backward(const BackwardParams& p) {
   const bool given = p.given_sum_dy != nullptr;
   const bool need_sums = !given && (p.grad_weight || p.grad_bias || p.out_sum_dy || (p.dx && p.train));
 
+  // Channels-first, each feature one partition (its O x I elements fit a cache-sized chunk): one
+  // task per feature computes its sums, coefficients and grad_input back to back, so the second
+  // pass over x and dy hits the cache instead of memory. Same sums in the same order as the
+  // two-phase path below (bitwise the same result). Features under 4096 elements keep the two
+  // phases (there the whole tensor tends to be cache-resident and the finer tasks balance better).
+  if (!v.channels_last && v.G == 1 && P == 1 && v.O * v.I >= 4096 && need_sums && p.dx && !p.out_sum_dy &&
+      !p.mask) {
+    T* dx = static_cast<T*>(p.dx);
+    A* gw = static_cast<A*>(p.grad_weight);
+    A* gb = static_cast<A*>(p.grad_bias);
+    const A count = static_cast<A>(v.O * v.I);
+    at::parallel_for(0, C, grain_for(v.O * v.I), [&](int64_t begin, int64_t end) {
+      for (int64_t c = begin; c < end; ++c) {
+        A s = A(0), sx = A(0);
+        for (int64_t r = 0; r < v.O; ++r)
+          grad_sums_run(dy + r * p.dy_so + c * p.dy_sc, x + r * p.x_so + c * p.x_sc, v.I, mean[c], s, sx);
+        if (gw) gw[c] = sx * invstd[c];
+        if (gb) gb[c] = s;
+        const GradCoeffs<A> g = grad_coeffs(mean[c], invstd[c], w ? w[c] : A(1), s, sx, count, p.train);
+        for (int64_t r = 0; r < v.O; ++r)
+          grad_run(dy + r * p.dy_so + c * p.dy_sc, x + r * p.x_so + c * p.x_sc, dx + r * p.dx_so + c * p.dx_sc, v.I,
+                   g);
+      }
+    });
+    return;
+  }
+
   if (need_sums) {
     if (!v.channels_last) {
       const int64_t rows_per_part = v.I >= kCpuChunkElems ? 1 : kCpuChunkElems / v.I;
