@@ -3,6 +3,7 @@ points, checking the files and their fields. Never asserts on speed."""
 
 import csv
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -53,7 +54,8 @@ def test_tiny_cpu_run_writes_consistent_results(tmp_path):
     assert doc["failed"] is False
     names = {Path(f).name for f in doc["files"]}
     assert {"custom.json", "custom.csv", "custom.md"} <= names
-    pytest.importorskip("matplotlib")
+    if os.environ.get("BN_CUDA_REQUIRE_TF") != "1":  # CI installs matplotlib: there the chart must exist
+        pytest.importorskip("matplotlib")
     assert (tmp_path / "custom.png").stat().st_size > 0
 
     data = json.loads((tmp_path / "custom.json").read_text())
