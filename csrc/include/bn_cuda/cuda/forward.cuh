@@ -25,6 +25,24 @@ __device__ __forceinline__ acc_t<T> feature_shift(const ForwardParams& p, int64_
   return to_acc(x[(f / p.v.C) * p.v.S * p.x_so + f % p.v.C]);  // ghost g's first row is g * S
 }
 
+// Partial state `idx` of the workspace (layout above): written by every statistics kernel (masked
+// ones included), read by finalize_forward_kernel.
+template <typename A>
+__device__ __forceinline__ void store_partial(const ForwardParams& p, int64_t idx, const WelfordState<A>& st) {
+  A* ws = static_cast<A*>(p.workspace);
+  const int64_t PC = p.partitions * p.v.C;
+  ws[idx] = st.mean;
+  ws[PC + idx] = st.m2;
+  ws[2 * PC + idx] = st.n;
+}
+
+template <typename A>
+__device__ __forceinline__ WelfordState<A> load_partial(const ForwardParams& p, int64_t idx) {
+  const A* ws = static_cast<const A*>(p.workspace);
+  const int64_t PC = p.partitions * p.v.C;
+  return WelfordState<A>{ws[idx], ws[PC + idx], ws[2 * PC + idx]};
+}
+
 
 // Channels-first statistics: block (c, q) reduces partition q of feature c. Each thread gathers
 // U vectors of V elements, takes their exact two-pass moments in registers, and Chan-merges the
@@ -33,7 +51,7 @@ template <typename T, int V, int BLOCK>
 __global__ void __launch_bounds__(BLOCK) stats_cf_kernel(const ForwardParams p) {
   using A = acc_t<T>;
   constexpr int U = V >= 4 ? 2 : 4;
-  const int64_t C = p.v.C, P = p.partitions;
+  const int64_t P = p.partitions;
   const int64_t c = blockIdx.x, q = block_partition();
   if (q >= P) return;  // block-uniform, before any barrier
   const int64_t Iv = p.v.I / V;
@@ -76,13 +94,7 @@ __global__ void __launch_bounds__(BLOCK) stats_cf_kernel(const ForwardParams p) 
     }
   }
   st = block_merge<BLOCK>(st);
-  if (threadIdx.x == 0) {
-    A* ws = static_cast<A*>(p.workspace);
-    const int64_t idx = c * P + q;
-    ws[idx] = st.mean;
-    ws[P * C + idx] = st.m2;
-    ws[2 * P * C + idx] = st.n;
-  }
+  if (threadIdx.x == 0) store_partial(p, c * P + q, st);
 }
 
 // Channels-last statistics: a block of BX x BY threads (BX * BY = 256) covers BX * V features of
@@ -171,15 +183,11 @@ __global__ void __launch_bounds__(256) stats_cl_kernel(const ForwardParams p) {
   sh_n[ty][tx] = n;
   __syncthreads();
   if (ty == 0 && c0 < C) {
-    A* ws = static_cast<A*>(p.workspace);
 #pragma unroll
     for (int e = 0; e < V; ++e) {
       WelfordState<A> st = welford_empty<A>();
       for (int j = 0; j < BY; ++j) st = welford_merge(st, WelfordState<A>{sh_mean[j][tx * V + e], sh_m2[j][tx * V + e], sh_n[j][tx]});
-      const int64_t idx = q * C + c0 + e;
-      ws[idx] = st.mean;
-      ws[P * C + idx] = st.m2;
-      ws[2 * P * C + idx] = st.n;
+      store_partial(p, q * C + c0 + e, st);
     }
   }
 }
@@ -196,10 +204,7 @@ __global__ void __launch_bounds__(256) finalize_forward_kernel(const ForwardPara
   const A* ws = static_cast<const A*>(p.workspace);
   WelfordState<A> st = welford_empty<A>();
   const int64_t nparts = p.v.channels_last ? P / p.v.G : P;
-  for (int64_t q = lane; q < nparts; q += 32) {
-    const int64_t idx = partial_index(p.v, P, c, q);
-    st = welford_merge(st, WelfordState<A>{ws[idx], ws[P * C + idx], ws[2 * P * C + idx]});
-  }
+  for (int64_t q = lane; q < nparts; q += 32) st = welford_merge(st, load_partial<A>(p, partial_index(p.v, P, c, q)));
   st = warp_merge(st);
   if (lane != 0) return;
   // (masked statistics: the shift the masked_shift kernels stored; batch_stats returns below,

@@ -86,7 +86,7 @@ __global__ void __launch_bounds__(256) masked_shift_cl_kernel(const ForwardParam
 template <typename T, int BLOCK>
 __global__ void __launch_bounds__(BLOCK) masked_stats_cf_kernel(const ForwardParams p) {
   using A = acc_t<T>;
-  const int64_t C = p.v.C, P = p.partitions;
+  const int64_t P = p.partitions;
   const int64_t c = blockIdx.x, q = block_partition();
   if (q >= P) return;  // block-uniform, before any barrier
   const int64_t I = p.v.I;
@@ -108,13 +108,7 @@ __global__ void __launch_bounds__(BLOCK) masked_stats_cf_kernel(const ForwardPar
     }
   }
   const WelfordState<A> st = block_merge<BLOCK>(WelfordState<A>{mean, m2, n});
-  if (threadIdx.x == 0) {
-    A* ws = static_cast<A*>(p.workspace);
-    const int64_t idx = c * P + q;
-    ws[idx] = st.mean;
-    ws[P * C + idx] = st.m2;
-    ws[2 * P * C + idx] = st.n;
-  }
+  if (threadIdx.x == 0) store_partial(p, c * P + q, st);
 }
 
 // Channels-last: BX x BY threads, one feature per thread column, rows BY apart; per-feature counts
@@ -148,11 +142,7 @@ __global__ void __launch_bounds__(256) masked_stats_cl_kernel(const ForwardParam
   if (ty == 0 && c < C) {
     WelfordState<A> st = welford_empty<A>();
     for (int j = 0; j < BY; ++j) st = welford_merge(st, WelfordState<A>{sh_mean[j][tx], sh_m2[j][tx], sh_n[j][tx]});
-    A* ws = static_cast<A*>(p.workspace);
-    const int64_t idx = q * C + c;
-    ws[idx] = st.mean;
-    ws[P * C + idx] = st.m2;
-    ws[2 * P * C + idx] = st.n;
+    store_partial(p, q * C + c, st);
   }
 }
 
