@@ -517,8 +517,10 @@ class BatchNormalization(KerasLayerIO, nn.Module):
 
         out = composite.batch_normalization(work, mean, var, offset, scale, self.epsilon)
         out = out.reshape(x.shape).to(x.dtype)
+        if local_empty:  # no moving-variable update (see above)
+            return out
         with torch.no_grad():
-            for n, value in updates.items() if not local_empty else ():
+            for n, value in updates.items():
                 if has_data is not None:
                     value = torch.where(has_data, value, moving[n])
                 buf = getattr(self, n)
