@@ -11,6 +11,7 @@ Knobs (environment):
 
 import json
 import os
+import platform
 import shutil
 from pathlib import Path
 
@@ -130,6 +131,37 @@ else:
         extra_compile_args=extra, extra_link_args=link_args,
     )
 
+AVX2_SOURCE = "kernels_avx2.cpp"
+AVX2_FLAGS = ["-mavx2", "-mfma", "-mf16c"]
+
+
+class BuildExt(cpp_extension.BuildExtension):
+    """Compiles csrc/cpu/kernels_avx2.cpp with -mavx2 -mfma -mf16c and every other source without.
+
+    The AVX2 kernels are picked at run time (cpu::use_avx2()), so only that translation unit may use
+    AVX2 instructions. A `#pragma GCC target` inside the file is not enough: GCC 13's libstdc++
+    refuses to inline its always_inline helpers across the target switch.
+    """
+
+    def build_extension(self, ext):
+        avx2 = [s for s in ext.sources if Path(s).name == AVX2_SOURCE]
+        if avx2 and platform.machine().lower() in ("x86_64", "amd64"):
+            ext.sources = [s for s in ext.sources if s not in avx2]
+            args = ext.extra_compile_args
+            if isinstance(args, dict):
+                args = {k: list(v) for k, v in args.items()}
+                args["cxx"] = args.get("cxx", []) + AVX2_FLAGS
+            else:
+                args = list(args or []) + AVX2_FLAGS
+            objects = self.compiler.compile(
+                avx2, output_dir=self.build_temp, macros=ext.define_macros,
+                include_dirs=ext.include_dirs, debug=self.debug, extra_postargs=args,
+                depends=ext.depends,
+            )
+            ext.extra_objects = list(ext.extra_objects or []) + objects
+        super().build_extension(ext)
+
+
 setup(
     name="bn_cuda",
     version=VERSION,
@@ -137,7 +169,7 @@ setup(
     packages=find_packages(include=["bn_cuda", "bn_cuda.*"]),
     package_data={"bn_cuda": ["_build_meta.json", "include/bn_cuda/*.h", "include/bn_cuda/**/*"]},
     ext_modules=[ext],
-    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": BuildExt.with_options(use_ninja=True)},
     python_requires=">=3.9",
     zip_safe=False,
 )

@@ -1,21 +1,10 @@
-// AVX2 + FMA + F16C copy of the CPU kernels, chosen at run time by cpu::use_avx2(). The target
-// pragma (instead of a per-file -mavx2) keeps the build a single setuptools extension; every
-// symbol defined here lives in namespace ...::AVX2, as ATen does for its own kernels.
+// AVX2 + FMA + F16C copy of the CPU kernels, chosen at run time by cpu::use_avx2(); every symbol
+// defined here lives in namespace ...::AVX2, as ATen does for its own kernels.
 #if defined(__x86_64__) || defined(_M_X64)
-#pragma GCC target("avx2,fma,f16c")
-// The target pragma enables the instructions but not the feature macros that ATen's and SLEEF's
-// headers test to declare their AVX2 code; define them for this translation unit only.
-#ifndef __AVX__
-#define __AVX__ 1
-#endif
-#ifndef __AVX2__
-#define __AVX2__ 1
-#endif
-#ifndef __FMA__
-#define __FMA__ 1
-#endif
-#ifndef __F16C__
-#define __F16C__ 1
+// setup.py compiles this file alone with -mavx2 -mfma -mf16c (a `#pragma GCC target` here broke
+// GCC 13: libstdc++'s always_inline helpers cannot be inlined across the target switch).
+#if !defined(__AVX2__) || !defined(__FMA__) || !defined(__F16C__)
+#error "kernels_avx2.cpp must be compiled with -mavx2 -mfma -mf16c (setup.py's BuildExt does this)"
 #endif
 #define CPU_CAPABILITY AVX2
 #define CPU_CAPABILITY_AVX2
