@@ -13,6 +13,7 @@ import json
 import os
 import platform
 import shutil
+import sys
 from pathlib import Path
 
 from setuptools import find_packages, setup
@@ -103,6 +104,12 @@ define_macros = [
 cxx_flags = ["-O3", "-fopenmp", "-Wall", "-Wno-unused-function", "-Wno-psabi"]
 extra = {"cxx": cxx_flags}
 link_args = ["-fopenmp"]
+if sys.platform.startswith("linux"):
+    # Link the shared libstdc++ explicitly, ahead of the driver's own -lstdc++. Some toolchains
+    # (the GPU image's /opt/gcc/bin/g++ wrapper) link it statically; the extension then throws
+    # c10::Error through its private copy of the C++ runtime and the process segfaults in the
+    # unwinder instead of raising the ValueError / RuntimeError.
+    link_args.append("-lstdc++")
 
 if WITH_CUDA:
     sources += sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cuda").glob("*.cpp"))

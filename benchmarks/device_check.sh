@@ -69,7 +69,7 @@ except ValueError as e:
 PY
 step exception-probe 60 "$PY" "$WORK/probe.py"
 { echo "compiler: $(${CXX:-c++} --version 2>&1 | head -1) ($(command -v ${CXX:-c++}))"; which -a g++ c++ gcc;
-  ldd bn_cuda/_C*.so | grep -E "stdc|gcc|gomp"; } >>"$WORK/exception-probe.log" 2>&1
+  ldd bn_cuda/_C*.so | grep -E "stdc|gcc|gomp"; readelf -d bn_cuda/_C*.so | grep NEEDED; } >>"$WORK/exception-probe.log" 2>&1
 XDIST=""; "$PY" -c "import xdist" 2>/dev/null && XDIST="-n 8 --max-worker-restart 400"
 
 # Every CUDA test (tests parametrized on "cuda", tests/test_cuda.py, opcheck on CUDA); the
