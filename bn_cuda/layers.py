@@ -419,6 +419,8 @@ class BatchNormalization(KerasLayerIO, nn.Module):
     def _flat(self, name: str) -> Optional[Tensor]:
         """A flat view of a weight; buffers are views so the kernels' in-place updates land in them."""
         t = getattr(self, name)
+        if t is not None and t.dim() == 1 and t.is_contiguous():
+            return t  # already flat (the common case: one feature axis)
         if t is None or isinstance(t, nn.Parameter):
             return None if t is None else t.reshape(-1)
         if not t.is_contiguous():

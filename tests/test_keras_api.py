@@ -238,6 +238,8 @@ def test_kernel_routing(monkeypatch, kwargs, shape, mask, kernels):
     stats = bn_cuda.staged.batch_stats
     monkeypatch.setattr(bn_cuda.ops, "batch_norm_train", lambda *a, **k: calls.append("train") or train(*a, **k))
     monkeypatch.setattr(bn_cuda.staged, "batch_stats", lambda *a, **k: calls.append("train") or stats(*a, **k))
+    step = bn_cuda._C.keras_train_step  # the staged ops' single-process step in C++
+    monkeypatch.setattr(bn_cuda._C, "keras_train_step", lambda *a, **k: calls.append("train") or step(*a, **k))
     monkeypatch.setattr(bn_cuda.ops, "batch_norm_infer", lambda *a, **k: calls.append("infer") or infer(*a, **k))
     layer = BatchNormalization(**kwargs)
     x = _data(*shape)

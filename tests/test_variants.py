@@ -234,3 +234,68 @@ def test_masked_stats_all_masked_feature(device, layout):
         assert count[c].item() == vals.numel()
         torch.testing.assert_close(mean[c], vals.mean())
         torch.testing.assert_close(m2[c], ((vals - vals.mean()) ** 2).sum())
+
+
+_ADJ_PARAM = {}
+
+
+def _grad_adjustment(shape):
+    """An adjustment whose outputs depend on a tensor that requires grad (its gradient must flow)."""
+    a = _ADJ_PARAM["a"]
+    return a * 0.5 + 1.0, a * 0.1
+
+
+NATIVE_CONFIGS = {
+    **CONFIGS,
+    "renorm+adjustment": dict(renorm=True, adjustment=CONFIGS["adjustment"]["adjustment"]),
+    "renorm+grad-adjustment": dict(renorm=True, renorm_clipping={"rmax": 1.2}, adjustment=_grad_adjustment),
+    "renorm+mask": dict(renorm=True, renorm_clipping={"rmax": 1.1, "dmax": 0.2}),
+    "ghost-nchw": dict(virtual_batch_size=4, axis=1, renorm=True),
+    "ghost-two-axes": dict(virtual_batch_size=2, axis=[1, 3]),
+}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", list(NATIVE_CONFIGS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_native_step_is_bitwise_the_python_step(monkeypatch, device, name, dtype):
+    """The C++ single-process step (csrc/common/keras_step.cpp) runs the staged ops of the Python
+    step (keras/synchronized.py) in the same order: outputs, every gradient and every moving
+    variable are bitwise the same, over two steps, on odd shapes and a channels-last input."""
+    from bn_cuda.keras import synchronized
+
+    kwargs = NATIVE_CONFIGS[name]
+    shape = {"ghost-nchw": (8, 3, 5, 7), "ghost-two-axes": (6, 3, 5, 4)}.get(name, (12, 7, 5))
+    results = {}
+    for native in (True, False):
+        monkeypatch.setattr(synchronized, "_native_ok", lambda x, native=native: native)
+        _ADJ_PARAM["a"] = torch.linspace(-0.3, 0.4, shape[-1], dtype=torch.float64, device=device).requires_grad_()
+        layer = bn_cuda.BatchNormalization(momentum=0.7, **kwargs)
+        layer.build(shape, device=torch.device(device))
+        with torch.no_grad():
+            g = torch.Generator().manual_seed(3)
+            for t in (layer.gamma, layer.beta):
+                t.copy_(torch.randn(t.shape, generator=g) * 0.5 + (1.0 if t is layer.gamma else 0.0))
+        calls = []
+        step = bn_cuda._C.keras_train_step
+        monkeypatch.setattr(bn_cuda._C, "keras_train_step", lambda *a, **k: calls.append(1) or step(*a, **k))
+        outs = []
+        for i in range(2):
+            x = _input(shape, device, seed=20 + i).to(dtype)
+            if name == "ghost-nchw":
+                x = x.contiguous(memory_format=torch.channels_last)
+            x.requires_grad_(True)
+            mask = _mask(name, shape, device)
+            y = layer(x, training=True, mask=mask)
+            gy = torch.randn(shape, generator=torch.Generator().manual_seed(40 + i), dtype=torch.float64)
+            y.backward(gy.to(device, dtype))
+            outs += [y.detach(), x.grad]
+        outs += [layer.gamma.grad, layer.beta.grad] + [b.clone() for _, b in sorted(layer.named_buffers())]
+        if "grad-adjustment" in name:
+            outs.append(_ADJ_PARAM["a"].grad)
+        assert bool(calls) == native
+        results[native] = outs
+    assert len(results[True]) == len(results[False])
+    for a, b in zip(results[True], results[False]):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        assert torch.equal(a, b), (a - b).abs().max()

@@ -27,13 +27,24 @@ from typing import TYPE_CHECKING, Any, List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .. import distributed, ops, staged
+from .. import _C, distributed, ops, staged
 from . import composite
 
 if TYPE_CHECKING:
     from ..layers import BatchNormalization
 
 __all__ = ["train_step", "AllReduceStats"]
+
+
+def _native_ok(x: Tensor) -> bool:
+    """Whether the C++ step may run: eager mode on a plain tensor (torch.compile, tracing modes and
+    tensor subclasses take the Python path, which they can see through)."""
+    return (type(x) is Tensor and not torch.compiler.is_compiling()
+            and torch._C._len_torch_dispatch_stack() == 0 and not torch._C._is_torch_function_mode_enabled())
+
+
+def _opt_float(v: Any) -> Optional[float]:
+    return None if v is None else float(v)
 
 
 def _per_ghost(t: Optional[Tensor], ghosts: int) -> Optional[Tensor]:
@@ -68,6 +79,17 @@ def train_step(layer: "BatchNormalization", x: Tensor, group: Any, world_size: i
     weights = None if mask is None else mask.unsqueeze(-1)  # broadcast over the last (feature) axis
     gamma, beta = layer._flat("gamma"), layer._flat("beta")
     eps = layer.epsilon
+    if world_size == 1 and _native_ok(x):
+        # The same staged ops in C++ (keras_step.cpp): bitwise the same, without this glue's host time.
+        moving = {n: layer._flat(n) for n in layer._variables()}
+        clip = layer.renorm_clipping or {}
+        adj_s, adj_b = adjustment if adjustment is not None else (None, None)
+        return _C.keras_train_step(
+            x, axes, ghosts or 0, gamma, beta, adj_s, adj_b, moving["moving_mean"], moving["moving_variance"],
+            moving.get("moving_stddev"), moving.get("renorm_mean"), moving.get("renorm_stddev"), bool(layer.renorm),
+            float(layer.momentum), float(layer.renorm_momentum), float(eps), _opt_float(clip.get("rmin")),
+            _opt_float(clip.get("rmax")), _opt_float(clip.get("dmax")), weights,
+            weights is not None and x.numel() > 0)
     if adjustment is not None:  # tf_keras: adjustment first, then gamma / beta
         gamma, beta = composite.compose_transforms(adjustment[0], adjustment[1], gamma, beta)
 
