@@ -299,3 +299,24 @@ def test_native_step_is_bitwise_the_python_step(monkeypatch, device, name, dtype
     for a, b in zip(results[True], results[False]):
         assert a.dtype == b.dtype and a.shape == b.shape
         assert torch.equal(a, b), (a - b).abs().max()
+
+
+@pytest.mark.parametrize("native", [True, False])
+@pytest.mark.parametrize("name", ["ghost", "renorm", "mask"])
+def test_double_backward_raises(monkeypatch, native, name):
+    """The staged training step is once differentiable on both paths: a second backward through it
+    raises instead of silently dropping its contribution; a first backward with create_graph works."""
+    from bn_cuda.keras import synchronized
+
+    monkeypatch.setattr(synchronized, "_native_ok", lambda x: native)
+    shape = (6, 3, 4)
+    layer = _layer(name, None, "cpu", shape)
+    x = _input(shape, "cpu").float().requires_grad_(True)
+    y = layer(x, training=True, mask=_mask(name, shape, "cpu"))
+    (g,) = torch.autograd.grad((y ** 3).sum(), x, create_graph=True)
+    expected = torch.autograd.grad((layer(x, training=True, mask=_mask(name, shape, "cpu")) ** 3).sum(), x)[0]
+    assert g.requires_grad and g.shape == x.shape and torch.isfinite(g).all()
+    if not layer.renorm:  # (renorm's r, d depend on the renorm statistics, which the first call moved)
+        torch.testing.assert_close(g.detach(), expected, rtol=1e-4, atol=1e-5)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        g.sum().backward()

@@ -13,6 +13,7 @@
 // derivative, so a double backward through this path raises, as the Python path's once_differentiable.
 #include <ATen/ATen.h>
 #include <torch/autograd.h>
+#include <torch/csrc/autograd/functions/basic_ops.h>
 #include <torch/extension.h>
 
 #include <optional>
@@ -65,6 +66,10 @@ struct LocalNormalize : public torch::autograd::Function<LocalNormalize> {
     // Edges exist only for the tensors given: input, [weight], [bias], ...
     const bool need_weight = weight.defined() && ctx->needs_input_grad(1);
     const bool need_bias = has_b && ctx->needs_input_grad(weight.defined() ? 2 : 1);
+    // once_differentiable, as the Python path: computed without a graph; under create_graph the
+    // results get a node that raises if a second backward reaches it.
+    const bool wrap = at::GradMode::is_enabled() && grad_out.defined() && grad_out.requires_grad();
+    at::NoGradGuard no_grad;
     at::Tensor gi, gw, gb;
     if (grad_out.defined() && (need_input || need_weight || need_bias)) {
       at::Tensor sum_dy, sum_dy_xmu;
@@ -78,6 +83,23 @@ struct LocalNormalize : public torch::autograd::Function<LocalNormalize> {
         const OptTensor w = weight.defined() ? OptTensor(weight) : OptTensor();
         gi = ops::grad_input(grad_out, input, mean, invstd, w, sum_dy, sum_dy_xmu, count, axis, mask, ghosts);
       }
+    }
+    if (wrap) {
+      at::AutoGradMode enable(true);
+      variable_list fake;
+      for (const at::Tensor& t : {gi, gw, gb}) {
+        at::Tensor v = t.defined() ? t.detach() : t;
+        if (v.defined()) v.set_requires_grad(true);
+        fake.push_back(v);
+      }
+      variable_list wrapped = torch::autograd::DelayedError(
+                                  "trying to differentiate twice bn_cuda's Keras training step (ghost batches, "
+                                  "renorm, adjustment or masks): its backward is once differentiable",
+                                  static_cast<int64_t>(fake.size()))
+                                  .apply(std::move(fake));
+      gi = wrapped[0];
+      gw = wrapped[1];
+      gb = wrapped[2];
     }
     return {gi, gw, gb, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
