@@ -53,6 +53,7 @@ class BenchConfig:
     device: str = "auto"
     min_run_time: Optional[float] = None
     rounds: Optional[int] = None
+    cuda_graphs: bool = False
     time_budget: Optional[float] = None
     out: Optional[str] = None
     save: bool = False
@@ -130,7 +131,7 @@ def run(cfg: BenchConfig) -> Dict[str, Any]:
     cases = P.expand(preset, dtypes=cfg.dtypes, layouts=cfg.layouts, variants=cfg.variants,
                      modes=cfg.modes, compile=cfg.compile)
     tcfg = TimingConfig(min_run_time=cfg.min_run_time if cfg.min_run_time is not None else preset.min_run_time,
-                        rounds=cfg.rounds or TimingConfig.rounds)
+                        rounds=cfg.rounds or TimingConfig.rounds, cuda_graphs=cfg.cuda_graphs)
     budget = cfg.time_budget if cfg.time_budget is not None else preset.time_budget
     progress = _Progress(sum(len(c.modes) for c in cases), cfg.progress)
     env = RunEnv(device=device, timing=tcfg, seed=cfg.seed, on_mode_done=progress.step)
@@ -300,6 +301,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="torch.set_num_threads (CPU)")
     p.add_argument("--min-run-time", type=float, help="CPU seconds per measurement (preset's by default)")
     p.add_argument("--rounds", type=int, help="CPU: interleaved timing rounds per row (default 3)")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="CUDA: time replays of each call captured in a CUDA graph (kernel time without the host's "
+                        "launch cost)")
     p.add_argument("--time-budget", type=float, help="stop starting cases after this many seconds; 0: none")
     p.add_argument("--out", help="folder for the result files (default: a new temporary folder)")
     p.add_argument("--save", action="store_true", help="also write them to benchmarks/results/<device>/")
@@ -324,7 +328,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     cfg = BenchConfig(
         preset="quick" if args.quick else args.preset, shapes=args.shape, dtypes=args.dtype,
         layouts=args.layout, variants=args.variant, modes=args.mode, compile=args.compile,
-        device=args.device, min_run_time=args.min_run_time, rounds=args.rounds, time_budget=args.time_budget, out=args.out,
+        device=args.device, min_run_time=args.min_run_time, rounds=args.rounds, cuda_graphs=args.cuda_graphs,
+        time_budget=args.time_budget, out=args.out,
         save=args.save, chart=not args.no_chart, progress=not args.no_progress, seed=args.seed, name=args.name,
         extra={"argv": list(argv) if argv is not None else sys.argv[1:]},
     )

@@ -88,6 +88,11 @@ fi
 # GPU benchmark (default GPU preset), results next to the summary.
 [ -z "${BN_CUDA_SKIP_BENCH:-}" ] && step bench 220 "$PY" -m benchmarks.bench --preset gpu-default --time-budget 150 --out "$WORK/bench"
 
+# Kernel time without the host's launch cost: the same cases (bf16 / fp16, ghost and renorm
+# included) replayed from CUDA graphs; small tensors are launch-bound in the eager table above.
+[ -z "${BN_CUDA_SKIP_BENCH:-}" ] && step bench-graphs 120 "$PY" -m benchmarks.bench --preset gpu-default \
+  --cuda-graphs --dtype bf16,fp16 --no-compile --time-budget 70 --no-chart --name gpu-graphs --out "$WORK/bench"
+
 # With time left: the CPU tests too (they also run in CI).
 [ -z "${BN_CUDA_SKIP_REST:-}" ] && step pytest-rest 120 "$PY" -m pytest tests -q -ra -m "not cuda and not tf" -x -p no:cacheprovider \
   --ignore=tests/test_distributed.py --ignore=tests/test_consumer_ext.py
@@ -100,7 +105,8 @@ fi
 } >>"$SUMMARY"
 
 # At most 8 files come back: the summary, the logs, the benchmark's JSON/CSV/PNG, and a tarball.
-for f in "$WORK"/bench/*.json "$WORK"/bench/*.csv "$WORK"/bench/*.png; do
+for f in "$WORK"/bench/gpu-default.json "$WORK"/bench/gpu-default.csv "$WORK"/bench/gpu-default.png \
+         "$WORK"/bench/gpu-graphs.json; do
   [ -f "$f" ] && cp "$f" "$OUT/" 2>/dev/null
 done
 tar -czf "$OUT/logs.tar.gz" -C "$WORK" . 2>/dev/null

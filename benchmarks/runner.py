@@ -270,7 +270,9 @@ def run_case(case: Case, env: RunEnv) -> List[Dict[str, Any]]:
         for name, t in timings.items():
             entry = row["impls"][name]
             if isinstance(t, Timing):
-                entry.update(ms=t.median_s * 1e3, iqr_ms=t.iqr_s * 1e3, runs=t.runs,
+                if t.note:
+                    row["notes"].append(f"{name}: {t.note}")
+                entry.update(ms=t.median_s * 1e3, iqr_ms=t.iqr_s * 1e3, runs=t.runs, graphed=t.graphed,
                              gbs=gbps(row["bytes"], t.median_s),
                              pct_copy=pct_of_copy(t.median_s, copy.median_s) if copy else None)
             else:

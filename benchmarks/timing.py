@@ -36,6 +36,8 @@ class Timing:
     median_s: float
     iqr_s: float
     runs: int
+    graphed: bool = False  # replayed from a CUDA graph (TimingConfig.cuda_graphs)
+    note: str = ""
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,9 @@ class TimingConfig:
     split over ``rounds`` interleaved rounds.
     ``gpu_target_s``: GPU seconds of timed calls to aim for; the call count is clamped to
     ``[gpu_min_reps, gpu_max_reps]`` after ``warmup`` untimed calls.
+    ``cuda_graphs``: CUDA only: capture each call once in a CUDA graph and time its replays, so
+    the host's launch cost drops out and what is left is the device time of the kernels (an
+    implementation whose call cannot be captured is timed eagerly, with a note).
     """
 
     min_run_time: float = 0.2
@@ -54,6 +59,7 @@ class TimingConfig:
     gpu_min_reps: int = 10
     gpu_max_reps: int = 100
     warmup: int = 3
+    cuda_graphs: bool = False
 
 
 _flush_buffers: Dict[int, torch.Tensor] = {}
@@ -74,8 +80,34 @@ def _quantiles(xs: List[float]) -> tuple:
     return statistics.median(xs), q[2] - q[0]
 
 
+def _graphed(fn: Callable[[], Any], device: torch.device, warmup: int) -> Callable[[], Any]:
+    """``fn`` captured once in a CUDA graph (warmed up on a side stream first); its replay."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(max(1, warmup)):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        keep = fn()  # outputs live in the graph's pool; kept with the graph
+    torch.cuda.synchronize(device)
+
+    def replay() -> Any:
+        graph.replay()
+        return keep
+    return replay
+
+
 def _measure_cuda(fn: Callable[[], Any], device: torch.device, cfg: TimingConfig) -> Timing:
     flush = _l2_flush_buffer(device)
+    graphed, note = False, ""
+    if cfg.cuda_graphs:
+        try:
+            fn, graphed = _graphed(fn, device, cfg.warmup), True
+        except Exception as exc:  # noqa: BLE001  (not capturable: timed eagerly, with a note)
+            torch.cuda.synchronize(device)
+            note = f"timed eagerly: CUDA graph capture failed ({type(exc).__name__}: {str(exc)[:120]})"
 
     def timed(reps: int) -> List[float]:
         starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
@@ -94,7 +126,7 @@ def _measure_cuda(fn: Callable[[], Any], device: torch.device, cfg: TimingConfig
     estimate = statistics.median(timed(3))
     reps = int(min(cfg.gpu_max_reps, max(cfg.gpu_min_reps, math.ceil(cfg.gpu_target_s / max(estimate, 1e-7)))))
     median, iqr = _quantiles(timed(reps))
-    return Timing(median, iqr, reps)
+    return Timing(median, iqr, reps, graphed, note)
 
 
 def measure(fns: Dict[str, Callable[[], Any]], device: torch.device,
@@ -178,7 +210,10 @@ def rotation_count(set_bytes: int, device: torch.device, cap: int = 32) -> int:
 def describe(device: torch.device, cfg: TimingConfig) -> str:
     """The timing method in one sentence, stored in the result files."""
     if device.type == "cuda":
-        return (f"CUDA events per call, L2 flushed (write of 2x L2) before each call; {cfg.warmup} warm-up "
+        how = ("each call captured once in a CUDA graph and its replays timed (device time, host launch cost "
+               "excluded; calls that cannot be captured are timed eagerly and noted)" if cfg.cuda_graphs
+               else "eager calls")
+        return (f"CUDA events per call, {how}, L2 flushed (write of 2x L2) before each call; {cfg.warmup} warm-up "
                 f"calls, then {cfg.gpu_min_reps}-{cfg.gpu_max_reps} timed calls (~{cfg.gpu_target_s * 1e3:.0f} ms); "
                 "median")
     return (f"torch.utils.benchmark.Timer.blocked_autorange with {torch.get_num_threads()} threads, "

@@ -99,3 +99,25 @@ def test_failed_check_is_loud_and_exits_nonzero(tmp_path, monkeypatch, capsys):
     assert "FAIL" in out.out and "CORRECTNESS FAILURES" in out.out
     data = json.loads((tmp_path / "custom.json").read_text())
     assert data["failed"] is True and data["rows"][0]["check_ok"] is False
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graph_timing():
+    """--cuda-graphs: bn_cuda's and torch's training calls are captured and replayed (graphed=True);
+    a call that cannot be captured (a host sync) falls back to eager timing with a note."""
+    from benchmarks.timing import Timing, TimingConfig, measure
+
+    import bn_cuda
+
+    x = torch.randn(8, 16, 7, 7, device="cuda")
+    rm, rv = torch.zeros(16, device="cuda"), torch.ones(16, device="cuda")
+    fns = {
+        "bn_cuda": lambda: bn_cuda.functional.batch_norm(x, rm, rv, training=True),
+        "torch": lambda: F.batch_norm(x, rm, rv, training=True),
+        "sync": lambda: x.sum().item(),
+    }
+    out = measure(fns, torch.device("cuda"), TimingConfig(cuda_graphs=True, gpu_min_reps=3, gpu_max_reps=5))
+    for name in ("bn_cuda", "torch"):
+        assert isinstance(out[name], Timing) and out[name].graphed and out[name].median_s > 0, out[name]
+    assert isinstance(out["sync"], Timing) and not out["sync"].graphed and "capture failed" in out["sync"].note
