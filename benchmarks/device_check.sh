@@ -62,10 +62,13 @@ try:
 except RuntimeError:
     print("torch's own C++ exception: caught")
 import bn_cuda  # noqa: E402
-try:
-    torch.ops.bn_cuda.forward_train(torch.randn(5), None, None, None, None, 0.1, 1e-5, [0])
-except ValueError as e:
-    print("bn_cuda C++ exception: caught:", str(e)[:80])
+for device in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
+    try:
+        torch.ops.bn_cuda.forward_train(torch.randn(5, device=device), None, None, None, None, 0.1, 1e-5, [0])
+    except ValueError as e:
+        print(f"bn_cuda C++ exception ({device}): caught:", str(e)[:80])
+    else:
+        raise SystemExit(f"bn_cuda accepted a 1-D input on {device}")
 PY
 step exception-probe 60 "$PY" "$WORK/probe.py"
 { echo "compiler: $(${CXX:-c++} --version 2>&1 | head -1) ($(command -v ${CXX:-c++}))"; which -a g++ c++ gcc;
