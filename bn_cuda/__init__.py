@@ -75,4 +75,4 @@ from . import ops  # noqa: E402  (fake kernels + autograd)
 from . import functional  # noqa: E402
 from . import staged  # noqa: E402  (fake kernels of the staged ops)
 from .layers import BatchNormalization, register_constraints  # noqa: E402,F401
-from . import nn  # noqa: E402,F401  (bn_cuda.nn.SyncBatchNorm)
+from . import nn  # noqa: E402,F401  (bn_cuda.nn: BatchNorm1d/2d/3d, SyncBatchNorm, convert_batchnorm)

@@ -1,8 +1,11 @@
-"""Torch-style modules on bn_cuda's kernels: :class:`SyncBatchNorm`."""
+"""Torch-style modules on bn_cuda's kernels: :class:`BatchNorm1d`, :class:`BatchNorm2d`,
+:class:`BatchNorm3d` (drop-ins for torch's), :class:`SyncBatchNorm`, and :func:`convert_batchnorm`,
+which swaps torch's batch-norm layers of a model for these."""
 
 from __future__ import annotations
 
-from typing import Any, Optional
+import inspect
+from typing import Any, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -10,7 +13,128 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import distributed, functional
 
-__all__ = ["SyncBatchNorm"]
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "convert_batchnorm"]
+
+
+# torch.nn's batch norms take `bias=` (a weight without a bias) only in recent releases.
+_TORCH_BN_HAS_BIAS = "bias" in inspect.signature(_BatchNorm.__init__).parameters
+
+
+def _bias_kwargs(bias: bool) -> dict:
+    return {"bias": bias} if _TORCH_BN_HAS_BIAS else {}
+
+
+def _running_args(bn: _BatchNorm) -> Tuple[float, bool, Optional[Tensor], Optional[Tensor]]:
+    """torch's ``_BatchNorm.forward`` bookkeeping: ``(factor, bn_training, running_mean, running_var)``.
+
+    ``num_batches_tracked`` is not incremented here but by :func:`_count_batch` after the call
+    succeeded (a failing call changes no buffer); with ``momentum=None`` the factor is read from the
+    count this step will have, on the host, as torch does.
+    """
+    factor = 0.0 if bn.momentum is None else bn.momentum
+    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None and bn.momentum is None:
+        factor = 1.0 / float(bn.num_batches_tracked.item() + 1)  # cumulative moving average
+    bn_training = bn.training or (bn.running_mean is None and bn.running_var is None)
+    # Buffers are updated only when tracked and training; in eval mode they normalize if present.
+    running_mean = bn.running_mean if not bn.training or bn.track_running_stats else None
+    running_var = bn.running_var if not bn.training or bn.track_running_stats else None
+    return factor, bn_training, running_mean, running_var
+
+
+def _count_batch(bn: _BatchNorm) -> None:
+    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+
+
+class _BatchNormNd(_BatchNorm):
+    """torch's ``_BatchNorm`` with the forward on :func:`bn_cuda.functional.batch_norm`."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        self._check_input_dim(input)
+        factor, bn_training, running_mean, running_var = _running_args(self)
+        out = functional.batch_norm(input, running_mean, running_var, self.weight, self.bias, bn_training, factor,
+                                    self.eps)
+        _count_batch(self)
+        return out
+
+
+class BatchNorm1d(_BatchNormNd):
+    r"""A drop-in for :class:`torch.nn.BatchNorm1d` on bn_cuda's kernels: ``(N, C)`` or ``(N, C, L)``.
+
+    Same arguments, parameters, buffers, state_dict keys and semantics as torch's module (unbiased
+    running variance, ``momentum=None`` for a cumulative average, ``track_running_stats``,
+    ``affine``); any strides, fp32 / fp64 / fp16 / bf16 with fp32 statistics. A call that raises
+    leaves every buffer, ``num_batches_tracked`` included, unchanged.
+    """
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() != 2 and input.dim() != 3:
+            raise ValueError(f"expected 2D or 3D input (got {input.dim()}D input)")
+
+
+class BatchNorm2d(_BatchNormNd):
+    r"""A drop-in for :class:`torch.nn.BatchNorm2d` on bn_cuda's kernels: ``(N, C, H, W)``, contiguous
+    or ``channels_last`` (the output keeps the input's memory format). See :class:`BatchNorm1d`."""
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() != 4:
+            raise ValueError(f"expected 4D input (got {input.dim()}D input)")
+
+
+class BatchNorm3d(_BatchNormNd):
+    r"""A drop-in for :class:`torch.nn.BatchNorm3d` on bn_cuda's kernels: ``(N, C, D, H, W)``, contiguous
+    or ``channels_last_3d``. See :class:`BatchNorm1d`."""
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() != 5:
+            raise ValueError(f"expected 5D input (got {input.dim()}D input)")
+
+
+_DROP_INS = {nn.BatchNorm1d: BatchNorm1d, nn.BatchNorm2d: BatchNorm2d, nn.BatchNorm3d: BatchNorm3d}
+
+
+def _share_state(new: _BatchNorm, old: _BatchNorm) -> _BatchNorm:
+    """``new`` takes ``old``'s parameters and buffers (the same tensors), mode, qconfig and hooks-free
+    attributes that a model relies on."""
+    if old.affine:
+        new.weight = old.weight
+        new.bias = old.bias
+    new.running_mean = old.running_mean
+    new.running_var = old.running_var
+    new.num_batches_tracked = old.num_batches_tracked
+    new.training = old.training
+    if hasattr(old, "qconfig"):
+        new.qconfig = old.qconfig
+    return new
+
+
+def convert_batchnorm(module: nn.Module) -> nn.Module:
+    r"""Replace torch's batch-norm layers in ``module`` by bn_cuda's, in place.
+
+    ``torch.nn.BatchNorm1d/2d/3d`` become :class:`BatchNorm1d/2d/3d` and ``torch.nn.SyncBatchNorm``
+    becomes :class:`SyncBatchNorm` (same process group), each sharing the old layer's parameters and
+    buffers (the same tensors: optimizers built before the conversion keep working), training mode
+    and ``qconfig``. Subclasses of torch's layers (which may override ``forward``), lazy layers that
+    have not seen an input yet, and anything else are left as they are.
+
+    Returns
+    -------
+    nn.Module
+        ``module`` with its batch-norm layers replaced, or the new layer if ``module`` is one.
+    """
+    out = module
+    kind = type(module)
+    if kind in _DROP_INS:
+        out = _DROP_INS[kind](module.num_features, module.eps, module.momentum, module.affine,
+                              module.track_running_stats, **_bias_kwargs(module.bias is not None))
+        _share_state(out, module)
+    elif kind is nn.SyncBatchNorm:
+        out = SyncBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
+                            module.track_running_stats, module.process_group, bias=module.bias is not None)
+        _share_state(out, module)
+    for name, child in module.named_children():
+        out.add_module(name, convert_batchnorm(child))
+    return out
 
 
 class SyncBatchNorm(_BatchNorm):
@@ -50,7 +174,9 @@ class SyncBatchNorm(_BatchNorm):
                  affine: bool = True, track_running_stats: bool = True, process_group: Any = None,
                  device=None, dtype=None, *, bias: bool = True) -> None:
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype,
-                         bias=bias)
+                         **_bias_kwargs(bias))
+        if not bias and not _TORCH_BN_HAS_BIAS:
+            self.register_parameter("bias", None)
         self.process_group = process_group
         self._feature_check = distributed.FeatureCountCheck("bn_cuda.nn.SyncBatchNorm")
 
@@ -65,29 +191,24 @@ class SyncBatchNorm(_BatchNorm):
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
         self._check_non_zero_input_channels(input)
-        factor = 0.0 if self.momentum is None else self.momentum
-        if self.training and self.track_running_stats:
-            self.num_batches_tracked.add_(1)
-            if self.momentum is None:  # cumulative moving average (torch reads the count on the host too)
-                factor = 1.0 / float(self.num_batches_tracked.item())
-        bn_training = self.training or (self.running_mean is None and self.running_var is None)
-        # Buffers are updated only when tracked and training; in eval mode they normalize if present.
-        running_mean = self.running_mean if not self.training or self.track_running_stats else None
-        running_var = self.running_var if not self.training or self.track_running_stats else None
+        factor, bn_training, running_mean, running_var = _running_args(self)
         # Statistics are synchronized only in training mode (as torch: not in eval mode even
         # without running statistics).
         group, world_size = (distributed.process_group_and_size(self.process_group)
                              if bn_training and self.training else (None, 1))
         if world_size <= 1:
-            return functional.batch_norm(input, running_mean, running_var, self.weight, self.bias, bn_training,
-                                         factor, self.eps)
-        if input.size(1) != self.num_features and (self.weight is not None or running_mean is not None):
-            # Caught here, before any collective: the feature-count check is cached per count.
-            raise ValueError(f"SyncBatchNorm: expected {self.num_features} channels in dim 1, got input of shape "
-                             f"{tuple(input.shape)}")
-        return distributed.sync_batch_norm(input, running_mean, running_var, self.weight, self.bias, factor,
-                                           self.eps, axis=1, process_group=group,
-                                           feature_check=self._feature_check)
+            out = functional.batch_norm(input, running_mean, running_var, self.weight, self.bias, bn_training,
+                                        factor, self.eps)
+        else:
+            if input.size(1) != self.num_features and (self.weight is not None or running_mean is not None):
+                # Caught here, before any collective: the feature-count check is cached per count.
+                raise ValueError(f"SyncBatchNorm: expected {self.num_features} channels in dim 1, got input of "
+                                 f"shape {tuple(input.shape)}")
+            out = distributed.sync_batch_norm(input, running_mean, running_var, self.weight, self.bias, factor,
+                                              self.eps, axis=1, process_group=group,
+                                              feature_check=self._feature_check)
+        _count_batch(self)
+        return out
 
     @classmethod
     def convert_sync_batchnorm(cls, module: nn.Module, process_group: Any = None) -> nn.Module:

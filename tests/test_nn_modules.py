@@ -1,0 +1,132 @@
+"""bn_cuda.nn.BatchNorm1d/2d/3d against torch.nn.BatchNorm1d/2d/3d in float64 (outputs, every
+gradient, running statistics, num_batches_tracked, state_dict), and convert_batchnorm on a model."""
+
+import copy
+
+import pytest
+import torch
+
+import bn_cuda
+from bn_cuda.nn import BatchNorm1d, BatchNorm2d, BatchNorm3d, SyncBatchNorm, convert_batchnorm
+
+DEVICES = ["cpu"] + ([pytest.param("cuda", marks=pytest.mark.cuda)] if torch.cuda.is_available() else [])
+
+PAIRS = {
+    "1d-2D": (BatchNorm1d, torch.nn.BatchNorm1d, (7, 17)),
+    "1d-3D": (BatchNorm1d, torch.nn.BatchNorm1d, (3, 5, 49)),
+    "2d": (BatchNorm2d, torch.nn.BatchNorm2d, (3, 17, 7, 7)),
+    "2d-channels_last": (BatchNorm2d, torch.nn.BatchNorm2d, (2, 3, 7, 5)),
+    "2d-C1": (BatchNorm2d, torch.nn.BatchNorm2d, (4, 1, 7, 7)),
+    "3d": (BatchNorm3d, torch.nn.BatchNorm3d, (2, 3, 5, 7, 1)),
+}
+
+
+def _data(shape, seed, device):
+    g = torch.Generator().manual_seed(seed)
+    c = shape[1]
+    bshape = [1, c] + [1] * (len(shape) - 2)
+    x = torch.randn(shape, generator=g, dtype=torch.float64) * (0.5 + torch.rand(bshape, generator=g, dtype=torch.float64))
+    return (x + 1e3 * torch.randn(bshape, generator=g, dtype=torch.float64)).to(device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", list(PAIRS))
+@pytest.mark.parametrize("kwargs", [{}, {"momentum": None}, {"affine": False}, {"track_running_stats": False},
+                                    {"momentum": 0.3, "eps": 1e-3}])
+def test_matches_torch_module(device, name, kwargs):
+    ours_cls, torch_cls, shape = PAIRS[name]
+    c = shape[1]
+    ours = ours_cls(c, **kwargs).double().to(device)
+    ref = torch_cls(c, **kwargs).double().to(device)
+    if ref.affine:
+        with torch.no_grad():
+            g = torch.Generator().manual_seed(1)
+            ref.weight.copy_(torch.rand(c, generator=g, dtype=torch.float64) + 0.5)
+            ref.bias.copy_(torch.randn(c, generator=g, dtype=torch.float64))
+    ours.load_state_dict(ref.state_dict())
+    assert list(ours.state_dict()) == list(ref.state_dict())
+    for step in range(3):
+        ours.train(step < 2)
+        ref.train(step < 2)
+        x = _data(shape, 10 + step, device)
+        if name == "2d-channels_last":
+            x = x.contiguous(memory_format=torch.channels_last)
+        xo, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
+        yo, yr = ours(xo), ref(xr)
+        assert yo.is_contiguous(memory_format=torch.channels_last) == yr.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(yo, yr, rtol=1e-9, atol=1e-9)
+        gy = torch.randn(shape, generator=torch.Generator().manual_seed(20 + step), dtype=torch.float64).to(device)
+        yo.backward(gy)
+        yr.backward(gy)
+        torch.testing.assert_close(xo.grad, xr.grad, rtol=1e-7, atol=1e-9)
+    for (n, a), (_, b) in zip(ours.state_dict().items(), ref.state_dict().items()):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9, msg=n)
+    if ref.affine:
+        torch.testing.assert_close(ours.weight.grad, ref.weight.grad, rtol=1e-7, atol=1e-9)
+        torch.testing.assert_close(ours.bias.grad, ref.bias.grad, rtol=1e-7, atol=1e-9)
+
+
+@pytest.mark.parametrize("cls, bad", [(BatchNorm1d, (2, 3, 4, 5)), (BatchNorm1d, (3,)), (BatchNorm2d, (2, 3, 4)),
+                                      (BatchNorm3d, (2, 3, 4, 5))])
+def test_input_rank_error(cls, bad):
+    bn = cls(3)
+    with pytest.raises(ValueError, match=rf"got {len(bad)}D input"):
+        bn(torch.randn(bad))
+    assert int(bn.num_batches_tracked) == 0
+
+
+@pytest.mark.parametrize("cls", [BatchNorm2d, SyncBatchNorm])
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_failing_call_changes_no_buffer(cls, momentum):
+    """A call that raises (wrong channel count) leaves the running statistics and
+    num_batches_tracked as they were; the next good call counts as the first."""
+    bn = cls(3, momentum=momentum)
+    before = {k: v.clone() for k, v in bn.state_dict().items()}
+    with pytest.raises((RuntimeError, ValueError), match="3"):
+        bn(torch.randn(4, 5, 2, 2))
+    for k, v in bn.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    x = _data((4, 3, 2, 2), 0, "cpu").float()
+    bn(x)
+    ref = torch.nn.BatchNorm2d(3, momentum=momentum)
+    ref(x)
+    assert int(bn.num_batches_tracked) == 1
+    torch.testing.assert_close(bn.running_mean, ref.running_mean)
+    torch.testing.assert_close(bn.running_var, ref.running_var)
+
+
+def test_convert_batchnorm_model():
+    """convert_batchnorm swaps torch's BatchNorm1d/2d/3d and SyncBatchNorm (also nested, and the
+    root), shares their parameters and buffers, keeps subclasses and other modules, and the model
+    computes what it computed before."""
+
+    class Custom(torch.nn.BatchNorm2d):  # a subclass may override forward: kept
+        pass
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8, momentum=None), torch.nn.ReLU(),
+        torch.nn.Sequential(torch.nn.Conv2d(8, 8, 1), torch.nn.BatchNorm2d(8, affine=False)),
+        Custom(8), torch.nn.SyncBatchNorm(8), torch.nn.Flatten(), torch.nn.Linear(8 * 25, 17), torch.nn.BatchNorm1d(17),
+    ).double()
+    ref = copy.deepcopy(model)  # torch's layers, unconverted
+    params_before = {n: p for n, p in model.named_parameters()}
+    converted = convert_batchnorm(model)
+    assert converted is model
+    assert type(model[1]) is BatchNorm2d and type(model[3][1]) is BatchNorm2d and type(model[8]) is BatchNorm1d
+    assert type(model[4]) is Custom and type(model[5]) is SyncBatchNorm
+    assert model[1].momentum is None and not model[3][1].affine
+    for n, p in model.named_parameters():
+        assert p is params_before[n], n
+    for step in range(2):
+        x = torch.randn(6, 3, 5, 5, dtype=torch.float64)
+        torch.testing.assert_close(model(x), ref(x), rtol=1e-9, atol=1e-9)
+    for (n, a), (_, b) in zip(model.state_dict().items(), ref.state_dict().items()):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9, msg=n)
+    model.eval()
+    ref.eval()
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float64)
+    torch.testing.assert_close(model(x), ref(x), rtol=1e-9, atol=1e-9)
+    bn = torch.nn.BatchNorm3d(4)
+    assert type(convert_batchnorm(bn)) is BatchNorm3d
+    assert bn_cuda.nn.convert_batchnorm is convert_batchnorm
