@@ -118,7 +118,7 @@ def test_convert_batchnorm_model():
     assert model[1].momentum is None and not model[3][1].affine
     for n, p in model.named_parameters():
         assert p is params_before[n], n
-    for step in range(2):
+    for _ in range(2):
         x = torch.randn(6, 3, 5, 5, dtype=torch.float64)
         torch.testing.assert_close(model(x), ref(x), rtol=1e-9, atol=1e-9)
     for (n, a), (_, b) in zip(model.state_dict().items(), ref.state_dict().items()):

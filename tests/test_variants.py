@@ -267,6 +267,7 @@ def test_native_step_is_bitwise_the_python_step(monkeypatch, device, name, dtype
     kwargs = NATIVE_CONFIGS[name]
     shape = {"ghost-nchw": (8, 3, 5, 7), "ghost-two-axes": (6, 3, 5, 4)}.get(name, (12, 7, 5))
     results = {}
+    step = bn_cuda._C.keras_train_step
     for native in (True, False):
         monkeypatch.setattr(synchronized, "_native_ok", lambda x, native=native: native)
         _ADJ_PARAM["a"] = torch.linspace(-0.3, 0.4, shape[-1], dtype=torch.float64, device=device).requires_grad_()
@@ -277,8 +278,8 @@ def test_native_step_is_bitwise_the_python_step(monkeypatch, device, name, dtype
             for t in (layer.gamma, layer.beta):
                 t.copy_(torch.randn(t.shape, generator=g) * 0.5 + (1.0 if t is layer.gamma else 0.0))
         calls = []
-        step = bn_cuda._C.keras_train_step
-        monkeypatch.setattr(bn_cuda._C, "keras_train_step", lambda *a, **k: calls.append(1) or step(*a, **k))
+        monkeypatch.setattr(bn_cuda._C, "keras_train_step",
+                            lambda *a, calls=calls, **k: calls.append(1) or step(*a, **k))
         outs = []
         for i in range(2):
             x = _input(shape, device, seed=20 + i).to(dtype)
