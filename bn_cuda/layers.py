@@ -418,7 +418,10 @@ class BatchNormalization(KerasLayerIO, nn.Module):
 
     def _flat(self, name: str) -> Optional[Tensor]:
         """A flat view of a weight; buffers are views so the kernels' in-place updates land in them."""
-        t = getattr(self, name)
+        # (the module's dicts directly: nn.Module.__getattr__ costs microseconds per call)
+        t = self._parameters[name] if name in self._parameters else self._buffers.get(name)
+        if t is None:
+            t = getattr(self, name, None)
         if t is not None and t.dim() == 1 and t.is_contiguous():
             return t  # already flat (the common case: one feature axis)
         if t is None or isinstance(t, nn.Parameter):

@@ -155,8 +155,9 @@ at::Tensor keras_train_step(const at::Tensor& x, std::vector<int64_t> axes, int6
   }
   // The statistic itself lands in zeroed scratch "running" buffers with momentum 1 (as sync_moments).
   const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor mean_out = at::zeros({mean.numel()}, x.options().dtype(acc));
-  at::Tensor var_out = at::zeros({mean.numel()}, x.options().dtype(acc));
+  const at::Tensor scratch = at::zeros({2, mean.numel()}, x.options().dtype(acc));  // one fill for both
+  at::Tensor mean_out = scratch[0];
+  at::Tensor var_out = scratch[1];
   at::Tensor invstd, total, r, d;
   {
     at::NoGradGuard no_grad;
