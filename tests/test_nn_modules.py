@@ -130,3 +130,26 @@ def test_convert_batchnorm_model():
     bn = torch.nn.BatchNorm3d(4)
     assert type(convert_batchnorm(bn)) is BatchNorm3d
     assert bn_cuda.nn.convert_batchnorm is convert_batchnorm
+
+
+def test_converted_model_compiles_fullgraph():
+    """A converted model runs under torch.compile(fullgraph=True) (custom ops with fake kernels, the
+    num_batches_tracked update traced) and matches torch's modules: outputs, gradients, buffers."""
+    torch.manual_seed(0)
+
+    def net():
+        return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4), torch.nn.ReLU()).double()
+
+    model, ref = net(), net()
+    ref.load_state_dict(model.state_dict())
+    convert_batchnorm(model)
+    compiled = torch.compile(model, fullgraph=True)
+    for _ in range(2):
+        x = torch.randn(5, 3, 6, 6, dtype=torch.float64)
+        a, b = compiled(x), ref(x)
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+        a.square().sum().backward()
+        b.square().sum().backward()
+    torch.testing.assert_close(model[0].weight.grad, ref[0].weight.grad, rtol=1e-7, atol=1e-9)
+    for (n, p), (_, q) in zip(model.state_dict().items(), ref.state_dict().items()):
+        torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-9, msg=n)
