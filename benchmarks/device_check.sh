@@ -96,6 +96,9 @@ fi
 [ -z "${BN_CUDA_SKIP_BENCH:-}" ] && step bench-graphs 120 "$PY" -m benchmarks.bench --preset gpu-default \
   --cuda-graphs --dtype bf16,fp16 --no-compile --time-budget 70 --no-chart --name gpu-graphs --out "$WORK/bench"
 
+# Which kernel of a call costs what (device times from torch.profiler), for the next perf change.
+step kernel-profile 60 "$PY" -m benchmarks.kernel_profile --out "$WORK/kernel_profile.md"
+
 # With time left: the CPU tests too (they also run in CI).
 [ -z "${BN_CUDA_SKIP_REST:-}" ] && step pytest-rest 120 "$PY" -m pytest tests -q -ra -m "not cuda and not tf" -x -p no:cacheprovider \
   --ignore=tests/test_distributed.py --ignore=tests/test_consumer_ext.py
@@ -105,6 +108,7 @@ fi
   echo "## exception probe"; echo '```'; cat "$WORK/exception-probe.log"; echo '```'
   echo "## pytest (cuda) tail"; echo '```'; tail -n 25 "$WORK/pytest-cuda.log"; echo '```'
   [ -f "$WORK/bench.log" ] && { echo "## benchmark"; echo '```'; tail -n 80 "$WORK/bench.log"; echo '```'; }
+  [ -f "$WORK/kernel_profile.md" ] && { echo; cat "$WORK/kernel_profile.md"; }
 } >>"$SUMMARY"
 
 # At most 8 files come back: the summary, the logs, the benchmark's JSON/CSV/PNG, and a tarball.

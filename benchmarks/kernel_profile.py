@@ -1,0 +1,114 @@
+"""Per-kernel device times of bn_cuda and torch on a few shapes, from torch.profiler.
+
+The eager benchmark times whole calls; on a GPU small tensors are then bound by launches and host
+work, and a slow row does not say which kernel is slow. This lists every kernel each call
+launches with its device time (mean over the profiled calls), for fwd-train and backward, so the
+next change can aim at the kernel that matters. CPU-only runs list the CPU ops instead.
+
+    python -m benchmarks.kernel_profile [--out FILE.md] [--reps 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections import defaultdict
+from typing import Callable, Dict, List, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
+
+import bn_cuda
+
+# (shape, dtype, channels_last): small ResNet-50 layers (launch-bound on a GPU), a large NHWC fp16
+# layer (where cuDNN was faster on the H200) and a large NCHW one.
+CASES: List[Tuple[Tuple[int, ...], torch.dtype, bool]] = [
+    ((32, 256, 14, 14), torch.bfloat16, False),
+    ((32, 256, 14, 14), torch.float16, True),
+    ((32, 2048, 7, 7), torch.float16, False),
+    ((256, 64, 112, 112), torch.float16, True),
+    ((256, 64, 112, 112), torch.float16, False),
+]
+
+
+def _calls(x: torch.Tensor) -> Dict[str, Dict[str, Callable[[], object]]]:
+    c = x.shape[1]
+    dev = x.device
+    w = torch.ones(c, device=dev, requires_grad=True)
+    b = torch.zeros(c, device=dev, requires_grad=True)
+    rm, rv = torch.zeros(c, device=dev), torch.ones(c, device=dev)
+    xr = x.detach().requires_grad_(True)
+    out = {}
+    for name, fn in (("bn_cuda", bn_cuda.functional.batch_norm), ("torch", F.batch_norm)):
+        y = fn(xr, rm, rv, w, b, True)
+        dy = torch.randn_like(y)
+        out[name] = {
+            "fwd-train": lambda fn=fn: fn(xr, rm, rv, w, b, True),
+            "backward": lambda y=y, dy=dy: torch.autograd.grad(y, [xr, w, b], dy, retain_graph=True),
+        }
+    return out
+
+
+def _profile(fn: Callable[[], object], reps: int, cuda: bool) -> List[Tuple[str, float, float]]:
+    """[(kernel or op name, mean device (or CPU) us per call, launches per call)]."""
+    for _ in range(3):
+        fn()
+    if cuda:
+        torch.cuda.synchronize()
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=acts) as prof:
+        for _ in range(reps):
+            fn()
+        if cuda:
+            torch.cuda.synchronize()
+    total: Dict[str, float] = defaultdict(float)
+    count: Dict[str, int] = defaultdict(int)
+    for ev in prof.events():
+        if cuda:
+            if ev.device_type != torch.autograd.DeviceType.CUDA:
+                continue
+            dur = ev.device_time_total if hasattr(ev, "device_time_total") else ev.cuda_time_total
+        else:
+            if ev.cpu_parent is not None:  # top-level CPU ops only
+                continue
+            dur = ev.cpu_time_total
+        total[ev.name] += dur
+        count[ev.name] += 1
+    rows = [(n[:90], total[n] / reps, count[n] / reps) for n in total]
+    return sorted(rows, key=lambda r: -r[1])
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", help="write the tables to this markdown file too")
+    p.add_argument("--reps", type=int, default=20)
+    args = p.parse_args(argv)
+    cuda = torch.cuda.is_available()
+    dev = torch.device("cuda" if cuda else "cpu")
+    lines = [f"# Kernel profile ({torch.cuda.get_device_name() if cuda else 'CPU'}; torch {torch.__version__})", ""]
+    lines.append("Mean " + ("device" if cuda else "CPU") + f" time per call over {args.reps} calls (us), and "
+                 "launches per call.")
+    for shape, dtype, cl in CASES if cuda else [((8, 64, 14, 14), torch.float32, False)]:
+        x = torch.randn(shape, device=dev, dtype=dtype)
+        if cl:
+            x = x.contiguous(memory_format=torch.channels_last)
+        calls = _calls(x)
+        lines += ["", f"## {'x'.join(map(str, shape))} {str(dtype).replace('torch.', '')} "
+                  f"{'channels_last' if cl else 'contiguous'}"]
+        for mode in ("fwd-train", "backward"):
+            for impl in ("bn_cuda", "torch"):
+                rows = _profile(calls[impl][mode], args.reps, cuda)
+                tot = sum(r[1] for r in rows)
+                lines.append(f"- **{impl} {mode}**: {tot:.1f} us in {sum(r[2] for r in rows):.0f} kernels/ops: " +
+                             "; ".join(f"`{n}` {t:.1f} us x{k:g}" for n, t, k in rows[:6]))
+        del calls, x
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
