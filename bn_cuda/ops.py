@@ -96,68 +96,8 @@ def _backward_fake(grad_out, input, weight, save_mean, save_invstd, train, axis,
     return gi, gw, gb
 
 
-# ---------------------------------------------------------------------------------------------
-# Reference maths used only for higher-order gradients (the backward of the backward op).
-
-
-def _bcast(t: Tensor, input: Tensor, axes: List[int]) -> Tensor:
-    """A flat per-feature tensor shaped to broadcast against ``input``."""
-    shape = [1] * input.dim()
-    for a in axes:
-        shape[a] = input.shape[a]
-    return t.reshape(shape)
-
-
-def _backward_composite(grad_out, input, weight, mean, invstd, train: bool, axis) -> Tuple[Tensor, Tensor, Tensor]:
-    """Differentiable composite of ``bn_cuda::backward`` (all three outputs, acc dtype)."""
-    axes = normalize_axes(axis, input.dim())
-    red = [d for d in range(input.dim()) if d not in axes]
-    acc = _acc_dtype(input.dtype)
-    x = input.to(acc)
-    g = grad_out.to(acc)
-    m = _bcast(mean.to(acc), input, axes)
-    s = _bcast(invstd.to(acc), input, axes)
-    w = _bcast(weight.to(acc), input, axes) if weight is not None else torch.ones_like(s)
-    xmu = x - m
-    count = max(1, input.numel() // max(1, int(m.numel())))
-    sum_dy = g.sum(red, keepdim=True)
-    sum_dy_xmu = (g * xmu).sum(red, keepdim=True)
-    if train:
-        gi = w * s * (g - sum_dy / count - xmu * s * s * sum_dy_xmu / count)
-    else:
-        gi = w * s * g
-    return gi.to(input.dtype), (sum_dy_xmu * s).reshape(-1), sum_dy.reshape(-1)
-
-
-def _backward_setup(ctx, inputs, output):
-    grad_out, input, weight, save_mean, save_invstd, train, axis, output_mask = inputs
-    ctx.save_for_backward(grad_out, input, weight, save_mean, save_invstd)
-    ctx.train = train
-    ctx.axis = list(axis)
-    ctx.mask = list(output_mask)
-
-
-def _backward_backward(ctx, ggi, ggw, ggb):
-    grad_out, input, weight, save_mean, save_invstd = ctx.saved_tensors
-    prims = [grad_out, input, weight, save_mean, save_invstd]
-    need = [t is not None and ctx.needs_input_grad[k] for k, t in enumerate(prims)]
-    if not any(need):
-        return (None,) * 8
-    with torch.enable_grad():
-        leaves = [t.detach().requires_grad_(n) if t is not None else None for t, n in zip(prims, need)]
-        outs = _backward_composite(*leaves, ctx.train, ctx.axis)
-        pairs = [(o, g) for o, g, m in zip(outs, (ggi, ggw, ggb), ctx.mask) if m and g is not None and g.numel()]
-        wrt = [t for t, n in zip(leaves, need) if n]
-        grads = torch.autograd.grad(
-            [o for o, _ in pairs], wrt, [g.to(o.dtype) for o, g in pairs], allow_unused=True,
-            create_graph=torch.is_grad_enabled(),
-        ) if pairs else [None] * len(wrt)
-    it = iter(grads)
-    res = [next(it) if n else None for n in need]
-    return (*res, None, None, None)
-
-
-torch.library.register_autograd("bn_cuda::backward", _backward_backward, setup_context=_backward_setup)
+# Autograd: every op's autograd kernel is C++ (csrc/common/autograd.cpp): the two forwards record a
+# node whose backward calls ``bn_cuda::backward``, whose own node gives higher-order gradients.
 
 
 def batch_norm_train(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],

@@ -12,6 +12,8 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <array>
 #include <tuple>
 #include <vector>
 
@@ -170,6 +172,104 @@ struct ForwardInfer : public torch::autograd::Function<ForwardInfer> {
   }
 };
 
+// Backward of the backward op (double backward): the op's maths recomputed as differentiable ATen
+// ops (all three outputs in the acc dtype), then differentiated by autograd with respect to the
+// inputs that need it. Only higher-order gradients come here; the first-order path is the kernel.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_composite(const at::Tensor& grad_out, const at::Tensor& input,
+                                                                   const at::Tensor& weight, const at::Tensor& mean,
+                                                                   const at::Tensor& invstd, bool train,
+                                                                   at::IntArrayRef axis) {
+  const std::vector<int64_t> axes = normalize_axes(axis, input.dim());
+  std::vector<int64_t> red;
+  for (int64_t d = 0; d < input.dim(); ++d)
+    if (std::find(axes.begin(), axes.end(), d) == axes.end()) red.push_back(d);
+  const auto acc = input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const at::Tensor x = input.to(acc);
+  const at::Tensor g = grad_out.to(acc);
+  const at::Tensor m = bcast(mean.to(acc), input, axes);
+  const at::Tensor sd = bcast(invstd.to(acc), input, axes);
+  const at::Tensor w = weight.defined() ? bcast(weight.to(acc), input, axes) : at::ones_like(sd);
+  const at::Tensor xmu = x - m;
+  const c10::SymInt features = mean.sym_numel().max(c10::SymInt(1));
+  const c10::Scalar count((input.sym_numel() / features).max(c10::SymInt(1)));
+  const at::Tensor sum_dy = g.sum(red, /*keepdim=*/true);
+  const at::Tensor sum_dy_xmu = (g * xmu).sum(red, /*keepdim=*/true);
+  at::Tensor gi = train ? w * sd * (g - sum_dy / count - xmu * sd * sd * sum_dy_xmu / count) : w * sd * g;
+  return {gi.to(input.scalar_type()), (sum_dy_xmu * sd).reshape(-1), sum_dy.reshape(-1)};
+}
+
+struct Backward : public torch::autograd::Function<Backward> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& grad_out, const at::Tensor& input,
+                               const OptTensor& weight, const at::Tensor& save_mean, const at::Tensor& save_invstd,
+                               bool train, at::IntArrayRef axis, std::array<bool, 3> output_mask) {
+    at::Tensor gi, gw, gb;
+    {
+      at::AutoDispatchBelowAutograd guard;
+      std::tie(gi, gw, gb) = ops::backward(grad_out, input, weight, save_mean, save_invstd, train, axis, output_mask);
+    }
+    const bool has_w = weight.has_value() && weight->defined();
+    ctx->save_for_backward({grad_out, input, has_w ? *weight : at::Tensor(), save_mean, save_invstd});
+    ctx->saved_data["train"] = train;
+    ctx->saved_data["axis"] = axis.vec();
+    ctx->saved_data["mask"] = std::vector<bool>{output_mask[0], output_mask[1], output_mask[2]};
+    ctx->set_materialize_grads(false);
+    return {gi, gw, gb};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const variable_list saved = ctx->get_saved_variables();
+    const bool has_w = saved[2].defined();
+    // Edges exist only for the tensors given: grad_out, input, [weight], save_mean, save_invstd.
+    std::array<bool, 5> need{};
+    for (size_t k = 0, edge = 0; k < 5; ++k) {
+      if (k == 2 && !has_w) continue;
+      need[k] = ctx->needs_input_grad(edge++);
+    }
+    variable_list result(8);
+    if (!(need[0] || need[1] || need[2] || need[3] || need[4])) return result;
+    const bool create_graph = at::GradMode::is_enabled();
+    const auto mask = ctx->saved_data["mask"].toBoolList();
+    const std::vector<int64_t> axis = ctx->saved_data["axis"].toIntVector();
+    at::AutoGradMode enable(true);
+    variable_list leaves(5), wrt;
+    for (size_t k = 0; k < 5; ++k) {
+      if (!saved[k].defined()) continue;
+      leaves[k] = saved[k].detach().requires_grad_(need[k]);
+      if (need[k]) wrt.push_back(leaves[k]);
+    }
+    const auto outs = backward_composite(leaves[0], leaves[1], leaves[2], leaves[3], leaves[4],
+                                         ctx->saved_data["train"].toBool(), axis);
+    const std::array<at::Tensor, 3> out_list{std::get<0>(outs), std::get<1>(outs), std::get<2>(outs)};
+    variable_list outputs, grad_outputs;
+    for (size_t i = 0; i < 3; ++i) {
+      if (mask.get(i) && grads[i].defined() && grads[i].sym_numel() > 0) {
+        outputs.push_back(out_list[i]);
+        grad_outputs.push_back(grads[i].to(out_list[i].scalar_type()));
+      }
+    }
+    if (outputs.empty()) return result;
+    const variable_list got = torch::autograd::grad(outputs, wrt, grad_outputs, /*retain_graph=*/create_graph,
+                                                    create_graph, /*allow_unused=*/true);
+    for (size_t k = 0, j = 0; k < 5; ++k)
+      if (need[k]) result[k] = got[j++];
+    return result;
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_autograd(const at::Tensor& grad_out, const at::Tensor& input,
+                                                                 const OptTensor& weight, const at::Tensor& save_mean,
+                                                                 const at::Tensor& save_invstd, bool train,
+                                                                 at::IntArrayRef axis, std::array<bool, 3> output_mask) {
+  const auto req = [](const at::Tensor& t) { return t.defined() && t.requires_grad(); };
+  if (!at::GradMode::is_enabled() ||
+      !(req(grad_out) || req(input) || (weight.has_value() && req(*weight)) || req(save_mean) || req(save_invstd))) {
+    at::AutoDispatchBelowAutograd guard;
+    return ops::backward(grad_out, input, weight, save_mean, save_invstd, train, axis, output_mask);
+  }
+  variable_list r = Backward::apply(grad_out, input, weight, save_mean, save_invstd, train, axis, output_mask);
+  return {r[0], r[1], r[2]};
+}
+
 at::Tensor forward_infer_autograd(const at::Tensor& input, const OptTensor& weight, const OptTensor& bias,
                                   const at::Tensor& running_mean, const at::Tensor& running_var, double eps,
                                   at::IntArrayRef axis) {
@@ -198,4 +298,5 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_train_autograd(
 TORCH_LIBRARY_IMPL(bn_cuda, Autograd, m) {
   m.impl("forward_train", &bn_cuda::forward_train_autograd);
   m.impl("forward_infer", &bn_cuda::forward_infer_autograd);
+  m.impl("backward", &bn_cuda::backward_autograd);
 }
