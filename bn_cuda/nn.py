@@ -7,7 +7,6 @@ from __future__ import annotations
 import inspect
 from typing import Any, Optional, Tuple
 
-import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -94,8 +93,7 @@ _DROP_INS = {nn.BatchNorm1d: BatchNorm1d, nn.BatchNorm2d: BatchNorm2d, nn.BatchN
 
 
 def _share_state(new: _BatchNorm, old: _BatchNorm) -> _BatchNorm:
-    """``new`` takes ``old``'s parameters and buffers (the same tensors), mode, qconfig and hooks-free
-    attributes that a model relies on."""
+    """``new`` takes ``old``'s parameters and buffers (the same tensors), training mode and qconfig."""
     if old.affine:
         new.weight = old.weight
         new.bias = old.bias
@@ -231,18 +229,8 @@ class SyncBatchNorm(_BatchNorm):
 
         out = module
         if isinstance(module, _BatchNorm):
-            out = cls(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats,
-                      process_group, bias=module.bias is not None)
-            if module.affine:
-                with torch.no_grad():
-                    out.weight = module.weight
-                    out.bias = module.bias
-            out.running_mean = module.running_mean
-            out.running_var = module.running_var
-            out.num_batches_tracked = module.num_batches_tracked
-            out.training = module.training
-            if hasattr(module, "qconfig"):
-                out.qconfig = module.qconfig
+            out = _share_state(cls(module.num_features, module.eps, module.momentum, module.affine,
+                                   module.track_running_stats, process_group, bias=module.bias is not None), module)
         elif isinstance(module, BatchNormalization):
             module.synchronized = True
             module.process_group = process_group
