@@ -10,6 +10,8 @@ from torch import Tensor
 
 from . import ops
 
+_ops = torch.ops.bn_cuda
+
 __all__ = ["batch_norm"]
 
 
@@ -69,6 +71,20 @@ def batch_norm(
     Tensor
         Same shape, dtype and memory format as ``input``.
     """
+    # Fast path for the common call (one int axis, valid arguments): straight to the op, whose C++
+    # (and fake) kernels check devices, shapes and dtypes with the messages of the checks below.
+    # Python glue costs as much host time as a small GPU call's launches.
+    if type(axis) is int and isinstance(input, Tensor) and momentum is not None:
+        nd = input.dim()
+        if nd >= 2 and -nd <= axis < nd:
+            a = axis % nd
+            if training:
+                n = input.numel()
+                if n != input.shape[a] or n == 0:  # (one value per feature: the error below)
+                    return _ops.forward_train.default(input, weight, bias, running_mean, running_var,
+                                                      float(momentum), float(eps), [a], True)[0]
+            elif running_mean is not None and running_var is not None:
+                return _ops.forward_infer.default(input, weight, bias, running_mean, running_var, float(eps), [a])
     if not isinstance(input, Tensor):
         raise TypeError(f"bn_cuda.functional.batch_norm: input must be a Tensor, got {type(input).__name__}")
     axes = [axis] if type(axis) is int else _axis_list(axis)  # (fast path for the common int)

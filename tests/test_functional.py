@@ -287,3 +287,21 @@ def test_medium_shape_fp32(layout, device):
     """A medium shape: several partitions per feature on the CPU, several blocks on CUDA."""
     x = apply_layout(make_input((16, 24, 40, 40), 1, torch.float32, device), layout)
     run_case(x, 1, True, True, torch.float32, device)
+
+
+def test_eval_gradient_saves_running_stats_like_torch():
+    """In eval mode with a gradient, the running statistics are saved as torch saves them: the
+    gradient matches torch's, and modifying them in place before the backward raises, as in torch."""
+    x = torch.randn(6, 3, 5, dtype=torch.float64, requires_grad=True)
+    rm, rv = torch.randn(3, dtype=torch.float64), torch.rand(3, dtype=torch.float64) + 0.5
+    w = torch.rand(3, dtype=torch.float64, requires_grad=True)
+    gy = torch.randn(6, 3, 5, dtype=torch.float64)
+    ours = torch.autograd.grad(batch_norm(x, rm, rv, w, None, False), [x, w], gy)
+    ref = torch.autograd.grad(torch.nn.functional.batch_norm(x, rm, rv, w, None, False), [x, w], gy)
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    for fn in (batch_norm, torch.nn.functional.batch_norm):
+        y = fn(x, rm, rv, w, None, False)
+        rv.add_(1.0)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            y.backward(gy)

@@ -143,8 +143,7 @@ struct ForwardTrain : public torch::autograd::Function<ForwardTrain> {
   }
 };
 
-// Inference: the running statistics are constants (copied at the call, so a later in-place update
-// of the buffers cannot change this step's gradient); grad_input = dy * invstd * weight.
+// Inference: the running statistics are constants; grad_input = dy * invstd * weight.
 struct ForwardInfer : public torch::autograd::Function<ForwardInfer> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& input, const OptTensor& weight,
                                const OptTensor& bias, const at::Tensor& running_mean, const at::Tensor& running_var,
@@ -154,10 +153,12 @@ struct ForwardInfer : public torch::autograd::Function<ForwardInfer> {
       at::AutoDispatchBelowAutograd guard;
       out = ops::forward_infer(input, weight, bias, running_mean, running_var, eps, axis);
     }
-    const auto acc = input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-    const at::Tensor mean = running_mean.detach().to(acc, false, /*copy=*/true).reshape(-1);
-    const at::Tensor invstd = at::rsqrt(running_var.detach().to(acc, false, /*copy=*/true).reshape(-1) + eps);
-    ctx->save_for_backward({input, weight.value_or(at::Tensor()), mean, invstd});
+    // The running statistics are saved as they are (as torch's batch_norm does): modifying them in
+    // place before the backward makes it raise, as in torch; the statistics of the backward are
+    // derived from them there, which keeps the forward of a call that needs a gradient (frozen
+    // batch norm in fine-tuning) free of extra ops.
+    ctx->save_for_backward({input, weight.value_or(at::Tensor()), running_mean, running_var});
+    ctx->saved_data["eps"] = eps;
     save_affine(ctx, weight, bias, axis);
     return {out};
   }
@@ -165,9 +166,12 @@ struct ForwardInfer : public torch::autograd::Function<ForwardInfer> {
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const variable_list saved = ctx->get_saved_variables();
     const std::vector<int64_t> axis = ctx->saved_data["axis"].toIntVector();
+    const auto acc = saved[0].scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+    const at::Tensor mean = saved[2].detach().to(acc).reshape(-1);
+    const at::Tensor invstd = at::rsqrt(saved[3].detach().to(acc).reshape(-1) + ctx->saved_data["eps"].toDouble());
     at::Tensor gi, gw, gb;
     std::tie(gi, gw, gb) =
-        param_backward(ctx, grads[0], saved[0], saved[1], saved[2], saved[3], /*train=*/false, axis, grad_mask(ctx));
+        param_backward(ctx, grads[0], saved[0], saved[1], mean, invstd, /*train=*/false, axis, grad_mask(ctx));
     return {gi, gw, gb, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
