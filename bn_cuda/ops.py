@@ -1,12 +1,11 @@
 """Fake kernels and autograd for the ``torch.ops.bn_cuda`` operators (schemas: csrc/ops.cpp).
 
-``backward`` gets its autograd (double backward) from ``torch.library.register_autograd`` below.
-The two forwards have C++ autograd kernels (``csrc/common/autograd.cpp``, dispatch key Autograd):
+Every op's autograd kernel is C++ (``csrc/common/autograd.cpp``, dispatch key Autograd):
 ``forward_train`` updates the running statistics in place (declared ``Tensor(a!)?`` in its schema)
 and ``register_autograd`` refuses operators with mutable arguments; and a Python autograd layer
-costs more host time per call than the kernel on small tensors (about 9 us even under no_grad).
-Their backward nodes call the registered ``backward`` op, so double backward goes through its
-autograd, and they work under ``torch.compile(fullgraph=True)`` (the mutation is functionalized).
+costs more host time per call than the kernel on small tensors (about 9-30 us even under no_grad).
+The forwards' backward nodes call the registered ``backward`` op, whose own node gives double
+backward; they work under ``torch.compile(fullgraph=True)`` (the mutation is functionalized).
 """
 
 from __future__ import annotations
@@ -94,10 +93,6 @@ def _backward_fake(grad_out, input, weight, save_mean, save_invstd, train, axis,
     gw = input.new_empty((c if output_mask[1] else 0,), dtype=acc)
     gb = input.new_empty((c if output_mask[2] else 0,), dtype=acc)
     return gi, gw, gb
-
-
-# Autograd: every op's autograd kernel is C++ (csrc/common/autograd.cpp): the two forwards record a
-# node whose backward calls ``bn_cuda::backward``, whose own node gives higher-order gradients.
 
 
 def batch_norm_train(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],

@@ -1,12 +1,13 @@
-// Autograd kernels of bn_cuda::forward_train and bn_cuda::forward_infer, in C++.
+// Autograd kernels of bn_cuda::forward_train, bn_cuda::forward_infer and bn_cuda::backward, in C++.
 //
 // forward_train updates the running statistics in place, and torch.library.register_autograd
-// refuses operators with mutable arguments; a Python torch.autograd.Function around the op costs
-// 15-40 us of host time per call, more than the whole kernel on small tensors and as much as a
-// GPU launch. This kernel (dispatch key Autograd, device-agnostic) records one C++ node whose
-// backward calls the registered bn_cuda::backward op through the dispatcher (bn_cuda/ops.h, the
-// header other extensions use), so double backward still goes through that op's own autograd
-// (bn_cuda/ops.py) and torch.compile traces the backward op like any other.
+// refuses operators with mutable arguments; a Python autograd layer around an op costs 10-40 us of
+// host time per call (even under no_grad), more than the whole kernel on small tensors and as much
+// as a GPU launch, and needs the GIL when another extension calls the op from C++. These kernels
+// (dispatch key Autograd, device-agnostic) record one C++ node each. The forwards' nodes call the
+// registered bn_cuda::backward op through the dispatcher (bn_cuda/ops.h, the header other
+// extensions use), whose own node gives double backward; torch.compile traces the backward op like
+// any other.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
@@ -67,12 +68,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> param_backward(AutogradContext* c
   at::Tensor gi, gw, gb;
   if (!grad_out.defined() || !(mask[0] || mask[1] || mask[2])) return {gi, gw, gb};
   const OptTensor w = weight.defined() ? OptTensor(weight) : OptTensor();
-  if (at::GradMode::is_enabled()) {  // create_graph: through the backward op's own autograd
-    std::tie(gi, gw, gb) = ops::backward(grad_out, input, w, mean, invstd, train, axis, mask);
-  } else {  // skip that (Python) autograd kernel: microseconds a call
-    at::AutoDispatchBelowAutograd guard;
-    std::tie(gi, gw, gb) = ops::backward(grad_out, input, w, mean, invstd, train, axis, mask);
-  }
+  // Through the backward op's autograd kernel: a graph under create_graph, straight to the kernel
+  // otherwise (backward_autograd below).
+  std::tie(gi, gw, gb) = ops::backward(grad_out, input, w, mean, invstd, train, axis, mask);
   if (!mask[0]) gi = at::Tensor();
   gw = mask[1] ? gw.reshape_symint(weight.sym_sizes()).to(weight.scalar_type()) : at::Tensor();
   if (mask[2]) {
