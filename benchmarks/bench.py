@@ -290,7 +290,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="custom shape (repeatable); replaces the preset")
     p.add_argument("--dtype", type=lambda s: _csv_list(s, list(P.DTYPES), "--dtype"), help="e.g. fp32,bf16")
     p.add_argument("--layout", type=lambda s: _csv_list(s, list(P.LAYOUTS), "--layout"), help="nchw,nhwc")
-    p.add_argument("--variant", type=lambda s: _csv_list(s, list(P.VARIANTS), "--variant"), help="plain,ghost,renorm")
+    p.add_argument("--variant", type=lambda s: _csv_list(s, list(P.VARIANTS), "--variant"), help=",".join(P.VARIANTS))
     p.add_argument("--mode", type=lambda s: _csv_list(s, list(P.MODES), "--mode"),
                    help="fwd-train,backward,fwd+bwd,inference")
     g = p.add_mutually_exclusive_group()

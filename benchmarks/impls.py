@@ -147,8 +147,29 @@ def keras_layer_class() -> Tuple[Optional[type], str]:
 
 
 def ghost_batch_size(n: int) -> Optional[int]:
-    """Virtual batch size used for a batch of ``n``: a quarter of it (None when n < 8 or n % 4)."""
+    """Virtual batch size used for a batch of ``n``: 32 when ``n`` is a multiple of 32 of at least
+    64 (batch 256 -> 8 ghost batches of 32), else a quarter of it (None when n < 8 or n % 4)."""
+    if n >= 64 and n % 32 == 0:
+        return 32
     return n // 4 if n >= 8 and n % 4 == 0 else None
+
+
+class _Adjustment:
+    """A fixed per-feature adjustment ``shape -> (scale, bias)`` for an ``axis=1`` layer: the same
+    tensors every call (a random one would make the composite and fused outputs incomparable)."""
+
+    def __init__(self, channels: int, ndim: int, seed: int) -> None:
+        g = torch.Generator(device="cpu").manual_seed(seed + 7)
+        view = (1, channels) + (1,) * (ndim - 2)
+        self.scale = (torch.rand(channels, generator=g) * 0.14 + 0.93).view(view)
+        self.bias = (torch.rand(channels, generator=g) * 0.2 - 0.1).view(view)
+
+    def __call__(self, shape: Any) -> Tuple[Tensor, Tensor]:
+        return self.scale, self.bias
+
+    def to(self, device: torch.device) -> "_Adjustment":
+        self.scale, self.bias = self.scale.to(device), self.bias.to(device)
+        return self
 
 
 class KerasImpl(Impl):
@@ -186,13 +207,17 @@ def make_keras_impls(variant: str, x: Tensor, seed: int) -> Tuple[Dict[str, Kera
     if cls is None:
         raise RuntimeError(why)
     kwargs: Dict[str, Any] = {"axis": 1}
-    if variant == "ghost":
+    if variant not in ("ghost", "renorm", "ghost-renorm", "adjust"):
+        raise ValueError(f"unknown Keras variant {variant!r}")
+    if variant in ("ghost", "ghost-renorm"):
         vbs = ghost_batch_size(x.shape[0])
         if vbs is None:
             raise RuntimeError(f"ghost batches need a batch divisible by 4 and >= 8, got {x.shape[0]}")
         kwargs["virtual_batch_size"] = vbs
-    elif variant == "renorm":
+    if variant in ("renorm", "ghost-renorm"):
         kwargs.update(renorm=True, renorm_clipping=dict(RENORM_CLIPPING))
+    if variant == "adjust":
+        kwargs["adjustment"] = _Adjustment(x.shape[1], x.dim(), seed).to(x.device)
     notes = []
     try:
         cls(fused=True, **kwargs)

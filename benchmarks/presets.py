@@ -21,7 +21,9 @@ __all__ = [
 Shape = Tuple[int, ...]
 
 MODES: Tuple[str, ...] = ("fwd-train", "backward", "fwd+bwd", "inference")
-VARIANTS: Tuple[str, ...] = ("plain", "ghost", "renorm")
+#: Keras-layer variants: "ghost" (virtual_batch_size), "renorm" (with clipping), "ghost-renorm" (both),
+#: "adjust" (an adjustment callable), each timed against the layer's composite path (fused=False).
+VARIANTS: Tuple[str, ...] = ("plain", "ghost", "renorm", "ghost-renorm", "adjust")
 DTYPES: Dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 #: "nchw": contiguous; "nhwc": torch.channels_last / channels_last_3d (a memory format of the
 #: same NC... shape). Only 4-D and 5-D inputs have a channels-last form.
@@ -122,7 +124,9 @@ ODD: Tuple[Shape, ...] = ((32, 3, 224, 224), (32, 17, 56, 56), (64, 17, 7, 7), (
                           (256, 1000, 1, 1))
 _REPR = ((32, 64, 56, 56), (32, 256, 14, 14), (32, 2048, 7, 7))  # one early, one mid, one late layer
 _ALL3 = ("fp32", "fp16", "bf16")
-_KERAS = ("ghost", "renorm")
+_KERAS = ("ghost", "renorm", "ghost-renorm", "adjust")
+#: The example of issue 4: batch 256, virtual_batch_size 32, 28x28x64 channels-last.
+KERAS_CPU: Tuple[Shape, ...] = ((256, 64, 28, 28),)
 _TRAIN = ("fwd-train", "backward", "fwd+bwd")
 
 PRESETS: Dict[str, Preset] = {}
@@ -144,7 +148,8 @@ _add(Preset(
         ShapeGroup("odd", ((16, 3, 64, 64), (8, 17, 28, 28), (8, 1000, 7, 7), (64, 1000, 1, 1))),
         ShapeGroup("unet3d-small", ((2, 32, 16, 16, 16),)),
         ShapeGroup("mlp", ((1024, 1024),)),
-        ShapeGroup("keras-variants", ((8, 64, 28, 28),), layouts=("nchw",), variants=_KERAS, modes=_TRAIN),
+        ShapeGroup("keras-variants", ((8, 64, 28, 28),), layouts=("nchw",), variants=("plain",) + _KERAS,
+                   modes=_TRAIN),
     ),
     min_run_time=0.06, time_budget=150.0,
 ))
@@ -157,7 +162,9 @@ _add(Preset(
         ShapeGroup("resnet50-b32", _REPR, dtypes=("bf16", "fp16"), compile=True),
         ShapeGroup("resnet50-b32", tuple(s for s in RESNET50_B32 if s not in _REPR), dtypes=("bf16", "fp16")),
         ShapeGroup("resnet50-b32", RESNET50_B32, dtypes=("fp32",)),
-        ShapeGroup("keras-variants", _REPR, dtypes=("fp32", "bf16"), variants=_KERAS, modes=_TRAIN),
+        ShapeGroup("keras-variants", _REPR, dtypes=("fp32", "bf16"), variants=("ghost", "renorm"), modes=_TRAIN),
+        ShapeGroup("keras-variants", _REPR, dtypes=("fp32", "bf16"), layouts=("nhwc",),
+                   variants=("ghost-renorm", "adjust"), modes=_TRAIN),
         ShapeGroup("resnet50-b256", RESNET50_B256, dtypes=("bf16", "fp16")),
         ShapeGroup("small-batch", SMALL_BATCH, dtypes=_ALL3),
         ShapeGroup("odd", ODD, dtypes=("fp32", "fp16")),
@@ -177,8 +184,15 @@ for _name, _shapes, _desc in (
     _add(Preset(_name, _desc + "; fp32/fp16/bf16, both layouts, torch.compile baseline",
                 (ShapeGroup(_name, _shapes, dtypes=_ALL3, compile=True),)))
 _add(Preset(
-    "keras-variants", "ghost batches and batch renorm on ResNet-50 batch-32 layers, against the composite path",
+    "keras-variants", "ghost batches, batch renorm, both, adjustment on ResNet-50 batch-32 layers, against the composite path",
     (ShapeGroup("keras-variants", RESNET50_B32, dtypes=_ALL3, variants=_KERAS, modes=_TRAIN),),
+))
+_add(Preset(
+    "keras-cpu", "the Keras variants at batch 256 (virtual_batch_size 32), 64x28x28 channels-last fp32, "
+    "fused against fused=False and against plain bn_cuda on the same input: the CPU comparison of the "
+    "fused-variants issue (about 80 s on 2 cores)",
+    (ShapeGroup("keras-cpu", KERAS_CPU, layouts=("nhwc",), variants=("plain",) + _KERAS, modes=_TRAIN),),
+    min_run_time=0.2,
 ))
 _add(Preset(
     "all", "every named group (long; a GPU is advised)",

@@ -98,6 +98,28 @@ def summary_lines(rows: Sequence[Dict[str, Any]]) -> List[str]:
                 parts.append(f"{m} {_geomean(s):.2f}x ({slower}/{len(s)} slower)")
         if parts:
             lines.append(f"bn_cuda {_SHORT[b]} (geomean): " + ", ".join(parts))
+    variants = [v for v in dict.fromkeys(r["variant"] for r in rows) if v != "plain"]
+    if len(variants) > 1:
+        parts = []
+        for v in variants:
+            s = [r["speedup"]["composite"] for r in rows
+                 if r["variant"] == v and r["mode"] == "fwd+bwd" and "composite" in r.get("speedup", {})]
+            if s:
+                parts.append(f"{v} {_geomean(s):.2f}x ({min(s):.2f}x worst)")
+        if parts:
+            lines.append("bn_cuda vs composite, fwd+bwd per variant (geomean): " + ", ".join(parts))
+    plain = {(r["shape"], r["layout"], r["dtype"], r["mode"]): r["impls"]["bn_cuda"]["ms"] for r in rows
+             if r["variant"] == "plain" and r.get("impls", {}).get("bn_cuda", {}).get("ms")}
+    parts = []
+    for v in variants:
+        s = [r["impls"]["bn_cuda"]["ms"] / plain[k] for r in rows
+             if r["variant"] == v and r["mode"] == "fwd+bwd" and r.get("impls", {}).get("bn_cuda", {}).get("ms")
+             and (k := (r["shape"], r["layout"], r["dtype"], r["mode"])) in plain]
+        if s:
+            parts.append(f"{v} {_geomean(s):.2f}x ({max(s):.2f}x worst, {len(s)} shapes)")
+    if parts:
+        lines.append("bn_cuda cost of each variant relative to plain bn_cuda on the same input, fwd+bwd "
+                     "(geomean; 1.00x = free): " + ", ".join(parts))
     loaded = [r for r in rows if (r.get("other_cpu_share") or 0) > LOADED]
     if loaded:
         lines.append(f"† {len(loaded)} of {len(rows)} rows were measured while other processes used more than "

@@ -38,7 +38,7 @@ def test_presets_cover_what_the_quick_run_promises():
     assert {c.dtype for c in cases} == {"fp32"}
     assert {m for c in cases for m in c.modes} == set(presets.MODES)
     assert {3, 17, 1000} <= {c.shape[1] for c in cases}
-    assert {"plain", "ghost", "renorm"} <= {c.variant for c in cases}
+    assert set(presets.VARIANTS) == {c.variant for c in cases}  # every Keras variant, next to plain
     # one torch.compile baseline: compiling costs tens of seconds on a small CPU
     assert [(c.shape, c.layout) for c in cases if c.compile] == [((8, 256, 14, 14), "nchw")]
     for name, preset in presets.PRESETS.items():
@@ -49,7 +49,7 @@ def test_presets_cover_what_the_quick_run_promises():
 
 
 def test_tiny_cpu_run_writes_consistent_results(tmp_path):
-    doc = bench.run(bench.BenchConfig(shapes=[(8, 3, 5, 5), (6, 7)], variants=["plain", "ghost"],
+    doc = bench.run(bench.BenchConfig(shapes=[(8, 3, 5, 5), (6, 7)], variants=list(presets.VARIANTS),
                                       out=str(tmp_path), **TINY))
     assert doc["failed"] is False
     names = {Path(f).name for f in doc["files"]}
@@ -71,11 +71,17 @@ def test_tiny_cpu_run_writes_consistent_results(tmp_path):
         assert r["torch_backend"] == "native"
         shape = tuple(int(s) for s in r["shape"].split("x"))
         assert r["bytes"] == min_bytes(shape, torch.float32, r["mode"])
-    ghost = [r for r in data["rows"] if r["variant"] == "ghost"]
-    assert len(ghost) == 3 * 3  # training modes only; 6x7 is skipped (batch too small for ghost batches)
-    for r in ghost:  # timed against the composite path, or skipped with a reason
-        assert (r["check_ok"] is True and r["speedup"]["composite"] > 0) or \
-            any(n.startswith("skipped") for n in r["notes"]), r
+    for variant in ("ghost", "renorm", "ghost-renorm", "adjust"):
+        rows = [r for r in data["rows"] if r["variant"] == variant]
+        assert len(rows) == 3 * 3, variant  # training modes of the three cases; never inference
+        for r in rows:
+            if variant.startswith("ghost") and r["shape"] == "6x7":  # batch too small for ghost batches
+                assert any(n.startswith("skipped") for n in r["notes"]), r
+            else:  # timed against the composite path after agreeing with it
+                assert r["check_ok"] is True and r["speedup"]["composite"] > 0, r
+    summary = "\n".join(data["summary"])
+    assert "fwd+bwd per variant" in summary and "adjust" in summary
+    assert "relative to plain bn_cuda" in summary
 
     with open(tmp_path / "custom.csv") as f:
         reader = csv.DictReader(f)
