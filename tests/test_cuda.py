@@ -166,3 +166,96 @@ def test_more_ghosts_than_grid_y():
     y = layer.cuda()(xs.cuda(), training=True)
     torch.testing.assert_close(y.cpu(), layer_cpu(xs, training=True), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(layer.moving_mean.cpu(), layer_cpu.moving_mean, rtol=1e-6, atol=1e-6)
+
+
+_KERAS_CONFIGS = {
+    "ghost": dict(virtual_batch_size=4),
+    "renorm": dict(renorm=True, renorm_clipping={"rmax": 1.5, "rmin": 0.7, "dmax": 0.3}, renorm_momentum=0.5),
+    "ghost+renorm": dict(virtual_batch_size=4, renorm=True, renorm_clipping={"rmax": 1.2}),
+    "adjustment": "adjustment",
+    "mask": dict(),
+}
+
+
+def _keras_layer(name, shape):
+    import bn_cuda
+
+    cfg = _KERAS_CONFIGS[name]
+    if cfg == "adjustment":
+        g = torch.Generator().manual_seed(5)
+        scale = (torch.rand(shape[-1], generator=g) + 0.5).cuda()
+        bias = (torch.rand(shape[-1], generator=g) - 0.5).cuda()
+        cfg = dict(adjustment=lambda s: (scale, bias))
+    layer = bn_cuda.BatchNormalization(momentum=0.8, **cfg)
+    layer.build(shape, device=torch.device("cuda"))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        layer.gamma.copy_(torch.randn(layer.gamma.shape, generator=g) * 0.5 + 1)
+        layer.beta.copy_(torch.randn(layer.beta.shape, generator=g) * 0.5)
+    return layer
+
+
+def _keras_step(layer, x, gy, mask):
+    x.grad = None
+    for p in layer.parameters():
+        p.grad = None
+    y = layer(x, training=True, mask=mask)
+    y.backward(gy)
+    return y
+
+
+@pytest.mark.parametrize("name", list(_KERAS_CONFIGS))
+def test_keras_fused_step_no_sync_and_graph_capture(name):
+    """The fused Keras training step (ghost batches, renorm's r and d, adjustment, masks) reads
+    nothing back to the host and replays from a CUDA graph with the eager step's results, moving
+    variables included, step after step."""
+    shape = (16, 35, 24)  # rank 3: tf_keras's own fused path (which ignores masks) never applies
+    mask = None
+    if name == "mask":
+        mask = (torch.rand(shape[:-1], generator=torch.Generator().manual_seed(2)) > 0.3).cuda()
+    datas = [(_data(shape, seed=s).requires_grad_(True), _data(shape, seed=50 + s, offset=0.0)) for s in range(4)]
+
+    eager = _keras_layer(name, shape)
+    _keras_step(eager, *datas[0], mask)  # first call: anything lazy happens here
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        _keras_step(eager, *datas[1], mask)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+    graphed = _keras_layer(name, shape)
+    static_x = datas[0][0].detach().clone().requires_grad_(True)
+    static_gy = datas[0][1].clone()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            _keras_step(graphed, static_x, static_gy, mask)
+    torch.cuda.current_stream().wait_stream(s)
+    start = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in graphed.state_dict().items()}
+    for p in graphed.parameters():
+        p.grad = None
+    static_x.grad = None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = graphed(static_x, training=True, mask=mask)
+        y.backward(static_gy)
+
+    reference = _keras_layer(name, shape)
+    reference.load_state_dict(start)
+    graphed.load_state_dict(start)  # capture ran nothing; make sure of the starting point anyway
+    for x, gy in datas[2:]:
+        with torch.no_grad():
+            static_x.copy_(x)
+            static_gy.copy_(gy)
+        graph.replay()
+        torch.cuda.synchronize()
+        want = _keras_step(reference, x, gy, mask)
+        torch.testing.assert_close(y, want, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(static_x.grad, x.grad, rtol=1e-6, atol=1e-6)
+        for (pn, p), q in zip(graphed.named_parameters(), reference.parameters()):
+            if p.requires_grad:
+                torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=1e-6, msg=pn)
+        for (bn, b), c in zip(graphed.named_buffers(), reference.buffers()):
+            torch.testing.assert_close(b, c, rtol=1e-6, atol=1e-6, msg=bn)
