@@ -184,7 +184,8 @@ for _name, _shapes, _desc in (
     _add(Preset(_name, _desc + "; fp32/fp16/bf16, both layouts, torch.compile baseline",
                 (ShapeGroup(_name, _shapes, dtypes=_ALL3, compile=True),)))
 _add(Preset(
-    "keras-variants", "ghost batches, batch renorm, both, adjustment on ResNet-50 batch-32 layers, against the composite path",
+    "keras-variants",
+    "ghost batches, batch renorm, both, adjustment on ResNet-50 batch-32 layers, against the composite path",
     (ShapeGroup("keras-variants", RESNET50_B32, dtypes=_ALL3, variants=_KERAS, modes=_TRAIN),),
 ))
 _add(Preset(
