@@ -18,7 +18,7 @@ from torch import Tensor
 
 from .ops import _acc_dtype, num_features
 
-__all__ = ["batch_stats", "gather_stats", "normalize", "grad_sums", "grad_input", "keras_finalize"]
+__all__ = ["batch_stats", "gather_stats", "normalize", "grad_sums", "grad_input", "keras_finalize", "keras_coeffs"]
 
 _ops = torch.ops.bn_cuda
 
@@ -80,6 +80,42 @@ def keras_finalize(mean: Tensor, var: Tensor, count: Tensor, moving_mean: Tensor
                                        float(eps), None if rmin is None else float(rmin),
                                        None if rmax is None else float(rmax), None if dmax is None else float(dmax),
                                        bool(always_update))
+
+
+@torch.library.register_fake("bn_cuda::keras_coeffs")
+def _keras_coeffs_fake(mean, m2, count, gamma, beta, adj_scale, adj_bias, moving_mean, moving_variance,
+                       moving_stddev, renorm_mean, renorm_stddev, ghosts, momentum, renorm_momentum, eps, rmin, rmax,
+                       dmax, always_update):
+    acc = torch.float64 if mean.dtype == torch.float64 else torch.float32
+    f = mean.shape[0]
+    c = f // ghosts
+    return (mean.new_empty((f,), dtype=acc), mean.new_empty((f,), dtype=acc), mean.new_empty((f,), dtype=acc),
+            mean.new_empty((c,), dtype=acc), mean.new_empty((c,), dtype=acc))
+
+
+def keras_coeffs(mean: Tensor, m2: Tensor, count: Tensor, gamma: Optional[Tensor], beta: Optional[Tensor],
+                 adj_scale: Optional[Tensor], adj_bias: Optional[Tensor], moving_mean: Tensor,
+                 moving_variance: Tensor, moving_stddev: Optional[Tensor], renorm_mean: Optional[Tensor],
+                 renorm_stddev: Optional[Tensor], ghosts: int, momentum: float, renorm_momentum: float, eps: float,
+                 rmin: Optional[float] = None, rmax: Optional[float] = None, dmax: Optional[float] = None,
+                 always_update: bool = False) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """:func:`keras_finalize` straight from :func:`batch_stats`' per-ghost Welford states, fused
+    with the apply step's coefficients.
+
+    ``mean``, ``m2``, ``count``: ``ghosts * C`` each (ghost-major). Every moving variable is updated
+    in place exactly as :func:`keras_finalize` does with the ghosts' biased variances. Returns
+    ``(invstd, weight, bias, r, d)``: ``invstd``, ``weight`` and ``bias`` per (ghost, feature), for
+    ``normalize(input, mean, invstd, weight, bias, axis, ghosts)``, where ``weight`` / ``bias``
+    compose, as tf_keras does, the adjustment's ``(adj_scale, adj_bias)`` with ``(gamma, beta)``
+    and then renorm's ``(r, d)``: ``weight = r * adj_scale * gamma``, ``bias = d * adj_scale * gamma
+    + adj_bias * gamma + beta`` (missing factors drop out). No gradient (the layer's autograd node
+    differentiates through the composition).
+    """
+    return _ops.keras_coeffs.default(mean, m2, count, gamma, beta, adj_scale, adj_bias, moving_mean, moving_variance,
+                                     moving_stddev, renorm_mean, renorm_stddev, int(ghosts), float(momentum),
+                                     float(renorm_momentum), float(eps), None if rmin is None else float(rmin),
+                                     None if rmax is None else float(rmax), None if dmax is None else float(dmax),
+                                     bool(always_update))
 
 
 def batch_stats(input: Tensor, axis: Sequence[int], mask: Optional[Tensor] = None,

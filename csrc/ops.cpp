@@ -76,6 +76,18 @@ TORCH_LIBRARY(bn_cuda, m) {
       "Tensor(c!)? moving_stddev, Tensor(d!)? renorm_mean, Tensor(e!)? renorm_stddev, int ghosts, float momentum, "
       "float renorm_momentum, float eps, float? rmin, float? rmax, float? dmax, bool always_update) "
       "-> (Tensor, Tensor)");
+  // keras_finalize straight from the ghosts' Welford states (batch_stats' mean, m2, count; G * C
+  // each), fused with the composition of the apply step: returns (invstd, weight, bias, r, d) with
+  // invstd / weight / bias per (ghost, feature) for normalize(input, mean, invstd, weight, bias,
+  // axis, ghosts), where weight / bias compose the adjustment's (adj_scale, adj_bias), (gamma,
+  // beta) and renorm's (r, d) as tf_keras does. One kernel instead of gather_stats, keras_finalize
+  // and half a dozen small tensor ops.
+  m.def(
+      "keras_coeffs(Tensor mean, Tensor m2, Tensor count, Tensor? gamma, Tensor? beta, Tensor? adj_scale, "
+      "Tensor? adj_bias, Tensor(a!) moving_mean, Tensor(b!) moving_variance, Tensor(c!)? moving_stddev, "
+      "Tensor(d!)? renorm_mean, Tensor(e!)? renorm_stddev, int ghosts, float momentum, float renorm_momentum, "
+      "float eps, float? rmin, float? rmax, float? dmax, bool always_update) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 namespace {

@@ -293,3 +293,81 @@ def test_keras_finalize_keeps_empty_features():
     torch.testing.assert_close(mm, mm0 * 0.9)
     with pytest.raises(ValueError, match="moving_stddev, renorm_mean and renorm_stddev go together"):
         staged.keras_finalize(z, z, z, mm, mv, torch.ones(c), None, None, 1, 0.9, 0.9, 1e-3)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("ghosts", [1, 3])
+@pytest.mark.parametrize("renorm", [False, True])
+@pytest.mark.parametrize("factors", ["gamma,beta", "adj,gamma,beta", "adj", "adj,beta", "gamma", "beta", ""])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_keras_coeffs_is_keras_finalize_plus_composition(device, ghosts, renorm, factors, dtype):
+    """keras_coeffs from batch_stats' Welford states = keras_finalize on the biased variances (same
+    moving variables, r, d) plus the per-(ghost, feature) invstd and tf_keras's composition of the
+    adjustment, gamma / beta and r / d, computed here independently in float64."""
+    g = torch.Generator().manual_seed(11)
+    c = 17
+    x = (torch.randn(6 * ghosts, c, generator=g, dtype=torch.float64) * (torch.rand(c, generator=g) + 0.5)
+         + torch.randn(c, generator=g) * 3).to(device, dtype)
+    mean, m2, count = staged.batch_stats(x, [1], None, ghosts)
+    f = factors.split(",")
+    vec = {n: (torch.rand(c, generator=g, dtype=torch.float64) + 0.5).to(device) for n in ("gamma", "adj_s")}
+    vec.update({n: (torch.rand(c, generator=g, dtype=torch.float64) - 0.5).to(device) for n in ("beta", "adj_b")})
+    gamma = vec["gamma"].float() if "gamma" in f else None  # float32 weights, as the layer's
+    beta = vec["beta"].float() if "beta" in f else None
+    adj_s, adj_b = (vec["adj_s"].to(dtype), vec["adj_b"].to(dtype)) if "adj" in f else (None, None)
+    bufs = {n: (torch.rand(c, generator=g) + 0.5).to(device)
+            for n in ("moving_mean", "moving_variance", "moving_stddev", "renorm_mean", "renorm_stddev")}
+    ref_bufs = {n: t.clone() for n, t in bufs.items()}
+    clip = (0.8, 1.1, 0.2)
+    rn = ("moving_stddev", "renorm_mean", "renorm_stddev")
+    tail = (ghosts, 0.9, 0.7, 1e-3, *clip, False)
+
+    invstd, weight, bias, r, d = staged.keras_coeffs(
+        mean, m2, count, gamma, beta, adj_s, adj_b, bufs["moving_mean"], bufs["moving_variance"],
+        *((bufs[n] for n in rn) if renorm else (None, None, None)), *tail)
+    r_ref, d_ref = staged.keras_finalize(
+        mean, m2 / count, count, ref_bufs["moving_mean"], ref_bufs["moving_variance"],
+        *((ref_bufs[n] for n in rn) if renorm else (None, None, None)), *tail)
+    assert torch.equal(r, r_ref) and torch.equal(d, d_ref)
+    for n in bufs:
+        assert torch.equal(bufs[n], ref_bufs[n]), n
+    assert torch.equal(invstd, torch.rsqrt(m2 / count + 1e-3)) or \
+        torch.allclose(invstd, 1 / torch.sqrt(m2 / count + 1e-3), rtol=1e-6 if dtype == torch.float32 else 1e-14)
+
+    # tf_keras's _compose_transforms chain in float64: (adj), then (gamma, beta), then (r, d)
+    s, o = None, None
+    if adj_s is not None:
+        s, o = adj_s.double(), adj_b.double()
+    if gamma is not None:
+        s = gamma.double() if s is None else s * gamma.double()
+        o = None if o is None else o * gamma.double()
+    if beta is not None:
+        o = beta.double() if o is None else o + beta.double()
+    if renorm:  # scale = r * S1, shift = d * S1 + O1
+        s, o = (r.double() if s is None else r.double() * s,
+                (d.double() if s is None else d.double() * s) + (0 if o is None else o))
+    s = torch.ones(c, dtype=torch.float64, device=device) if s is None else s
+    o = torch.zeros(c, dtype=torch.float64, device=device) if o is None else o
+    tol = dict(rtol=1e-6, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-13, atol=1e-13)
+    torch.testing.assert_close(weight.double(), s.repeat(ghosts), **tol)
+    torch.testing.assert_close(bias.double(), o.repeat(ghosts), **tol)
+    assert weight.shape == bias.shape == invstd.shape == (ghosts * c,)
+
+    fresh = [a.clone() if isinstance(a, torch.Tensor) else a for a in (
+        mean, m2, count, gamma, beta, adj_s, adj_b, bufs["moving_mean"], bufs["moving_variance"],
+        *((bufs[n] for n in rn) if renorm else (None, None, None)), *tail)]
+    torch.library.opcheck(torch.ops.bn_cuda.keras_coeffs.default, tuple(fresh))
+
+
+def test_keras_coeffs_errors_name_arguments():
+    c = 4
+    mean, m2, count = torch.zeros(c), torch.ones(c), torch.full((c,), 2.0)
+    mm, mv = torch.zeros(c), torch.ones(c)
+    with pytest.raises((ValueError, RuntimeError), match="gamma"):
+        staged.keras_coeffs(mean, m2, count, torch.ones(c + 1), None, None, None, mm, mv, None, None, None,
+                            1, 0.9, 0.9, 1e-3)
+    with pytest.raises(ValueError, match="keras_coeffs: eps must be > 0, got -1"):
+        staged.keras_coeffs(mean, m2, count, None, None, None, None, mm, mv, None, None, None, 1, 0.9, 0.9, -1.0)
+    with pytest.raises(ValueError, match="keras_coeffs: ghosts must be >= 1, got 0"):
+        staged.keras_coeffs(mean, m2, count, None, None, None, None, mm, mv, None, None, None, 0, 0.9, 0.9, 1e-3)
+    assert torch.equal(mm, torch.zeros(c)) and torch.equal(mv, torch.ones(c))  # a failed call changes nothing

@@ -93,8 +93,9 @@ def train_step(layer: "BatchNormalization", x: Tensor, group: Any, world_size: i
     if adjustment is not None:  # tf_keras: adjustment first, then gamma / beta
         gamma, beta = composite.compose_transforms(adjustment[0], adjustment[1], gamma, beta)
 
-    if ghosts is None and not layer.renorm and weights is None:
-        # The plain case: the running statistics are updated inside gather_stats.
+    if ghosts is None and not layer.renorm and weights is None and adjustment is None:
+        # The plain case: the running statistics are updated inside gather_stats. (An adjustment
+        # goes through keras_finalize below: tf_keras's moving-average formula, as the C++ step.)
         mean, invstd, count = distributed.sync_batch_stats(
             x, axes, layer._flat("moving_mean"), layer._flat("moving_variance"), 1.0 - layer.momentum,
             eps, group, world_size, unbiased_running_var=False)

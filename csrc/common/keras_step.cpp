@@ -1,16 +1,20 @@
 // The single-process training step of bn_cuda.BatchNormalization on the staged ops (ghost
 // batches, batch renormalization, adjustment, masks), in C++.
 //
-// The same staged ops in the same order as bn_cuda/keras/synchronized.py's train_step with
-// world_size 1 (so the same results, bit for bit), without its Python glue: on a GPU that glue
-// (about 25 op calls and their Python wrappers) cost ~0.45 ms per layer call, several times the
-// kernels at batch 32. The Python path stays for torch.compile, tracing modes and several processes.
+// Three ops: batch_stats (each ghost's Welford state), keras_coeffs (one kernel: ghost averaging,
+// renorm's clipped r and d, every moving variable, each (ghost, feature)'s invstd and the apply
+// step's scale / shift composed from the adjustment, gamma / beta and r / d), normalize. The
+// Python step (bn_cuda/keras/synchronized.py, used by torch.compile, tracing modes and several
+// processes) composes gather_stats, keras_finalize and tensor ops instead; both give the same
+// results bit for bit (tests/test_variants.py). On a GPU the Python glue cost ~0.45 ms per layer
+// call at batch 32 (several times the kernels); the first C++ version of this step still made ~20
+// op calls per forward, this one makes three.
 //
-// Autograd: the composition of gamma / beta with the adjustment's (scale, bias) and renorm's (r, d)
-// and the per-ghost expansion are ATen ops, recorded by autograd as usual; the normalization is one
-// C++ node whose backward is the batch-norm training backward (grad_sums, then grad_input) with the
-// statistics constant in (r, d) as tf_keras's stop_gradient makes them. Its backward ops have no
-// derivative, so a double backward through this path raises, as the Python path's once_differentiable.
+// Autograd: one C++ node (KerasNormalize) for the normalization and the composition. Its backward
+// is the batch-norm training backward per (ghost, feature) (grad_sums, then grad_input) with the
+// statistics constant in (r, d), as tf_keras's stop_gradient makes them, and the gradients of gamma,
+// beta and the adjustment's outputs through the composition. Its backward ops have no derivative,
+// so a double backward through this path raises, as the Python path's once_differentiable.
 #include <ATen/ATen.h>
 #include <torch/autograd.h>
 #include <torch/csrc/autograd/functions/basic_ops.h>
@@ -28,24 +32,39 @@ using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 using OptTensor = std::optional<at::Tensor>;
 
-// normalize() with batch statistics computed from the input: the training backward (the Python
-// path's SyncNormalize on one process).
-struct LocalNormalize : public torch::autograd::Function<LocalNormalize> {
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& input, const OptTensor& weight,
-                            const OptTensor& bias, const at::Tensor& mean, const at::Tensor& invstd,
-                            const at::Tensor& count, std::vector<int64_t> axis, const OptTensor& mask,
-                            int64_t ghosts) {
-    const bool has_w = weight.has_value() && weight->defined();
-    const bool has_b = bias.has_value() && bias->defined();
-    ctx->save_for_backward({input, has_w ? *weight : at::Tensor(), mean, invstd, count,
-                            mask.has_value() ? *mask : at::Tensor()});
+bool given(const OptTensor& t) { return t.has_value() && t->defined(); }
+
+// The dtype a composition of these factors had on the Python path (ATen's type promotion).
+at::ScalarType promoted(std::initializer_list<const at::Tensor*> factors) {
+  bool any = false;
+  at::ScalarType t = at::kFloat;
+  for (const at::Tensor* f : factors) {
+    if (f == nullptr || !f->defined()) continue;
+    t = any ? at::promoteTypes(t, f->scalar_type()) : f->scalar_type();
+    any = true;
+  }
+  return t;
+}
+
+// normalize() with the coefficients of keras_coeffs: the training backward of batch norm per
+// (ghost, feature) with the statistics constant in renorm's (r, d) (tf_keras's stop_gradient), and
+// the gradients of gamma, beta and the adjustment's (scale, bias) through tf_keras's composition
+//   scale = r * S1, shift = d * S1 + O1,  S1 = adj_scale * gamma,  O1 = adj_bias * gamma + beta
+// (absent factors drop out; without renorm scale = S1, shift = O1). Each gradient is computed as
+// the Python path's autograd graph computes it (the same products, the same casts on every edge,
+// the ghost sums in the same dtype), so both paths agree bit for bit.
+struct KerasNormalize : public torch::autograd::Function<KerasNormalize> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& input, const OptTensor& gamma,
+                            const OptTensor& beta, const OptTensor& adj_scale, const OptTensor& adj_bias,
+                            const at::Tensor& mean, const at::Tensor& invstd, const at::Tensor& weight,
+                            const at::Tensor& bias, const at::Tensor& count, const at::Tensor& r, const at::Tensor& d,
+                            std::vector<int64_t> axis, const OptTensor& mask, int64_t ghosts, bool renorm) {
+    const auto opt = [](const OptTensor& t) { return given(t) ? *t : at::Tensor(); };
+    ctx->save_for_backward({input, mean, invstd, weight, count, r, d, opt(mask), opt(gamma), opt(beta),
+                            opt(adj_scale), opt(adj_bias)});
     ctx->saved_data["axis"] = axis;
     ctx->saved_data["ghosts"] = ghosts;
-    ctx->saved_data["has_b"] = has_b;
-    if (has_b) {
-      ctx->saved_data["bias_shape"] = bias->sizes().vec();
-      ctx->saved_data["bias_dtype"] = static_cast<int64_t>(bias->scalar_type());
-    }
+    ctx->saved_data["renorm"] = renorm;
     ctx->set_materialize_grads(false);
     return ops::normalize(input, mean, invstd, weight, bias, axis, ghosts);
   }
@@ -53,41 +72,83 @@ struct LocalNormalize : public torch::autograd::Function<LocalNormalize> {
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const variable_list saved = ctx->get_saved_variables();
     const at::Tensor& input = saved[0];
-    const at::Tensor& weight = saved[1];
-    const at::Tensor& mean = saved[2];
-    const at::Tensor& invstd = saved[3];
+    const at::Tensor& mean = saved[1];
+    const at::Tensor& invstd = saved[2];
+    const at::Tensor& weight = saved[3];
     const at::Tensor& count = saved[4];
-    const OptTensor mask = saved[5].defined() ? OptTensor(saved[5]) : OptTensor();
+    const at::Tensor& r = saved[5];
+    const at::Tensor& d = saved[6];
+    const OptTensor mask = saved[7].defined() ? OptTensor(saved[7]) : OptTensor();
+    const at::Tensor& gamma = saved[8];
+    const at::Tensor& beta = saved[9];
+    const at::Tensor& adj_s = saved[10];
+    const at::Tensor& adj_b = saved[11];
     const std::vector<int64_t> axis = ctx->saved_data["axis"].toIntVector();
-    const int64_t ghosts = ctx->saved_data["ghosts"].toInt();
+    const int64_t G = ctx->saved_data["ghosts"].toInt();
+    const bool renorm = ctx->saved_data["renorm"].toBool();
     const at::Tensor& grad_out = grads[0];
-    const bool has_b = ctx->saved_data["has_b"].toBool();
-    const bool need_input = ctx->needs_input_grad(0);
-    // Edges exist only for the tensors given: input, [weight], [bias], ...
-    const bool need_weight = weight.defined() && ctx->needs_input_grad(1);
-    const bool need_bias = has_b && ctx->needs_input_grad(weight.defined() ? 2 : 1);
+    // Edges exist only for the tensors given: input, [gamma], [beta], [adj_scale], [adj_bias], ...
+    size_t edge = 1;
+    const auto needs = [&](const at::Tensor& t) { return t.defined() && ctx->needs_input_grad(edge++); };
+    const bool need_x = ctx->needs_input_grad(0);
+    const bool need_g = needs(gamma), need_b = needs(beta), need_as = needs(adj_s), need_ab = needs(adj_b);
     // once_differentiable, as the Python path: computed without a graph; under create_graph the
     // results get a node that raises if a second backward reaches it.
     const bool wrap = at::GradMode::is_enabled() && grad_out.defined() && grad_out.requires_grad();
     at::NoGradGuard no_grad;
-    at::Tensor gi, gw, gb;
-    if (grad_out.defined() && (need_input || need_weight || need_bias)) {
+    at::Tensor gi, gg, gb, gas, gab;
+    if (grad_out.defined() && (need_x || need_g || need_b || need_as || need_ab)) {
       at::Tensor sum_dy, sum_dy_xmu;
-      std::tie(sum_dy, sum_dy_xmu) = ops::grad_sums(grad_out, input, mean, invstd, axis, ghosts);
-      if (need_weight) gw = (sum_dy_xmu * invstd).reshape(weight.sizes()).to(weight.scalar_type());
-      if (need_bias) {
-        const auto shape = ctx->saved_data["bias_shape"].toIntVector();
-        gb = sum_dy.reshape(shape).to(static_cast<at::ScalarType>(ctx->saved_data["bias_dtype"].toInt()));
-      }
-      if (need_input) {
-        const OptTensor w = weight.defined() ? OptTensor(weight) : OptTensor();
-        gi = ops::grad_input(grad_out, input, mean, invstd, w, sum_dy, sum_dy_xmu, count, axis, mask, ghosts);
+      std::tie(sum_dy, sum_dy_xmu) = ops::grad_sums(grad_out, input, mean, invstd, axis, G);
+      if (need_x)
+        gi = ops::grad_input(grad_out, input, mean, invstd, weight, sum_dy, sum_dy_xmu, count, axis, mask, G);
+      if (need_g || need_b || need_as || need_ab) {
+        const at::Tensor* none = nullptr;
+        const at::Tensor* rr = renorm ? &r : none;
+        const at::Tensor* dd = renorm ? &d : none;
+        const at::ScalarType s1_dt = promoted({&adj_s, &gamma});
+        const at::ScalarType o1_dt = promoted({&adj_b, adj_b.defined() ? &gamma : none, &beta});
+        const bool has_s1 = adj_s.defined() || gamma.defined();
+        const bool has_o1 = adj_b.defined() || beta.defined();
+        const at::ScalarType scale_dt = promoted({rr, &adj_s, &gamma});
+        const at::ScalarType shift_dt =
+            promoted({dd, renorm ? &adj_s : none, renorm ? &gamma : none, &adj_b, adj_b.defined() ? &gamma : none,
+                      &beta});
+        // d loss / d (per-ghost scale, shift), in the dtypes of those tensors, summed over ghosts.
+        const auto ghost_sum = [&](at::Tensor t, at::ScalarType dt) {
+          t = t.to(dt);
+          return G > 1 ? t.view({G, -1}).sum(0) : t;
+        };
+        const at::Tensor d_scale = ghost_sum(sum_dy_xmu * invstd, scale_dt);
+        const at::Tensor d_shift = ghost_sum(sum_dy, shift_dt);
+        at::Tensor d_s1, d_o1;  // d loss / d S1, d O1
+        if (renorm) {
+          if (has_s1) d_s1 = (d_scale * r).to(s1_dt) + (d_shift * d).to(s1_dt);
+          if (has_o1) d_o1 = d_shift.to(o1_dt);
+        } else {
+          d_s1 = d_scale;
+          d_o1 = d_shift;
+        }
+        // O1 = adj_bias * gamma + beta: the add hands d O1 to each side in its own dtype.
+        at::Tensor d_prod;  // d loss / d (adj_bias * gamma)
+        if (adj_b.defined()) d_prod = gamma.defined() ? d_o1.to(promoted({&adj_b, &gamma})) : d_o1;
+        if (need_g) {
+          at::Tensor term = adj_s.defined() ? (d_s1 * adj_s).to(gamma.scalar_type()) : d_s1.to(gamma.scalar_type());
+          if (adj_b.defined()) term = term + (d_prod * adj_b).to(gamma.scalar_type());
+          gg = term.reshape(gamma.sizes());
+        }
+        if (need_b) gb = d_o1.to(beta.scalar_type()).reshape(beta.sizes());
+        if (need_as) gas = (gamma.defined() ? d_s1 * gamma : d_s1).to(adj_s.scalar_type()).reshape(adj_s.sizes());
+        if (need_ab)
+          gab = (gamma.defined() ? d_prod * gamma : d_prod.to(adj_b.scalar_type()))
+                    .to(adj_b.scalar_type())
+                    .reshape(adj_b.sizes());
       }
     }
     if (wrap) {
       at::AutoGradMode enable(true);
       variable_list fake;
-      for (const at::Tensor& t : {gi, gw, gb}) {
+      for (const at::Tensor& t : {gi, gg, gb, gas, gab}) {
         at::Tensor v = t.defined() ? t.detach() : t;
         if (v.defined()) v.set_requires_grad(true);
         fake.push_back(v);
@@ -98,31 +159,30 @@ struct LocalNormalize : public torch::autograd::Function<LocalNormalize> {
                                   static_cast<int64_t>(fake.size()))
                                   .apply(std::move(fake));
       gi = wrapped[0];
-      gw = wrapped[1];
+      gg = wrapped[1];
       gb = wrapped[2];
+      gas = wrapped[3];
+      gab = wrapped[4];
     }
-    return {gi, gw, gb, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    variable_list out(16);
+    out[0] = gi;
+    out[1] = gg;
+    out[2] = gb;
+    out[3] = gas;
+    out[4] = gab;
+    return out;
   }
 };
-
-// y -> (y * scale + offset) * then_scale + then_offset as one (scale, offset) pair (None = identity).
-void compose(OptTensor& scale, OptTensor& offset, const OptTensor& then_scale, const OptTensor& then_offset) {
-  if (then_scale.has_value()) {
-    scale = scale.has_value() ? OptTensor(*scale * *then_scale) : then_scale;
-    offset = offset.has_value() ? OptTensor(*offset * *then_scale) : OptTensor();
-  }
-  if (then_offset.has_value()) offset = offset.has_value() ? OptTensor(*offset + *then_offset) : then_offset;
-}
-
-OptTensor per_ghost(const OptTensor& t, int64_t ghosts) {
-  if (!t.has_value()) return t;
-  return t->reshape({1, -1}).expand({ghosts, -1}).reshape({-1});
-}
 
 // One training step; see BatchNormalization.forward / keras.synchronized.train_step. `ghosts` 0:
 // no ghost batches (else the local ghost count, >= 1). gamma / beta / adjustment / moving variables:
 // flat per-feature tensors (the moving variables are updated in place). `weights`: the mask
 // broadcastable to x, or None.
+//
+// Three ops: batch_stats (the ghosts' Welford states), keras_coeffs (ghost averaging, renorm's r
+// and d, every moving variable, and the apply step's per-(ghost, feature) scale and shift composed
+// from the adjustment, gamma / beta and r / d, in one kernel), normalize; the autograd node
+// differentiates through the composition itself (KerasNormalize).
 at::Tensor keras_train_step(const at::Tensor& x, std::vector<int64_t> axes, int64_t ghosts, const OptTensor& gamma,
                             const OptTensor& beta, const OptTensor& adj_scale, const OptTensor& adj_bias,
                             const at::Tensor& moving_mean, const at::Tensor& moving_variance,
@@ -130,54 +190,19 @@ at::Tensor keras_train_step(const at::Tensor& x, std::vector<int64_t> axes, int6
                             const OptTensor& renorm_stddev, bool renorm, double momentum, double renorm_momentum,
                             double eps, std::optional<double> rmin, std::optional<double> rmax,
                             std::optional<double> dmax, const OptTensor& weights, bool always_update) {
-  OptTensor scale = gamma, offset = beta;
-  if (adj_scale.has_value()) {  // tf_keras: the adjustment first, then gamma / beta
-    OptTensor s = adj_scale, o = adj_bias;
-    compose(s, o, gamma, beta);
-    scale = s;
-    offset = o;
-  }
   const int64_t G = ghosts > 0 ? ghosts : 1;
-  at::Tensor mean, m2, count;
+  at::Tensor mean, m2, count, invstd, weight, bias, r, d;
   {
     at::NoGradGuard no_grad;
     std::tie(mean, m2, count) = ops::batch_stats(x, axes, weights, G);
+    std::tie(invstd, weight, bias, r, d) =
+        ops::keras_coeffs(mean, m2, count, gamma, beta, adj_scale, adj_bias, moving_mean, moving_variance,
+                          renorm ? moving_stddev : OptTensor(), renorm ? renorm_mean : OptTensor(),
+                          renorm ? renorm_stddev : OptTensor(), G, momentum, renorm_momentum, eps, rmin, rmax, dmax,
+                          always_update);
   }
-  if (ghosts == 0 && !renorm && !weights.has_value()) {
-    // Plain statistics (an adjustment only): the moving statistics are updated inside gather_stats.
-    at::Tensor invstd, total;
-    {
-      at::NoGradGuard no_grad;
-      std::tie(mean, invstd, total) = ops::gather_stats(mean.unsqueeze(0), m2.unsqueeze(0), count.unsqueeze(0),
-                                                        moving_mean, moving_variance, 1.0 - momentum, eps, false);
-    }
-    return LocalNormalize::apply(x, scale, offset, mean, invstd, total, axes, OptTensor(), 1);
-  }
-  // The statistic itself lands in zeroed scratch "running" buffers with momentum 1 (as sync_moments).
-  const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const at::Tensor scratch = at::zeros({2, mean.numel()}, x.options().dtype(acc));  // one fill for both
-  at::Tensor mean_out = scratch[0];
-  at::Tensor var_out = scratch[1];
-  at::Tensor invstd, total, r, d;
-  {
-    at::NoGradGuard no_grad;
-    std::tie(std::ignore, invstd, total) = ops::gather_stats(mean.unsqueeze(0), m2.unsqueeze(0), count.unsqueeze(0),
-                                                             mean_out, var_out, 1.0, eps, false);
-    std::tie(r, d) = ops::keras_finalize(mean_out, var_out, total, moving_mean, moving_variance, moving_stddev,
-                                         renorm_mean, renorm_stddev, G, momentum, renorm_momentum, eps, rmin, rmax,
-                                         dmax, always_update);
-  }
-  if (renorm) {  // r, d: constants (tf_keras's stop_gradient)
-    OptTensor s = r, o = d;
-    compose(s, o, scale, offset);
-    scale = s;
-    offset = o;
-  }
-  if (ghosts > 0) {
-    scale = per_ghost(scale, ghosts);
-    offset = per_ghost(offset, ghosts);
-  }
-  return LocalNormalize::apply(x, scale, offset, mean_out, invstd, total, axes, weights, G);
+  return KerasNormalize::apply(x, gamma, beta, adj_scale, adj_bias, mean, invstd, weight, bias, count, r, d, axes,
+                               weights, G, renorm);
 }
 
 }  // namespace

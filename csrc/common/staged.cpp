@@ -132,6 +132,9 @@ struct FlatFeatures {
   FeatureTensor operator()(const c10::optional<at::Tensor>& t, const char* name) const {
     return feature_tensor(t, name, flat, like, acc, /*mutated=*/true);
   }
+  FeatureTensor read(const c10::optional<at::Tensor>& t, const char* name) const {
+    return feature_tensor(t, name, flat, like, acc, /*mutated=*/false);
+  }
 };
 
 }  // namespace
@@ -250,7 +253,12 @@ GradInputCall prepare_grad_input(const at::Tensor& grad_out, const at::Tensor& i
   return call;
 }
 
-KerasFinalizeCall prepare_keras_finalize(const at::Tensor& mean, const at::Tensor& var, const at::Tensor& count,
+namespace {
+
+// keras_finalize (second statistic: var) and keras_coeffs (second statistic: m2) share the checks
+// and the parameter block.
+KerasFinalizeCall prepare_keras_epilogue(const char* op, const at::Tensor& mean, const at::Tensor& second,
+                                         const char* second_name, const at::Tensor& count,
                                          const at::Tensor& moving_mean, const at::Tensor& moving_variance,
                                          const c10::optional<at::Tensor>& moving_stddev,
                                          const c10::optional<at::Tensor>& renorm_mean,
@@ -259,15 +267,15 @@ KerasFinalizeCall prepare_keras_finalize(const at::Tensor& mean, const at::Tenso
                                          c10::optional<double> rmin, c10::optional<double> rmax,
                                          c10::optional<double> dmax, bool always_update) {
   KerasFinalizeCall call;
-  TORCH_CHECK_VALUE(ghosts >= 1, "bn_cuda.keras_finalize: ghosts must be >= 1, got ", ghosts);
-  TORCH_CHECK_VALUE(mean.dim() == 1 && mean.numel() % ghosts == 0, "bn_cuda.keras_finalize: mean must be flat with ",
+  TORCH_CHECK_VALUE(ghosts >= 1, "bn_cuda.", op, ": ghosts must be >= 1, got ", ghosts);
+  TORCH_CHECK_VALUE(mean.dim() == 1 && mean.numel() % ghosts == 0, "bn_cuda.", op, ": mean must be flat with ",
                     "ghosts * C entries, got shape ", shape_str(mean.sizes()), " for ghosts=", ghosts);
-  const StatTriple t = stat_triple("keras_finalize", mean, "mean", var, "var", count);
-  TORCH_CHECK_VALUE(eps > 0, "bn_cuda.keras_finalize: eps must be > 0, got ", eps);
+  const StatTriple t = stat_triple(op, mean, "mean", second, second_name, count);
+  TORCH_CHECK_VALUE(eps > 0, "bn_cuda.", op, ": eps must be > 0, got ", eps);
   const bool renorm = moving_stddev.has_value() && moving_stddev->defined();
   TORCH_CHECK_VALUE(renorm == (renorm_mean.has_value() && renorm_mean->defined()) &&
                         renorm == (renorm_stddev.has_value() && renorm_stddev->defined()),
-                    "bn_cuda.keras_finalize: moving_stddev, renorm_mean and renorm_stddev go together (renorm)");
+                    "bn_cuda.", op, ": moving_stddev, renorm_mean and renorm_stddev go together (renorm)");
   const at::ScalarType acc = t.acc;
   call.is_double = acc == at::kDouble;
   const int64_t C = mean.numel() / ghosts;
@@ -303,6 +311,57 @@ KerasFinalizeCall prepare_keras_finalize(const at::Tensor& mean, const at::Tenso
   p.rmax = rmax.value_or(nan);
   p.dmax = dmax.value_or(nan);
   p.always_update = always_update;
+  return call;
+}
+
+}  // namespace
+
+KerasFinalizeCall prepare_keras_finalize(const at::Tensor& mean, const at::Tensor& var, const at::Tensor& count,
+                                         const at::Tensor& moving_mean, const at::Tensor& moving_variance,
+                                         const c10::optional<at::Tensor>& moving_stddev,
+                                         const c10::optional<at::Tensor>& renorm_mean,
+                                         const c10::optional<at::Tensor>& renorm_stddev, int64_t ghosts,
+                                         double momentum, double renorm_momentum, double eps,
+                                         c10::optional<double> rmin, c10::optional<double> rmax,
+                                         c10::optional<double> dmax, bool always_update) {
+  return prepare_keras_epilogue("keras_finalize", mean, var, "var", count, moving_mean, moving_variance,
+                                moving_stddev, renorm_mean, renorm_stddev, ghosts, momentum, renorm_momentum, eps,
+                                rmin, rmax, dmax, always_update);
+}
+
+KerasFinalizeCall prepare_keras_coeffs(const at::Tensor& mean, const at::Tensor& m2, const at::Tensor& count,
+                                       const c10::optional<at::Tensor>& gamma, const c10::optional<at::Tensor>& beta,
+                                       const c10::optional<at::Tensor>& adj_scale,
+                                       const c10::optional<at::Tensor>& adj_bias, const at::Tensor& moving_mean,
+                                       const at::Tensor& moving_variance,
+                                       const c10::optional<at::Tensor>& moving_stddev,
+                                       const c10::optional<at::Tensor>& renorm_mean,
+                                       const c10::optional<at::Tensor>& renorm_stddev, int64_t ghosts,
+                                       double momentum, double renorm_momentum, double eps,
+                                       c10::optional<double> rmin, c10::optional<double> rmax,
+                                       c10::optional<double> dmax, bool always_update) {
+  KerasFinalizeCall call = prepare_keras_epilogue("keras_coeffs", mean, m2, "m2", count, moving_mean,
+                                                  moving_variance, moving_stddev, renorm_mean, renorm_stddev, ghosts,
+                                                  momentum, renorm_momentum, eps, rmin, rmax, dmax, always_update);
+  KerasFinalizeParams& p = call.p;
+  const at::ScalarType acc = call.mean.scalar_type();
+  const FlatFeatures features(p.C, mean, acc);
+  call.gamma = features.read(gamma, "gamma");
+  call.beta = features.read(beta, "beta");
+  call.adj_scale = features.read(adj_scale, "adj_scale");
+  call.adj_bias = features.read(adj_bias, "adj_bias");
+  call.invstd = at::empty({p.G * p.C}, mean.options().dtype(acc));
+  call.weight = at::empty({p.G * p.C}, mean.options().dtype(acc));
+  call.bias = at::empty({p.G * p.C}, mean.options().dtype(acc));
+  p.m2 = p.var;  // prepare_keras_epilogue filled `var` with the second statistic
+  p.var = nullptr;
+  p.invstd = call.invstd.data_ptr();
+  p.gamma = call.gamma.ptr();
+  p.beta = call.beta.ptr();
+  p.adj_scale = call.adj_scale.ptr();
+  p.adj_bias = call.adj_bias.ptr();
+  p.weight = call.weight.data_ptr();
+  p.bias = call.bias.data_ptr();
   return call;
 }
 

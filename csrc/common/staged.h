@@ -79,9 +79,12 @@ GradInputCall prepare_grad_input(const at::Tensor& grad_out, const at::Tensor& i
 
 // keras_finalize: tf_keras's ghost / renorm epilogue (epilogue.h).
 struct KerasFinalizeCall {
-  at::Tensor mean, var, count;  // G * C, acc type, contiguous
+  at::Tensor mean, var, count;  // G * C, acc type, contiguous (keras_coeffs: var holds m2)
   FeatureTensor moving_mean, moving_variance, moving_stddev, renorm_mean, renorm_stddev;
   at::Tensor r, d;
+  // keras_coeffs only: read-only per-feature inputs and the (ghost, feature) outputs.
+  FeatureTensor gamma, beta, adj_scale, adj_bias;
+  at::Tensor invstd, weight, bias;
   KerasFinalizeParams p;
   bool is_double = false;
 };
@@ -93,6 +96,19 @@ KerasFinalizeCall prepare_keras_finalize(const at::Tensor& mean, const at::Tenso
                                          double momentum, double renorm_momentum, double eps,
                                          c10::optional<double> rmin, c10::optional<double> rmax,
                                          c10::optional<double> dmax, bool always_update);
+// keras_coeffs: keras_finalize from the ghosts' Welford states (mean, m2, count), which also
+// writes each (ghost, feature)'s invstd and the apply step's scale / shift (epilogue.h).
+KerasFinalizeCall prepare_keras_coeffs(const at::Tensor& mean, const at::Tensor& m2, const at::Tensor& count,
+                                       const c10::optional<at::Tensor>& gamma, const c10::optional<at::Tensor>& beta,
+                                       const c10::optional<at::Tensor>& adj_scale,
+                                       const c10::optional<at::Tensor>& adj_bias, const at::Tensor& moving_mean,
+                                       const at::Tensor& moving_variance,
+                                       const c10::optional<at::Tensor>& moving_stddev,
+                                       const c10::optional<at::Tensor>& renorm_mean,
+                                       const c10::optional<at::Tensor>& renorm_stddev, int64_t ghosts,
+                                       double momentum, double renorm_momentum, double eps,
+                                       c10::optional<double> rmin, c10::optional<double> rmax,
+                                       c10::optional<double> dmax, bool always_update);
 void finish_keras_finalize(KerasFinalizeCall& call);
 
 }  // namespace bn_cuda

@@ -84,6 +84,29 @@ std::tuple<at::Tensor, at::Tensor> keras_finalize_cpu(
   return {call.r, call.d};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> keras_coeffs_cpu(
+    const at::Tensor& mean, const at::Tensor& m2, const at::Tensor& count, const c10::optional<at::Tensor>& gamma,
+    const c10::optional<at::Tensor>& beta, const c10::optional<at::Tensor>& adj_scale,
+    const c10::optional<at::Tensor>& adj_bias, const at::Tensor& moving_mean, const at::Tensor& moving_variance,
+    const c10::optional<at::Tensor>& moving_stddev, const c10::optional<at::Tensor>& renorm_mean,
+    const c10::optional<at::Tensor>& renorm_stddev, int64_t ghosts, double momentum, double renorm_momentum,
+    double eps, c10::optional<double> rmin, c10::optional<double> rmax, c10::optional<double> dmax,
+    bool always_update) {
+  KerasFinalizeCall call =
+      prepare_keras_coeffs(mean, m2, count, gamma, beta, adj_scale, adj_bias, moving_mean, moving_variance,
+                           moving_stddev, renorm_mean, renorm_stddev, ghosts, momentum, renorm_momentum, eps, rmin,
+                           rmax, dmax, always_update);
+  for (int64_t c = 0; c < call.p.C; ++c) {
+    if (call.is_double) {
+      keras_finalize_feature<double>(call.p, c);
+    } else {
+      keras_finalize_feature<float>(call.p, c);
+    }
+  }
+  finish_keras_finalize(call);
+  return {call.invstd, call.weight, call.bias, call.r, call.d};
+}
+
 at::Tensor normalize_cpu(const at::Tensor& input, const at::Tensor& mean, const at::Tensor& invstd,
                          const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
                          at::IntArrayRef axis, int64_t ghosts) {
@@ -136,4 +159,5 @@ TORCH_LIBRARY_IMPL(bn_cuda, CPU, m) {
   m.impl("grad_sums", &bn_cuda::grad_sums_cpu);
   m.impl("grad_input", &bn_cuda::grad_input_cpu);
   m.impl("keras_finalize", &bn_cuda::keras_finalize_cpu);
+  m.impl("keras_coeffs", &bn_cuda::keras_coeffs_cpu);
 }

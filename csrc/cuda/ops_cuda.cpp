@@ -181,6 +181,27 @@ std::tuple<at::Tensor, at::Tensor> keras_finalize_cuda(
   return {call.r, call.d};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> keras_coeffs_cuda(
+    const at::Tensor& mean, const at::Tensor& m2, const at::Tensor& count, const c10::optional<at::Tensor>& gamma,
+    const c10::optional<at::Tensor>& beta, const c10::optional<at::Tensor>& adj_scale,
+    const c10::optional<at::Tensor>& adj_bias, const at::Tensor& moving_mean, const at::Tensor& moving_variance,
+    const c10::optional<at::Tensor>& moving_stddev, const c10::optional<at::Tensor>& renorm_mean,
+    const c10::optional<at::Tensor>& renorm_stddev, int64_t ghosts, double momentum, double renorm_momentum,
+    double eps, c10::optional<double> rmin, c10::optional<double> rmax, c10::optional<double> dmax,
+    bool always_update) {
+  const at::OptionalDeviceGuard guard(at::device_of(mean));
+  KerasFinalizeCall call =
+      prepare_keras_coeffs(mean, m2, count, gamma, beta, adj_scale, adj_bias, moving_mean, moving_variance,
+                           moving_stddev, renorm_mean, renorm_stddev, ghosts, momentum, renorm_momentum, eps, rmin,
+                           rmax, dmax, always_update);
+  const cudaStream_t stream = current_stream();
+  // the keras_finalize kernel in its coefficient mode (p.m2 / p.weight set)
+  C10_CUDA_CHECK(call.is_double ? cuda::keras_finalize_t<DType::kFloat64>(call.p, stream)
+                                : cuda::keras_finalize_t<DType::kFloat32>(call.p, stream));
+  finish_keras_finalize(call);
+  return {call.invstd, call.weight, call.bias, call.r, call.d};
+}
+
 at::Tensor normalize_cuda(const at::Tensor& input, const at::Tensor& mean, const at::Tensor& invstd,
                           const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
                           at::IntArrayRef axis, int64_t ghosts) {
@@ -245,6 +266,7 @@ TORCH_LIBRARY_IMPL(bn_cuda, CUDA, m) {
   m.impl("grad_sums", &bn_cuda::grad_sums_cuda);
   m.impl("grad_input", &bn_cuda::grad_input_cuda);
   m.impl("keras_finalize", &bn_cuda::keras_finalize_cuda);
+  m.impl("keras_coeffs", &bn_cuda::keras_coeffs_cuda);
   m.impl("forward_train", &bn_cuda::forward_train_cuda);
   m.impl("forward_infer", &bn_cuda::forward_infer_cuda);
   m.impl("backward", &bn_cuda::backward_cuda);

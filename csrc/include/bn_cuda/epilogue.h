@@ -150,23 +150,120 @@ struct KerasFinalizeParams {
   double momentum = 0.99, renorm_momentum = 0.99, eps = 1e-3;
   double rmin = 0, rmax = 0, dmax = 0;  // NaN: no clip on that side
   bool always_update = false;
+  // Coefficient mode (keras_coeffs): the ghosts' Welford states in, the apply step's coefficients
+  // out, so that one step replaces gather_stats + keras_finalize + the composition of gamma / beta
+  // with the adjustment and r / d. When m2 is given, `var` is unused: each (ghost, feature)
+  // variance is m2 / count (biased_var) and its 1 / sqrt(var + eps) is written to invstd.
+  const void* m2 = nullptr;      // G * C
+  void* invstd = nullptr;        // G * C out
+  const void* gamma = nullptr;   // C each, optional: tf_keras's y * adj_scale + adj_bias, then
+  const void* beta = nullptr;    //   * gamma + beta, with renorm x_hat * r + d first
+  const void* adj_scale = nullptr;
+  const void* adj_bias = nullptr;
+  void* weight = nullptr;  // G * C out: the apply step's per-(ghost, feature) scale and shift
+  void* bias = nullptr;
 };
+
+// a * b and a + b rounded on their own: the device compiler would otherwise fuse a * b + c into
+// one fma, and the composition would differ in the last bit from the same products computed as
+// separate tensor ops (the Python path's).
+BN_HD float mul_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+BN_HD double mul_rn(double a, double b) {
+#if defined(__CUDA_ARCH__)
+  return __dmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+BN_HD float add_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fadd_rn(a, b);
+#else
+  return a + b;
+#endif
+}
+BN_HD double add_rn(double a, double b) {
+#if defined(__CUDA_ARCH__)
+  return __dadd_rn(a, b);
+#else
+  return a + b;
+#endif
+}
+
+// The apply step's scale and shift of feature c given renorm's (r, d): tf_keras composes
+// (adj_scale, adj_bias) with (gamma, beta), then (r, d) with that: scale = r * S, shift = d * S + O
+// with S = adj_scale * gamma, O = adj_bias * gamma + beta (absent factors drop out, as in
+// tf_keras's _compose_transforms with None).
+template <typename A>
+BN_HD void keras_compose(const KerasFinalizeParams& p, int64_t c, A r, A d, bool renorm, A& scale, A& shift) {
+  const A* gamma = static_cast<const A*>(p.gamma);
+  const A* beta = static_cast<const A*>(p.beta);
+  const A* adj_s = static_cast<const A*>(p.adj_scale);
+  const A* adj_b = static_cast<const A*>(p.adj_bias);
+  bool has_s = false, has_o = false;
+  A s = A(1), o = A(0);
+  if (adj_s) {
+    s = adj_s[c];
+    has_s = true;
+  }
+  if (adj_b) {
+    o = adj_b[c];
+    has_o = true;
+  }
+  if (gamma) {
+    s = has_s ? mul_rn(s, gamma[c]) : gamma[c];
+    if (has_o) o = mul_rn(o, gamma[c]);
+    has_s = true;
+  }
+  if (beta) {
+    o = has_o ? add_rn(o, beta[c]) : beta[c];
+    has_o = true;
+  }
+  if (renorm) {
+    const A rs = has_s ? mul_rn(r, s) : r;
+    A ro = has_s ? mul_rn(d, s) : d;
+    if (has_o) ro = add_rn(ro, o);
+    s = rs;
+    o = ro;
+  }
+  scale = s;
+  shift = o;
+}
 
 template <typename A>
 BN_HD void keras_finalize_feature(const KerasFinalizeParams& p, int64_t c) {
   const A* mean = static_cast<const A*>(p.mean);
   const A* var = static_cast<const A*>(p.var);
+  const A* m2 = static_cast<const A*>(p.m2);
   const A* cnt = static_cast<const A*>(p.count);
+  const A decay = static_cast<A>(1.0 - p.momentum), eps = static_cast<A>(p.eps);
   A m = A(0), v = A(0), n = A(0);
   for (int64_t g = 0; g < p.G; ++g) {  // tf_keras: reduce_mean over the ghost axis, in order
-    m += mean[g * p.C + c];
-    v += var[g * p.C + c];
-    n += cnt[g * p.C + c];
+    const int64_t i = g * p.C + c;
+    A vg;
+    if (m2) {  // coefficient mode: the state's biased variance and its invstd
+      WelfordState<A> st;
+      st.mean = mean[i];
+      st.m2 = m2[i];
+      st.n = cnt[i];
+      vg = biased_var(st);
+      static_cast<A*>(p.invstd)[i] = invstd_of(vg, eps);
+    } else {
+      vg = var[i];
+    }
+    m += mean[i];
+    v += vg;
+    n += cnt[i];
   }
   m = m / static_cast<A>(p.G);
   v = v / static_cast<A>(p.G);
   const bool update = p.always_update || n > A(0);
-  const A decay = static_cast<A>(1.0 - p.momentum), eps = static_cast<A>(p.eps);
   A* mm = static_cast<A*>(p.moving_mean);
   A* mv = static_cast<A*>(p.moving_variance);
   A r = A(1), d = A(0);
@@ -197,6 +294,14 @@ BN_HD void keras_finalize_feature(const KerasFinalizeParams& p, int64_t c) {
   if (update) mm[c] = keras_moving_average(mm[c], m, decay);
   static_cast<A*>(p.r)[c] = r;
   static_cast<A*>(p.d)[c] = d;
+  if (p.weight) {  // coefficient mode: the same scale and shift for every ghost of feature c
+    A scale, shift;
+    keras_compose<A>(p, c, r, d, p.renorm_mean != nullptr, scale, shift);
+    for (int64_t g = 0; g < p.G; ++g) {
+      static_cast<A*>(p.weight)[g * p.C + c] = scale;
+      static_cast<A*>(p.bias)[g * p.C + c] = shift;
+    }
+  }
 }
 
 }  // namespace BN_CUDA_NAMESPACE

@@ -137,5 +137,27 @@ inline Tensor2 keras_finalize(const at::Tensor& mean, const at::Tensor& var, con
                  momentum, renorm_momentum, eps, rmin, rmax, dmax, always_update);
 }
 
+using Tensor5 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// keras_finalize from batch_stats' (mean, m2, count) with the apply step's coefficients: returns
+// (invstd, weight, bias, r, d), the first three per (ghost, feature) for normalize().
+inline Tensor5 keras_coeffs(const at::Tensor& mean, const at::Tensor& m2, const at::Tensor& count,
+                            const OptTensor& gamma, const OptTensor& beta, const OptTensor& adj_scale,
+                            const OptTensor& adj_bias, const at::Tensor& moving_mean, const at::Tensor& moving_variance,
+                            const OptTensor& moving_stddev, const OptTensor& renorm_mean,
+                            const OptTensor& renorm_stddev, int64_t ghosts, double momentum, double renorm_momentum,
+                            double eps, std::optional<double> rmin, std::optional<double> rmax,
+                            std::optional<double> dmax, bool always_update) {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("bn_cuda::keras_coeffs", "")
+          .typed<Tensor5(const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptTensor&, const OptTensor&,
+                         const OptTensor&, const OptTensor&, const at::Tensor&, const at::Tensor&, const OptTensor&,
+                         const OptTensor&, const OptTensor&, int64_t, double, double, double, std::optional<double>,
+                         std::optional<double>, std::optional<double>, bool)>();
+  return op.call(mean, m2, count, gamma, beta, adj_scale, adj_bias, moving_mean, moving_variance, moving_stddev,
+                 renorm_mean, renorm_stddev, ghosts, momentum, renorm_momentum, eps, rmin, rmax, dmax, always_update);
+}
+
 }  // namespace ops
 }  // namespace BN_CUDA_NAMESPACE
