@@ -207,7 +207,7 @@ def make_keras_impls(variant: str, x: Tensor, seed: int) -> Tuple[Dict[str, Kera
     if cls is None:
         raise RuntimeError(why)
     kwargs: Dict[str, Any] = {"axis": 1}
-    if variant not in ("ghost", "renorm", "ghost-renorm", "adjust"):
+    if variant not in ("layer", "ghost", "renorm", "ghost-renorm", "adjust"):
         raise ValueError(f"unknown Keras variant {variant!r}")
     if variant in ("ghost", "ghost-renorm"):
         vbs = ghost_batch_size(x.shape[0])

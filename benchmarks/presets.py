@@ -21,9 +21,11 @@ __all__ = [
 Shape = Tuple[int, ...]
 
 MODES: Tuple[str, ...] = ("fwd-train", "backward", "fwd+bwd", "inference")
-#: Keras-layer variants: "ghost" (virtual_batch_size), "renorm" (with clipping), "ghost-renorm" (both),
-#: "adjust" (an adjustment callable), each timed against the layer's composite path (fused=False).
-VARIANTS: Tuple[str, ...] = ("plain", "ghost", "renorm", "ghost-renorm", "adjust")
+#: Keras-layer variants: "layer" (bn_cuda.BatchNormalization with no option: plain batch norm
+#: through the layer, the baseline of the variants' cost), "ghost" (virtual_batch_size), "renorm"
+#: (with clipping), "ghost-renorm" (both), "adjust" (an adjustment callable); each timed against
+#: the layer's composite path (fused=False).
+VARIANTS: Tuple[str, ...] = ("plain", "layer", "ghost", "renorm", "ghost-renorm", "adjust")
 DTYPES: Dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 #: "nchw": contiguous; "nhwc": torch.channels_last / channels_last_3d (a memory format of the
 #: same NC... shape). Only 4-D and 5-D inputs have a channels-last form.
@@ -124,7 +126,7 @@ ODD: Tuple[Shape, ...] = ((32, 3, 224, 224), (32, 17, 56, 56), (64, 17, 7, 7), (
                           (256, 1000, 1, 1))
 _REPR = ((32, 64, 56, 56), (32, 256, 14, 14), (32, 2048, 7, 7))  # one early, one mid, one late layer
 _ALL3 = ("fp32", "fp16", "bf16")
-_KERAS = ("ghost", "renorm", "ghost-renorm", "adjust")
+_KERAS = ("layer", "ghost", "renorm", "ghost-renorm", "adjust")
 #: The example of issue 4: batch 256, virtual_batch_size 32, 28x28x64 channels-last.
 KERAS_CPU: Tuple[Shape, ...] = ((256, 64, 28, 28),)
 _TRAIN = ("fwd-train", "backward", "fwd+bwd")
@@ -162,7 +164,8 @@ _add(Preset(
         ShapeGroup("resnet50-b32", _REPR, dtypes=("bf16", "fp16"), compile=True),
         ShapeGroup("resnet50-b32", tuple(s for s in RESNET50_B32 if s not in _REPR), dtypes=("bf16", "fp16")),
         ShapeGroup("resnet50-b32", RESNET50_B32, dtypes=("fp32",)),
-        ShapeGroup("keras-variants", _REPR, dtypes=("fp32", "bf16"), variants=("ghost", "renorm"), modes=_TRAIN),
+        ShapeGroup("keras-variants", _REPR, dtypes=("fp32", "bf16"), variants=("layer", "ghost", "renorm"),
+                   modes=_TRAIN),
         ShapeGroup("keras-variants", _REPR, dtypes=("fp32", "bf16"), layouts=("nhwc",),
                    variants=("ghost-renorm", "adjust"), modes=_TRAIN),
         ShapeGroup("resnet50-b256", RESNET50_B256, dtypes=("bf16", "fp16")),

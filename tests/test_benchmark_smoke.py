@@ -71,7 +71,7 @@ def test_tiny_cpu_run_writes_consistent_results(tmp_path):
         assert r["torch_backend"] == "native"
         shape = tuple(int(s) for s in r["shape"].split("x"))
         assert r["bytes"] == min_bytes(shape, torch.float32, r["mode"])
-    for variant in ("ghost", "renorm", "ghost-renorm", "adjust"):
+    for variant in ("layer", "ghost", "renorm", "ghost-renorm", "adjust"):
         rows = [r for r in data["rows"] if r["variant"] == variant]
         assert len(rows) == 3 * 3, variant  # training modes of the three cases; never inference
         for r in rows:
@@ -81,7 +81,7 @@ def test_tiny_cpu_run_writes_consistent_results(tmp_path):
                 assert r["check_ok"] is True and r["speedup"]["composite"] > 0, r
     summary = "\n".join(data["summary"])
     assert "fwd+bwd per variant" in summary and "adjust" in summary
-    assert "relative to plain bn_cuda" in summary
+    assert "relative to the plain layer" in summary
 
     with open(tmp_path / "custom.csv") as f:
         reader = csv.DictReader(f)
