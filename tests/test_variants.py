@@ -321,3 +321,76 @@ def test_double_backward_raises(monkeypatch, native, name):
         torch.testing.assert_close(g.detach(), expected, rtol=1e-4, atol=1e-5)
     with pytest.raises(RuntimeError, match="differentiate twice"):
         g.sum().backward()
+
+
+# Odd sizes and layouts for the fused variants: (shape, axis, how the input is laid out, ghost size).
+ODD_CASES = {
+    "C1-spatial49-channels_last": ((4, 1, 7, 7), 1, "channels_last", 2),
+    "C17-spatial49": ((6, 49, 17), -1, "contiguous", 3),
+    "C1000-spatial1": ((8, 1000), -1, "contiguous", 4),
+    "C3-non-contiguous": ((6, 7, 3), -1, "transposed", 2),
+    "C17-nchw-offset": ((6, 17, 5, 3), 1, "offset", 3),
+}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", list(ODD_CASES))
+@pytest.mark.parametrize("name", ["ghost", "renorm", "ghost+renorm", "adjustment", "mask"])
+def test_fused_variants_on_odd_shapes_and_layouts(device, case, name):
+    """The fused path against the composite one, both in float64, on C = 1, 3, 17, 1000, spatial 1,
+    7 and 49, channels-last, transposed (non-contiguous) and large-offset (1e4) inputs: outputs,
+    every gradient and every moving variable after two steps."""
+    shape, axis, layout, vbs = ODD_CASES[case]
+    if name == "mask" and len(shape) == 4:
+        pytest.skip("tf_keras's own fused path (4-D) ignores masks")
+    c = shape[axis]
+    kwargs = dict(CONFIGS[name])
+    if "virtual_batch_size" in kwargs:
+        kwargs["virtual_batch_size"] = vbs
+    if name == "adjustment":
+        bshape = [1] * len(shape)
+        bshape[axis] = c
+        kwargs["adjustment"] = lambda s: (torch.linspace(0.5, 1.5, c, dtype=torch.float64).view(bshape).to(device),
+                                          torch.linspace(-0.2, 0.3, c, dtype=torch.float64).view(bshape).to(device))
+    layers = []
+    for fused in (None, False):
+        layer = bn_cuda.BatchNormalization(axis=axis, momentum=0.8, fused=fused, **kwargs)
+        layer.build(shape, device=torch.device(device))
+        layer.double()
+        g = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            layer.gamma.copy_(torch.randn(layer.gamma.shape, generator=g, dtype=torch.float64) * 0.5 + 1)
+            layer.beta.copy_(torch.randn(layer.beta.shape, generator=g, dtype=torch.float64) * 0.5)
+        layers.append(layer)
+    mask = None
+    if name == "mask":
+        mask = torch.rand(shape[:-1], generator=torch.Generator().manual_seed(2)) > 0.3
+        mask.view(-1)[:2] = True
+        mask = mask.to(device)
+    for step in range(2):
+        g = torch.Generator().manual_seed(30 + step)
+        bshape = [1] * len(shape)
+        bshape[axis] = c
+        base = torch.randn(shape, generator=g, dtype=torch.float64) * (torch.rand(c, generator=g, dtype=torch.float64)
+                                                                        + 0.5).view(bshape)
+        base = base + torch.randn(c, generator=g, dtype=torch.float64).view(bshape) * 3
+        if layout == "offset":
+            base = base + 1e4
+        gy = torch.randn(shape, generator=g, dtype=torch.float64).to(device)
+        outs = []
+        for layer in layers:
+            x = base.to(device)
+            if layout == "channels_last":
+                x = x.contiguous(memory_format=torch.channels_last)
+            elif layout == "transposed":  # same values, non-contiguous strides
+                x = x.transpose(1, 2).contiguous().transpose(1, 2)
+                assert not x.is_contiguous()
+            x.requires_grad_(True)
+            y = layer(x, training=True, mask=mask)
+            y.backward(gy)
+            outs.append((y.detach(), x.grad, layer.gamma.grad.clone(), layer.beta.grad.clone()))
+            layer.zero_grad()
+        for a, b, what in zip(outs[0], outs[1], ("output", "grad input", "grad gamma", "grad beta")):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9, msg=f"{what} after step {step}")
+        for (n, a), (_, b) in zip(layers[0].named_buffers(), layers[1].named_buffers()):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9, msg=f"buffer {n} after step {step}")
