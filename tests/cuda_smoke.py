@@ -89,6 +89,34 @@ def main() -> int:
                 failures += 0 if ok else 1
                 print(f"staged {str(dtype):15s} {str(shape):14s} {fmt:14s} ghosts={ghosts} mask={m is not None} "
                       f"{'ok' if ok else 'FAIL'}")
+    # Keras epilogues (keras_finalize, keras_coeffs with every factor) and the layer's fused steps.
+    for ghosts in (1, 3):
+        c = 19
+        xs = torch.randn(6 * ghosts, c, generator=g).to(dev)
+        mean, m2, cnt = staged.batch_stats(xs, [1], None, ghosts=ghosts)
+        bufs = [torch.rand(c, generator=g).to(dev) + 0.5 for _ in range(5)]
+        rd = staged.keras_finalize(mean, m2 / cnt, cnt, *bufs, ghosts, 0.9, 0.9, 1e-3, 0.5, 2.0, 1.0)
+        vecs = [torch.rand(c, generator=g).to(dev) for _ in range(4)]
+        out = staged.keras_coeffs(mean, m2, cnt, *vecs, *bufs, ghosts, 0.9, 0.9, 1e-3, 0.5, 2.0, 1.0)
+        torch.cuda.synchronize()
+        ok = all(bool(torch.isfinite(t).all()) for t in (*rd, *out, *bufs))
+        failures += 0 if ok else 1
+        print(f"keras_finalize / keras_coeffs ghosts={ghosts} {'ok' if ok else 'FAIL'}")
+    adj = (torch.rand(12, generator=g).to(dev) + 0.5, torch.rand(12, generator=g).to(dev))
+    for name, kwargs in (("ghost", dict(virtual_batch_size=2)),
+                         ("renorm", dict(renorm=True, renorm_clipping={"rmax": 2.0, "dmax": 1.0})),
+                         ("ghost+renorm", dict(virtual_batch_size=4, renorm=True)),
+                         ("adjustment", dict(adjustment=lambda s: adj)), ("mask", dict())):
+        layer = bn_cuda.BatchNormalization(**kwargs)
+        layer.build((8, 5, 12), device=torch.device(dev))
+        x = torch.randn(8, 5, 12, generator=g).to(dev).requires_grad_(True)
+        mask = (torch.rand(8, 5, generator=g) > 0.3).to(dev) if name == "mask" else None
+        y = layer(x, training=True, mask=mask)
+        y.backward(torch.randn_like(y))
+        torch.cuda.synchronize()
+        ok = bool(torch.isfinite(y).all() and torch.isfinite(x.grad).all() and torch.isfinite(layer.gamma.grad).all())
+        failures += 0 if ok else 1
+        print(f"keras layer step {name:14s} {'ok' if ok else 'FAIL'}")
     print("failures:", failures)
     return 1 if failures else 0
 
