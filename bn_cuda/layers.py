@@ -407,11 +407,7 @@ class BatchNormalization(KerasLayerIO, nn.Module):
         if mask.dim() != x.dim() - 1:
             raise ValueError("The mask provided should be one dimension less than the inputs. Received: "
                              f"mask.shape={tuple(mask.shape)}, inputs.shape={tuple(x.shape)}")
-        try:
-            ok = torch.broadcast_shapes(mask.shape, x.shape[:-1]) == x.shape[:-1]
-        except RuntimeError:
-            ok = False
-        if not ok:
+        if not ops.broadcasts_to(mask.shape, x.shape[:-1]):
             raise ValueError("The mask provided should have the shape of the inputs without their last axis. "
                              f"Received: mask.shape={tuple(mask.shape)}, inputs.shape={tuple(x.shape)}")
         return mask.expand(x.shape[:-1])

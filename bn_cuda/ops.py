@@ -46,6 +46,18 @@ def num_features(shape: Sequence[int], axis: Sequence[int]) -> int:
     return int(math.prod(int(shape[a]) for a in axes))
 
 
+def broadcasts_to(shape: Sequence[int], target: Sequence[int]) -> bool:
+    """Whether ``shape`` broadcasts to exactly ``target`` (each trailing dim 1 or equal).
+
+    ``torch.broadcast_shapes(shape, target) == target`` says the same, at ~60 us a call in torch
+    2.14 (its Python goes through the symbolic-shape machinery): more than a small step's kernels.
+    """
+    if len(shape) > len(target):
+        return False
+    off = len(target) - len(shape)
+    return all(s == 1 or s == target[off + i] for i, s in enumerate(shape))
+
+
 def check_same_device(input: Tensor, **tensors: Optional[Tensor]) -> None:
     """Every given tensor is on the input's device; the error names the tensor and both devices.
 

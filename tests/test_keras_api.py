@@ -727,3 +727,21 @@ def test_cuda_matches_cpu(kwargs, shape, dtype, fused):
                 torch.testing.assert_close(getattr(dev, n).cpu(), getattr(ref, n), rtol=1e-5, atol=1e-5)
     x = (torch.randn(*shape) * 2 + 0.5).to(dtype)
     torch.testing.assert_close(dev(x.cuda(), training=False).cpu().float(), ref(x, training=False).float(), **tol)
+
+
+def test_broadcasts_to_agrees_with_torch():
+    """bn_cuda.ops.broadcasts_to (the adjustment / mask shape checks) says what
+    torch.broadcast_shapes(a, b) == b says, over random shapes with 0, 1 and mismatched dims."""
+    import random
+
+    rng = random.Random(0)
+    for _ in range(2000):
+        target = tuple(rng.choice([0, 1, 2, 3, 5]) for _ in range(rng.randint(0, 4)))
+        shape = tuple(rng.choice([0, 1, 2, 3, 5]) if rng.random() < 0.3 else (target[i] if i < len(target) else 1)
+                      for i in range(rng.randint(0, 5)))
+        shape = shape[-len(target):] if target and rng.random() < 0.5 and len(shape) > len(target) else shape
+        try:
+            want = torch.broadcast_shapes(shape, target) == torch.Size(target)
+        except RuntimeError:
+            want = False
+        assert bn_cuda.ops.broadcasts_to(shape, target) == want, (shape, target)

@@ -133,11 +133,7 @@ def flat_adjustment(layer: "BatchNormalization", x: Tensor, raw: Tuple[Any, Any]
     flat = []
     for t in (adj_scale, adj_bias):
         t = torch.as_tensor(t, device=x.device)
-        try:
-            ok = t.dim() <= len(stat_shape) and torch.broadcast_shapes(t.shape, stat_shape) == stat_shape
-        except RuntimeError:
-            ok = False
-        if not ok:
+        if not ops.broadcasts_to(t.shape, stat_shape):
             return None
         flat.append(torch.broadcast_to(t.to(acc), stat_shape).reshape(-1))
     return flat[0], flat[1]
