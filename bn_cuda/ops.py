@@ -10,7 +10,6 @@ backward; they work under ``torch.compile(fullgraph=True)`` (the mutation is fun
 
 from __future__ import annotations
 
-import math
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -42,8 +41,10 @@ def normalize_axes(axis: Sequence[int], ndim: int) -> List[int]:
 
 
 def num_features(shape: Sequence[int], axis: Sequence[int]) -> int:
-    axes = normalize_axes(axis, len(shape))
-    return int(math.prod(int(shape[a]) for a in axes))
+    n = 1
+    for a in normalize_axes(axis, len(shape)):  # (a plain loop: torch.compile traces it, not math.prod(genexpr))
+        n *= int(shape[a])
+    return n
 
 
 def broadcasts_to(shape: Sequence[int], target: Sequence[int]) -> bool:

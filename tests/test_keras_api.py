@@ -745,3 +745,41 @@ def test_broadcasts_to_agrees_with_torch():
         except RuntimeError:
             want = False
         assert bn_cuda.ops.broadcasts_to(shape, target) == want, (shape, target)
+
+
+@pytest.mark.parametrize("name, kwargs", [
+    ("ghost", dict(virtual_batch_size=2)),
+    ("renorm", dict(renorm=True, renorm_clipping={"rmax": 1.5, "dmax": 0.5})),
+    ("ghost+renorm", dict(virtual_batch_size=4, renorm=True)),
+    ("adjustment", dict(adjustment=lambda s: (torch.full(s[-1:], 1.1), torch.full(s[-1:], 0.1)))),
+    ("mask", dict()),
+])
+def test_fused_variants_under_torch_compile_fullgraph(name, kwargs):
+    """torch.compile(fullgraph=True) traces a training step of the fused variants (the Python
+    composition of the staged ops, whose fake kernels it uses) with the eager step's results:
+    loss, input / gamma / beta gradients and moving variables."""
+    layers = [BatchNormalization(momentum=0.7, **kwargs) for _ in range(2)]
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(8, 5, 6, generator=g) * 2 + 1
+    mask = (torch.rand(8, 5, generator=g) > 0.3) if name == "mask" else None
+    for layer in layers:
+        layer.build(x.shape)
+
+    def step(layer, x):
+        y = layer(x, training=True, mask=mask)
+        return (y * y * torch.linspace(0.5, 1.5, 6)).sum()
+
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    losses, xgrads = [], []
+    for layer, fn in zip(layers, (compiled, step)):
+        xi = x.clone().requires_grad_(True)
+        losses.append(fn(layer, xi))
+        losses[-1].backward()
+        xgrads.append(xi.grad)
+    a, b = layers
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(xgrads[0], xgrads[1], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(a.gamma.grad, b.gamma.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(a.beta.grad, b.beta.grad, rtol=1e-5, atol=1e-6)
+    for (n, u), (_, v) in zip(a.named_buffers(), b.named_buffers()):
+        torch.testing.assert_close(u, v, rtol=1e-6, atol=1e-7, msg=n)
