@@ -25,7 +25,6 @@ code paths differ from each other. The decisions, in tf_keras's terms:
 from __future__ import annotations
 
 import itertools
-import math
 import warnings
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -442,7 +441,7 @@ class BatchNormalization(KerasLayerIO, nn.Module):
     def _train_kernels(self, x: Tensor, unbiased: bool) -> Tensor:
         # TensorFlow's fused kernel applies Bessel's correction only when a feature has more than
         # one value (factor 1 otherwise); the biased variance is that value.
-        count = x.numel() // max(1, math.prod(x.shape[a] for a in self._axes))
+        count = x.numel() // max(1, ops.num_features(x.shape, self._axes))
         unbiased = unbiased and count > 1
         out, _, _ = ops.batch_norm_train(x, self._flat("gamma"), self._flat("beta"), self._flat("moving_mean"),
                                          self._flat("moving_variance"), 1.0 - self.momentum, self.epsilon,

@@ -748,6 +748,8 @@ def test_broadcasts_to_agrees_with_torch():
 
 
 @pytest.mark.parametrize("name, kwargs", [
+    ("plain", dict()),
+    ("plain-two-axes", dict(axis=[1, 2])),
     ("ghost", dict(virtual_batch_size=2)),
     ("renorm", dict(renorm=True, renorm_clipping={"rmax": 1.5, "dmax": 0.5})),
     ("ghost+renorm", dict(virtual_batch_size=4, renorm=True)),
@@ -755,9 +757,9 @@ def test_broadcasts_to_agrees_with_torch():
     ("mask", dict()),
 ])
 def test_fused_variants_under_torch_compile_fullgraph(name, kwargs):
-    """torch.compile(fullgraph=True) traces a training step of the fused variants (the Python
-    composition of the staged ops, whose fake kernels it uses) with the eager step's results:
-    loss, input / gamma / beta gradients and moving variables."""
+    """torch.compile(fullgraph=True) traces a training step of the layer, plain (the fused op) and
+    with every fused variant (the Python composition of the staged ops, whose fake kernels it
+    uses), with the eager step's results: loss, input / gamma / beta gradients, moving variables."""
     layers = [BatchNormalization(momentum=0.7, **kwargs) for _ in range(2)]
     g = torch.Generator().manual_seed(4)
     x = torch.randn(8, 5, 6, generator=g) * 2 + 1

@@ -153,3 +153,27 @@ def test_converted_model_compiles_fullgraph():
     torch.testing.assert_close(model[0].weight.grad, ref[0].weight.grad, rtol=1e-7, atol=1e-9)
     for (n, p), (_, q) in zip(model.state_dict().items(), ref.state_dict().items()):
         torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-9, msg=n)
+
+
+def test_torch_export_of_inference_models():
+    """torch.export traces a converted torch model and a Keras layer in inference (the ops' fake
+    kernels), and the exported programs compute what the modules do."""
+    import bn_cuda
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU())
+    with torch.no_grad():
+        model[1].running_mean.uniform_(-1, 1)
+        model[1].running_var.uniform_(0.5, 2)
+    bn_cuda.nn.convert_batchnorm(model)
+    model.eval()
+    keras = bn_cuda.BatchNormalization(axis=1)
+    keras.build((2, 4, 6, 6))
+    with torch.no_grad():
+        keras.moving_mean.uniform_(-1, 1)
+    keras.eval()
+    for m, shape in ((model, (2, 3, 8, 8)), (keras, (2, 4, 6, 6))):
+        program = torch.export.export(m, (torch.randn(shape),))
+        x = torch.randn(shape)
+        torch.testing.assert_close(program.module()(x), m(x))
+        assert any("bn_cuda" in str(n.target) for n in program.graph.nodes)
