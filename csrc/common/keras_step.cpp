@@ -140,9 +140,7 @@ struct KerasNormalize : public torch::autograd::Function<KerasNormalize> {
         if (need_b) gb = d_o1.to(beta.scalar_type()).reshape(beta.sizes());
         if (need_as) gas = (gamma.defined() ? d_s1 * gamma : d_s1).to(adj_s.scalar_type()).reshape(adj_s.sizes());
         if (need_ab)
-          gab = (gamma.defined() ? d_prod * gamma : d_prod.to(adj_b.scalar_type()))
-                    .to(adj_b.scalar_type())
-                    .reshape(adj_b.sizes());
+          gab = (gamma.defined() ? d_prod * gamma : d_prod).to(adj_b.scalar_type()).reshape(adj_b.sizes());
       }
     }
     if (wrap) {

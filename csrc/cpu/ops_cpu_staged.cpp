@@ -64,6 +64,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gather_stats_cpu(
   return {call.out_mean, call.out_invstd, call.out_count};
 }
 
+// keras_finalize and keras_coeffs (its coefficient mode): the per-feature epilogue, then the
+// moving variables copied back where they were converted.
+void run_keras_finalize(KerasFinalizeCall& call) {
+  for (int64_t c = 0; c < call.p.C; ++c) {
+    if (call.is_double) {
+      keras_finalize_feature<double>(call.p, c);
+    } else {
+      keras_finalize_feature<float>(call.p, c);
+    }
+  }
+  finish_keras_finalize(call);
+}
+
 std::tuple<at::Tensor, at::Tensor> keras_finalize_cpu(
     const at::Tensor& mean, const at::Tensor& var, const at::Tensor& count, const at::Tensor& moving_mean,
     const at::Tensor& moving_variance, const c10::optional<at::Tensor>& moving_stddev,
@@ -73,14 +86,7 @@ std::tuple<at::Tensor, at::Tensor> keras_finalize_cpu(
   KerasFinalizeCall call = prepare_keras_finalize(mean, var, count, moving_mean, moving_variance, moving_stddev,
                                                   renorm_mean, renorm_stddev, ghosts, momentum, renorm_momentum, eps,
                                                   rmin, rmax, dmax, always_update);
-  for (int64_t c = 0; c < call.p.C; ++c) {
-    if (call.is_double) {
-      keras_finalize_feature<double>(call.p, c);
-    } else {
-      keras_finalize_feature<float>(call.p, c);
-    }
-  }
-  finish_keras_finalize(call);
+  run_keras_finalize(call);
   return {call.r, call.d};
 }
 
@@ -96,14 +102,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> keras_coe
       prepare_keras_coeffs(mean, m2, count, gamma, beta, adj_scale, adj_bias, moving_mean, moving_variance,
                            moving_stddev, renorm_mean, renorm_stddev, ghosts, momentum, renorm_momentum, eps, rmin,
                            rmax, dmax, always_update);
-  for (int64_t c = 0; c < call.p.C; ++c) {
-    if (call.is_double) {
-      keras_finalize_feature<double>(call.p, c);
-    } else {
-      keras_finalize_feature<float>(call.p, c);
-    }
-  }
-  finish_keras_finalize(call);
+  run_keras_finalize(call);
   return {call.invstd, call.weight, call.bias, call.r, call.d};
 }
 

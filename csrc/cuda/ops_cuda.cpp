@@ -164,6 +164,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gather_stats_cuda(
   return {call.out_mean, call.out_invstd, call.out_count};
 }
 
+// keras_finalize and keras_coeffs (its coefficient mode): one kernel on the current stream, then
+// the moving variables copied back where they were converted.
+void run_keras_finalize(KerasFinalizeCall& call) {
+  const cudaStream_t stream = current_stream();
+  C10_CUDA_CHECK(call.is_double ? cuda::keras_finalize_t<DType::kFloat64>(call.p, stream)
+                                : cuda::keras_finalize_t<DType::kFloat32>(call.p, stream));
+  finish_keras_finalize(call);
+}
+
 std::tuple<at::Tensor, at::Tensor> keras_finalize_cuda(
     const at::Tensor& mean, const at::Tensor& var, const at::Tensor& count, const at::Tensor& moving_mean,
     const at::Tensor& moving_variance, const c10::optional<at::Tensor>& moving_stddev,
@@ -174,10 +183,7 @@ std::tuple<at::Tensor, at::Tensor> keras_finalize_cuda(
   KerasFinalizeCall call = prepare_keras_finalize(mean, var, count, moving_mean, moving_variance, moving_stddev,
                                                   renorm_mean, renorm_stddev, ghosts, momentum, renorm_momentum, eps,
                                                   rmin, rmax, dmax, always_update);
-  const cudaStream_t stream = current_stream();
-  C10_CUDA_CHECK(call.is_double ? cuda::keras_finalize_t<DType::kFloat64>(call.p, stream)
-                                : cuda::keras_finalize_t<DType::kFloat32>(call.p, stream));
-  finish_keras_finalize(call);
+  run_keras_finalize(call);
   return {call.r, call.d};
 }
 
@@ -194,11 +200,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> keras_coe
       prepare_keras_coeffs(mean, m2, count, gamma, beta, adj_scale, adj_bias, moving_mean, moving_variance,
                            moving_stddev, renorm_mean, renorm_stddev, ghosts, momentum, renorm_momentum, eps, rmin,
                            rmax, dmax, always_update);
-  const cudaStream_t stream = current_stream();
-  // the keras_finalize kernel in its coefficient mode (p.m2 / p.weight set)
-  C10_CUDA_CHECK(call.is_double ? cuda::keras_finalize_t<DType::kFloat64>(call.p, stream)
-                                : cuda::keras_finalize_t<DType::kFloat32>(call.p, stream));
-  finish_keras_finalize(call);
+  run_keras_finalize(call);  // the kernel in its coefficient mode (p.m2 / p.weight set)
   return {call.invstd, call.weight, call.bias, call.r, call.d};
 }
 
