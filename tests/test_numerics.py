@@ -248,3 +248,65 @@ def test_channels_last_few_features_backward(c, dtype, rows):
     for o, r, name in zip(ours, ref, ["input", "weight", "bias"]):
         scale = r.grad.abs().max().item() + 1.0
         assert max_err(o.grad.double(), r.grad) <= tol * scale, (name, max_err(o.grad.double(), r.grad))
+
+
+@pytest.mark.parametrize("c", [255, 256, 513, 1000, 1031, 4099])
+@pytest.mark.parametrize("rows", [3, 5, 13, 67])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_channels_last_wide_rows(c, rows, dtype, device):
+    """Wide channels-last rows (the CPU's column tiles of 512 features, row passes of 4 with a
+    remainder, vector tails inside the last tile; one or several partitions) with per-feature
+    offsets: output, running statistics and every gradient against float64 autograd. (Two rows
+    are left out: there grad_input is 0 in exact arithmetic and fp32 rounding times a large invstd,
+    torch's as ours, is all that remains.)"""
+    g = torch.Generator().manual_seed(c * 100 + rows)
+    x = (torch.randn(rows, c, generator=g, dtype=torch.float64) * (0.5 + torch.rand(c, generator=g, dtype=torch.float64))
+         + 50 * torch.randn(c, generator=g, dtype=torch.float64)).to(dtype).double()  # exact in dtype
+    dy = torch.randn(rows, c, generator=g, dtype=torch.float64).to(dtype).double()
+    w = torch.randn(c, generator=g, dtype=torch.float64)
+    b = torch.randn(c, generator=g, dtype=torch.float64)
+    ref = [t.clone().requires_grad_() for t in (x, w, b)]
+    rm_ref, rv_ref = torch.zeros(c, dtype=torch.float64), torch.ones(c, dtype=torch.float64)
+    y_ref = F.batch_norm(ref[0], rm_ref, rv_ref, ref[1], ref[2], True, 0.5, 1e-5)
+    y_ref.backward(dy)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    ours = [x.to(dtype).to(device).requires_grad_(), w.to(acc).to(device).requires_grad_(),
+            b.to(acc).to(device).requires_grad_()]
+    rm, rv = torch.zeros(c, dtype=acc, device=device), torch.ones(c, dtype=acc, device=device)
+    y = batch_norm(ours[0], rm, rv, ours[1], ours[2], training=True, momentum=0.5, eps=1e-5)
+    y.backward(dy.to(dtype).to(device))
+    tol = {torch.float64: 1e-10, torch.float32: 2e-4, torch.bfloat16: 2e-2}[dtype]
+    assert max_err(y.double().cpu(), y_ref.detach()) <= tol * (y_ref.abs().max().item() + 1)
+    assert max_err(rm.double().cpu(), rm_ref) <= tol * (rm_ref.abs().max().item() + 1)
+    assert max_err(rv.double().cpu(), rv_ref) <= tol * (rv_ref.abs().max().item() + 1)
+    for o, r, name in zip(ours, ref, ["input", "weight", "bias"]):
+        scale = r.grad.abs().max().item() + 1.0
+        assert max_err(o.grad.double().cpu(), r.grad) <= tol * scale, (name, max_err(o.grad.double().cpu(), r.grad))
+
+
+@pytest.mark.parametrize("c", [300, 1000, 1031])
+@pytest.mark.parametrize("ghosts", [2, 3])
+def test_channels_last_wide_rows_ghosts(c, ghosts, device):
+    """Ghost rows (tf_keras's sample n in ghost n % ghosts: each partition a few runs of rows) of
+    wide channels-last inputs through the staged ops: per-(ghost, feature) statistics and gradient
+    sums against float64."""
+    rows_per_ghost = 9
+    n = ghosts * rows_per_ghost
+    g = torch.Generator().manual_seed(c + ghosts)
+    x = torch.randn(n, 2, 3, c, generator=g, dtype=torch.float64) + 20 * torch.randn(c, generator=g, dtype=torch.float64)
+    dy = torch.randn(n, 2, 3, c, generator=g, dtype=torch.float64)
+    xs = x.float().to(device)
+    mean, m2, count = ops.batch_stats(xs, [3], None, ghosts)
+    xg = x.float().double().reshape(rows_per_ghost, ghosts, 6, c).transpose(0, 1).reshape(ghosts, -1, c)
+    dyg = dy.float().double().reshape(rows_per_ghost, ghosts, 6, c).transpose(0, 1).reshape(ghosts, -1, c)
+    ref_mean = xg.mean(1)
+    ref_m2 = ((xg - ref_mean[:, None]) ** 2).sum(1)
+    assert torch.equal(count.cpu(), torch.full((ghosts * c,), 6.0 * rows_per_ghost))
+    assert max_err(mean.double().cpu(), ref_mean.reshape(-1)) <= 1e-4 * (ref_mean.abs().max().item() + 1)
+    assert max_err(m2.double().cpu(), ref_m2.reshape(-1)) <= 1e-4 * ref_m2.abs().max().item()
+    invstd = torch.ones(ghosts * c, device=device)
+    sdy, sdyx = ops.grad_sums(dy.float().to(device), xs, mean, invstd, [3], ghosts)
+    ref_sdy = dyg.sum(1)
+    ref_sdyx = (dyg * (xg - mean.double().cpu().reshape(ghosts, 1, c))).sum(1)
+    assert max_err(sdy.double().cpu(), ref_sdy.reshape(-1)) <= 1e-4 * (ref_sdy.abs().max().item() + 1)
+    assert max_err(sdyx.double().cpu(), ref_sdyx.reshape(-1)) <= 1e-4 * (ref_sdyx.abs().max().item() + 1)

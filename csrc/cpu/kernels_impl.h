@@ -437,62 +437,106 @@ inline void stats_cl_block(const T* x, int64_t so, const T* shift, const RowRuns
   }
 }
 
-// Row-major variant: rows streamed once per pass, every feature of a row at once, the partition's
-// per-feature sums in arrays that stay in L1. Better than feature blocks for narrow rows (whole
-// cache lines per row); feature blocks win for wide rows (no per-row array traffic).
-constexpr int64_t kCpuRowMajorMaxC = 1024;      // gradient sums: row-major up to this many features
+// Row-major variant for wide rows (C >= kCpuRowMajorMinStatsC): the rows stream past once per
+// pass, every feature of a column tile [c0, c1) at once, the tile's per-feature sums in arrays
+// that stay in L1; each pass over the tile takes R rows, loading and storing the sums once per R
+// rows (see grad_sums_cl). Per feature the rows are added in row order, as in the register
+// blocks above, so both give the same bits.
 constexpr int64_t kCpuRowMajorMinStatsC = 256;  // statistics: row-major from this many features
+constexpr int64_t kCpuClTile = 512;             // column tile (features); a multiple of every Io<T>::K
 
-template <typename T>
-inline void stats_cl_rowmajor(const T* x, int64_t so, const T* shift, const RowRuns& runs, int64_t n, int64_t C,
-                              acc_t<T>* mean, acc_t<T>* m2) {
+template <typename T, int R>
+inline void shifted_sums_cl_rows(const T* x, int64_t so, const T* shift, int64_t r, int64_t c0, int64_t c1,
+                                 acc_t<T>* sum) {
   using A = acc_t<T>;
   using IO = Io<T>;
   using AV = typename IO::AV;
-  std::fill(mean, mean + C, A(0));
-  std::fill(m2, m2 + C, A(0));
-  for (const auto& run : runs)
-    for (int64_t r = run.first; r < run.second; ++r) {
-      const T* row = x + r * so;
-      int64_t c = 0;
-      for (; c + IO::K <= C; c += IO::K) {
-        AV a, b, h0, h1, s0, s1;
-        IO::load(row + c, a, b);
-        IO::load(shift + c, h0, h1);
-        IO::load_acc(mean + c, s0, s1);
-        (s0 + (a - h0)).store(mean + c);
-        (s1 + (b - h1)).store(mean + c + IO::L);
-      }
-      for (; c < C; ++c) mean[c] += static_cast<A>(row[c]) - static_cast<A>(shift[c]);
+  int64_t c = c0;
+  for (; c + IO::K <= c1; c += IO::K) {
+    AV h0, h1, s0, s1;
+    IO::load(shift + c, h0, h1);
+    IO::load_acc(sum + c, s0, s1);
+    for (int j = 0; j < R; ++j) {
+      AV a, b;
+      IO::load(x + (r + j) * so + c, a, b);
+      s0 = s0 + (a - h0);
+      s1 = s1 + (b - h1);
     }
-  const A inv = A(1) / static_cast<A>(n);
-  for (int64_t c = 0; c < C; ++c) mean[c] *= inv;
-  for (const auto& run : runs)
-    for (int64_t r = run.first; r < run.second; ++r) {
-      const T* row = x + r * so;
-      int64_t c = 0;
-      for (; c + IO::K <= C; c += IO::K) {
-        AV a, b, h0, h1, m0, m1, q0, q1;
-        IO::load(row + c, a, b);
-        IO::load(shift + c, h0, h1);
-        IO::load_acc(mean + c, m0, m1);
-        IO::load_acc(m2 + c, q0, q1);
-        a = (a - h0) - m0;
-        b = (b - h1) - m1;
-        at::vec::fmadd(a, a, q0).store(m2 + c);
-        at::vec::fmadd(b, b, q1).store(m2 + c + IO::L);
-      }
-      for (; c < C; ++c) {
-        const A d = (static_cast<A>(row[c]) - static_cast<A>(shift[c])) - mean[c];
-        m2[c] += d * d;
-      }
-    }
+    s0.store(sum + c);
+    s1.store(sum + c + IO::L);
+  }
+  for (; c < c1; ++c) {
+    A acc = sum[c];
+    for (int j = 0; j < R; ++j) acc += static_cast<A>(x[(r + j) * so + c]) - static_cast<A>(shift[c]);
+    sum[c] = acc;
+  }
 }
+
+template <typename T, int R>
+inline void sqdev_cl_rows(const T* x, int64_t so, const T* shift, const acc_t<T>* mean, int64_t r, int64_t c0,
+                          int64_t c1, acc_t<T>* m2) {
+  using A = acc_t<T>;
+  using IO = Io<T>;
+  using AV = typename IO::AV;
+  int64_t c = c0;
+  for (; c + IO::K <= c1; c += IO::K) {
+    AV h0, h1, m0, m1, q0, q1;
+    IO::load(shift + c, h0, h1);
+    IO::load_acc(mean + c, m0, m1);
+    IO::load_acc(m2 + c, q0, q1);
+    for (int j = 0; j < R; ++j) {
+      AV a, b;
+      IO::load(x + (r + j) * so + c, a, b);
+      a = (a - h0) - m0;
+      b = (b - h1) - m1;
+      q0 = at::vec::fmadd(a, a, q0);
+      q1 = at::vec::fmadd(b, b, q1);
+    }
+    q0.store(m2 + c);
+    q1.store(m2 + c + IO::L);
+  }
+  for (; c < c1; ++c) {
+    A acc = m2[c];
+    for (int j = 0; j < R; ++j) {
+      const A d = (static_cast<A>(x[(r + j) * so + c]) - static_cast<A>(shift[c])) - mean[c];
+      acc += d * d;
+    }
+    m2[c] = acc;
+  }
+}
+
+// Two-pass moments of features [c0, c1) over the rows in `runs` (n of them), relative to the
+// shift row; mean / m2 point at feature 0.
+template <typename T>
+inline void stats_cl_rowmajor(const T* x, int64_t so, const T* shift, const RowRuns& runs, int64_t n, int64_t c0,
+                              int64_t c1, acc_t<T>* mean, acc_t<T>* m2) {
+  using A = acc_t<T>;
+  std::fill(mean + c0, mean + c1, A(0));
+  std::fill(m2 + c0, m2 + c1, A(0));
+  for (const auto& run : runs) {
+    int64_t r = run.first;
+    for (; r + 4 <= run.second; r += 4) shifted_sums_cl_rows<T, 4>(x, so, shift, r, c0, c1, mean);
+    for (; r < run.second; ++r) shifted_sums_cl_rows<T, 1>(x, so, shift, r, c0, c1, mean);
+  }
+  const A inv = A(1) / static_cast<A>(n);
+  for (int64_t c = c0; c < c1; ++c) mean[c] *= inv;
+  for (const auto& run : runs) {
+    int64_t r = run.first;
+    for (; r + 4 <= run.second; r += 4) sqdev_cl_rows<T, 4>(x, so, shift, mean, r, c0, c1, m2);
+    for (; r < run.second; ++r) sqdev_cl_rows<T, 1>(x, so, shift, mean, r, c0, c1, m2);
+  }
+}
+
+// Column tiles of a channels-last partition: the statistics and gradient sums of wide rows run
+// as P x tiles tasks (each tile's features of each partition), so a few long rows still spread
+// over the threads; the sums of each (partition, feature) are the same whatever the tiling.
+inline int64_t cl_tiles(int64_t C) { return C >= kCpuRowMajorMinStatsC ? ceil_div(C, kCpuClTile) : 1; }
 
 // Channels-last: partition `part` covers some rows of (O, C) (of one ghost) for every feature.
 // Means are relative to the shift row (the ghost's first row).
 template <typename T>
-inline void stats_cl_part(const ForwardParams& p, int64_t part, int64_t P, PartialArrays<acc_t<T>> out) {
+inline void stats_cl_part(const ForwardParams& p, int64_t part, int64_t P, int64_t tile,
+                          PartialArrays<acc_t<T>> out) {
   using A = acc_t<T>;
   using IO = Io<T>;
   const View3& v = p.v;
@@ -506,17 +550,20 @@ inline void stats_cl_part(const ForwardParams& p, int64_t part, int64_t P, Parti
   A* cnt = out.n + part * C;
   const T* x = static_cast<const T*>(p.x);
   const A n = static_cast<A>(rows);
-  std::fill(cnt, cnt + C, n);
+  // Features [c0, c1) of this task: tile `tile` of cl_tiles(C) (all of them below the row-major width).
+  const int64_t c0 = std::min(C, tile * kCpuClTile);
+  const int64_t c1 = C >= kCpuRowMajorMinStatsC ? std::min(C, c0 + kCpuClTile) : C;
+  std::fill(cnt + c0, cnt + c1, n);
   if (rows == 0) {
-    std::fill(mean, mean + C, A(0));
-    std::fill(m2, m2 + C, A(0));
+    std::fill(mean + c0, mean + c1, A(0));
+    std::fill(m2 + c0, m2 + c1, A(0));
     return;
   }
   const T* shift = x + g * v.S * p.x_so;  // feature_shift of every feature of ghost g
   // Measured on an AVX2 CPU: register blocks win for narrow rows (C = 64: 0.88 vs 1.14 ms),
-  // row-major for wider ones (C = 256 .. 2048).
+  // row-major for wider ones (C = 256 .. 8192).
   if (C >= kCpuRowMajorMinStatsC) {
-    stats_cl_rowmajor<T>(x, p.x_so, shift, runs, rows, C, mean, m2);
+    stats_cl_rowmajor<T>(x, p.x_so, shift, runs, rows, c0, c1, mean, m2);
     return;
   }
   int64_t c = 0;
@@ -572,17 +619,25 @@ inline void merge_cl_partials(PartialArrays<A> part, int64_t P, int64_t C, int64
   });
 }
 
-// Channels-last partial sums: each group's rows added into its first row, in row order.
+// Channels-last partial sums: each group's rows added into its first row, in row order per
+// feature. Walking rows (contiguous, vectorizable) rather than features: a per-feature walk down
+// the rows strides by C, and with the two arrays possibly aliasing, every add was a load and a
+// store through memory.
 template <typename A>
 inline void sum_cl_partials(A* a, A* b, int64_t P, int64_t C, int64_t G) {
   const int64_t per = P / G;
   at::parallel_for(0, G * C, std::max<int64_t>(64, kCpuChunkElems / std::max<int64_t>(1, per)), [&](int64_t f0, int64_t f1) {
-    for (int64_t f = f0; f < f1; ++f) {
-      const int64_t g = f / C, c = f % C;
-      const int64_t base = g * per * C + c;
+    for (int64_t g = f0 / C; g * C < f1; ++g) {
+      const int64_t c0 = std::max(f0, g * C) - g * C, c1 = std::min(f1, (g + 1) * C) - g * C;
+      A* __restrict__ ta = a + g * per * C;
+      A* __restrict__ tb = b + g * per * C;
       for (int64_t q = 1; q < per; ++q) {
-        a[base] += a[base + q * C];
-        b[base] += b[base + q * C];
+        const A* __restrict__ ra = ta + q * C;
+        const A* __restrict__ rb = tb + q * C;
+        for (int64_t c = c0; c < c1; ++c) {
+          ta[c] += ra[c];
+          tb[c] += rb[c];
+        }
       }
     }
   });
@@ -708,12 +763,13 @@ void forward_train(const ForwardParams& p) {
       }
     });
   } else {
-    at::parallel_for(0, P, grain_for(cl_part_elems(v, P)), [&](int64_t begin, int64_t end) {
-      for (int64_t q = begin; q < end; ++q) {
+    const int64_t T_ = p.mask ? 1 : cl_tiles(C);  // (masked partitions: one task each)
+    at::parallel_for(0, P * T_, grain_for(cl_part_elems(v, P) / T_), [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
         if (p.mask) {
-          masked_stats_cl_part<T>(p, q, P, part, k.mean);
+          masked_stats_cl_part<T>(p, t, P, part, k.mean);
         } else {
-          stats_cl_part<T>(p, q, P, part);
+          stats_cl_part<T>(p, t / T_, P, t % T_, part);
         }
       }
     });
@@ -898,6 +954,65 @@ struct GradInputPeriodic {
   static void run(Args&&... args) { grad_input_periodic<T, NV>(std::forward<Args>(args)...); }
 };
 
+// Channels-last gradient sums (sum dy, sum dy (x - mean)) of one partition's rows, per feature
+// added in row order (so the result does not depend on C or on the tiling). Column tiles of
+// kCpuClTile features keep the tile's sums and means in L1 while the rows stream past, and each
+// pass over a tile takes 4 rows, loading and storing the sums once per 4 rows: with a load and a
+// store of both sums per row, the stores (at addresses 4 KiB apart from the input rows when
+// C * sizeof(T) is a multiple of 4 KiB) stalled the loads of the next row, and the sums of a
+// 1024 x 1024 input took 3x as long as torch's.
+template <typename T, int R>
+inline void grad_sums_cl_rows(const T* dy, int64_t dso, const T* x, int64_t xso, const acc_t<T>* gmean, int64_t r,
+                              int64_t c0, int64_t c1, acc_t<T>* s, acc_t<T>* sx) {
+  using A = acc_t<T>;
+  using IO = Io<T>;
+  using AV = typename IO::AV;
+  int64_t c = c0;
+  for (; c + IO::K <= c1; c += IO::K) {
+    AV m0, m1, a0, a1, b0, b1;
+    IO::load_acc(gmean + c, m0, m1);
+    IO::load_acc(s + c, a0, a1);
+    IO::load_acc(sx + c, b0, b1);
+    for (int j = 0; j < R; ++j) {
+      AV g0, g1, x0, x1;
+      IO::load(dy + (r + j) * dso + c, g0, g1);
+      IO::load(x + (r + j) * xso + c, x0, x1);
+      a0 += g0;
+      a1 += g1;
+      b0 = at::vec::fmadd(g0, x0 - m0, b0);
+      b1 = at::vec::fmadd(g1, x1 - m1, b1);
+    }
+    a0.store(s + c);
+    a1.store(s + c + IO::L);
+    b0.store(sx + c);
+    b1.store(sx + c + IO::L);
+  }
+  for (; c < c1; ++c) {
+    A a = s[c], b = sx[c];
+    for (int j = 0; j < R; ++j) {
+      const A gv = static_cast<A>(dy[(r + j) * dso + c]);
+      a += gv;
+      b += gv * (static_cast<A>(x[(r + j) * xso + c]) - gmean[c]);
+    }
+    s[c] = a;
+    sx[c] = b;
+  }
+}
+
+// Features [c0, c1) of a partition's sums.
+template <typename T>
+inline void grad_sums_cl(const T* dy, int64_t dso, const T* x, int64_t xso, const acc_t<T>* gmean,
+                         const RowRuns& runs, int64_t c0, int64_t c1, acc_t<T>* s, acc_t<T>* sx) {
+  using A = acc_t<T>;
+  std::fill(s + c0, s + c1, A(0));
+  std::fill(sx + c0, sx + c1, A(0));
+  for (const auto& run : runs) {
+    int64_t r = run.first;
+    for (; r + 4 <= run.second; r += 4) grad_sums_cl_rows<T, 4>(dy, dso, x, xso, gmean, r, c0, c1, s, sx);
+    for (; r < run.second; ++r) grad_sums_cl_rows<T, 1>(dy, dso, x, xso, gmean, r, c0, c1, s, sx);
+  }
+}
+
 template <typename T>
 void backward(const BackwardParams& p) {
   using A = acc_t<T>;
@@ -964,9 +1079,11 @@ void backward(const BackwardParams& p) {
       });
     } else {
       const int nv = periodic_vectors<T>(v, p.x_so == C && p.dy_so == C);
-      at::parallel_for(0, P, grain_for(cl_part_elems(v, P)), [&](int64_t begin, int64_t end) {
+      const int64_t T_ = nv ? 1 : cl_tiles(C);
+      at::parallel_for(0, P * T_, grain_for(cl_part_elems(v, P) / T_), [&](int64_t begin, int64_t end) {
         RowRuns runs;
-        for (int64_t q = begin; q < end; ++q) {
+        for (int64_t t = begin; t < end; ++t) {
+          const int64_t q = t / T_, tile = t % T_;
           A* s = sdy + q * C;
           A* sx = sdyx + q * C;
           const A* gmean = mean + cl_partition(v, q, P, runs) * C;  // this partition's ghost
@@ -979,65 +1096,8 @@ void backward(const BackwardParams& p) {
               continue;
             }
           }
-          if (C <= kCpuRowMajorMaxC) {  // see stats_cl_rowmajor
-            std::fill(s, s + C, A(0));
-            std::fill(sx, sx + C, A(0));
-            for (const auto& run : runs)
-              for (int64_t r = run.first; r < run.second; ++r) {
-                const T* gr = dy + r * p.dy_so;
-                const T* xr = x + r * p.x_so;
-                int64_t c = 0;
-                for (; c + IO::K <= C; c += IO::K) {
-                  AV g0, g1, x0, x1, m0, m1, a0, a1, b0, b1;
-                  IO::load(gr + c, g0, g1);
-                  IO::load(xr + c, x0, x1);
-                  IO::load_acc(gmean + c, m0, m1);
-                  IO::load_acc(s + c, a0, a1);
-                  IO::load_acc(sx + c, b0, b1);
-                  (a0 + g0).store(s + c);
-                  (a1 + g1).store(s + c + IO::L);
-                  at::vec::fmadd(g0, x0 - m0, b0).store(sx + c);
-                  at::vec::fmadd(g1, x1 - m1, b1).store(sx + c + IO::L);
-                }
-                for (; c < C; ++c) {
-                  const A gv = static_cast<A>(gr[c]);
-                  s[c] += gv;
-                  sx[c] += gv * (static_cast<A>(xr[c]) - gmean[c]);
-                }
-              }
-            continue;
-          }
-          int64_t c = 0;
-          for (; c + IO::K <= C; c += IO::K) {  // K features in registers, rows streamed
-            AV m0, m1;
-            IO::load_acc(gmean + c, m0, m1);
-            AV a0(A(0)), a1(A(0)), b0(A(0)), b1(A(0));
-            for (const auto& run : runs)
-              for (int64_t r = run.first; r < run.second; ++r) {
-                AV g0, g1, x0, x1;
-                IO::load(dy + r * p.dy_so + c, g0, g1);
-                IO::load(x + r * p.x_so + c, x0, x1);
-                a0 += g0;
-                a1 += g1;
-                b0 = at::vec::fmadd(g0, x0 - m0, b0);
-                b1 = at::vec::fmadd(g1, x1 - m1, b1);
-              }
-            a0.store(s + c);
-            a1.store(s + c + IO::L);
-            b0.store(sx + c);
-            b1.store(sx + c + IO::L);
-          }
-          for (; c < C; ++c) {
-            A a = A(0), b = A(0);
-            for (const auto& run : runs)
-              for (int64_t r = run.first; r < run.second; ++r) {
-                const A gv = static_cast<A>(dy[r * p.dy_so + c]);
-                a += gv;
-                b += gv * (static_cast<A>(x[r * p.x_so + c]) - gmean[c]);
-              }
-            s[c] = a;
-            sx[c] = b;
-          }
+          const int64_t c0 = std::min(C, tile * kCpuClTile);
+          grad_sums_cl<T>(dy, p.dy_so, x, p.x_so, gmean, runs, c0, T_ == 1 ? C : std::min(C, c0 + kCpuClTile), s, sx);
         }
       });
     }
@@ -1048,7 +1108,9 @@ void backward(const BackwardParams& p) {
   A* gb = static_cast<A*>(p.grad_bias);
   if (need_sums && v.channels_last) sum_cl_partials(sdy, sdyx, P, C, v.G);  // totals: each group's first row
   const int64_t sum_rows = v.channels_last ? 1 : P;
-  for (int64_t c = 0; c < F; ++c) {  // c: feature index, ghost-major with ghosts
+  // Per-feature totals and coefficients (thousands of features are worth the threads).
+  at::parallel_for(0, F, grain_for(16 * sum_rows), [&](int64_t f0, int64_t f1) {
+  for (int64_t c = f0; c < f1; ++c) {  // c: feature index, ghost-major with ghosts
     A s = A(0), sx = A(0);
     if (need_sums) {
       for (int64_t q = 0; q < sum_rows; ++q) {
@@ -1074,6 +1136,7 @@ void backward(const BackwardParams& p) {
     g_kx[c] = g.k_xmu;
     g_k0[c] = g.k_0;
   }
+  });
   if (!p.dx) return;
   T* dx = static_cast<T*>(p.dx);
   if (p.mask) {  // weighted moments: the statistics terms scale with each element's weight
