@@ -1039,10 +1039,9 @@ void backward(const BackwardParams& p) {
   // Channels-first, each feature one partition (its O x I elements fit a cache-sized chunk): one
   // task per feature computes its sums, coefficients and grad_input back to back, so the second
   // pass over x and dy hits the cache instead of memory. Same sums in the same order as the
-  // two-phase path below (bitwise the same result). Features under 4096 elements keep the two
-  // phases (there the whole tensor tends to be cache-resident and the finer tasks balance better).
-  if (!v.channels_last && v.G == 1 && P == 1 && v.O * v.I >= 4096 && need_sums && p.dx && !p.out_sum_dy &&
-      !p.mask) {
+  // two-phase path below (bitwise the same result). Small features too: measured on 2 AVX2
+  // threads, 8x256x14x14 0.159 -> 0.115 ms, 8x1000x7x7 0.200 -> 0.178 ms, none slower.
+  if (!v.channels_last && v.G == 1 && P == 1 && need_sums && p.dx && !p.out_sum_dy && !p.mask) {
     T* dx = static_cast<T*>(p.dx);
     A* gw = static_cast<A*>(p.grad_weight);
     A* gb = static_cast<A*>(p.grad_bias);
