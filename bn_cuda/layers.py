@@ -178,6 +178,8 @@ class BatchNormalization(KerasLayerIO, nn.Module):
         # Synchronization: the group (None: the default group) and the cached feature-count check.
         self.process_group: Any = None
         self._feature_check: Any = None
+        # _flat's views of multi-dim buffers: (buffer, its data_ptr, view) by name
+        self._flat_views: Dict[str, Tuple[Tensor, int, Tensor]] = {}
         self._trainable = bool(trainable)
         self.built = False
         self._axes: List[int] = []
@@ -421,10 +423,25 @@ class BatchNormalization(KerasLayerIO, nn.Module):
             return t  # already flat (the common case: one feature axis)
         if t is None or isinstance(t, nn.Parameter):
             return None if t is None else t.reshape(-1)
+        # Buffers of ghost-batch layers (tf_keras's (1, 1, C, 1, 1) shapes): the view is cached
+        # while the buffer is the same tensor on the same memory (a view costs ~5 us of host time,
+        # several per step); .to() / load_state_dict(assign=True) / .data = ... all miss the cache.
+        compiling = torch.compiler.is_compiling()
+        cached = None if compiling else self._flat_views.get(name)
+        if cached is not None and cached[0] is t and cached[1] == t.data_ptr():
+            return cached[2]
         if not t.is_contiguous():
             setattr(self, name, t.contiguous())
             t = getattr(self, name)
-        return t.view(-1)
+        v = t.view(-1)
+        if not compiling:
+            self._flat_views[name] = (t, t.data_ptr(), v)
+        return v
+
+    def _raw(self, name: str) -> Optional[Tensor]:
+        """A weight as it is (any shape), or None; the C++ step flattens it itself."""
+        t = self._parameters[name] if name in self._parameters else self._buffers.get(name)
+        return getattr(self, name, None) if t is None else t
 
     def _inference(self, x: Tensor) -> Tensor:
         if self.fused is not False:

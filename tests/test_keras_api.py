@@ -785,3 +785,39 @@ def test_fused_variants_under_torch_compile_fullgraph(name, kwargs):
     torch.testing.assert_close(a.beta.grad, b.beta.grad, rtol=1e-5, atol=1e-6)
     for (n, u), (_, v) in zip(a.named_buffers(), b.named_buffers()):
         torch.testing.assert_close(u, v, rtol=1e-6, atol=1e-7, msg=n)
+
+
+def test_ghost_layer_buffers_replaced_between_steps():
+    """Ghost-batch layers keep their (1, 1, C, 1, 1) moving variables as cached flat views between
+    steps: a buffer whose memory is swapped (``.data = ...``), replaced (``load_state_dict``,
+    ``.to(dtype)``) or updated in place must be the one the next step reads and updates. Each step
+    is checked against a fresh layer given the same state (which cannot have a stale view)."""
+    torch.manual_seed(5)
+    x = torch.randn(16, 3, 5, 5, dtype=torch.float64).float()
+    layer = BatchNormalization(axis=1, virtual_batch_size=4, renorm=True, momentum=0.5)
+    layer(x, training=True)
+
+    def check_step():
+        fresh = BatchNormalization(axis=1, virtual_batch_size=4, renorm=True, momentum=0.5)
+        fresh(x, training=True)
+        fresh.to(layer.moving_mean.dtype)
+        fresh.load_state_dict({k: v.clone() if torch.is_tensor(v) else v for k, v in layer.state_dict().items()})
+        y, y_ref = layer(x, training=True), fresh(x, training=True)
+        assert torch.equal(y, y_ref)
+        for (name, a), (_, b) in zip(layer.named_buffers(), fresh.named_buffers()):
+            assert torch.equal(a, b), name
+
+    check_step()
+    layer.moving_mean.data = torch.full_like(layer.moving_mean, 0.25)  # new memory, same tensor object
+    check_step()
+    assert not torch.equal(layer.moving_mean, torch.full_like(layer.moving_mean, 0.25))  # the step moved it
+    layer.load_state_dict({k: v + 1.0 if torch.is_tensor(v) and v.is_floating_point() else v
+                          for k, v in layer.state_dict().items()})
+    check_step()
+    with torch.no_grad():
+        layer.moving_variance.mul_(3.0)  # in place: the cached view sees it
+    check_step()
+    layer.to(torch.float64)
+    x = x.double()
+    check_step()
+    assert layer.moving_mean.dtype == torch.float64

@@ -77,19 +77,21 @@ def train_step(layer: "BatchNormalization", x: Tensor, group: Any, world_size: i
             # local batch runs as one (empty) ghost, padded like the others.
             ghosts = max(local, 1)
     weights = None if mask is None else mask.unsqueeze(-1)  # broadcast over the last (feature) axis
-    gamma, beta = layer._flat("gamma"), layer._flat("beta")
     eps = layer.epsilon
     if world_size == 1 and _native_ok(x):
         # The same staged ops in C++ (keras_step.cpp): bitwise the same, without this glue's host time.
+        # (gamma / beta as they are: the C++ step flattens them, cheaper than a Python reshape.)
         moving = {n: layer._flat(n) for n in layer._variables()}
         clip = layer.renorm_clipping or {}
         adj_s, adj_b = adjustment if adjustment is not None else (None, None)
         return _C.keras_train_step(
-            x, axes, ghosts or 0, gamma, beta, adj_s, adj_b, moving["moving_mean"], moving["moving_variance"],
+            x, axes, ghosts or 0, layer._raw("gamma"), layer._raw("beta"), adj_s, adj_b, moving["moving_mean"],
+            moving["moving_variance"],
             moving.get("moving_stddev"), moving.get("renorm_mean"), moving.get("renorm_stddev"), bool(layer.renorm),
             float(layer.momentum), float(layer.renorm_momentum), float(eps), _opt_float(clip.get("rmin")),
             _opt_float(clip.get("rmax")), _opt_float(clip.get("dmax")), weights,
             weights is not None and x.numel() > 0)
+    gamma, beta = layer._flat("gamma"), layer._flat("beta")
     if adjustment is not None:  # tf_keras: adjustment first, then gamma / beta
         gamma, beta = composite.compose_transforms(adjustment[0], adjustment[1], gamma, beta)
 

@@ -181,14 +181,20 @@ struct KerasNormalize : public torch::autograd::Function<KerasNormalize> {
 // and d, every moving variable, and the apply step's per-(ghost, feature) scale and shift composed
 // from the adjustment, gamma / beta and r / d, in one kernel), normalize; the autograd node
 // differentiates through the composition itself (KerasNormalize).
-at::Tensor keras_train_step(const at::Tensor& x, std::vector<int64_t> axes, int64_t ghosts, const OptTensor& gamma,
-                            const OptTensor& beta, const OptTensor& adj_scale, const OptTensor& adj_bias,
+at::Tensor keras_train_step(const at::Tensor& x, std::vector<int64_t> axes, int64_t ghosts, const OptTensor& gamma_in,
+                            const OptTensor& beta_in, const OptTensor& adj_scale, const OptTensor& adj_bias,
                             const at::Tensor& moving_mean, const at::Tensor& moving_variance,
                             const OptTensor& moving_stddev, const OptTensor& renorm_mean,
                             const OptTensor& renorm_stddev, bool renorm, double momentum, double renorm_momentum,
                             double eps, std::optional<double> rmin, std::optional<double> rmax,
                             std::optional<double> dmax, const OptTensor& weights, bool always_update) {
   const int64_t G = ghosts > 0 ? ghosts : 1;
+  // gamma / beta in the layer's own shape ((C,), or (1, 1, C, 1, 1) with ghost batches): flat views
+  // here, under autograd, so their gradients reach the parameters in that shape.
+  const auto flat = [](const OptTensor& t) -> OptTensor {
+    return (t.has_value() && t->defined() && t->dim() != 1) ? OptTensor(t->reshape({-1})) : t;
+  };
+  const OptTensor gamma = flat(gamma_in), beta = flat(beta_in);
   at::Tensor mean, m2, count, invstd, weight, bias, r, d;
   {
     at::NoGradGuard no_grad;
