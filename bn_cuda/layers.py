@@ -415,10 +415,7 @@ class BatchNormalization(KerasLayerIO, nn.Module):
 
     def _flat(self, name: str) -> Optional[Tensor]:
         """A flat view of a weight; buffers are views so the kernels' in-place updates land in them."""
-        # (the module's dicts directly: nn.Module.__getattr__ costs microseconds per call)
-        t = self._parameters[name] if name in self._parameters else self._buffers.get(name)
-        if t is None:
-            t = getattr(self, name, None)
+        t = self._raw(name)
         if t is not None and t.dim() == 1 and t.is_contiguous():
             return t  # already flat (the common case: one feature axis)
         if t is None or isinstance(t, nn.Parameter):
@@ -439,7 +436,8 @@ class BatchNormalization(KerasLayerIO, nn.Module):
         return v
 
     def _raw(self, name: str) -> Optional[Tensor]:
-        """A weight as it is (any shape), or None; the C++ step flattens it itself."""
+        """A weight as it is (any shape), or None (_flat's lookup; the C++ step flattens it itself)."""
+        # (the module's dicts directly: nn.Module.__getattr__ costs microseconds per call)
         t = self._parameters[name] if name in self._parameters else self._buffers.get(name)
         return getattr(self, name, None) if t is None else t
 
