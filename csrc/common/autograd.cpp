@@ -35,50 +35,67 @@ at::Tensor bcast(const at::Tensor& t, const at::Tensor& input, const std::vector
   return t.reshape_symint(shape);
 }
 
-// What both forwards save of weight and bias: the weight itself (the backward needs it), and only
-// the bias's shape and dtype.
+// What both forwards save of weight and bias: the weight itself (the backward needs it), and of
+// the bias only whether it is there, its dtype and, unless flat, its shape. One saved_data entry
+// per kind of value: each entry is a hash-map insert and an IValue allocation per call.
+//   "meta": [has_w, has_b, bias_dtype, axis...]
 void save_affine(AutogradContext* ctx, const OptTensor& weight, const OptTensor& bias, at::IntArrayRef axis) {
   const bool has_w = weight.has_value() && weight->defined();
   const bool has_b = bias.has_value() && bias->defined();
-  ctx->saved_data["axis"] = axis.vec();
-  ctx->saved_data["has_w"] = has_w;
-  ctx->saved_data["has_b"] = has_b;
-  if (has_b) {
+  std::vector<int64_t> meta{has_w, has_b, has_b ? static_cast<int64_t>(bias->scalar_type()) : -1};
+  meta.insert(meta.end(), axis.begin(), axis.end());
+  ctx->saved_data["meta"] = std::move(meta);
+  if (has_b && bias->dim() != 1)
     ctx->saved_data["bias_shape"] = c10::IValue(bias->sym_sizes());  // symbolic under torch.compile
-    ctx->saved_data["bias_dtype"] = static_cast<int64_t>(bias->scalar_type());
-  }
+}
+
+struct Meta {
+  bool has_w, has_b;
+  int64_t bias_dtype;
+  std::vector<int64_t> axis;
+};
+
+Meta load_meta(AutogradContext* ctx) {
+  const std::vector<int64_t> m = ctx->saved_data["meta"].toIntVector();
+  return {m[0] != 0, m[1] != 0, m[2], std::vector<int64_t>(m.begin() + 3, m.end())};
 }
 
 // Which of (input, weight, bias) need a gradient. Edges exist only for the tensors given: input,
-// [weight], [bias], [running stats].
-std::array<bool, 3> grad_mask(AutogradContext* ctx) {
-  const bool has_w = ctx->saved_data["has_w"].toBool();
-  const bool has_b = ctx->saved_data["has_b"].toBool();
-  const size_t w_edge = 1, b_edge = has_w ? 2 : 1;
-  return {ctx->needs_input_grad(0), has_w && ctx->needs_input_grad(w_edge), has_b && ctx->needs_input_grad(b_edge)};
+// [weight], [bias].
+std::array<bool, 3> grad_mask(AutogradContext* ctx, const Meta& meta) {
+  const size_t w_edge = 1, b_edge = meta.has_w ? 2 : 1;
+  return {ctx->needs_input_grad(0), meta.has_w && ctx->needs_input_grad(w_edge),
+          meta.has_b && ctx->needs_input_grad(b_edge)};
 }
 
 // (grad_input, grad_weight, grad_bias) through bn_cuda::backward, weight / bias gradients in the
 // parameters' own shapes and dtypes; undefined where not needed.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> param_backward(AutogradContext* ctx, const at::Tensor& grad_out,
-                                                             const at::Tensor& input, const at::Tensor& weight,
-                                                             const at::Tensor& mean, const at::Tensor& invstd,
-                                                             bool train, at::IntArrayRef axis,
+std::tuple<at::Tensor, at::Tensor, at::Tensor> param_backward(AutogradContext* ctx, const Meta& meta,
+                                                             const at::Tensor& grad_out, const at::Tensor& input,
+                                                             const at::Tensor& weight, const at::Tensor& mean,
+                                                             const at::Tensor& invstd, bool train,
                                                              std::array<bool, 3> mask) {
   at::Tensor gi, gw, gb;
   if (!grad_out.defined() || !(mask[0] || mask[1] || mask[2])) return {gi, gw, gb};
   const OptTensor w = weight.defined() ? OptTensor(weight) : OptTensor();
   // Through the backward op's autograd kernel: a graph under create_graph, straight to the kernel
   // otherwise (backward_autograd below).
-  std::tie(gi, gw, gb) = ops::backward(grad_out, input, w, mean, invstd, train, axis, mask);
+  std::tie(gi, gw, gb) = ops::backward(grad_out, input, w, mean, invstd, train, meta.axis, mask);
   if (!mask[0]) gi = at::Tensor();
-  gw = mask[1] ? gw.reshape_symint(weight.sym_sizes()).to(weight.scalar_type()) : at::Tensor();
-  if (mask[2]) {
-    const auto shape = ctx->saved_data["bias_shape"].toSymIntVector();
-    const auto dtype = static_cast<at::ScalarType>(ctx->saved_data["bias_dtype"].toInt());
-    gb = gb.reshape_symint(shape).to(dtype);
-  } else {
+  // The op's (C,) gradients in the parameters' shapes and dtypes; flat parameters of the acc dtype
+  // (the usual case) take them as they are, without the cost of a view and a cast per call.
+  if (!mask[1]) {
+    gw = at::Tensor();
+  } else if (weight.dim() != 1 || weight.scalar_type() != gw.scalar_type()) {
+    gw = gw.reshape_symint(weight.sym_sizes()).to(weight.scalar_type());
+  }
+  if (!mask[2]) {
     gb = at::Tensor();
+  } else {
+    const auto dtype = static_cast<at::ScalarType>(meta.bias_dtype);
+    const auto it = ctx->saved_data.find("bias_shape");
+    if (it != ctx->saved_data.end()) gb = gb.reshape_symint(it->second.toSymIntVector());
+    if (dtype != gb.scalar_type()) gb = gb.to(dtype);
   }
   return {gi, gw, gb};
 }
@@ -90,15 +107,24 @@ bool no_grad_needed(const at::Tensor& input, const OptTensor& weight, const OptT
   return !input.requires_grad() && !req(weight) && !req(bias);
 }
 
+// The running statistics, handed to Function::apply in a holder it does not look into: they are
+// not differentiable inputs (no gradient flows to them, as in torch), and as tensor arguments each
+// would cost the node an input record and an edge lookup per call.
+template <typename T>
+struct Stats {
+  const T& mean;
+  const T& var;
+};
+
 struct ForwardTrain : public torch::autograd::Function<ForwardTrain> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& input, const OptTensor& weight,
-                               const OptTensor& bias, const OptTensor& running_mean, const OptTensor& running_var,
-                               double momentum, double eps, at::IntArrayRef axis, bool unbiased) {
+                               const OptTensor& bias, Stats<OptTensor> running, double momentum, double eps,
+                               at::IntArrayRef axis, bool unbiased) {
     at::Tensor out, mean, invstd;
     {
       at::AutoDispatchBelowAutograd guard;
       std::tie(out, mean, invstd) =
-          ops::forward_train(input, weight, bias, running_mean, running_var, momentum, eps, axis, unbiased);
+          ops::forward_train(input, weight, bias, running.mean, running.var, momentum, eps, axis, unbiased);
     }
     ctx->save_for_backward({input, weight.value_or(at::Tensor()), mean, invstd});
     save_affine(ctx, weight, bias, axis);
@@ -112,16 +138,16 @@ struct ForwardTrain : public torch::autograd::Function<ForwardTrain> {
     const at::Tensor& weight = saved[1];
     const at::Tensor& mean = saved[2];
     const at::Tensor& invstd = saved[3];
-    const std::vector<int64_t> axis = ctx->saved_data["axis"].toIntVector();
-    const std::array<bool, 3> mask = grad_mask(ctx);
+    const Meta meta = load_meta(ctx);
     at::Tensor gi, gw, gb;
-    std::tie(gi, gw, gb) = param_backward(ctx, grads[0], input, weight, mean, invstd, /*train=*/true, axis, mask);
+    std::tie(gi, gw, gb) =
+        param_backward(ctx, meta, grads[0], input, weight, mean, invstd, /*train=*/true, grad_mask(ctx, meta));
     const at::Tensor& grad_mean = grads[1];
     const at::Tensor& grad_invstd = grads[2];
     if (ctx->needs_input_grad(0) && (grad_mean.defined() || grad_invstd.defined())) {
       // Gradients reaching the returned statistics (double backward, or a caller using them):
       // d mean / dx = 1 / M, d invstd / dx = -invstd^3 (x - mean) / M.
-      const std::vector<int64_t> axes = normalize_axes(axis, input.dim());
+      const std::vector<int64_t> axes = normalize_axes(meta.axis, input.dim());
       // (sizes are symbolic under torch.compile; mean has >= 1 element whenever input does)
       const c10::SymInt features = mean.sym_numel();
       const c10::Scalar count((input.sym_numel() / features.max(c10::SymInt(1))).max(c10::SymInt(1)));
@@ -136,26 +162,26 @@ struct ForwardTrain : public torch::autograd::Function<ForwardTrain> {
       extra = extra.to(input.scalar_type()).expand_as(input);
       gi = gi.defined() ? gi + extra : extra;
     }
-    // One entry per forward argument (non-tensors and running stats get none).
-    return {gi, gw, gb, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    // One entry per forward argument (the non-tensors get none).
+    return {gi, gw, gb, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
 // Inference: the running statistics are constants; grad_input = dy * invstd * weight.
 struct ForwardInfer : public torch::autograd::Function<ForwardInfer> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& input, const OptTensor& weight,
-                               const OptTensor& bias, const at::Tensor& running_mean, const at::Tensor& running_var,
-                               double eps, at::IntArrayRef axis) {
+                               const OptTensor& bias, Stats<at::Tensor> running, double eps,
+                               at::IntArrayRef axis) {
     at::Tensor out;
     {
       at::AutoDispatchBelowAutograd guard;
-      out = ops::forward_infer(input, weight, bias, running_mean, running_var, eps, axis);
+      out = ops::forward_infer(input, weight, bias, running.mean, running.var, eps, axis);
     }
     // The running statistics are saved as they are (as torch's batch_norm does): modifying them in
     // place before the backward makes it raise, as in torch; the statistics of the backward are
     // derived from them there, which keeps the forward of a call that needs a gradient (frozen
     // batch norm in fine-tuning) free of extra ops.
-    ctx->save_for_backward({input, weight.value_or(at::Tensor()), running_mean, running_var});
+    ctx->save_for_backward({input, weight.value_or(at::Tensor()), running.mean, running.var});
     ctx->saved_data["eps"] = eps;
     save_affine(ctx, weight, bias, axis);
     return {out};
@@ -163,14 +189,14 @@ struct ForwardInfer : public torch::autograd::Function<ForwardInfer> {
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const variable_list saved = ctx->get_saved_variables();
-    const std::vector<int64_t> axis = ctx->saved_data["axis"].toIntVector();
+    const Meta meta = load_meta(ctx);
     const auto acc = saved[0].scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
     const at::Tensor mean = saved[2].detach().to(acc).reshape(-1);
     const at::Tensor invstd = at::rsqrt(saved[3].detach().to(acc).reshape(-1) + ctx->saved_data["eps"].toDouble());
     at::Tensor gi, gw, gb;
-    std::tie(gi, gw, gb) =
-        param_backward(ctx, grads[0], saved[0], saved[1], mean, invstd, /*train=*/false, axis, grad_mask(ctx));
-    return {gi, gw, gb, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    std::tie(gi, gw, gb) = param_backward(ctx, meta, grads[0], saved[0], saved[1], mean, invstd, /*train=*/false,
+                                          grad_mask(ctx, meta));
+    return {gi, gw, gb, at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
@@ -279,7 +305,7 @@ at::Tensor forward_infer_autograd(const at::Tensor& input, const OptTensor& weig
     at::AutoDispatchBelowAutograd guard;
     return ops::forward_infer(input, weight, bias, running_mean, running_var, eps, axis);
   }
-  return ForwardInfer::apply(input, weight, bias, running_mean, running_var, eps, axis)[0];
+  return ForwardInfer::apply(input, weight, bias, Stats<at::Tensor>{running_mean, running_var}, eps, axis)[0];
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_train_autograd(
@@ -290,7 +316,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_train_autograd(
     return ops::forward_train(input, weight, bias, running_mean, running_var, momentum, eps, axis, unbiased);
   }
   variable_list r =
-      ForwardTrain::apply(input, weight, bias, running_mean, running_var, momentum, eps, axis, unbiased);
+      ForwardTrain::apply(input, weight, bias, Stats<OptTensor>{running_mean, running_var}, momentum, eps, axis, unbiased);
   return {r[0], r[1], r[2]};
 }
 

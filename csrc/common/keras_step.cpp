@@ -53,20 +53,33 @@ at::ScalarType promoted(std::initializer_list<const at::Tensor*> factors) {
 // (absent factors drop out; without renorm scale = S1, shift = O1). Each gradient is computed as
 // the Python path's autograd graph computes it (the same products, the same casts on every edge,
 // the ghost sums in the same dtype), so both paths agree bit for bit.
+// The step's statistics and coefficients (no gradient flows to them: tf_keras's stop_gradient) and
+// the mask, handed to Function::apply in a holder it does not look into: as tensor arguments each
+// would cost the node an input record and an edge lookup per call.
+struct StepTensors {
+  const at::Tensor& mean;
+  const at::Tensor& invstd;
+  const at::Tensor& weight;
+  const at::Tensor& bias;
+  const at::Tensor& count;
+  const at::Tensor& r;
+  const at::Tensor& d;
+  const OptTensor& mask;
+};
+
 struct KerasNormalize : public torch::autograd::Function<KerasNormalize> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& input, const OptTensor& gamma,
                             const OptTensor& beta, const OptTensor& adj_scale, const OptTensor& adj_bias,
-                            const at::Tensor& mean, const at::Tensor& invstd, const at::Tensor& weight,
-                            const at::Tensor& bias, const at::Tensor& count, const at::Tensor& r, const at::Tensor& d,
-                            std::vector<int64_t> axis, const OptTensor& mask, int64_t ghosts, bool renorm) {
+                            StepTensors st, const std::vector<int64_t>& axis, int64_t ghosts, bool renorm) {
     const auto opt = [](const OptTensor& t) { return given(t) ? *t : at::Tensor(); };
-    ctx->save_for_backward({input, mean, invstd, weight, count, r, d, opt(mask), opt(gamma), opt(beta),
-                            opt(adj_scale), opt(adj_bias)});
-    ctx->saved_data["axis"] = axis;
-    ctx->saved_data["ghosts"] = ghosts;
-    ctx->saved_data["renorm"] = renorm;
+    ctx->save_for_backward({input, st.mean, st.invstd, st.weight, st.count, st.r, st.d, opt(st.mask), opt(gamma),
+                            opt(beta), opt(adj_scale), opt(adj_bias)});
+    // One saved_data entry (each is a hash-map insert and an IValue per call): [ghosts, renorm, axis...].
+    std::vector<int64_t> meta{ghosts, renorm};
+    meta.insert(meta.end(), axis.begin(), axis.end());
+    ctx->saved_data["meta"] = std::move(meta);
     ctx->set_materialize_grads(false);
-    return ops::normalize(input, mean, invstd, weight, bias, axis, ghosts);
+    return ops::normalize(input, st.mean, st.invstd, st.weight, st.bias, axis, ghosts);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -83,11 +96,12 @@ struct KerasNormalize : public torch::autograd::Function<KerasNormalize> {
     const at::Tensor& beta = saved[9];
     const at::Tensor& adj_s = saved[10];
     const at::Tensor& adj_b = saved[11];
-    const std::vector<int64_t> axis = ctx->saved_data["axis"].toIntVector();
-    const int64_t G = ctx->saved_data["ghosts"].toInt();
-    const bool renorm = ctx->saved_data["renorm"].toBool();
+    const std::vector<int64_t> meta = ctx->saved_data["meta"].toIntVector();
+    const int64_t G = meta[0];
+    const bool renorm = meta[1] != 0;
+    const std::vector<int64_t> axis(meta.begin() + 2, meta.end());
     const at::Tensor& grad_out = grads[0];
-    // Edges exist only for the tensors given: input, [gamma], [beta], [adj_scale], [adj_bias], ...
+    // Edges exist only for the tensors given: input, [gamma], [beta], [adj_scale], [adj_bias].
     size_t edge = 1;
     const auto needs = [&](const at::Tensor& t) { return t.defined() && ctx->needs_input_grad(edge++); };
     const bool need_x = ctx->needs_input_grad(0);
@@ -162,7 +176,7 @@ struct KerasNormalize : public torch::autograd::Function<KerasNormalize> {
       gas = wrapped[3];
       gab = wrapped[4];
     }
-    variable_list out(16);
+    variable_list out(9);  // one per forward argument
     out[0] = gi;
     out[1] = gg;
     out[2] = gb;
@@ -205,8 +219,8 @@ at::Tensor keras_train_step(const at::Tensor& x, std::vector<int64_t> axes, int6
                           renorm ? renorm_stddev : OptTensor(), G, momentum, renorm_momentum, eps, rmin, rmax, dmax,
                           always_update);
   }
-  return KerasNormalize::apply(x, gamma, beta, adj_scale, adj_bias, mean, invstd, weight, bias, count, r, d, axes,
-                               weights, G, renorm);
+  return KerasNormalize::apply(x, gamma, beta, adj_scale, adj_bias,
+                               StepTensors{mean, invstd, weight, bias, count, r, d, weights}, axes, G, renorm);
 }
 
 }  // namespace
