@@ -1086,6 +1086,62 @@ inline void grad_sums_cl(const T* dy, int64_t dso, const T* x, int64_t xso, cons
   }
 }
 
+template <typename A>
+struct CoeffArrays4 {
+  A* mean;
+  A* k_dy;
+  A* k_xmu;
+  A* k_0;
+};
+
+// The backward's per-feature step for channels-last sums (no staged sums given or wanted): each
+// ghost's totals are its first partition row (sum_cl_partials). The general loop's maths (the
+// same helpers and operations, so the same bits, the totals started from 0 as there), as loops
+// over consecutive features that vectorize, without its two integer divisions per feature.
+template <typename A>
+void cl_grad_coeffs(const BackwardParams& p, const A* sdy, const A* sdyx, A count, CoeffArrays4<A> k) {
+  const View3& v = p.v;
+  const int64_t C = v.C, per = p.partitions / v.G;
+  const A* mean = static_cast<const A*>(p.mean);
+  const A* invstd = static_cast<const A*>(p.invstd);
+  const A* w = static_cast<const A*>(p.weight);
+  const bool train = p.train;  // (a local: the stores below could alias p, as far as the compiler knows)
+  for (int64_t g = 0; g < v.G; ++g) {
+    const int64_t f0 = g * C;
+    const A* __restrict__ s = sdy + g * per * C;
+    const A* __restrict__ sx = sdyx + g * per * C;
+    const A* __restrict__ m = mean + f0;
+    const A* __restrict__ is = invstd + f0;
+    if (p.grad_weight) {
+      A* __restrict__ gw = static_cast<A*>(p.grad_weight) + f0;
+      for (int64_t c = 0; c < C; ++c) gw[c] = (A(0) + sx[c]) * is[c];
+    }
+    if (p.grad_bias) {
+      A* __restrict__ gb = static_cast<A*>(p.grad_bias) + f0;
+      for (int64_t c = 0; c < C; ++c) gb[c] = A(0) + s[c];
+    }
+    A* __restrict__ km = k.mean + f0;
+    A* __restrict__ kd = k.k_dy + f0;
+    A* __restrict__ kx = k.k_xmu + f0;
+    A* __restrict__ k0 = k.k_0 + f0;
+    // grad_coeffs with its branches hoisted (train && M > 0 is the same for every feature), one
+    // loop per coefficient (the four stores in one loop kept GCC 12 from vectorizing it); the
+    // same operations, so the same bits.
+    const A* __restrict__ wg = w ? w + f0 : nullptr;
+    const bool stats_terms = train && count > A(0);
+    const A inv_m = stats_terms ? A(1) / count : A(0);
+    const auto coeffs = [inv_m, stats_terms](A mean, A inv, A weight, A sum_dy, A sum_dy_xmu) {
+      return stats_terms ? grad_coeffs_train(mean, inv, weight, sum_dy, sum_dy_xmu, inv_m)
+                         : grad_coeffs(mean, inv, weight, sum_dy, sum_dy_xmu, A(0), false);
+    };
+    for (int64_t c = 0; c < C; ++c) km[c] = m[c];
+    for (int64_t c = 0; c < C; ++c) kd[c] = coeffs(m[c], is[c], wg ? wg[c] : A(1), A(0), A(0)).k_dy;
+    for (int64_t c = 0; c < C; ++c)
+      kx[c] = coeffs(m[c], is[c], wg ? wg[c] : A(1), A(0) + s[c], A(0) + sx[c]).k_xmu;
+    for (int64_t c = 0; c < C; ++c) k0[c] = coeffs(m[c], is[c], wg ? wg[c] : A(1), A(0) + s[c], A(0) + sx[c]).k_0;
+  }
+}
+
 template <typename T>
 void backward(const BackwardParams& p) {
   using A = acc_t<T>;
@@ -1180,6 +1236,9 @@ void backward(const BackwardParams& p) {
   A* gb = static_cast<A*>(p.grad_bias);
   if (need_sums && v.channels_last) sum_cl_partials(sdy, sdyx, P, C, v.G);  // totals: each group's first row
   const int64_t sum_rows = v.channels_last ? 1 : P;
+  if (v.channels_last && need_sums && !given && !p.out_sum_dy) {
+    cl_grad_coeffs<A>(p, sdy, sdyx, count, CoeffArrays4<A>{g_mean, g_kdy, g_kx, g_k0});
+  } else {
   // Per-feature totals and coefficients (thousands of features are worth the threads).
   at::parallel_for(0, F, grain_for(16 * sum_rows), [&](int64_t f0, int64_t f1) {
   for (int64_t c = f0; c < f1; ++c) {  // c: feature index, ghost-major with ghosts
@@ -1209,6 +1268,7 @@ void backward(const BackwardParams& p) {
     g_k0[c] = g.k_0;
   }
   });
+  }
   if (!p.dx) return;
   T* dx = static_cast<T*>(p.dx);
   if (p.mask) {  // weighted moments: the statistics terms scale with each element's weight

@@ -77,19 +77,25 @@ struct GradCoeffs {
   T k_0;
 };
 
+// The training case with inv_m = 1 / M given (M > 0): loops over features with one M hoist it.
 template <typename T>
-BN_HD GradCoeffs<T> grad_coeffs(T mean, T invstd, T w, T sum_dy, T sum_dy_xmu, T count, bool train) {
+BN_HD GradCoeffs<T> grad_coeffs_train(T mean, T invstd, T w, T sum_dy, T sum_dy_xmu, T inv_m) {
   GradCoeffs<T> g;
   g.mean = mean;
   g.k_dy = w * invstd;
-  if (train && count > T(0)) {
-    const T inv_m = T(1) / count;
-    g.k_xmu = -g.k_dy * invstd * invstd * sum_dy_xmu * inv_m;
-    g.k_0 = -g.k_dy * sum_dy * inv_m;
-  } else {
-    g.k_xmu = T(0);
-    g.k_0 = T(0);
-  }
+  g.k_xmu = -g.k_dy * invstd * invstd * sum_dy_xmu * inv_m;
+  g.k_0 = -g.k_dy * sum_dy * inv_m;
+  return g;
+}
+
+template <typename T>
+BN_HD GradCoeffs<T> grad_coeffs(T mean, T invstd, T w, T sum_dy, T sum_dy_xmu, T count, bool train) {
+  if (train && count > T(0)) return grad_coeffs_train(mean, invstd, w, sum_dy, sum_dy_xmu, T(1) / count);
+  GradCoeffs<T> g;
+  g.mean = mean;
+  g.k_dy = w * invstd;
+  g.k_xmu = T(0);
+  g.k_0 = T(0);
   return g;
 }
 
