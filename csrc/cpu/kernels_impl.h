@@ -671,10 +671,11 @@ struct CoeffArrays {
 constexpr double kFoldedMaxRatio = 8.0;
 
 template <typename A>
-inline bool folding_is_exact(const A* mean, const A* invstd, int64_t F) {
-  for (int64_t f = 0; f < F; ++f)
-    if (!(std::abs(mean[f]) * invstd[f] <= A(kFoldedMaxRatio))) return false;
-  return true;
+inline bool folding_is_exact(const A* __restrict__ mean, const A* __restrict__ invstd, int64_t F) {
+  // An OR over every feature rather than an early exit, so the loop vectorizes (NaN fails too).
+  int bad = 0;
+  for (int64_t f = 0; f < F; ++f) bad |= !(std::abs(mean[f]) * invstd[f] <= A(kFoldedMaxRatio));
+  return bad == 0;
 }
 
 template <typename T>
@@ -904,15 +905,27 @@ void forward_infer(const ForwardParams& p) {
   const A eps = static_cast<A>(p.eps);
   const A* gm = static_cast<const A*>(p.given_mean);  // staged normalize: statistics given
   const A* gi = static_cast<const A*>(p.given_invstd);
-  bool folded = true;  // see folding_is_exact
-  for (int64_t c = 0; c < C; ++c) {
-    const A mean = gm ? gm[c] : rm[c];
-    const A invstd = gm ? gi[c] : invstd_of(rv[c], eps);
-    const ApplyCoeffs<A> kc = apply_coeffs(mean, invstd, w, b, c);
-    folded = folded && std::abs(mean) * invstd <= A(kFoldedMaxRatio);
-    k.mean[c] = kc.mean;
-    k.scale[c] = kc.scale;
-    k.shift[c] = kc.shift;
+  // The coefficients in loops over consecutive features that vectorize: the statistics' invstd
+  // into k.scale first (1 / sqrt(var + eps) for 1000 features was ~5 us as a scalar loop), then
+  // the same apply_coeffs as always, so the same bits.
+  A* __restrict__ km = k.mean;
+  A* __restrict__ ks = k.scale;
+  A* __restrict__ kb = k.shift;
+  if (gm) {
+    for (int64_t c = 0; c < C; ++c) km[c] = gm[c];
+    for (int64_t c = 0; c < C; ++c) ks[c] = gi[c];
+  } else {
+    for (int64_t c = 0; c < C; ++c) km[c] = rm[c];
+    for (int64_t c = 0; c < C; ++c) ks[c] = invstd_of(rv[c], eps);
+  }
+  const bool folded = folding_is_exact(km, ks, C);
+  if (w) {
+    for (int64_t c = 0; c < C; ++c) ks[c] = apply_coeffs(km[c], ks[c], w, b, c).scale;
+  }
+  if (b) {
+    for (int64_t c = 0; c < C; ++c) kb[c] = b[c];
+  } else {
+    for (int64_t c = 0; c < C; ++c) kb[c] = A(0);
   }
   apply_all<T>(p, k, folded);
 }
