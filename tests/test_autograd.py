@@ -215,3 +215,47 @@ def test_compile_fullgraph_eval_and_multi_axis(device):
         grads.append((xr.grad, wr.grad))
     for a, e in zip(*grads):
         assert_close_ref(a, e, torch.float64)
+
+
+def test_compiled_autograd_traces_the_cpp_nodes(device):
+    """torch._dynamo's compiled autograd over a graph recorded eagerly: it traces the backward of
+    bn_cuda's C++ autograd nodes (the functional op's and the fused Keras step's) through the
+    compiled_args / apply_with_saved of torch's CppNode, and gives the eager gradients exactly.
+    (A hand-written autograd Node would have to provide those itself.)"""
+    compiled_autograd = pytest.importorskip("torch._dynamo.compiled_autograd")
+    if not hasattr(compiled_autograd, "_enable"):
+        pytest.skip("this torch has no torch._dynamo.compiled_autograd._enable")
+    import copy
+
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    gen = torch.Generator().manual_seed(5)
+    x0 = torch.randn(8, 3, 5, generator=gen).to(device)
+    layer = bn_cuda.BatchNormalization(axis=1, virtual_batch_size=4, renorm=True)
+    layer(x0, training=True)  # builds the layer on x0's device
+    state0 = copy.deepcopy(layer.state_dict())
+
+    def gradients(compiled):
+        layer.load_state_dict(state0)  # the same moving statistics (renorm's r, d) for both runs
+        for p in layer.parameters():
+            p.grad = None
+        x = x0.clone().requires_grad_()
+        w = torch.linspace(0.5, 1.5, 3, device=device).requires_grad_()
+        b = torch.linspace(-1.0, 1.0, 3, device=device).requires_grad_()
+        z = layer(batch_norm(x, None, None, w, b, training=True), training=True)
+        loss = (z * z.detach().cos()).sum()
+        if compiled:
+            with compiled_autograd._enable(torch.compile(backend="aot_eager")):
+                loss.backward()
+        else:
+            loss.backward()
+        return [x.grad, w.grad, b.grad] + [p.grad for p in layer.parameters()]
+
+    eager = gradients(False)
+    got = gradients(True)
+    assert counters["compiled_autograd"]["captures"] >= 1
+    assert len(got) == 5
+    for g, e in zip(got, eager):
+        assert g is not None and torch.equal(g, e)
