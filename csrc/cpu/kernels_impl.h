@@ -1252,35 +1252,35 @@ void backward(const BackwardParams& p) {
   if (v.channels_last && need_sums && !given && !p.out_sum_dy) {
     cl_grad_coeffs<A>(p, sdy, sdyx, count, CoeffArrays4<A>{g_mean, g_kdy, g_kx, g_k0});
   } else {
-  // Per-feature totals and coefficients (thousands of features are worth the threads).
-  at::parallel_for(0, F, grain_for(16 * sum_rows), [&](int64_t f0, int64_t f1) {
-  for (int64_t c = f0; c < f1; ++c) {  // c: feature index, ghost-major with ghosts
-    A s = A(0), sx = A(0);
-    if (need_sums) {
-      for (int64_t q = 0; q < sum_rows; ++q) {
-        const int64_t idx = v.channels_last ? merged_cl_index(v, P, c) : c * P + q;
-        s += sdy[idx];
-        sx += sdyx[idx];
+    // Per-feature totals and coefficients (thousands of features are worth the threads).
+    at::parallel_for(0, F, grain_for(16 * sum_rows), [&](int64_t f0, int64_t f1) {
+      for (int64_t c = f0; c < f1; ++c) {  // c: feature index, ghost-major with ghosts
+        A s = A(0), sx = A(0);
+        if (need_sums) {
+          for (int64_t q = 0; q < sum_rows; ++q) {
+            const int64_t idx = v.channels_last ? merged_cl_index(v, P, c) : c * P + q;
+            s += sdy[idx];
+            sx += sdyx[idx];
+          }
+        }
+        if (given) {
+          s = static_cast<const A*>(p.given_sum_dy)[c];
+          sx = static_cast<const A*>(p.given_sum_dy_xmu)[c];
+        }
+        if (p.out_sum_dy) {
+          static_cast<A*>(p.out_sum_dy)[c] = s;
+          static_cast<A*>(p.out_sum_dy_xmu)[c] = sx;
+        }
+        if (gw) gw[c] = sx * invstd[c];
+        if (gb) gb[c] = s;
+        const A n = given ? static_cast<const A*>(p.given_count)[c] : count;
+        const GradCoeffs<A> g = grad_coeffs(mean[c], invstd[c], w ? w[c] : A(1), s, sx, n, p.train);
+        g_mean[c] = g.mean;
+        g_kdy[c] = g.k_dy;
+        g_kx[c] = g.k_xmu;
+        g_k0[c] = g.k_0;
       }
-    }
-    if (given) {
-      s = static_cast<const A*>(p.given_sum_dy)[c];
-      sx = static_cast<const A*>(p.given_sum_dy_xmu)[c];
-    }
-    if (p.out_sum_dy) {
-      static_cast<A*>(p.out_sum_dy)[c] = s;
-      static_cast<A*>(p.out_sum_dy_xmu)[c] = sx;
-    }
-    if (gw) gw[c] = sx * invstd[c];
-    if (gb) gb[c] = s;
-    const A n = given ? static_cast<const A*>(p.given_count)[c] : count;
-    const GradCoeffs<A> g = grad_coeffs(mean[c], invstd[c], w ? w[c] : A(1), s, sx, n, p.train);
-    g_mean[c] = g.mean;
-    g_kdy[c] = g.k_dy;
-    g_kx[c] = g.k_xmu;
-    g_k0[c] = g.k_0;
-  }
-  });
+    });
   }
   if (!p.dx) return;
   T* dx = static_cast<T*>(p.dx);
