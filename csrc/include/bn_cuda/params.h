@@ -215,6 +215,13 @@ inline int64_t plan_partitions_cpu(const View3& v) {
   }
   const int64_t rows_per_part = v.C >= kCpuChunkElems ? 1 : kCpuChunkElems / v.C;
   int64_t parts = ceil_div(v.ghost_rows(), rows_per_part < 16 ? 16 : rows_per_part);
+  // A multiple of 8 partitions (while each keeps >= 16 rows), so that 2, 4 or 8 threads get the
+  // same number of rows: 8x256x14x14 made 13 partitions of 128 rows (the last of 32), 896 rows
+  // for one of two threads and 672 for the other; as 16 partitions of 98 rows, in-cache on 2
+  // AVX2 threads, the backward took 0.116 -> 0.092 ms and the forward 0.082 -> 0.077 ms. Still a
+  // function of the shape only, so the result does not depend on the thread count.
+  const int64_t rounded = ceil_div(parts, int64_t(8)) * 8;
+  if (parts > 1 && ceil_div(v.ghost_rows(), rounded) >= 16) parts = rounded;
   return (parts < 1 ? 1 : parts) * v.G;  // G groups (one per ghost)
 }
 
