@@ -227,27 +227,65 @@ def test_bf16_fp16_large_offsets(dtype, device):
     assert float((rm.double().cpu() - ref["running_mean"]).abs().max()) < 1e-6 * offset + 1e-3
 
 
-@pytest.mark.parametrize("c", [1, 2, 3, 4, 5, 6, 8, 12, 17])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("c", [1, 2, 3, 4, 5, 6, 8, 12, 15, 17])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("rows", [7, 40001])
-def test_channels_last_few_features_backward(c, dtype, rows):
-    """Channels-last rows with few features (the vectorized periodic backward: pattern of
-    lcm(C, lanes) elements), odd row counts (tails) and several partitions, against float64 autograd;
-    with a large offset, which the sums must not lose."""
-    g = torch.Generator().manual_seed(c * 1000 + rows)
+@pytest.mark.parametrize("dense", [True, False])
+def test_channels_last_few_features(c, dtype, rows, dense):
+    """Channels-last rows with few features: dense rows take the CPU's periodic loops (a pattern of
+    lcm(C, lanes) elements; statistics, apply and backward), rows with a gap between them the
+    general ones. Odd row counts (tails), one or several partitions, per-feature offsets (large for
+    fp32 / fp64, which the sums must not lose); training output, running statistics, every
+    gradient and the inference output against float64 on the same (dtype-exact) values."""
+    g = torch.Generator().manual_seed(c * 1000 + rows + (7 if dense else 0))
+    offset = 1e3 if dtype in (torch.float32, torch.float64) else 20.0
     x = (torch.randn(rows, c, generator=g, dtype=torch.float64) * (0.5 + torch.rand(c, generator=g, dtype=torch.float64))
-         + 1e3 * torch.randn(c, generator=g, dtype=torch.float64))
-    dy = torch.randn(rows, c, generator=g, dtype=torch.float64)
+         + offset * torch.randn(c, generator=g, dtype=torch.float64)).to(dtype).double()
+    dy = torch.randn(rows, c, generator=g, dtype=torch.float64).to(dtype).double()
     w = torch.randn(c, generator=g, dtype=torch.float64)
     b = torch.randn(c, generator=g, dtype=torch.float64)
     ref = [t.clone().requires_grad_() for t in (x, w, b)]
-    F.batch_norm(ref[0], None, None, ref[1], ref[2], True, 0.1, 1e-5).backward(dy)
-    ours = [t.to(dtype).requires_grad_() for t in (x, w, b)]
-    batch_norm(ours[0], None, None, ours[1], ours[2], training=True, eps=1e-5).backward(dy.to(dtype))
-    tol = 1e-10 if dtype == torch.float64 else 1e-3
-    for o, r, name in zip(ours, ref, ["input", "weight", "bias"]):
-        scale = r.grad.abs().max().item() + 1.0
-        assert max_err(o.grad.double(), r.grad) <= tol * scale, (name, max_err(o.grad.double(), r.grad))
+    rm_ref, rv_ref = torch.zeros(c, dtype=torch.float64), torch.ones(c, dtype=torch.float64)
+    y_ref = F.batch_norm(ref[0], rm_ref, rv_ref, ref[1], ref[2], True, 1.0, 1e-5)
+    y_ref.backward(dy)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+
+    def laid_out(t):  # dense rows, or rows with a gap of 3 elements (outer stride c + 3)
+        if dense:
+            return t.to(dtype, copy=True)
+        wide = torch.full((rows, c + 3), float("nan"), dtype=dtype)
+        wide[:, :c] = t.to(dtype)
+        return wide[:, :c]
+
+    def run(fn):
+        xo = laid_out(x).requires_grad_()
+        assert xo.stride(0) == (c if dense else c + 3)
+        wo, bo = w.to(acc, copy=True).requires_grad_(), b.to(acc, copy=True).requires_grad_()
+        rm, rv = torch.zeros(c, dtype=acc), torch.ones(c, dtype=acc)
+        y = fn(xo, rm, rv, wo, bo, True, 1.0, 1e-5)
+        y.backward(laid_out(dy))
+        y_inf = fn(laid_out(x), rm_ref.to(acc), rv_ref.to(acc), w.to(acc), b.to(acc), False, 0.0, 1e-5)
+        return {"out": y, "inference": y_inf, "running_mean": rm, "running_var": rv, "grad_input": xo.grad,
+                "grad_weight": wo.grad, "grad_bias": bo.grad}
+
+    want = {"out": y_ref, "inference": F.batch_norm(x, rm_ref, rv_ref, w, b, False, 0.0, 1e-5),
+            "running_mean": rm_ref, "running_var": rv_ref, "grad_input": ref[0].grad, "grad_weight": ref[1].grad,
+            "grad_bias": ref[2].grad}
+    ours, theirs = run(batch_norm), run(F.batch_norm)  # torch's own kernels on the same dtype and data
+    eps = float(torch.finfo(dtype).eps)
+    cond = 1.0 + float((rm_ref.abs() / rv_ref.sqrt()).max())  # |mean| / std: what the offsets cost
+    for k, r in want.items():
+        r = r.detach()
+        assert ours[k].dtype == theirs[k].dtype
+        err_ours = max_err(ours[k].detach().double(), r)
+        mag = float(r.abs().max()) + 1.0
+        if dtype in (torch.float16, torch.bfloat16):
+            # within 2x the error of torch's low-precision path, with a floor of a quarter ulp
+            err_torch = max_err(theirs[k].detach().double(), r)
+            assert err_ours <= 2.0 * err_torch + 0.25 * eps * mag, (k, err_ours, err_torch)
+        else:  # (torch's CPU kernels accumulate fp32 in fp64: no fp32 bar to hold ours to)
+            tol = max(8.0 * eps * cond, 1e-10)
+            assert err_ours <= tol * mag, (k, err_ours, tol * mag)
 
 
 @pytest.mark.parametrize("c", [255, 256, 513, 1000, 1031, 4099])

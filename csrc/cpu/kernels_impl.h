@@ -392,6 +392,243 @@ inline void masked_stats_cl_part(const ForwardParams& p, int64_t part, int64_t P
   }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Channels-last with few features (C < 2 accumulator vectors) in dense rows (outer stride C) and
+// no ghosts: the rows form one flat run whose feature pattern repeats every W = lcm(C, U)
+// elements (U: elements per load unit), so NU = W / U units of accumulator vectors follow the
+// pattern and every loop is vectorized, instead of C scalar chains per row (or a column walk
+// strided by C). Per-lane accumulators fold into the features in lane order at the end, so the
+// result depends on the shape only. Used by the statistics, the apply step and the backward.
+
+// Load unit: one accumulator vector for fp32 / fp64, or the K elements that a 16-bit load
+// converts to two fp32 vectors.
+template <typename T>
+struct Unit {
+  using A = acc_t<T>;
+  using AV = Vectorized<A>;
+  static constexpr int V = std::is_same_v<T, A> ? 1 : 2;  // accumulator vectors per unit
+  static constexpr int64_t L = AV::size();
+  static constexpr int64_t U = V * L;  // elements per unit
+  static inline void load(const T* p, AV* v) {
+    if constexpr (V == 1) {
+      v[0] = AV::loadu(p);
+    } else {
+      at::vec::load_to_float<T>(p, v[0], v[1]);
+    }
+  }
+  static inline void store(T* p, const AV* v) {
+    if constexpr (V == 1) {
+      v[0].store(p);
+    } else {
+      at::vec::convert_from_float<T>(v[0], v[1]).store(p);
+    }
+  }
+};
+
+// NU (1..4) when the periodic loops apply, else 0. `dense`: every tensor involved has outer
+// stride C.
+template <typename T>
+inline int periodic_units(const View3& v, bool dense) {
+  using UT = Unit<T>;
+  if (!dense || !v.channels_last || v.G != 1 || v.C >= 2 * UT::L) return 0;
+  const int64_t W = std::lcm(v.C, UT::U);
+  return W <= 4 * UT::U ? static_cast<int>(W / UT::U) : 0;
+}
+
+// The W-element pattern of a per-feature array (pattern[e] = a[e % C]) as NV vectors.
+template <typename T, int NU, typename Src>
+inline void pattern_vectors(const Src* a, int64_t C, Vectorized<acc_t<T>>* out) {
+  using A = acc_t<T>;
+  constexpr int64_t L = Unit<T>::L, W = NU * Unit<T>::U;
+  A pat[W];
+  for (int64_t e = 0; e < W; ++e) pat[e] = static_cast<A>(a[e % C]);
+  for (int j = 0; j < NU * Unit<T>::V; ++j) out[j] = Vectorized<A>::loadu(pat + j * L);
+}
+
+// Lane sums (NV vectors, W lanes) added into per-feature sums in lane order.
+template <typename T, int NU>
+inline void fold_lanes(const Vectorized<acc_t<T>>* v, int64_t C, acc_t<T>* out) {
+  using A = acc_t<T>;
+  constexpr int64_t L = Unit<T>::L, W = NU * Unit<T>::U;
+  A t[W];
+  for (int j = 0; j < NU * Unit<T>::V; ++j) v[j].store(t + j * L);
+  for (int64_t k = 0; k < W; ++k) out[k % C] += t[k];
+}
+
+// Two-pass moments of the rows in the flat elements [begin, end) (multiples of C), relative to
+// the shift row: mean[c] = mean - shift[c] and m2[c], as stats_cl_block computes them.
+template <typename T, int NU>
+inline void stats_periodic(const T* x, int64_t begin, int64_t end, int64_t C, const T* shift, acc_t<T>* mean,
+                           acc_t<T>* m2) {
+  using UT = Unit<T>;
+  using A = acc_t<T>;
+  using AV = typename UT::AV;
+  constexpr int V = UT::V, NV = NU * V;
+  constexpr int64_t W = NU * UT::U;
+  AV h[NV], s[NV], d[V];
+  pattern_vectors<T, NU>(shift, C, h);
+  for (int j = 0; j < NV; ++j) s[j] = AV(A(0));
+  int64_t e = begin;
+  for (; e + W <= end; e += W)
+    for (int u = 0; u < NU; ++u) {
+      UT::load(x + e + u * UT::U, d);
+      for (int i = 0; i < V; ++i) s[u * V + i] += d[i] - h[u * V + i];
+    }
+  for (int64_t c = 0; c < C; ++c) mean[c] = A(0);
+  fold_lanes<T, NU>(s, C, mean);
+  for (int64_t t = e; t < end; ++t) mean[t % C] += static_cast<A>(x[t]) - static_cast<A>(shift[t % C]);
+  const A inv = A(1) / static_cast<A>((end - begin) / C);
+  for (int64_t c = 0; c < C; ++c) mean[c] *= inv;
+  AV m[NV];
+  pattern_vectors<T, NU>(mean, C, m);
+  for (int j = 0; j < NV; ++j) s[j] = AV(A(0));
+  for (e = begin; e + W <= end; e += W)
+    for (int u = 0; u < NU; ++u) {
+      UT::load(x + e + u * UT::U, d);
+      for (int i = 0; i < V; ++i) {
+        const int j = u * V + i;
+        const AV q = (d[i] - h[j]) - m[j];
+        s[j] = at::vec::fmadd(q, q, s[j]);
+      }
+    }
+  for (int64_t c = 0; c < C; ++c) m2[c] = A(0);
+  fold_lanes<T, NU>(s, C, m2);
+  for (int64_t t = e; t < end; ++t) {
+    const int64_t c = t % C;
+    const A q = (static_cast<A>(x[t]) - static_cast<A>(shift[c])) - mean[c];
+    m2[c] += q * q;
+  }
+}
+
+// y = (x - mean) * scale + shift (Folded: x * scale + shift, the shift folded by the caller) over
+// the flat elements [begin, end) (begin a multiple of W).
+template <typename T, int NU>
+inline void apply_periodic(const T* x, T* y, int64_t begin, int64_t end, int64_t C, const acc_t<T>* km,
+                           const acc_t<T>* ks, const acc_t<T>* kb, bool folded) {
+  using UT = Unit<T>;
+  using A = acc_t<T>;
+  using AV = typename UT::AV;
+  constexpr int V = UT::V, NV = NU * V;
+  constexpr int64_t W = NU * UT::U;
+  AV m[NV], s[NV], b[NV], d[V];
+  pattern_vectors<T, NU>(km, C, m);
+  pattern_vectors<T, NU>(ks, C, s);
+  pattern_vectors<T, NU>(kb, C, b);
+  int64_t e = begin;
+  if (folded) {
+    for (; e + W <= end; e += W)
+      for (int u = 0; u < NU; ++u) {
+        UT::load(x + e + u * UT::U, d);
+        for (int i = 0; i < V; ++i) d[i] = at::vec::fmadd(d[i], s[u * V + i], b[u * V + i]);
+        UT::store(y + e + u * UT::U, d);
+      }
+    for (; e < end; ++e) y[e] = static_cast<T>(static_cast<A>(x[e]) * ks[e % C] + kb[e % C]);
+    return;
+  }
+  for (; e + W <= end; e += W)
+    for (int u = 0; u < NU; ++u) {
+      UT::load(x + e + u * UT::U, d);
+      for (int i = 0; i < V; ++i) d[i] = at::vec::fmadd(d[i] - m[u * V + i], s[u * V + i], b[u * V + i]);
+      UT::store(y + e + u * UT::U, d);
+    }
+  for (; e < end; ++e) {
+    const int64_t c = e % C;
+    y[e] = static_cast<T>(apply_one(static_cast<A>(x[e]), ApplyCoeffs<A>{km[c], ks[c], kb[c]}));
+  }
+}
+
+// Per-feature (sum dy, sum dy (x - mean)) of the flat elements [begin, end) (multiples of C),
+// added to s / sx.
+template <typename T, int NU>
+inline void grad_sums_periodic(const T* dy, const T* x, int64_t begin, int64_t end, int64_t C, const acc_t<T>* mean,
+                               acc_t<T>* s, acc_t<T>* sx) {
+  using UT = Unit<T>;
+  using A = acc_t<T>;
+  using AV = typename UT::AV;
+  constexpr int V = UT::V, NV = NU * V;
+  constexpr int64_t W = NU * UT::U;
+  AV m[NV], a[NV], b[NV], g[V], xv[V];
+  pattern_vectors<T, NU>(mean, C, m);
+  for (int j = 0; j < NV; ++j) {
+    a[j] = AV(A(0));
+    b[j] = AV(A(0));
+  }
+  int64_t e = begin;
+  for (; e + W <= end; e += W)
+    for (int u = 0; u < NU; ++u) {
+      UT::load(dy + e + u * UT::U, g);
+      UT::load(x + e + u * UT::U, xv);
+      for (int i = 0; i < V; ++i) {
+        const int j = u * V + i;
+        a[j] += g[i];
+        b[j] = at::vec::fmadd(g[i], xv[i] - m[j], b[j]);
+      }
+    }
+  fold_lanes<T, NU>(a, C, s);
+  fold_lanes<T, NU>(b, C, sx);
+  for (; e < end; ++e) {
+    const int64_t c = e % C;
+    const A gv = static_cast<A>(dy[e]);
+    s[c] += gv;
+    sx[c] += gv * (static_cast<A>(x[e]) - mean[c]);
+  }
+}
+
+// dx = k_dy dy + k_xmu (x - mean) + k_0 over the flat elements [begin, end) (begin a multiple of W).
+template <typename T, int NU>
+inline void grad_input_periodic(const T* dy, const T* x, T* dx, int64_t begin, int64_t end, int64_t C,
+                                const acc_t<T>* gm, const acc_t<T>* kd, const acc_t<T>* kx, const acc_t<T>* k0) {
+  using UT = Unit<T>;
+  using A = acc_t<T>;
+  using AV = typename UT::AV;
+  constexpr int V = UT::V, NV = NU * V;
+  constexpr int64_t W = NU * UT::U;
+  AV m[NV], d[NV], k[NV], z[NV], g[V], xv[V];
+  pattern_vectors<T, NU>(gm, C, m);
+  pattern_vectors<T, NU>(kd, C, d);
+  pattern_vectors<T, NU>(kx, C, k);
+  pattern_vectors<T, NU>(k0, C, z);
+  int64_t e = begin;
+  for (; e + W <= end; e += W)
+    for (int u = 0; u < NU; ++u) {
+      UT::load(dy + e + u * UT::U, g);
+      UT::load(x + e + u * UT::U, xv);
+      for (int i = 0; i < V; ++i) {
+        const int j = u * V + i;
+        xv[i] = at::vec::fmadd(d[j], g[i], at::vec::fmadd(k[j], xv[i] - m[j], z[j]));
+      }
+      UT::store(dx + e + u * UT::U, xv);
+    }
+  for (; e < end; ++e) {
+    const int64_t c = e % C;
+    const GradCoeffs<A> gc{gm[c], kd[c], kx[c], k0[c]};
+    dx[e] = static_cast<T>(grad_one(static_cast<A>(dy[e]), static_cast<A>(x[e]), gc));
+  }
+}
+
+template <typename T, template <typename, int> class Fn, typename... Args>
+inline void with_periodic(int nu, Args&&... args) {
+  switch (nu) {
+    case 1: Fn<T, 1>::run(std::forward<Args>(args)...); break;
+    case 2: Fn<T, 2>::run(std::forward<Args>(args)...); break;
+    case 3: Fn<T, 3>::run(std::forward<Args>(args)...); break;
+    default: Fn<T, 4>::run(std::forward<Args>(args)...); break;
+  }
+}
+#define BN_CUDA_PERIODIC_FN(Name, fn)                                    \
+  template <typename T, int NU>                                          \
+  struct Name {                                                          \
+    template <typename... Args>                                          \
+    static void run(Args&&... args) {                                    \
+      fn<T, NU>(std::forward<Args>(args)...);                            \
+    }                                                                    \
+  };
+BN_CUDA_PERIODIC_FN(StatsPeriodic, stats_periodic)
+BN_CUDA_PERIODIC_FN(ApplyPeriodic, apply_periodic)
+BN_CUDA_PERIODIC_FN(GradSumsPeriodic, grad_sums_periodic)
+BN_CUDA_PERIODIC_FN(GradInputPeriodic, grad_input_periodic)
+#undef BN_CUDA_PERIODIC_FN
+
 // Channels-last blocks: NP pairs of accumulator vectors (NP * K features) stay in registers while
 // the rows of a partition stream past, instead of read-modify-writing per-feature arrays per row.
 
@@ -567,6 +804,10 @@ inline void stats_cl_part(const ForwardParams& p, int64_t part, int64_t P, int64
     return;
   }
   const T* shift = x + g * v.S * p.x_so;  // feature_shift of every feature of ghost g
+  if (const int nu = periodic_units<T>(v, p.x_so == C)) {  // (one run: no ghosts)
+    with_periodic<T, StatsPeriodic>(nu, x, runs[0].first * C, runs[0].second * C, C, shift, mean, m2);
+    return;
+  }
   // Measured on an AVX2 CPU: register blocks win for narrow rows (C = 64: 0.88 vs 1.14 ms),
   // row-major for wider ones (C = 256 .. 8192).
   if (C >= kCpuRowMajorMinStatsC) {
@@ -686,10 +927,21 @@ inline void apply_all(const ForwardParams& p, CoeffArrays<acc_t<T>> k, bool fold
   const View3& v = p.v;
   const T* x = static_cast<const T*>(p.x);
   T* y = static_cast<T*>(p.y);
+  const int nu = periodic_units<T>(v, p.x_so == v.C && p.y_so == v.C);
   if (folded && v.channels_last) {
     // y = x * scale + shift', one coefficient load fewer per vector (see folding_is_exact).
     const int64_t F = v.features();
     for (int64_t f = 0; f < F; ++f) k.shift[f] = k.shift[f] - k.mean[f] * k.scale[f];
+  }
+  if (nu) {  // few features, dense rows, no ghosts: one flat run (see periodic_units)
+    const int64_t W = nu * Unit<T>::U, N = v.O * v.C;
+    at::parallel_for(0, ceil_div(N, W), std::max<int64_t>(1, kCpuChunkElems / W), [&](int64_t begin, int64_t end) {
+      with_periodic<T, ApplyPeriodic>(nu, x, y, begin * W, std::min(N, end * W), v.C, k.mean, k.scale, k.shift,
+                                      folded);
+    });
+    return;
+  }
+  if (folded && v.channels_last) {
     const int64_t C = v.C;
     at::parallel_for(0, v.O, std::max<int64_t>(1, kCpuChunkElems / C), [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
@@ -933,113 +1185,6 @@ void forward_infer(const ForwardParams& p) {
 // ---------------------------------------------------------------------------------------------
 // Backward.
 
-// Channels-last with few features (C < 2 vectors) in dense rows (outer stride C) and no ghosts:
-// the rows form one flat run whose feature pattern repeats every W = lcm(C, L) elements, so NV =
-// W / L accumulator vectors per sum follow it and the loops are fully vectorized, instead of C
-// scalar chains per row. NV (1..4) when that applies (fp32 / fp64 only), else 0.
-template <typename T>
-inline int periodic_vectors(const View3& v, bool dense) {
-  constexpr int64_t L = Vectorized<T>::size();
-  if (!std::is_same_v<T, acc_t<T>> || !dense || !v.channels_last || v.G != 1 || v.C >= 2 * L) return 0;
-  const int64_t W = std::lcm(v.C, L);
-  return W <= 4 * L ? static_cast<int>(W / L) : 0;
-}
-
-// Per-feature (sum dy, sum dy (x - mean)) of the flat elements [begin, end) (begin, end multiples
-// of C), added to s / sx: lanes accumulate in chunk order, then fold in lane order.
-template <typename T, int NV>
-inline void grad_sums_periodic(const T* dy, const T* x, int64_t begin, int64_t end, int64_t C, const T* mean, T* s,
-                               T* sx) {
-  using AV = Vectorized<T>;
-  constexpr int64_t L = AV::size(), W = NV * L;
-  T pat[W];
-  for (int64_t e = 0; e < W; ++e) pat[e] = mean[e % C];
-  AV m[NV], a[NV], b[NV];
-  for (int j = 0; j < NV; ++j) {
-    m[j] = AV::loadu(pat + j * L);
-    a[j] = AV(T(0));
-    b[j] = AV(T(0));
-  }
-  int64_t e = begin;
-  for (; e + W <= end; e += W) {
-    for (int j = 0; j < NV; ++j) {
-      const AV g = AV::loadu(dy + e + j * L);
-      const AV xv = AV::loadu(x + e + j * L);
-      a[j] += g;
-      b[j] = at::vec::fmadd(g, xv - m[j], b[j]);
-    }
-  }
-  T ta[W], tb[W];
-  for (int j = 0; j < NV; ++j) {
-    a[j].store(ta + j * L);
-    b[j].store(tb + j * L);
-  }
-  for (int64_t k = 0; k < W; ++k) {
-    s[k % C] += ta[k];
-    sx[k % C] += tb[k];
-  }
-  for (; e < end; ++e) {
-    const int64_t c = e % C;
-    s[c] += dy[e];
-    sx[c] += dy[e] * (x[e] - mean[c]);
-  }
-}
-
-// dx = k_dy dy + k_xmu (x - mean) + k_0 over the flat elements [begin, end) (begin a multiple of W).
-template <typename T, int NV>
-inline void grad_input_periodic(const T* dy, const T* x, T* dx, int64_t begin, int64_t end, int64_t C, const T* gm,
-                                const T* kd, const T* kx, const T* k0) {
-  using AV = Vectorized<T>;
-  constexpr int64_t L = AV::size(), W = NV * L;
-  T pm[W], pd[W], px[W], p0[W];
-  for (int64_t e = 0; e < W; ++e) {
-    pm[e] = gm[e % C];
-    pd[e] = kd[e % C];
-    px[e] = kx[e % C];
-    p0[e] = k0[e % C];
-  }
-  AV m[NV], d[NV], k[NV], z[NV];
-  for (int j = 0; j < NV; ++j) {
-    m[j] = AV::loadu(pm + j * L);
-    d[j] = AV::loadu(pd + j * L);
-    k[j] = AV::loadu(px + j * L);
-    z[j] = AV::loadu(p0 + j * L);
-  }
-  int64_t e = begin;
-  for (; e + W <= end; e += W) {
-    for (int j = 0; j < NV; ++j) {
-      const AV g = AV::loadu(dy + e + j * L);
-      const AV xv = AV::loadu(x + e + j * L);
-      at::vec::fmadd(d[j], g, at::vec::fmadd(k[j], xv - m[j], z[j])).store(dx + e + j * L);
-    }
-  }
-  for (; e < end; ++e) {
-    const int64_t c = e % C;
-    const GradCoeffs<T> g{gm[c], kd[c], kx[c], k0[c]};
-    dx[e] = grad_one(dy[e], x[e], g);
-  }
-}
-
-template <typename T, template <typename, int> class Fn, typename... Args>
-inline void with_periodic(int nv, Args&&... args) {
-  switch (nv) {
-    case 1: Fn<T, 1>::run(std::forward<Args>(args)...); break;
-    case 2: Fn<T, 2>::run(std::forward<Args>(args)...); break;
-    case 3: Fn<T, 3>::run(std::forward<Args>(args)...); break;
-    default: Fn<T, 4>::run(std::forward<Args>(args)...); break;
-  }
-}
-template <typename T, int NV>
-struct GradSumsPeriodic {
-  template <typename... Args>
-  static void run(Args&&... args) { grad_sums_periodic<T, NV>(std::forward<Args>(args)...); }
-};
-template <typename T, int NV>
-struct GradInputPeriodic {
-  template <typename... Args>
-  static void run(Args&&... args) { grad_input_periodic<T, NV>(std::forward<Args>(args)...); }
-};
-
 // Channels-last gradient sums (sum dy, sum dy (x - mean)) of one partition's rows, per feature
 // added in row order (so the result does not depend on C or on the tiling). Column tiles of
 // kCpuClTile features keep the tile's sums and means in L1 while the rows stream past, and each
@@ -1219,8 +1364,8 @@ void backward(const BackwardParams& p) {
         }
       });
     } else {
-      const int nv = periodic_vectors<T>(v, p.x_so == C && p.dy_so == C);
-      const int64_t T_ = nv ? 1 : cl_tiles(C);
+      const int nu = periodic_units<T>(v, p.x_so == C && p.dy_so == C);
+      const int64_t T_ = nu ? 1 : cl_tiles(C);
       at::parallel_for(0, P * T_, grain_for(cl_part_elems(v, P) / T_), [&](int64_t begin, int64_t end) {
         RowRuns runs;
         for (int64_t t = begin; t < end; ++t) {
@@ -1228,14 +1373,12 @@ void backward(const BackwardParams& p) {
           A* s = sdy + q * C;
           A* sx = sdyx + q * C;
           const A* gmean = mean + cl_partition(v, q, P, runs) * C;  // this partition's ghost
-          if constexpr (std::is_same_v<T, A>) {
-            if (nv) {
-              std::fill(s, s + C, A(0));
-              std::fill(sx, sx + C, A(0));
-              for (const auto& run : runs)
-                with_periodic<T, GradSumsPeriodic>(nv, dy, x, run.first * C, run.second * C, C, gmean, s, sx);
-              continue;
-            }
+          if (nu) {
+            std::fill(s, s + C, A(0));
+            std::fill(sx, sx + C, A(0));
+            for (const auto& run : runs)
+              with_periodic<T, GradSumsPeriodic>(nu, dy, x, run.first * C, run.second * C, C, gmean, s, sx);
+            continue;
           }
           const int64_t c0 = std::min(C, tile * kCpuClTile);
           grad_sums_cl<T>(dy, p.dy_so, x, p.x_so, gmean, runs, c0, T_ == 1 ? C : std::min(C, c0 + kCpuClTile), s, sx);
@@ -1313,15 +1456,13 @@ void backward(const BackwardParams& p) {
     return;
   }
   const int64_t grain = std::max<int64_t>(1, kCpuChunkElems / C);
-  if constexpr (std::is_same_v<T, A>) {
-    if (const int nv = periodic_vectors<T>(v, p.x_so == C && p.dy_so == C && p.dx_so == C)) {
-      const int64_t W = nv * Vectorized<T>::size(), N = v.O * C;
-      at::parallel_for(0, ceil_div(N, W), std::max<int64_t>(1, kCpuChunkElems / W), [&](int64_t begin, int64_t end) {
-        with_periodic<T, GradInputPeriodic>(nv, dy, x, dx, begin * W, std::min(N, end * W), C, g_mean, g_kdy, g_kx,
-                                            g_k0);
-      });
-      return;
-    }
+  if (const int nu = periodic_units<T>(v, p.x_so == C && p.dy_so == C && p.dx_so == C)) {
+    const int64_t W = nu * Unit<T>::U, N = v.O * C;
+    at::parallel_for(0, ceil_div(N, W), std::max<int64_t>(1, kCpuChunkElems / W), [&](int64_t begin, int64_t end) {
+      with_periodic<T, GradInputPeriodic>(nu, dy, x, dx, begin * W, std::min(N, end * W), C, g_mean, g_kdy, g_kx,
+                                          g_k0);
+    });
+    return;
   }
   if (folding_is_exact(mean, invstd, F)) {
     // dx = k_dy * dy + k_xmu * x + (k_0 - k_xmu * mean): one load and one subtract fewer per
