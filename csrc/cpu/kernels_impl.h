@@ -393,12 +393,21 @@ inline void masked_stats_cl_part(const ForwardParams& p, int64_t part, int64_t P
 }
 
 // ---------------------------------------------------------------------------------------------
-// Channels-last with few features (C < 2 accumulator vectors) in dense rows (outer stride C) and
-// no ghosts: the rows form one flat run whose feature pattern repeats every W = lcm(C, U)
-// elements (U: elements per load unit), so NU = W / U units of accumulator vectors follow the
-// pattern and every loop is vectorized, instead of C scalar chains per row (or a column walk
-// strided by C). Per-lane accumulators fold into the features in lane order at the end, so the
-// result depends on the shape only. Used by the statistics, the apply step and the backward.
+// Channels-last narrow rows (dense: outer stride C; no ghosts): the rows form one flat run whose
+// feature pattern repeats every W = lcm(C, U) elements (U: elements per load unit), so NU = W / U
+// units of accumulator vectors follow the pattern and every loop is vectorized. For C < 2 vectors
+// the per-row loops are scalar (C chains per row, or a column walk strided by C); for wider
+// narrow rows (C up to 128 fp32 / 256 fp16, bf16 / 64 fp64, when W fits kPeriodicMaxUnits) their
+// fixed cost per row outweighs a row's work. Per-lane accumulators fold into the features in lane
+// order at the end, so the result depends on the shape only. Used by the statistics, the apply
+// step and the backward. NU = 1..4 are compiled with the pattern and the accumulators in
+// registers; longer patterns (NU = 0 in the templates: nu at run time) keep them in L1.
+// Measured on 2 AVX2 threads against the per-row loops (op level, in cache unless noted):
+// 16x3x64x64 bf16 forward 589 -> 86 us, backward 870 -> 105, inference 323 -> 52; 16x5x64x64
+// fp32 forward 746 -> 131, backward 592 -> 133, inference 309 -> 67; 16x16x64x64 fp32 forward
+// 595 -> 253, inference 409 -> 129; 8x64x56x56 from memory, fp32 / bf16: forward 1.08x / 1.16x,
+// backward 1.06x / 1.13x, inference 1.35x / 1.17x.
+constexpr int kPeriodicMaxUnits = 16;
 
 // Load unit: one accumulator vector for fp32 / fp64, or the K elements that a 16-bit load
 // converts to two fp32 vectors.
@@ -425,65 +434,82 @@ struct Unit {
   }
 };
 
-// NU (1..4) when the periodic loops apply, else 0. `dense`: every tensor involved has outer
-// stride C.
+// Units in the pattern (1..kPeriodicMaxUnits) when the periodic loops apply, else 0. `dense`:
+// every tensor involved has outer stride C.
 template <typename T>
 inline int periodic_units(const View3& v, bool dense) {
   using UT = Unit<T>;
-  if (!dense || !v.channels_last || v.G != 1 || v.C >= 2 * UT::L) return 0;
-  const int64_t W = std::lcm(v.C, UT::U);
-  return W <= 4 * UT::U ? static_cast<int>(W / UT::U) : 0;
+  if (!dense || !v.channels_last || v.G != 1) return 0;
+  const int64_t nu = std::lcm(v.C, UT::U) / UT::U;
+  return nu <= kPeriodicMaxUnits ? static_cast<int>(nu) : 0;
+}
+// The statistics' choice: beyond 4 units (pattern and accumulators no longer in registers) the
+// register blocks of stats_cl_block do as well or better once C >= 2 vectors (8x128x14x14 in
+// cache: 0.070 vs 0.077 ms fp32, 0.079 vs 0.095 ms bf16).
+template <typename T>
+inline int periodic_units_stats(const View3& v, bool dense) {
+  const int nu = periodic_units<T>(v, dense);
+  return nu > 4 && v.C >= 2 * Unit<T>::L ? 0 : nu;
 }
 
-// The W-element pattern of a per-feature array (pattern[e] = a[e % C]) as NV vectors.
-template <typename T, int NU, typename Src>
-inline void pattern_vectors(const Src* a, int64_t C, Vectorized<acc_t<T>>* out) {
-  using A = acc_t<T>;
-  constexpr int64_t L = Unit<T>::L, W = NU * Unit<T>::U;
-  A pat[W];
-  for (int64_t e = 0; e < W; ++e) pat[e] = static_cast<A>(a[e % C]);
-  for (int j = 0; j < NU * Unit<T>::V; ++j) out[j] = Vectorized<A>::loadu(pat + j * L);
-}
-
-// Lane sums (NV vectors, W lanes) added into per-feature sums in lane order.
+// Compile-time pattern length NU (0: nu at run time) and the array size it needs.
 template <typename T, int NU>
-inline void fold_lanes(const Vectorized<acc_t<T>>* v, int64_t C, acc_t<T>* out) {
+struct Pattern {
+  static constexpr int kUnits = NU ? NU : kPeriodicMaxUnits;
+  static constexpr int kVecs = kUnits * Unit<T>::V;
+  static constexpr int64_t kElems = kUnits * Unit<T>::U;
+};
+
+// The W-element pattern of a per-feature array (pattern[e] = a[e % C]) as nu * V vectors.
+template <typename T, int NU, typename Src>
+inline void pattern_vectors(const Src* a, int64_t C, int nu, Vectorized<acc_t<T>>* out) {
   using A = acc_t<T>;
-  constexpr int64_t L = Unit<T>::L, W = NU * Unit<T>::U;
-  A t[W];
-  for (int j = 0; j < NU * Unit<T>::V; ++j) v[j].store(t + j * L);
-  for (int64_t k = 0; k < W; ++k) out[k % C] += t[k];
+  constexpr int64_t L = Unit<T>::L;
+  A pat[Pattern<T, NU>::kElems];
+  for (int64_t e = 0; e < nu * Unit<T>::U; ++e) pat[e] = static_cast<A>(a[e % C]);
+  for (int j = 0; j < nu * Unit<T>::V; ++j) out[j] = Vectorized<A>::loadu(pat + j * L);
+}
+
+// Lane sums (nu * V vectors) added into per-feature sums in lane order.
+template <typename T, int NU>
+inline void fold_lanes(const Vectorized<acc_t<T>>* v, int64_t C, int nu, acc_t<T>* out) {
+  using A = acc_t<T>;
+  constexpr int64_t L = Unit<T>::L;
+  A t[Pattern<T, NU>::kElems];
+  for (int j = 0; j < nu * Unit<T>::V; ++j) v[j].store(t + j * L);
+  for (int64_t k = 0; k < nu * Unit<T>::U; ++k) out[k % C] += t[k];
 }
 
 // Two-pass moments of the rows in the flat elements [begin, end) (multiples of C), relative to
 // the shift row: mean[c] = mean - shift[c] and m2[c], as stats_cl_block computes them.
 template <typename T, int NU>
-inline void stats_periodic(const T* x, int64_t begin, int64_t end, int64_t C, const T* shift, acc_t<T>* mean,
-                           acc_t<T>* m2) {
+inline void stats_periodic(int nu_rt, const T* x, int64_t begin, int64_t end, int64_t C, const T* shift,
+                           acc_t<T>* mean, acc_t<T>* m2) {
   using UT = Unit<T>;
   using A = acc_t<T>;
   using AV = typename UT::AV;
-  constexpr int V = UT::V, NV = NU * V;
-  constexpr int64_t W = NU * UT::U;
-  AV h[NV], s[NV], d[V];
-  pattern_vectors<T, NU>(shift, C, h);
-  for (int j = 0; j < NV; ++j) s[j] = AV(A(0));
+  constexpr int V = UT::V;
+  const int nu = NU ? NU : nu_rt, nv = nu * V;
+  const int64_t W = nu * UT::U;
+  AV h[Pattern<T, NU>::kVecs], s[Pattern<T, NU>::kVecs], d[V];
+  pattern_vectors<T, NU>(shift, C, nu, h);
+  for (int j = 0; j < nv; ++j) s[j] = AV(A(0));
   int64_t e = begin;
   for (; e + W <= end; e += W)
-    for (int u = 0; u < NU; ++u) {
+    for (int u = 0; u < nu; ++u) {
       UT::load(x + e + u * UT::U, d);
       for (int i = 0; i < V; ++i) s[u * V + i] += d[i] - h[u * V + i];
     }
   for (int64_t c = 0; c < C; ++c) mean[c] = A(0);
-  fold_lanes<T, NU>(s, C, mean);
+  fold_lanes<T, NU>(s, C, nu, mean);
   for (int64_t t = e; t < end; ++t) mean[t % C] += static_cast<A>(x[t]) - static_cast<A>(shift[t % C]);
   const A inv = A(1) / static_cast<A>((end - begin) / C);
   for (int64_t c = 0; c < C; ++c) mean[c] *= inv;
-  AV m[NV];
-  pattern_vectors<T, NU>(mean, C, m);
-  for (int j = 0; j < NV; ++j) s[j] = AV(A(0));
+  AV m[Pattern<T, NU>::kVecs];
+  pattern_vectors<T, NU>(mean, C, nu, m);
+  for (int j = 0; j < nv; ++j) s[j] = AV(A(0));
   for (e = begin; e + W <= end; e += W)
-    for (int u = 0; u < NU; ++u) {
+    for (int u = 0; u < nu; ++u) {
       UT::load(x + e + u * UT::U, d);
       for (int i = 0; i < V; ++i) {
         const int j = u * V + i;
@@ -492,7 +518,7 @@ inline void stats_periodic(const T* x, int64_t begin, int64_t end, int64_t C, co
       }
     }
   for (int64_t c = 0; c < C; ++c) m2[c] = A(0);
-  fold_lanes<T, NU>(s, C, m2);
+  fold_lanes<T, NU>(s, C, nu, m2);
   for (int64_t t = e; t < end; ++t) {
     const int64_t c = t % C;
     const A q = (static_cast<A>(x[t]) - static_cast<A>(shift[c])) - mean[c];
@@ -500,24 +526,25 @@ inline void stats_periodic(const T* x, int64_t begin, int64_t end, int64_t C, co
   }
 }
 
-// y = (x - mean) * scale + shift (Folded: x * scale + shift, the shift folded by the caller) over
+// y = (x - mean) * scale + shift (folded: x * scale + shift, the shift folded by the caller) over
 // the flat elements [begin, end) (begin a multiple of W).
 template <typename T, int NU>
-inline void apply_periodic(const T* x, T* y, int64_t begin, int64_t end, int64_t C, const acc_t<T>* km,
+inline void apply_periodic(int nu_rt, const T* x, T* y, int64_t begin, int64_t end, int64_t C, const acc_t<T>* km,
                            const acc_t<T>* ks, const acc_t<T>* kb, bool folded) {
   using UT = Unit<T>;
   using A = acc_t<T>;
   using AV = typename UT::AV;
-  constexpr int V = UT::V, NV = NU * V;
-  constexpr int64_t W = NU * UT::U;
-  AV m[NV], s[NV], b[NV], d[V];
-  pattern_vectors<T, NU>(km, C, m);
-  pattern_vectors<T, NU>(ks, C, s);
-  pattern_vectors<T, NU>(kb, C, b);
+  constexpr int V = UT::V;
+  const int nu = NU ? NU : nu_rt;
+  const int64_t W = nu * UT::U;
+  AV m[Pattern<T, NU>::kVecs], s[Pattern<T, NU>::kVecs], b[Pattern<T, NU>::kVecs], d[V];
+  pattern_vectors<T, NU>(km, C, nu, m);
+  pattern_vectors<T, NU>(ks, C, nu, s);
+  pattern_vectors<T, NU>(kb, C, nu, b);
   int64_t e = begin;
   if (folded) {
     for (; e + W <= end; e += W)
-      for (int u = 0; u < NU; ++u) {
+      for (int u = 0; u < nu; ++u) {
         UT::load(x + e + u * UT::U, d);
         for (int i = 0; i < V; ++i) d[i] = at::vec::fmadd(d[i], s[u * V + i], b[u * V + i]);
         UT::store(y + e + u * UT::U, d);
@@ -526,7 +553,7 @@ inline void apply_periodic(const T* x, T* y, int64_t begin, int64_t end, int64_t
     return;
   }
   for (; e + W <= end; e += W)
-    for (int u = 0; u < NU; ++u) {
+    for (int u = 0; u < nu; ++u) {
       UT::load(x + e + u * UT::U, d);
       for (int i = 0; i < V; ++i) d[i] = at::vec::fmadd(d[i] - m[u * V + i], s[u * V + i], b[u * V + i]);
       UT::store(y + e + u * UT::U, d);
@@ -540,22 +567,23 @@ inline void apply_periodic(const T* x, T* y, int64_t begin, int64_t end, int64_t
 // Per-feature (sum dy, sum dy (x - mean)) of the flat elements [begin, end) (multiples of C),
 // added to s / sx.
 template <typename T, int NU>
-inline void grad_sums_periodic(const T* dy, const T* x, int64_t begin, int64_t end, int64_t C, const acc_t<T>* mean,
-                               acc_t<T>* s, acc_t<T>* sx) {
+inline void grad_sums_periodic(int nu_rt, const T* dy, const T* x, int64_t begin, int64_t end, int64_t C,
+                               const acc_t<T>* mean, acc_t<T>* s, acc_t<T>* sx) {
   using UT = Unit<T>;
   using A = acc_t<T>;
   using AV = typename UT::AV;
-  constexpr int V = UT::V, NV = NU * V;
-  constexpr int64_t W = NU * UT::U;
-  AV m[NV], a[NV], b[NV], g[V], xv[V];
-  pattern_vectors<T, NU>(mean, C, m);
-  for (int j = 0; j < NV; ++j) {
+  constexpr int V = UT::V;
+  const int nu = NU ? NU : nu_rt, nv = nu * V;
+  const int64_t W = nu * UT::U;
+  AV m[Pattern<T, NU>::kVecs], a[Pattern<T, NU>::kVecs], b[Pattern<T, NU>::kVecs], g[V], xv[V];
+  pattern_vectors<T, NU>(mean, C, nu, m);
+  for (int j = 0; j < nv; ++j) {
     a[j] = AV(A(0));
     b[j] = AV(A(0));
   }
   int64_t e = begin;
   for (; e + W <= end; e += W)
-    for (int u = 0; u < NU; ++u) {
+    for (int u = 0; u < nu; ++u) {
       UT::load(dy + e + u * UT::U, g);
       UT::load(x + e + u * UT::U, xv);
       for (int i = 0; i < V; ++i) {
@@ -564,8 +592,8 @@ inline void grad_sums_periodic(const T* dy, const T* x, int64_t begin, int64_t e
         b[j] = at::vec::fmadd(g[i], xv[i] - m[j], b[j]);
       }
     }
-  fold_lanes<T, NU>(a, C, s);
-  fold_lanes<T, NU>(b, C, sx);
+  fold_lanes<T, NU>(a, C, nu, s);
+  fold_lanes<T, NU>(b, C, nu, sx);
   for (; e < end; ++e) {
     const int64_t c = e % C;
     const A gv = static_cast<A>(dy[e]);
@@ -576,21 +604,23 @@ inline void grad_sums_periodic(const T* dy, const T* x, int64_t begin, int64_t e
 
 // dx = k_dy dy + k_xmu (x - mean) + k_0 over the flat elements [begin, end) (begin a multiple of W).
 template <typename T, int NU>
-inline void grad_input_periodic(const T* dy, const T* x, T* dx, int64_t begin, int64_t end, int64_t C,
+inline void grad_input_periodic(int nu_rt, const T* dy, const T* x, T* dx, int64_t begin, int64_t end, int64_t C,
                                 const acc_t<T>* gm, const acc_t<T>* kd, const acc_t<T>* kx, const acc_t<T>* k0) {
   using UT = Unit<T>;
   using A = acc_t<T>;
   using AV = typename UT::AV;
-  constexpr int V = UT::V, NV = NU * V;
-  constexpr int64_t W = NU * UT::U;
-  AV m[NV], d[NV], k[NV], z[NV], g[V], xv[V];
-  pattern_vectors<T, NU>(gm, C, m);
-  pattern_vectors<T, NU>(kd, C, d);
-  pattern_vectors<T, NU>(kx, C, k);
-  pattern_vectors<T, NU>(k0, C, z);
+  constexpr int V = UT::V;
+  const int nu = NU ? NU : nu_rt;
+  const int64_t W = nu * UT::U;
+  AV m[Pattern<T, NU>::kVecs], d[Pattern<T, NU>::kVecs], k[Pattern<T, NU>::kVecs], z[Pattern<T, NU>::kVecs];
+  AV g[V], xv[V];
+  pattern_vectors<T, NU>(gm, C, nu, m);
+  pattern_vectors<T, NU>(kd, C, nu, d);
+  pattern_vectors<T, NU>(kx, C, nu, k);
+  pattern_vectors<T, NU>(k0, C, nu, z);
   int64_t e = begin;
   for (; e + W <= end; e += W)
-    for (int u = 0; u < NU; ++u) {
+    for (int u = 0; u < nu; ++u) {
       UT::load(dy + e + u * UT::U, g);
       UT::load(x + e + u * UT::U, xv);
       for (int i = 0; i < V; ++i) {
@@ -606,13 +636,15 @@ inline void grad_input_periodic(const T* dy, const T* x, T* dx, int64_t begin, i
   }
 }
 
+// Fn<T, NU>::run(nu, args...) with NU = nu for nu = 1..4 (registers), else NU = 0 (run time).
 template <typename T, template <typename, int> class Fn, typename... Args>
 inline void with_periodic(int nu, Args&&... args) {
   switch (nu) {
-    case 1: Fn<T, 1>::run(std::forward<Args>(args)...); break;
-    case 2: Fn<T, 2>::run(std::forward<Args>(args)...); break;
-    case 3: Fn<T, 3>::run(std::forward<Args>(args)...); break;
-    default: Fn<T, 4>::run(std::forward<Args>(args)...); break;
+    case 1: Fn<T, 1>::run(nu, std::forward<Args>(args)...); break;
+    case 2: Fn<T, 2>::run(nu, std::forward<Args>(args)...); break;
+    case 3: Fn<T, 3>::run(nu, std::forward<Args>(args)...); break;
+    case 4: Fn<T, 4>::run(nu, std::forward<Args>(args)...); break;
+    default: Fn<T, 0>::run(nu, std::forward<Args>(args)...); break;
   }
 }
 #define BN_CUDA_PERIODIC_FN(Name, fn)                                    \
@@ -804,7 +836,7 @@ inline void stats_cl_part(const ForwardParams& p, int64_t part, int64_t P, int64
     return;
   }
   const T* shift = x + g * v.S * p.x_so;  // feature_shift of every feature of ghost g
-  if (const int nu = periodic_units<T>(v, p.x_so == C)) {  // (one run: no ghosts)
+  if (const int nu = periodic_units_stats<T>(v, p.x_so == C)) {  // (one run: no ghosts)
     with_periodic<T, StatsPeriodic>(nu, x, runs[0].first * C, runs[0].second * C, C, shift, mean, m2);
     return;
   }
