@@ -1102,6 +1102,51 @@ void forward_train(const ForwardParams& p) {
   PartialArrays<A> part = partial_arrays<A>(p.workspace, P, C);
   A* coeff_base = static_cast<A*>(p.workspace) + 3 * P * C;
   CoeffArrays<A> k{coeff_base, coeff_base + F, coeff_base + 2 * F};
+  const A* w = static_cast<const A*>(p.weight);
+  const A* b = static_cast<const A*>(p.bias);
+  A* rm = static_cast<A*>(p.running_mean);
+  A* rv = static_cast<A*>(p.running_var);
+  A* sm = static_cast<A*>(p.save_mean);
+  A* si = static_cast<A*>(p.save_invstd);
+  const A eps = static_cast<A>(p.eps), mom = static_cast<A>(p.momentum);
+
+  // Channels-first, each feature one partition (its O x I elements fit a cache-sized chunk; no
+  // mask, no ghosts, not the staged batch_stats): one task per feature computes its statistics,
+  // finalizes them and applies them back to back, so the apply step reads x from cache instead
+  // of memory, as the backward's fused path does. The statistics and coefficients of the
+  // two-phase path below, in the same order (a merge with the empty state returns the partial);
+  // the folded apply (see folding_is_exact) is decided per feature rather than for all at once.
+  // Measured on 2 AVX2 threads, inputs from memory, op level: fp32 8x64x56x56 1.02 -> 0.79 ms,
+  // 8x256x14x14 0.220 -> 0.184 ms, 8x17x28x28 73 -> 65 us; fp16 / bf16 from 0.95x (8x256x14x14
+  // bf16) to 1.19x (8x1000x7x7 bf16, 2x32x16x16x16 fp16).
+  if (!v.channels_last && P == 1 && !p.mask && !p.stat_mean && v.G == 1) {
+    T* y = static_cast<T*>(p.y);
+    const T* x = static_cast<const T*>(p.x);
+    at::parallel_for(0, C, grain_for(v.O * v.I), [&](int64_t begin, int64_t end) {
+      for (int64_t c = begin; c < end; ++c) {
+        WelfordState<A> st = stats_cf_part<T>(p, c, 0);
+        st.mean = feature_shift<T>(p, c) + st.mean;
+        const A var = biased_var(st);
+        const A invstd = invstd_of(var, eps);
+        sm[c] = st.mean;
+        si[c] = invstd;
+        if (rm) rm[c] = running_update(rm[c], st.mean, mom);
+        if (rv) rv[c] = running_update(rv[c], p.unbiased_running_var ? unbiased_var(st) : var, mom);
+        const ApplyCoeffs<A> kc = apply_coeffs(st.mean, invstd, w, b, c);
+        const bool folded = std::abs(st.mean) * invstd <= A(kFoldedMaxRatio);
+        for (int64_t r = 0; r < v.O; ++r) {
+          const T* xr = x + r * p.x_so + c * p.x_sc;
+          T* yr = y + r * p.y_so + c * p.y_sc;
+          if (folded)
+            apply_run<T, true>(xr, yr, v.I, A(0), kc.scale, kc.shift - kc.mean * kc.scale);
+          else
+            apply_run(xr, yr, v.I, kc.mean, kc.scale, kc.shift);
+        }
+      }
+    });
+    return;
+  }
+
   // Masked: per-feature shifts in k.mean until the finalize below overwrites it (same index).
   if (p.mask) masked_feature_shifts<T>(p, k.mean);
 
@@ -1129,13 +1174,6 @@ void forward_train(const ForwardParams& p) {
   }
 
   // Finalize: merge partials per feature in partition order.
-  const A* w = static_cast<const A*>(p.weight);
-  const A* b = static_cast<const A*>(p.bias);
-  A* rm = static_cast<A*>(p.running_mean);
-  A* rv = static_cast<A*>(p.running_var);
-  A* sm = static_cast<A*>(p.save_mean);
-  A* si = static_cast<A*>(p.save_invstd);
-  const A eps = static_cast<A>(p.eps), mom = static_cast<A>(p.momentum);
   // Channels-last partials share one count per row, except under a mask: merge those per feature.
   const bool row_merged = v.channels_last && !p.mask;
   if (row_merged) merge_cl_partials(part, P, C, v.G);  // each ghost's merged state: its first row
