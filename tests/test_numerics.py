@@ -227,15 +227,15 @@ def test_bf16_fp16_large_offsets(dtype, device):
     assert float((rm.double().cpu() - ref["running_mean"]).abs().max()) < 1e-6 * offset + 1e-3
 
 
-@pytest.mark.parametrize("c", [1, 2, 3, 4, 5, 6, 8, 12, 15, 16, 17, 24, 48, 96, 128, 256])
+@pytest.mark.parametrize("c", [1, 2, 3, 4, 5, 6, 8, 12, 15, 16, 17, 24, 31, 48, 96, 128, 256, 257])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("many", [False, True])
 @pytest.mark.parametrize("dense", [True, False])
 def test_channels_last_few_features(c, dtype, many, dense):
     """Channels-last narrow rows: dense rows take the CPU's periodic loops (a pattern of lcm(C,
     lanes) elements, in registers or, for longer patterns, in memory; statistics, apply and
-    backward), rows with a gap between them the per-row ones (C = 17 and 256 fp32 / fp64: no short
-    pattern). Odd row counts (tails), one or several partitions, per-feature offsets (large for
+    backward), rows with a gap between them the per-row ones (as do C = 256 fp32 / fp64 and C =
+    257: no short pattern). Odd row counts (tails), one or several partitions, per-feature offsets (large for
     fp32 / fp64, which the sums must not lose); training output, running statistics, every
     gradient and the inference output against float64 on the same (dtype-exact) values."""
     rows = max(40001 // c, 301) if many else 7
