@@ -969,7 +969,7 @@ inline void apply_all(const ForwardParams& p, CoeffArrays<acc_t<T>> k, bool fold
     const int64_t F = v.features();
     for (int64_t f = 0; f < F; ++f) k.shift[f] = k.shift[f] - k.mean[f] * k.scale[f];
   }
-  if (nu) {  // few features, dense rows, no ghosts: one flat run (see periodic_units)
+  if (nu) {  // narrow dense rows, no ghosts: one flat run (see periodic_units)
     const int64_t W = nu * Unit<T>::U, N = v.O * v.C;
     at::parallel_for(0, ceil_div(N, W), std::max<int64_t>(1, kCpuChunkElems / W), [&](int64_t begin, int64_t end) {
       with_periodic<T, ApplyPeriodic>(nu, x, y, begin * W, std::min(N, end * W), v.C, k.mean, k.scale, k.shift,
