@@ -1113,6 +1113,16 @@ void forward_train(const ForwardParams& p) {
   A* sm = static_cast<A*>(p.save_mean);
   A* si = static_cast<A*>(p.save_invstd);
   const A eps = static_cast<A>(p.eps), mom = static_cast<A>(p.momentum);
+  // Feature c's merged state (its mean absolute) -> saved and running statistics, apply coefficients.
+  const auto finalize_feature = [&](const WelfordState<A>& st, int64_t c) {
+    const A var = biased_var(st);
+    const A invstd = invstd_of(var, eps);
+    sm[c] = st.mean;
+    si[c] = invstd;
+    if (rm) rm[c] = running_update(rm[c], st.mean, mom);
+    if (rv) rv[c] = running_update(rv[c], p.unbiased_running_var ? unbiased_var(st) : var, mom);
+    return apply_coeffs(st.mean, invstd, w, b, c);
+  };
 
   // Channels-first, each feature one partition (its O x I elements fit a cache-sized chunk; no
   // mask, no ghosts, not the staged batch_stats): one task per feature computes its statistics,
@@ -1130,14 +1140,8 @@ void forward_train(const ForwardParams& p) {
       for (int64_t c = begin; c < end; ++c) {
         WelfordState<A> st = stats_cf_part<T>(p, c, 0);
         st.mean = feature_shift<T>(p, c) + st.mean;
-        const A var = biased_var(st);
-        const A invstd = invstd_of(var, eps);
-        sm[c] = st.mean;
-        si[c] = invstd;
-        if (rm) rm[c] = running_update(rm[c], st.mean, mom);
-        if (rv) rv[c] = running_update(rv[c], p.unbiased_running_var ? unbiased_var(st) : var, mom);
-        const ApplyCoeffs<A> kc = apply_coeffs(st.mean, invstd, w, b, c);
-        const bool folded = std::abs(st.mean) * invstd <= A(kFoldedMaxRatio);
+        const ApplyCoeffs<A> kc = finalize_feature(st, c);
+        const bool folded = std::abs(sm[c]) * si[c] <= A(kFoldedMaxRatio);  // (folding_is_exact's test)
         for (int64_t r = 0; r < v.O; ++r) {
           const T* xr = x + r * p.x_so + c * p.x_sc;
           T* yr = y + r * p.y_so + c * p.y_sc;
@@ -1203,13 +1207,7 @@ void forward_train(const ForwardParams& p) {
         static_cast<A*>(p.stat_count)[c] = st.n;
         continue;
       }
-      const A var = biased_var(st);
-      const A invstd = invstd_of(var, eps);
-      sm[c] = st.mean;
-      si[c] = invstd;
-      if (rm) rm[c] = running_update(rm[c], st.mean, mom);
-      if (rv) rv[c] = running_update(rv[c], p.unbiased_running_var ? unbiased_var(st) : var, mom);
-      const ApplyCoeffs<A> kc = apply_coeffs(st.mean, invstd, w, b, c);
+      const ApplyCoeffs<A> kc = finalize_feature(st, c);
       k.mean[c] = kc.mean;
       k.scale[c] = kc.scale;
       k.shift[c] = kc.shift;
