@@ -69,75 +69,77 @@ struct Io {
   }
 };
 
-// sum(p[0:n] - shift). Summing deviations from a value of the same data (instead of the raw
-// values) keeps the sum small when |mean| >> std: with an offset of 1e6 in fp32 a raw sum of 3e4
-// values loses the mean to rounding (ulp(3e10) = 2048) and with it the whole variance. x - shift
-// is exact (Sterbenz) when x and shift are within a factor of two.
+// Sums over a walk of runs (the rows of a channels-first feature): two vector accumulators for
+// the runs' K-element steps and a scalar one for their tails, added up once per walk. (A
+// horizontal sum per run cost about as much as the run itself for the 49- and 196-element rows
+// of 7x7 and 14x14 maps.)
 template <typename T>
-inline acc_t<T> shifted_sum_run(const T* p, int64_t n, acc_t<T> shift) {
+struct RunAcc {
+  using IO = Io<T>;
+  typename IO::AV v0{acc_t<T>(0)}, v1{acc_t<T>(0)};
+  acc_t<T> tail = acc_t<T>(0);
+  acc_t<T> total() const { return IO::hsum(v0 + v1) + tail; }
+};
+
+// acc += sum(p[0:n] - shift). Summing deviations from a value of the same data (instead of the
+// raw values) keeps the sum small when |mean| >> std: with an offset of 1e6 in fp32 a raw sum of
+// 3e4 values loses the mean to rounding (ulp(3e10) = 2048) and with it the whole variance.
+// x - shift is exact (Sterbenz) when x and shift are within a factor of two.
+template <typename T>
+inline void shifted_sum_run(const T* p, int64_t n, acc_t<T> shift, RunAcc<T>& acc) {
   using IO = Io<T>;
   const typename IO::AV sh(shift);
-  typename IO::AV s0(0), s1(0);
   int64_t i = 0;
   for (; i + IO::K <= n; i += IO::K) {
     typename IO::AV a, b;
     IO::load(p + i, a, b);
-    s0 += a - sh;
-    s1 += b - sh;
+    acc.v0 += a - sh;
+    acc.v1 += b - sh;
   }
-  acc_t<T> s = IO::hsum(s0 + s1);
-  for (; i < n; ++i) s += static_cast<acc_t<T>>(p[i]) - shift;
-  return s;
+  for (; i < n; ++i) acc.tail += static_cast<acc_t<T>>(p[i]) - shift;
 }
 
-// sum(((p[0:n] - shift) - dmean)^2), the squared deviations from the mean shift + dmean without
-// rounding that mean to the acc type first (x - shift is exact when x and shift are close).
+// acc += sum(((p[0:n] - shift) - dmean)^2), the squared deviations from the mean shift + dmean
+// without rounding that mean to the acc type first (x - shift is exact when x and shift are close).
 template <typename T>
-inline acc_t<T> sqdev_run(const T* p, int64_t n, acc_t<T> shift, acc_t<T> dmean) {
+inline void sqdev_run(const T* p, int64_t n, acc_t<T> shift, acc_t<T> dmean, RunAcc<T>& acc) {
   using IO = Io<T>;
   const typename IO::AV sh(shift), m(dmean);
-  typename IO::AV s0(0), s1(0);
   int64_t i = 0;
   for (; i + IO::K <= n; i += IO::K) {
     typename IO::AV a, b;
     IO::load(p + i, a, b);
     a = (a - sh) - m;
     b = (b - sh) - m;
-    s0 = at::vec::fmadd(a, a, s0);
-    s1 = at::vec::fmadd(b, b, s1);
+    acc.v0 = at::vec::fmadd(a, a, acc.v0);
+    acc.v1 = at::vec::fmadd(b, b, acc.v1);
   }
-  acc_t<T> s = IO::hsum(s0 + s1);
   for (; i < n; ++i) {
     const acc_t<T> d = (static_cast<acc_t<T>>(p[i]) - shift) - dmean;
-    s += d * d;
+    acc.tail += d * d;
   }
-  return s;
 }
 
-// sum(dy) and sum(dy * (x - mean)) over a run.
+// sdy += sum(dy) and sdyx += sum(dy * (x - mean)) over a run.
 template <typename T>
-inline void grad_sums_run(const T* dy, const T* x, int64_t n, acc_t<T> mean, acc_t<T>& sdy, acc_t<T>& sdyx) {
+inline void grad_sums_run(const T* dy, const T* x, int64_t n, acc_t<T> mean, RunAcc<T>& sdy, RunAcc<T>& sdyx) {
   using IO = Io<T>;
   const typename IO::AV m(mean);
-  typename IO::AV a0(0), a1(0), b0(0), b1(0);
   int64_t i = 0;
   for (; i + IO::K <= n; i += IO::K) {
     typename IO::AV g0, g1, x0, x1;
     IO::load(dy + i, g0, g1);
     IO::load(x + i, x0, x1);
-    a0 += g0;
-    a1 += g1;
-    b0 = at::vec::fmadd(g0, x0 - m, b0);
-    b1 = at::vec::fmadd(g1, x1 - m, b1);
+    sdy.v0 += g0;
+    sdy.v1 += g1;
+    sdyx.v0 = at::vec::fmadd(g0, x0 - m, sdyx.v0);
+    sdyx.v1 = at::vec::fmadd(g1, x1 - m, sdyx.v1);
   }
-  acc_t<T> s = IO::hsum(a0 + a1), t = IO::hsum(b0 + b1);
   for (; i < n; ++i) {
     const acc_t<T> g = static_cast<acc_t<T>>(dy[i]);
-    s += g;
-    t += g * (static_cast<acc_t<T>>(x[i]) - mean);
+    sdy.tail += g;
+    sdyx.tail += g * (static_cast<acc_t<T>>(x[i]) - mean);
   }
-  sdy += s;
-  sdyx += t;
 }
 
 // out = (x - mean) * scale + shift over a run with per-run constants. Folded: out = x * scale +
@@ -178,6 +180,50 @@ inline void grad_run(const T* dy, const T* x, T* dx, int64_t n, const GradCoeffs
   for (; i < n; ++i)
     dx[i] = static_cast<T>(grad_one(static_cast<acc_t<T>>(dy[i]), static_cast<acc_t<T>>(x[i]), g));
 }
+
+// ---------------------------------------------------------------------------------------------
+// Software prefetch for the passes that read from memory.
+//
+// A hardware stream prefetcher locks on to a stream after a few misses in a row. The walks below
+// are made of short runs: a channels-first feature is O rows of I elements at a stride of C x I
+// (392 bytes for 14 x 14 bf16), and the channels-last row blocks read R rows side by side, each
+// a run of a few hundred bytes that ends about when the prefetcher has learned it. Nearly every
+// line then arrives at memory latency, and torch's one-stream-per-thread passes, slower per
+// element, beat these loops from memory while losing to them in cache. So these walks ask for the
+// lines they will read about kPrefetchAheadBytes later. Runs longer than kPrefetchMaxRunBytes
+// are streams the hardware follows by itself: no prefetch there (it measured slower).
+constexpr int64_t kPrefetchAheadBytes = 2048;
+constexpr int64_t kPrefetchMaxRunBytes = 2048;
+constexpr int64_t kCacheLine = 64;
+
+// Prefetch the lines of [p, p + bytes).
+inline void prefetch_bytes(const void* p, int64_t bytes) {
+  const uintptr_t a = reinterpret_cast<uintptr_t>(p);
+  for (uintptr_t l = a & ~uintptr_t(kCacheLine - 1); l < a + static_cast<uintptr_t>(bytes); l += kCacheLine)
+    __builtin_prefetch(reinterpret_cast<const void*>(l));
+}
+
+// A channels-first walk over rows 0 .. O - 1 (stride `so`, I elements each) of one feature, then
+// of the next feature the task walks (`next`, or nullptr): at(r) prefetches the row `ahead` rows
+// on, across into `next`. Off (ahead = 0) for long rows.
+template <typename T>
+struct CfPrefetch {
+  const T* base;
+  const T* next;
+  int64_t so, O, bytes, ahead;
+  CfPrefetch(const T* base_, const T* next_, int64_t so_, int64_t O_, int64_t I)
+      : base(base_), next(next_), so(so_), O(O_), bytes(I * static_cast<int64_t>(sizeof(T))), ahead(0) {
+    if (bytes > 0 && bytes <= kPrefetchMaxRunBytes) ahead = ceil_div(kPrefetchAheadBytes, bytes);
+  }
+  inline void at(int64_t r) const {
+    if (!ahead) return;
+    const int64_t q = r + ahead;
+    if (q < O)
+      prefetch_bytes(base + q * so, bytes);
+    else if (next && q - O < O)
+      prefetch_bytes(next + (q - O) * so, bytes);
+  }
+};
 
 // ---------------------------------------------------------------------------------------------
 // Partial statistics.
@@ -255,8 +301,11 @@ inline acc_t<T> feature_shift(const ForwardParams& p, int64_t f) {
 
 // Channels-first: partition `part` of feature c covers whole rows of the outer dim; rows longer
 // than a chunk are split into chunk-sized segments. The state's mean is relative to the shift.
+// The first pass prefetches ahead along the feature's rows and on into feature c + 1's (the
+// next feature of the caller's walk, `prefetch_next`), then its partitions.
 template <typename T>
-inline WelfordState<acc_t<T>> stats_cf_part(const ForwardParams& p, int64_t c, int64_t part) {
+inline WelfordState<acc_t<T>> stats_cf_part(const ForwardParams& p, int64_t c, int64_t part,
+                                            bool prefetch_next = true) {
   using A = acc_t<T>;
   const View3& v = p.v;
   const T* x = static_cast<const T*>(p.x) + c * p.x_sc;
@@ -266,20 +315,27 @@ inline WelfordState<acc_t<T>> stats_cf_part(const ForwardParams& p, int64_t c, i
   WelfordState<A> st = welford_empty<A>();
   if (r1 <= r0) return st;
   if (v.I <= kCpuChunkElems) {
-    A s = A(0);
-    for (int64_t r = r0; r < r1; ++r) s += shifted_sum_run(x + r * p.x_so, v.I, shift);
+    const CfPrefetch<T> pf(x, prefetch_next && c + 1 < v.C ? x + p.x_sc : nullptr, p.x_so, v.O, v.I);
+    RunAcc<T> s;
+    for (int64_t r = r0; r < r1; ++r) {
+      pf.at(r);
+      shifted_sum_run(x + r * p.x_so, v.I, shift, s);
+    }
     const A n = static_cast<A>((r1 - r0) * v.I);
-    const A dmean = s / n;
-    A m2 = A(0);
-    for (int64_t r = r0; r < r1; ++r) m2 += sqdev_run(x + r * p.x_so, v.I, shift, dmean);
-    st = WelfordState<A>{dmean, m2, n};
+    const A dmean = s.total() / n;
+    RunAcc<T> m2;
+    for (int64_t r = r0; r < r1; ++r) sqdev_run(x + r * p.x_so, v.I, shift, dmean, m2);
+    st = WelfordState<A>{dmean, m2.total(), n};
   } else {
     for (int64_t r = r0; r < r1; ++r) {
       for (int64_t i0 = 0; i0 < v.I; i0 += kCpuChunkElems) {
         const int64_t len = std::min(kCpuChunkElems, v.I - i0);
         const T* seg = x + r * p.x_so + i0;
-        const A dmean = shifted_sum_run(seg, len, shift) / static_cast<A>(len);
-        st = welford_merge(st, WelfordState<A>{dmean, sqdev_run(seg, len, shift, dmean), static_cast<A>(len)});
+        RunAcc<T> s, m2;
+        shifted_sum_run(seg, len, shift, s);
+        const A dmean = s.total() / static_cast<A>(len);
+        sqdev_run(seg, len, shift, dmean, m2);
+        st = welford_merge(st, WelfordState<A>{dmean, m2.total(), static_cast<A>(len)});
       }
     }
   }
@@ -725,15 +781,20 @@ inline void stats_cl_block(const T* x, int64_t so, const T* shift, const RowRuns
 constexpr int64_t kCpuRowMajorMinStatsC = 256;  // statistics: row-major from this many features
 constexpr int64_t kCpuClTile = 512;             // column tile (features); a multiple of every Io<T>::K
 
+// Rows [r, r + R) of features [c0, c1) added into the sums; the first `pf` rows of the next
+// block, [r + R, r + R + pf), are prefetched (a line at a time) along the way.
 template <typename T, int R>
 inline void shifted_sums_cl_rows(const T* x, int64_t so, const T* shift, int64_t r, int64_t c0, int64_t c1,
-                                 acc_t<T>* sum) {
+                                 acc_t<T>* sum, int64_t pf) {
   using A = acc_t<T>;
   using IO = Io<T>;
   using AV = typename IO::AV;
+  constexpr int64_t kLine = kCacheLine / static_cast<int64_t>(sizeof(T));
   int64_t c = c0;
   for (; c + IO::K <= c1; c += IO::K) {
     AV h0, h1, s0, s1;
+    if ((c - c0) % kLine < IO::K)
+      for (int64_t j = 0; j < pf; ++j) __builtin_prefetch(x + (r + R + j) * so + c);
     IO::load(shift + c, h0, h1);
     IO::load_acc(sum + c, s0, s1);
     for (int j = 0; j < R; ++j) {
@@ -795,8 +856,10 @@ inline void stats_cl_rowmajor(const T* x, int64_t so, const T* shift, const RowR
   std::fill(m2 + c0, m2 + c1, A(0));
   for (const auto& run : runs) {
     int64_t r = run.first;
-    for (; r + 4 <= run.second; r += 4) shifted_sums_cl_rows<T, 4>(x, so, shift, r, c0, c1, mean);
-    for (; r < run.second; ++r) shifted_sums_cl_rows<T, 1>(x, so, shift, r, c0, c1, mean);
+    // (the first pass prefetches the next block's rows within the run)
+    for (; r + 4 <= run.second; r += 4)
+      shifted_sums_cl_rows<T, 4>(x, so, shift, r, c0, c1, mean, std::min<int64_t>(4, run.second - r - 4));
+    for (; r < run.second; ++r) shifted_sums_cl_rows<T, 1>(x, so, shift, r, c0, c1, mean, 0);
   }
   const A inv = A(1) / static_cast<A>(n);
   for (int64_t c = c0; c < c1; ++c) mean[c] *= inv;
@@ -1138,7 +1201,7 @@ void forward_train(const ForwardParams& p) {
     const T* x = static_cast<const T*>(p.x);
     at::parallel_for(0, C, grain_for(v.O * v.I), [&](int64_t begin, int64_t end) {
       for (int64_t c = begin; c < end; ++c) {
-        WelfordState<A> st = stats_cf_part<T>(p, c, 0);
+        WelfordState<A> st = stats_cf_part<T>(p, c, 0, c + 1 < end);
         st.mean = feature_shift<T>(p, c) + st.mean;
         const ApplyCoeffs<A> kc = finalize_feature(st, c);
         const bool folded = std::abs(sm[c]) * si[c] <= A(kFoldedMaxRatio);  // (folding_is_exact's test)
@@ -1264,15 +1327,22 @@ void forward_infer(const ForwardParams& p) {
 // store of both sums per row, the loads of the next row stalled (most likely on 4 KiB aliasing:
 // the sums sit a multiple of 4 KiB away from the input rows when C * sizeof(T) is one) and the
 // sums of a 1024 x 1024 input took 3x as long as torch's.
+// (pf: rows of the next block to prefetch, as shifted_sums_cl_rows)
 template <typename T, int R>
 inline void grad_sums_cl_rows(const T* dy, int64_t dso, const T* x, int64_t xso, const acc_t<T>* gmean, int64_t r,
-                              int64_t c0, int64_t c1, acc_t<T>* s, acc_t<T>* sx) {
+                              int64_t c0, int64_t c1, acc_t<T>* s, acc_t<T>* sx, int64_t pf) {
   using A = acc_t<T>;
   using IO = Io<T>;
   using AV = typename IO::AV;
+  constexpr int64_t kLine = kCacheLine / static_cast<int64_t>(sizeof(T));
   int64_t c = c0;
   for (; c + IO::K <= c1; c += IO::K) {
     AV m0, m1, a0, a1, b0, b1;
+    if ((c - c0) % kLine < IO::K)
+      for (int64_t j = 0; j < pf; ++j) {
+        __builtin_prefetch(dy + (r + R + j) * dso + c);
+        __builtin_prefetch(x + (r + R + j) * xso + c);
+      }
     IO::load_acc(gmean + c, m0, m1);
     IO::load_acc(s + c, a0, a1);
     IO::load_acc(sx + c, b0, b1);
@@ -1311,8 +1381,9 @@ inline void grad_sums_cl(const T* dy, int64_t dso, const T* x, int64_t xso, cons
   std::fill(sx + c0, sx + c1, A(0));
   for (const auto& run : runs) {
     int64_t r = run.first;
-    for (; r + 4 <= run.second; r += 4) grad_sums_cl_rows<T, 4>(dy, dso, x, xso, gmean, r, c0, c1, s, sx);
-    for (; r < run.second; ++r) grad_sums_cl_rows<T, 1>(dy, dso, x, xso, gmean, r, c0, c1, s, sx);
+    for (; r + 4 <= run.second; r += 4)
+      grad_sums_cl_rows<T, 4>(dy, dso, x, xso, gmean, r, c0, c1, s, sx, std::min<int64_t>(4, run.second - r - 4));
+    for (; r < run.second; ++r) grad_sums_cl_rows<T, 1>(dy, dso, x, xso, gmean, r, c0, c1, s, sx, 0);
   }
 }
 
@@ -1407,9 +1478,16 @@ void backward(const BackwardParams& p) {
     const A count = static_cast<A>(v.O * v.I);
     at::parallel_for(0, C, grain_for(v.O * v.I), [&](int64_t begin, int64_t end) {
       for (int64_t c = begin; c < end; ++c) {
-        A s = A(0), sx = A(0);
-        for (int64_t r = 0; r < v.O; ++r)
-          grad_sums_run(dy + r * p.dy_so + c * p.dy_sc, x + r * p.x_so + c * p.x_sc, v.I, mean[c], s, sx);
+        const bool more = c + 1 < end;  // (prefetch on into the next feature of this task)
+        const CfPrefetch<T> pd(dy + c * p.dy_sc, more ? dy + (c + 1) * p.dy_sc : nullptr, p.dy_so, v.O, v.I);
+        const CfPrefetch<T> px(x + c * p.x_sc, more ? x + (c + 1) * p.x_sc : nullptr, p.x_so, v.O, v.I);
+        RunAcc<T> rs, rsx;
+        for (int64_t r = 0; r < v.O; ++r) {
+          pd.at(r);
+          px.at(r);
+          grad_sums_run(dy + r * p.dy_so + c * p.dy_sc, x + r * p.x_so + c * p.x_sc, v.I, mean[c], rs, rsx);
+        }
+        const A s = rs.total(), sx = rsx.total();
         if (gw) gw[c] = sx * invstd[c];
         if (gb) gb[c] = s;
         const GradCoeffs<A> g = grad_coeffs(mean[c], invstd[c], w ? w[c] : A(1), s, sx, count, p.train);
@@ -1428,11 +1506,17 @@ void backward(const BackwardParams& p) {
         for (int64_t t = begin; t < end; ++t) {
           const int64_t c = t / P, q = t % P;
           const int64_t r0 = q * rows_per_part, r1 = std::min(v.O, r0 + rows_per_part);
-          A s = A(0), sx = A(0);
-          for (int64_t r = r0; r < r1; ++r)
+          const bool more = c + 1 < C;
+          const CfPrefetch<T> pd(dy + c * p.dy_sc, more ? dy + (c + 1) * p.dy_sc : nullptr, p.dy_so, v.O, v.I);
+          const CfPrefetch<T> px(x + c * p.x_sc, more ? x + (c + 1) * p.x_sc : nullptr, p.x_so, v.O, v.I);
+          RunAcc<T> s, sx;
+          for (int64_t r = r0; r < r1; ++r) {
+            pd.at(r);
+            px.at(r);
             grad_sums_run(dy + r * p.dy_so + c * p.dy_sc, x + r * p.x_so + c * p.x_sc, v.I, mean[c], s, sx);
-          sdy[t] = s;
-          sdyx[t] = sx;
+          }
+          sdy[t] = s.total();
+          sdyx[t] = sx.total();
         }
       });
     } else {
