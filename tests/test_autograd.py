@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.autograd import gradcheck, gradgradcheck
 
 import bn_cuda  # noqa: F401
@@ -160,6 +161,49 @@ def test_fake_kernels_match_real(device):
             assert r.shape == f.shape and r.dtype == f.dtype, op
             if r.numel() > 1:
                 assert r.stride() == f.stride(), (op, r.stride(), f.stride())
+
+
+def test_functional_fast_path_keeps_python_dispatch(device):
+    """functional.batch_norm's eager fast path calls the C++ callables behind the ops (not
+    OpOverload.__call__): fake tensors still get the fake kernels, and a TorchDispatchMode still
+    sees bn_cuda's ops with the arguments the OpOverloads would get."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from bn_cuda.functional import batch_norm
+
+    x = torch.randn(3, 5, 4, 6, device=device).contiguous(memory_format=torch.channels_last)
+    w, b = torch.rand(5, device=device) + 0.5, torch.randn(5, device=device)
+    rm, rv = torch.randn(5, device=device), torch.rand(5, device=device) + 0.5
+
+    class Seen(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append((str(func), args))
+            return func(*args, **(kwargs or {}))
+
+    for training in (True, False):
+        rm0 = rm.clone()
+        with Seen() as seen:
+            out = batch_norm(x, rm, rv, w, b, training=training, axis=-3)
+        names = [n for n, _ in seen.ops if n.startswith("bn_cuda.")]
+        want = "bn_cuda.forward_train.default" if training else "bn_cuda.forward_infer.default"
+        assert names == [want], seen.ops
+        args = [a for n, a in seen.ops if n == want][0]
+        assert list(args[7 if training else 6]) == [1]  # axis -3 normalized to 1
+        ref = F.batch_norm(x.double(), rm0.double(), rv.double(), w.double(), b.double(), training=training)
+        torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+        assert out.stride() == x.stride()
+
+        with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+            fx = mode.from_tensor(x)
+            fout = batch_norm(fx, mode.from_tensor(rm), mode.from_tensor(rv), mode.from_tensor(w),
+                              mode.from_tensor(b), training=training)
+        assert type(fout).__name__ == "FakeTensor"
+        assert fout.shape == x.shape and fout.stride() == x.stride() and fout.dtype == x.dtype
 
 
 # ---------------------------------------------------------------------------------------------
