@@ -197,6 +197,15 @@ inline void grad_run(const T* dy, const T* x, T* dx, int64_t n, const GradCoeffs
 // one horizontal sum per feature: left out.)
 constexpr int64_t kCacheLine = 64;
 
+// In a column walk over [c0, c1) in steps of Io<T>::K: at the step starting each cache line,
+// prefetch that line of rows [row, row + n) (stride so).
+template <typename T>
+inline void prefetch_block_rows(const T* p, int64_t so, int64_t row, int64_t n, int64_t c, int64_t c0) {
+  constexpr int64_t kLine = kCacheLine / static_cast<int64_t>(sizeof(T));
+  if ((c - c0) % kLine >= Io<T>::K) return;
+  for (int64_t j = 0; j < n; ++j) __builtin_prefetch(p + (row + j) * so + c);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Partial statistics.
 
@@ -754,12 +763,10 @@ inline void shifted_sums_cl_rows(const T* x, int64_t so, const T* shift, int64_t
   using A = acc_t<T>;
   using IO = Io<T>;
   using AV = typename IO::AV;
-  constexpr int64_t kLine = kCacheLine / static_cast<int64_t>(sizeof(T));
   int64_t c = c0;
   for (; c + IO::K <= c1; c += IO::K) {
     AV h0, h1, s0, s1;
-    if ((c - c0) % kLine < IO::K)
-      for (int64_t j = 0; j < pf; ++j) __builtin_prefetch(x + (r + R + j) * so + c);
+    prefetch_block_rows(x, so, r + R, pf, c, c0);
     IO::load(shift + c, h0, h1);
     IO::load_acc(sum + c, s0, s1);
     for (int j = 0; j < R; ++j) {
@@ -976,11 +983,25 @@ struct CoeffArrays {
 constexpr double kFoldedMaxRatio = 8.0;
 
 template <typename A>
+inline bool folds_exactly(A mean, A invstd) {
+  return std::abs(mean) * invstd <= A(kFoldedMaxRatio);  // (false for NaN)
+}
+template <typename A>
 inline bool folding_is_exact(const A* __restrict__ mean, const A* __restrict__ invstd, int64_t F) {
-  // An OR over every feature rather than an early exit, so the loop vectorizes (NaN fails too).
+  // An OR over every feature rather than an early exit, so the loop vectorizes.
   int bad = 0;
-  for (int64_t f = 0; f < F; ++f) bad |= !(std::abs(mean[f]) * invstd[f] <= A(kFoldedMaxRatio));
+  for (int64_t f = 0; f < F; ++f) bad |= !folds_exactly(mean[f], invstd[f]);
   return bad == 0;
+}
+
+// One channels-first run (a row of I elements of one feature) through the apply step, folded
+// (see folding_is_exact) or not.
+template <typename T>
+inline void apply_cf_run(const T* x, T* y, int64_t n, const ApplyCoeffs<acc_t<T>>& k, bool folded) {
+  if (folded)
+    apply_run<T, true>(x, y, n, acc_t<T>(0), k.scale, k.shift - k.mean * k.scale);
+  else
+    apply_run(x, y, n, k.mean, k.scale, k.shift);
 }
 
 template <typename T>
@@ -1033,11 +1054,8 @@ inline void apply_all(const ForwardParams& p, CoeffArrays<acc_t<T>> k, bool fold
     at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
         const int64_t o = r / v.C, c = r % v.C;
-        if (folded)
-          apply_run<T, true>(x + o * p.x_so + c * p.x_sc, y + o * p.y_so + c * p.y_sc, v.I, A(0), k.scale[c],
-                             k.shift[c] - k.mean[c] * k.scale[c]);
-        else
-          apply_run(x + o * p.x_so + c * p.x_sc, y + o * p.y_so + c * p.y_sc, v.I, k.mean[c], k.scale[c], k.shift[c]);
+        apply_cf_run(x + o * p.x_so + c * p.x_sc, y + o * p.y_so + c * p.y_sc, v.I,
+                     ApplyCoeffs<A>{k.mean[c], k.scale[c], k.shift[c]}, folded);
       }
     });
     return;
@@ -1169,15 +1187,9 @@ void forward_train(const ForwardParams& p) {
         WelfordState<A> st = stats_cf_part<T>(p, c, 0);
         st.mean = feature_shift<T>(p, c) + st.mean;
         const ApplyCoeffs<A> kc = finalize_feature(st, c);
-        const bool folded = std::abs(sm[c]) * si[c] <= A(kFoldedMaxRatio);  // (folding_is_exact's test)
-        for (int64_t r = 0; r < v.O; ++r) {
-          const T* xr = x + r * p.x_so + c * p.x_sc;
-          T* yr = y + r * p.y_so + c * p.y_sc;
-          if (folded)
-            apply_run<T, true>(xr, yr, v.I, A(0), kc.scale, kc.shift - kc.mean * kc.scale);
-          else
-            apply_run(xr, yr, v.I, kc.mean, kc.scale, kc.shift);
-        }
+        const bool folded = folds_exactly(sm[c], si[c]);
+        for (int64_t r = 0; r < v.O; ++r)
+          apply_cf_run(x + r * p.x_so + c * p.x_sc, y + r * p.y_so + c * p.y_sc, v.I, kc, folded);
       }
     });
     return;
@@ -1299,15 +1311,11 @@ inline void grad_sums_cl_rows(const T* dy, int64_t dso, const T* x, int64_t xso,
   using A = acc_t<T>;
   using IO = Io<T>;
   using AV = typename IO::AV;
-  constexpr int64_t kLine = kCacheLine / static_cast<int64_t>(sizeof(T));
   int64_t c = c0;
   for (; c + IO::K <= c1; c += IO::K) {
     AV m0, m1, a0, a1, b0, b1;
-    if ((c - c0) % kLine < IO::K)
-      for (int64_t j = 0; j < pf; ++j) {
-        __builtin_prefetch(dy + (r + R + j) * dso + c);
-        __builtin_prefetch(x + (r + R + j) * xso + c);
-      }
+    prefetch_block_rows(dy, dso, r + R, pf, c, c0);
+    prefetch_block_rows(x, xso, r + R, pf, c, c0);
     IO::load_acc(gmean + c, m0, m1);
     IO::load_acc(s + c, a0, a1);
     IO::load_acc(sx + c, b0, b1);
