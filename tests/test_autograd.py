@@ -263,9 +263,10 @@ def test_compile_fullgraph_eval_and_multi_axis(device):
 
 def test_compiled_autograd_traces_the_cpp_nodes(device):
     """torch._dynamo's compiled autograd over a graph recorded eagerly: it traces the backward of
-    bn_cuda's C++ autograd nodes (the functional op's and the fused Keras step's) through the
-    compiled_args / apply_with_saved of torch's CppNode, and gives the eager gradients exactly.
-    (A hand-written autograd Node would have to provide those itself.)"""
+    bn_cuda's C++ autograd nodes (the hand-written nodes of the training and inference forwards,
+    through their own compiled_args / apply_with_saved, and the fused Keras step's
+    torch::autograd::Function, through torch's CppNode) and gives the eager gradients exactly,
+    gradients reaching the returned batch statistics and a Keras-shaped bias included."""
     compiled_autograd = pytest.importorskip("torch._dynamo.compiled_autograd")
     if not hasattr(compiled_autograd, "_enable"):
         pytest.skip("this torch has no torch._dynamo.compiled_autograd._enable")
@@ -288,18 +289,85 @@ def test_compiled_autograd_traces_the_cpp_nodes(device):
         x = x0.clone().requires_grad_()
         w = torch.linspace(0.5, 1.5, 3, device=device).requires_grad_()
         b = torch.linspace(-1.0, 1.0, 3, device=device).requires_grad_()
-        z = layer(batch_norm(x, None, None, w, b, training=True), training=True)
-        loss = (z * z.detach().cos()).sum()
+        y, mean, invstd = bn_cuda.ops.batch_norm_train(x, w, b, None, None, 0.1, 1e-5, [1])
+        z = layer(y, training=True)
+        # inference node: running statistics saved, a bias in the rank-preserving Keras shape
+        rm = torch.linspace(-0.2, 0.3, 3, device=device)
+        rv = torch.linspace(0.5, 2.0, 3, device=device)
+        b2 = torch.linspace(0.1, 0.4, 3, device=device).reshape(1, 3, 1).requires_grad_()
+        z = batch_norm(z, rm, rv, w, b2, training=False)
+        loss = (z * z.detach().cos()).sum() + (mean * mean).sum() + invstd.sum()
         if compiled:
             with compiled_autograd._enable(torch.compile(backend="aot_eager")):
                 loss.backward()
         else:
             loss.backward()
-        return [x.grad, w.grad, b.grad] + [p.grad for p in layer.parameters()]
+        assert b2.grad.shape == b2.shape
+        return [x.grad, w.grad, b.grad, b2.grad] + [p.grad for p in layer.parameters()]
 
     eager = gradients(False)
     got = gradients(True)
     assert counters["compiled_autograd"]["captures"] >= 1
-    assert len(got) == 5
+    assert len(got) == 6
     for g, e in zip(got, eager):
         assert g is not None and torch.equal(g, e)
+
+
+def test_node_frees_saved_tensors_and_guards_them(device):
+    """The forwards' autograd nodes keep torch's contract for saved tensors: a second backward
+    without retain_graph raises torch's error, retain_graph=True gives the same gradient twice,
+    and an input modified in place between forward and backward makes the backward raise."""
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(5, 3, 7, generator=gen, dtype=torch.float64).to(device).requires_grad_()
+    w = (torch.rand(3, generator=gen, dtype=torch.float64) + 0.5).to(device).requires_grad_()
+    gy = torch.randn(5, 3, 7, generator=gen, dtype=torch.float64).to(device)
+    for training in (True, False):
+        rm, rv = torch.zeros(3, dtype=torch.float64, device=device), torch.ones(3, dtype=torch.float64, device=device)
+        y = batch_norm(x, rm, rv, w, None, training)
+        first = torch.autograd.grad(y, [x, w], gy, retain_graph=True)
+        second = torch.autograd.grad(y, [x, w], gy)
+        for a, b in zip(first, second):
+            assert torch.equal(a, b)
+        with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+            torch.autograd.grad(y, [x, w], gy)
+        x2 = x.detach().clone().requires_grad_()
+        h = x2 * 1.0  # a non-leaf input, modified in place after the forward saved it
+        y = batch_norm(h, rm, rv, w, None, training)
+        h.mul_(2.0)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            y.backward(gy)
+
+
+def test_gradient_of_a_subset_matches_the_full_gradient(device):
+    """torch.autograd.grad over part of (input, weight, bias) gives what the full call gives for
+    that part: the node computes only what the graph task asks for, and asks correctly."""
+    gen = torch.Generator().manual_seed(12)
+    x = (torch.randn(6, 17, 5, generator=gen, dtype=torch.float64) * 3 + 2).to(device).requires_grad_()
+    w = (torch.rand(17, generator=gen, dtype=torch.float64) + 0.5).to(device).requires_grad_()
+    b = torch.randn(17, generator=gen, dtype=torch.float64).to(device).requires_grad_()
+    gy = torch.randn(6, 17, 5, generator=gen, dtype=torch.float64).to(device)
+    for training in (True, False):
+        rm = torch.randn(17, generator=gen, dtype=torch.float64).to(device)
+        rv = (torch.rand(17, generator=gen, dtype=torch.float64) + 0.5).to(device)
+        full = torch.autograd.grad(batch_norm(x, rm.clone(), rv.clone(), w, b, training), [x, w, b], gy)
+        ref = torch.autograd.grad(F.batch_norm(x, rm.clone(), rv.clone(), w, b, training), [x, w, b], gy)
+        for got, want in zip(full, ref):
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+        for pick in ([0], [1], [2], [1, 2], [0, 2]):
+            inputs = [(x, w, b)[i] for i in pick]
+            part = torch.autograd.grad(batch_norm(x, rm.clone(), rv.clone(), w, b, training), inputs, gy)
+            for i, g in zip(pick, part):
+                assert torch.equal(g, full[i]), (training, pick, i)
+
+
+def test_forward_mode_ad_is_refused_clearly(device):
+    """Forward-mode AD has no formula in bn_cuda: a clear NotImplementedError, not tangents dropped."""
+    import torch.autograd.forward_ad as fwAD
+
+    x = torch.randn(4, 3, device=device)
+    rm, rv = torch.zeros(3, device=device), torch.ones(3, device=device)
+    with fwAD.dual_level():
+        dual = fwAD.make_dual(x, torch.randn_like(x))
+        for training in (True, False):
+            with pytest.raises(NotImplementedError, match="forward-mode AD"):
+                batch_norm(dual, rm, rv, None, None, training)

@@ -4,13 +4,16 @@
 // refuses operators with mutable arguments; a Python autograd layer around an op costs 10-40 us of
 // host time per call (even under no_grad), more than the whole kernel on small tensors and as much
 // as a GPU launch, and needs the GIL when another extension calls the op from C++. These kernels
-// (dispatch key Autograd, device-agnostic) record one C++ node each. The forwards' nodes call the
-// registered bn_cuda::backward op through the dispatcher (bn_cuda/ops.h, the header other
-// extensions use), whose own node gives double backward; torch.compile traces the backward op like
-// any other.
+// (dispatch key Autograd, device-agnostic) record one C++ node each: the forwards a hand-written
+// node (BnNode, as light as torch's generated ones), the backward op, whose node serves double
+// backward only, a torch::autograd::Function. The forwards' nodes call the registered
+// bn_cuda::backward op through the dispatcher (bn_cuda/ops.h, the header other extensions use);
+// torch.compile traces the backward op like any other.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
+#include <torch/csrc/autograd/functions/utils.h>
+#include <torch/csrc/dynamo/compiled_autograd.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -35,52 +38,45 @@ at::Tensor bcast(const at::Tensor& t, const at::Tensor& input, const std::vector
   return t.reshape_symint(shape);
 }
 
-// What both forwards save of weight and bias: the weight itself (the backward needs it), and of
-// the bias only whether it is there, its dtype and, unless flat, its shape. One saved_data entry
-// per kind of value: each entry is a hash-map insert and an IValue allocation per call.
-//   "meta": [has_w, has_b, bias_dtype, axis...]
-void save_affine(AutogradContext* ctx, const OptTensor& weight, const OptTensor& bias, at::IntArrayRef axis) {
-  const bool has_w = weight.has_value() && weight->defined();
-  const bool has_b = bias.has_value() && bias->defined();
-  std::vector<int64_t> meta{has_w, has_b, has_b ? static_cast<int64_t>(bias->scalar_type()) : -1};
-  meta.insert(meta.end(), axis.begin(), axis.end());
-  ctx->saved_data["meta"] = std::move(meta);
-  if (has_b && bias->dim() != 1)
-    ctx->saved_data["bias_shape"] = c10::IValue(bias->sym_sizes());  // symbolic under torch.compile
-}
-
-struct Meta {
-  bool has_w, has_b;
-  int64_t bias_dtype;
-  std::vector<int64_t> axis;
+// What a forward's node keeps of bias (and whether there is a weight): the shape and dtype its
+// gradient takes. The weight itself is saved (the backward needs it).
+struct AffineMeta {
+  bool has_w = false, has_b = false;
+  at::ScalarType bias_dtype = at::kFloat;
+  std::vector<c10::SymInt> bias_shape;  // empty when the bias is flat (C,); symbolic under torch.compile
 };
 
-Meta load_meta(AutogradContext* ctx) {
-  const std::vector<int64_t> m = ctx->saved_data["meta"].toIntVector();
-  return {m[0] != 0, m[1] != 0, m[2], std::vector<int64_t>(m.begin() + 3, m.end())};
-}
-
-// Which of (input, weight, bias) need a gradient. Edges exist only for the tensors given: input,
-// [weight], [bias].
-std::array<bool, 3> grad_mask(AutogradContext* ctx, const Meta& meta) {
-  const size_t w_edge = 1, b_edge = meta.has_w ? 2 : 1;
-  return {ctx->needs_input_grad(0), meta.has_w && ctx->needs_input_grad(w_edge),
-          meta.has_b && ctx->needs_input_grad(b_edge)};
+AffineMeta affine_meta(const OptTensor& weight, const OptTensor& bias) {
+  AffineMeta m;
+  m.has_w = weight.has_value() && weight->defined();
+  m.has_b = bias.has_value() && bias->defined();
+  if (m.has_b) {
+    m.bias_dtype = bias->scalar_type();
+    if (bias->dim() != 1) m.bias_shape = bias->sym_sizes().vec();
+  }
+  return m;
 }
 
 // (grad_input, grad_weight, grad_bias) through bn_cuda::backward, weight / bias gradients in the
-// parameters' own shapes and dtypes; undefined where not needed.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> param_backward(AutogradContext* ctx, const Meta& meta,
+// parameters' own shapes and dtypes; undefined where not needed (mask: input, weight, bias).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> param_backward(const AffineMeta& meta, at::IntArrayRef axis,
                                                              const at::Tensor& grad_out, const at::Tensor& input,
                                                              const at::Tensor& weight, const at::Tensor& mean,
                                                              const at::Tensor& invstd, bool train,
                                                              std::array<bool, 3> mask) {
   at::Tensor gi, gw, gb;
+  mask[1] = mask[1] && meta.has_w;
+  mask[2] = mask[2] && meta.has_b;
   if (!grad_out.defined() || !(mask[0] || mask[1] || mask[2])) return {gi, gw, gb};
   const OptTensor w = weight.defined() ? OptTensor(weight) : OptTensor();
-  // Through the backward op's autograd kernel: a graph under create_graph, straight to the kernel
-  // otherwise (backward_autograd below).
-  std::tie(gi, gw, gb) = ops::backward(grad_out, input, w, mean, invstd, train, meta.axis, mask);
+  // Under create_graph, through the backward op's autograd kernel (a graph for double backward);
+  // otherwise straight below it, one dispatcher pass instead of two.
+  if (at::GradMode::is_enabled()) {
+    std::tie(gi, gw, gb) = ops::backward(grad_out, input, w, mean, invstd, train, axis, mask);
+  } else {
+    at::AutoDispatchBelowAutograd guard;
+    std::tie(gi, gw, gb) = ops::backward(grad_out, input, w, mean, invstd, train, axis, mask);
+  }
   if (!mask[0]) gi = at::Tensor();
   // The op's (C,) gradients in the parameters' shapes and dtypes; flat parameters of the acc dtype
   // (the usual case) take them as they are, without the cost of a view and a cast per call.
@@ -92,10 +88,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> param_backward(AutogradContext* c
   if (!mask[2]) {
     gb = at::Tensor();
   } else {
-    const auto dtype = static_cast<at::ScalarType>(meta.bias_dtype);
-    const auto it = ctx->saved_data.find("bias_shape");
-    if (it != ctx->saved_data.end()) gb = gb.reshape_symint(it->second.toSymIntVector());
-    if (dtype != gb.scalar_type()) gb = gb.to(dtype);
+    if (!meta.bias_shape.empty()) gb = gb.reshape_symint(meta.bias_shape);
+    if (meta.bias_dtype != gb.scalar_type()) gb = gb.to(meta.bias_dtype);
   }
   return {gi, gw, gb};
 }
@@ -107,98 +101,185 @@ bool no_grad_needed(const at::Tensor& input, const OptTensor& weight, const OptT
   return !input.requires_grad() && !req(weight) && !req(bias);
 }
 
-// The running statistics, handed to Function::apply in a holder it does not look into: they are
-// not differentiable inputs (no gradient flows to them, as in torch), and as tensor arguments each
-// would cost the node an input record and an edge lookup per call.
-template <typename T>
-struct Stats {
-  const T& mean;
-  const T& var;
+// Gradients of a training forward (input, weight, bias) from those of its three outputs (output,
+// batch mean, batch inverse std); mask: which of (input, weight, bias) to compute.
+variable_list train_grads(const variable_list& grads, const at::Tensor& input, const at::Tensor& weight,
+                          const at::Tensor& mean, const at::Tensor& invstd, const AffineMeta& meta,
+                          at::IntArrayRef axis, std::array<bool, 3> mask) {
+  at::Tensor gi, gw, gb;
+  std::tie(gi, gw, gb) = param_backward(meta, axis, grads[0], input, weight, mean, invstd, /*train=*/true, mask);
+  const at::Tensor& grad_mean = grads[1];
+  const at::Tensor& grad_invstd = grads[2];
+  if (mask[0] && (grad_mean.defined() || grad_invstd.defined())) {
+    // Gradients reaching the returned statistics (double backward, or a caller using them):
+    // d mean / dx = 1 / M, d invstd / dx = -invstd^3 (x - mean) / M.
+    const std::vector<int64_t> axes = normalize_axes(axis, input.dim());
+    // (sizes are symbolic under torch.compile; mean has >= 1 element whenever input does)
+    const c10::SymInt features = mean.sym_numel();
+    const c10::Scalar count((input.sym_numel() / features.max(c10::SymInt(1))).max(c10::SymInt(1)));
+    const auto acc = mean.scalar_type();
+    at::Tensor extra = at::zeros({}, input.options().dtype(acc));
+    if (grad_mean.defined()) extra = extra + bcast(grad_mean.to(acc), input, axes) / count;
+    if (grad_invstd.defined()) {
+      const at::Tensor s = bcast(invstd, input, axes);
+      extra = extra - bcast(grad_invstd.to(acc), input, axes) * s.pow(3) *
+                          (input.to(acc) - bcast(mean, input, axes)) / count;
+    }
+    extra = extra.to(input.scalar_type()).expand_as(input);
+    gi = gi.defined() ? gi + extra : extra;
+  }
+  return {gi, gw, gb};
+}
+
+// Gradients of an inference forward: the running statistics are constants, grad_input = dy * invstd
+// * weight. The statistics of the backward are derived here from the saved running statistics.
+variable_list infer_grads(const variable_list& grads, const at::Tensor& input, const at::Tensor& weight,
+                          const at::Tensor& running_mean, const at::Tensor& running_var, double eps,
+                          const AffineMeta& meta, at::IntArrayRef axis, std::array<bool, 3> mask) {
+  const auto acc = input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const at::Tensor mean = running_mean.detach().to(acc).reshape(-1);
+  const at::Tensor invstd = at::rsqrt(running_var.detach().to(acc).reshape(-1) + eps);
+  at::Tensor gi, gw, gb;
+  std::tie(gi, gw, gb) = param_backward(meta, axis, grads[0], input, weight, mean, invstd, /*train=*/false, mask);
+  return {gi, gw, gb};
+}
+
+// The autograd nodes of the two forwards: written by hand, as torch's generated nodes are, rather
+// than through torch::autograd::Function, whose generic bookkeeping (per-call input and output
+// records with their shapes, a saved_data hash map of IValues, output wrapping) cost 5-15 us a
+// call on a 2-core AVX2 VM: a tenth of a small CPU batch norm's forward and backward.
+//
+// Edges: (input, weight, bias), one per argument, invalid for an absent one. Inputs: the gradients
+// of the forward's outputs. Under torch's compiled autograd, apply_with_saved hands the backward to
+// the compiler as an opaque function of the (proxied) saved tensors and the node's constants, as
+// torch's CppNode does for C++ custom Functions; it runs eagerly inside the compiled graph.
+struct BnNode final : torch::autograd::Node {
+  explicit BnNode(bool train) : train_(train) {}
+
+  bool train_;                                                       // forward_train or forward_infer
+  torch::autograd::SavedVariable input_, weight_, stat0_, stat1_;  // stats: (mean, invstd) or running
+  std::vector<int64_t> axis_;
+  AffineMeta meta_;
+  double eps_ = 0.0;  // inference: the invstd of the backward is derived from the running variance
+
+  std::string name() const override {
+    return train_ ? "BnCudaForwardTrainBackward" : "BnCudaForwardInferBackward";
+  }
+
+  variable_list apply(variable_list&& grads) override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    // The training statistics are outputs of this node: unpacked with it, so that gradients
+    // reaching them through a double backward come back here.
+    const c10::intrusive_ptr<Node> self = train_ ? getptr() : c10::intrusive_ptr<Node>();
+    return grads_of(train_, grads, input_.unpack(), weight_.unpack(), stat0_.unpack(self), stat1_.unpack(self), eps_,
+                    meta_, axis_, mask());
+  }
+
+  void release_variables() override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    input_.reset_data();
+    weight_.reset_data();
+    stat0_.reset_data();
+    stat1_.reset_data();
+  }
+
+  void compiled_args(torch::dynamo::autograd::CompiledNodeArgs& args) const override {
+    args.collect(train_);
+    args.collect(input_, false);
+    args.collect(weight_, false);
+    args.collect(stat0_, train_);
+    args.collect(stat1_, train_);
+    args.collect(axis_);
+    args.collect(meta_.has_w);
+    args.collect(meta_.has_b);
+    args.collect(meta_.bias_dtype);
+    args.collect(meta_.bias_shape);
+    args.collect(eps_);
+  }
+
+  // The backward as an opaque function of the (proxied) saved tensors and the node's constants,
+  // packed as IValues: (input, weight, stat0, stat1, axis, [has_w, has_b, bias_dtype], bias shape,
+  // mask, [train, eps]).
+  variable_list apply_with_saved(const variable_list& inputs,
+                                 torch::dynamo::autograd::SwapSavedVariables& saved) override {
+    saved.before(input_);
+    saved.before(weight_);
+    saved.before(stat0_);
+    saved.before(stat1_);
+    saved.before(meta_.bias_shape);
+    const c10::intrusive_ptr<Node> self = train_ ? getptr() : c10::intrusive_ptr<Node>();
+    const auto m = mask();
+    std::vector<c10::IValue> args{input_.unpack(), weight_.unpack(), stat0_.unpack(self), stat1_.unpack(self),
+                                  axis_,
+                                  std::vector<int64_t>{meta_.has_w, meta_.has_b, static_cast<int64_t>(meta_.bias_dtype)},
+                                  c10::IValue(c10::SymIntArrayRef(meta_.bias_shape)),
+                                  std::vector<bool>{m[0], m[1], m[2]}, std::vector<double>{train_ ? 1.0 : 0.0, eps_}};
+    std::vector<at::TypePtr> schema;
+    schema.reserve(args.size());
+    for (const auto& iv : args) schema.emplace_back(iv.isTensor() ? at::TensorType::get() : iv.type());
+    const auto& py = torch::dynamo::autograd::getPyCompilerInterface();
+    const auto output_metadata = torch::dynamo::autograd::IValuePacker<
+        std::vector<std::optional<torch::autograd::InputMetadata>>>::pack(torch::dynamo::autograd::get_input_metadata(
+        next_edges()));
+    const std::string fn = py->bind_function(saved.get_py_compiler(), name(), &apply_functional, schema,
+                                             /*is_custom_function=*/true, /*is_traceable=*/false);
+    variable_list results =
+        py->call_function(saved.get_py_compiler(), "apply_functional", fn, inputs, args, output_metadata);
+    saved.after(input_);
+    saved.after(weight_);
+    saved.after(stat0_);
+    saved.after(stat1_);
+    saved.after(meta_.bias_shape);
+    return results;
+  }
+
+ private:
+  std::array<bool, 3> mask() const {
+    return {task_should_compute_output(0), task_should_compute_output(1), task_should_compute_output(2)};
+  }
+
+  static variable_list grads_of(bool train, const variable_list& grads, const at::Tensor& input,
+                                const at::Tensor& weight, const at::Tensor& stat0, const at::Tensor& stat1, double eps,
+                                const AffineMeta& meta, at::IntArrayRef axis, std::array<bool, 3> mask) {
+    return train ? train_grads(grads, input, weight, stat0, stat1, meta, axis, mask)
+                 : infer_grads(grads, input, weight, stat0, stat1, eps, meta, axis, mask);
+  }
+
+  static variable_list apply_functional(const variable_list& grads, const std::vector<c10::IValue>& args) {
+    AffineMeta meta;
+    const std::vector<int64_t> m = args[5].toIntVector();
+    meta.has_w = m[0] != 0;
+    meta.has_b = m[1] != 0;
+    meta.bias_dtype = static_cast<at::ScalarType>(m[2]);
+    meta.bias_shape = args[6].toSymIntVector();
+    const auto mask = args[7].toBoolList();
+    const std::vector<double> c = args[8].toDoubleVector();
+    return grads_of(c[0] != 0.0, grads, args[0].toTensor(), args[1].isTensor() ? args[1].toTensor() : at::Tensor(),
+                    args[2].toTensor(), args[3].toTensor(), c[1], meta, args[4].toIntVector(),
+                    {mask.get(0), mask.get(1), mask.get(2)});
+  }
 };
 
-struct ForwardTrain : public torch::autograd::Function<ForwardTrain> {
-  static variable_list forward(AutogradContext* ctx, const at::Tensor& input, const OptTensor& weight,
-                               const OptTensor& bias, Stats<OptTensor> running, double momentum, double eps,
-                               at::IntArrayRef axis, bool unbiased) {
-    at::Tensor out, mean, invstd;
-    {
-      at::AutoDispatchBelowAutograd guard;
-      std::tie(out, mean, invstd) =
-          ops::forward_train(input, weight, bias, running.mean, running.var, momentum, eps, axis, unbiased);
-    }
-    ctx->save_for_backward({input, weight.value_or(at::Tensor()), mean, invstd});
-    save_affine(ctx, weight, bias, axis);
-    ctx->set_materialize_grads(false);
-    return {out, mean, invstd};
-  }
+// Forward-mode AD has no formula here; say so rather than drop the tangents (checked under no_grad
+// too: forward-mode AD does not depend on grad mode).
+void check_no_forward_ad(const at::Tensor& input, const OptTensor& weight, const OptTensor& bias) {
+  const auto fw = [](const at::Tensor& t) { return t.defined() && t._fw_grad(/*level=*/0).defined(); };
+  TORCH_CHECK_NOT_IMPLEMENTED(!(fw(input) || (weight.has_value() && fw(*weight)) || (bias.has_value() && fw(*bias))),
+                              "bn_cuda: forward-mode AD (torch.func.jvp, torch.autograd.forward_ad) is not "
+                              "supported by bn_cuda's batch norm ops; use reverse mode");
+}
 
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const variable_list saved = ctx->get_saved_variables();
-    const at::Tensor& input = saved[0];
-    const at::Tensor& weight = saved[1];
-    const at::Tensor& mean = saved[2];
-    const at::Tensor& invstd = saved[3];
-    const Meta meta = load_meta(ctx);
-    at::Tensor gi, gw, gb;
-    std::tie(gi, gw, gb) =
-        param_backward(ctx, meta, grads[0], input, weight, mean, invstd, /*train=*/true, grad_mask(ctx, meta));
-    const at::Tensor& grad_mean = grads[1];
-    const at::Tensor& grad_invstd = grads[2];
-    if (ctx->needs_input_grad(0) && (grad_mean.defined() || grad_invstd.defined())) {
-      // Gradients reaching the returned statistics (double backward, or a caller using them):
-      // d mean / dx = 1 / M, d invstd / dx = -invstd^3 (x - mean) / M.
-      const std::vector<int64_t> axes = normalize_axes(meta.axis, input.dim());
-      // (sizes are symbolic under torch.compile; mean has >= 1 element whenever input does)
-      const c10::SymInt features = mean.sym_numel();
-      const c10::Scalar count((input.sym_numel() / features.max(c10::SymInt(1))).max(c10::SymInt(1)));
-      const auto acc = mean.scalar_type();
-      at::Tensor extra = at::zeros({}, input.options().dtype(acc));
-      if (grad_mean.defined()) extra = extra + bcast(grad_mean.to(acc), input, axes) / count;
-      if (grad_invstd.defined()) {
-        const at::Tensor s = bcast(invstd, input, axes);
-        extra = extra - bcast(grad_invstd.to(acc), input, axes) * s.pow(3) *
-                            (input.to(acc) - bcast(mean, input, axes)) / count;
-      }
-      extra = extra.to(input.scalar_type()).expand_as(input);
-      gi = gi.defined() ? gi + extra : extra;
-    }
-    // One entry per forward argument (the non-tensors get none).
-    return {gi, gw, gb, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
-  }
-};
-
-// Inference: the running statistics are constants; grad_input = dy * invstd * weight.
-struct ForwardInfer : public torch::autograd::Function<ForwardInfer> {
-  static variable_list forward(AutogradContext* ctx, const at::Tensor& input, const OptTensor& weight,
-                               const OptTensor& bias, Stats<at::Tensor> running, double eps,
-                               at::IntArrayRef axis) {
-    at::Tensor out;
-    {
-      at::AutoDispatchBelowAutograd guard;
-      out = ops::forward_infer(input, weight, bias, running.mean, running.var, eps, axis);
-    }
-    // The running statistics are saved as they are (as torch's batch_norm does): modifying them in
-    // place before the backward makes it raise, as in torch; the statistics of the backward are
-    // derived from them there, which keeps the forward of a call that needs a gradient (frozen
-    // batch norm in fine-tuning) free of extra ops.
-    ctx->save_for_backward({input, weight.value_or(at::Tensor()), running.mean, running.var});
-    ctx->saved_data["eps"] = eps;
-    save_affine(ctx, weight, bias, axis);
-    return {out};
-  }
-
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const variable_list saved = ctx->get_saved_variables();
-    const Meta meta = load_meta(ctx);
-    const auto acc = saved[0].scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-    const at::Tensor mean = saved[2].detach().to(acc).reshape(-1);
-    const at::Tensor invstd = at::rsqrt(saved[3].detach().to(acc).reshape(-1) + ctx->saved_data["eps"].toDouble());
-    at::Tensor gi, gw, gb;
-    std::tie(gi, gw, gb) = param_backward(ctx, meta, grads[0], saved[0], saved[1], mean, invstd, /*train=*/false,
-                                          grad_mask(ctx, meta));
-    return {gi, gw, gb, at::Tensor(), at::Tensor(), at::Tensor()};
-  }
-};
+// A new node with edges to (input, weight, bias) and what both forwards keep of weight and bias.
+c10::intrusive_ptr<BnNode> make_node(bool train, const at::Tensor& input, const OptTensor& weight,
+                                     const OptTensor& bias, at::IntArrayRef axis) {
+  auto node = c10::make_intrusive<BnNode>(train);
+  node->set_next_edges(torch::autograd::collect_next_edges(input, weight, bias));
+  node->axis_ = axis.vec();
+  node->meta_ = affine_meta(weight, bias);
+  node->input_ = torch::autograd::SavedVariable(input, /*is_output=*/false);
+  node->weight_ = torch::autograd::SavedVariable(weight, /*is_output=*/false);
+  return node;
+}
 
 // Backward of the backward op (double backward): the op's maths recomputed as differentiable ATen
 // ops (all three outputs in the acc dtype), then differentiated by autograd with respect to the
@@ -301,23 +382,41 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_autograd(const at::Tenso
 at::Tensor forward_infer_autograd(const at::Tensor& input, const OptTensor& weight, const OptTensor& bias,
                                   const at::Tensor& running_mean, const at::Tensor& running_var, double eps,
                                   at::IntArrayRef axis) {
-  if (no_grad_needed(input, weight, bias)) {
-    at::AutoDispatchBelowAutograd guard;
+  check_no_forward_ad(input, weight, bias);
+  at::AutoDispatchBelowAutograd guard;
+  if (no_grad_needed(input, weight, bias))
     return ops::forward_infer(input, weight, bias, running_mean, running_var, eps, axis);
-  }
-  return ForwardInfer::apply(input, weight, bias, Stats<at::Tensor>{running_mean, running_var}, eps, axis)[0];
+  at::Tensor out = ops::forward_infer(input, weight, bias, running_mean, running_var, eps, axis);
+  auto node = make_node(/*train=*/false, input, weight, bias, axis);
+  torch::autograd::set_history(out, node);
+  // The running statistics are saved as they are (as torch's batch_norm does): modifying them in
+  // place before the backward makes it raise, as in torch; the statistics of the backward are
+  // derived from them there, which keeps the forward of a call that needs a gradient (frozen
+  // batch norm in fine-tuning) free of extra ops.
+  node->stat0_ = torch::autograd::SavedVariable(running_mean, /*is_output=*/false);
+  node->stat1_ = torch::autograd::SavedVariable(running_var, /*is_output=*/false);
+  node->eps_ = eps;
+  return out;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_train_autograd(
     const at::Tensor& input, const OptTensor& weight, const OptTensor& bias, const OptTensor& running_mean,
     const OptTensor& running_var, double momentum, double eps, at::IntArrayRef axis, bool unbiased) {
-  if (no_grad_needed(input, weight, bias)) {
-    at::AutoDispatchBelowAutograd guard;
+  check_no_forward_ad(input, weight, bias);
+  at::AutoDispatchBelowAutograd guard;
+  if (no_grad_needed(input, weight, bias))
     return ops::forward_train(input, weight, bias, running_mean, running_var, momentum, eps, axis, unbiased);
-  }
-  variable_list r =
-      ForwardTrain::apply(input, weight, bias, Stats<OptTensor>{running_mean, running_var}, momentum, eps, axis, unbiased);
-  return {r[0], r[1], r[2]};
+  at::Tensor out, mean, invstd;
+  std::tie(out, mean, invstd) =
+      ops::forward_train(input, weight, bias, running_mean, running_var, momentum, eps, axis, unbiased);
+  // The running statistics are not differentiable inputs: no gradient flows to them, as in torch.
+  auto node = make_node(/*train=*/true, input, weight, bias, axis);
+  torch::autograd::set_history(out, node);
+  torch::autograd::set_history(mean, node);
+  torch::autograd::set_history(invstd, node);
+  node->stat0_ = torch::autograd::SavedVariable(mean, /*is_output=*/true);
+  node->stat1_ = torch::autograd::SavedVariable(invstd, /*is_output=*/true);
+  return {out, mean, invstd};
 }
 
 }  // namespace
