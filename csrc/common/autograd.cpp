@@ -19,6 +19,8 @@
 #include <algorithm>
 #include <array>
 #include <tuple>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "bn_cuda/ops.h"
@@ -144,6 +146,20 @@ variable_list infer_grads(const variable_list& grads, const at::Tensor& input, c
   return {gi, gw, gb};
 }
 
+// Node handles: c10::intrusive_ptr<Node> in recent torch (2.13, 2.14: pytorch#181782, April 2026),
+// std::shared_ptr<Node> in earlier releases (likely the GPU machine's 2.11); the node code below is
+// written against either.
+using NodePtr = decltype(std::declval<torch::autograd::Node&>().getptr());
+constexpr bool kIntrusiveNodes = std::is_base_of_v<c10::intrusive_ptr_target, torch::autograd::Node>;
+
+template <typename N, typename... Args>
+auto new_node(Args&&... args) {
+  if constexpr (kIntrusiveNodes)
+    return c10::make_intrusive<N>(std::forward<Args>(args)...);
+  else
+    return std::make_shared<N>(std::forward<Args>(args)...);
+}
+
 // The autograd nodes of the two forwards: written by hand, as torch's generated nodes are, rather
 // than through torch::autograd::Function, whose generic bookkeeping (per-call input and output
 // records with their shapes, a saved_data hash map of IValues, output wrapping) cost 5-15 us a
@@ -170,7 +186,7 @@ struct BnNode final : torch::autograd::Node {
     std::lock_guard<std::mutex> lock(mutex_);
     // The training statistics are outputs of this node: unpacked with it, so that gradients
     // reaching them through a double backward come back here.
-    const c10::intrusive_ptr<Node> self = train_ ? getptr() : c10::intrusive_ptr<Node>();
+    const NodePtr self = train_ ? getptr() : NodePtr();
     return grads_of(train_, grads, input_.unpack(), weight_.unpack(), stat0_.unpack(self), stat1_.unpack(self), eps_,
                     meta_, axis_, mask());
   }
@@ -183,7 +199,10 @@ struct BnNode final : torch::autograd::Node {
     stat1_.reset_data();
   }
 
-  void compiled_args(torch::dynamo::autograd::CompiledNodeArgs& args) const override {
+  // (Both constnesses, no `override`: torch made Node::compiled_args const in 2025; whichever the
+  // base declares is the one overridden.)
+  void compiled_args(torch::dynamo::autograd::CompiledNodeArgs& args) { std::as_const(*this).compiled_args(args); }
+  void compiled_args(torch::dynamo::autograd::CompiledNodeArgs& args) const {
     args.collect(train_);
     args.collect(input_, false);
     args.collect(weight_, false);
@@ -207,7 +226,7 @@ struct BnNode final : torch::autograd::Node {
     saved.before(stat0_);
     saved.before(stat1_);
     saved.before(meta_.bias_shape);
-    const c10::intrusive_ptr<Node> self = train_ ? getptr() : c10::intrusive_ptr<Node>();
+    const NodePtr self = train_ ? getptr() : NodePtr();
     const auto m = mask();
     std::vector<c10::IValue> args{input_.unpack(), weight_.unpack(), stat0_.unpack(self), stat1_.unpack(self),
                                   axis_,
@@ -234,7 +253,7 @@ struct BnNode final : torch::autograd::Node {
   }
 
  private:
-  std::array<bool, 3> mask() const {
+  std::array<bool, 3> mask() {
     return {task_should_compute_output(0), task_should_compute_output(1), task_should_compute_output(2)};
   }
 
@@ -272,7 +291,7 @@ void check_no_forward_ad(const at::Tensor& input, const OptTensor& weight, const
 // A new node with edges to (input, weight, bias) and what both forwards keep of weight and bias.
 c10::intrusive_ptr<BnNode> make_node(bool train, const at::Tensor& input, const OptTensor& weight,
                                      const OptTensor& bias, at::IntArrayRef axis) {
-  auto node = c10::make_intrusive<BnNode>(train);
+  auto node = new_node<BnNode>(train);
   node->set_next_edges(torch::autograd::collect_next_edges(input, weight, bias));
   node->axis_ = axis.vec();
   node->meta_ = affine_meta(weight, bias);
