@@ -371,3 +371,34 @@ def test_forward_mode_ad_is_refused_clearly(device):
         for training in (True, False):
             with pytest.raises(NotImplementedError, match="forward-mode AD"):
                 batch_norm(dual, rm, rv, None, None, training)
+
+
+def test_saved_tensor_hooks_see_the_nodes_saved_tensors(device):
+    """torch.autograd.graph.saved_tensors_hooks (activation offloading, checkpointing tools) pack
+    and unpack what the forwards' nodes save, and the gradients stay those of the unhooked call."""
+    gen = torch.Generator().manual_seed(13)
+    x = (torch.randn(4, 3, 6, generator=gen, dtype=torch.float64) * 2 - 1).to(device).requires_grad_()
+    w = (torch.rand(3, generator=gen, dtype=torch.float64) + 0.5).to(device).requires_grad_()
+    gy = torch.randn(4, 3, 6, generator=gen, dtype=torch.float64).to(device)
+    for training in (True, False):
+        rm = torch.randn(3, generator=gen, dtype=torch.float64).to(device)
+        rv = (torch.rand(3, generator=gen, dtype=torch.float64) + 0.5).to(device)
+        plain = torch.autograd.grad(batch_norm(x, rm.clone(), rv.clone(), w, None, training), [x, w], gy)
+        packed, unpacked = [], []
+
+        def pack(t):
+            packed.append(t.shape)
+            return t.clone()
+
+        def unpack(t):
+            unpacked.append(t.shape)
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+            y = batch_norm(x, rm.clone(), rv.clone(), w, None, training)
+        hooked = torch.autograd.grad(y, [x, w], gy)
+        # input, weight and the two statistics (batch mean / invstd, or the running ones)
+        assert len(packed) == 4 and len(unpacked) == 4, (training, packed, unpacked)
+        assert torch.Size([4, 3, 6]) in packed
+        for a, b in zip(hooked, plain):
+            assert torch.equal(a, b)
