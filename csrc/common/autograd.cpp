@@ -289,8 +289,8 @@ void check_no_forward_ad(const at::Tensor& input, const OptTensor& weight, const
 }
 
 // A new node with edges to (input, weight, bias) and what both forwards keep of weight and bias.
-c10::intrusive_ptr<BnNode> make_node(bool train, const at::Tensor& input, const OptTensor& weight,
-                                     const OptTensor& bias, at::IntArrayRef axis) {
+auto make_node(bool train, const at::Tensor& input, const OptTensor& weight, const OptTensor& bias,
+               at::IntArrayRef axis) {
   auto node = new_node<BnNode>(train);
   node->set_next_edges(torch::autograd::collect_next_edges(input, weight, bias));
   node->axis_ = axis.vec();
