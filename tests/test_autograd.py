@@ -402,3 +402,62 @@ def test_saved_tensor_hooks_see_the_nodes_saved_tensors(device):
         assert torch.Size([4, 3, 6]) in packed
         for a, b in zip(hooked, plain):
             assert torch.equal(a, b)
+
+
+def test_torch_func_grad_first_and_second_order(device):
+    """torch.func.grad (functorch transforms: MAML-style inner loops, gradient penalties) through
+    the functional op in training and evaluation mode, first and second order, against
+    F.batch_norm in float64. (vmap has no batching rule for the ops: it raises.)"""
+    gen = torch.Generator().manual_seed(14)
+    x = (torch.randn(5, 3, 4, generator=gen, dtype=torch.float64) * 2 + 1).to(device)
+    w = (torch.rand(3, generator=gen, dtype=torch.float64) + 0.5).to(device)
+    gy = torch.randn(5, 3, 4, generator=gen, dtype=torch.float64).to(device)
+    for training in (True, False):
+        rm = torch.randn(3, generator=gen, dtype=torch.float64).to(device)
+        rv = (torch.rand(3, generator=gen, dtype=torch.float64) + 0.5).to(device)
+
+        def loss(fn):
+            return lambda x, w: (fn(x, rm.clone(), rv.clone(), w, None, training) * gy).sum()
+
+        got = torch.func.grad(loss(batch_norm), argnums=(0, 1))(x, w)
+        want = torch.func.grad(loss(F.batch_norm), argnums=(0, 1))(x, w)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+        for arg in (0, 1):
+            def penalty(fn):
+                return lambda x, w: torch.func.grad(loss(fn), argnums=(0, 1))(x, w)[0].pow(2).sum()
+
+            got2 = torch.func.grad(penalty(batch_norm), argnums=arg)(x, w)
+            want2 = torch.func.grad(penalty(F.batch_norm), argnums=arg)(x, w)
+            torch.testing.assert_close(got2, want2, rtol=1e-9, atol=1e-11)
+
+
+def test_compiled_autograd_through_a_gradient_penalty(device):
+    """Compiled autograd over a graph that contains the backward op's own node (a loss on gradients
+    taken with create_graph=True, as in a gradient penalty) gives the eager gradients."""
+    compiled_autograd = pytest.importorskip("torch._dynamo.compiled_autograd")
+    if not hasattr(compiled_autograd, "_enable"):
+        pytest.skip("this torch has no torch._dynamo.compiled_autograd._enable")
+    torch._dynamo.reset()
+    gen = torch.Generator().manual_seed(15)
+    x0 = torch.randn(6, 3, 5, generator=gen).to(device)
+    w0 = (torch.rand(3, generator=gen) + 0.5).to(device)
+
+    def gradients(compiled):
+        x = x0.clone().requires_grad_()
+        w = w0.clone().requires_grad_()
+        y = batch_norm(x, None, None, w, None, training=True)
+        (gx,) = torch.autograd.grad((y * y.detach().sin()).sum(), [x], create_graph=True)
+        loss = (gx * gx).sum()
+        if compiled:
+            with compiled_autograd._enable(torch.compile(backend="aot_eager")):
+                loss.backward()
+        else:
+            loss.backward()
+        return x.grad, w.grad
+
+    eager = gradients(False)
+    got = gradients(True)
+    for g, e in zip(got, eager):
+        assert g is not None
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)

@@ -4,11 +4,13 @@
 // refuses operators with mutable arguments; a Python autograd layer around an op costs 10-40 us of
 // host time per call (even under no_grad), more than the whole kernel on small tensors and as much
 // as a GPU launch, and needs the GIL when another extension calls the op from C++. These kernels
-// (dispatch key Autograd, device-agnostic) record one C++ node each: the forwards a hand-written
-// node (BnNode, as light as torch's generated ones), the backward op, whose node serves double
-// backward only, a torch::autograd::Function. The forwards' nodes call the registered
-// bn_cuda::backward op through the dispatcher (bn_cuda/ops.h, the header other extensions use);
-// torch.compile traces the backward op like any other.
+// (dispatch key Autograd, device-agnostic) record one hand-written C++ node each (BnNode for the
+// forwards, BackwardNode for the backward op, which serves double backward), as light as torch's
+// generated nodes. The forwards' nodes call the registered bn_cuda::backward op through the
+// dispatcher (bn_cuda/ops.h, the header other extensions use); torch.compile traces the backward
+// op like any other.
+#include <Python.h>  // (first: it must precede the standard headers)
+
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
@@ -29,7 +31,6 @@
 namespace bn_cuda {
 namespace {
 
-using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 using OptTensor = c10::optional<at::Tensor>;
 
@@ -160,15 +161,33 @@ auto new_node(Args&&... args) {
     return std::make_shared<N>(std::forward<Args>(args)...);
 }
 
+// Compiled autograd (torch._dynamo.compiled_autograd): a node's backward handed to the compiler as
+// an opaque function of IValues (the saved tensors, already swapped for the compiler's proxies by
+// the caller, then the node's constants), as torch's CppNode does for C++ custom Functions; it runs
+// eagerly inside the compiled graph.
+variable_list call_opaque(const std::string& name, torch::dynamo::autograd::functional_apply_t fn,
+                          const std::vector<c10::IValue>& args, const variable_list& inputs,
+                          const torch::autograd::edge_list& next_edges,
+                          torch::dynamo::autograd::SwapSavedVariables& saved) {
+  std::vector<at::TypePtr> schema;
+  schema.reserve(args.size());
+  for (const auto& iv : args) schema.emplace_back(iv.isTensor() ? at::TensorType::get() : iv.type());
+  const auto& py = torch::dynamo::autograd::getPyCompilerInterface();
+  const auto output_metadata =
+      torch::dynamo::autograd::IValuePacker<std::vector<std::optional<torch::autograd::InputMetadata>>>::pack(
+          torch::dynamo::autograd::get_input_metadata(next_edges));
+  const std::string bound = py->bind_function(saved.get_py_compiler(), name, std::move(fn), schema,
+                                              /*is_custom_function=*/true, /*is_traceable=*/false);
+  return py->call_function(saved.get_py_compiler(), "apply_functional", bound, inputs, args, output_metadata);
+}
+
 // The autograd nodes of the two forwards: written by hand, as torch's generated nodes are, rather
 // than through torch::autograd::Function, whose generic bookkeeping (per-call input and output
 // records with their shapes, a saved_data hash map of IValues, output wrapping) cost 5-15 us a
 // call on a 2-core AVX2 VM: a tenth of a small CPU batch norm's forward and backward.
 //
 // Edges: (input, weight, bias), one per argument, invalid for an absent one. Inputs: the gradients
-// of the forward's outputs. Under torch's compiled autograd, apply_with_saved hands the backward to
-// the compiler as an opaque function of the (proxied) saved tensors and the node's constants, as
-// torch's CppNode does for C++ custom Functions; it runs eagerly inside the compiled graph.
+// of the forward's outputs.
 struct BnNode final : torch::autograd::Node {
   explicit BnNode(bool train) : train_(train) {}
 
@@ -233,17 +252,7 @@ struct BnNode final : torch::autograd::Node {
                                   std::vector<int64_t>{meta_.has_w, meta_.has_b, static_cast<int64_t>(meta_.bias_dtype)},
                                   c10::IValue(c10::SymIntArrayRef(meta_.bias_shape)),
                                   std::vector<bool>{m[0], m[1], m[2]}, std::vector<double>{train_ ? 1.0 : 0.0, eps_}};
-    std::vector<at::TypePtr> schema;
-    schema.reserve(args.size());
-    for (const auto& iv : args) schema.emplace_back(iv.isTensor() ? at::TensorType::get() : iv.type());
-    const auto& py = torch::dynamo::autograd::getPyCompilerInterface();
-    const auto output_metadata = torch::dynamo::autograd::IValuePacker<
-        std::vector<std::optional<torch::autograd::InputMetadata>>>::pack(torch::dynamo::autograd::get_input_metadata(
-        next_edges()));
-    const std::string fn = py->bind_function(saved.get_py_compiler(), name(), &apply_functional, schema,
-                                             /*is_custom_function=*/true, /*is_traceable=*/false);
-    variable_list results =
-        py->call_function(saved.get_py_compiler(), "apply_functional", fn, inputs, args, output_metadata);
+    variable_list results = call_opaque(name(), &apply_functional, args, inputs, next_edges(), saved);
     saved.after(input_);
     saved.after(weight_);
     saved.after(stat0_);
@@ -273,9 +282,20 @@ struct BnNode final : torch::autograd::Node {
     meta.bias_shape = args[6].toSymIntVector();
     const auto mask = args[7].toBoolList();
     const std::vector<double> c = args[8].toDoubleVector();
-    return grads_of(c[0] != 0.0, grads, args[0].toTensor(), args[1].isTensor() ? args[1].toTensor() : at::Tensor(),
-                    args[2].toTensor(), args[3].toTensor(), c[1], meta, args[4].toIntVector(),
-                    {mask.get(0), mask.get(1), mask.get(2)});
+    const at::Tensor input = args[0].toTensor();
+    const at::Tensor weight = args[1].isTensor() ? args[1].toTensor() : at::Tensor();
+    const at::Tensor stat0 = args[2].toTensor();
+    variable_list r = grads_of(c[0] != 0.0, grads, input, weight, stat0, args[3].toTensor(), c[1], meta,
+                               args[4].toIntVector(), {mask.get(0), mask.get(1), mask.get(2)});
+    // The compiled graph adds what it gets; the eager engine skips an undefined gradient (zero)
+    // that an edge asked for, the compiled graph needs the zeros.
+    if (mask.get(0) && !r[0].defined()) r[0] = at::zeros_like(input);
+    if (mask.get(1) && meta.has_w && !r[1].defined()) r[1] = at::zeros_like(weight);
+    if (mask.get(2) && meta.has_b && !r[2].defined()) {
+      r[2] = at::zeros({stat0.numel()}, stat0.options().dtype(meta.bias_dtype));
+      if (!meta.bias_shape.empty()) r[2] = r[2].reshape_symint(meta.bias_shape);
+    }
+    return r;
   }
 };
 
@@ -326,61 +346,113 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_composite(const at::Tens
   return {gi.to(input.scalar_type()), (sum_dy_xmu * sd).reshape(-1), sum_dy.reshape(-1)};
 }
 
-struct Backward : public torch::autograd::Function<Backward> {
-  static variable_list forward(AutogradContext* ctx, const at::Tensor& grad_out, const at::Tensor& input,
-                               const OptTensor& weight, const at::Tensor& save_mean, const at::Tensor& save_invstd,
-                               bool train, at::IntArrayRef axis, std::array<bool, 3> output_mask) {
-    at::Tensor gi, gw, gb;
-    {
-      at::AutoDispatchBelowAutograd guard;
-      std::tie(gi, gw, gb) = ops::backward(grad_out, input, weight, save_mean, save_invstd, train, axis, output_mask);
+// Gradients of bn_cuda::backward's inputs (grad_out, input, weight, save_mean, save_invstd) from
+// those of its outputs: backward_composite's graph differentiated by autograd (with a graph of its
+// own under create_graph: third order and up). need: which of the five to compute.
+variable_list double_backward(const variable_list& grads, const std::array<at::Tensor, 5>& saved,
+                              std::array<bool, 5> need, bool train, at::IntArrayRef axis, std::array<bool, 3> mask) {
+  variable_list result(5);
+  if (!(need[0] || need[1] || need[2] || need[3] || need[4])) return result;
+  const bool create_graph = at::GradMode::is_enabled();
+  at::AutoGradMode enable(true);
+  variable_list leaves(5), wrt;
+  for (size_t k = 0; k < 5; ++k) {
+    need[k] = need[k] && saved[k].defined();
+    if (!saved[k].defined()) continue;
+    leaves[k] = saved[k].detach().requires_grad_(need[k]);
+    if (need[k]) wrt.push_back(leaves[k]);
+  }
+  const auto outs = backward_composite(leaves[0], leaves[1], leaves[2], leaves[3], leaves[4], train, axis);
+  const std::array<at::Tensor, 3> out_list{std::get<0>(outs), std::get<1>(outs), std::get<2>(outs)};
+  variable_list outputs, grad_outputs;
+  for (size_t i = 0; i < 3; ++i) {
+    // (an output may not depend on what needs a gradient: in evaluation mode grad_input is
+    // dy * invstd * weight, independent of the input)
+    if (mask[i] && grads[i].defined() && grads[i].sym_numel() > 0 && out_list[i].requires_grad()) {
+      outputs.push_back(out_list[i]);
+      grad_outputs.push_back(grads[i].to(out_list[i].scalar_type()));
     }
-    const bool has_w = weight.has_value() && weight->defined();
-    ctx->save_for_backward({grad_out, input, has_w ? *weight : at::Tensor(), save_mean, save_invstd});
-    ctx->saved_data["train"] = train;
-    ctx->saved_data["axis"] = axis.vec();
-    ctx->saved_data["mask"] = std::vector<bool>{output_mask[0], output_mask[1], output_mask[2]};
-    ctx->set_materialize_grads(false);
-    return {gi, gw, gb};
+  }
+  if (outputs.empty() || wrt.empty()) return result;
+  const variable_list got = torch::autograd::grad(outputs, wrt, grad_outputs, /*retain_graph=*/create_graph,
+                                                  create_graph, /*allow_unused=*/true);
+  for (size_t k = 0, j = 0; k < 5; ++k)
+    if (need[k]) result[k] = got[j++];
+  return result;
+}
+
+// The backward op's node (double backward), hand-written like the forwards'. Edges: (grad_out,
+// input, weight, save_mean, save_invstd), invalid for an absent weight.
+struct BackwardNode final : torch::autograd::Node {
+  std::array<torch::autograd::SavedVariable, 5> saved_;  // the op's five tensor arguments
+  bool train_ = true;
+  std::vector<int64_t> axis_;
+  std::array<bool, 3> mask_{};  // the op's output_mask
+
+  std::string name() const override { return "BnCudaBackwardBackward"; }
+
+  variable_list apply(variable_list&& grads) override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    std::array<at::Tensor, 5> t;
+    for (size_t k = 0; k < 5; ++k) t[k] = saved_[k].unpack();
+    return double_backward(grads, t, need(), train_, axis_, mask_);
   }
 
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const variable_list saved = ctx->get_saved_variables();
-    const bool has_w = saved[2].defined();
-    // Edges exist only for the tensors given: grad_out, input, [weight], save_mean, save_invstd.
-    std::array<bool, 5> need{};
-    for (size_t k = 0, edge = 0; k < 5; ++k) {
-      if (k == 2 && !has_w) continue;
-      need[k] = ctx->needs_input_grad(edge++);
-    }
-    variable_list result(8);
-    if (!(need[0] || need[1] || need[2] || need[3] || need[4])) return result;
-    const bool create_graph = at::GradMode::is_enabled();
-    const auto mask = ctx->saved_data["mask"].toBoolList();
-    const std::vector<int64_t> axis = ctx->saved_data["axis"].toIntVector();
-    at::AutoGradMode enable(true);
-    variable_list leaves(5), wrt;
-    for (size_t k = 0; k < 5; ++k) {
-      if (!saved[k].defined()) continue;
-      leaves[k] = saved[k].detach().requires_grad_(need[k]);
-      if (need[k]) wrt.push_back(leaves[k]);
-    }
-    const auto outs = backward_composite(leaves[0], leaves[1], leaves[2], leaves[3], leaves[4],
-                                         ctx->saved_data["train"].toBool(), axis);
-    const std::array<at::Tensor, 3> out_list{std::get<0>(outs), std::get<1>(outs), std::get<2>(outs)};
-    variable_list outputs, grad_outputs;
-    for (size_t i = 0; i < 3; ++i) {
-      if (mask.get(i) && grads[i].defined() && grads[i].sym_numel() > 0) {
-        outputs.push_back(out_list[i]);
-        grad_outputs.push_back(grads[i].to(out_list[i].scalar_type()));
+  void release_variables() override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (auto& sv : saved_) sv.reset_data();
+  }
+
+  // (both constnesses: see BnNode)
+  void compiled_args(torch::dynamo::autograd::CompiledNodeArgs& args) { std::as_const(*this).compiled_args(args); }
+  void compiled_args(torch::dynamo::autograd::CompiledNodeArgs& args) const {
+    for (const auto& sv : saved_) args.collect(sv, false);
+    args.collect(train_);
+    args.collect(axis_);
+    for (bool m : mask_) args.collect(m);
+  }
+
+  // Packed as (grad_out, input, weight, save_mean, save_invstd, axis, [mask, need], [train]).
+  variable_list apply_with_saved(const variable_list& inputs,
+                                 torch::dynamo::autograd::SwapSavedVariables& saved) override {
+    for (auto& sv : saved_) saved.before(sv);
+    const auto n = need();
+    std::vector<c10::IValue> args;
+    args.reserve(8);
+    for (const auto& sv : saved_) args.emplace_back(sv.unpack());
+    args.emplace_back(axis_);
+    args.emplace_back(std::vector<bool>{mask_[0], mask_[1], mask_[2], n[0], n[1], n[2], n[3], n[4]});
+    args.emplace_back(train_);
+    variable_list results = call_opaque(name(), &apply_functional, args, inputs, next_edges(), saved);
+    for (auto& sv : saved_) saved.after(sv);
+    return results;
+  }
+
+ private:
+  std::array<bool, 5> need() {
+    std::array<bool, 5> n{};
+    for (size_t k = 0; k < 5; ++k) n[k] = task_should_compute_output(k);
+    return n;
+  }
+
+  static variable_list apply_functional(const variable_list& grads, const std::vector<c10::IValue>& args) {
+    // Called from Python by compiled autograd, with the GIL held, which the autograd engine that
+    // double_backward runs refuses: released for the call.
+    struct ReleaseGil {
+      PyThreadState* state = PyGILState_Check() ? PyEval_SaveThread() : nullptr;
+      ~ReleaseGil() {
+        if (state) PyEval_RestoreThread(state);
       }
-    }
-    if (outputs.empty()) return result;
-    const variable_list got = torch::autograd::grad(outputs, wrt, grad_outputs, /*retain_graph=*/create_graph,
-                                                    create_graph, /*allow_unused=*/true);
-    for (size_t k = 0, j = 0; k < 5; ++k)
-      if (need[k]) result[k] = got[j++];
-    return result;
+    } release;
+    std::array<at::Tensor, 5> t;
+    for (size_t k = 0; k < 5; ++k) t[k] = args[k].isTensor() ? args[k].toTensor() : at::Tensor();
+    const auto b = args[6].toBoolList();
+    const std::array<bool, 5> need{b.get(3), b.get(4), b.get(5), b.get(6), b.get(7)};
+    variable_list r = double_backward(grads, t, need, args[7].toBool(), args[5].toIntVector(),
+                                      {b.get(0), b.get(1), b.get(2)});
+    for (size_t k = 0; k < 5; ++k)  // (zeros where asked for: see BnNode::apply_functional)
+      if (need[k] && t[k].defined() && !r[k].defined()) r[k] = at::zeros_like(t[k]);
+    return r;
   }
 };
 
@@ -389,13 +461,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_autograd(const at::Tenso
                                                                  const at::Tensor& save_invstd, bool train,
                                                                  at::IntArrayRef axis, std::array<bool, 3> output_mask) {
   const auto req = [](const at::Tensor& t) { return t.defined() && t.requires_grad(); };
+  at::AutoDispatchBelowAutograd guard;
+  at::Tensor gi, gw, gb;
+  std::tie(gi, gw, gb) = ops::backward(grad_out, input, weight, save_mean, save_invstd, train, axis, output_mask);
   if (!at::GradMode::is_enabled() ||
-      !(req(grad_out) || req(input) || (weight.has_value() && req(*weight)) || req(save_mean) || req(save_invstd))) {
-    at::AutoDispatchBelowAutograd guard;
-    return ops::backward(grad_out, input, weight, save_mean, save_invstd, train, axis, output_mask);
-  }
-  variable_list r = Backward::apply(grad_out, input, weight, save_mean, save_invstd, train, axis, output_mask);
-  return {r[0], r[1], r[2]};
+      !(req(grad_out) || req(input) || (weight.has_value() && req(*weight)) || req(save_mean) || req(save_invstd)))
+    return {gi, gw, gb};
+  auto node = new_node<BackwardNode>();
+  node->set_next_edges(torch::autograd::collect_next_edges(grad_out, input, weight, save_mean, save_invstd));
+  torch::autograd::set_history(gi, node);
+  torch::autograd::set_history(gw, node);
+  torch::autograd::set_history(gb, node);
+  node->saved_[0] = torch::autograd::SavedVariable(grad_out, /*is_output=*/false);
+  node->saved_[1] = torch::autograd::SavedVariable(input, /*is_output=*/false);
+  node->saved_[2] = torch::autograd::SavedVariable(weight, /*is_output=*/false);
+  node->saved_[3] = torch::autograd::SavedVariable(save_mean, /*is_output=*/false);
+  node->saved_[4] = torch::autograd::SavedVariable(save_invstd, /*is_output=*/false);
+  node->train_ = train;
+  node->axis_ = axis.vec();
+  node->mask_ = output_mask;
+  return {gi, gw, gb};
 }
 
 at::Tensor forward_infer_autograd(const at::Tensor& input, const OptTensor& weight, const OptTensor& bias,
