@@ -97,13 +97,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> param_backward(const AffineMeta& 
   return {gi, gw, gb};
 }
 
-// Whether the autograd layer can be skipped: no gradient can flow from this call.
-bool no_grad_needed(const at::Tensor& input, const OptTensor& weight, const OptTensor& bias) {
-  if (!at::GradMode::is_enabled()) return true;
-  const auto req = [](const OptTensor& t) { return t.has_value() && t->defined() && t->requires_grad(); };
-  return !input.requires_grad() && !req(weight) && !req(bias);
-}
-
 // Gradients of a training forward (input, weight, bias) from those of its three outputs (output,
 // batch mean, batch inverse std); mask: which of (input, weight, bias) to compute.
 variable_list train_grads(const variable_list& grads, const at::Tensor& input, const at::Tensor& weight,
@@ -460,13 +453,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_autograd(const at::Tenso
                                                                  const OptTensor& weight, const at::Tensor& save_mean,
                                                                  const at::Tensor& save_invstd, bool train,
                                                                  at::IntArrayRef axis, std::array<bool, 3> output_mask) {
-  const auto req = [](const at::Tensor& t) { return t.defined() && t.requires_grad(); };
+  // (whether a gradient can flow from this call: grad mode on and a tensor requiring grad)
+  const bool record = torch::autograd::compute_requires_grad(grad_out, input, weight, save_mean, save_invstd);
   at::AutoDispatchBelowAutograd guard;
   at::Tensor gi, gw, gb;
   std::tie(gi, gw, gb) = ops::backward(grad_out, input, weight, save_mean, save_invstd, train, axis, output_mask);
-  if (!at::GradMode::is_enabled() ||
-      !(req(grad_out) || req(input) || (weight.has_value() && req(*weight)) || req(save_mean) || req(save_invstd)))
-    return {gi, gw, gb};
+  if (!record) return {gi, gw, gb};
   auto node = new_node<BackwardNode>();
   node->set_next_edges(torch::autograd::collect_next_edges(grad_out, input, weight, save_mean, save_invstd));
   torch::autograd::set_history(gi, node);
@@ -487,10 +479,10 @@ at::Tensor forward_infer_autograd(const at::Tensor& input, const OptTensor& weig
                                   const at::Tensor& running_mean, const at::Tensor& running_var, double eps,
                                   at::IntArrayRef axis) {
   check_no_forward_ad(input, weight, bias);
+  const bool record = torch::autograd::compute_requires_grad(input, weight, bias);
   at::AutoDispatchBelowAutograd guard;
-  if (no_grad_needed(input, weight, bias))
-    return ops::forward_infer(input, weight, bias, running_mean, running_var, eps, axis);
   at::Tensor out = ops::forward_infer(input, weight, bias, running_mean, running_var, eps, axis);
+  if (!record) return out;
   auto node = make_node(/*train=*/false, input, weight, bias, axis);
   torch::autograd::set_history(out, node);
   // The running statistics are saved as they are (as torch's batch_norm does): modifying them in
@@ -507,12 +499,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_train_autograd(
     const at::Tensor& input, const OptTensor& weight, const OptTensor& bias, const OptTensor& running_mean,
     const OptTensor& running_var, double momentum, double eps, at::IntArrayRef axis, bool unbiased) {
   check_no_forward_ad(input, weight, bias);
+  const bool record = torch::autograd::compute_requires_grad(input, weight, bias);
   at::AutoDispatchBelowAutograd guard;
-  if (no_grad_needed(input, weight, bias))
-    return ops::forward_train(input, weight, bias, running_mean, running_var, momentum, eps, axis, unbiased);
   at::Tensor out, mean, invstd;
   std::tie(out, mean, invstd) =
       ops::forward_train(input, weight, bias, running_mean, running_var, momentum, eps, axis, unbiased);
+  if (!record) return {out, mean, invstd};
   // The running statistics are not differentiable inputs: no gradient flows to them, as in torch.
   auto node = make_node(/*train=*/true, input, weight, bias, axis);
   torch::autograd::set_history(out, node);
