@@ -264,8 +264,8 @@ def test_compile_fullgraph_eval_and_multi_axis(device):
 def test_compiled_autograd_traces_the_cpp_nodes(device):
     """torch._dynamo's compiled autograd over a graph recorded eagerly: it traces the backward of
     bn_cuda's C++ autograd nodes (the hand-written nodes of the training and inference forwards,
-    through their own compiled_args / apply_with_saved, and the fused Keras step's
-    torch::autograd::Function, through torch's CppNode) and gives the eager gradients exactly,
+    through their own compiled_args / apply_with_saved, and the fused Keras step's node, for ghost
+    batches + renorm and for a trainable adjustment + mask) and gives the eager gradients exactly,
     gradients reaching the returned batch statistics and a Keras-shaped bias included."""
     compiled_autograd = pytest.importorskip("torch._dynamo.compiled_autograd")
     if not hasattr(compiled_autograd, "_enable"):
@@ -281,16 +281,22 @@ def test_compiled_autograd_traces_the_cpp_nodes(device):
     layer = bn_cuda.BatchNormalization(axis=1, virtual_batch_size=4, renorm=True)
     layer(x0, training=True)  # builds the layer on x0's device
     state0 = copy.deepcopy(layer.state_dict())
+    adj = torch.linspace(-0.3, 0.4, 5, device=device).requires_grad_()
+    layer2 = bn_cuda.BatchNormalization(adjustment=lambda shape: (adj * 0.5 + 1.0, adj * 0.1))
+    layer2(x0, training=True)
+    state2 = copy.deepcopy(layer2.state_dict())
+    mask = torch.rand(8, 3, generator=gen) > 0.3
 
     def gradients(compiled):
         layer.load_state_dict(state0)  # the same moving statistics (renorm's r, d) for both runs
-        for p in layer.parameters():
+        layer2.load_state_dict(state2)
+        for p in [*layer.parameters(), *layer2.parameters(), adj]:
             p.grad = None
         x = x0.clone().requires_grad_()
         w = torch.linspace(0.5, 1.5, 3, device=device).requires_grad_()
         b = torch.linspace(-1.0, 1.0, 3, device=device).requires_grad_()
         y, mean, invstd = bn_cuda.ops.batch_norm_train(x, w, b, None, None, 0.1, 1e-5, [1])
-        z = layer(y, training=True)
+        z = layer2(layer(y, training=True), training=True, mask=mask.to(device))
         # inference node: running statistics saved, a bias in the rank-preserving Keras shape
         rm = torch.linspace(-0.2, 0.3, 3, device=device)
         rv = torch.linspace(0.5, 2.0, 3, device=device)
@@ -303,12 +309,13 @@ def test_compiled_autograd_traces_the_cpp_nodes(device):
         else:
             loss.backward()
         assert b2.grad.shape == b2.shape
-        return [x.grad, w.grad, b.grad, b2.grad] + [p.grad for p in layer.parameters()]
+        return [x.grad, w.grad, b.grad, b2.grad, adj.grad] + [p.grad for p in [*layer.parameters(),
+                                                                                 *layer2.parameters()]]
 
     eager = gradients(False)
     got = gradients(True)
     assert counters["compiled_autograd"]["captures"] >= 1
-    assert len(got) == 6
+    assert len(got) == 9
     for g, e in zip(got, eager):
         assert g is not None and torch.equal(g, e)
 

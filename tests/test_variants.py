@@ -323,6 +323,87 @@ def test_double_backward_raises(monkeypatch, native, name):
         g.sum().backward()
 
 
+def test_double_backward_raises_when_only_the_input_needs_it():
+    """A loss linear in the output (its gradient a constant) still has a second derivative through
+    the input: the C++ step's first backward under create_graph marks its results so that a second
+    backward raises, rather than dropping that term (the Python path's once_differentiable looks at
+    the output's gradient only)."""
+    shape = (6, 5, 3)
+    layer = _layer("ghost", None, "cpu", shape)
+    x = _input(shape, "cpu").float().requires_grad_(True)
+    y = layer(x, training=True)
+    w = torch.randn(shape, generator=torch.Generator().manual_seed(3))
+    (g,) = torch.autograd.grad((y * w).sum(), x, create_graph=True)
+    assert g.requires_grad
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        (g * x).sum().backward()
+
+
+def _func_grad_case(name, shape, mode, seed):
+    """Gradients of a loss through the layer in training mode, w.r.t. the input and the layer's
+    parameters, by torch.func.grad over functional_call ("func") or by eager autograd ("eager",
+    "composite": fused=False); with the moving variables after the step."""
+    layer = _layer(name, False if mode == "composite" else None, "cpu", shape)
+    x = _input(shape, "cpu", seed=seed)
+    m = _mask(name, shape, "cpu")
+    gy = torch.randn(shape, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64)
+    params = {k: v.detach().clone().requires_grad_(mode != "func") for k, v in layer.named_parameters()}
+
+    def loss(p, x):
+        y = functional_call(layer, p, (x,), dict(training=True, mask=m))
+        return (y * gy).sum() + (y ** 2).sum()
+
+    if mode == "func":
+        gp, gx = torch.func.grad(loss, argnums=(0, 1))(params, x)
+    else:
+        x.requires_grad_(True)
+        gs = torch.autograd.grad(loss(params, x), [x] + list(params.values()))
+        gx, gp = gs[0], dict(zip(params, gs[1:]))
+    return [gx] + [gp[k] for k in sorted(gp)] + [b.clone() for _, b in sorted(layer.named_buffers())]
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_torch_func_grad_through_the_fused_step(monkeypatch, name):
+    """torch.func.grad through the C++ training step (its hand-written autograd node): the
+    gradients of the input and of every parameter, and the moving variables, equal eager autograd's
+    on the same path bit for bit, and the composite path's (fused=False) in float64."""
+    calls = []
+    step = bn_cuda._C.keras_train_step
+    monkeypatch.setattr(bn_cuda._C, "keras_train_step", lambda *a, **k: calls.append(1) or step(*a, **k))
+    shape = (6, 5, 3)
+    got = _func_grad_case(name, shape, "func", seed=31)
+    assert calls, "torch.func.grad did not take the C++ step"
+    eager = _func_grad_case(name, shape, "eager", seed=31)
+    composite = _func_grad_case(name, shape, "composite", seed=31)
+    assert len(got) == len(eager) == len(composite) >= 3 and got[0].dtype == torch.float64
+    for a, b, c in zip(got, eager, composite):
+        assert torch.equal(a, b), (a - b).abs().max()
+        tight = a.dtype == torch.float64  # (the layer's variables are float32)
+        torch.testing.assert_close(a, c, rtol=1e-10 if tight else 1e-5, atol=1e-12 if tight else 1e-6)
+
+
+def test_torch_func_grad_refuses_what_it_cannot_differentiate():
+    """The step is once differentiable: nested torch.func.grad, and autograd outside the transform
+    through a wrapped input, raise a clear NotImplementedError instead of a silent zero; the
+    forward-mode transforms raise too. A first-order torch.func.grad works (above)."""
+    shape = (6, 5, 3)
+    layer = _layer("ghost", None, "cpu", shape)
+    x = _input(shape, "cpu")
+    before = [b.clone() for b in layer.buffers()]
+
+    def inner(x):
+        return torch.func.grad(lambda x: (layer(x, training=True) ** 3).sum())(x)
+
+    with pytest.raises(NotImplementedError, match="2 nested transform levels"):
+        torch.func.grad(lambda x: inner(x).pow(2).sum())(x)
+    with pytest.raises(NotImplementedError, match="autograd outside the transform"):
+        inner(x.clone().requires_grad_(True))
+    with pytest.raises(NotImplementedError, match="forward-mode AD"):
+        torch.func.jvp(lambda x: layer(x, training=True), (x,), (torch.ones_like(x),))
+    # a refused call changes no moving variable
+    assert all(torch.equal(a, b) for a, b in zip(before, layer.buffers()))
+
+
 # Odd sizes and layouts for the fused variants: (shape, axis, how the input is laid out, ghost size).
 ODD_CASES = {
     "C1-spatial49-channels_last": ((4, 1, 7, 7), 1, "channels_last", 2),

@@ -15,18 +15,17 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/csrc/autograd/functions/utils.h>
-#include <torch/csrc/dynamo/compiled_autograd.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <array>
 #include <tuple>
-#include <type_traits>
 #include <utility>
 #include <vector>
 
 #include "bn_cuda/ops.h"
 #include "canonical.h"
+#include "nodes.h"
 
 namespace bn_cuda {
 namespace {
@@ -138,40 +137,6 @@ variable_list infer_grads(const variable_list& grads, const at::Tensor& input, c
   at::Tensor gi, gw, gb;
   std::tie(gi, gw, gb) = param_backward(meta, axis, grads[0], input, weight, mean, invstd, /*train=*/false, mask);
   return {gi, gw, gb};
-}
-
-// Node handles: c10::intrusive_ptr<Node> in recent torch (2.13, 2.14: pytorch#181782, April 2026),
-// std::shared_ptr<Node> in earlier releases (likely the GPU machine's 2.11); the node code below is
-// written against either.
-using NodePtr = decltype(std::declval<torch::autograd::Node&>().getptr());
-constexpr bool kIntrusiveNodes = std::is_base_of_v<c10::intrusive_ptr_target, torch::autograd::Node>;
-
-template <typename N, typename... Args>
-auto new_node(Args&&... args) {
-  if constexpr (kIntrusiveNodes)
-    return c10::make_intrusive<N>(std::forward<Args>(args)...);
-  else
-    return std::make_shared<N>(std::forward<Args>(args)...);
-}
-
-// Compiled autograd (torch._dynamo.compiled_autograd): a node's backward handed to the compiler as
-// an opaque function of IValues (the saved tensors, already swapped for the compiler's proxies by
-// the caller, then the node's constants), as torch's CppNode does for C++ custom Functions; it runs
-// eagerly inside the compiled graph.
-variable_list call_opaque(const std::string& name, torch::dynamo::autograd::functional_apply_t fn,
-                          const std::vector<c10::IValue>& args, const variable_list& inputs,
-                          const torch::autograd::edge_list& next_edges,
-                          torch::dynamo::autograd::SwapSavedVariables& saved) {
-  std::vector<at::TypePtr> schema;
-  schema.reserve(args.size());
-  for (const auto& iv : args) schema.emplace_back(iv.isTensor() ? at::TensorType::get() : iv.type());
-  const auto& py = torch::dynamo::autograd::getPyCompilerInterface();
-  const auto output_metadata =
-      torch::dynamo::autograd::IValuePacker<std::vector<std::optional<torch::autograd::InputMetadata>>>::pack(
-          torch::dynamo::autograd::get_input_metadata(next_edges));
-  const std::string bound = py->bind_function(saved.get_py_compiler(), name, std::move(fn), schema,
-                                              /*is_custom_function=*/true, /*is_traceable=*/false);
-  return py->call_function(saved.get_py_compiler(), "apply_functional", bound, inputs, args, output_metadata);
 }
 
 // The autograd nodes of the two forwards: written by hand, as torch's generated nodes are, rather
@@ -291,15 +256,6 @@ struct BnNode final : torch::autograd::Node {
     return r;
   }
 };
-
-// Forward-mode AD has no formula here; say so rather than drop the tangents (checked under no_grad
-// too: forward-mode AD does not depend on grad mode).
-void check_no_forward_ad(const at::Tensor& input, const OptTensor& weight, const OptTensor& bias) {
-  const auto fw = [](const at::Tensor& t) { return t.defined() && t._fw_grad(/*level=*/0).defined(); };
-  TORCH_CHECK_NOT_IMPLEMENTED(!(fw(input) || (weight.has_value() && fw(*weight)) || (bias.has_value() && fw(*bias))),
-                              "bn_cuda: forward-mode AD (torch.func.jvp, torch.autograd.forward_ad) is not "
-                              "supported by bn_cuda's batch norm ops; use reverse mode");
-}
 
 // A new node with edges to (input, weight, bias) and what both forwards keep of weight and bias.
 auto make_node(bool train, const at::Tensor& input, const OptTensor& weight, const OptTensor& bias,

@@ -10,7 +10,7 @@
 // call at batch 32 (several times the kernels); the first C++ version of this step still made ~20
 // op calls per forward, this one makes three.
 //
-// Autograd: one C++ node (KerasNormalize) for the normalization and the composition. Its backward
+// Autograd: one hand-written C++ node (KerasStepNode) for the normalization and the composition. Its backward
 // is the batch-norm training backward per (ghost, feature) (grad_sums, then grad_input) with the
 // statistics constant in (r, d), as tf_keras's stop_gradient makes them, and the gradients of gamma,
 // beta and the adjustment's outputs through the composition. Its backward ops have no derivative,
@@ -18,12 +18,16 @@
 #include <ATen/ATen.h>
 #include <torch/autograd.h>
 #include <torch/csrc/autograd/functions/basic_ops.h>
+#include <torch/csrc/autograd/functions/utils.h>
 #include <torch/extension.h>
 
+#include <array>
 #include <optional>
+#include <utility>
 #include <vector>
 
 #include "bn_cuda/ops.h"
+#include "nodes.h"
 
 namespace bn_cuda {
 namespace {
@@ -46,122 +50,132 @@ at::ScalarType promoted(std::initializer_list<const at::Tensor*> factors) {
   return t;
 }
 
-// normalize() with the coefficients of keras_coeffs: the training backward of batch norm per
-// (ghost, feature) with the statistics constant in renorm's (r, d) (tf_keras's stop_gradient), and
-// the gradients of gamma, beta and the adjustment's (scale, bias) through tf_keras's composition
+using torch::autograd::SavedVariable;
+
+// A tensor's dtype, none for an absent one.
+std::optional<at::ScalarType> dtype_of(const at::Tensor& t) {
+  return t.defined() ? std::optional<at::ScalarType>(t.scalar_type()) : std::nullopt;
+}
+
+// The dtype a composition of these factors had on the Python path (ATen's type promotion);
+// absent factors (none) drop out.
+at::ScalarType promoted(std::initializer_list<std::optional<at::ScalarType>> factors) {
+  bool any = false;
+  at::ScalarType t = at::kFloat;
+  for (const auto& f : factors) {
+    if (!f) continue;
+    t = any ? at::promoteTypes(t, *f) : *f;
+    any = true;
+  }
+  return t;
+}
+
+// What the step's backward needs: the input, the step's statistics and coefficients (no gradient
+// flows to them: tf_keras's stop_gradient), the mask, the parameters the composition multiplies
+// by, and beta's dtype and shape (its value does not enter any gradient).
+struct StepSaved {
+  at::Tensor input, mean, invstd, weight, count, r, d, mask, gamma, adj_s, adj_b;
+  std::optional<at::ScalarType> beta_dtype;
+  std::vector<int64_t> beta_shape;
+};
+
+// normalize()'s backward with the coefficients of keras_coeffs: the training backward of batch norm
+// per (ghost, feature) with the statistics constant in renorm's (r, d) (tf_keras's stop_gradient),
+// and the gradients of gamma, beta and the adjustment's (scale, bias) through tf_keras's composition
 //   scale = r * S1, shift = d * S1 + O1,  S1 = adj_scale * gamma,  O1 = adj_bias * gamma + beta
 // (absent factors drop out; without renorm scale = S1, shift = O1). Each gradient is computed as
 // the Python path's autograd graph computes it (the same products, the same casts on every edge,
-// the ghost sums in the same dtype), so both paths agree bit for bit.
-// The step's statistics and coefficients (no gradient flows to them: tf_keras's stop_gradient) and
-// the mask, handed to Function::apply in a holder it does not look into: as tensor arguments each
-// would cost the node an input record and an edge lookup per call.
-struct StepTensors {
-  const at::Tensor& mean;
-  const at::Tensor& invstd;
-  const at::Tensor& weight;
-  const at::Tensor& bias;
-  const at::Tensor& count;
-  const at::Tensor& r;
-  const at::Tensor& d;
-  const OptTensor& mask;
-};
-
-struct KerasNormalize : public torch::autograd::Function<KerasNormalize> {
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& input, const OptTensor& gamma,
-                            const OptTensor& beta, const OptTensor& adj_scale, const OptTensor& adj_bias,
-                            StepTensors st, const std::vector<int64_t>& axis, int64_t ghosts, bool renorm) {
-    const auto opt = [](const OptTensor& t) { return given(t) ? *t : at::Tensor(); };
-    ctx->save_for_backward({input, st.mean, st.invstd, st.weight, st.count, st.r, st.d, opt(st.mask), opt(gamma),
-                            opt(beta), opt(adj_scale), opt(adj_bias)});
-    // One saved_data entry (each is a hash-map insert and an IValue per call): [ghosts, renorm, axis...].
-    std::vector<int64_t> meta{ghosts, renorm};
-    meta.insert(meta.end(), axis.begin(), axis.end());
-    ctx->saved_data["meta"] = std::move(meta);
-    ctx->set_materialize_grads(false);
-    return ops::normalize(input, st.mean, st.invstd, st.weight, st.bias, axis, ghosts);
+// the ghost sums in the same dtype), so both paths agree bit for bit. need: which of (input,
+// gamma, beta, adj_scale, adj_bias) to compute.
+std::array<at::Tensor, 5> step_grads(const at::Tensor& grad_out, const StepSaved& s, const std::vector<int64_t>& axis,
+                                     int64_t G, bool renorm, std::array<bool, 5> need) {
+  std::array<at::Tensor, 5> out;
+  if (!grad_out.defined() || !(need[0] || need[1] || need[2] || need[3] || need[4])) return out;
+  at::NoGradGuard no_grad;
+  const at::Tensor &gamma = s.gamma, &adj_s = s.adj_s, &adj_b = s.adj_b;
+  const OptTensor mask = s.mask.defined() ? OptTensor(s.mask) : OptTensor();
+  at::Tensor sum_dy, sum_dy_xmu;
+  std::tie(sum_dy, sum_dy_xmu) = ops::grad_sums(grad_out, s.input, s.mean, s.invstd, axis, G);
+  if (need[0])
+    out[0] = ops::grad_input(grad_out, s.input, s.mean, s.invstd, s.weight, sum_dy, sum_dy_xmu, s.count, axis, mask, G);
+  if (!(need[1] || need[2] || need[3] || need[4])) return out;
+  const std::optional<at::ScalarType> none, g_dt = dtype_of(gamma), as_dt = dtype_of(adj_s), ab_dt = dtype_of(adj_b),
+                                      b_dt = s.beta_dtype;
+  const std::optional<at::ScalarType> r_dt = renorm ? dtype_of(s.r) : none, d_dt = renorm ? dtype_of(s.d) : none;
+  const at::ScalarType s1_dt = promoted({as_dt, g_dt});
+  const at::ScalarType o1_dt = promoted({ab_dt, adj_b.defined() ? g_dt : none, b_dt});
+  const bool has_s1 = adj_s.defined() || gamma.defined();
+  const bool has_o1 = adj_b.defined() || b_dt.has_value();
+  const at::ScalarType scale_dt = promoted({r_dt, as_dt, g_dt});
+  const at::ScalarType shift_dt =
+      promoted({d_dt, renorm ? as_dt : none, renorm ? g_dt : none, ab_dt, adj_b.defined() ? g_dt : none, b_dt});
+  // d loss / d (per-ghost scale, shift), in the dtypes of those tensors, summed over ghosts.
+  const auto ghost_sum = [&](at::Tensor t, at::ScalarType dt) {
+    t = t.to(dt);
+    return G > 1 ? t.view({G, -1}).sum(0) : t;
+  };
+  const at::Tensor d_scale = ghost_sum(sum_dy_xmu * s.invstd, scale_dt);
+  const at::Tensor d_shift = ghost_sum(sum_dy, shift_dt);
+  at::Tensor d_s1, d_o1;  // d loss / d S1, d O1
+  if (renorm) {
+    if (has_s1) d_s1 = (d_scale * s.r).to(s1_dt) + (d_shift * s.d).to(s1_dt);
+    if (has_o1) d_o1 = d_shift.to(o1_dt);
+  } else {
+    d_s1 = d_scale;
+    d_o1 = d_shift;
   }
+  // O1 = adj_bias * gamma + beta: the add hands d O1 to each side in its own dtype.
+  at::Tensor d_prod;  // d loss / d (adj_bias * gamma)
+  if (adj_b.defined()) d_prod = gamma.defined() ? d_o1.to(promoted({ab_dt, g_dt})) : d_o1;
+  if (need[1] && gamma.defined()) {
+    at::Tensor term = adj_s.defined() ? (d_s1 * adj_s).to(gamma.scalar_type()) : d_s1.to(gamma.scalar_type());
+    if (adj_b.defined()) term = term + (d_prod * adj_b).to(gamma.scalar_type());
+    out[1] = term.reshape(gamma.sizes());
+  }
+  if (need[2] && b_dt) out[2] = d_o1.to(*b_dt).reshape(s.beta_shape);
+  if (need[3] && adj_s.defined())
+    out[3] = (gamma.defined() ? d_s1 * gamma : d_s1).to(adj_s.scalar_type()).reshape(adj_s.sizes());
+  if (need[4] && adj_b.defined())
+    out[4] = (gamma.defined() ? d_prod * gamma : d_prod).to(adj_b.scalar_type()).reshape(adj_b.sizes());
+  return out;
+}
 
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const variable_list saved = ctx->get_saved_variables();
-    const at::Tensor& input = saved[0];
-    const at::Tensor& mean = saved[1];
-    const at::Tensor& invstd = saved[2];
-    const at::Tensor& weight = saved[3];
-    const at::Tensor& count = saved[4];
-    const at::Tensor& r = saved[5];
-    const at::Tensor& d = saved[6];
-    const OptTensor mask = saved[7].defined() ? OptTensor(saved[7]) : OptTensor();
-    const at::Tensor& gamma = saved[8];
-    const at::Tensor& beta = saved[9];
-    const at::Tensor& adj_s = saved[10];
-    const at::Tensor& adj_b = saved[11];
-    const std::vector<int64_t> meta = ctx->saved_data["meta"].toIntVector();
-    const int64_t G = meta[0];
-    const bool renorm = meta[1] != 0;
-    const std::vector<int64_t> axis(meta.begin() + 2, meta.end());
-    const at::Tensor& grad_out = grads[0];
-    // Edges exist only for the tensors given: input, [gamma], [beta], [adj_scale], [adj_bias].
-    size_t edge = 1;
-    const auto needs = [&](const at::Tensor& t) { return t.defined() && ctx->needs_input_grad(edge++); };
-    const bool need_x = ctx->needs_input_grad(0);
-    const bool need_g = needs(gamma), need_b = needs(beta), need_as = needs(adj_s), need_ab = needs(adj_b);
-    // once_differentiable, as the Python path: computed without a graph; under create_graph the
-    // results get a node that raises if a second backward reaches it.
-    const bool wrap = at::GradMode::is_enabled() && grad_out.defined() && grad_out.requires_grad();
-    at::NoGradGuard no_grad;
-    at::Tensor gi, gg, gb, gas, gab;
-    if (grad_out.defined() && (need_x || need_g || need_b || need_as || need_ab)) {
-      at::Tensor sum_dy, sum_dy_xmu;
-      std::tie(sum_dy, sum_dy_xmu) = ops::grad_sums(grad_out, input, mean, invstd, axis, G);
-      if (need_x)
-        gi = ops::grad_input(grad_out, input, mean, invstd, weight, sum_dy, sum_dy_xmu, count, axis, mask, G);
-      if (need_g || need_b || need_as || need_ab) {
-        const at::Tensor* none = nullptr;
-        const at::Tensor* rr = renorm ? &r : none;
-        const at::Tensor* dd = renorm ? &d : none;
-        const at::ScalarType s1_dt = promoted({&adj_s, &gamma});
-        const at::ScalarType o1_dt = promoted({&adj_b, adj_b.defined() ? &gamma : none, &beta});
-        const bool has_s1 = adj_s.defined() || gamma.defined();
-        const bool has_o1 = adj_b.defined() || beta.defined();
-        const at::ScalarType scale_dt = promoted({rr, &adj_s, &gamma});
-        const at::ScalarType shift_dt =
-            promoted({dd, renorm ? &adj_s : none, renorm ? &gamma : none, &adj_b, adj_b.defined() ? &gamma : none,
-                      &beta});
-        // d loss / d (per-ghost scale, shift), in the dtypes of those tensors, summed over ghosts.
-        const auto ghost_sum = [&](at::Tensor t, at::ScalarType dt) {
-          t = t.to(dt);
-          return G > 1 ? t.view({G, -1}).sum(0) : t;
-        };
-        const at::Tensor d_scale = ghost_sum(sum_dy_xmu * invstd, scale_dt);
-        const at::Tensor d_shift = ghost_sum(sum_dy, shift_dt);
-        at::Tensor d_s1, d_o1;  // d loss / d S1, d O1
-        if (renorm) {
-          if (has_s1) d_s1 = (d_scale * r).to(s1_dt) + (d_shift * d).to(s1_dt);
-          if (has_o1) d_o1 = d_shift.to(o1_dt);
-        } else {
-          d_s1 = d_scale;
-          d_o1 = d_shift;
-        }
-        // O1 = adj_bias * gamma + beta: the add hands d O1 to each side in its own dtype.
-        at::Tensor d_prod;  // d loss / d (adj_bias * gamma)
-        if (adj_b.defined()) d_prod = gamma.defined() ? d_o1.to(promoted({&adj_b, &gamma})) : d_o1;
-        if (need_g) {
-          at::Tensor term = adj_s.defined() ? (d_s1 * adj_s).to(gamma.scalar_type()) : d_s1.to(gamma.scalar_type());
-          if (adj_b.defined()) term = term + (d_prod * adj_b).to(gamma.scalar_type());
-          gg = term.reshape(gamma.sizes());
-        }
-        if (need_b) gb = d_o1.to(beta.scalar_type()).reshape(beta.sizes());
-        if (need_as) gas = (gamma.defined() ? d_s1 * gamma : d_s1).to(adj_s.scalar_type()).reshape(adj_s.sizes());
-        if (need_ab)
-          gab = (gamma.defined() ? d_prod * gamma : d_prod).to(adj_b.scalar_type()).reshape(adj_b.sizes());
-      }
-    }
-    if (wrap) {
-      at::AutoGradMode enable(true);
+// The step's autograd node, hand-written like the functional ops' (autograd.cpp: a
+// torch::autograd::Function's per-call bookkeeping cost several microseconds, and functorch's
+// torch.func.grad refuses C++ Functions). Edges: (input, gamma, beta, adj_scale, adj_bias), invalid
+// for an absent one. Its backward has no derivative, so a double backward through it raises, as
+// the Python path's once_differentiable.
+struct KerasStepNode final : torch::autograd::Node {
+  // input, mean, invstd, weight, count, r, d, mask, gamma, adj_scale, adj_bias
+  std::array<SavedVariable, 11> saved_;
+  std::optional<at::ScalarType> beta_dtype_;
+  std::vector<int64_t> beta_shape_;
+  std::vector<int64_t> axis_;
+  int64_t ghosts_ = 1;
+  bool renorm_ = false;
+
+  std::string name() const override { return "BnCudaKerasStepBackward"; }
+
+  variable_list apply(variable_list&& grads) override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    std::array<at::Tensor, 11> t;
+    for (size_t k = 0; k < t.size(); ++k) t[k] = saved_[k].unpack();
+    // Once differentiable: computed without a graph. Under create_graph, when a second derivative
+    // could flow (from the output's gradient, or from a saved input that needs one: stricter than
+    // the Python path's once_differentiable, which looks at the former only), the results get a
+    // node that raises if a second backward reaches it. (Under torch.func.grad the tensors are
+    // functorch's wrappers, which that node cannot wrap; the forward admits only a single
+    // transform level with nothing outside it that could differentiate: synchronized.train_step.)
+    bool second = false;
+    for (const at::Tensor* s : {&grads[0], &t[0], &t[8], &t[9], &t[10]})
+      second = second || (s->defined() && s->requires_grad() &&
+                          !s->key_set().has(c10::DispatchKey::FuncTorchGradWrapper));
+    std::array<at::Tensor, 5> g = step_grads(grads[0], unpacked(t, beta_dtype_, beta_shape_), axis_, ghosts_, renorm_,
+                                             need());
+    if (at::GradMode::is_enabled() && second) {
       variable_list fake;
-      for (const at::Tensor& t : {gi, gg, gb, gas, gab}) {
-        at::Tensor v = t.defined() ? t.detach() : t;
+      for (const at::Tensor& r : g) {
+        at::Tensor v = r.defined() ? r.detach() : r;
         if (v.defined()) v.set_requires_grad(true);
         fake.push_back(v);
       }
@@ -170,19 +184,80 @@ struct KerasNormalize : public torch::autograd::Function<KerasNormalize> {
                                   "renorm, adjustment or masks): its backward is once differentiable",
                                   static_cast<int64_t>(fake.size()))
                                   .apply(std::move(fake));
-      gi = wrapped[0];
-      gg = wrapped[1];
-      gb = wrapped[2];
-      gas = wrapped[3];
-      gab = wrapped[4];
+      for (size_t k = 0; k < g.size(); ++k) g[k] = wrapped[k];
     }
-    variable_list out(9);  // one per forward argument
-    out[0] = gi;
-    out[1] = gg;
-    out[2] = gb;
-    out[3] = gas;
-    out[4] = gab;
-    return out;
+    return variable_list(g.begin(), g.end());
+  }
+
+  void release_variables() override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (auto& sv : saved_) sv.reset_data();
+  }
+
+  // (both constnesses, no `override`: see autograd.cpp's BnNode)
+  void compiled_args(torch::dynamo::autograd::CompiledNodeArgs& args) { std::as_const(*this).compiled_args(args); }
+  void compiled_args(torch::dynamo::autograd::CompiledNodeArgs& args) const {
+    for (const auto& sv : saved_) args.collect(sv, false);
+    args.collect(beta_dtype_.has_value());
+    args.collect(beta_dtype_.value_or(at::kFloat));
+    args.collect(beta_shape_);
+    args.collect(axis_);
+    args.collect(ghosts_);
+    args.collect(renorm_);
+  }
+
+  // Packed as (the 11 saved tensors, axis, [ghosts, renorm, has_beta, beta dtype, need x 5], beta shape).
+  variable_list apply_with_saved(const variable_list& inputs,
+                                 torch::dynamo::autograd::SwapSavedVariables& saved) override {
+    for (auto& sv : saved_) saved.before(sv);
+    const auto n = need();
+    std::vector<c10::IValue> args;
+    args.reserve(saved_.size() + 3);
+    for (const auto& sv : saved_) args.emplace_back(sv.unpack());
+    args.emplace_back(axis_);
+    args.emplace_back(std::vector<int64_t>{ghosts_, renorm_, beta_dtype_.has_value(),
+                                           static_cast<int64_t>(beta_dtype_.value_or(at::kFloat)), n[0], n[1], n[2],
+                                           n[3], n[4]});
+    args.emplace_back(beta_shape_);
+    variable_list results = call_opaque(name(), &apply_functional, args, inputs, next_edges(), saved);
+    for (auto& sv : saved_) saved.after(sv);
+    return results;
+  }
+
+ private:
+  std::array<bool, 5> need() {
+    std::array<bool, 5> n{};
+    for (size_t k = 0; k < n.size(); ++k) n[k] = task_should_compute_output(k);
+    return n;
+  }
+
+  static StepSaved unpacked(const std::array<at::Tensor, 11>& t, std::optional<at::ScalarType> beta_dtype,
+                            std::vector<int64_t> beta_shape) {
+    return StepSaved{t[0], t[1], t[2],  t[3],       t[4],      t[5], t[6], t[7], t[8], t[9], t[10],
+                     beta_dtype, std::move(beta_shape)};
+  }
+
+  static variable_list apply_functional(const variable_list& grads, const std::vector<c10::IValue>& args) {
+    std::array<at::Tensor, 11> t;
+    for (size_t k = 0; k < t.size(); ++k) t[k] = args[k].isTensor() ? args[k].toTensor() : at::Tensor();
+    const std::vector<int64_t> c = args[12].toIntVector();
+    const std::optional<at::ScalarType> beta_dtype =
+        c[2] != 0 ? std::optional<at::ScalarType>(static_cast<at::ScalarType>(c[3])) : std::nullopt;
+    const std::array<bool, 5> need{c[4] != 0, c[5] != 0, c[6] != 0, c[7] != 0, c[8] != 0};
+    const StepSaved s = unpacked(t, beta_dtype, args[13].toIntVector());
+    std::array<at::Tensor, 5> g = step_grads(grads[0], s, args[11].toIntVector(), c[0], c[1] != 0, need);
+    // The compiled graph adds what it gets: zeros where an edge asked for a gradient and the maths
+    // left none (an undefined output gradient), as autograd.cpp's nodes.
+    const std::array<const at::Tensor*, 5> like{&s.input, &s.gamma, nullptr, &s.adj_s, &s.adj_b};
+    for (size_t k = 0; k < g.size(); ++k) {
+      if (!need[k] || g[k].defined()) continue;
+      if (like[k] != nullptr && like[k]->defined()) {
+        g[k] = at::zeros_like(*like[k]);
+      } else if (k == 2 && beta_dtype) {
+        g[k] = at::zeros(s.beta_shape, s.mean.options().dtype(*beta_dtype));
+      }
+    }
+    return variable_list(g.begin(), g.end());
   }
 };
 
@@ -194,7 +269,7 @@ struct KerasNormalize : public torch::autograd::Function<KerasNormalize> {
 // Three ops: batch_stats (the ghosts' Welford states), keras_coeffs (ghost averaging, renorm's r
 // and d, every moving variable, and the apply step's per-(ghost, feature) scale and shift composed
 // from the adjustment, gamma / beta and r / d, in one kernel), normalize; the autograd node
-// differentiates through the composition itself (KerasNormalize).
+// differentiates through the composition itself (KerasStepNode).
 at::Tensor keras_train_step(const at::Tensor& x, std::vector<int64_t> axes, int64_t ghosts, const OptTensor& gamma_in,
                             const OptTensor& beta_in, const OptTensor& adj_scale, const OptTensor& adj_bias,
                             const at::Tensor& moving_mean, const at::Tensor& moving_variance,
@@ -209,6 +284,7 @@ at::Tensor keras_train_step(const at::Tensor& x, std::vector<int64_t> axes, int6
     return (t.has_value() && t->defined() && t->dim() != 1) ? OptTensor(t->reshape({-1})) : t;
   };
   const OptTensor gamma = flat(gamma_in), beta = flat(beta_in);
+  check_no_forward_ad(x, gamma, beta, adj_scale, adj_bias);
   at::Tensor mean, m2, count, invstd, weight, bias, r, d;
   {
     at::NoGradGuard no_grad;
@@ -219,8 +295,28 @@ at::Tensor keras_train_step(const at::Tensor& x, std::vector<int64_t> axes, int6
                           renorm ? renorm_stddev : OptTensor(), G, momentum, renorm_momentum, eps, rmin, rmax, dmax,
                           always_update);
   }
-  return KerasNormalize::apply(x, gamma, beta, adj_scale, adj_bias,
-                               StepTensors{mean, invstd, weight, bias, count, r, d, weights}, axes, G, renorm);
+  const bool record = torch::autograd::compute_requires_grad(x, gamma, beta, adj_scale, adj_bias);
+  at::Tensor out;
+  {
+    at::AutoDispatchBelowAutograd below;
+    out = ops::normalize(x, mean, invstd, weight, bias, axes, G);
+  }
+  if (!record) return out;
+  auto node = new_node<KerasStepNode>();
+  node->set_next_edges(torch::autograd::collect_next_edges(x, gamma, beta, adj_scale, adj_bias));
+  torch::autograd::set_history(out, node);
+  const auto opt = [](const OptTensor& t) { return t.has_value() ? *t : at::Tensor(); };
+  const std::array<at::Tensor, 11> saved{x, mean, invstd, weight, count, r, d, opt(weights), opt(gamma),
+                                         opt(adj_scale), opt(adj_bias)};
+  for (size_t k = 0; k < saved.size(); ++k) node->saved_[k] = SavedVariable(saved[k], /*is_output=*/false);
+  if (given(beta)) {
+    node->beta_dtype_ = beta->scalar_type();
+    node->beta_shape_ = beta->sizes().vec();
+  }
+  node->axis_ = axes;
+  node->ghosts_ = G;
+  node->renorm_ = renorm;
+  return out;
 }
 
 }  // namespace

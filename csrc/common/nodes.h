@@ -1,0 +1,65 @@
+// What the hand-written autograd nodes (autograd.cpp: the functional ops; keras_step.cpp: the Keras
+// training step) share: the node handle of this torch, node construction, and compiled autograd's
+// opaque call of a node's backward.
+#pragma once
+
+#include <torch/autograd.h>
+#include <torch/csrc/dynamo/compiled_autograd.h>
+
+#include <optional>
+#include <string>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+namespace bn_cuda {
+
+// Node handles: c10::intrusive_ptr<Node> in recent torch (2.13, 2.14: pytorch#181782, April 2026),
+// std::shared_ptr<Node> in earlier releases (the GPU machine's 2.11); the node code is written
+// against either.
+using NodePtr = decltype(std::declval<torch::autograd::Node&>().getptr());
+constexpr bool kIntrusiveNodes = std::is_base_of_v<c10::intrusive_ptr_target, torch::autograd::Node>;
+
+template <typename N, typename... Args>
+auto new_node(Args&&... args) {
+  if constexpr (kIntrusiveNodes)
+    return c10::make_intrusive<N>(std::forward<Args>(args)...);
+  else
+    return std::make_shared<N>(std::forward<Args>(args)...);
+}
+
+// Compiled autograd (torch._dynamo.compiled_autograd): a node's backward handed to the compiler as
+// an opaque function of IValues (the saved tensors, already swapped for the compiler's proxies by
+// the caller, then the node's constants), as torch's CppNode does for C++ custom Functions; it runs
+// eagerly inside the compiled graph.
+inline torch::autograd::variable_list call_opaque(const std::string& name,
+                                                  torch::dynamo::autograd::functional_apply_t fn,
+                                                  const std::vector<c10::IValue>& args,
+                                                  const torch::autograd::variable_list& inputs,
+                                                  const torch::autograd::edge_list& next_edges,
+                                                  torch::dynamo::autograd::SwapSavedVariables& saved) {
+  std::vector<at::TypePtr> schema;
+  schema.reserve(args.size());
+  for (const auto& iv : args) schema.emplace_back(iv.isTensor() ? at::TensorType::get() : iv.type());
+  const auto& py = torch::dynamo::autograd::getPyCompilerInterface();
+  const auto output_metadata =
+      torch::dynamo::autograd::IValuePacker<std::vector<std::optional<torch::autograd::InputMetadata>>>::pack(
+          torch::dynamo::autograd::get_input_metadata(next_edges));
+  const std::string bound = py->bind_function(saved.get_py_compiler(), name, std::move(fn), schema,
+                                              /*is_custom_function=*/true, /*is_traceable=*/false);
+  return py->call_function(saved.get_py_compiler(), "apply_functional", bound, inputs, args, output_metadata);
+}
+
+// Forward-mode AD has no formula in bn_cuda: say so rather than drop the tangents (checked under
+// no_grad too: forward-mode AD does not depend on grad mode).
+inline bool has_forward_grad(const at::Tensor& t) { return t.defined() && t._fw_grad(/*level=*/0).defined(); }
+inline bool has_forward_grad(const std::optional<at::Tensor>& t) { return t.has_value() && has_forward_grad(*t); }
+
+template <typename... T>
+void check_no_forward_ad(const T&... tensors) {
+  TORCH_CHECK_NOT_IMPLEMENTED(!(has_forward_grad(tensors) || ...),
+                              "bn_cuda: forward-mode AD (torch.func.jvp, torch.autograd.forward_ad) is not "
+                              "supported by bn_cuda's batch norm ops; use reverse mode");
+}
+
+}  // namespace bn_cuda
