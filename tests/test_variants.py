@@ -382,25 +382,27 @@ def test_torch_func_grad_through_the_fused_step(monkeypatch, name):
         torch.testing.assert_close(a, c, rtol=1e-10 if tight else 1e-5, atol=1e-12 if tight else 1e-6)
 
 
-def test_torch_func_grad_refuses_what_it_cannot_differentiate():
-    """The step is once differentiable: nested torch.func.grad, and autograd outside the transform
-    through a wrapped input, raise a clear NotImplementedError instead of a silent zero; the
-    forward-mode transforms raise too. A first-order torch.func.grad works (above)."""
+@pytest.mark.parametrize("name", ["ghost", "renorm", "adjustment", "ghost+mask"])
+def test_torch_func_grad_refuses_what_it_cannot_differentiate(name):
+    """The C++ step is once differentiable: nested torch.func.grad, and autograd outside the
+    transform through a wrapped input, raise a clear NotImplementedError (they would get a silent
+    zero for the second derivative); torch.func.jvp raises (forward-mode AD is not supported by
+    the ops). A refused call changes no moving variable. (First-order torch.func.grad: above.)"""
     shape = (6, 5, 3)
-    layer = _layer("ghost", None, "cpu", shape)
-    x = _input(shape, "cpu")
+    layer = _layer(name, None, "cpu", shape)
+    x = _input(shape, "cpu", seed=7)
+    m = _mask(name, shape, "cpu")
     before = [b.clone() for b in layer.buffers()]
 
     def inner(x):
-        return torch.func.grad(lambda x: (layer(x, training=True) ** 3).sum())(x)
+        return torch.func.grad(lambda x: (layer(x, training=True, mask=m) ** 3).sum())(x)
 
-    with pytest.raises(NotImplementedError, match="2 nested transform levels"):
+    with pytest.raises(NotImplementedError, match="got 2 nested torch.func transform levels"):
         torch.func.grad(lambda x: inner(x).pow(2).sum())(x)
-    with pytest.raises(NotImplementedError, match="autograd outside the transform"):
+    with pytest.raises(NotImplementedError, match="autograd outside the transform differentiates"):
         inner(x.clone().requires_grad_(True))
     with pytest.raises(NotImplementedError, match="forward-mode AD"):
-        torch.func.jvp(lambda x: layer(x, training=True), (x,), (torch.ones_like(x),))
-    # a refused call changes no moving variable
+        torch.func.jvp(lambda x: layer(x, training=True, mask=m), (x,), (torch.ones_like(x),))
     assert all(torch.equal(a, b) for a, b in zip(before, layer.buffers()))
 
 

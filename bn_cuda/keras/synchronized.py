@@ -43,24 +43,26 @@ def _native_ok(x: Tensor) -> bool:
             and torch._C._len_torch_dispatch_stack() == 0 and not torch._C._is_torch_function_mode_enabled())
 
 
-def _check_functorch(tensors: Tuple[Optional[Tensor], ...]) -> None:
-    """Inside a torch.func transform, the C++ step's node (once differentiable) serves a single
-    ``torch.func.grad`` level with nothing outside it that could differentiate its result: refuse
-    nested transforms, and wrapped inputs that autograd outside the transform tracks (its backward
-    would drop their second derivative silently)."""
+def _functorch_blocks(x: Tensor, tensors: Tuple[Optional[Tensor], ...]) -> Optional[str]:
+    """Inside a torch.func transform, why the C++ step must not run, or None. Its node is once
+    differentiable and serves a single ``torch.func.grad`` level with nothing outside it that could
+    differentiate its result: nested transforms, and wrapped inputs that autograd outside the
+    transform tracks, would get a silent zero for the second derivative. ``tensors``: the other
+    differentiable inputs (gamma, beta, the adjustment's outputs)."""
     functorch = torch._C._functorch
     depth = functorch.get_dynamic_layer_stack_depth()
-    outer = False
-    for t in tensors:
+    if depth == 0:
+        return None
+    if depth > 1:
+        return f"{depth} nested torch.func transform levels"
+    if functorch.peek_interpreter_stack().key() != functorch.TransformType.Grad:
+        return None  # (jvp, vmap: the step's ops refuse them, with their own errors)
+    for t in (x,) + tensors:
         if t is not None and functorch.is_gradtrackingtensor(t):
             inner = functorch.get_unwrapped(t)
-            outer = outer or functorch.is_functorch_wrapped_tensor(inner) or inner.requires_grad
-    if depth > 1 or outer:
-        raise NotImplementedError(
-            "bn_cuda.BatchNormalization's training step with ghost batches, renorm, an adjustment or a mask "
-            f"is once differentiable: it supports a single torch.func.grad level (got {depth} nested "
-            "transform levels" + (", with inputs that autograd outside the transform differentiates" if outer
-                                  else "") + "); compute higher derivatives of the plain layer, or use fused=False")
+            if functorch.is_functorch_wrapped_tensor(inner) or inner.requires_grad:
+                return "inputs of torch.func.grad that autograd outside the transform differentiates"
+    return None
 
 
 def _opt_float(v: Any) -> Optional[float]:
@@ -105,7 +107,12 @@ def train_step(layer: "BatchNormalization", x: Tensor, group: Any, world_size: i
         clip = layer.renorm_clipping or {}
         adj_s, adj_b = adjustment if adjustment is not None else (None, None)
         if torch._C._functorch.get_dynamic_layer_stack_depth():
-            _check_functorch((x, layer._raw("gamma"), layer._raw("beta"), adj_s, adj_b))
+            blocked = _functorch_blocks(x, (layer._raw("gamma"), layer._raw("beta"), adj_s, adj_b))
+            if blocked:
+                raise NotImplementedError(
+                    "bn_cuda.BatchNormalization's training step with ghost batches, renorm, an adjustment or a "
+                    "mask is once differentiable: under torch.func it supports one torch.func.grad level, with no "
+                    f"autograd outside the transform through its inputs; got {blocked}")
         return _C.keras_train_step(
             x, axes, ghosts or 0, layer._raw("gamma"), layer._raw("beta"), adj_s, adj_b, moving["moving_mean"],
             moving["moving_variance"],
