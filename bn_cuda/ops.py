@@ -108,6 +108,78 @@ def _backward_fake(grad_out, input, weight, save_mean, save_invstd, train, axis,
     return gi, gw, gb
 
 
+# ---------------------------------------------------------------------------------------------
+# Batching rules (torch.vmap, torch.func): each vmapped sample is its own batch norm, i.e. one
+# call with the vmapped dim as one more feature axis. Per-feature tensors (weight, bias, statistics)
+# become (B * C,) flat, expanded when they are not batched; the batch statistics come back (B, C).
+
+
+def _batched(t: Optional[Tensor], dim: Optional[int], size: int) -> Optional[Tensor]:
+    """``t`` with its vmapped dim first, or expanded to ``size`` there when it has none."""
+    if t is None:
+        return None
+    return t.movedim(dim, 0) if dim is not None else t.unsqueeze(0).expand(size, *t.shape)
+
+
+def _per_sample_features(t: Optional[Tensor], dim: Optional[int], size: int) -> Optional[Tensor]:
+    """A per-feature tensor (any of its accepted shapes) as flat (size * C,)."""
+    t = _batched(t, dim, size)
+    return None if t is None else t.reshape(-1)
+
+
+def _vmap_axes(axis: Sequence[int], sample_dim: int) -> List[int]:
+    """The feature axes of a batched input: the vmapped dim, then the sample's own, shifted by one."""
+    return [0] + [a + 1 for a in normalize_axes(list(axis), sample_dim)]
+
+
+@torch.library.register_vmap("bn_cuda::forward_train")
+def _forward_train_vmap(info, in_dims, input, weight, bias, running_mean, running_var, momentum, eps, axis,
+                        unbiased_running_var=True):
+    size = info.batch_size
+    running = []
+    for name, t, dim in (("running_mean", running_mean, in_dims[3]), ("running_var", running_var, in_dims[4])):
+        if t is not None and dim is None:
+            raise RuntimeError(
+                f"bn_cuda: vmap over a training-mode batch norm would update the unbatched {name} (shape "
+                f"{list(t.shape)}) once per vmapped sample; pass {name} batched (one per sample, e.g. with "
+                "in_dims) or None, as for torch's batch norm under vmap")
+        running.append(None if t is None else t.movedim(dim, 0))
+    x = _batched(input, in_dims[0], size)
+    # The running statistics are updated in place: through a flat view where their layout allows it,
+    # else through a contiguous copy written back.
+    flat = [None if r is None else (r.view(-1) if r.is_contiguous() else r.contiguous().view(-1)) for r in running]
+    out, mean, invstd = _ops.forward_train(x, _per_sample_features(weight, in_dims[1], size),
+                                           _per_sample_features(bias, in_dims[2], size), flat[0], flat[1], momentum,
+                                           eps, _vmap_axes(axis, x.dim() - 1), unbiased_running_var)
+    for r, f in zip(running, flat):
+        if r is not None and not r.is_contiguous():
+            r.copy_(f.view(r.shape))
+    return (out, mean.view(size, -1), invstd.view(size, -1)), (0, 0, 0)
+
+
+@torch.library.register_vmap("bn_cuda::forward_infer")
+def _forward_infer_vmap(info, in_dims, input, weight, bias, running_mean, running_var, eps, axis):
+    size = info.batch_size
+    x = _batched(input, in_dims[0], size)
+    out = _ops.forward_infer(x, *(_per_sample_features(t, d, size) for t, d in
+                                  zip((weight, bias, running_mean, running_var), in_dims[1:5])),
+                             eps, _vmap_axes(axis, x.dim() - 1))
+    return out, 0
+
+
+@torch.library.register_vmap("bn_cuda::backward")
+def _backward_vmap(info, in_dims, grad_out, input, weight, save_mean, save_invstd, train, axis, output_mask):
+    size = info.batch_size
+    x = _batched(input, in_dims[1], size)
+    gi, gw, gb = _ops.backward(_batched(grad_out, in_dims[0], size), x,
+                               *(_per_sample_features(t, d, size) for t, d in
+                                 zip((weight, save_mean, save_invstd), in_dims[2:5])),
+                               train, _vmap_axes(axis, x.dim() - 1), output_mask)
+    # (per-sample parameter gradients (B, C); outputs not asked for are empty and unbatched)
+    return ((gi, gw.view(size, -1) if output_mask[1] else gw, gb.view(size, -1) if output_mask[2] else gb),
+            (0 if output_mask[0] else None, 0 if output_mask[1] else None, 0 if output_mask[2] else None))
+
+
 def batch_norm_train(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                      running_mean: Optional[Tensor], running_var: Optional[Tensor], momentum: float,
                      eps: float, axis: Sequence[int], unbiased_running_var: bool = True

@@ -414,7 +414,7 @@ def test_saved_tensor_hooks_see_the_nodes_saved_tensors(device):
 def test_torch_func_grad_first_and_second_order(device):
     """torch.func.grad (functorch transforms: MAML-style inner loops, gradient penalties) through
     the functional op in training and evaluation mode, first and second order, against
-    F.batch_norm in float64. (vmap has no batching rule for the ops: it raises.)"""
+    F.batch_norm in float64. (torch.vmap: tests/test_vmap.py.)"""
     gen = torch.Generator().manual_seed(14)
     x = (torch.randn(5, 3, 4, generator=gen, dtype=torch.float64) * 2 + 1).to(device)
     w = (torch.rand(3, generator=gen, dtype=torch.float64) + 0.5).to(device)

@@ -267,3 +267,21 @@ def test_failed_call_then_good_call(device):
     batch_norm(x, s.rm, s.rv, training=True)
     batch_norm(x, fresh_m, fresh_v, training=True)
     assert torch.equal(s.rm, fresh_m) and torch.equal(s.rv, fresh_v)
+
+
+def test_running_stat_with_shared_memory(device):
+    """An expanded running statistic cannot take the training update (its elements share memory):
+    a ValueError naming it and its strides, before anything is written (the other statistic stays
+    as it was); in evaluation mode it is only read, and the result equals a contiguous one's."""
+    x = make_input((6, 4, 5), 1, torch.float32, device)
+    rm_shared = torch.full((1,), 0.5, device=device).expand(4)
+    rv_own = make_features([4], torch.float32, device, "var")
+    rv0 = rv_own.clone()
+    with _raises(ValueError, "running_mean", "share memory", r"strides \[0\]", "clone"):
+        batch_norm(x, rm_shared, rv_own, training=True)
+    assert torch.equal(rv_own, rv0) and torch.equal(rm_shared, torch.full((4,), 0.5, device=device))
+    with _raises(ValueError, "running_var", "share memory"):
+        ops.forward_train(x, None, None, None, torch.ones(1, device=device).expand(4), 0.1, 1e-5, [1])
+    got = batch_norm(x, rm_shared, torch.ones(1, device=device).expand(4), training=False)
+    want = batch_norm(x, rm_shared.clone(), torch.ones(4, device=device), training=False)
+    assert torch.equal(got, want)

@@ -387,7 +387,8 @@ def test_torch_func_grad_refuses_what_it_cannot_differentiate(name):
     """The C++ step is once differentiable: nested torch.func.grad, and autograd outside the
     transform through a wrapped input, raise a clear NotImplementedError (they would get a silent
     zero for the second derivative); torch.func.jvp raises (forward-mode AD is not supported by
-    the ops). A refused call changes no moving variable. (First-order torch.func.grad: above.)"""
+    the ops), and torch.vmap (no batching rule for the step's ops). A refused call changes no
+    moving variable. (First-order torch.func.grad: above.)"""
     shape = (6, 5, 3)
     layer = _layer(name, None, "cpu", shape)
     x = _input(shape, "cpu", seed=7)
@@ -403,6 +404,8 @@ def test_torch_func_grad_refuses_what_it_cannot_differentiate(name):
         inner(x.clone().requires_grad_(True))
     with pytest.raises(NotImplementedError, match="forward-mode AD"):
         torch.func.jvp(lambda x: layer(x, training=True, mask=m), (x,), (torch.ones_like(x),))
+    with pytest.raises(NotImplementedError, match="got torch.vmap"):
+        torch.vmap(lambda x: layer(x, training=True, mask=m))(x.unsqueeze(0).expand(2, *shape))
     assert all(torch.equal(a, b) for a, b in zip(before, layer.buffers()))
 
 

@@ -55,8 +55,11 @@ def _functorch_blocks(x: Tensor, tensors: Tuple[Optional[Tensor], ...]) -> Optio
         return None
     if depth > 1:
         return f"{depth} nested torch.func transform levels"
-    if functorch.peek_interpreter_stack().key() != functorch.TransformType.Grad:
-        return None  # (jvp, vmap: the step's ops refuse them, with their own errors)
+    kind = functorch.peek_interpreter_stack().key()
+    if kind == functorch.TransformType.Vmap:
+        return "torch.vmap (the step's ops have no batching rule)"
+    if kind != functorch.TransformType.Grad:
+        return None  # (jvp: the step refuses forward-mode AD itself)
     for t in (x,) + tensors:
         if t is not None and functorch.is_gradtrackingtensor(t):
             inner = functorch.get_unwrapped(t)
@@ -111,8 +114,8 @@ def train_step(layer: "BatchNormalization", x: Tensor, group: Any, world_size: i
             if blocked:
                 raise NotImplementedError(
                     "bn_cuda.BatchNormalization's training step with ghost batches, renorm, an adjustment or a "
-                    "mask is once differentiable: under torch.func it supports one torch.func.grad level, with no "
-                    f"autograd outside the transform through its inputs; got {blocked}")
+                    "mask supports one torch.func transform, first-order torch.func.grad, with no autograd outside "
+                    f"it through its inputs (its backward is once differentiable); got {blocked}")
         return _C.keras_train_step(
             x, axes, ghosts or 0, layer._raw("gamma"), layer._raw("beta"), adj_s, adj_b, moving["moving_mean"],
             moving["moving_variance"],

@@ -1,6 +1,7 @@
 #include "glue.h"
 
 #include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
 #include <c10/util/Exception.h>
 
 #include <cmath>
@@ -68,6 +69,10 @@ FeatureTensor feature_tensor(const c10::optional<at::Tensor>& maybe, const char*
   TORCH_CHECK(shape_ok, "bn_cuda: ", name, " has shape ", shape_str(t.sizes()), " (", t.numel(),
               " elements) but the input of shape ", shape_str(input.sizes()), " has ", c.v.C,
               " features along axis ", shape_str(c.axes), "; expected shape ", accepted_shapes(c, nd));
+  // (an expanded tensor cannot take the update: refused before any kernel runs, naming it)
+  TORCH_CHECK_VALUE(!mutated || at::has_internal_overlap(t) != at::MemOverlap::Yes, "bn_cuda: ", name,
+                    " is updated in place, but its elements share memory (shape ", shape_str(t.sizes()), ", strides ",
+                    shape_str(t.strides()), ", e.g. an expanded tensor); pass a tensor of its own (clone() it)");
   if (t.scalar_type() == acc && t.is_contiguous()) {
     f.acc = t;  // contiguous and already the acc type: used through its data pointer, no view
   } else {
@@ -95,8 +100,9 @@ ForwardCall prepare_forward(const at::Tensor& input, const c10::optional<at::Ten
   const at::ScalarType acc = acc_scalar_type(input.scalar_type());
   call.weight = feature_tensor(weight, "weight", c, input, acc, false);
   call.bias = feature_tensor(bias, "bias", c, input, acc, false);
-  call.running_mean = feature_tensor(running_mean, "running_mean", c, input, acc, true);
-  call.running_var = feature_tensor(running_var, "running_var", c, input, acc, true);
+  // (updated in training only: in evaluation mode they are read, never written back)
+  call.running_mean = feature_tensor(running_mean, "running_mean", c, input, acc, training);
+  call.running_var = feature_tensor(running_var, "running_var", c, input, acc, training);
   if (!training) {
     TORCH_CHECK_VALUE(call.running_mean.acc.defined() && call.running_var.acc.defined(),
                       "bn_cuda: running_mean and running_var are required when training=False (got ",
