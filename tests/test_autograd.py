@@ -367,17 +367,98 @@ def test_gradient_of_a_subset_matches_the_full_gradient(device):
                 assert torch.equal(g, full[i]), (training, pick, i)
 
 
-def test_forward_mode_ad_is_refused_clearly(device):
-    """Forward-mode AD has no formula in bn_cuda: a clear NotImplementedError, not tangents dropped."""
+def _differentiable_reference(x, rm, rv, w, b, training, eps, axis):
+    """F.batch_norm on the feature axes moved last and flattened: differentiable in every mode
+    (forward and reverse), any feature axes; running statistics updated like ours."""
+    axes = sorted(a % x.dim() for a in ([axis] if isinstance(axis, int) else axis))
+    rest = [d for d in range(x.dim()) if d not in axes]
+    perm = rest + axes
+    c = 1
+    for a in axes:
+        c *= x.shape[a]
+    xt = x.permute(perm).reshape(-1, c)
+    flat = (lambda t: None if t is None else t.reshape(c))
+    y = F.batch_norm(xt, rm, rv, flat(w), flat(b), training, 0.1, eps)
+    return y.reshape([x.shape[d] for d in perm]).permute([perm.index(d) for d in range(x.dim())])
+
+
+@pytest.mark.parametrize("shape,axis,layout", GRAD_CASES)
+@pytest.mark.parametrize("training", [True, False])
+def test_forward_mode_ad(device, shape, axis, layout, training):
+    """Forward-mode AD (torch.func.jvp, torch.autograd.forward_ad) through the functional op: the
+    output's tangent for tangents on input, weight and bias together and each alone, against torch's
+    own formulas in float64; the training statistics' tangents against d mean and d (var + eps)^-1/2;
+    the running statistics updated once, as by a call without tangents."""
+    x, w, b, rm, rv = _leaves(shape, axis, layout, "both", device)
+    x, w, b = x.detach(), w.detach(), b.detach()
+    gen = torch.Generator().manual_seed(15)
+    tangents = [torch.randn(t.shape, generator=gen, dtype=torch.float64).to(device) for t in (x, w, b)]
+    eps = 1e-3
+    for pick in ([0, 1, 2], [0], [1], [2]):
+        tan = [t if i in pick else torch.zeros_like(t) for i, t in enumerate(tangents)]
+        rm_got, rv_got, rm_want, rv_want = rm.clone(), rv.clone(), rm.clone(), rv.clone()
+        y, ty = torch.func.jvp(lambda x, w, b: batch_norm(x, rm_got, rv_got, w, b, training, 0.1, eps, axis=axis),
+                               (x, w, b), tuple(tan))
+        y_ref, ty_ref = torch.func.jvp(
+            lambda x, w, b: _differentiable_reference(x, rm_want.view(-1), rv_want.view(-1), w, b, training, eps, axis),
+            (x, w, b), tuple(tan))
+        torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(ty, ty_ref, rtol=1e-9, atol=1e-10)
+        torch.testing.assert_close(rm_got, rm_want, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(rv_got, rv_want, rtol=1e-12, atol=1e-12)
+    # the API of torch.autograd.forward_ad, a tangent on the input only
     import torch.autograd.forward_ad as fwAD
 
-    x = torch.randn(4, 3, device=device)
-    rm, rv = torch.zeros(3, device=device), torch.ones(3, device=device)
     with fwAD.dual_level():
-        dual = fwAD.make_dual(x, torch.randn_like(x))
-        for training in (True, False):
-            with pytest.raises(NotImplementedError, match="forward-mode AD"):
-                batch_norm(dual, rm, rv, None, None, training)
+        out = batch_norm(fwAD.make_dual(x, tangents[0]), rm.clone(), rv.clone(), w, b, training, 0.1, eps, axis=axis)
+        got = fwAD.unpack_dual(out).tangent
+    want = torch.func.jvp(lambda x: _differentiable_reference(x, rm.clone().view(-1), rv.clone().view(-1), w, b,
+                                                              training, eps, axis), (x,), (tangents[0],))[1]
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
+    if training:
+        axes = [a % x.dim() for a in ([axis] if isinstance(axis, int) else axis)]
+        red = [d for d in range(x.dim()) if d not in axes]
+
+        def stats(x):
+            return ops.forward_train(x, None, None, None, None, 0.1, eps, axes, True)[1:]
+
+        def stats_ref(x):
+            mean = x.mean(red, keepdim=True)
+            return mean.reshape(-1), ((x - mean).pow(2).mean(red) + eps).rsqrt().reshape(-1)
+
+        got = torch.func.jvp(stats, (x,), (tangents[0],))[1]
+        want = torch.func.jvp(stats_ref, (x,), (tangents[0],))[1]
+        for g, e in zip(got, want):
+            torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_hessians_and_hessian_vector_products(device, training):
+    """Second order through forward mode: torch.func.hessian (forward-over-reverse) of a loss with
+    respect to the input and to the weight, a Hessian-vector product by jvp of grad, and jacfwd,
+    against F.batch_norm in float64. (Forward-over-reverse differentiates the backward op: its
+    maths as ATen ops on the dual inputs.)"""
+    gen = torch.Generator().manual_seed(16)
+    x = (torch.randn(3, 2, 4, generator=gen, dtype=torch.float64) * 2 + 1).to(device)
+    w = (torch.rand(2, generator=gen, dtype=torch.float64) + 0.5).to(device)
+    b = torch.randn(2, generator=gen, dtype=torch.float64).to(device)
+    v = torch.randn(x.shape, generator=gen, dtype=torch.float64).to(device)
+    rm = torch.randn(2, generator=gen, dtype=torch.float64).to(device)
+    rv = (torch.rand(2, generator=gen, dtype=torch.float64) + 0.5).to(device)
+
+    def loss(fn):
+        return lambda x, w: (fn(x, rm.clone(), rv.clone(), w, b, training) ** 3).sum()
+
+    for arg in (0, 1):
+        got = torch.func.hessian(loss(batch_norm), argnums=arg)(x, w)
+        want = torch.func.hessian(loss(F.batch_norm), argnums=arg)(x, w)
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9 * float(want.abs().max()))
+    got = torch.func.jvp(lambda x: torch.func.grad(loss(batch_norm))(x, w), (x,), (v,))[1]
+    want = torch.func.jvp(lambda x: torch.func.grad(loss(F.batch_norm))(x, w), (x,), (v,))[1]
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9 * float(want.abs().max()))
+    got = torch.func.jacfwd(lambda w: batch_norm(x, rm.clone(), rv.clone(), w, b, training))(w)
+    want = torch.func.jacfwd(lambda w: F.batch_norm(x, rm.clone(), rv.clone(), w, b, training))(w)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
 
 
 def test_saved_tensor_hooks_see_the_nodes_saved_tensors(device):

@@ -269,6 +269,14 @@ auto make_node(bool train, const at::Tensor& input, const OptTensor& weight, con
   return node;
 }
 
+// The reduced dims of `input` (those not among the feature axes).
+std::vector<int64_t> reduced_dims(const at::Tensor& input, const std::vector<int64_t>& axes) {
+  std::vector<int64_t> red;
+  for (int64_t d = 0; d < input.dim(); ++d)
+    if (std::find(axes.begin(), axes.end(), d) == axes.end()) red.push_back(d);
+  return red;
+}
+
 // Backward of the backward op (double backward): the op's maths recomputed as differentiable ATen
 // ops (all three outputs in the acc dtype), then differentiated by autograd with respect to the
 // inputs that need it. Only higher-order gradients come here; the first-order path is the kernel.
@@ -277,9 +285,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_composite(const at::Tens
                                                                    const at::Tensor& invstd, bool train,
                                                                    at::IntArrayRef axis) {
   const std::vector<int64_t> axes = normalize_axes(axis, input.dim());
-  std::vector<int64_t> red;
-  for (int64_t d = 0; d < input.dim(); ++d)
-    if (std::find(axes.begin(), axes.end(), d) == axes.end()) red.push_back(d);
+  const std::vector<int64_t> red = reduced_dims(input, axes);
   const auto acc = input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const at::Tensor x = input.to(acc);
   const at::Tensor g = grad_out.to(acc);
@@ -405,10 +411,72 @@ struct BackwardNode final : torch::autograd::Node {
   }
 };
 
+// Forward-mode AD (torch.autograd.forward_ad, torch.func.jvp / jacfwd / hessian): the outputs'
+// tangents from the op's maths recomputed as ATen ops on the dual inputs, which carry the tangents
+// (and, nested, tangents of tangents) through torch's own formulas. Only calls with a tangent pay
+// for it; the kernel still computes the outputs and updates the running statistics.
+bool any_forward_grad(const at::Tensor& input, const OptTensor& weight, const OptTensor& bias) {
+  return has_forward_grad(input) || has_forward_grad(weight) || has_forward_grad(bias);
+}
+
+// y = (x - mean) * invstd * weight + bias, in the acc dtype, from the given (broadcast) statistics.
+at::Tensor affine_composite(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& invstd,
+                            const OptTensor& weight, const OptTensor& bias, const at::Tensor& input,
+                            const std::vector<int64_t>& axes) {
+  const auto acc = x.scalar_type();
+  at::Tensor y = (x - mean) * invstd;
+  if (weight.has_value() && weight->defined()) y = y * bcast(weight->to(acc).reshape(-1), input, axes);
+  if (bias.has_value() && bias->defined()) y = y + bcast(bias->to(acc).reshape(-1), input, axes);
+  return y.to(input.scalar_type());
+}
+
+void set_tangent(const at::Tensor& out, const at::Tensor& dual) {
+  const at::Tensor t = dual._fw_grad(/*level=*/0);
+  if (t.defined()) out._set_fw_grad(t, /*level=*/0, /*is_inplace_op=*/false);
+}
+
+void train_tangents(const at::Tensor& out, const at::Tensor& save_mean, const at::Tensor& save_invstd,
+                    const at::Tensor& input, const OptTensor& weight, const OptTensor& bias, double eps,
+                    at::IntArrayRef axis) {
+  if (input.numel() == 0) return;
+  const std::vector<int64_t> axes = normalize_axes(axis, input.dim());
+  const std::vector<int64_t> red = reduced_dims(input, axes);
+  const at::Tensor x = input.to(input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
+  const at::Tensor mean = x.mean(red, /*keepdim=*/true);
+  const at::Tensor invstd = at::rsqrt((x - mean).pow(2).mean(red, /*keepdim=*/true) + eps);
+  set_tangent(out, affine_composite(x, mean, invstd, weight, bias, input, axes));
+  set_tangent(save_mean, mean.reshape(-1));
+  set_tangent(save_invstd, invstd.reshape(-1));
+}
+
+void infer_tangents(const at::Tensor& out, const at::Tensor& input, const OptTensor& weight, const OptTensor& bias,
+                    const at::Tensor& running_mean, const at::Tensor& running_var, double eps, at::IntArrayRef axis) {
+  if (input.numel() == 0) return;
+  const std::vector<int64_t> axes = normalize_axes(axis, input.dim());
+  const at::Tensor x = input.to(input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
+  const auto acc = x.scalar_type();
+  // (the running statistics are constants, as in torch: no tangent flows from them)
+  const at::Tensor mean = bcast(running_mean.detach().to(acc).reshape(-1), input, axes);
+  const at::Tensor invstd = at::rsqrt(bcast(running_var.detach().to(acc).reshape(-1), input, axes) + eps);
+  set_tangent(out, affine_composite(x, mean, invstd, weight, bias, input, axes));
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_autograd(const at::Tensor& grad_out, const at::Tensor& input,
                                                                  const OptTensor& weight, const at::Tensor& save_mean,
                                                                  const at::Tensor& save_invstd, bool train,
                                                                  at::IntArrayRef axis, std::array<bool, 3> output_mask) {
+  if (has_forward_grad(grad_out) || has_forward_grad(input) || has_forward_grad(weight) ||
+      has_forward_grad(save_mean) || has_forward_grad(save_invstd)) {
+    // Forward-mode AD through the backward (forward-over-reverse: Hessian-vector products,
+    // torch.func.hessian): the op's maths as ATen ops on the dual inputs, which carry the
+    // tangents and record their own reverse-mode graph.
+    at::Tensor gi, gw, gb;
+    std::tie(gi, gw, gb) = backward_composite(grad_out, input, weight.has_value() ? *weight : at::Tensor(), save_mean,
+                                              save_invstd, train, axis);
+    const auto none = [&](at::ScalarType dt) { return at::empty({0}, input.options().dtype(dt)); };
+    return {output_mask[0] ? gi : none(input.scalar_type()), output_mask[1] ? gw : none(gw.scalar_type()),
+            output_mask[2] ? gb : none(gb.scalar_type())};
+  }
   // (whether a gradient can flow from this call: grad mode on and a tensor requiring grad)
   const bool record = torch::autograd::compute_requires_grad(grad_out, input, weight, save_mean, save_invstd);
   at::AutoDispatchBelowAutograd guard;
@@ -434,10 +502,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_autograd(const at::Tenso
 at::Tensor forward_infer_autograd(const at::Tensor& input, const OptTensor& weight, const OptTensor& bias,
                                   const at::Tensor& running_mean, const at::Tensor& running_var, double eps,
                                   at::IntArrayRef axis) {
-  check_no_forward_ad(input, weight, bias);
   const bool record = torch::autograd::compute_requires_grad(input, weight, bias);
-  at::AutoDispatchBelowAutograd guard;
-  at::Tensor out = ops::forward_infer(input, weight, bias, running_mean, running_var, eps, axis);
+  at::Tensor out;
+  {
+    at::AutoDispatchBelowAutograd guard;
+    out = ops::forward_infer(input, weight, bias, running_mean, running_var, eps, axis);
+  }
+  if (any_forward_grad(input, weight, bias)) infer_tangents(out, input, weight, bias, running_mean, running_var, eps, axis);
   if (!record) return out;
   auto node = make_node(/*train=*/false, input, weight, bias, axis);
   torch::autograd::set_history(out, node);
@@ -454,12 +525,14 @@ at::Tensor forward_infer_autograd(const at::Tensor& input, const OptTensor& weig
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_train_autograd(
     const at::Tensor& input, const OptTensor& weight, const OptTensor& bias, const OptTensor& running_mean,
     const OptTensor& running_var, double momentum, double eps, at::IntArrayRef axis, bool unbiased) {
-  check_no_forward_ad(input, weight, bias);
   const bool record = torch::autograd::compute_requires_grad(input, weight, bias);
-  at::AutoDispatchBelowAutograd guard;
   at::Tensor out, mean, invstd;
-  std::tie(out, mean, invstd) =
-      ops::forward_train(input, weight, bias, running_mean, running_var, momentum, eps, axis, unbiased);
+  {
+    at::AutoDispatchBelowAutograd guard;
+    std::tie(out, mean, invstd) =
+        ops::forward_train(input, weight, bias, running_mean, running_var, momentum, eps, axis, unbiased);
+  }
+  if (any_forward_grad(input, weight, bias)) train_tangents(out, mean, invstd, input, weight, bias, eps, axis);
   if (!record) return {out, mean, invstd};
   // The running statistics are not differentiable inputs: no gradient flows to them, as in torch.
   auto node = make_node(/*train=*/true, input, weight, bias, axis);
