@@ -123,3 +123,62 @@ def test_vmap_refuses_unbatched_running_statistics_in_training(device):
     assert torch.equal(rm, torch.zeros_like(rm)) and torch.equal(rv, torch.ones_like(rv))
     # without running statistics, or with batched ones, it runs
     torch.vmap(lambda x: batch_norm(x, None, None, training=True))(x)
+
+
+def _cnn(bn, seed):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), bn(4), torch.nn.ReLU(), torch.nn.Flatten(),
+                               torch.nn.Linear(4 * 5 * 5, 2)).double()
+
+
+def test_per_sample_gradients_of_a_model_with_the_drop_in_module(device):
+    """The torch.func recipe for per-sample gradients (replace_all_batch_norm_modules_, then
+    vmap(grad) over functional_call) through bn_cuda.nn.BatchNorm2d gives torch.nn.BatchNorm2d's."""
+    from torch.func import functional_call, grad, replace_all_batch_norm_modules_, vmap
+
+    from bn_cuda import nn as bnn
+
+    gen = torch.Generator().manual_seed(25)
+    x = torch.randn(5, 3, 7, 7, generator=gen, dtype=torch.float64).to(device)
+    target = torch.randint(0, 2, (5,), generator=gen).to(device)
+    grads = []
+    for bn in (bnn.BatchNorm2d, torch.nn.BatchNorm2d):
+        model = _cnn(bn, 3).to(device)
+        replace_all_batch_norm_modules_(model)
+        params = {k: v.detach() for k, v in model.named_parameters()}
+
+        def loss(p, x, t, model=model):
+            return torch.nn.functional.cross_entropy(functional_call(model, p, (x.unsqueeze(0),)), t.unsqueeze(0))
+
+        grads.append(vmap(grad(loss), in_dims=(None, 0, 0))(params, x, target))
+    assert grads[0]["1.weight"].shape == (5, 4)
+    for k in grads[1]:
+        torch.testing.assert_close(grads[0][k], grads[1][k], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_model_ensembling_with_stacked_running_statistics(device, training):
+    """torch.func.stack_module_state + vmap over functional_call: three models with their own
+    parameters and running statistics (stacked buffers, updated in place in training) give what
+    each model gives alone, outputs and running statistics, as torch's BatchNorm2d does."""
+    from torch.func import functional_call, stack_module_state, vmap
+
+    from bn_cuda import nn as bnn
+
+    gen = torch.Generator().manual_seed(26)
+    x = torch.randn(4, 3, 7, 7, generator=gen, dtype=torch.float64).to(device)
+    models = [_cnn(bnn.BatchNorm2d, 10 + i).to(device).train(training) for i in range(3)]
+    with torch.no_grad():
+        for i, m in enumerate(models):  # distinct running statistics per model
+            m[1].running_mean.uniform_(-1, 1, generator=gen.manual_seed(30 + i))
+            m[1].running_var.uniform_(0.5, 2, generator=gen.manual_seed(40 + i))
+    refs = [_cnn(torch.nn.BatchNorm2d, 10 + i).to(device).train(training) for i in range(3)]
+    for r, m in zip(refs, models):
+        r.load_state_dict(m.state_dict())
+    params, buffers = stack_module_state(models)
+    base = models[0]
+    y = vmap(lambda p, b, x: functional_call(base, (p, b), (x,)), in_dims=(0, 0, None))(params, buffers, x)
+    for i, r in enumerate(refs):
+        torch.testing.assert_close(y[i], r(x), rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(buffers["1.running_mean"][i], r[1].running_mean, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(buffers["1.running_var"][i], r[1].running_var, rtol=1e-12, atol=1e-12)
