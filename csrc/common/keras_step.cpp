@@ -10,11 +10,12 @@
 // call at batch 32 (several times the kernels); the first C++ version of this step still made ~20
 // op calls per forward, this one makes three.
 //
-// Autograd: one hand-written C++ node (KerasStepNode) for the normalization and the composition. Its backward
-// is the batch-norm training backward per (ghost, feature) (grad_sums, then grad_input) with the
-// statistics constant in (r, d), as tf_keras's stop_gradient makes them, and the gradients of gamma,
-// beta and the adjustment's outputs through the composition. Its backward ops have no derivative,
-// so a double backward through this path raises, as the Python path's once_differentiable.
+// Autograd: one hand-written C++ node (KerasStepNode) for the normalization and the composition.
+// Its backward is the batch-norm training backward per (ghost, feature) (grad_sums, then
+// grad_input) with the statistics constant in (r, d), as tf_keras's stop_gradient makes them, and
+// the gradients of gamma, beta and the adjustment's outputs through the composition. Its backward
+// ops have no derivative, so a double backward through this path raises, as the Python path's
+// once_differentiable.
 #include <ATen/ATen.h>
 #include <torch/autograd.h>
 #include <torch/csrc/autograd/functions/basic_ops.h>
@@ -32,23 +33,10 @@
 namespace bn_cuda {
 namespace {
 
-using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 using OptTensor = std::optional<at::Tensor>;
 
 bool given(const OptTensor& t) { return t.has_value() && t->defined(); }
-
-// The dtype a composition of these factors had on the Python path (ATen's type promotion).
-at::ScalarType promoted(std::initializer_list<const at::Tensor*> factors) {
-  bool any = false;
-  at::ScalarType t = at::kFloat;
-  for (const at::Tensor* f : factors) {
-    if (f == nullptr || !f->defined()) continue;
-    t = any ? at::promoteTypes(t, f->scalar_type()) : f->scalar_type();
-    any = true;
-  }
-  return t;
-}
 
 using torch::autograd::SavedVariable;
 
