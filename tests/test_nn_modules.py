@@ -177,3 +177,39 @@ def test_torch_export_of_inference_models():
         x = torch.randn(shape)
         torch.testing.assert_close(program.module()(x), m(x))
         assert any("bn_cuda" in str(n.target) for n in program.graph.nodes)
+
+
+@pytest.mark.parametrize("config", [{}, {"virtual_batch_size": 2, "renorm": True}])
+def test_torch_export_of_training_models(config):
+    """torch.export in training mode: the exported program normalizes with the batch statistics
+    and updates the running statistics (or the Keras layer's moving variables, ghost batches and
+    renorm included) as the eager module does, through the ops' declared mutations."""
+    import copy
+
+    import bn_cuda
+
+    class KerasTraining(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn = bn_cuda.BatchNormalization(axis=1, momentum=0.5, **config)
+
+        def forward(self, x):
+            return self.bn(x, training=True)
+
+    torch.manual_seed(1)
+    if config:
+        model = KerasTraining()
+        model.bn.build((4, 4, 6, 6))
+    else:
+        model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), bn_cuda.nn.BatchNorm2d(4), torch.nn.ReLU()).train()
+    shape = (4, 4, 6, 6) if config else (4, 3, 8, 8)
+    eager = copy.deepcopy(model)
+    program = torch.export.export(model, (torch.randn(shape),))
+    assert any("bn_cuda" in str(n.target) for n in program.graph.nodes)
+    exported = program.module()
+    for step in range(2):
+        x = torch.randn(shape) * (1 + step) + step
+        torch.testing.assert_close(exported(x), eager(x), rtol=1e-5, atol=1e-6)
+    buffers = dict(exported.named_buffers())
+    for name, want in eager.named_buffers():
+        torch.testing.assert_close(buffers[name], want, rtol=1e-6, atol=1e-7, msg=name)
