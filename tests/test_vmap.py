@@ -182,3 +182,33 @@ def test_model_ensembling_with_stacked_running_statistics(device, training):
         torch.testing.assert_close(y[i], r(x), rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(buffers["1.running_mean"][i], r[1].running_mean, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(buffers["1.running_var"][i], r[1].running_var, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_jacrev_and_reverse_over_reverse(device, training):
+    """torch.func.jacrev vmaps the backward over a batch of cotangents (the batched grad_out
+    meets unbatched saved tensors), jacrev of jacrev does the same through double backward: both
+    against F.batch_norm's in float64, for the input, the weight and the bias."""
+    import torch.nn.functional as F
+
+    gen = torch.Generator().manual_seed(27)
+    x = (torch.randn(3, 2, 4, generator=gen, dtype=torch.float64) * 2 + 1).to(device)
+    w = (torch.rand(2, generator=gen, dtype=torch.float64) + 0.5).to(device)
+    b = torch.randn(2, generator=gen, dtype=torch.float64).to(device)
+    rm = torch.randn(2, generator=gen, dtype=torch.float64).to(device)
+    rv = (torch.rand(2, generator=gen, dtype=torch.float64) + 0.5).to(device)
+
+    def f(fn):
+        return lambda x, w, b: fn(x, rm.clone(), rv.clone(), w, b, training)
+
+    got = torch.func.jacrev(f(batch_norm), argnums=(0, 1, 2))(x, w, b)
+    want = torch.func.jacrev(f(F.batch_norm), argnums=(0, 1, 2))(x, w, b)
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-12)
+
+    def loss(fn):
+        return lambda x: (f(fn)(x, w, b) ** 3).sum()
+
+    got = torch.func.jacrev(torch.func.jacrev(loss(batch_norm)))(x)
+    want = torch.func.jacrev(torch.func.jacrev(loss(F.batch_norm)))(x)
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9 * float(want.abs().max()))
