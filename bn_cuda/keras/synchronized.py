@@ -64,7 +64,9 @@ def _functorch_blocks(x: Tensor, tensors: Tuple[Optional[Tensor], ...]) -> Optio
         if t is not None and functorch.is_gradtrackingtensor(t):
             inner = functorch.get_unwrapped(t)
             if functorch.is_functorch_wrapped_tensor(inner) or inner.requires_grad:
-                return "inputs of torch.func.grad that autograd outside the transform differentiates"
+                return ("inputs of torch.func.grad that autograd outside the transform differentiates (they "
+                        "require grad there: pass them detached, e.g. {k: v.detach() for k, v in "
+                        "model.named_parameters()}, unless a gradient through the transform is wanted)")
     return None
 
 
