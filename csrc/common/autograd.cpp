@@ -338,8 +338,7 @@ variable_list double_backward(const variable_list& grads, const std::array<at::T
 
 // The backward op's node (double backward), hand-written like the forwards'. Edges: (grad_out,
 // input, weight, save_mean, save_invstd), invalid for an absent weight.
-struct BackwardNode final : torch::autograd::Node {
-  std::array<torch::autograd::SavedVariable, 5> saved_;  // the op's five tensor arguments
+struct BackwardNode final : SavedArrayNode<BackwardNode, 5> {  // saved_: the op's five tensor arguments
   bool train_ = true;
   std::vector<int64_t> axis_;
   std::array<bool, 3> mask_{};  // the op's output_mask
@@ -348,20 +347,10 @@ struct BackwardNode final : torch::autograd::Node {
 
   variable_list apply(variable_list&& grads) override {
     std::lock_guard<std::mutex> lock(mutex_);
-    std::array<at::Tensor, 5> t;
-    for (size_t k = 0; k < 5; ++k) t[k] = saved_[k].unpack();
-    return double_backward(grads, t, need(), train_, axis_, mask_);
+    return double_backward(grads, unpack_all(), needs(), train_, axis_, mask_);
   }
 
-  void release_variables() override {
-    std::lock_guard<std::mutex> lock(mutex_);
-    for (auto& sv : saved_) sv.reset_data();
-  }
-
-  // (both constnesses: see BnNode)
-  void compiled_args(torch::dynamo::autograd::CompiledNodeArgs& args) { std::as_const(*this).compiled_args(args); }
-  void compiled_args(torch::dynamo::autograd::CompiledNodeArgs& args) const {
-    for (const auto& sv : saved_) args.collect(sv, false);
+  void collect_constants(torch::dynamo::autograd::CompiledNodeArgs& args) const {
     args.collect(train_);
     args.collect(axis_);
     for (bool m : mask_) args.collect(m);
@@ -371,7 +360,7 @@ struct BackwardNode final : torch::autograd::Node {
   variable_list apply_with_saved(const variable_list& inputs,
                                  torch::dynamo::autograd::SwapSavedVariables& saved) override {
     for (auto& sv : saved_) saved.before(sv);
-    const auto n = need();
+    const auto n = needs();
     std::vector<c10::IValue> args;
     args.reserve(8);
     for (const auto& sv : saved_) args.emplace_back(sv.unpack());
@@ -384,12 +373,6 @@ struct BackwardNode final : torch::autograd::Node {
   }
 
  private:
-  std::array<bool, 5> need() {
-    std::array<bool, 5> n{};
-    for (size_t k = 0; k < 5; ++k) n[k] = task_should_compute_output(k);
-    return n;
-  }
-
   static variable_list apply_functional(const variable_list& grads, const std::vector<c10::IValue>& args) {
     // Called from Python by compiled autograd, with the GIL held, which the autograd engine that
     // double_backward runs refuses: released for the call.

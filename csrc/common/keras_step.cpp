@@ -133,9 +133,8 @@ std::array<at::Tensor, 5> step_grads(const at::Tensor& grad_out, const StepSaved
 // torch.func.grad refuses C++ Functions). Edges: (input, gamma, beta, adj_scale, adj_bias), invalid
 // for an absent one. Its backward has no derivative, so a double backward through it raises, as
 // the Python path's once_differentiable.
-struct KerasStepNode final : torch::autograd::Node {
-  // input, mean, invstd, weight, count, r, d, mask, gamma, adj_scale, adj_bias
-  std::array<SavedVariable, 11> saved_;
+struct KerasStepNode final : SavedArrayNode<KerasStepNode, 11> {
+  // saved_: input, mean, invstd, weight, count, r, d, mask, gamma, adj_scale, adj_bias
   std::optional<at::ScalarType> beta_dtype_;
   std::vector<int64_t> beta_shape_;
   std::vector<int64_t> axis_;
@@ -146,8 +145,7 @@ struct KerasStepNode final : torch::autograd::Node {
 
   variable_list apply(variable_list&& grads) override {
     std::lock_guard<std::mutex> lock(mutex_);
-    std::array<at::Tensor, 11> t;
-    for (size_t k = 0; k < t.size(); ++k) t[k] = saved_[k].unpack();
+    std::array<at::Tensor, 11> t = unpack_all();
     // Once differentiable: computed without a graph. Under create_graph, when a second derivative
     // could flow (from the output's gradient, or from a saved input that needs one: stricter than
     // the Python path's once_differentiable, which looks at the former only), the results get a
@@ -159,7 +157,7 @@ struct KerasStepNode final : torch::autograd::Node {
       second = second || (s->defined() && s->requires_grad() &&
                           !s->key_set().has(c10::DispatchKey::FuncTorchGradWrapper));
     std::array<at::Tensor, 5> g = step_grads(grads[0], unpacked(t, beta_dtype_, beta_shape_), axis_, ghosts_, renorm_,
-                                             need());
+                                             edge_needs());
     if (at::GradMode::is_enabled() && second) {
       variable_list fake;
       for (const at::Tensor& r : g) {
@@ -177,15 +175,7 @@ struct KerasStepNode final : torch::autograd::Node {
     return variable_list(g.begin(), g.end());
   }
 
-  void release_variables() override {
-    std::lock_guard<std::mutex> lock(mutex_);
-    for (auto& sv : saved_) sv.reset_data();
-  }
-
-  // (both constnesses, no `override`: see autograd.cpp's BnNode)
-  void compiled_args(torch::dynamo::autograd::CompiledNodeArgs& args) { std::as_const(*this).compiled_args(args); }
-  void compiled_args(torch::dynamo::autograd::CompiledNodeArgs& args) const {
-    for (const auto& sv : saved_) args.collect(sv, false);
+  void collect_constants(torch::dynamo::autograd::CompiledNodeArgs& args) const {
     args.collect(beta_dtype_.has_value());
     args.collect(beta_dtype_.value_or(at::kFloat));
     args.collect(beta_shape_);
@@ -198,7 +188,7 @@ struct KerasStepNode final : torch::autograd::Node {
   variable_list apply_with_saved(const variable_list& inputs,
                                  torch::dynamo::autograd::SwapSavedVariables& saved) override {
     for (auto& sv : saved_) saved.before(sv);
-    const auto n = need();
+    const auto n = edge_needs();
     std::vector<c10::IValue> args;
     args.reserve(saved_.size() + 3);
     for (const auto& sv : saved_) args.emplace_back(sv.unpack());
@@ -213,7 +203,7 @@ struct KerasStepNode final : torch::autograd::Node {
   }
 
  private:
-  std::array<bool, 5> need() {
+  std::array<bool, 5> edge_needs() {
     std::array<bool, 5> n{};
     for (size_t k = 0; k < n.size(); ++k) n[k] = task_should_compute_output(k);
     return n;

@@ -6,6 +6,8 @@
 #include <torch/autograd.h>
 #include <torch/csrc/dynamo/compiled_autograd.h>
 
+#include <array>
+#include <mutex>
 #include <optional>
 #include <string>
 #include <type_traits>
@@ -27,6 +29,43 @@ auto new_node(Args&&... args) {
   else
     return std::make_shared<N>(std::forward<Args>(args)...);
 }
+
+// A node whose saved tensors are an array of K SavedVariables (none of them an output of the node)
+// plus constants: their release, and compiled autograd's collection of both (the constants through
+// Derived::collect_constants).
+template <typename Derived, size_t K>
+struct SavedArrayNode : torch::autograd::Node {
+  std::array<torch::autograd::SavedVariable, K> saved_;
+
+  void release_variables() override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (auto& sv : saved_) sv.reset_data();
+  }
+
+  // (Both constnesses, no `override`: torch made Node::compiled_args const in 2025; whichever the
+  // base declares is the one overridden.)
+  void compiled_args(torch::dynamo::autograd::CompiledNodeArgs& args) { collect(args); }
+  void compiled_args(torch::dynamo::autograd::CompiledNodeArgs& args) const { collect(args); }
+
+ protected:
+  std::array<at::Tensor, K> unpack_all() {
+    std::array<at::Tensor, K> t;
+    for (size_t k = 0; k < K; ++k) t[k] = saved_[k].unpack();
+    return t;
+  }
+
+  std::array<bool, K> needs() {  // (for nodes whose K edges are their K saved tensors' gradients)
+    std::array<bool, K> n{};
+    for (size_t k = 0; k < K; ++k) n[k] = task_should_compute_output(k);
+    return n;
+  }
+
+ private:
+  void collect(torch::dynamo::autograd::CompiledNodeArgs& args) const {
+    for (const auto& sv : saved_) args.collect(sv, /*is_output=*/false);
+    static_cast<const Derived*>(this)->collect_constants(args);
+  }
+};
 
 // Compiled autograd (torch._dynamo.compiled_autograd): a node's backward handed to the compiler as
 // an opaque function of IValues (the saved tensors, already swapped for the compiler's proxies by
