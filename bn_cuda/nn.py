@@ -26,9 +26,9 @@ def _bias_kwargs(bias: bool) -> dict:
 def _running_args(bn: _BatchNorm) -> Tuple[float, bool, Optional[Tensor], Optional[Tensor]]:
     """torch's ``_BatchNorm.forward`` bookkeeping: ``(factor, bn_training, running_mean, running_var)``.
 
-    ``num_batches_tracked`` is not incremented here but by :func:`_count_batch` after the call
-    succeeded (a failing call changes no buffer); with ``momentum=None`` the factor is read from the
-    count this step will have, on the host, as torch does.
+    ``num_batches_tracked`` is not incremented here but by :func:`_counted_call`; with
+    ``momentum=None`` the factor is read from the count this step will have, on the host, as torch
+    does.
     """
     factor = 0.0 if bn.momentum is None else bn.momentum
     if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None and bn.momentum is None:
@@ -40,9 +40,29 @@ def _running_args(bn: _BatchNorm) -> Tuple[float, bool, Optional[Tensor], Option
     return factor, bn_training, running_mean, running_var
 
 
-def _count_batch(bn: _BatchNorm) -> None:
-    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+try:  # non-reentrant activation checkpointing ends its recomputation by raising this from a
+    # saved-tensor hook, inside the call once the tensors it needs are rebuilt
+    from torch.utils.checkpoint import _StopRecomputationError as _RecomputationStop
+except ImportError:  # pragma: no cover (a torch without it)
+    class _RecomputationStop(Exception):  # type: ignore[no-redef]
+        pass
+
+
+def _counted_call(bn: _BatchNorm, fn: Any, *args: Any, **kwargs: Any) -> Tensor:
+    """``fn(*args, **kwargs)`` with the batch counted in ``num_batches_tracked`` before the call, as
+    torch counts it (so a recomputation under activation checkpointing counts as torch's does), and
+    the count taken back if the call fails (a failing call changes no buffer)."""
+    counted = bn.training and bn.track_running_stats and bn.num_batches_tracked is not None
+    if counted:
         bn.num_batches_tracked.add_(1)
+    try:
+        return fn(*args, **kwargs)
+    except _RecomputationStop:
+        raise  # (control flow after the kernel ran, not a failure: the count stands, as torch's)
+    except BaseException:
+        if counted:
+            bn.num_batches_tracked.sub_(1)
+        raise
 
 
 class _BatchNormNd(_BatchNorm):
@@ -51,10 +71,8 @@ class _BatchNormNd(_BatchNorm):
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
         factor, bn_training, running_mean, running_var = _running_args(self)
-        out = functional.batch_norm(input, running_mean, running_var, self.weight, self.bias, bn_training, factor,
-                                    self.eps)
-        _count_batch(self)
-        return out
+        return _counted_call(self, functional.batch_norm, input, running_mean, running_var, self.weight, self.bias,
+                             bn_training, factor, self.eps)
 
 
 class BatchNorm1d(_BatchNormNd):
@@ -194,19 +212,17 @@ class SyncBatchNorm(_BatchNorm):
         # without running statistics).
         group, world_size = (distributed.process_group_and_size(self.process_group)
                              if bn_training and self.training else (None, 1))
+        if world_size > 1 and input.size(1) != self.num_features and (self.weight is not None
+                                                                       or running_mean is not None):
+            # Caught here, before any collective: the feature-count check is cached per count.
+            raise ValueError(f"SyncBatchNorm: expected {self.num_features} channels in dim 1, got input of "
+                             f"shape {tuple(input.shape)}")
         if world_size <= 1:
-            out = functional.batch_norm(input, running_mean, running_var, self.weight, self.bias, bn_training,
-                                        factor, self.eps)
-        else:
-            if input.size(1) != self.num_features and (self.weight is not None or running_mean is not None):
-                # Caught here, before any collective: the feature-count check is cached per count.
-                raise ValueError(f"SyncBatchNorm: expected {self.num_features} channels in dim 1, got input of "
-                                 f"shape {tuple(input.shape)}")
-            out = distributed.sync_batch_norm(input, running_mean, running_var, self.weight, self.bias, factor,
-                                              self.eps, axis=1, process_group=group,
-                                              feature_check=self._feature_check)
-        _count_batch(self)
-        return out
+            return _counted_call(self, functional.batch_norm, input, running_mean, running_var, self.weight,
+                                 self.bias, bn_training, factor, self.eps)
+        return _counted_call(self, distributed.sync_batch_norm, input, running_mean, running_var, self.weight,
+                             self.bias, factor, self.eps, axis=1, process_group=group,
+                             feature_check=self._feature_check)
 
     @classmethod
     def convert_sync_batchnorm(cls, module: nn.Module, process_group: Any = None) -> nn.Module:

@@ -213,3 +213,35 @@ def test_torch_export_of_training_models(config):
     buffers = dict(exported.named_buffers())
     for name, want in eager.named_buffers():
         torch.testing.assert_close(buffers[name], want, rtol=1e-6, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_activation_checkpointing(use_reentrant):
+    """torch.utils.checkpoint over a block with the drop-in modules: the gradients and the running
+    statistics equal torch.nn.BatchNorm2d's under the same checkpointing (the recomputation updates
+    the running statistics a second time in both) and so does num_batches_tracked: counted before
+    the call, as torch counts it (the non-reentrant recomputation stops once the saved tensors are
+    rebuilt, inside the block's last call: a count taken after the call would differ there)."""
+    from torch.utils.checkpoint import checkpoint
+
+    import bn_cuda
+
+    def block(bn):
+        torch.manual_seed(4)
+        return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), bn(4), torch.nn.ReLU(), torch.nn.Conv2d(4, 4, 3),
+                                   bn(4)).double()
+
+    x = torch.randn(2, 3, 9, 9, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    results = []
+    for bn in (bn_cuda.nn.BatchNorm2d, torch.nn.BatchNorm2d):
+        model = block(bn)
+        xr = x.clone().requires_grad_()
+        checkpoint(model, xr, use_reentrant=use_reentrant).pow(2).sum().backward()
+        results.append((model, xr.grad))
+    (ours, gx), (ref, gx_ref) = results
+    torch.testing.assert_close(gx, gx_ref, rtol=1e-10, atol=1e-12)
+    for p, q in zip(ours.parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-12)
+    for (name, a), (_, b) in zip(ours.named_buffers(), ref.named_buffers()):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=name)
