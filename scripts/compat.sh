@@ -5,7 +5,7 @@
 # the autograd nodes are written for both of torch's node handles (std::shared_ptr before 2.13,
 # c10::intrusive_ptr since), and this is where the older one is compiled and exercised.
 #
-#   scripts/compat.sh [TORCH_VERSION] [pytest args...]     (default 2.11.0)
+#   scripts/compat.sh [TORCH_VERSION] [pytest options...]  (default 2.11.0; the whole suite runs)
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 V="${1:-2.11.0}"

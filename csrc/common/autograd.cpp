@@ -398,9 +398,6 @@ struct BackwardNode final : SavedArrayNode<BackwardNode, 5> {  // saved_: the op
 // tangents from the op's maths recomputed as ATen ops on the dual inputs, which carry the tangents
 // (and, nested, tangents of tangents) through torch's own formulas. Only calls with a tangent pay
 // for it; the kernel still computes the outputs and updates the running statistics.
-bool any_forward_grad(const at::Tensor& input, const OptTensor& weight, const OptTensor& bias) {
-  return has_forward_grad(input) || has_forward_grad(weight) || has_forward_grad(bias);
-}
 
 // y = (x - mean) * invstd * weight + bias, in the acc dtype, from the given (broadcast) statistics.
 at::Tensor affine_composite(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& invstd,
@@ -448,8 +445,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_autograd(const at::Tenso
                                                                  const OptTensor& weight, const at::Tensor& save_mean,
                                                                  const at::Tensor& save_invstd, bool train,
                                                                  at::IntArrayRef axis, std::array<bool, 3> output_mask) {
-  if (has_forward_grad(grad_out) || has_forward_grad(input) || has_forward_grad(weight) ||
-      has_forward_grad(save_mean) || has_forward_grad(save_invstd)) {
+  if (any_forward_grad(grad_out, input, weight, save_mean, save_invstd)) {
     // Forward-mode AD through the backward (forward-over-reverse: Hessian-vector products,
     // torch.func.hessian): the op's maths as ATen ops on the dual inputs, which carry the
     // tangents and record their own reverse-mode graph.

@@ -89,14 +89,19 @@ inline torch::autograd::variable_list call_opaque(const std::string& name,
   return py->call_function(saved.get_py_compiler(), "apply_functional", bound, inputs, args, output_metadata);
 }
 
-// Forward-mode AD has no formula in bn_cuda: say so rather than drop the tangents (checked under
-// no_grad too: forward-mode AD does not depend on grad mode).
+// Forward-mode AD: whether any of the tensors carries a tangent (grad mode does not matter).
 inline bool has_forward_grad(const at::Tensor& t) { return t.defined() && t._fw_grad(/*level=*/0).defined(); }
 inline bool has_forward_grad(const std::optional<at::Tensor>& t) { return t.has_value() && has_forward_grad(*t); }
 
 template <typename... T>
+bool any_forward_grad(const T&... tensors) {
+  return (has_forward_grad(tensors) || ...);
+}
+
+// For a path with no forward-mode formula (the Keras step): say so rather than drop the tangents.
+template <typename... T>
 void check_no_forward_ad(const T&... tensors) {
-  TORCH_CHECK_NOT_IMPLEMENTED(!(has_forward_grad(tensors) || ...),
+  TORCH_CHECK_NOT_IMPLEMENTED(!any_forward_grad(tensors...),
                               "bn_cuda: forward-mode AD (torch.func.jvp, torch.autograd.forward_ad) is not "
                               "supported by bn_cuda's batch norm ops; use reverse mode");
 }
