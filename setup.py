@@ -4,6 +4,9 @@ build of torch are present (a visible GPU is not needed).
 Knobs (environment):
   BN_CUDA_FORCE_CUDA=1   fail loudly when the CUDA kernels cannot be built
   BN_CUDA_CPU_ONLY=1     skip the CUDA kernels
+  BN_CUDA_EMULATE=1      no CPU kernels: the CUDA kernels and their host code compiled by the C++
+                         compiler and run on CPU tensors by a host emulation (csrc/emulate/; used
+                         by scripts/emulate.sh to test the CUDA code where no GPU is; not a GPU run)
   TORCH_CUDA_ARCH_LIST   CUDA archs (default "8.0;9.0+PTX")
   MAX_JOBS               parallel compile jobs (default: CPU count)
   CUDA_HOME              toolkit root (default: /usr/local/cuda when it has bin/nvcc)
@@ -28,8 +31,12 @@ def _flag(name: str) -> bool:
 
 FORCE_CUDA = _flag("BN_CUDA_FORCE_CUDA")
 CPU_ONLY = _flag("BN_CUDA_CPU_ONLY")
+EMULATE = _flag("BN_CUDA_EMULATE")
 if FORCE_CUDA and CPU_ONLY:
     raise SystemExit("bn_cuda: BN_CUDA_FORCE_CUDA=1 and BN_CUDA_CPU_ONLY=1 contradict each other; set one.")
+if EMULATE and (FORCE_CUDA or CPU_ONLY):
+    raise SystemExit("bn_cuda: BN_CUDA_EMULATE=1 builds neither the CUDA nor the CPU kernels; "
+                     "unset BN_CUDA_FORCE_CUDA / BN_CUDA_CPU_ONLY.")
 
 # torch.utils.cpp_extension reads CUDA_HOME when it is imported. /usr/local/bin/nvcc may be a
 # wrapper script, from which torch would guess CUDA_HOME=/usr/local and then fail to link
@@ -49,6 +56,8 @@ from torch.utils import cpp_extension  # noqa: E402
 def _cuda_reason_missing():
     if CPU_ONLY:
         return "BN_CUDA_CPU_ONLY=1"
+    if EMULATE:
+        return "BN_CUDA_EMULATE=1"
     if torch.version.cuda is None:
         return f"torch {torch.__version__} is a CPU-only build"
     if cpp_extension.CUDA_HOME is None:
@@ -62,7 +71,9 @@ missing = _cuda_reason_missing()
 WITH_CUDA = missing is None
 if FORCE_CUDA and not WITH_CUDA:
     raise RuntimeError(f"bn_cuda: BN_CUDA_FORCE_CUDA=1 but the CUDA kernels cannot be built: {missing}")
-if not WITH_CUDA:
+if EMULATE:
+    print("bn_cuda: building the CUDA kernels for the host emulation (BN_CUDA_EMULATE=1): not for use")
+elif not WITH_CUDA:
     print(f"bn_cuda: building the CPU kernels only ({missing})")
 
 ARCHS = os.environ["TORCH_CUDA_ARCH_LIST"] if WITH_CUDA else ""
@@ -81,6 +92,7 @@ meta = {
     "cuda": torch.version.cuda if WITH_CUDA else None,
     "cuda_archs": ARCHS,
     "with_cuda": WITH_CUDA,
+    "emulated_cuda": EMULATE,
 }
 (ROOT / "bn_cuda" / "_build_meta.json").write_text(json.dumps(meta, indent=2) + "\n")
 
@@ -112,6 +124,59 @@ if sys.platform.startswith("linux"):
     # c10::Error through its private copy of the C++ runtime and the process segfaults in the
     # unwinder instead of raising the ValueError / RuntimeError.
     link_args.append("-lstdc++")
+
+
+
+def _emulation_sources():
+    """Sources and include folders of the BN_CUDA_EMULATE build (see csrc/emulate/cuda_emu.h).
+
+    The public headers are copied to build/emulate/include with launch.cuh's one-line launches
+    `kernel<<<cfg>>>(args);` rewritten as `bn_emu::launch(bn_emu::Config(cfg), [&] { kernel(args); });`,
+    and each csrc/cuda/*.cu gets a .cpp wrapper that includes the emulation header first.
+    """
+    import re
+
+    toolkit = [Path(p) for p in (os.environ.get("CUDA_HOME"), cpp_extension.CUDA_HOME, "/usr/local/cuda") if p]
+    cuda_inc = next((p / "include" for p in toolkit if (p / "include" / "cuda_fp16.h").is_file()), None)
+    if cuda_inc is None:
+        raise SystemExit("bn_cuda: BN_CUDA_EMULATE=1 needs a CUDA toolkit's headers (cuda_runtime.h, "
+                         "cuda_fp16.h); set CUDA_HOME")
+    gen = ROOT / "build" / "emulate"
+    if gen.exists():
+        shutil.rmtree(gen)
+    shutil.copytree(src_inc, gen / "include" / "bn_cuda")
+    launch = gen / "include" / "bn_cuda" / "cuda" / "launch.cuh"
+    pattern = re.compile(r"^(\s*)(\S.*?)<<<(.+?)>>>\((.*)\);\s*$")
+    text = launch.read_text()
+    lines, rewritten = [], 0
+    for line in text.splitlines():
+        m = pattern.match(line)
+        if m:
+            ind, kernel, cfg, args = m.groups()
+            line = f"{ind}::bn_emu::launch(::bn_emu::Config({cfg}), [&] {{ {kernel}({args}); }});"
+            rewritten += 1
+        lines.append(line)
+    if rewritten == 0 or rewritten != text.count("<<<"):
+        raise SystemExit(f"bn_cuda: BN_CUDA_EMULATE=1 rewrote {rewritten} of launch.cuh's {text.count('<<<')} "
+                         "launches; keep each launch on one line: kernel<<<cfg>>>(args);")
+    launch.write_text("\n".join(lines) + "\n")
+    wrappers = []
+    for cu in sorted((ROOT / "csrc" / "cuda").glob("*.cu")):
+        w = gen / "src" / (cu.stem + ".cpp")
+        w.parent.mkdir(parents=True, exist_ok=True)
+        w.write_text(f'#include "emulate/cuda_emu.h"\n#include "cuda/{cu.name}"\n')
+        wrappers.append(str(w.relative_to(ROOT)))
+    return wrappers, [str(gen / "include"), str(cuda_inc)]
+
+
+if EMULATE:
+    # The CPU kernels are not registered (ops_cpu*.cpp): the CPU key runs ops_cuda.cpp's bodies.
+    sources += ["csrc/cuda/ops_cuda.cpp", "csrc/emulate/runtime.cpp"]
+    emu_sources, emu_includes = _emulation_sources()
+    sources += emu_sources
+    include_dirs = emu_includes[:1] + include_dirs + emu_includes[1:]
+    define_macros.append(("BN_CUDA_EMULATE", "1"))
+    cxx_flags += ["-ffp-contract=off", "-Wno-unknown-pragmas"]
 
 if WITH_CUDA:
     sources += sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cuda").glob("*.cpp"))

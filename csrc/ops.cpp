@@ -100,6 +100,11 @@ pybind11::dict build_info() {
   d["cuda"] = cuda.empty() ? pybind11::object(pybind11::none()) : pybind11::object(pybind11::str(cuda));
   d["cuda_archs"] = BN_CUDA_ARCHS;
   d["with_cuda"] = static_cast<bool>(BN_CUDA_WITH_CUDA);
+#ifdef BN_CUDA_EMULATE
+  d["emulated_cuda"] = true;  // the CPU ops are the CUDA kernels under the host emulation (csrc/emulate/)
+#else
+  d["emulated_cuda"] = false;
+#endif
   d["cpu_capability"] = bn_cuda::cpu::capability_name();
 #if defined(__clang__)
   d["compiler"] = std::string("clang ") + __clang_version__;

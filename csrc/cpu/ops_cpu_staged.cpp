@@ -151,6 +151,7 @@ at::Tensor grad_input_cpu(const at::Tensor& grad_out, const at::Tensor& input, c
 }  // namespace
 }  // namespace bn_cuda
 
+#ifndef BN_CUDA_EMULATE  // that build runs the CUDA bodies (ops_cuda.cpp) on CPU tensors
 TORCH_LIBRARY_IMPL(bn_cuda, CPU, m) {
   m.impl("batch_stats", &bn_cuda::batch_stats_cpu);
   m.impl("gather_stats", &bn_cuda::gather_stats_cpu);
@@ -160,3 +161,4 @@ TORCH_LIBRARY_IMPL(bn_cuda, CPU, m) {
   m.impl("keras_finalize", &bn_cuda::keras_finalize_cpu);
   m.impl("keras_coeffs", &bn_cuda::keras_coeffs_cpu);
 }
+#endif

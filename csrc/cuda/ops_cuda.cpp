@@ -4,15 +4,24 @@
 //
 // Only c10/cuda headers: ATen/cuda/CUDAContext.h would pull in cusparse.h & co., which not every
 // toolkit install has next to nvcc.
+//
+// BN_CUDA_EMULATE (setup.py): the same bodies over the host emulation of the kernels
+// (csrc/emulate/), registered for CPU tensors, so that the test suite runs this file and the kernels
+// where there is no GPU.
 #include <ATen/ATen.h>
 #include <ATen/DeviceGuard.h>
+#ifdef BN_CUDA_EMULATE
+#include "emulate/device.h"
+#else
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAStream.h>
+#endif
 #include <torch/library.h>
 
 #include <array>
 #include <atomic>
+#include <limits>
 #include <tuple>
 
 #include "common/glue.h"
@@ -59,6 +68,10 @@ inline cudaError_t backward_apply(DType t, const BackwardParams& p, cudaStream_t
 
 namespace {
 
+#ifdef BN_CUDA_EMULATE
+int sm_count() { return bn_emu::sm_count(); }
+cudaStream_t current_stream() { return nullptr; }
+#else
 // Multiprocessors of the current device, queried once per device (an attribute read, no sync).
 int sm_count() {
   static std::array<std::atomic<int>, 64> cache{};
@@ -77,11 +90,16 @@ int sm_count() {
 }
 
 cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
+#endif
 
 at::Tensor workspace(const at::Tensor& like, size_t bytes, DType t) {
   const at::ScalarType acc = t == DType::kFloat64 ? at::kDouble : at::kFloat;
   const int64_t n = static_cast<int64_t>(bytes / acc_size(t)) + 1;
+#ifdef BN_CUDA_EMULATE
+  return at::full({n}, std::numeric_limits<double>::quiet_NaN(), like.options().dtype(acc));  // a read before a write shows
+#else
   return at::empty({n}, like.options().dtype(acc));
+#endif
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_train_cuda(
@@ -261,7 +279,11 @@ at::Tensor grad_input_cuda(const at::Tensor& grad_out, const at::Tensor& input, 
 }  // namespace
 }  // namespace bn_cuda
 
+#ifdef BN_CUDA_EMULATE
+TORCH_LIBRARY_IMPL(bn_cuda, CPU, m) {
+#else
 TORCH_LIBRARY_IMPL(bn_cuda, CUDA, m) {
+#endif
   m.impl("batch_stats", &bn_cuda::batch_stats_cuda);
   m.impl("gather_stats", &bn_cuda::gather_stats_cuda);
   m.impl("normalize", &bn_cuda::normalize_cuda);

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Test the CUDA code where there is no GPU: build bn_cuda with BN_CUDA_EMULATE=1 in a copy of the
+# tracked tree (build/emulated/), where the CPU ops are ops_cuda.cpp's bodies over the CUDA kernels
+# run by a host emulation (csrc/emulate/: each thread a fiber, switched at __syncthreads() and warp
+# shuffles; strict about divergent barriers and launch limits), and run the whole test suite there,
+# once with the emulation's forward scheduling order and once with the reverse one (a missing
+# barrier shows in one of them). CI runs it after the main job. It exercises the kernels' indexing,
+# planning, workspace layout, reductions and the CUDA host code; it is not a GPU run (memory
+# model, timing, the GPU's own arithmetic units are the device check's: benchmarks/device_check.sh).
+#
+#   scripts/emulate.sh [pytest options...]
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+source "$ROOT/scripts/env.sh"   # PY: the interpreter scripts/test.sh uses (creates .venv if needed)
+WORK="$ROOT/build/emulated"
+rm -rf "$WORK"
+mkdir -p "$WORK"
+(cd "$ROOT" && git ls-files -z --cached --others --exclude-standard | xargs -0 tar cf - --) | (cd "$WORK" && tar xf -)
+cd "$WORK"
+export BN_CUDA_PYTHON="$PY" BN_CUDA_EMULATE=1 BN_CUDA_EXPECT_EMULATED=1
+unset BN_CUDA_FORCE_CUDA BN_CUDA_CPU_ONLY
+for order in forward reverse; do
+  echo "== emulate: the CUDA kernels under the host emulation, $order order, in $WORK"
+  BN_CUDA_EMULATE_ORDER=$order ./scripts/test.sh -p no:cacheprovider "$@"
+  export BN_CUDA_SKIP_BUILD=1
+done
