@@ -1,6 +1,8 @@
 // Host-side launchers of the header-only kernels. Each takes a planned params block (see
 // plan_forward_cuda / plan_backward_cuda in params.h) and a stream, launches on that stream,
 // checks every launch, never synchronizes, and returns the first CUDA error.
+// Keep each launch on one line, `kernel<<<grid, block, smem, stream>>>(args);`: the host emulation
+// build (setup.py, BN_CUDA_EMULATE=1) rewrites exactly that form.
 #pragma once
 
 #include "backward.cuh"
