@@ -156,8 +156,9 @@ def _emulation_sources():
             line = f"{ind}::bn_emu::launch(::bn_emu::Config({cfg}), [&] {{ {kernel}({args}); }});"
             rewritten += 1
         lines.append(line)
-    if rewritten == 0 or rewritten != text.count("<<<"):
-        raise SystemExit(f"bn_cuda: BN_CUDA_EMULATE=1 rewrote {rewritten} of launch.cuh's {text.count('<<<')} "
+    launches = sum(line.count("<<<") for line in text.splitlines() if not line.lstrip().startswith("//"))
+    if rewritten == 0 or rewritten != launches:
+        raise SystemExit(f"bn_cuda: BN_CUDA_EMULATE=1 rewrote {rewritten} of launch.cuh's {launches} "
                          "launches; keep each launch on one line: kernel<<<cfg>>>(args);")
     launch.write_text("\n".join(lines) + "\n")
     wrappers = []

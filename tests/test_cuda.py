@@ -1,12 +1,23 @@
 """CUDA-only behaviour: graph capture, streams, bitwise determinism, kernel-variant coverage and
-int64 indexing. Skipped where no CUDA device is visible (run by benchmarks/device_check.sh)."""
+int64 indexing. Run on a CUDA device (benchmarks/device_check.sh); in the emulated build
+(scripts/emulate.sh, whose CPU ops are the CUDA kernels under a host emulation) the tests that need
+no real device run on CPU tensors; skipped elsewhere."""
 
 import pytest
 import torch
 
+import bn_cuda
 from bn_cuda.functional import batch_norm
 
-pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+HAS_CUDA = torch.cuda.is_available()
+EMULATED = bn_cuda.build_info()["emulated_cuda"]
+DEV = "cuda" if HAS_CUDA else "cpu"
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not (HAS_CUDA or EMULATED), reason="needs a CUDA device (or the emulated build)"),
+]
+real_gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device: streams, graphs or GPU memory")
 
 
 def _data(shape, dtype=torch.float32, seed=0, offset=5.0):
@@ -15,7 +26,7 @@ def _data(shape, dtype=torch.float32, seed=0, offset=5.0):
     bshape = [1, c] + [1] * (len(shape) - 2)
     x = torch.randn(shape, generator=g) * (0.5 + torch.rand(c, generator=g)).view(bshape)
     x = x + offset * torch.randn(c, generator=g).view(bshape)
-    return x.to("cuda", dtype)
+    return x.to(DEV, dtype)
 
 
 def _ref(x, w, b, eps=1e-5):
@@ -36,13 +47,13 @@ def test_kernel_variants_match_float64(shape, fmt, dtype):
     if fmt == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
     elif fmt == "misaligned":
-        buf = torch.empty(x.numel() + 1, device="cuda", dtype=dtype)
+        buf = torch.empty(x.numel() + 1, device=DEV, dtype=dtype)
         buf[1:] = x.reshape(-1)
         x = buf[1:].view(shape)
     c = shape[1]
-    w = torch.randn(c, device="cuda")
-    b = torch.randn(c, device="cuda")
-    rm, rv = torch.zeros(c, device="cuda"), torch.ones(c, device="cuda")
+    w = torch.randn(c, device=DEV)
+    b = torch.randn(c, device=DEV)
+    rm, rv = torch.zeros(c, device=DEV), torch.ones(c, device=DEV)
     y = batch_norm(x, rm, rv, w, b, training=True)
     ref = _ref(x, w, b)
     tol = {torch.float32: 2e-5, torch.float64: 1e-12, torch.float16: 4e-3, torch.bfloat16: 3e-2}[dtype]
@@ -59,8 +70,8 @@ def test_kernel_variants_match_float64(shape, fmt, dtype):
 
 def test_bitwise_deterministic():
     x = _data((64, 96, 28, 28)).contiguous(memory_format=torch.channels_last).requires_grad_(True)
-    w = torch.randn(96, device="cuda", requires_grad=True)
-    b = torch.randn(96, device="cuda", requires_grad=True)
+    w = torch.randn(96, device=DEV, requires_grad=True)
+    b = torch.randn(96, device=DEV, requires_grad=True)
     gy = torch.randn_like(x)
     outs = []
     for _ in range(3):
@@ -73,6 +84,7 @@ def test_bitwise_deterministic():
             assert torch.equal(a, o)
 
 
+@real_gpu
 def test_side_stream_and_graph_capture():
     x = _data((16, 32, 14, 14))
     w = torch.randn(32, device="cuda", requires_grad=True)
@@ -111,17 +123,18 @@ def test_side_stream_and_graph_capture():
 
 def test_opcheck_cuda():
     x = _data((4, 6, 5, 3))
-    w = torch.randn(6, device="cuda")
-    b = torch.randn(6, device="cuda")
-    rm, rv = torch.zeros(6, device="cuda"), torch.ones(6, device="cuda")
+    w = torch.randn(6, device=DEV)
+    b = torch.randn(6, device=DEV)
+    rm, rv = torch.zeros(6, device=DEV), torch.ones(6, device=DEV)
     torch.library.opcheck(torch.ops.bn_cuda.forward_train.default, (x, w, b, rm, rv, 0.1, 1e-5, [1], True))
     torch.library.opcheck(torch.ops.bn_cuda.forward_infer.default, (x, w, b, rm, rv, 1e-5, [1]))
-    mean, invstd = torch.zeros(6, device="cuda"), torch.ones(6, device="cuda")
+    mean, invstd = torch.zeros(6, device=DEV), torch.ones(6, device=DEV)
     torch.library.opcheck(torch.ops.bn_cuda.backward.default,
                           (torch.randn_like(x), x, w, mean, invstd, True, [1], [True, True, True]))
 
 
 @pytest.mark.slow
+@real_gpu
 def test_int64_indexing_beyond_2_pow_31():
     free, _ = torch.cuda.mem_get_info()
     if free < 24 * 2**30:
@@ -146,26 +159,31 @@ def test_int64_indexing_beyond_2_pow_31():
 
 def test_more_ghosts_than_grid_y():
     """Channels-last ghost rows need a partition per ghost: more than 65535 ghosts run along
-    gridDim.z too. Same statistics as the CPU kernels (which never had that limit)."""
+    gridDim.z too. Against float64 statistics and the composite (plain torch ops) Keras layer."""
     from bn_cuda import staged
 
     g = torch.Generator().manual_seed(11)
     x = torch.randn(70000, 8, generator=g) * 2 + torch.arange(8.0)
     mask = torch.rand(70000, 1, generator=g) > 0.3
-    for m in (None, mask):
-        got = staged.batch_stats(x.cuda(), [1], None if m is None else m.cuda(), ghosts=70000 if m is None else 1)
-        want = staged.batch_stats(x, [1], m, ghosts=70000 if m is None else 1)
-        for a, b in zip(got, want):
-            torch.testing.assert_close(a.cpu(), b, rtol=1e-6, atol=1e-6)
+    # one ghost per row: each row is its own statistics
+    mean, m2, count = staged.batch_stats(x.to(DEV), [1], None, ghosts=70000)
+    torch.testing.assert_close(mean.cpu(), x.reshape(-1), rtol=0, atol=0)
+    torch.testing.assert_close(m2.cpu(), torch.zeros(70000 * 8), rtol=0, atol=0)
+    torch.testing.assert_close(count.cpu(), torch.ones(70000 * 8), rtol=0, atol=0)
+    # masked, one ghost
+    sel = x.double()[mask[:, 0]]
+    mean, m2, count = staged.batch_stats(x.to(DEV), [1], mask.to(DEV), ghosts=1)
+    torch.testing.assert_close(mean.cpu().double(), sel.mean(0), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(m2.cpu().double(), ((sel - sel.mean(0)) ** 2).sum(0), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(count.cpu().double(), torch.full((8,), float(sel.shape[0]), dtype=torch.float64))
     # with ghosts: the whole batch in ghost rows, forward through the Keras layer
-    import bn_cuda
-
     layer = bn_cuda.BatchNormalization(virtual_batch_size=1)
-    layer_cpu = bn_cuda.BatchNormalization(virtual_batch_size=1)
+    reference = bn_cuda.BatchNormalization(virtual_batch_size=1, fused=False)
     xs = x[:66000, :].reshape(66000, 1, 8)
-    y = layer.cuda()(xs.cuda(), training=True)
-    torch.testing.assert_close(y.cpu(), layer_cpu(xs, training=True), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(layer.moving_mean.cpu(), layer_cpu.moving_mean, rtol=1e-6, atol=1e-6)
+    y = layer.to(DEV)(xs.to(DEV), training=True)
+    torch.testing.assert_close(y.cpu(), reference(xs, training=True), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layer.moving_mean.cpu(), reference.moving_mean, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(layer.moving_variance.cpu(), reference.moving_variance, rtol=1e-6, atol=1e-6)
 
 
 _KERAS_CONFIGS = {
@@ -204,6 +222,7 @@ def _keras_step(layer, x, gy, mask):
     return y
 
 
+@real_gpu
 @pytest.mark.parametrize("name", list(_KERAS_CONFIGS))
 def test_keras_fused_step_no_sync_and_graph_capture(name):
     """The fused Keras training step (ghost batches, renorm's r and d, adjustment, masks) reads
