@@ -126,7 +126,6 @@ if sys.platform.startswith("linux"):
     link_args.append("-lstdc++")
 
 
-
 def _emulation_sources():
     """Sources and include folders of the BN_CUDA_EMULATE build (see csrc/emulate/cuda_emu.h).
 

@@ -4,7 +4,8 @@
 # run by a host emulation (csrc/emulate/: each thread a fiber, switched at __syncthreads() and warp
 # shuffles; strict about divergent barriers and launch limits), and run the whole test suite there,
 # once with the emulation's forward scheduling order and once with the reverse one (a missing
-# barrier shows in one of them). CI runs it after the main job. It exercises the kernels' indexing,
+# barrier shows in one of them), then the kernel suites once more with grids planned for fewer
+# multiprocessors. CI runs it after the main job. It exercises the kernels' indexing,
 # planning, workspace layout, reductions and the CUDA host code; it is not a GPU run (memory
 # model, timing, the GPU's own arithmetic units are the device check's: benchmarks/device_check.sh).
 #
@@ -24,3 +25,8 @@ for order in forward reverse; do
   BN_CUDA_EMULATE_ORDER=$order ./scripts/test.sh -p no:cacheprovider "$@"
   export BN_CUDA_SKIP_BUILD=1
 done
+# The planners size grids by the multiprocessor count (132 above, an H100 / H200): the kernel
+# suites once more on 7, where the grid-stride loops take many more turns.
+echo "== emulate: the kernel suites planned for 7 multiprocessors"
+BN_CUDA_EMULATE_SMS=7 TF_CPP_MIN_LOG_LEVEL=2 "$PY" -m pytest -q -ra -p no:cacheprovider "$@" \
+  tests/test_cuda.py tests/test_functional.py tests/test_staged.py tests/test_variants.py

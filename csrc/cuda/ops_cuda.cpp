@@ -96,7 +96,8 @@ at::Tensor workspace(const at::Tensor& like, size_t bytes, DType t) {
   const at::ScalarType acc = t == DType::kFloat64 ? at::kDouble : at::kFloat;
   const int64_t n = static_cast<int64_t>(bytes / acc_size(t)) + 1;
 #ifdef BN_CUDA_EMULATE
-  return at::full({n}, std::numeric_limits<double>::quiet_NaN(), like.options().dtype(acc));  // a read before a write shows
+  // NaN, so that a kernel reading a workspace entry before any kernel wrote it shows in the results
+  return at::full({n}, std::numeric_limits<double>::quiet_NaN(), like.options().dtype(acc));
 #else
   return at::empty({n}, like.options().dtype(acc));
 #endif

@@ -76,9 +76,10 @@ void launch(const Config& cfg, F&& f) {
 
 // Block barrier; `site` tells one __syncthreads() call site from another.
 void syncthreads(const char* site);
-// Lane exchange of a full-mask __shfl_down_sync: every lane of the warp posts its 8 bytes, then
-// reads lane + delta's (its own when that is past the warp).
-uint64_t shfl_down_bits(uint64_t bits, unsigned delta);
+// Lane exchange of a __shfl_down_sync: every lane of the warp posts its 8 bytes, then reads
+// lane + delta's (its own when that is past the warp). Whole warps only (mask 0xffffffff, width
+// 32), as bn_cuda's kernels shuffle; anything else fails the launch with a message.
+uint64_t shfl_down_bits(uint64_t bits, unsigned delta, unsigned mask, int width);
 
 }  // namespace bn_emu
 
@@ -89,10 +90,9 @@ uint64_t shfl_down_bits(uint64_t bits, unsigned delta);
 template <typename T>
 inline T __shfl_down_sync(unsigned mask, T v, unsigned delta, int width = 32) {
   static_assert(sizeof(T) <= 8 && std::is_trivially_copyable<T>::value, "shuffled type");
-  if (mask != 0xffffffffu || width != 32) __builtin_trap();  // the kernels shuffle whole warps only
   uint64_t bits = 0;
   std::memcpy(&bits, &v, sizeof(T));
-  bits = ::bn_emu::shfl_down_bits(bits, delta);
+  bits = ::bn_emu::shfl_down_bits(bits, delta, mask, width);
   T r;
   std::memcpy(&r, &bits, sizeof(T));
   return r;

@@ -377,10 +377,12 @@ void syncthreads(const char* site) {
   to_scheduler();
 }
 
-uint64_t shfl_down_bits(uint64_t bits, unsigned delta) {
+uint64_t shfl_down_bits(uint64_t bits, unsigned delta, unsigned mask, int width) {
   State& s = st();
   Fiber& f = *s.cur;
   Warp& w = s.warps[f.warp];
+  if (mask != 0xffffffffu || width != 32)
+    fail(thread_name(f) + ": the emulation shuffles whole warps only (mask 0xffffffff, width 32)");
   if (w.lanes != 32) fail(thread_name(f) + ": full-mask shuffle in a warp of " + std::to_string(w.lanes) + " threads");
   if (w.exited > 0)
     fail(thread_name(f) + ": full-mask shuffle after " + std::to_string(w.exited) + " lane(s) of its warp exited");
