@@ -44,7 +44,7 @@ def selftest(tmp_path_factory):
     exe = tmp_path_factory.mktemp("emu") / "selftest"
     emu = ROOT / "csrc" / "emulate"
     subprocess.run(
-        [cxx, "-std=c++17", "-O1", "-ffp-contract=off", "-Wall", "-Werror", "-Wno-unknown-pragmas",
+        [cxx, "-std=c++17", "-O1", "-ffp-contract=off", "-Wno-unknown-pragmas",
          f"-I{emu}", f"-I{ROOT / 'csrc' / 'include'}", f"-I{inc}", str(emu / "selftest.cpp"),
          str(emu / "runtime.cpp"), "-o", str(exe)],
         check=True, capture_output=True, text=True,
