@@ -35,16 +35,18 @@ def test_build_is_the_one_the_environment_expects():
     assert bn_cuda.build_info()["emulated_cuda"] is expected
 
 
-@pytest.fixture(scope="module")
-def selftest(tmp_path_factory):
+# The fibers' context switch: the default (assembly on x86-64) and the portable ucontext one.
+@pytest.fixture(scope="module", params=["default-switch", "ucontext"])
+def selftest(request, tmp_path_factory):
     inc = _cuda_include()
     cxx = shutil.which("g++") or shutil.which("c++")
     if inc is None or cxx is None:
         pytest.skip("the emulation needs a C++ compiler and a CUDA toolkit's headers (set CUDA_HOME)")
     exe = tmp_path_factory.mktemp("emu") / "selftest"
     emu = ROOT / "csrc" / "emulate"
+    backend = ["-DBN_EMU_UCONTEXT"] if request.param == "ucontext" else []
     subprocess.run(
-        [cxx, "-std=c++17", "-O1", "-ffp-contract=off", "-Wno-unknown-pragmas",
+        [cxx, "-std=c++17", "-O1", "-ffp-contract=off", "-Wno-unknown-pragmas", *backend,
          f"-I{emu}", f"-I{ROOT / 'csrc' / 'include'}", f"-I{inc}", str(emu / "selftest.cpp"),
          str(emu / "runtime.cpp"), "-o", str(exe)],
         check=True, capture_output=True, text=True,
