@@ -157,7 +157,7 @@ struct KerasStepNode final : SavedArrayNode<KerasStepNode, 11> {
       second = second || (s->defined() && s->requires_grad() &&
                           !s->key_set().has(c10::DispatchKey::FuncTorchGradWrapper));
     std::array<at::Tensor, 5> g = step_grads(grads[0], unpacked(t, beta_dtype_, beta_shape_), axis_, ghosts_, renorm_,
-                                             edge_needs());
+                                             needs<5>());
     if (at::GradMode::is_enabled() && second) {
       variable_list fake;
       for (const at::Tensor& r : g) {
@@ -188,7 +188,7 @@ struct KerasStepNode final : SavedArrayNode<KerasStepNode, 11> {
   variable_list apply_with_saved(const variable_list& inputs,
                                  torch::dynamo::autograd::SwapSavedVariables& saved) override {
     for (auto& sv : saved_) saved.before(sv);
-    const auto n = edge_needs();
+    const auto n = needs<5>();
     std::vector<c10::IValue> args;
     args.reserve(saved_.size() + 3);
     for (const auto& sv : saved_) args.emplace_back(sv.unpack());
@@ -203,12 +203,6 @@ struct KerasStepNode final : SavedArrayNode<KerasStepNode, 11> {
   }
 
  private:
-  std::array<bool, 5> edge_needs() {
-    std::array<bool, 5> n{};
-    for (size_t k = 0; k < n.size(); ++k) n[k] = task_should_compute_output(k);
-    return n;
-  }
-
   static StepSaved unpacked(const std::array<at::Tensor, 11>& t, std::optional<at::ScalarType> beta_dtype,
                             std::vector<int64_t> beta_shape) {
     return StepSaved{t[0], t[1], t[2],  t[3],       t[4],      t[5], t[6], t[7], t[8], t[9], t[10],

@@ -54,9 +54,11 @@ struct SavedArrayNode : torch::autograd::Node {
     return t;
   }
 
-  std::array<bool, K> needs() {  // (for nodes whose K edges are their K saved tensors' gradients)
-    std::array<bool, K> n{};
-    for (size_t k = 0; k < K; ++k) n[k] = task_should_compute_output(k);
+  // Which of the node's first N edges (default: one per saved tensor) the running backward needs.
+  template <size_t N = K>
+  std::array<bool, N> needs() {
+    std::array<bool, N> n{};
+    for (size_t k = 0; k < N; ++k) n[k] = task_should_compute_output(k);
     return n;
   }
 
