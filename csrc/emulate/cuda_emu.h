@@ -40,11 +40,9 @@
 // Shared memory: one copy per kernel instantiation, reused by the blocks, which run one at a time.
 #define __shared__ static
 
-// The runtime calls the kernels' launch code makes, routed to the emulation (macros, so that the
-// real libcudart that torch loads cannot interpose).
+// The one runtime call the kernels' launch code makes, routed to the emulation (a macro, so that
+// the real libcudart that torch loads cannot interpose).
 #define cudaGetLastError ::bn_emu::get_last_error
-#define cudaPeekAtLastError ::bn_emu::peek_last_error
-#define cudaGetErrorString ::bn_emu::error_string
 
 // Built-in variables: set by the scheduler before it resumes a thread.
 extern uint3 threadIdx;
@@ -55,8 +53,8 @@ extern dim3 gridDim;
 namespace bn_emu {
 
 cudaError_t get_last_error();
-cudaError_t peek_last_error();
-const char* error_string(cudaError_t err);
+// What the last failed launch failed on (block, thread, source line, or the configuration).
+const char* last_message();
 
 struct Config {
   dim3 grid, block;

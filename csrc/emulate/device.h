@@ -7,6 +7,7 @@
 
 #include <c10/util/Exception.h>
 
+// (declared here too: ops_cuda.cpp includes torch, so not cuda_emu.h, which redefines CUDA's keywords)
 namespace bn_emu {
 int sm_count();
 const char* last_message();

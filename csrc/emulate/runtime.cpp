@@ -309,12 +309,6 @@ cudaError_t get_last_error() {
   return e;
 }
 
-cudaError_t peek_last_error() { return st().last_error; }
-
-const char* error_string(cudaError_t err) {
-  return err == cudaSuccess ? "no error" : st().last_message.c_str();
-}
-
 const char* last_message() { return st().last_message.c_str(); }
 
 int sm_count() {

@@ -12,10 +12,6 @@
 
 #include "bn_cuda/cuda/common.cuh"
 
-namespace bn_emu {
-const char* last_message();
-}
-
 using bn_cuda::WelfordState;
 
 // A block of 256 threads merges per-thread Welford states of a strided slice (bn_cuda's own
