@@ -18,9 +18,7 @@ if ! "$VENV/bin/python" -c "import sys, torch; sys.exit(torch.__version__.split(
   "$VENV/bin/python" -m pip install -q "torch==$V" numpy pytest ninja pybind11 setuptools
 fi
 WORK="$ROOT/build/compat-torch$V"
-rm -rf "$WORK"
-mkdir -p "$WORK"
-(cd "$ROOT" && git ls-files -z --cached --others --exclude-standard | xargs -0 tar cf - --) | (cd "$WORK" && tar xf -)
+"$ROOT/scripts/copy_tree.sh" "$WORK"
 cd "$WORK"
 echo "== compat: torch $("$VENV/bin/python" -c 'import torch; print(torch.__version__)'), CPU build, in $WORK"
 # (the CPU build: the CUDA sources do not include torch except ops_cuda.cpp, compiled against this

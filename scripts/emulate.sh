@@ -14,9 +14,7 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$ROOT/scripts/env.sh"   # PY: the interpreter scripts/test.sh uses (creates .venv if needed)
 WORK="$ROOT/build/emulated"
-rm -rf "$WORK"
-mkdir -p "$WORK"
-(cd "$ROOT" && git ls-files -z --cached --others --exclude-standard | xargs -0 tar cf - --) | (cd "$WORK" && tar xf -)
+"$ROOT/scripts/copy_tree.sh" "$WORK"
 cd "$WORK"
 export BN_CUDA_PYTHON="$PY" BN_CUDA_EMULATE=1 BN_CUDA_EXPECT_EMULATED=1
 unset BN_CUDA_FORCE_CUDA BN_CUDA_CPU_ONLY
