@@ -25,6 +25,7 @@
 
 #include "bn_cuda/ops.h"
 #include "canonical.h"
+#include "glue.h"
 #include "nodes.h"
 
 namespace bn_cuda {
@@ -131,7 +132,7 @@ variable_list train_grads(const variable_list& grads, const at::Tensor& input, c
 variable_list infer_grads(const variable_list& grads, const at::Tensor& input, const at::Tensor& weight,
                           const at::Tensor& running_mean, const at::Tensor& running_var, double eps,
                           const AffineMeta& meta, at::IntArrayRef axis, std::array<bool, 3> mask) {
-  const auto acc = input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const at::ScalarType acc = acc_scalar_type(input.scalar_type());
   const at::Tensor mean = running_mean.detach().to(acc).reshape(-1);
   const at::Tensor invstd = at::rsqrt(running_var.detach().to(acc).reshape(-1) + eps);
   at::Tensor gi, gw, gb;
@@ -286,7 +287,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_composite(const at::Tens
                                                                    at::IntArrayRef axis) {
   const std::vector<int64_t> axes = normalize_axes(axis, input.dim());
   const std::vector<int64_t> red = reduced_dims(input, axes);
-  const auto acc = input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const at::ScalarType acc = acc_scalar_type(input.scalar_type());
   const at::Tensor x = input.to(acc);
   const at::Tensor g = grad_out.to(acc);
   const at::Tensor m = bcast(mean.to(acc), input, axes);
@@ -421,7 +422,7 @@ void train_tangents(const at::Tensor& out, const at::Tensor& save_mean, const at
   if (input.numel() == 0) return;
   const std::vector<int64_t> axes = normalize_axes(axis, input.dim());
   const std::vector<int64_t> red = reduced_dims(input, axes);
-  const at::Tensor x = input.to(input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
+  const at::Tensor x = input.to(acc_scalar_type(input.scalar_type()));
   const at::Tensor mean = x.mean(red, /*keepdim=*/true);
   const at::Tensor invstd = at::rsqrt((x - mean).pow(2).mean(red, /*keepdim=*/true) + eps);
   set_tangent(out, affine_composite(x, mean, invstd, weight, bias, input, axes));
@@ -433,7 +434,7 @@ void infer_tangents(const at::Tensor& out, const at::Tensor& input, const OptTen
                     const at::Tensor& running_mean, const at::Tensor& running_var, double eps, at::IntArrayRef axis) {
   if (input.numel() == 0) return;
   const std::vector<int64_t> axes = normalize_axes(axis, input.dim());
-  const at::Tensor x = input.to(input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
+  const at::Tensor x = input.to(acc_scalar_type(input.scalar_type()));
   const auto acc = x.scalar_type();
   // (the running statistics are constants, as in torch: no tangent flows from them)
   const at::Tensor mean = bcast(running_mean.detach().to(acc).reshape(-1), input, axes);
