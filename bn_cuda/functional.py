@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import operator
-from typing import List, Optional, Sequence, Union
+from typing import Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -23,17 +22,7 @@ _forward_infer = getattr(_ops.forward_infer.default, "_op", _ops.forward_infer.d
 _is_compiling = torch.compiler.is_compiling
 
 
-def _axis_list(axis) -> List[int]:
-    """``axis`` as a list of ints; anything else (floats, strings, bools) is a TypeError."""
-    items = list(axis) if isinstance(axis, (list, tuple, torch.Size)) else [axis]
-    out = []
-    for a in items:
-        if isinstance(a, bool) or not hasattr(a, "__index__"):
-            raise TypeError(
-                f"bn_cuda.functional.batch_norm: axis must be an int or a sequence of ints, got {axis!r}"
-            )
-        out.append(operator.index(a))
-    return out
+_WHO = "bn_cuda.functional.batch_norm"
 
 
 def batch_norm(
@@ -91,14 +80,14 @@ def batch_norm(
                 n = input.numel()
                 if n != input.shape[a] or n == 0:  # (one value per feature: the error below)
                     fn = _ops.forward_train.default if compiling else _forward_train
-                    return fn(input, weight, bias, running_mean, running_var, float(momentum), float(eps), [a],
-                              True)[0]
+                    return fn(input, weight, bias, running_mean, running_var, ops.as_float(_WHO, "momentum", momentum),
+                              ops.as_float(_WHO, "eps", eps), [a], True)[0]
             elif running_mean is not None and running_var is not None:
                 fn = _ops.forward_infer.default if compiling else _forward_infer
-                return fn(input, weight, bias, running_mean, running_var, float(eps), [a])
+                return fn(input, weight, bias, running_mean, running_var, ops.as_float(_WHO, "eps", eps), [a])
     if not isinstance(input, Tensor):
         raise TypeError(f"bn_cuda.functional.batch_norm: input must be a Tensor, got {type(input).__name__}")
-    axes = [axis] if type(axis) is int else _axis_list(axis)  # (fast path for the common int)
+    axes = [axis] if type(axis) is int else ops.as_axes(_WHO, axis)  # (fast path for the common int)
     if input.dim() < 2:
         raise ValueError(
             f"bn_cuda.functional.batch_norm: input must have at least 2 dimensions, got {input.dim()}-D "
@@ -108,6 +97,7 @@ def batch_norm(
     if momentum is None:
         raise ValueError("bn_cuda.functional.batch_norm: momentum must be a float, got None "
                          "(cumulative averaging is handled by the nn modules)")
+    momentum, eps = ops.as_float(_WHO, "momentum", momentum), ops.as_float(_WHO, "eps", eps)
     if training:
         features = 1
         for a in norm_axes:  # (a plain loop: dynamo cannot trace math.prod over a generator)

@@ -423,7 +423,9 @@ class BatchNormalization(KerasLayerIO, nn.Module):
         # Buffers of ghost-batch layers (tf_keras's (1, 1, C, 1, 1) shapes): the view is cached
         # while the buffer is the same tensor on the same memory (a view costs ~5 us of host time,
         # several per step); .to() / load_state_dict(assign=True) / .data = ... all miss the cache.
-        compiling = torch.compiler.is_compiling()
+        # Not while compiling or tracing: torch.jit.trace would record a cached view as a constant,
+        # cut off from the buffer that a later load_state_dict / .to() replaces.
+        compiling = torch.compiler.is_compiling() or torch.jit.is_tracing()
         cached = None if compiling else self._flat_views.get(name)
         if cached is not None and cached[0] is t and cached[1] == t.data_ptr():
             return cached[2]

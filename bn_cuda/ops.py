@@ -10,14 +10,40 @@ backward; they work under ``torch.compile(fullgraph=True)`` (the mutation is fun
 
 from __future__ import annotations
 
+import operator
 from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
-__all__ = ["batch_norm_train", "batch_norm_infer", "check_same_device", "normalize_axes", "num_features"]
+__all__ = ["batch_norm_train", "batch_norm_infer", "check_same_device", "normalize_axes", "num_features", "as_float",
+           "as_int", "as_axes"]
 
 _ops = torch.ops.bn_cuda
+
+
+def as_float(who: str, name: str, value) -> float:
+    """``float(value)`` for a scalar argument, or a TypeError naming the function, the argument and
+    the value (``float("a")`` alone says only "could not convert string to float")."""
+    if isinstance(value, (bool, str, bytes)) or not hasattr(value, "__float__"):
+        raise TypeError(f"{who}: {name} must be a float, got {value!r} ({type(value).__name__})")
+    return float(value)
+
+
+def as_int(who: str, name: str, value) -> int:
+    """An int argument (anything with ``__index__`` but a bool), or a TypeError naming it."""
+    if isinstance(value, bool) or not hasattr(value, "__index__"):
+        raise TypeError(f"{who}: {name} must be an int, got {value!r} ({type(value).__name__})")
+    return operator.index(value)
+
+
+def as_axes(who: str, axis) -> List[int]:
+    """``axis`` (an int or a sequence of ints) as a list of ints, or a TypeError naming the value
+    (``int()`` would take ``"1"`` or ``1.5``)."""
+    items = list(axis) if isinstance(axis, (list, tuple, torch.Size)) else [axis]
+    if any(isinstance(a, bool) or not hasattr(a, "__index__") for a in items):
+        raise TypeError(f"{who}: axis must be an int or a sequence of ints, got {axis!r}")
+    return [operator.index(a) for a in items]
 
 
 def normalize_axes(axis: Sequence[int], ndim: int) -> List[int]:
@@ -190,8 +216,9 @@ def batch_norm_train(input: Tensor, weight: Optional[Tensor], bias: Optional[Ten
     ``running = (1 - momentum) * running + momentum * batch_stat``.
     """
     check_same_device(input, weight=weight, bias=bias, running_mean=running_mean, running_var=running_var)
-    args = (input, weight, bias, running_mean, running_var, float(momentum), float(eps), [int(a) for a in axis],
-            bool(unbiased_running_var))
+    who = "bn_cuda.batch_norm_train"
+    args = (input, weight, bias, running_mean, running_var, as_float(who, "momentum", momentum),
+            as_float(who, "eps", eps), as_axes(who, axis), bool(unbiased_running_var))
     # The op's autograd kernel is C++ (csrc/common/autograd.cpp): no Python layer to skip.
     return _ops.forward_train.default(*args)
 
@@ -200,5 +227,6 @@ def batch_norm_infer(input: Tensor, weight: Optional[Tensor], bias: Optional[Ten
                      running_mean: Tensor, running_var: Tensor, eps: float, axis: Sequence[int]) -> Tensor:
     """Differentiable inference forward with the running statistics."""
     check_same_device(input, weight=weight, bias=bias, running_mean=running_mean, running_var=running_var)
-    return _ops.forward_infer.default(input, weight, bias, running_mean, running_var, float(eps),
-                                      [int(a) for a in axis])
+    who = "bn_cuda.batch_norm_infer"
+    return _ops.forward_infer.default(input, weight, bias, running_mean, running_var, as_float(who, "eps", eps),
+                                      as_axes(who, axis))

@@ -11,39 +11,65 @@ input). None of them synchronizes with the host.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
 
-from .ops import _acc_dtype, num_features
+from .ops import _acc_dtype, as_axes, as_float, as_int, check_same_device, num_features
 
 __all__ = ["batch_stats", "gather_stats", "normalize", "grad_sums", "grad_input", "keras_finalize", "keras_coeffs"]
 
 _ops = torch.ops.bn_cuda
 
 
+# Fake kernels: the real kernels' output shapes and dtypes (per-feature outputs in the accumulation
+# dtype), and their refusals where a shape depends on them (devices, ghosts), so that a meta tensor
+# mixed with real ones, or a compiled graph, fails as the eager call does.
+
+
+def _ghosts(op: str, ghosts: int) -> int:
+    if ghosts < 1:
+        raise ValueError(f"bn_cuda.{op}: ghosts must be >= 1, got {ghosts}")
+    return ghosts
+
+
+def _ghost_features(op: str, mean: Tensor, ghosts: int) -> int:
+    """C of a flat ``ghosts * C`` per-(ghost, feature) tensor (keras_finalize / keras_coeffs)."""
+    _ghosts(op, ghosts)
+    if mean.dim() != 1 or mean.shape[0] % ghosts != 0:
+        raise ValueError(f"bn_cuda.{op}: mean must be flat with ghosts * C entries, got shape {list(mean.shape)} "
+                         f"for ghosts={ghosts}")
+    return mean.shape[0] // ghosts
+
+
 @torch.library.register_fake("bn_cuda::batch_stats")
 def _batch_stats_fake(input, axis, mask=None, ghosts=1):
-    c = num_features(input.shape, axis) * ghosts
+    check_same_device(input, mask=mask)
+    c = num_features(input.shape, axis) * _ghosts("batch_stats", ghosts)
     acc = _acc_dtype(input.dtype)
     return tuple(input.new_empty((c,), dtype=acc) for _ in range(3))
 
 
 @torch.library.register_fake("bn_cuda::gather_stats")
 def _gather_stats_fake(mean, m2, count, running_mean, running_var, momentum, eps, unbiased_running_var=True):
+    check_same_device(mean, m2=m2, count=count, running_mean=running_mean, running_var=running_var)
     c = mean.shape[-1]
-    return tuple(mean.new_empty((c,)) for _ in range(3))
+    return tuple(mean.new_empty((c,), dtype=_acc_dtype(mean.dtype)) for _ in range(3))
 
 
 @torch.library.register_fake("bn_cuda::normalize")
 def _normalize_fake(input, mean, invstd, weight, bias, axis, ghosts=1):
+    check_same_device(input, mean=mean, invstd=invstd, weight=weight, bias=bias)
+    num_features(input.shape, axis)  # validates axis
+    _ghosts("normalize", ghosts)
     return torch.empty_like(input)
 
 
 @torch.library.register_fake("bn_cuda::grad_sums")
 def _grad_sums_fake(grad_out, input, mean, invstd, axis, ghosts=1):
-    c = num_features(input.shape, axis) * ghosts
+    check_same_device(input, grad_out=grad_out, mean=mean, invstd=invstd)
+    c = num_features(input.shape, axis) * _ghosts("grad_sums", ghosts)
     acc = _acc_dtype(input.dtype)
     return input.new_empty((c,), dtype=acc), input.new_empty((c,), dtype=acc)
 
@@ -51,14 +77,30 @@ def _grad_sums_fake(grad_out, input, mean, invstd, axis, ghosts=1):
 @torch.library.register_fake("bn_cuda::grad_input")
 def _grad_input_fake(grad_out, input, mean, invstd, weight, sum_dy, sum_dy_xmu, count, axis, mask=None,
                      ghosts=1):
+    check_same_device(input, grad_out=grad_out, mean=mean, invstd=invstd, weight=weight, sum_dy=sum_dy,
+                      sum_dy_xmu=sum_dy_xmu, count=count, mask=mask)
+    num_features(input.shape, axis)  # validates axis
+    _ghosts("grad_input", ghosts)
     return torch.empty_like(input)
 
 
 @torch.library.register_fake("bn_cuda::keras_finalize")
 def _keras_finalize_fake(mean, var, count, moving_mean, moving_variance, moving_stddev, renorm_mean,
                          renorm_stddev, ghosts, momentum, renorm_momentum, eps, rmin, rmax, dmax, always_update):
-    c = mean.shape[0] // ghosts
-    return mean.new_empty((c,)), mean.new_empty((c,))
+    check_same_device(mean, var=var, count=count, moving_mean=moving_mean, moving_variance=moving_variance,
+                      moving_stddev=moving_stddev, renorm_mean=renorm_mean, renorm_stddev=renorm_stddev)
+    c = _ghost_features("keras_finalize", mean, ghosts)
+    acc = _acc_dtype(mean.dtype)
+    return mean.new_empty((c,), dtype=acc), mean.new_empty((c,), dtype=acc)
+
+
+def _keras_scalars(op: str, ghosts, momentum, renorm_momentum, eps, rmin, rmax, dmax) -> tuple:
+    """The scalar arguments of keras_finalize / keras_coeffs, checked for type (the op checks values)."""
+    who = f"bn_cuda.staged.{op}"
+    opt = {n: None if v is None else as_float(who, n, v) for n, v in (("rmin", rmin), ("rmax", rmax), ("dmax", dmax))}
+    return (as_int(who, "ghosts", ghosts), as_float(who, "momentum", momentum),
+            as_float(who, "renorm_momentum", renorm_momentum), as_float(who, "eps", eps), opt["rmin"], opt["rmax"],
+            opt["dmax"])
 
 
 def keras_finalize(mean: Tensor, var: Tensor, count: Tensor, moving_mean: Tensor, moving_variance: Tensor,
@@ -76,9 +118,8 @@ def keras_finalize(mean: Tensor, var: Tensor, count: Tensor, moving_mean: Tensor
     ``always_update``. Returns ``(r, d)`` (1 and 0 without renorm), with no gradient.
     """
     return _ops.keras_finalize.default(mean, var, count, moving_mean, moving_variance, moving_stddev, renorm_mean,
-                                       renorm_stddev, int(ghosts), float(momentum), float(renorm_momentum),
-                                       float(eps), None if rmin is None else float(rmin),
-                                       None if rmax is None else float(rmax), None if dmax is None else float(dmax),
+                                       renorm_stddev, *_keras_scalars("keras_finalize", ghosts, momentum,
+                                                                      renorm_momentum, eps, rmin, rmax, dmax),
                                        bool(always_update))
 
 
@@ -86,9 +127,12 @@ def keras_finalize(mean: Tensor, var: Tensor, count: Tensor, moving_mean: Tensor
 def _keras_coeffs_fake(mean, m2, count, gamma, beta, adj_scale, adj_bias, moving_mean, moving_variance,
                        moving_stddev, renorm_mean, renorm_stddev, ghosts, momentum, renorm_momentum, eps, rmin, rmax,
                        dmax, always_update):
-    acc = torch.float64 if mean.dtype == torch.float64 else torch.float32
+    check_same_device(mean, m2=m2, count=count, gamma=gamma, beta=beta, adj_scale=adj_scale, adj_bias=adj_bias,
+                      moving_mean=moving_mean, moving_variance=moving_variance, moving_stddev=moving_stddev,
+                      renorm_mean=renorm_mean, renorm_stddev=renorm_stddev)
+    acc = _acc_dtype(mean.dtype)
     f = mean.shape[0]
-    c = f // ghosts
+    c = _ghost_features("keras_coeffs", mean, ghosts)
     return (mean.new_empty((f,), dtype=acc), mean.new_empty((f,), dtype=acc), mean.new_empty((f,), dtype=acc),
             mean.new_empty((c,), dtype=acc), mean.new_empty((c,), dtype=acc))
 
@@ -112,13 +156,13 @@ def keras_coeffs(mean: Tensor, m2: Tensor, count: Tensor, gamma: Optional[Tensor
     differentiates through the composition).
     """
     return _ops.keras_coeffs.default(mean, m2, count, gamma, beta, adj_scale, adj_bias, moving_mean, moving_variance,
-                                     moving_stddev, renorm_mean, renorm_stddev, int(ghosts), float(momentum),
-                                     float(renorm_momentum), float(eps), None if rmin is None else float(rmin),
-                                     None if rmax is None else float(rmax), None if dmax is None else float(dmax),
+                                     moving_stddev, renorm_mean, renorm_stddev,
+                                     *_keras_scalars("keras_coeffs", ghosts, momentum, renorm_momentum, eps, rmin, rmax,
+                                                     dmax),
                                      bool(always_update))
 
 
-def batch_stats(input: Tensor, axis: Sequence[int], mask: Optional[Tensor] = None,
+def batch_stats(input: Tensor, axis: Union[int, Sequence[int]], mask: Optional[Tensor] = None,
                 ghosts: int = 1) -> Tuple[Tensor, Tensor, Tensor]:
     """Local per-feature Welford state: ``(mean, m2, count)``, each ``(C,)``.
 
@@ -128,7 +172,8 @@ def batch_stats(input: Tensor, axis: Sequence[int], mask: Optional[Tensor] = Non
     (ghost, feature), ``ghosts * C`` entries, ghost-major. No copy of the input for channels-last
     layouts (ghost rows) nor for layouts where the batch dim can be split next to the features.
     """
-    return _ops.batch_stats.default(input, [int(a) for a in axis], mask, int(ghosts))
+    who = "bn_cuda.staged.batch_stats"
+    return _ops.batch_stats.default(input, as_axes(who, axis), mask, as_int(who, "ghosts", ghosts))
 
 
 def gather_stats(mean: Tensor, m2: Tensor, count: Tensor, running_mean: Optional[Tensor],
@@ -139,24 +184,27 @@ def gather_stats(mean: Tensor, m2: Tensor, count: Tensor, running_mean: Optional
     Running statistics, when given, are updated in place (torch's momentum convention), except
     for features whose total count is 0, which keep their running statistics.
     """
-    return _ops.gather_stats.default(mean, m2, count, running_mean, running_var, float(momentum), float(eps),
-                             bool(unbiased_running_var))
+    who = "bn_cuda.staged.gather_stats"
+    return _ops.gather_stats.default(mean, m2, count, running_mean, running_var, as_float(who, "momentum", momentum),
+                                     as_float(who, "eps", eps), bool(unbiased_running_var))
 
 
 def normalize(input: Tensor, mean: Tensor, invstd: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
-              axis: Sequence[int], ghosts: int = 1) -> Tensor:
+              axis: Union[int, Sequence[int]], ghosts: int = 1) -> Tensor:
     """``(input - mean) * invstd * weight + bias`` with per-feature (per ghost and feature) statistics."""
-    return _ops.normalize.default(input, mean, invstd, weight, bias, [int(a) for a in axis], int(ghosts))
+    who = "bn_cuda.staged.normalize"
+    return _ops.normalize.default(input, mean, invstd, weight, bias, as_axes(who, axis), as_int(who, "ghosts", ghosts))
 
 
 def grad_sums(grad_out: Tensor, input: Tensor, mean: Tensor, invstd: Tensor,
-              axis: Sequence[int], ghosts: int = 1) -> Tuple[Tensor, Tensor]:
+              axis: Union[int, Sequence[int]], ghosts: int = 1) -> Tuple[Tensor, Tensor]:
     """Local ``(sum(dy), sum(dy * (x - mean)))`` per feature (per ghost and feature)."""
-    return _ops.grad_sums.default(grad_out, input, mean, invstd, [int(a) for a in axis], int(ghosts))
+    who = "bn_cuda.staged.grad_sums"
+    return _ops.grad_sums.default(grad_out, input, mean, invstd, as_axes(who, axis), as_int(who, "ghosts", ghosts))
 
 
 def grad_input(grad_out: Tensor, input: Tensor, mean: Tensor, invstd: Tensor, weight: Optional[Tensor],
-               sum_dy: Tensor, sum_dy_xmu: Tensor, count: Tensor, axis: Sequence[int],
+               sum_dy: Tensor, sum_dy_xmu: Tensor, count: Tensor, axis: Union[int, Sequence[int]],
                mask: Optional[Tensor] = None, ghosts: int = 1) -> Tensor:
     """Training grad_input from (e.g. all-reduced) sums and total per-feature counts.
 
@@ -164,6 +212,7 @@ def grad_input(grad_out: Tensor, input: Tensor, mean: Tensor, invstd: Tensor, we
     weighted moments, ``weight * invstd * (dy - m * (sum_dy + (x - mean) * invstd^2 * sum_dy_xmu) / count)``
     (the sums run over every element; only the unmasked ones moved the statistics).
     """
+    who = "bn_cuda.staged.grad_input"
     return _ops.grad_input.default(grad_out, input, mean, invstd, weight, sum_dy, sum_dy_xmu, count,
-                           [int(a) for a in axis], mask, int(ghosts))
+                                   as_axes(who, axis), mask, as_int(who, "ghosts", ghosts))
 

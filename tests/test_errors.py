@@ -8,7 +8,7 @@ import re
 import pytest
 import torch
 
-import bn_cuda  # noqa: F401
+import bn_cuda
 from bn_cuda.functional import batch_norm
 from conftest import HAS_CUDA, make_features, make_input
 
@@ -172,6 +172,74 @@ def test_eps_not_finite(eps, device):
     for training in (True, False):
         with _raises(ValueError, "eps", str(eps)):
             batch_norm(x, s.rm, s.rv, training=training, eps=eps)
+    s.assert_unchanged()
+
+
+def test_eps_negative_in_eval(device):
+    """Evaluation takes eps = 0 (as torch) but not eps < 0; the nn modules pass it through."""
+    x = make_input((4, 3, 5), 1, torch.float32, device)
+    s = Stats(3, device)
+    with _raises(ValueError, "eps must be >= 0", "-1"):
+        batch_norm(x, s.rm, s.rv, training=False, eps=-1.0)
+    with _raises(ValueError, "eps must be >= 0", "-0.5"):
+        ops.forward_infer(x, None, None, s.rm, s.rv, -0.5, [1])
+    m = bn_cuda.nn.BatchNorm1d(3, eps=-1e-3).to(device).eval()
+    with _raises(ValueError, "eps must be >= 0", "-0.001"):
+        m(x)
+    s.assert_unchanged()
+    got = batch_norm(x, s.rm, s.rv, training=False, eps=0.0)
+    want = torch.nn.functional.batch_norm(x.double(), s.rm.double(), s.rv.double(), training=False, eps=0.0)
+    torch.testing.assert_close(got, want.float(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_eps_rounding_to_zero_in_training(dtype, device):
+    """A positive eps that float32 (the accumulation type) rounds to 0 would normalize a feature of
+    equal values to 0 * inf = NaN: refused, naming the value; float64 input keeps it."""
+    x = torch.ones(4, 3, 5, dtype=dtype, device=device)
+    s = Stats(3, device)
+    with _raises(ValueError, "eps=1e-50", "rounds to 0 in float32"):
+        batch_norm(x, s.rm, s.rv, training=True, eps=1e-50)
+    s.assert_unchanged()
+    y = batch_norm(x.double(), s.rm.double(), s.rv.double(), training=True, eps=1e-50)
+    assert torch.equal(y, torch.zeros_like(y))
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("name", ["running_mean", "running_var"])
+def test_running_stats_requiring_grad(name, training, device):
+    """Running statistics that require grad are refused with grad mode on, as torch refuses them (no
+    gradient could reach them, and training would update a leaf that requires grad in place); under
+    no_grad both libraries take them and agree."""
+    x = make_input((4, 3, 5), 1, torch.float32, device)
+    s = Stats(3, device)
+    stats = {"running_mean": s.rm, "running_var": s.rv}
+    stats[name] = stats[name].clone().requires_grad_(True)
+    before = stats[name].detach().clone()
+    with _raises(RuntimeError, name, "requires grad", "detach"):
+        batch_norm(x, stats["running_mean"], stats["running_var"], training=training)
+    with torch.no_grad():
+        s.assert_unchanged()
+        assert torch.equal(stats[name], before)
+        ref = {k: v.detach().clone() for k, v in stats.items()}
+        got = batch_norm(x, stats["running_mean"], stats["running_var"], training=training)
+        want = torch.nn.functional.batch_norm(x, ref["running_mean"], ref["running_var"], training=training)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(stats[name].detach(), ref[name], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("name,value", [("momentum", "a"), ("momentum", [0.1]), ("eps", None), ("eps", "1e-5"),
+                                        ("momentum", True)])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_scalar_argument_wrong_type(name, value, training, device):
+    """A momentum / eps that is not a number: a TypeError naming the argument and the value."""
+    if name == "momentum" and not training:
+        pytest.skip("momentum is unused in evaluation mode")
+    x = make_input((4, 3, 5), 1, torch.float32, device)
+    s = Stats(3, device)
+    for axis in (1, [1]):  # (the fast path and the general one)
+        with _raises(TypeError, f"{name} must be a float", re.escape(repr(value))):
+            batch_norm(x, s.rm, s.rv, training=training, axis=axis, **{name: value})
     s.assert_unchanged()
 
 

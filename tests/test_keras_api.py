@@ -71,6 +71,9 @@ def _assert_unchanged(layer, before):
     ({"renorm_momentum": 2}, r"`renorm_momentum` must be a float between \[0, 1\]\. Received: renorm_momentum=2"),
     ({"epsilon": 0.0}, r"`epsilon` must be a positive float\. Received: epsilon=0\.0"),
     ({"epsilon": -1e-3}, r"Received: epsilon=-0\.001"),
+    ({"epsilon": float("inf")}, r"`epsilon` must be finite\. Received: epsilon=inf"),
+    ({"renorm": True, "renorm_clipping": {"rmax": float("nan")}},
+     r"`renorm_clipping\['rmax'\]` must be a number\. Received: rmax=nan"),
     ({"virtual_batch_size": 0}, r"`virtual_batch_size` must be a positive integer that divides the true batch "
                                 r"size of the input tensor\. Received: virtual_batch_size=0"),
     ({"virtual_batch_size": -4}, r"Received: virtual_batch_size=-4"),
@@ -821,3 +824,28 @@ def test_ghost_layer_buffers_replaced_between_steps():
     x = x.double()
     check_step()
     assert layer.moving_mean.dtype == torch.float64
+
+
+@pytest.mark.parametrize("kwargs", [{"virtual_batch_size": 4}, {"axis": [1, 2]},
+                                    {"virtual_batch_size": 2, "renorm": True}])
+def test_jit_trace_reads_the_moving_statistics(kwargs):
+    """torch.jit.trace of a layer whose buffers are not flat (ghost batches, several axes) reads the
+    moving statistics from the module, also after an eager call warmed the layer's cached flat views
+    (a view recorded as a constant would be cut off from the buffer once saved and loaded)."""
+    torch.manual_seed(0)
+    layer = BatchNormalization(**kwargs)
+    x = torch.randn(8, 3, 5) * torch.rand(1, 3, 5) + torch.randn(1, 3, 5)
+    layer(x, training=True)  # builds and moves the statistics away from 0 / 1
+    layer.eval()
+    want = layer(x)  # eager: warms the cache
+    traced = torch.jit.trace(layer, (x,))  # (its check runs the trace twice: the graphs must agree)
+    buf = io.BytesIO()
+    torch.jit.save(traced, buf)
+    buf.seek(0)
+    loaded = torch.jit.load(buf)
+    assert torch.equal(loaded(x), want)
+    with torch.no_grad():
+        loaded.moving_mean.add_(0.5)
+        layer.moving_mean.add_(0.5)
+    got = loaded(x)
+    assert torch.equal(got, layer(x)) and not torch.equal(got, want)

@@ -371,3 +371,161 @@ def test_keras_coeffs_errors_name_arguments():
     with pytest.raises(ValueError, match="keras_coeffs: ghosts must be >= 1, got 0"):
         staged.keras_coeffs(mean, m2, count, None, None, None, None, mm, mv, None, None, None, 0, 0.9, 0.9, 1e-3)
     assert torch.equal(mm, torch.zeros(c)) and torch.equal(mv, torch.ones(c))  # a failed call changes nothing
+
+
+def _staged_calls(x, device):
+    """Every staged op, called on ``x`` (a (6, 3, 5) input, maybe requiring grad), in data order."""
+    c = 3
+    w = torch.randn(c, device=device)
+    mean, m2, cnt = staged.batch_stats(x, [1])
+    gm, ginv, gc = staged.gather_stats(mean, m2, cnt, None, None, 0.1, 1e-5)
+    y = staged.normalize(x, gm, ginv, w, None, [1])
+    gy = torch.randn_like(x)
+    sdy, sdyx = staged.grad_sums(gy, x, gm, ginv, [1])
+    gi = staged.grad_input(gy, x, gm, ginv, w, sdy, sdyx, gc, [1])
+    var = m2 / cnt
+    mm, mv = torch.zeros(c, device=device), torch.ones(c, device=device)
+    r, d = staged.keras_finalize(mean, var, cnt, mm, mv, None, None, None, 1, 0.9, 0.9, 1e-3)
+    coeffs = staged.keras_coeffs(mean, m2, cnt, w, None, None, None, mm.clone(), mv.clone(), None, None, None,
+                                 1, 0.9, 0.9, 1e-3)
+    return {"batch_stats": mean, "gather_stats": ginv, "normalize": y, "grad_sums": sdyx, "grad_input": gi,
+            "keras_finalize": r, "keras_coeffs": coeffs[0]}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_staged_ops_have_no_derivative(device):
+    """The staged ops are building blocks that the layers and SyncNormalize differentiate as a whole:
+    by themselves a backward through them raises, naming the op (torch's default autograd fallback
+    only warned and left the input's gradient None). Without a gradient to track they run as before."""
+    x = _data((6, 3, 5), torch.float32, device).requires_grad_(True)
+    outs = _staged_calls(x, device)
+    for op in ("batch_stats", "gather_stats", "normalize", "grad_sums", "grad_input"):
+        assert outs[op].requires_grad, op
+        with pytest.raises(RuntimeError, match=f"derivative for .*bn_cuda::{op}.* is not implemented"):
+            torch.autograd.grad(outs[op].sum(), x, allow_unused=True)
+    for op in ("keras_finalize", "keras_coeffs"):
+        assert outs[op].requires_grad
+        with pytest.raises(RuntimeError, match=f"bn_cuda::{op}"):
+            torch.autograd.grad(outs[op].sum(), x, allow_unused=True)
+    with torch.no_grad():
+        plain = _staged_calls(x.detach(), device)
+    assert not any(t.requires_grad for t in plain.values())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_staged_ops_refuse_meta_tensors_mixed_with_real_ones(device):
+    """A meta tensor among real ones selects the fake kernels; they refuse it as the real kernels do,
+    naming it, instead of returning uninitialized memory and skipping the running-statistics update."""
+    x = _data((4, 3, 5), torch.float32, device)
+    mean, m2, cnt = staged.batch_stats(x, [1])
+    rm, rv = torch.zeros(3, device=device), torch.ones(3, device=device)
+    cases = [
+        ("mean", lambda: staged.normalize(x, mean.to("meta"), torch.ones(3, device=device), None, None, [1])),
+        ("mask", lambda: staged.batch_stats(x, [1], torch.ones(4, 1, 5, dtype=torch.bool, device="meta"))),
+        ("running_var", lambda: staged.gather_stats(mean[None], m2[None], cnt[None], rm, rv.to("meta"), 0.1, 1e-5)),
+        ("input", lambda: staged.grad_sums(x, x.to("meta"), mean, mean, [1])),
+        ("count", lambda: staged.grad_input(x, x, mean, mean, None, mean, mean, cnt.to("meta"), [1])),
+        ("moving_variance", lambda: staged.keras_finalize(mean, m2, cnt, rm, rv.to("meta"), None, None, None,
+                                                          1, 0.9, 0.9, 1e-3)),
+        ("gamma", lambda: staged.keras_coeffs(mean, m2, cnt, torch.ones(3, device="meta"), None, None, None, rm,
+                                              rv, None, None, None, 1, 0.9, 0.9, 1e-3)),
+    ]
+    for name, call in cases:
+        with pytest.raises(RuntimeError, match=f"{name} is on (meta|{device})"):
+            call()
+    assert torch.equal(rm, torch.zeros(3, device=device)) and torch.equal(rv, torch.ones(3, device=device))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_staged_fake_kernels_match_real_dtypes(dtype, device):
+    """Per-feature outputs come in the accumulation dtype (fp32; fp64 for fp64) whatever the dtype of
+    the states passed in: the fake kernels say the same (opcheck's fake-tensor test), else a compiled
+    graph fails at run time on the dtype."""
+    x = _data((6, 3, 5), torch.float32, device)
+    mean, m2, cnt = (t.to(dtype) for t in staged.batch_stats(x, [1]))
+    var = m2 / cnt
+    c = 3
+    torch.library.opcheck(torch.ops.bn_cuda.gather_stats.default,
+                          (mean[None], m2[None], cnt[None], None, None, 0.1, 1e-5, True))
+    torch.library.opcheck(torch.ops.bn_cuda.keras_finalize.default,
+                          (mean, var, cnt, torch.zeros(c, device=device), torch.ones(c, device=device), None, None,
+                           None, 1, 0.9, 0.9, 1e-3, None, None, None, False))
+    torch.library.opcheck(torch.ops.bn_cuda.keras_coeffs.default,
+                          (mean, m2, cnt, None, None, None, None, torch.zeros(c, device=device),
+                           torch.ones(c, device=device), None, None, None, 1, 0.9, 0.9, 1e-3, None, None, None,
+                           False))
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    fn = torch.compile(lambda a, b, n: staged.gather_stats(a, b, n, None, None, 0.1, 1e-5)[1] * 2,
+                       backend="inductor", fullgraph=True)
+    got = fn(mean[None], m2[None], cnt[None])
+    assert got.dtype == acc
+    torch.testing.assert_close(got, staged.gather_stats(mean[None], m2[None], cnt[None], None, None, 0.1, 1e-5)[1] * 2)
+
+
+def test_staged_fake_kernels_check_ghosts():
+    """Under fake tensors the ghost count is checked as by the real kernels (no ZeroDivisionError, no
+    shape the real kernel would refuse)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode():
+        mean = torch.zeros(3)
+        for op in (staged.keras_finalize, staged.keras_coeffs):
+            args = [mean, mean, mean] + ([None] * 4 if op is staged.keras_coeffs else []) + [mean, mean, None, None,
+                                                                                              None]
+            with pytest.raises(ValueError, match="ghosts must be >= 1, got 0"):
+                op(*args, 0, 0.9, 0.9, 1e-3)
+            with pytest.raises(ValueError, match=r"ghosts \* C entries, got shape \[3\] for ghosts=2"):
+                op(*args, 2, 0.9, 0.9, 1e-3)
+        with pytest.raises(ValueError, match="ghosts must be >= 1, got 0"):
+            staged.batch_stats(torch.zeros(4, 3), [1], None, 0)
+
+
+def test_staged_helpers_check_argument_types():
+    """The Python helpers take an int axis as well as a list, and refuse values that int() / float()
+    would have converted (a string, 1.5, 2.7 ghosts) or failed on without naming the argument."""
+    x = _data((4, 3, 5), torch.float32, "cpu")
+    a = staged.batch_stats(x, 1)
+    b = staged.batch_stats(x, [1])
+    assert all(torch.equal(p, q) for p, q in zip(a, b))
+    for bad in ("1", [1.5], ["1"]):
+        with pytest.raises(TypeError, match="bn_cuda.staged.batch_stats: axis must be an int or a sequence of ints"):
+            staged.batch_stats(x, bad)
+    with pytest.raises(TypeError, match=r"bn_cuda.staged.normalize: ghosts must be an int, got 2.7"):
+        staged.normalize(x, a[0], a[1], None, None, [1], 2.7)
+    with pytest.raises(TypeError, match=r"bn_cuda.staged.gather_stats: momentum must be a float, got None"):
+        staged.gather_stats(*a, None, None, None, 1e-5)
+    with pytest.raises(TypeError, match=r"bn_cuda.staged.keras_finalize: rmax must be a float, got 'x'"):
+        staged.keras_finalize(a[0], a[1], a[2], torch.zeros(3), torch.ones(3), None, None, None, 1, 0.9, 0.9, 1e-3,
+                              rmax="x")
+
+
+@pytest.mark.parametrize("op", ["keras_finalize", "keras_coeffs"])
+def test_keras_epilogue_refuses_bad_values(op):
+    """The raw Keras epilogue ops check what the layer's constructor checks (clipping bounds, finite
+    momenta) and refuse moving variables that share memory; a refused call changes none of them."""
+    c = 4
+    mean, m2, count = torch.randn(c), torch.rand(c) + 0.5, torch.full((c,), 3.0)
+    mm, mv, ms, rmn, rsd = torch.zeros(c), torch.ones(c), torch.ones(c), torch.zeros(c), torch.ones(c)
+    snap = [t.clone() for t in (mm, mv, ms, rmn, rsd)]
+    fn = getattr(staged, op)
+
+    def call(moving=(mm, mv, ms, rmn, rsd), momentum=0.9, renorm_momentum=0.9, **clip):
+        pre = (mean, m2, count) + ((None,) * 4 if op == "keras_coeffs" else ())
+        return fn(*pre, *moving, 1, momentum, renorm_momentum, 1e-3, **clip)
+
+    for clip, match in [({"rmin": 2.0, "rmax": 1.0}, "rmin must be <= rmax, got rmin=2, rmax=1"),
+                        ({"dmax": -0.5}, "dmax must be >= 0, got -0.5"),
+                        ({"rmax": float("nan")}, "rmax must be a number, got nan")]:
+        with pytest.raises(ValueError, match=f"{op}: {match}"):
+            call(**clip)
+    for kw in ("momentum", "renorm_momentum"):
+        with pytest.raises(ValueError, match=f"{op}: {kw} must be finite, got nan"):
+            call(**{kw: float("nan")})
+    with pytest.raises(ValueError, match=f"{op}: moving_mean and moving_variance are updated in place but share"):
+        call(moving=(mm, mm, ms, rmn, rsd))
+    with pytest.raises(ValueError, match=f"{op}: moving_stddev and renorm_stddev are updated in place but share"):
+        call(moving=(mm, mv, ms, rmn, ms[:]))
+    assert all(torch.equal(t, s) for t, s in zip((mm, mv, ms, rmn, rsd), snap))
+    call(rmin=0.5, rmax=2.0, dmax=float("inf"))  # (an infinite bound is no bound)
+    with pytest.raises(ValueError, match="gather_stats: running_mean and running_var are updated in place but share"):
+        staged.gather_stats(mean[None], m2[None], count[None], mm, mm, 0.1, 1e-5)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
@@ -49,6 +50,8 @@ def check_unit_interval(name: str, value: Any) -> float:
 def check_epsilon(epsilon: Any) -> float:
     if isinstance(epsilon, bool) or not isinstance(epsilon, numbers.Real) or not float(epsilon) > 0.0:
         raise ValueError(f"`epsilon` must be a positive float. Received: epsilon={epsilon!r}")
+    if not math.isfinite(float(epsilon)):  # (tf_keras takes it, and every call then gives NaN)
+        raise ValueError(f"`epsilon` must be finite. Received: epsilon={epsilon!r}")
     return float(epsilon)
 
 
@@ -58,7 +61,8 @@ def check_renorm_clipping(renorm_clipping: Optional[Mapping[str, Any]]) -> Dict[
         raise ValueError("Received invalid keys for `renorm_clipping` argument: "
                          f"{clipping}. Supported values: {_CLIPPING_KEYS}.")
     for key, value in clipping.items():
-        if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real)
+                                  or math.isnan(float(value))):
             raise ValueError(f"`renorm_clipping[{key!r}]` must be a number. Received: {key}={value!r}")
     clipping = {k: v for k, v in clipping.items() if v is not None}
     rmax, rmin, dmax = (clipping.get(k) for k in _CLIPPING_KEYS)

@@ -14,6 +14,7 @@
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/csrc/autograd/functions/utils.h>
 #include <torch/library.h>
 
@@ -33,6 +34,20 @@ namespace {
 
 using torch::autograd::variable_list;
 using OptTensor = c10::optional<at::Tensor>;
+
+// Running statistics that require grad, with grad mode on, are refused as torch's batch norm refuses
+// them: no gradient reaches them (they are not differentiable inputs), and in training a leaf that
+// requires grad would be updated in place.
+void check_stats_need_no_grad(const OptTensor& running_mean, const OptTensor& running_var) {
+  if (!at::GradMode::is_enabled()) return;
+  for (const auto& [t, name] : {std::pair<const OptTensor&, const char*>(running_mean, "running_mean"),
+                                std::pair<const OptTensor&, const char*>(running_var, "running_var")}) {
+    TORCH_CHECK(!(t.has_value() && t->defined() && t->requires_grad()), "bn_cuda: ", name,
+                " requires grad, but batch norm is not differentiable with respect to its running statistics "
+                "(torch's batch_norm refuses them too); pass ", name, ".detach() or a tensor that does not "
+                "require grad");
+  }
+}
 
 // A flat per-feature tensor shaped to broadcast against `input` (feature axes sorted).
 at::Tensor bcast(const at::Tensor& t, const at::Tensor& input, const std::vector<int64_t>& axes) {
@@ -482,6 +497,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_autograd(const at::Tenso
 at::Tensor forward_infer_autograd(const at::Tensor& input, const OptTensor& weight, const OptTensor& bias,
                                   const at::Tensor& running_mean, const at::Tensor& running_var, double eps,
                                   at::IntArrayRef axis) {
+  check_stats_need_no_grad(running_mean, running_var);
   const bool record = torch::autograd::compute_requires_grad(input, weight, bias);
   at::Tensor out;
   {
@@ -505,6 +521,7 @@ at::Tensor forward_infer_autograd(const at::Tensor& input, const OptTensor& weig
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_train_autograd(
     const at::Tensor& input, const OptTensor& weight, const OptTensor& bias, const OptTensor& running_mean,
     const OptTensor& running_var, double momentum, double eps, at::IntArrayRef axis, bool unbiased) {
+  check_stats_need_no_grad(running_mean, running_var);
   const bool record = torch::autograd::compute_requires_grad(input, weight, bias);
   at::Tensor out, mean, invstd;
   {
@@ -531,4 +548,13 @@ TORCH_LIBRARY_IMPL(bn_cuda, Autograd, m) {
   m.impl("forward_train", &bn_cuda::forward_train_autograd);
   m.impl("forward_infer", &bn_cuda::forward_infer_autograd);
   m.impl("backward", &bn_cuda::backward_autograd);
+  // The staged ops are building blocks that the layers and SyncNormalize differentiate as a whole
+  // (their calls run under no_grad or inside an autograd.Function); by themselves they have no
+  // derivative. With an input that requires grad their outputs carry torch's NotImplemented node: a
+  // backward through them raises "the derivative for 'bn_cuda::normalize' is not implemented"
+  // (without a kernel here, torch's default fallback only warned and left the gradient None).
+  for (const char* op : {"batch_stats", "gather_stats", "normalize", "grad_sums", "grad_input", "keras_finalize",
+                         "keras_coeffs"}) {
+    m.impl(op, torch::autograd::autogradNotImplementedFallback());
+  }
 }

@@ -93,6 +93,11 @@ ForwardCall prepare_forward(const at::Tensor& input, const c10::optional<at::Ten
   TORCH_CHECK_VALUE(std::isfinite(eps), "bn_cuda: eps must be finite, got ", eps);
   if (training) {
     TORCH_CHECK_VALUE(eps > 0, "bn_cuda: eps must be > 0 in training, got ", eps);
+    // (else a feature of equal values normalizes to 0 * inf = NaN)
+    TORCH_CHECK_VALUE(input.scalar_type() == at::kDouble || static_cast<float>(eps) > 0, "bn_cuda: eps=", eps,
+                      " rounds to 0 in float32, the accumulation type of ", input.scalar_type(), " input");
+  } else {
+    TORCH_CHECK_VALUE(eps >= 0, "bn_cuda: eps must be >= 0, got ", eps);  // (as torch's batch_norm)
   }
   call.canon = plan_canonical(input, axis);
   if (ghosts > 1) set_ghost_rows(call.canon, input, ghosts);

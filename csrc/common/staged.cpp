@@ -1,9 +1,13 @@
 #include "staged.h"
 
 #include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
 #include <c10/util/Exception.h>
 
+#include <cmath>
+#include <initializer_list>
 #include <limits>
+#include <utility>
 
 namespace bn_cuda {
 
@@ -137,6 +141,24 @@ struct FlatFeatures {
   }
 };
 
+// The tensors an op updates in place must not share memory (one update would overwrite the other's,
+// in an order that depends on the kernel): refused, naming both.
+void check_disjoint(const char* op, std::initializer_list<std::pair<const FeatureTensor*, const char*>> updated) {
+  for (auto a = updated.begin(); a != updated.end(); ++a) {
+    for (auto b = a + 1; b != updated.end(); ++b) {
+      if (!a->first->user.defined() || !b->first->user.defined()) continue;
+      const at::MemOverlapStatus st = at::get_overlap_status(a->first->user, b->first->user);
+      TORCH_CHECK_VALUE(st != at::MemOverlapStatus::Full && st != at::MemOverlapStatus::Partial, "bn_cuda.", op, ": ",
+                        a->second, " and ", b->second, " are updated in place but share memory; pass separate tensors");
+    }
+  }
+}
+
+// A scalar argument that must be finite (momentum, clipping bounds).
+void check_finite(const char* op, const char* name, double v) {
+  TORCH_CHECK_VALUE(std::isfinite(v), "bn_cuda.", op, ": ", name, " must be finite, got ", v);
+}
+
 }  // namespace
 
 GatherCall prepare_gather(const at::Tensor& mean, const at::Tensor& m2, const at::Tensor& count,
@@ -157,6 +179,7 @@ GatherCall prepare_gather(const at::Tensor& mean, const at::Tensor& m2, const at
   const FlatFeatures features(C, mean, acc);
   call.running_mean = features(running_mean, "running_mean");
   call.running_var = features(running_var, "running_var");
+  check_disjoint("gather_stats", {{&call.running_mean, "running_mean"}, {&call.running_var, "running_var"}});
   call.out_mean = at::empty({C}, mean.options().dtype(acc));
   call.out_invstd = at::empty({C}, mean.options().dtype(acc));
   call.out_count = at::empty({C}, mean.options().dtype(acc));
@@ -272,6 +295,13 @@ KerasFinalizeCall prepare_keras_epilogue(const char* op, const at::Tensor& mean,
                     "ghosts * C entries, got shape ", shape_str(mean.sizes()), " for ghosts=", ghosts);
   const StatTriple t = stat_triple(op, mean, "mean", second, second_name, count);
   TORCH_CHECK_VALUE(eps > 0, "bn_cuda.", op, ": eps must be > 0, got ", eps);
+  check_finite(op, "momentum", momentum);
+  check_finite(op, "renorm_momentum", renorm_momentum);
+  TORCH_CHECK_VALUE(!rmin || !std::isnan(*rmin), "bn_cuda.", op, ": rmin must be a number, got nan");
+  TORCH_CHECK_VALUE(!rmax || !std::isnan(*rmax), "bn_cuda.", op, ": rmax must be a number, got nan");
+  TORCH_CHECK_VALUE(!dmax || *dmax >= 0, "bn_cuda.", op, ": dmax must be >= 0, got ", *dmax);
+  TORCH_CHECK_VALUE(!(rmin && rmax) || *rmin <= *rmax, "bn_cuda.", op, ": rmin must be <= rmax, got rmin=", *rmin,
+                    ", rmax=", *rmax);
   const bool renorm = moving_stddev.has_value() && moving_stddev->defined();
   TORCH_CHECK_VALUE(renorm == (renorm_mean.has_value() && renorm_mean->defined()) &&
                         renorm == (renorm_stddev.has_value() && renorm_stddev->defined()),
@@ -288,6 +318,9 @@ KerasFinalizeCall prepare_keras_epilogue(const char* op, const at::Tensor& mean,
   call.moving_stddev = features(moving_stddev, "moving_stddev");
   call.renorm_mean = features(renorm_mean, "renorm_mean");
   call.renorm_stddev = features(renorm_stddev, "renorm_stddev");
+  check_disjoint(op, {{&call.moving_mean, "moving_mean"}, {&call.moving_variance, "moving_variance"},
+                      {&call.moving_stddev, "moving_stddev"}, {&call.renorm_mean, "renorm_mean"},
+                      {&call.renorm_stddev, "renorm_stddev"}});
   call.r = at::empty({C}, mean.options().dtype(acc));
   call.d = at::empty({C}, mean.options().dtype(acc));
   KerasFinalizeParams& p = call.p;
