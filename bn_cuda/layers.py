@@ -357,7 +357,7 @@ class BatchNormalization(KerasLayerIO, nn.Module):
 
     def _kernel_blockers(self, mask: Optional[Tensor], hook, inputs: Tensor, adj_raw=None) -> List[str]:
         found = []
-        if self.adjustment is not None:
+        if self.adjustment is not None and adj_raw is not None:  # (evaluated: it did not fold per feature)
             got = ""
             if adj_raw is not None:
                 shapes = [list(torch.as_tensor(t).shape) for t in adj_raw]

@@ -201,6 +201,11 @@ def test_fused_true_with_mask():
         per_sample(x, training=True)
     _assert_unchanged(per_sample, before)
     fused(x, training=False, mask=mask.float())  # inference ignores masks
+    # A per-feature adjustment folds into the kernels: with a non-boolean mask the error names the mask.
+    per_feature = BatchNormalization(fused=True, adjustment=lambda s: (torch.ones(s[-1]), torch.zeros(s[-1])))
+    per_feature(x, training=True)
+    with pytest.raises(ValueError, match=r"`fused=True` is not supported with a non-boolean `mask`"):
+        per_feature(x, training=True, mask=mask.float())
 
 
 def test_mask_ignored_on_keras_fused_path():
@@ -521,6 +526,18 @@ def test_config_interchange_with_tf_keras():
     back = BatchNormalization.from_config(theirs_config)
     assert back.gamma_regularizer == regularizers.L1L2(l1=theirs.gamma_regularizer.l1, l2=theirs.gamma_regularizer.l2)
     assert back.gamma_constraint == constraints.MaxNorm(2, 0)
+
+
+@pytest.mark.tf
+@pytest.mark.parametrize("kwargs", [{"renorm": True}, {"virtual_batch_size": 2}, {"axis": [1, 2]}])
+def test_config_with_fused_true_that_tf_keras_cannot_fuse(kwargs):
+    """What the README says of the config's exception: tf_keras refuses fused=True where it has no
+    fused kernel (bn_cuda's kernels run these); the same config with fused=None loads in both."""
+    tf, tf_keras = _tf()
+    with pytest.raises((ValueError, TypeError), match="`fused=True`"):  # (a TypeError wrapping it, or not)
+        tf_keras.layers.BatchNormalization.from_config(BatchNormalization(fused=True, **kwargs).get_config())
+    config = BatchNormalization(fused=None, **kwargs).get_config()
+    assert tf_keras.layers.BatchNormalization.from_config(config).get_config().get("fused") is None
 
 
 @pytest.mark.parametrize("fused", [None, False])

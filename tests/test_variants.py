@@ -480,3 +480,32 @@ def test_fused_variants_on_odd_shapes_and_layouts(device, case, name):
             torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9, msg=f"{what} after step {step}")
         for (n, a), (_, b) in zip(layers[0].named_buffers(), layers[1].named_buffers()):
             torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9, msg=f"buffer {n} after step {step}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", ["renorm", "ghost+renorm"])
+@pytest.mark.parametrize("poisoned", ["renorm_stddev", "moving_stddev", "input"])
+def test_renorm_propagates_nan_like_the_composite(device, name, poisoned):
+    """A NaN in renorm's statistics (or in one feature's data) propagates as tf_keras's
+    tf.maximum / relu propagate it, on the kernels as on the composite path: a NaN renorm_stddev
+    gives a NaN output and renorm statistics, not the sqrt(eps) floor's finite values, and a NaN
+    moving_stddev a NaN moving_variance, not 0. The other features are untouched by it."""
+    shape = (12, 7, 5)
+    layers = [_layer(name, fused, device, shape) for fused in (None, False)]
+    x = _input(shape, device, seed=5).float()
+    if poisoned == "input":
+        x[3, 2, 1] = float("nan")
+    else:
+        for layer in layers:
+            with torch.no_grad():
+                getattr(layer, poisoned).view(-1)[1] = float("nan")
+    outs = [layer(x, training=True) for layer in layers]
+    # (moving_stddev feeds only moving_variance; renorm_stddev only r, d and itself)
+    assert outs[0][..., 1].isnan().all() == (poisoned != "moving_stddev")
+    assert layers[0].moving_variance.view(-1)[1].isnan() == (poisoned != "renorm_stddev")
+    assert not outs[0][..., 0].isnan().any() and not layers[0].moving_variance.view(-1)[0].isnan()
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5, equal_nan=True)
+    for (n, a), (_, b) in zip(layers[0].named_buffers(), layers[1].named_buffers()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, equal_nan=True, msg=f"buffer {n}")
+    y = [layer(x, training=False) for layer in layers]
+    torch.testing.assert_close(y[0], y[1], rtol=1e-5, atol=1e-5, equal_nan=True)

@@ -22,8 +22,12 @@ class KerasLayerIO:
     unbuilt layer load a state dict."""
 
     def get_config(self) -> Dict[str, Any]:
-        """Keras's config (also accepted by ``tf_keras.layers.BatchNormalization.from_config``);
-        ``adjustment`` is omitted, as in Keras."""
+        """Keras's config; ``adjustment`` is omitted, as in Keras.
+
+        ``tf_keras.layers.BatchNormalization.from_config`` accepts it, except with ``fused=True``
+        where tf_keras has no fused kernel (renorm, ``virtual_batch_size``, several axes,
+        ``synchronized``): bn_cuda's fused kernels run those, tf_keras refuses the combination.
+        ``fused=None`` gives a config both accept."""
         config: Dict[str, Any] = {
             "name": self.name,
             "trainable": self.trainable,

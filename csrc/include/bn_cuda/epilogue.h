@@ -279,7 +279,7 @@ BN_HD void keras_finalize_feature(const KerasFinalizeParams& p, int64_t c) {
     A* ms = static_cast<A*>(p.moving_stddev);
     const A stddev = bn_sqrt(v + eps);
     const A floor = bn_sqrt(eps);
-    const A denom = rs[c] > floor ? rs[c] : floor;
+    const A denom = rs[c] < floor ? floor : rs[c];  // tf.maximum: a NaN renorm_stddev stays NaN
     r = stddev / denom;
     d = (m - rm[c]) / denom;
     const A rmin = static_cast<A>(p.rmin), rmax = static_cast<A>(p.rmax), dmax = static_cast<A>(p.dmax);
@@ -292,7 +292,7 @@ BN_HD void keras_finalize_feature(const KerasFinalizeParams& p, int64_t c) {
       rs[c] = keras_moving_average(rs[c], stddev, rdecay);
       ms[c] = keras_moving_average(ms[c], stddev, decay);
       const A var_from_std = ms[c] * ms[c] - eps;  // tf_keras keeps relu(stddev^2 - eps)
-      mv[c] = var_from_std > A(0) ? var_from_std : A(0);
+      mv[c] = var_from_std < A(0) ? A(0) : var_from_std;  // (NaN stays NaN, as in tf.nn.relu)
     }
   } else if (update) {
     mv[c] = keras_moving_average(mv[c], v, decay);
