@@ -25,6 +25,8 @@ _ops = torch.ops.bn_cuda
 def as_float(who: str, name: str, value) -> float:
     """``float(value)`` for a scalar argument, or a TypeError naming the function, the argument and
     the value (``float("a")`` alone says only "could not convert string to float")."""
+    if type(value) is float:  # (the common case first: this runs on every functional call)
+        return value
     if isinstance(value, (bool, str, bytes)) or not hasattr(value, "__float__"):
         raise TypeError(f"{who}: {name} must be a float, got {value!r} ({type(value).__name__})")
     return float(value)
