@@ -7,12 +7,13 @@ from __future__ import annotations
 import inspect
 from typing import Any, Optional, Tuple
 
+import torch.fx
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import distributed, functional
 
-__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "convert_batchnorm"]
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "convert_batchnorm", "batch_norm_module"]
 
 
 # torch.nn's batch norms take `bias=` (a weight without a bias) only in recent releases.
@@ -23,21 +24,22 @@ def _bias_kwargs(bias: bool) -> dict:
     return {"bias": bias} if _TORCH_BN_HAS_BIAS else {}
 
 
-def _running_args(bn: _BatchNorm) -> Tuple[float, bool, Optional[Tensor], Optional[Tensor]]:
+def _running_args(training: bool, track_running_stats: bool, momentum: Optional[float],
+                  num_batches_tracked: Optional[Tensor], running_mean: Optional[Tensor],
+                  running_var: Optional[Tensor]) -> Tuple[float, bool, Optional[Tensor], Optional[Tensor]]:
     """torch's ``_BatchNorm.forward`` bookkeeping: ``(factor, bn_training, running_mean, running_var)``.
 
     ``num_batches_tracked`` is not incremented here but by :func:`_counted_call`; with
     ``momentum=None`` the factor is read from the count this step will have, on the host, as torch
     does.
     """
-    factor = 0.0 if bn.momentum is None else bn.momentum
-    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None and bn.momentum is None:
-        factor = 1.0 / float(bn.num_batches_tracked.item() + 1)  # cumulative moving average
-    bn_training = bn.training or (bn.running_mean is None and bn.running_var is None)
+    factor = 0.0 if momentum is None else momentum
+    if training and track_running_stats and num_batches_tracked is not None and momentum is None:
+        factor = 1.0 / float(num_batches_tracked.item() + 1)  # cumulative moving average
+    bn_training = training or (running_mean is None and running_var is None)
     # Buffers are updated only when tracked and training; in eval mode they normalize if present.
-    running_mean = bn.running_mean if not bn.training or bn.track_running_stats else None
-    running_var = bn.running_var if not bn.training or bn.track_running_stats else None
-    return factor, bn_training, running_mean, running_var
+    tracked = not training or track_running_stats
+    return factor, bn_training, running_mean if tracked else None, running_var if tracked else None
 
 
 try:  # non-reentrant activation checkpointing ends its recomputation by raising this from a
@@ -48,31 +50,69 @@ except ImportError:  # pragma: no cover (a torch without it)
         pass
 
 
-def _counted_call(bn: _BatchNorm, fn: Any, *args: Any, **kwargs: Any) -> Tensor:
-    """``fn(*args, **kwargs)`` with the batch counted in ``num_batches_tracked`` before the call, as
-    torch counts it (so a recomputation under activation checkpointing counts as torch's does), and
-    the count taken back if the call fails (a failing call changes no buffer)."""
-    counted = bn.training and bn.track_running_stats and bn.num_batches_tracked is not None
-    if counted:
-        bn.num_batches_tracked.add_(1)
+def _counted_call(count: Optional[Tensor], fn: Any, *args: Any, **kwargs: Any) -> Tensor:
+    """``fn(*args, **kwargs)`` with the batch counted in ``count`` (the ``num_batches_tracked`` of a
+    layer that counts this call, else None) before the call, as torch counts it (so a recomputation
+    under activation checkpointing counts as torch's does), and the count taken back if the call
+    fails (a failing call changes no buffer)."""
+    if count is not None:
+        count.add_(1)
     try:
         return fn(*args, **kwargs)
     except _RecomputationStop:
         raise  # (control flow after the kernel ran, not a failure: the count stands, as torch's)
     except BaseException:
-        if counted:
-            bn.num_batches_tracked.sub_(1)
+        if count is not None:
+            count.sub_(1)
         raise
+
+
+def _batch_count(bn: _BatchNorm) -> Optional[Tensor]:
+    """The ``num_batches_tracked`` a training call of ``bn`` increments, or None."""
+    return bn.num_batches_tracked if bn.training and bn.track_running_stats else None
+
+
+def _check_dims(input: Tensor, input_dims: Tuple[int, ...]) -> None:
+    """torch's ``_check_input_dim`` of the layer whose accepted ranks are ``input_dims``."""
+    if input.dim() not in input_dims:
+        raise ValueError(f"expected {' or '.join(f'{d}D' for d in input_dims)} input (got {input.dim()}D input)")
+
+
+def batch_norm_module(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                      running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                      num_batches_tracked: Optional[Tensor], training: bool, track_running_stats: bool,
+                      momentum: Optional[float], eps: float, input_dims: Tuple[int, ...]) -> Tensor:
+    """The forward of :class:`BatchNorm1d` / ``2d`` / ``3d`` as a function of the layer's tensors and
+    settings (torch's ``_BatchNorm.forward``: input rank check, ``num_batches_tracked``, momentum or
+    cumulative average, batch statistics where there are no running ones).
+
+    ``torch.fx.symbolic_trace`` records it as one call (``torch.fx.wrap``) with the layer's parameters
+    and buffers as ``get_attr`` nodes, rather than tracing into its rank checks, which it cannot; the
+    layer's training mode is then fixed at the one it had when traced (torch's own batch norms stay
+    ``call_module`` nodes).
+    """
+    _check_dims(input, input_dims)
+    factor, bn_training, mean, var = _running_args(training, track_running_stats, momentum, num_batches_tracked,
+                                                   running_mean, running_var)
+    count = num_batches_tracked if training and track_running_stats else None
+    return _counted_call(count, functional.batch_norm, input, mean, var, weight, bias, bn_training, factor, eps)
+
+
+torch.fx.wrap("batch_norm_module")
 
 
 class _BatchNormNd(_BatchNorm):
     """torch's ``_BatchNorm`` with the forward on :func:`bn_cuda.functional.batch_norm`."""
 
+    _input_dims: Tuple[int, ...] = ()
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        _check_dims(input, self._input_dims)
+
     def forward(self, input: Tensor) -> Tensor:
-        self._check_input_dim(input)
-        factor, bn_training, running_mean, running_var = _running_args(self)
-        return _counted_call(self, functional.batch_norm, input, running_mean, running_var, self.weight, self.bias,
-                             bn_training, factor, self.eps)
+        return batch_norm_module(input, self.weight, self.bias, self.running_mean, self.running_var,
+                                 self.num_batches_tracked, self.training, self.track_running_stats, self.momentum,
+                                 self.eps, self._input_dims)
 
 
 class BatchNorm1d(_BatchNormNd):
@@ -84,27 +124,21 @@ class BatchNorm1d(_BatchNormNd):
     leaves every buffer, ``num_batches_tracked`` included, unchanged.
     """
 
-    def _check_input_dim(self, input: Tensor) -> None:
-        if input.dim() != 2 and input.dim() != 3:
-            raise ValueError(f"expected 2D or 3D input (got {input.dim()}D input)")
+    _input_dims = (2, 3)
 
 
 class BatchNorm2d(_BatchNormNd):
     r"""A drop-in for :class:`torch.nn.BatchNorm2d` on bn_cuda's kernels: ``(N, C, H, W)``, contiguous
     or ``channels_last`` (the output keeps the input's memory format). See :class:`BatchNorm1d`."""
 
-    def _check_input_dim(self, input: Tensor) -> None:
-        if input.dim() != 4:
-            raise ValueError(f"expected 4D input (got {input.dim()}D input)")
+    _input_dims = (4,)
 
 
 class BatchNorm3d(_BatchNormNd):
     r"""A drop-in for :class:`torch.nn.BatchNorm3d` on bn_cuda's kernels: ``(N, C, D, H, W)``, contiguous
     or ``channels_last_3d``. See :class:`BatchNorm1d`."""
 
-    def _check_input_dim(self, input: Tensor) -> None:
-        if input.dim() != 5:
-            raise ValueError(f"expected 5D input (got {input.dim()}D input)")
+    _input_dims = (5,)
 
 
 _DROP_INS = {nn.BatchNorm1d: BatchNorm1d, nn.BatchNorm2d: BatchNorm2d, nn.BatchNorm3d: BatchNorm3d}
@@ -138,18 +172,29 @@ def convert_batchnorm(module: nn.Module) -> nn.Module:
     nn.Module
         ``module`` with its batch-norm layers replaced, or the new layer if ``module`` is one.
     """
-    out = module
-    kind = type(module)
-    if kind in _DROP_INS:
-        out = _DROP_INS[kind](module.num_features, module.eps, module.momentum, module.affine,
-                              module.track_running_stats, **_bias_kwargs(module.bias is not None))
-        _share_state(out, module)
-    elif kind is nn.SyncBatchNorm:
-        out = SyncBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
-                            module.track_running_stats, module.process_group, bias=module.bias is not None)
-        _share_state(out, module)
-    for name, child in module.named_children():
-        out.add_module(name, convert_batchnorm(child))
+    def drop_in(m: nn.Module) -> nn.Module:
+        kind = type(m)
+        if kind in _DROP_INS:
+            return _share_state(_DROP_INS[kind](m.num_features, m.eps, m.momentum, m.affine, m.track_running_stats,
+                                                **_bias_kwargs(m.bias is not None)), m)
+        if kind is nn.SyncBatchNorm:
+            return _share_state(SyncBatchNorm(m.num_features, m.eps, m.momentum, m.affine, m.track_running_stats,
+                                              m.process_group, bias=m.bias is not None), m)
+        return m
+
+    return _convert_tree(module, drop_in, {})
+
+
+def _convert_tree(module: nn.Module, convert: Any, memo: dict) -> nn.Module:
+    """``convert`` applied to ``module`` and every module under it, in place. A module registered
+    more than once (a layer used twice) becomes one new module registered in each place (memo:
+    converted modules by id; ``named_children`` would visit it only once)."""
+    if id(module) in memo:
+        return memo[id(module)]
+    out = memo[id(module)] = convert(module)
+    for name, child in list(module._modules.items()):
+        if child is not None:
+            out.add_module(name, _convert_tree(child, convert, memo))
     return out
 
 
@@ -207,7 +252,9 @@ class SyncBatchNorm(_BatchNorm):
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
         self._check_non_zero_input_channels(input)
-        factor, bn_training, running_mean, running_var = _running_args(self)
+        factor, bn_training, running_mean, running_var = _running_args(
+            self.training, self.track_running_stats, self.momentum, self.num_batches_tracked, self.running_mean,
+            self.running_var)
         # Statistics are synchronized only in training mode (as torch: not in eval mode even
         # without running statistics).
         group, world_size = (distributed.process_group_and_size(self.process_group)
@@ -218,9 +265,9 @@ class SyncBatchNorm(_BatchNorm):
             raise ValueError(f"SyncBatchNorm: expected {self.num_features} channels in dim 1, got input of "
                              f"shape {tuple(input.shape)}")
         if world_size <= 1:
-            return _counted_call(self, functional.batch_norm, input, running_mean, running_var, self.weight,
+            return _counted_call(_batch_count(self), functional.batch_norm, input, running_mean, running_var, self.weight,
                                  self.bias, bn_training, factor, self.eps)
-        return _counted_call(self, distributed.sync_batch_norm, input, running_mean, running_var, self.weight,
+        return _counted_call(_batch_count(self), distributed.sync_batch_norm, input, running_mean, running_var, self.weight,
                              self.bias, factor, self.eps, axis=1, process_group=group,
                              feature_check=self._feature_check)
 
@@ -243,13 +290,13 @@ class SyncBatchNorm(_BatchNorm):
         """
         from .layers import BatchNormalization
 
-        out = module
-        if isinstance(module, _BatchNorm):
-            out = _share_state(cls(module.num_features, module.eps, module.momentum, module.affine,
-                                   module.track_running_stats, process_group, bias=module.bias is not None), module)
-        elif isinstance(module, BatchNormalization):
-            module.synchronized = True
-            module.process_group = process_group
-        for name, child in module.named_children():
-            out.add_module(name, cls.convert_sync_batchnorm(child, process_group))
-        return out
+        def synchronized(m: nn.Module) -> nn.Module:
+            if isinstance(m, _BatchNorm):
+                return _share_state(cls(m.num_features, m.eps, m.momentum, m.affine, m.track_running_stats,
+                                        process_group, bias=m.bias is not None), m)
+            if isinstance(m, BatchNormalization):
+                m.synchronized = True
+                m.process_group = process_group
+            return m
+
+        return _convert_tree(module, synchronized, {})

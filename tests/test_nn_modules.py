@@ -245,3 +245,41 @@ def test_activation_checkpointing(use_reentrant):
     for (name, a), (_, b) in zip(ours.named_buffers(), ref.named_buffers()):
         assert a.dtype == b.dtype
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=name)
+
+
+def test_convert_layer_registered_twice():
+    """A layer used twice (registered under two names, or under two parents) becomes ONE bn_cuda
+    layer registered in each place, for convert_batchnorm and convert_sync_batchnorm alike (a walk
+    over named_children() visits it once and left the second registration as torch's)."""
+    for convert, kind in ((convert_batchnorm, BatchNorm2d), (SyncBatchNorm.convert_sync_batchnorm, SyncBatchNorm)):
+        bn = torch.nn.BatchNorm2d(3)
+        inner = torch.nn.Sequential(bn)
+        model = torch.nn.Sequential(bn, torch.nn.ReLU(), bn, inner, torch.nn.Sequential(inner))
+        convert(model)
+        assert type(model[0]) is kind and model[2] is model[0] and model[3][0] is model[0]
+        assert model[4][0] is model[3]
+        assert model[0].weight is bn.weight and model[0].running_mean is bn.running_mean
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_fx_symbolic_trace(train):
+    """torch.fx.symbolic_trace (torchvision's feature extraction, FX graph passes) traces a model with
+    bn_cuda's layers: each is one call of bn_cuda.nn.batch_norm_module with its parameters and
+    buffers, in the mode it was traced in; the graph module computes what the model does and updates
+    the same buffers."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 5, 3), BatchNorm2d(5), torch.nn.ReLU(), torch.nn.Flatten(2),
+                                BatchNorm1d(5, momentum=None), torch.nn.Flatten(), BatchNorm1d(5 * 36)).double()
+    model.train(train)
+    ref = copy.deepcopy(model)
+    gm = torch.fx.symbolic_trace(model)
+    targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    assert targets.count(bn_cuda.nn.batch_norm_module) == 3
+    for step in range(2):
+        x = torch.randn(4, 3, 8, 8, dtype=torch.float64)
+        torch.testing.assert_close(gm(x), ref(x), rtol=1e-9, atol=1e-9)
+    for (n, a), (_, b) in zip(gm.state_dict().items(), ref.state_dict().items()):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9, msg=n)
+    assert int(model[4].num_batches_tracked) == (2 if train else 0)  # (the model's own buffers, shared)
+    with pytest.raises(ValueError, match=r"expected 4D input \(got 3D input\)"):
+        bn_cuda.nn.batch_norm_module(x[0], None, None, None, None, None, True, True, 0.1, 1e-5, (4,))
