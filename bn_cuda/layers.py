@@ -358,12 +358,9 @@ class BatchNormalization(KerasLayerIO, nn.Module):
     def _kernel_blockers(self, mask: Optional[Tensor], hook, inputs: Tensor, adj_raw=None) -> List[str]:
         found = []
         if self.adjustment is not None and adj_raw is not None:  # (evaluated: it did not fold per feature)
-            got = ""
-            if adj_raw is not None:
-                shapes = [list(torch.as_tensor(t).shape) for t in adj_raw]
-                got = (f" (got scale shape {shapes[0]} and bias shape {shapes[1]} for an input of shape "
-                       f"{list(inputs.shape)})")
-            found.append("an `adjustment` whose outputs vary over reduced dims" + got)
+            shapes = [list(torch.as_tensor(t).shape) for t in adj_raw]
+            found.append(f"an `adjustment` whose outputs vary over reduced dims (got scale shape {shapes[0]} and "
+                         f"bias shape {shapes[1]} for an input of shape {list(inputs.shape)})")
         if mask is not None:
             found.append(f"a non-boolean `mask` (arbitrary weights; got dtype {mask.dtype})")
         if hook is not None:

@@ -154,7 +154,7 @@ void check_disjoint(const char* op, std::initializer_list<std::pair<const Featur
   }
 }
 
-// A scalar argument that must be finite (momentum, clipping bounds).
+// A scalar argument that must be finite (the momenta).
 void check_finite(const char* op, const char* name, double v) {
   TORCH_CHECK_VALUE(std::isfinite(v), "bn_cuda.", op, ": ", name, " must be finite, got ", v);
 }
