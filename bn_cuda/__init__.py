@@ -58,7 +58,7 @@ def build_info() -> Dict[str, Any]:
     -------
     dict
         ``version``, ``torch`` (the torch version it was built against), ``cuda`` (CUDA version or
-        None), ``cuda_archs``, ``with_cuda`` (CUDA kernels compiled in), ``cpu_capability``,
+        None), ``cuda_archs``, ``with_cuda`` (CUDA kernels compiled in), ``cpu_capability``, ``compiler``,
         ``emulated_cuda`` (True only in the test build whose CPU ops run the CUDA kernels under a host
         emulation: scripts/emulate.sh).
     """

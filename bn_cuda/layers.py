@@ -13,13 +13,15 @@ code paths differ from each other. The decisions, in tf_keras's terms:
 - ``fused`` chooses *our* implementation: ``None``/``True`` run bn_cuda's kernels — the fused
   training op for plain configurations, inference always, and the staged kernels (statistics,
   per-feature finalize, normalize; :mod:`bn_cuda.keras.synchronized`) for ghost batches, renorm and
-  per-feature adjustments. ``False`` runs :mod:`bn_cuda.keras.composite`, plain PyTorch ops that
-  mirror tf_keras's non-fused maths step by step. What still runs only on the composite path: an
-  honoured ``mask``, an adjustment whose outputs vary over reduced dims, and a custom
-  ``stats_hook``; ``fused=True`` with one of those raises a ValueError naming it.
+  per-feature adjustments and boolean masks (weighted statistics). ``False`` runs
+  :mod:`bn_cuda.keras.composite`, plain PyTorch ops that mirror tf_keras's non-fused maths step by
+  step. What still runs only on the composite path: a non-boolean ``mask`` (arbitrary weights), an
+  adjustment whose outputs vary over reduced dims, and a custom ``stats_hook``; ``fused=True`` with
+  one of those raises a ValueError naming it.
 - ``synchronized=True`` with an initialized group of several processes, in training: the staged
-  kernels over the global batch, renorm, ghost batches and adjustments included; with
-  ``fused=False`` or a mask, the composite path with an all-reduce of the sums.
+  kernels over the global batch, renorm, ghost batches, adjustments and boolean masks included;
+  with ``fused=False`` or one of the composite-only cases above, the composite path with an
+  all-reduce of the sums.
 """
 
 from __future__ import annotations
@@ -93,8 +95,9 @@ class BatchNormalization(KerasLayerIO, nn.Module):
         Decay of ``renorm_mean`` / ``renorm_stddev``, in [0, 1].
     fused : bool, optional
         ``None``/``True``: bn_cuda's kernels (fused, or staged for ghost batches / renorm /
-        adjustment); ``False``: the composite reference path. ``True`` raises a ValueError for what
-        only the composite path runs (an honoured mask).
+        adjustment / boolean mask); ``False``: the composite reference path. ``True`` raises a
+        ValueError for what only the composite path runs (a non-boolean mask, an adjustment varying
+        over reduced dims, a ``stats_hook``).
     trainable : bool
         ``False`` freezes ``gamma``/``beta`` and forces inference mode (TF2 behaviour).
     virtual_batch_size : int, optional
@@ -110,8 +113,9 @@ class BatchNormalization(KerasLayerIO, nn.Module):
         ``torch.distributed`` group (or of the attribute ``process_group``) when one is initialized
         with more than one process: the staged kernels exchange per-feature Welford states (one
         all-gather per step, one all-reduce in the backward; see :mod:`bn_cuda.keras.synchronized`
-        for ghost batches and renorm); with ``fused=False``, a mask or an adjustment, the composite
-        path all-reduces (sum, sum of squares, count) as tf_keras does. Otherwise the layer behaves
+        for ghost batches and renorm); with ``fused=False`` or a composite-only case (a non-boolean
+        mask, an adjustment varying over reduced dims), the composite path all-reduces (sum, sum of
+        squares, count) as tf_keras does. Otherwise the layer behaves
         as unsynchronized (with tf_keras's ``synchronized=True`` variance formula on the composite
         path). As in tf_keras, a synchronized layer feeds the biased variance to ``moving_variance``.
 
