@@ -311,7 +311,8 @@ class BatchNormalization(KerasLayerIO, nn.Module):
 
         keras_fused = self.keras_fused_path(inputs)
         if mask is not None and keras_fused:
-            warnings.warn(_MASK_WARNING, stacklevel=2)
+            if not torch.compiler.is_compiling():  # (dynamo cannot trace warnings.warn: fullgraph would fail)
+                warnings.warn(_MASK_WARNING, stacklevel=2)
             mask = None
         if self.virtual_batch_size is not None and inputs.shape[0] % self.virtual_batch_size != 0:
             raise ValueError(checks.vbs_message(self.virtual_batch_size,
@@ -426,7 +427,10 @@ class BatchNormalization(KerasLayerIO, nn.Module):
         # several per step); .to() / load_state_dict(assign=True) / .data = ... all miss the cache.
         # Not while compiling or tracing: torch.jit.trace would record a cached view as a constant,
         # cut off from the buffer that a later load_state_dict / .to() replaces.
-        compiling = torch.compiler.is_compiling() or torch.jit.is_tracing()
+        # Nor for torch.func's wrapped tensors (functional_call's parameters and buffers), which
+        # have no storage to take a data pointer of.
+        compiling = (torch.compiler.is_compiling() or torch.jit.is_tracing()
+                     or torch._C._functorch.is_functorch_wrapped_tensor(t))
         cached = None if compiling else self._flat_views.get(name)
         if cached is not None and cached[0] is t and cached[1] == t.data_ptr():
             return cached[2]

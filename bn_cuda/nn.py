@@ -101,6 +101,14 @@ def batch_norm_module(input: Tensor, weight: Optional[Tensor], bias: Optional[Te
 torch.fx.wrap("batch_norm_module")
 
 
+@torch.compiler.disable
+def _cumulative_batch_norm_module(*args: Any) -> Tensor:
+    """:func:`batch_norm_module` of a training layer with ``momentum=None``, whose factor
+    ``1 / (count + 1)`` is read on the host, as torch reads it: under torch.compile this call runs
+    eagerly (one graph break) rather than recompiling the graph for every new factor."""
+    return batch_norm_module(*args)
+
+
 class _BatchNormNd(_BatchNorm):
     """torch's ``_BatchNorm`` with the forward on :func:`bn_cuda.functional.batch_norm`."""
 
@@ -110,9 +118,10 @@ class _BatchNormNd(_BatchNorm):
         _check_dims(input, self._input_dims)
 
     def forward(self, input: Tensor) -> Tensor:
-        return batch_norm_module(input, self.weight, self.bias, self.running_mean, self.running_var,
-                                 self.num_batches_tracked, self.training, self.track_running_stats, self.momentum,
-                                 self.eps, self._input_dims)
+        fn = (_cumulative_batch_norm_module if self.momentum is None and self.training and self.track_running_stats
+              else batch_norm_module)
+        return fn(input, self.weight, self.bias, self.running_mean, self.running_var, self.num_batches_tracked,
+                  self.training, self.track_running_stats, self.momentum, self.eps, self._input_dims)
 
 
 class BatchNorm1d(_BatchNormNd):

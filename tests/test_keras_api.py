@@ -3,6 +3,7 @@ training modes, initializers, masks, synchronized hooks, devices."""
 
 from __future__ import annotations
 
+import copy
 import io
 import os
 import warnings
@@ -866,3 +867,45 @@ def test_jit_trace_reads_the_moving_statistics(kwargs):
         layer.moving_mean.add_(0.5)
     got = loaded(x)
     assert torch.equal(got, layer(x)) and not torch.equal(got, want)
+
+
+@pytest.mark.parametrize("kwargs", [{"axis": -1, "virtual_batch_size": 2}, {"axis": [1, 2]},
+                                    {"axis": -1, "virtual_batch_size": 4, "renorm": True}])
+def test_torch_func_grad_with_buffers_passed_in(kwargs):
+    """torch.func's recipe passes parameters AND buffers through functional_call (wrapped tensors
+    without storage): layers whose buffers are not flat (ghost batches, several axes) take them
+    (their flat views are not cached then) and give eager autograd's gradients."""
+    torch.manual_seed(0)
+    x = torch.randn(8, 5, 6) * 2 + 1
+    layer = BatchNormalization(**kwargs)
+    layer.build(x.shape)
+    ref = copy.deepcopy(layer)
+    params = {k: v.detach().clone() for k, v in layer.named_parameters()}
+    buffers = {k: v.clone() for k, v in layer.named_buffers()}
+
+    def loss(p, b, xx):
+        return torch.func.functional_call(layer, {**p, **b}, (xx,), {"training": True}).pow(2).sum()
+
+    got = torch.func.grad(loss, argnums=(0, 2))(params, buffers, x)
+    xr = x.clone().requires_grad_(True)
+    ref(xr, training=True).pow(2).sum().backward()
+    torch.testing.assert_close(got[1], xr.grad, rtol=1e-5, atol=1e-5)
+    for k, p in ref.named_parameters():
+        torch.testing.assert_close(got[0][k], p.grad, rtol=1e-5, atol=1e-5, msg=k)
+    for k, b in ref.named_buffers():  # (the buffers passed in took the step's update, as the layer's own)
+        torch.testing.assert_close(buffers[k], b, rtol=1e-6, atol=1e-6, msg=k)
+
+
+def test_compile_fullgraph_with_a_mask_on_the_keras_fused_path():
+    """On tf_keras's fused path (4-D, axis 3) the mask is ignored with a warning; traced, the warning
+    (which dynamo cannot trace) is left out, so fullgraph=True compiles the step."""
+    torch.manual_seed(0)
+    layer = BatchNormalization(axis=-1)
+    x, mask = torch.randn(8, 4, 5, 6), torch.rand(8, 4, 5) > 0.3
+    layer.build(x.shape)
+    ref = copy.deepcopy(layer)
+    step = torch.compile(lambda x, m: layer(x, training=True, mask=m), backend="aot_eager", fullgraph=True)
+    with pytest.warns(UserWarning, match="Masking is not supported with `fused=True`"):
+        want = ref(x, training=True, mask=mask)
+    torch.testing.assert_close(step(x, mask), want)
+    torch.testing.assert_close(layer.moving_variance, ref.moving_variance)

@@ -283,3 +283,21 @@ def test_fx_symbolic_trace(train):
     assert int(model[4].num_batches_tracked) == (2 if train else 0)  # (the model's own buffers, shared)
     with pytest.raises(ValueError, match=r"expected 4D input \(got 3D input\)"):
         bn_cuda.nn.batch_norm_module(x[0], None, None, None, None, None, True, True, 0.1, 1e-5, (4,))
+
+
+def test_compiled_cumulative_average_does_not_recompile():
+    """momentum=None reads num_batches_tracked on the host (as torch does): under torch.compile that
+    call runs eagerly (a graph break), so the graph is not recompiled for each step's new factor;
+    the statistics are torch's."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), BatchNorm2d(4, momentum=None), torch.nn.ReLU())
+    ref = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4, momentum=None), torch.nn.ReLU())
+    ref.load_state_dict(model.state_dict())
+    compiled = torch.compile(model, backend="aot_eager")
+    xs = [torch.randn(3, 3, 5, 5) for _ in range(6)]  # (one shape: a new one would recompile once anyway)
+    torch.testing.assert_close(compiled(xs[0]), ref(xs[0]), rtol=1e-5, atol=1e-5)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for x in xs[1:]:
+            torch.testing.assert_close(compiled(x), ref(x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(model[1].running_var, ref[1].running_var, rtol=1e-5, atol=1e-6)
+    assert int(model[1].num_batches_tracked) == 6
