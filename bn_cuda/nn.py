@@ -26,20 +26,23 @@ def _bias_kwargs(bias: bool) -> dict:
 
 def _running_args(training: bool, track_running_stats: bool, momentum: Optional[float],
                   num_batches_tracked: Optional[Tensor], running_mean: Optional[Tensor],
-                  running_var: Optional[Tensor]) -> Tuple[float, bool, Optional[Tensor], Optional[Tensor]]:
-    """torch's ``_BatchNorm.forward`` bookkeeping: ``(factor, bn_training, running_mean, running_var)``.
+                  running_var: Optional[Tensor]
+                  ) -> Tuple[float, bool, Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+    """torch's ``_BatchNorm.forward`` bookkeeping: ``(factor, bn_training, running_mean, running_var,
+    count)``, ``count`` being the ``num_batches_tracked`` this call increments (None if none).
 
     ``num_batches_tracked`` is not incremented here but by :func:`_counted_call`; with
     ``momentum=None`` the factor is read from the count this step will have, on the host, as torch
     does.
     """
+    count = num_batches_tracked if training and track_running_stats else None
     factor = 0.0 if momentum is None else momentum
-    if training and track_running_stats and num_batches_tracked is not None and momentum is None:
-        factor = 1.0 / float(num_batches_tracked.item() + 1)  # cumulative moving average
+    if count is not None and momentum is None:
+        factor = 1.0 / float(count.item() + 1)  # cumulative moving average
     bn_training = training or (running_mean is None and running_var is None)
     # Buffers are updated only when tracked and training; in eval mode they normalize if present.
     tracked = not training or track_running_stats
-    return factor, bn_training, running_mean if tracked else None, running_var if tracked else None
+    return factor, bn_training, running_mean if tracked else None, running_var if tracked else None, count
 
 
 try:  # non-reentrant activation checkpointing ends its recomputation by raising this from a
@@ -67,11 +70,6 @@ def _counted_call(count: Optional[Tensor], fn: Any, *args: Any, **kwargs: Any) -
         raise
 
 
-def _batch_count(bn: _BatchNorm) -> Optional[Tensor]:
-    """The ``num_batches_tracked`` a training call of ``bn`` increments, or None."""
-    return bn.num_batches_tracked if bn.training and bn.track_running_stats else None
-
-
 def _check_dims(input: Tensor, input_dims: Tuple[int, ...]) -> None:
     """torch's ``_check_input_dim`` of the layer whose accepted ranks are ``input_dims``."""
     if input.dim() not in input_dims:
@@ -92,9 +90,8 @@ def batch_norm_module(input: Tensor, weight: Optional[Tensor], bias: Optional[Te
     ``call_module`` nodes).
     """
     _check_dims(input, input_dims)
-    factor, bn_training, mean, var = _running_args(training, track_running_stats, momentum, num_batches_tracked,
-                                                   running_mean, running_var)
-    count = num_batches_tracked if training and track_running_stats else None
+    factor, bn_training, mean, var, count = _running_args(training, track_running_stats, momentum,
+                                                          num_batches_tracked, running_mean, running_var)
     return _counted_call(count, functional.batch_norm, input, mean, var, weight, bias, bn_training, factor, eps)
 
 
@@ -261,7 +258,7 @@ class SyncBatchNorm(_BatchNorm):
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
         self._check_non_zero_input_channels(input)
-        factor, bn_training, running_mean, running_var = _running_args(
+        factor, bn_training, running_mean, running_var, count = _running_args(
             self.training, self.track_running_stats, self.momentum, self.num_batches_tracked, self.running_mean,
             self.running_var)
         # Statistics are synchronized only in training mode (as torch: not in eval mode even
@@ -274,9 +271,9 @@ class SyncBatchNorm(_BatchNorm):
             raise ValueError(f"SyncBatchNorm: expected {self.num_features} channels in dim 1, got input of "
                              f"shape {tuple(input.shape)}")
         if world_size <= 1:
-            return _counted_call(_batch_count(self), functional.batch_norm, input, running_mean, running_var, self.weight,
+            return _counted_call(count, functional.batch_norm, input, running_mean, running_var, self.weight,
                                  self.bias, bn_training, factor, self.eps)
-        return _counted_call(_batch_count(self), distributed.sync_batch_norm, input, running_mean, running_var, self.weight,
+        return _counted_call(count, distributed.sync_batch_norm, input, running_mean, running_var, self.weight,
                              self.bias, factor, self.eps, axis=1, process_group=group,
                              feature_check=self._feature_check)
 
