@@ -33,10 +33,12 @@ def as_float(who: str, name: str, value) -> float:
 
 
 def as_int(who: str, name: str, value) -> int:
-    """An int argument (anything with ``__index__`` but a bool), or a TypeError naming it."""
+    """An int argument (anything with ``__index__`` but a bool), or a TypeError naming it. A
+    symbolic int (torch.compile's dynamic shapes) is passed on as it is: ``__index__`` would
+    specialize the graph on its value (and torch.compile traces a SymInt as an ``int``)."""
     if isinstance(value, bool) or not hasattr(value, "__index__"):
         raise TypeError(f"{who}: {name} must be an int, got {value!r} ({type(value).__name__})")
-    return operator.index(value)
+    return value if isinstance(value, (int, torch.SymInt)) else operator.index(value)
 
 
 def as_axes(who: str, axis) -> List[int]:

@@ -48,7 +48,7 @@ TORCH_LIBRARY(bn_cuda, m) {
   // n % ghosts); per-feature tensors then hold ghosts * C entries, ghost-major.
   // Local Welford state per feature: (mean, m2, count); with a 0/1 mask broadcastable to the
   // input, the weighted moments (count = number of unmasked elements).
-  m.def("batch_stats(Tensor input, int[] axis, Tensor? mask=None, int ghosts=1) -> (Tensor, Tensor, Tensor)");
+  m.def("batch_stats(Tensor input, int[] axis, Tensor? mask=None, SymInt ghosts=1) -> (Tensor, Tensor, Tensor)");
   // Chan merge of W states ((W, C) each, rows in order) -> (mean, invstd, count); running stats
   // are updated in place except for features whose total count is 0.
   m.def(
@@ -56,24 +56,24 @@ TORCH_LIBRARY(bn_cuda, m) {
       "float momentum, float eps, bool unbiased_running_var=True) -> (Tensor, Tensor, Tensor)");
   // (input - mean) * invstd * weight + bias with caller-supplied statistics.
   m.def(
-      "normalize(Tensor input, Tensor mean, Tensor invstd, Tensor? weight, Tensor? bias, int[] axis, int ghosts=1) "
+      "normalize(Tensor input, Tensor mean, Tensor invstd, Tensor? weight, Tensor? bias, int[] axis, SymInt ghosts=1) "
       "-> Tensor");
   // Local (sum(grad_out), sum(grad_out * (input - mean))) per feature.
   m.def(
-      "grad_sums(Tensor grad_out, Tensor input, Tensor mean, Tensor invstd, int[] axis, int ghosts=1) "
+      "grad_sums(Tensor grad_out, Tensor input, Tensor mean, Tensor invstd, int[] axis, SymInt ghosts=1) "
       "-> (Tensor, Tensor)");
   // Training grad_input from (e.g. all-reduced) sums and total per-feature counts; with the mask
   // of masked statistics, the gradient of the weighted moments.
   m.def(
       "grad_input(Tensor grad_out, Tensor input, Tensor mean, Tensor invstd, Tensor? weight, Tensor sum_dy, "
-      "Tensor sum_dy_xmu, Tensor count, int[] axis, Tensor? mask=None, int ghosts=1) -> Tensor");
+      "Tensor sum_dy_xmu, Tensor count, int[] axis, Tensor? mask=None, SymInt ghosts=1) -> Tensor");
   // tf_keras's training epilogue of ghost batches / batch renormalization, on the device: average
   // the ghosts' (mean, biased var), renorm's clipped r and d from the pre-update renorm statistics
   // (a missing bound does not clip), every moving variable updated with tf_keras's decay
   // (features with no data keep theirs unless always_update). Returns (r, d): 1 and 0 without renorm.
   m.def(
       "keras_finalize(Tensor mean, Tensor var, Tensor count, Tensor(a!) moving_mean, Tensor(b!) moving_variance, "
-      "Tensor(c!)? moving_stddev, Tensor(d!)? renorm_mean, Tensor(e!)? renorm_stddev, int ghosts, float momentum, "
+      "Tensor(c!)? moving_stddev, Tensor(d!)? renorm_mean, Tensor(e!)? renorm_stddev, SymInt ghosts, float momentum, "
       "float renorm_momentum, float eps, float? rmin, float? rmax, float? dmax, bool always_update) "
       "-> (Tensor, Tensor)");
   // keras_finalize straight from the ghosts' Welford states (batch_stats' mean, m2, count; G * C
@@ -85,7 +85,7 @@ TORCH_LIBRARY(bn_cuda, m) {
   m.def(
       "keras_coeffs(Tensor mean, Tensor m2, Tensor count, Tensor? gamma, Tensor? beta, Tensor? adj_scale, "
       "Tensor? adj_bias, Tensor(a!) moving_mean, Tensor(b!) moving_variance, Tensor(c!)? moving_stddev, "
-      "Tensor(d!)? renorm_mean, Tensor(e!)? renorm_stddev, int ghosts, float momentum, float renorm_momentum, "
+      "Tensor(d!)? renorm_mean, Tensor(e!)? renorm_stddev, SymInt ghosts, float momentum, float renorm_momentum, "
       "float eps, float? rmin, float? rmax, float? dmax, bool always_update) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }

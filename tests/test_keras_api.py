@@ -808,6 +808,54 @@ def test_fused_variants_under_torch_compile_fullgraph(name, kwargs):
         torch.testing.assert_close(u, v, rtol=1e-6, atol=1e-7, msg=n)
 
 
+@pytest.mark.parametrize("name, kwargs, shape", [
+    ("ghost", dict(virtual_batch_size=4), (5, 3)),
+    ("ghost-nhwc", dict(virtual_batch_size=2), (3, 7, 5)),
+    ("ghost-nchw", dict(axis=1, virtual_batch_size=4), (3, 7, 5)),
+    ("ghost-two-axes", dict(axis=[1, 2], virtual_batch_size=2), (5, 3)),
+    ("ghost+renorm", dict(virtual_batch_size=4, renorm=True,
+                          renorm_clipping={"rmin": 0.7, "rmax": 1.5, "dmax": 0.3}), (3, 7, 5)),
+    ("ghost+mask", dict(virtual_batch_size=4), (6, 5)),
+])
+def test_ghost_batches_compile_one_dynamic_graph_for_every_batch_size(name, kwargs, shape):
+    """The ghost count ``batch // virtual_batch_size`` is a SymInt of the staged ops' schemas: after
+    torch.compile's usual static first graph, one dynamic graph serves every later batch size (an
+    int there specialized the graph on it: one graph per batch size), with the eager step's results
+    (output, input / gamma / beta gradients, moving variables) at every size."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    layers = [BatchNormalization(momentum=0.6, **kwargs) for _ in range(2)]
+    for layer in layers:
+        layer.build((8,) + shape)
+    masked = name.endswith("mask")
+
+    def step(layer, x, mask):
+        return layer(x, training=True, mask=mask)
+
+    compiled = torch.compile(step, backend=counter, fullgraph=True)
+    g = torch.Generator().manual_seed(13)
+    for n in (8, 12, 20, 16, 28):
+        x = torch.randn((n,) + shape, generator=g) * torch.linspace(0.5, 3.0, shape[-1]) + 2
+        mask = (torch.rand((n,) + shape[:-1], generator=g) > 0.3) if masked else None
+        gy = torch.randn((n,) + shape, generator=g)
+        grads = []
+        for layer, fn in zip(layers, (compiled, step)):
+            xi = x.clone().requires_grad_(True)
+            y = fn(layer, xi, mask)
+            (y * gy).sum().backward()
+            grads.append((y.detach(), xi.grad))
+        (y0, gx0), (y1, gx1) = grads
+        torch.testing.assert_close(y0, y1, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(gx0, gx1, rtol=1e-5, atol=1e-6)
+        a, b = layers
+        for p, q in zip(a.parameters(), b.parameters()):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-5)
+        for (buf, u), (_, v) in zip(a.named_buffers(), b.named_buffers()):
+            torch.testing.assert_close(u, v, rtol=1e-6, atol=1e-7, msg=f"{buf} after batch {n}")
+    assert counter.frame_count == 2, f"{counter.frame_count} graphs for 5 batch sizes"
+
+
 def test_ghost_layer_buffers_replaced_between_steps():
     """Ghost-batch layers keep their (1, 1, C, 1, 1) moving variables as cached flat views between
     steps: a buffer whose memory is swapped (``.data = ...``), replaced (``load_state_dict``,
