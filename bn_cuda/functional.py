@@ -48,7 +48,8 @@ def batch_norm(
     running_mean, running_var : Tensor or None
         Per-feature running statistics, updated in place when ``training`` is True:
         ``running = (1 - momentum) * running + momentum * batch_stat`` with the unbiased batch
-        variance. Required when ``training`` is False.
+        variance. Both or neither (as torch); required when ``training`` is False. (The raw
+        ``torch.ops.bn_cuda.forward_train`` op, like ATen's, updates whichever is given.)
     weight, bias : Tensor or None
         Per-feature scale and shift.
     training : bool
@@ -68,6 +69,10 @@ def batch_norm(
     Tensor
         Same shape, dtype and memory format as ``input``.
     """
+    if training and (running_mean is None) is not (running_var is None):  # (as torch's batch_norm)
+        raise ValueError(
+            "bn_cuda.functional.batch_norm: running_mean and running_var must both be tensors or both be None, got "
+            f"{'a tensor' if running_mean is not None else 'None'} and {'a tensor' if running_var is not None else 'None'}")
     # Fast path for the common call (one int axis, valid arguments): straight to the op, whose C++
     # (and fake) kernels check devices, shapes and dtypes with the messages of the checks below.
     # Python glue costs as much host time as a small GPU call's launches.

@@ -270,6 +270,31 @@ def test_eval_without_running_stats(missing, device):
     s.assert_unchanged()
 
 
+@pytest.mark.parametrize("axis", [1, (1, 2)])
+@pytest.mark.parametrize("given", ["running_mean", "running_var"])
+def test_train_with_one_running_stat(given, axis, device):
+    """Training with one running statistic and not the other is refused as torch refuses it (a
+    ValueError naming both), on the fast path (one int axis) and the general one, and the given
+    statistic is left as it was; the raw op, like ATen's, updates the one it is given."""
+    x = make_input((4, 3, 5), 1, torch.float32, device)
+    s = Stats(3 if axis == 1 else 15, device)
+    stat = s.rm if given == "running_mean" else s.rv
+    stat = stat if axis == 1 else stat.view(3, 5)
+    rm, rv = (stat, None) if given == "running_mean" else (None, stat)
+    want = "a tensor and None" if given == "running_mean" else "None and a tensor"
+    with _raises(ValueError, "running_mean and running_var", "both", want):
+        batch_norm(x, rm, rv, training=True, axis=axis)
+    s.assert_unchanged()
+    if axis == 1:
+        with pytest.raises(ValueError):  # (torch's own message)
+            torch.nn.functional.batch_norm(x, rm, rv, training=True)
+        before = stat.double().clone()
+        ops.forward_train(x, None, None, rm, rv, 0.5, 1e-5, [1])
+        x64 = x.double()
+        batch = x64.mean((0, 2)) if rm is not None else x64.var((0, 2), unbiased=True)
+        torch.testing.assert_close(stat.double(), 0.5 * before + 0.5 * batch)
+
+
 @pytest.mark.parametrize("axis,patterns", [
     (3, ["axis", "3", "out of range", "rank 3"]),
     (-4, ["axis", "-4", "out of range"]),

@@ -247,6 +247,35 @@ def test_per_feature_dtypes(dtype, stats_dtype, device):
         run_case(x, 1, training, True, dtype, device, stats_dtype=sdt)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_mixed_per_feature_dtypes(dtype, device):
+    """Weight, bias and each running statistic of their own floating dtypes (float64 beside a
+    float32 input, a half bias beside a float32 weight: more than torch accepts) give the float64
+    reference's output and gradients within the coarsest dtype's tolerance, and each running
+    statistic, updated in its own dtype, the reference's update within its dtype's."""
+    x = make_input((6, 5, 7), 1, dtype, device)
+    kinds = [torch.float64, torch.float16, torch.bfloat16, torch.float32]
+    for shift in range(4):
+        wd, bd, md, vd = (kinds[(i + shift) % 4] for i in range(4))
+        w = make_features([5], wd, device, "weight")
+        b = make_features([5], bd, device, "bias")
+        rm, rv = make_features([5], md, device, "mean"), make_features([5], vd, device, "var")
+        g = make_input((6, 5, 7), 1, dtype, device)
+        ref = reference_batch_norm(x, rm, rv, w, b, training=True, grad_out=g)
+        xi, wi, bi = (t.clone().requires_grad_(True) for t in (x, w, b))
+        y = batch_norm(xi, rm, rv, wi, bi, training=True)
+        y.backward(g)
+        assert y.dtype == dtype and wi.grad.dtype == wd and bi.grad.dtype == bd
+        # (the reference sees the same stored values: only the results' own roundings differ)
+        assert_close_ref(y, ref["out"], dtype, "output")
+        assert_close_ref(xi.grad, ref["grad_input"], dtype, "grad_input", scale=ref["grad_input_scale"])
+        assert_close_ref(wi.grad, ref["grad_weight"], coarser(dtype, wd, torch.float32), "grad_weight")
+        assert_close_ref(bi.grad, ref["grad_bias"], coarser(dtype, bd, torch.float32), "grad_bias")
+        assert rm.dtype == md and rv.dtype == vd
+        assert_close_ref(rm, ref["running_mean"], coarser(md, torch.float32), "running_mean")
+        assert_close_ref(rv, ref["running_var"], coarser(vd, torch.float32), "running_var")
+
+
 def test_non_contiguous_running_stats(device):
     """Running stats that are strided views are updated in place through the view."""
     x = make_input((8, 4, 3), 1, torch.float32, device)
