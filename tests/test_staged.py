@@ -1,6 +1,8 @@
 """The staged operators (batch_stats -> gather_stats -> normalize; grad_sums -> grad_input) split
 across several "ranks" must reproduce batch norm on the concatenated batch."""
 
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -235,6 +237,53 @@ def test_ghost_errors_name_the_value():
         staged.batch_stats(x, [0], ghosts=2)
     with pytest.raises(ValueError, match="ghosts must be >= 1, got 0"):
         staged.batch_stats(x, [1], ghosts=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", ["nchw", "nhwc", "axis2"])
+def test_ghost_tensor_sizes_are_checked_in_the_callers_terms(layout, device):
+    """With ghosts, a per-(ghost, feature) tensor of the wrong size is refused naming it, the
+    caller's input shape and axis, ghosts and the ghosts * C entries expected (not the shape or axes
+    of the internal ghost view), for every staged op that takes one, on both ghost plans (split
+    batch and channels-last ghost rows); grad_out of the wrong shape is named as such; the mean /
+    invstd of grad_sums and grad_input are named as the ops name them."""
+    if layout == "axis2":
+        x, axis, c = torch.randn(8, 3, 5, device=device), [2], 5
+    else:
+        x, axis, c = torch.randn(8, 3, 4, 5, device=device), [1], 3
+        if layout == "nhwc":
+            x = x.contiguous(memory_format=torch.channels_last)
+    gy = torch.randn_like(x)
+    ops = {
+        "normalize": (lambda a: staged.normalize(x, a["mean"], a["invstd"], a["weight"], a["bias"], axis, ghosts=2),
+                      ["mean", "invstd", "weight", "bias"]),
+        "grad_sums": (lambda a: staged.grad_sums(a["grad_out"], x, a["mean"], a["invstd"], axis, ghosts=2),
+                      ["mean", "invstd"]),
+        "grad_input": (lambda a: staged.grad_input(a["grad_out"], x, a["mean"], a["invstd"], a["weight"], a["sum_dy"],
+                                                   a["sum_dy_xmu"], a["count"], axis, ghosts=2),
+                       ["mean", "invstd", "weight", "sum_dy", "sum_dy_xmu", "count"]),
+    }
+    names = ["mean", "invstd", "weight", "bias", "sum_dy", "sum_dy_xmu", "count"]
+    good = {n: torch.rand(2 * c, device=device) + 0.5 for n in names}
+    good["grad_out"] = gy
+    bad = torch.rand(c, device=device) + 0.5
+    for op, (call, takes) in ops.items():
+        call(good)  # the right sizes pass
+        for name in takes:
+            want = (f"bn_cuda: {name} has shape [{c}] ({c} elements) but the input of shape {list(x.shape)} has {c} "
+                    f"features along axis {axis} and ghosts=2: expected ghosts * C = {2 * c} entries")
+            with pytest.raises(RuntimeError, match=re.escape(want)):
+                call({**good, name: bad})
+        if op != "normalize":
+            want = f"bn_cuda: grad_out has shape {[4] + list(x.shape[1:])} but input has shape {list(x.shape)}"
+            with pytest.raises(RuntimeError, match=re.escape(want)):
+                call({**good, "grad_out": gy[:4]})
+    # Without ghosts, grad_sums' and grad_input's statistics are named as the ops name them.
+    with pytest.raises(RuntimeError, match=r"bn_cuda: mean has shape \[7\]"):
+        staged.grad_sums(gy, x, torch.zeros(7, device=device), torch.ones(c, device=device), axis)
+    with pytest.raises(RuntimeError, match=r"bn_cuda: invstd has shape \[7\]"):
+        staged.grad_input(gy, x, torch.zeros(c, device=device), torch.ones(7, device=device), None,
+                          *(torch.ones(c, device=device) for _ in range(3)), axis)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -164,7 +164,8 @@ void finish_forward(ForwardCall& call) {
 BackwardCall prepare_backward(const at::Tensor& grad_out, const at::Tensor& input,
                               const c10::optional<at::Tensor>& weight, const at::Tensor& save_mean,
                               const at::Tensor& save_invstd, bool train, at::IntArrayRef axis,
-                              std::array<bool, 3> output_mask, int64_t ghosts) {
+                              std::array<bool, 3> output_mask, int64_t ghosts, const char* mean_name,
+                              const char* invstd_name) {
   BackwardCall call;
   TORCH_CHECK_VALUE(input.dim() >= 2, "bn_cuda: input must have at least 2 dimensions, got ", input.dim());
   call.dtype = dtype_of(input, "input");
@@ -177,8 +178,8 @@ BackwardCall prepare_backward(const at::Tensor& grad_out, const at::Tensor& inpu
   const Canonical& c = call.canon;
   const at::ScalarType acc = acc_scalar_type(input.scalar_type());
   call.weight = feature_tensor(weight, "weight", c, input, acc, false);
-  call.mean = feature_tensor(save_mean, "save_mean", c, input, acc, false);
-  call.invstd = feature_tensor(save_invstd, "save_invstd", c, input, acc, false);
+  call.mean = feature_tensor(save_mean, mean_name, c, input, acc, false);
+  call.invstd = feature_tensor(save_invstd, invstd_name, c, input, acc, false);
 
   const at::TensorOptions acc_opts = input.options().dtype(acc);
   call.grad_input = output_mask[0] ? at::empty_like(input) : at::empty({0}, input.options());

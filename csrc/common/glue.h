@@ -70,7 +70,8 @@ struct BackwardCall {
 BackwardCall prepare_backward(const at::Tensor& grad_out, const at::Tensor& input,
                               const c10::optional<at::Tensor>& weight, const at::Tensor& save_mean,
                               const at::Tensor& save_invstd, bool train, at::IntArrayRef axis,
-                              std::array<bool, 3> output_mask, int64_t ghosts = 1);
+                              std::array<bool, 3> output_mask, int64_t ghosts = 1,
+                              const char* mean_name = "save_mean", const char* invstd_name = "save_invstd");
 void finish_backward(BackwardCall& call);
 
 }  // namespace bn_cuda

@@ -20,6 +20,8 @@ GhostPlan plan_ghosts(const at::Tensor& input, at::IntArrayRef axis, int64_t gho
   if (ghosts == 1) return g;
   const int64_t n = input.size(0);
   TORCH_CHECK_VALUE(ghosts >= 1, "bn_cuda: ghosts must be >= 1, got ", ghosts);
+  g.ghosts = ghosts;
+  for (int64_t a : g.axis) g.features *= input.size(a);
   TORCH_CHECK_VALUE(n % ghosts == 0, "bn_cuda: ghosts=", ghosts, " must divide the batch size, got a batch of ", n);
   for (int64_t a : g.axis)
     TORCH_CHECK_VALUE(a != 0, "bn_cuda: with ghost batches the batch dim 0 cannot be a feature axis; axis=",
@@ -38,6 +40,20 @@ GhostPlan plan_ghosts(const at::Tensor& input, at::IntArrayRef axis, int64_t gho
   for (int64_t a : g.axis) axes.push_back(a + 1);
   g.axis = axes;
   return g;
+}
+
+void check_ghost_entries(const GhostPlan& g, const at::Tensor& input, at::IntArrayRef axis,
+                         const c10::optional<at::Tensor>& t, const char* name) {
+  if (g.ghosts == 1 || !t.has_value() || !t->defined()) return;
+  TORCH_CHECK(t->numel() == g.ghosts * g.features, "bn_cuda: ", name, " has shape ", shape_str(t->sizes()), " (",
+              t->numel(), " elements) but the input of shape ", shape_str(input.sizes()), " has ", g.features,
+              " features along axis ", shape_str(axis), " and ghosts=", g.ghosts, ": expected ghosts * C = ",
+              g.ghosts * g.features, " entries, ghost-major (shape [", g.ghosts * g.features, "])");
+}
+
+void check_grad_out_shape(const at::Tensor& grad_out, const at::Tensor& input) {
+  TORCH_CHECK(grad_out.sizes() == input.sizes(), "bn_cuda: grad_out has shape ", shape_str(grad_out.sizes()),
+              " but input has shape ", shape_str(input.sizes()));
 }
 
 at::Tensor ghost_view(const at::Tensor& t, const GhostPlan& g) {
@@ -210,6 +226,10 @@ NormalizeCall prepare_normalize(const at::Tensor& input_, const at::Tensor& mean
                                 at::IntArrayRef axis_, int64_t ghosts) {
   NormalizeCall call;
   const GhostPlan gp = plan_ghosts(input_, axis_, ghosts, false);
+  check_ghost_entries(gp, input_, axis_, mean, "mean");
+  check_ghost_entries(gp, input_, axis_, invstd, "invstd");
+  check_ghost_entries(gp, input_, axis_, weight, "weight");
+  check_ghost_entries(gp, input_, axis_, bias, "bias");
   const at::Tensor& input = gp.input;
   const at::IntArrayRef axis(gp.axis);
   call.input_shape = input_.sizes().vec();
@@ -231,9 +251,12 @@ GradSumsCall prepare_grad_sums(const at::Tensor& grad_out, const at::Tensor& inp
                                const at::Tensor& invstd, at::IntArrayRef axis_, int64_t ghosts) {
   GradSumsCall call;
   const GhostPlan gp = plan_ghosts(input_, axis_, ghosts, false);
+  check_grad_out_shape(grad_out, input_);
+  check_ghost_entries(gp, input_, axis_, mean, "mean");
+  check_ghost_entries(gp, input_, axis_, invstd, "invstd");
   const at::Tensor& input = gp.input;
   call.bwd = prepare_backward(ghost_view(grad_out, gp), input, c10::nullopt, mean, invstd, true, gp.axis,
-                              {false, false, false}, gp.rows);
+                              {false, false, false}, gp.rows, "mean", "invstd");
   const at::TensorOptions acc = input.options().dtype(acc_scalar_type(input.scalar_type()));
   call.sum_dy = at::empty({call.bwd.canon.v.features()}, acc);
   call.sum_dy_xmu = at::empty({call.bwd.canon.v.features()}, acc);
@@ -254,11 +277,16 @@ GradInputCall prepare_grad_input(const at::Tensor& grad_out, const at::Tensor& i
   GradInputCall call;
   c10::optional<at::Tensor> mask;
   const GhostPlan gp = plan_masked_ghosts(input_, axis_, mask_, ghosts, mask);
+  check_grad_out_shape(grad_out, input_);
+  for (const auto& [t, name] : {std::pair<const at::Tensor*, const char*>{&mean, "mean"}, {&invstd, "invstd"},
+                                {&sum_dy, "sum_dy"}, {&sum_dy_xmu, "sum_dy_xmu"}, {&count, "count"}})
+    check_ghost_entries(gp, input_, axis_, *t, name);
+  check_ghost_entries(gp, input_, axis_, weight, "weight");
   const at::Tensor& input = gp.input;
   const at::IntArrayRef axis(gp.axis);
   call.input_shape = input_.sizes().vec();
   call.bwd = prepare_backward(ghost_view(grad_out, gp), input, weight, mean, invstd, true, axis, {true, false, false},
-                              gp.rows);
+                              gp.rows, "mean", "invstd");
   const at::ScalarType acc = acc_scalar_type(input.scalar_type());
   if (mask.has_value() && mask->defined()) {
     call.mask = mask_strided3(*mask, input, call.bwd.canon, "mask");

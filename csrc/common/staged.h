@@ -19,9 +19,17 @@ struct GhostPlan {
   int64_t rows = 1;           // ghost rows (View3::G), 1 when none or split
   bool split = false;
   std::vector<int64_t> split_shape;
+  int64_t ghosts = 1;
+  int64_t features = 1;       // C of the caller's input and axis
 };
 GhostPlan plan_ghosts(const at::Tensor& input, at::IntArrayRef axis, int64_t ghosts, bool masked);
 at::Tensor ghost_view(const at::Tensor& t, const GhostPlan& g);  // the same split of a companion tensor
+// With ghosts > 1: a per-(ghost, feature) tensor must hold ghosts * C entries. Checked against the
+// caller's input and axis, so that the error does not speak of the split view's shape and axes.
+void check_ghost_entries(const GhostPlan& g, const at::Tensor& input, at::IntArrayRef axis,
+                         const c10::optional<at::Tensor>& t, const char* name);
+// grad_out has the caller's input's shape (before its ghost view is taken).
+void check_grad_out_shape(const at::Tensor& grad_out, const at::Tensor& input);
 
 struct BatchStatsCall {
   Canonical canon;
