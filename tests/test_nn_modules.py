@@ -215,6 +215,41 @@ def test_torch_export_of_training_models(config):
         torch.testing.assert_close(buffers[name], want, rtol=1e-6, atol=1e-7, msg=name)
 
 
+@pytest.mark.parametrize("config", [{}, {"virtual_batch_size": 3}, {"virtual_batch_size": 2, "renorm": True}])
+def test_torch_export_with_a_dynamic_batch(config):
+    """torch.export with a dynamic batch dim: one exported training program serves every batch
+    size (the ghost count is symbolic in the staged ops' schemas), with the eager layer's outputs
+    and moving variables after each step, ghost batches and renorm included."""
+    import copy
+
+    import bn_cuda
+    from torch.export import Dim
+
+    vbs = config.get("virtual_batch_size", 1)
+
+    class KerasTraining(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn = bn_cuda.BatchNormalization(momentum=0.5, **config)
+
+        def forward(self, x):
+            return self.bn(x, training=True)
+
+    model = KerasTraining()
+    model.bn.build((4 * vbs, 5, 3))
+    eager = copy.deepcopy(model)
+    ghosts = Dim("ghosts", min=2, max=4096)
+    program = torch.export.export(model, (torch.randn(4 * vbs, 5, 3),), dynamic_shapes={"x": {0: vbs * ghosts}})
+    exported = program.module()
+    g = torch.Generator().manual_seed(6)
+    for n in (2, 7, 3, 12):
+        x = torch.randn(n * vbs, 5, 3, generator=g) * torch.linspace(0.5, 2, 3) + 1.5
+        torch.testing.assert_close(exported(x), eager(x), rtol=1e-5, atol=1e-6, msg=f"batch {n * vbs}")
+        buffers = dict(exported.named_buffers())
+        for name, want in eager.named_buffers():
+            torch.testing.assert_close(buffers[name], want, rtol=1e-6, atol=1e-7, msg=f"{name} after batch {n * vbs}")
+
+
 @pytest.mark.parametrize("use_reentrant", [False, True])
 def test_activation_checkpointing(use_reentrant):
     """torch.utils.checkpoint over a block with the drop-in modules: the gradients and the running
