@@ -36,9 +36,11 @@ def as_int(who: str, name: str, value) -> int:
     """An int argument (anything with ``__index__`` but a bool), or a TypeError naming it. A
     symbolic int (torch.compile's dynamic shapes) is passed on as it is: ``__index__`` would
     specialize the graph on its value (and torch.compile traces a SymInt as an ``int``)."""
+    if isinstance(value, (int, torch.SymInt)) and not isinstance(value, bool):
+        return value  # (before hasattr: torch 2.11's dynamo cannot trace hasattr on a SymInt)
     if isinstance(value, bool) or not hasattr(value, "__index__"):
         raise TypeError(f"{who}: {name} must be an int, got {value!r} ({type(value).__name__})")
-    return value if isinstance(value, (int, torch.SymInt)) else operator.index(value)
+    return operator.index(value)
 
 
 def as_axes(who: str, axis) -> List[int]:
