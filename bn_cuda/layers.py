@@ -27,6 +27,7 @@ code paths differ from each other. The decisions, in tf_keras's terms:
 from __future__ import annotations
 
 import itertools
+import math
 import warnings
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -61,8 +62,9 @@ class BatchNormalization(KerasLayerIO, nn.Module):
     Training normalizes with the batch statistics,
     ``gamma * (x - mean(x)) / sqrt(var(x) + epsilon) + beta``, and updates
     ``moving = moving * momentum + batch_stat * (1 - momentum)``; inference uses the moving
-    statistics. Weights are built on the first call (or by :meth:`build`) and are float32 even for
-    float16/bfloat16 inputs; the output has the input's dtype.
+    statistics. Weights are built on the first call (or by :meth:`build`, or at construction when
+    ``input_shape`` & co. are given) and are float32 even for float16/bfloat16 inputs; without a
+    ``dtype`` the output has the input's dtype.
 
     Parameters
     ----------
@@ -118,6 +120,17 @@ class BatchNormalization(KerasLayerIO, nn.Module):
         squares, count) as tf_keras does. Otherwise the layer behaves
         as unsynchronized (with tf_keras's ``synchronized=True`` variance formula on the composite
         path). As in tf_keras, a synchronized layer feeds the biased variance to ``moving_variance``.
+    dtype : str, torch.dtype or Keras policy, optional
+        Keras's dtype policy: ``"float32"``, ``"float64"``, ``"float16"``, ``"bfloat16"``,
+        ``"mixed_float16"``, ``"mixed_bfloat16"`` (or a dtype / ``Policy`` naming one). As in
+        tf_keras, inputs are cast to its compute dtype (the output has that dtype) and the weights
+        are float64 for ``"float64"``, float32 otherwise. None (the default, unlike Keras's
+        ``"float32"``): no cast, torch style (e.g. under ``torch.autocast``).
+    input_shape, batch_input_shape, batch_size, input_dim
+        Keras's base-layer shape arguments: the layer is built at construction for that input
+        shape (the batch dim may be None), so its weights exist before the first call.
+    autocast, dynamic
+        Accepted for Keras code; no effect (tf_keras's BatchNormalization casts its input itself).
 
     Examples
     --------
@@ -151,6 +164,14 @@ class BatchNormalization(KerasLayerIO, nn.Module):
         adjustment: Optional[Callable[[torch.Size], Tuple[Any, Any]]] = None,
         name: Optional[str] = None,
         synchronized: bool = False,
+        *,
+        dtype: Any = None,
+        input_shape: Optional[Sequence[Optional[int]]] = None,
+        batch_input_shape: Optional[Sequence[Optional[int]]] = None,
+        batch_size: Optional[int] = None,
+        input_dim: Optional[int] = None,
+        autocast: bool = True,
+        dynamic: bool = False,
     ) -> None:
         super().__init__()
         self.axis = checks.check_axis_arg(axis)
@@ -177,6 +198,8 @@ class BatchNormalization(KerasLayerIO, nn.Module):
             raise ValueError(f"`fused` must be None, True or False. Received: fused={fused!r}")
         self.fused = fused
         self.synchronized = bool(synchronized)
+        self.dtype_policy: Optional[str] = checks.check_dtype(dtype)
+        shape = checks.input_shape_arg(input_shape, batch_input_shape, batch_size, input_dim)
         self.stats_hook: Optional[composite.StatsHook] = None
         self.name = str(name) if name is not None else _default_name()
         # Synchronization: the group (None: the default group) and the cached feature-count check.
@@ -198,6 +221,18 @@ class BatchNormalization(KerasLayerIO, nn.Module):
                 self.register_buffer(var, None)
         # Follows .to()/.cuda() while unbuilt, so weights built from a state_dict land there.
         self.register_buffer("_device_anchor", torch.empty(0), persistent=False)
+        if shape is not None:  # Keras's input_shape & co: built now, so an optimizer can take the weights
+            self.build(shape)
+
+    @property
+    def compute_dtype(self) -> Optional[torch.dtype]:
+        """The dtype inputs are cast to (the ``dtype`` policy's), or None: each input's own."""
+        return None if self.dtype_policy is None else getattr(torch, checks.DTYPE_POLICIES[self.dtype_policy][0])
+
+    @property
+    def variable_dtype(self) -> torch.dtype:
+        """The dtype the weights are built in: float64 with a float64 policy, else float32."""
+        return torch.float32 if self.dtype_policy is None else getattr(torch, checks.DTYPE_POLICIES[self.dtype_policy][1])
 
     # ------------------------------------------------------------------------------------------
     # Weights
@@ -238,8 +273,10 @@ class BatchNormalization(KerasLayerIO, nn.Module):
                 param_shape.insert(1, 1)  # the ghost dim, as in tf_keras
         device = self._device_anchor.device if device is None else torch.device(device)
 
+        dtype = self.variable_dtype
+
         def make(init) -> Tensor:
-            return _materialize(init, param_shape, name=self.name).to(device)
+            return _materialize(init, param_shape, name=self.name, dtype=dtype).to(device)
 
         if self.scale:
             self.gamma = nn.Parameter(make(self.gamma_initializer), requires_grad=self._trainable)
@@ -256,6 +293,16 @@ class BatchNormalization(KerasLayerIO, nn.Module):
         self._build_shape = spec
         self._param_shape = tuple(param_shape)
         self.built = True
+
+    def _keras_momenta(self) -> Tuple[float, float]:
+        """``(momentum, renorm_momentum)`` as tf_keras applies them: its decay ``1 - momentum`` is a
+        float32 tensor cast to the variable's dtype, so with a "float64" policy its float64
+        variables move by ``float32(1 - momentum)``: then returned as the momenta whose ``1 - m`` is
+        exactly that. (Variables made float64 torch style, by ``.double()``, move by the float64
+        decay.)"""
+        if self.dtype_policy != "float64" or self.moving_mean is None or self.moving_mean.dtype != torch.float64:
+            return float(self.momentum), float(self.renorm_momentum)
+        return _f32_decay(self.momentum), _f32_decay(self.renorm_momentum)
 
     def _variables(self) -> List[str]:
         return ["moving_mean", "moving_variance"] + (list(_RENORM_VARS) if self.renorm else [])
@@ -300,6 +347,10 @@ class BatchNormalization(KerasLayerIO, nn.Module):
             raise TypeError(f"Inputs to layer '{self.name}' should be tensors. Got {type(inputs).__name__}")
         if not inputs.is_floating_point():
             raise TypeError(f"Layer '{self.name}' expects a floating-point input. Received dtype={inputs.dtype}")
+        if self.dtype_policy is not None:  # tf_keras casts the input to the policy's compute dtype
+            compute = self.compute_dtype
+            if inputs.dtype != compute:
+                inputs = inputs.to(compute)
         if not self.built:
             self.build(inputs.shape, device=inputs.device)
         self._check_input(inputs)
@@ -466,7 +517,7 @@ class BatchNormalization(KerasLayerIO, nn.Module):
         count = x.numel() // max(1, ops.num_features(x.shape, self._axes))
         unbiased = unbiased and count > 1
         out, _, _ = ops.batch_norm_train(x, self._flat("gamma"), self._flat("beta"), self._flat("moving_mean"),
-                                         self._flat("moving_variance"), 1.0 - self.momentum, self.epsilon,
+                                         self._flat("moving_variance"), 1.0 - self._keras_momenta()[0], self.epsilon,
                                          self._axes, unbiased_running_var=unbiased)
         return out
 
@@ -521,21 +572,21 @@ class BatchNormalization(KerasLayerIO, nn.Module):
 
         updates: Dict[str, Tensor] = {}
         moving = {n: param(getattr(self, n)) for n in self._variables()}
+        momentum, renorm_momentum = self._keras_momenta()
         if self.renorm:
             r, d, stddev = composite.renorm_correction(new_mean, new_var, moving["renorm_mean"],
                                                        moving["renorm_stddev"], self.epsilon, self.renorm_clipping)
             scale, offset = composite.compose_transforms(r.detach(), d.detach(), scale, offset)
-            updates["renorm_mean"] = composite.moving_average(moving["renorm_mean"], new_mean, self.renorm_momentum)
-            updates["renorm_stddev"] = composite.moving_average(moving["renorm_stddev"], stddev,
-                                                                self.renorm_momentum)
+            updates["renorm_mean"] = composite.moving_average(moving["renorm_mean"], new_mean, renorm_momentum)
+            updates["renorm_stddev"] = composite.moving_average(moving["renorm_stddev"], stddev, renorm_momentum)
             moving_stddev = composite.moving_average(moving["moving_stddev"], torch.sqrt(new_var + self.epsilon),
-                                                     self.momentum)
+                                                     momentum)
             updates["moving_stddev"] = moving_stddev
             # tf_keras keeps the variance as the (relu'd) square of the moving stddev, minus epsilon.
             updates["moving_variance"] = torch.relu(moving_stddev * moving_stddev - self.epsilon)
         else:
-            updates["moving_variance"] = composite.moving_average(moving["moving_variance"], new_var, self.momentum)
-        updates["moving_mean"] = composite.moving_average(moving["moving_mean"], new_mean, self.momentum)
+            updates["moving_variance"] = composite.moving_average(moving["moving_variance"], new_var, momentum)
+        updates["moving_mean"] = composite.moving_average(moving["moving_mean"], new_mean, momentum)
 
         out = composite.batch_normalization(work, mean, var, offset, scale, self.epsilon)
         out = out.reshape(x.shape).to(x.dtype)
@@ -594,6 +645,16 @@ def register_constraints(optimizer: torch.optim.Optimizer, model: nn.Module):
 # ----------------------------------------------------------------------------------------------
 
 
+def _f32_decay(momentum: float) -> float:
+    """The momentum m' with ``1 - m' == float32(1 - momentum)`` exactly (both subtractions exact).
+    (Plain-Python rounding to float32's 24 bits, ties to even: torch.compile folds it.)"""
+    decay = 1.0 - float(momentum)
+    if decay == 0.0:
+        return float(momentum)
+    frac, exp = math.frexp(decay)
+    return 1.0 - math.ldexp(round(frac * 16777216.0), exp - 24)
+
+
 def _upcast(x: Tensor) -> Tensor:
     """tf_keras does all non-fused maths in float32 for 16-bit inputs."""
     return x.float() if x.dtype in _HALF else x
@@ -607,13 +668,13 @@ def _as_work(value: Any, work: Tensor) -> Optional[Tensor]:
     return torch.as_tensor(_to_numpy(value), dtype=work.dtype, device=work.device)
 
 
-def _materialize(init: Callable, shape: Sequence[int], name: str) -> Tensor:
+def _materialize(init: Callable, shape: Sequence[int], name: str, dtype: torch.dtype = torch.float32) -> Tensor:
     try:
-        value = init(tuple(shape), dtype=torch.float32)
+        value = init(tuple(shape), dtype=dtype)
     except TypeError:  # a callable without a (torch) dtype argument, e.g. a Keras initializer
         value = init(tuple(shape))
     value = value if isinstance(value, Tensor) else torch.as_tensor(_to_numpy(value))
-    value = value.detach().to(torch.float32)
+    value = value.detach().to(dtype)
     if tuple(value.shape) != tuple(shape):
         try:
             value = value.expand(tuple(shape))

@@ -509,6 +509,103 @@ def test_config_round_trip():
     assert BatchNormalization.from_config(plain.get_config()).get_config() == plain.get_config()
 
 
+@pytest.mark.parametrize("given, name", [
+    ("float64", "float64"), (torch.float64, "float64"), (np.dtype("float16"), "float16"), (np.float32, "float32"),
+    ("mixed_bfloat16", "mixed_bfloat16"),
+    ({"module": "keras.mixed_precision", "class_name": "Policy", "config": {"name": "mixed_float16"}}, "mixed_float16"),
+])
+def test_dtype_policy_forms(given, name):
+    """Keras's ``dtype`` argument in each form Keras code writes it; the layer builds its weights in
+    the policy's variable dtype, casts inputs to its compute dtype (the gradient returns in the
+    input's dtype) and keeps the policy through get_config / from_config."""
+    layer = BatchNormalization(axis=1, dtype=given, momentum=0.5)
+    assert layer.dtype_policy == name
+    compute, variable = {"float64": (torch.float64, torch.float64), "float16": (torch.float16, torch.float32),
+                         "float32": (torch.float32, torch.float32), "mixed_bfloat16": (torch.bfloat16, torch.float32),
+                         "mixed_float16": (torch.float16, torch.float32)}[name]
+    assert layer.compute_dtype == compute and layer.variable_dtype == variable
+    x = (torch.randn(6, 3, 5, dtype=torch.float64) * torch.tensor([1.0, 3.0, 0.2]).view(1, 3, 1) + 2).float()
+    x.requires_grad_(True)
+    y = layer(x, training=True)
+    assert y.dtype == compute and layer.gamma.dtype == variable and layer.moving_mean.dtype == variable
+    y.double().square().sum().backward()
+    assert x.grad.dtype == torch.float32
+    # Against float64 F.batch_norm on the input as cast (biased variance for normalizing).
+    xc = x.detach().to(compute).double()
+    want = torch.nn.functional.batch_norm(xc, None, None, training=True, eps=1e-3)
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}[compute]
+    torch.testing.assert_close(y.double(), want, rtol=tol, atol=tol * 4)
+    clone = BatchNormalization.from_config(layer.get_config())
+    assert clone.dtype_policy == name and layer.get_config()["dtype"] == name
+    assert "dtype" not in BatchNormalization().get_config()  # (none given: no policy, as before)
+
+
+@pytest.mark.parametrize("bad", ["int32", "float8", 5, torch.int64, {"config": {"name": "nope"}}])
+def test_dtype_policy_refused(bad):
+    with pytest.raises(ValueError, match=r"`dtype` must be None, a floating dtype or a Keras dtype policy .*"
+                                         r"Received: dtype="):
+        BatchNormalization(dtype=bad)
+
+
+@pytest.mark.parametrize("kwargs, shape", [
+    (dict(input_shape=(5, 3)), (None, 5, 3)),
+    (dict(input_shape=[7], batch_size=4), (4, 7)),
+    (dict(batch_input_shape=(None, 3, 4, 4), axis=1), (None, 3, 4, 4)),
+    (dict(input_dim=6), (None, 6)),
+])
+def test_input_shape_arguments_build_at_construction(kwargs, shape):
+    """Keras's base-layer shape arguments build the layer at construction, so that an optimizer
+    can be created before the first call and trains the weights the calls use."""
+    layer = BatchNormalization(**kwargs)
+    assert layer.built and layer.gamma is not None
+    features = shape[1] if kwargs.get("axis") == 1 else shape[-1]
+    assert layer.gamma.shape == (features,) and layer.moving_mean.shape == (features,)
+    opt = torch.optim.SGD(layer.parameters(), lr=0.5)
+    x = torch.randn(*[4 if d is None else d for d in shape]) * 2 + 1
+    layer(x, training=True).mul(torch.linspace(0.1, 1.0, shape[-1])).sum().backward()
+    before = layer.beta.detach().clone()
+    opt.step()
+    assert not torch.equal(layer.beta, before)
+    with pytest.raises(ValueError, match="incompatible with the layer"):
+        layer(torch.randn(*[4 if d is None else d + 1 for d in shape]), training=True)
+
+
+@pytest.mark.parametrize("kwargs, name", [
+    (dict(input_shape=5), "input_shape"), (dict(input_shape=(5, "a")), "input_shape"),
+    (dict(batch_input_shape=(None, -2)), "batch_input_shape"), (dict(input_dim=2.5), "input_dim"),
+    (dict(input_shape=(3,), batch_size=True), "batch_size"),
+])
+def test_input_shape_arguments_refused(kwargs, name):
+    with pytest.raises(TypeError, match=f"`{name}` must"):
+        BatchNormalization(**kwargs)
+
+
+def test_float64_variables_fused_and_composite_agree():
+    """With float64 variables (a "float64" policy) every fused variant and the composite path agree
+    to float64 rounding over several steps (renorm included, which tf_keras itself cannot run in
+    float64), moving variables and gradients too."""
+    for config in ({}, {"virtual_batch_size": 2}, {"renorm": True, "renorm_clipping": {"rmax": 1.1, "dmax": 0.2}},
+                   {"renorm": True, "virtual_batch_size": 3}):
+        layers = [BatchNormalization(dtype="float64", momentum=0.6, renorm_momentum=0.7, fused=f, **config)
+                  for f in (None, False)]
+        g = torch.Generator().manual_seed(7)
+        for step in range(3):
+            x = torch.randn(6, 4, 3, generator=g, dtype=torch.float64) * torch.tensor([0.5, 2.0, 4.0]) + step
+            grads = []
+            for layer in layers:
+                xi = x.clone().requires_grad_(True)
+                y = layer(xi, training=True)
+                (y * torch.linspace(-1, 1, 3, dtype=torch.float64)).sum().backward()
+                grads.append((y.detach(), xi.grad))
+            torch.testing.assert_close(grads[0][0], grads[1][0], rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(grads[0][1], grads[1][1], rtol=1e-10, atol=1e-12)
+        for (n, a), (_, b) in zip(layers[0].named_buffers(), layers[1].named_buffers()):
+            if n == "_device_anchor":
+                continue
+            assert a.dtype == torch.float64
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=f"{config} {n}")
+
+
 def test_config_omits_adjustment_with_warning():
     layer = BatchNormalization(adjustment=lambda s: (1.0, 0.0))
     with pytest.warns(UserWarning, match="`adjustment` function .* cannot be serialized"):
@@ -610,6 +707,28 @@ def test_from_keras(kwargs, shape):
                                    theirs(x, training=True).numpy(), rtol=1e-5, atol=1e-5)
     unbuilt = BatchNormalization.from_keras(tf_keras.layers.BatchNormalization(**kwargs), fused=False)
     assert not unbuilt.built and unbuilt.fused is False
+
+
+@pytest.mark.tf
+@pytest.mark.parametrize("policy", ["float64", "mixed_float16", "float32"])
+def test_from_keras_keeps_the_dtype_policy(policy):
+    """A tf_keras layer with a dtype policy and an input shape ports with them: the policy's
+    weight dtype (a float64 layer's weights bit for bit, not rounded to float32), its input cast
+    and output dtype, and the config's batch_input_shape builds the layer."""
+    tf, tf_keras = _tf()
+    theirs = tf_keras.layers.BatchNormalization(dtype=policy, input_shape=(5, 3), momentum=0.7)
+    x = (np.random.RandomState(2).randn(4, 5, 3) * 2 + 1).astype(np.float32)
+    theirs(x, training=True)
+    ours = BatchNormalization.from_keras(theirs)
+    assert ours.dtype_policy == policy and ours.built
+    for name in ("gamma", "beta", "moving_mean", "moving_variance"):
+        value = getattr(theirs, name).numpy()
+        assert str(getattr(ours, name).dtype) == f"torch.{value.dtype}", name
+        np.testing.assert_array_equal(getattr(ours, name).detach().numpy(), value, err_msg=name)
+    y, y_tf = ours(torch.from_numpy(x), training=False), theirs(x, training=False)
+    assert str(y.dtype) == f"torch.{y_tf.dtype.name}"
+    tol = {"float64": 1e-12, "mixed_float16": 1e-3, "float32": 1e-5}[policy]
+    np.testing.assert_allclose(y.detach().double().numpy(), y_tf.numpy().astype(np.float64), rtol=tol, atol=tol)
 
 
 @pytest.mark.tf

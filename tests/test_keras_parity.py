@@ -325,3 +325,73 @@ def _run_parity(case: Case, fused) -> None:
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_parity(case: Case, fused) -> None:
     _run_parity(case, fused)
+
+
+_POLICY_TOL = {"float64": 1e-9, "float32": 1e-5, "float16": 1e-3, "bfloat16": 8e-3}
+
+
+_POLICY_CASES = [(policy, x_dtype, name, config)
+                 for policy, x_dtype in [("float32", "float16"), ("float64", "float32"), ("mixed_float16", "float32"),
+                                         ("float16", "float32"), ("mixed_bfloat16", "float32")]
+                 for name, config in [("plain", {}), ("ghost", {"virtual_batch_size": 2}),
+                                      ("renorm", {"renorm": True, "renorm_clipping": {"rmax": 1.2}})]
+                 # (tf_keras itself fails there: tf.maximum of its float64 stddev and a float32 epsilon)
+                 if not (policy == "float64" and name == "renorm")]
+
+
+@pytest.mark.parametrize("fused", [None, False], ids=["fused_none", "fused_false"])
+@pytest.mark.parametrize("policy, x_dtype, name, config", _POLICY_CASES, ids=[f"{c[0]}-{c[2]}" for c in _POLICY_CASES])
+def test_dtype_policy_parity(policy, x_dtype, name, config, fused) -> None:
+    """Keras's ``dtype`` argument: both layers get the policy, the same weights and an input of
+    another dtype; tf_keras casts it to the compute dtype. Output dtype and values, input / gamma /
+    beta gradients and every moving variable after two training steps and an inference call agree,
+    and the weights have tf_keras's dtypes (float64 with "float64", else float32; float64 moving
+    variables move by tf_keras's float32 decay). The 4-D NHWC input takes tf_keras's fused path
+    (its Bessel-corrected moving variance) where it can (not for float64)."""
+    rs = np.random.RandomState(zlib.crc32(f"{policy}{x_dtype}{config}{fused}".encode()))
+    shape = (6, 3, 5, 4)
+    tf_layer = tf_keras.layers.BatchNormalization(fused=fused, dtype=policy, momentum=0.8, **config)
+    ours = bn_cuda.BatchNormalization(fused=fused, dtype=policy, momentum=0.8, input_shape=shape[1:], **config)
+    assert ours.built  # (from input_shape: no call needed)
+    tf_layer.build(shape)
+    compute = torch.float64 if policy == "float64" else {"float32": torch.float32, "float16": torch.float16,
+                                                          "mixed_float16": torch.float16,
+                                                          "mixed_bfloat16": torch.bfloat16}[policy]
+    tol = _POLICY_TOL[str(compute).replace("torch.", "")]
+    for name in ("gamma", "beta") + _VARIABLES:
+        tv, ov = getattr(tf_layer, name, None), getattr(ours, name, None)
+        assert (tv is None) == (ov is None), name
+        if tv is None:
+            continue
+        assert str(ov.dtype).replace("torch.", "") == tv.dtype.name, f"{name}: {ov.dtype} vs tf_keras {tv.dtype.name}"
+        value = (0.5 + rs.rand(*tv.shape)) if "var" in name or "stddev" in name or name == "gamma" else 0.5 * rs.randn(*tv.shape)
+        tv.assign(value.astype(tv.dtype.name))
+        with torch.no_grad():
+            ov.copy_(torch.from_numpy(value).to(ov.dtype))
+    np_dtype = np.float16 if x_dtype == "float16" else np.float32
+    for step in range(3):
+        training = step < 2
+        x_np = (rs.randn(*shape) * (0.5 + rs.rand(shape[-1])) + rs.randn(shape[-1])).astype(np_dtype)
+        dy = rs.randn(*shape).astype(np.float16).astype(np.float32)
+        xt = tf.constant(x_np)
+        with tf.GradientTape() as tape:
+            tape.watch(xt)
+            y_tf = tf_layer(xt, training=training)
+            loss = tf.reduce_sum(tf.cast(y_tf, tf.float64) * dy.astype(np.float64))
+        g_tf = tape.gradient(loss, [xt, tf_layer.gamma, tf_layer.beta])
+        x_t = torch.from_numpy(x_np).requires_grad_(True)
+        for p in ours.parameters():
+            p.grad = None
+        y = ours(x_t, training=training)
+        assert str(y.dtype).replace("torch.", "") == y_tf.dtype.name, f"output dtype {y.dtype} vs {y_tf.dtype.name}"
+        (y.double() * torch.from_numpy(dy).double()).sum().backward()
+        tag = f"{policy}, step {step}"
+        assert x_t.grad.dtype == x_t.dtype
+        _close(y.detach().double(), tf.cast(y_tf, tf.float64).numpy(), f"{tag}: output", tol)
+        _close(x_t.grad.double(), tf.cast(g_tf[0], tf.float64).numpy(), f"{tag}: input gradient", tol)
+        _close(ours.gamma.grad.double(), g_tf[1].numpy(), f"{tag}: gamma gradient", tol)
+        _close(ours.beta.grad.double(), g_tf[2].numpy(), f"{tag}: beta gradient", tol)
+        for name in _VARIABLES:
+            tv = getattr(tf_layer, name, None)
+            if tv is not None:
+                _close(getattr(ours, name).double(), tv.numpy(), f"{tag}: {name}", 1e-9 if policy == "float64" else 2e-5)

@@ -12,6 +12,60 @@ Axis = Union[int, Sequence[int]]
 _CLIPPING_KEYS = ["rmax", "rmin", "dmax"]
 
 
+# Keras dtype policies: name -> (compute dtype, variable dtype). As in tf_keras, 16-bit policies
+# keep float32 variables (BatchNormalization raises them to float32 even without "mixed_").
+DTYPE_POLICIES = {
+    "float16": ("float16", "float32"), "bfloat16": ("bfloat16", "float32"), "float32": ("float32", "float32"),
+    "float64": ("float64", "float64"), "mixed_float16": ("float16", "float32"),
+    "mixed_bfloat16": ("bfloat16", "float32"),
+}
+
+
+def check_dtype(dtype: Any) -> Optional[str]:
+    """A Keras ``dtype`` argument as a policy name (None: none given). Takes a policy or dtype name,
+    a torch / numpy / TensorFlow dtype, a Keras ``Policy`` or its serialized config dict."""
+    if dtype is None:
+        return None
+    name = None
+    if isinstance(dtype, str):
+        name = dtype
+    elif isinstance(dtype, Mapping):  # Keras's serialized Policy: {"class_name": "Policy", "config": {"name": ...}}
+        config = dtype.get("config")
+        name = config.get("name") if isinstance(config, Mapping) else None
+    elif isinstance(getattr(dtype, "name", None), str):  # tf.DType, np.dtype, keras Policy
+        name = dtype.name
+    elif isinstance(dtype, type) and isinstance(getattr(dtype, "__name__", None), str):  # np.float64
+        name = dtype.__name__
+    else:
+        name = str(dtype).replace("torch.", "") if str(dtype).startswith("torch.") else None
+    if name not in DTYPE_POLICIES:
+        raise ValueError("`dtype` must be None, a floating dtype or a Keras dtype policy ("
+                         f"{', '.join(repr(n) for n in DTYPE_POLICIES)}). Received: dtype={dtype!r}")
+    return name
+
+
+def input_shape_arg(input_shape: Any, batch_input_shape: Any, batch_size: Any, input_dim: Any) -> Optional[list]:
+    """The full input shape given by Keras's base-layer arguments (None: none given)."""
+    def dims(name: str, value: Any) -> list:
+        items = [value] if name in ("batch_size", "input_dim") else value
+        if isinstance(items, (str, bytes)) or not hasattr(items, "__iter__"):
+            raise TypeError(f"`{name}` must be a tuple of ints or None. Received: {name}={value!r}")
+        items = list(items)
+        if not all(d is None or (isinstance(d, numbers.Integral) and not isinstance(d, bool) and d >= 0)
+                   for d in items):
+            raise TypeError(f"`{name}` must hold non-negative ints or None. Received: {name}={value!r}")
+        return [None if d is None else int(d) for d in items]
+
+    batch = None if batch_size is None else dims("batch_size", batch_size)[0]
+    if batch_input_shape is not None:
+        return dims("batch_input_shape", batch_input_shape)
+    if input_shape is not None:
+        return [batch] + dims("input_shape", input_shape)
+    if input_dim is not None:
+        return [batch] + dims("input_dim", input_dim)
+    return None
+
+
 def check_axis_arg(axis: Any) -> Union[int, List[int]]:
     if isinstance(axis, bool):
         raise TypeError("Expected an int or a list/tuple of ints for the argument 'axis', "

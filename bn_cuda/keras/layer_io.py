@@ -13,8 +13,7 @@ from ._serialization import to_numpy as _to_numpy
 __all__ = ["KerasLayerIO"]
 
 # Keras base-layer config keys that have no meaning here.
-_KERAS_BASE_KEYS = ("dtype", "dynamic", "autocast", "batch_input_shape", "input_shape", "batch_size",
-                    "input_dim")
+_KERAS_BASE_KEYS = ("dynamic", "autocast")
 
 
 class KerasLayerIO:
@@ -52,6 +51,8 @@ class KerasLayerIO:
             config["virtual_batch_size"] = self.virtual_batch_size
         config["fused"] = self.fused
         config["synchronized"] = self.synchronized
+        if self.dtype_policy is not None:
+            config["dtype"] = self.dtype_policy
         if self.adjustment is not None:
             warnings.warn(f"The `adjustment` function of layer '{self.name}' cannot be serialized and has been "
                           "omitted from the layer config. It will not be included when re-creating the layer "

@@ -122,7 +122,7 @@ def train_step(layer: "BatchNormalization", x: Tensor, group: Any, world_size: i
             x, axes, ghosts or 0, layer._raw("gamma"), layer._raw("beta"), adj_s, adj_b, moving["moving_mean"],
             moving["moving_variance"],
             moving.get("moving_stddev"), moving.get("renorm_mean"), moving.get("renorm_stddev"), bool(layer.renorm),
-            float(layer.momentum), float(layer.renorm_momentum), float(eps), _opt_float(clip.get("rmin")),
+            *layer._keras_momenta(), float(eps), _opt_float(clip.get("rmin")),
             _opt_float(clip.get("rmax")), _opt_float(clip.get("dmax")), weights,
             weights is not None and x.numel() > 0)
     gamma, beta = layer._flat("gamma"), layer._flat("beta")
@@ -133,7 +133,7 @@ def train_step(layer: "BatchNormalization", x: Tensor, group: Any, world_size: i
         # The plain case: the running statistics are updated inside gather_stats. (An adjustment
         # goes through keras_finalize below: tf_keras's moving-average formula, as the C++ step.)
         mean, invstd, count = distributed.sync_batch_stats(
-            x, axes, layer._flat("moving_mean"), layer._flat("moving_variance"), 1.0 - layer.momentum,
+            x, axes, layer._flat("moving_mean"), layer._flat("moving_variance"), 1.0 - layer._keras_momenta()[0],
             eps, group, world_size, unbiased_running_var=False)
         return distributed.SyncNormalize.apply(x, gamma, beta, mean, invstd, count, axes, group)
 
@@ -146,7 +146,7 @@ def train_step(layer: "BatchNormalization", x: Tensor, group: Any, world_size: i
     r, d = staged.keras_finalize(
         mean, var, count, moving["moving_mean"], moving["moving_variance"], moving.get("moving_stddev"),
         moving.get("renorm_mean"), moving.get("renorm_stddev"), global_ghosts if ghosts is not None else 1,
-        layer.momentum, layer.renorm_momentum, eps, clip.get("rmin"), clip.get("rmax"), clip.get("dmax"),
+        *layer._keras_momenta(), eps, clip.get("rmin"), clip.get("rmax"), clip.get("dmax"),
         always_update=weights is not None and x.numel() > 0)  # tf_keras moves masked features towards 0 too
     if ghosts is not None:  # this rank's ghosts are the first ones of the global list
         mean, invstd, count = (t[: ghosts * features] for t in (mean, invstd, count))
