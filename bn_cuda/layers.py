@@ -131,6 +131,9 @@ class BatchNormalization(KerasLayerIO, nn.Module):
         shape (the batch dim may be None), so its weights exist before the first call.
     autocast, dynamic
         Accepted for Keras code; no effect (tf_keras's BatchNormalization casts its input itself).
+    activity_regularizer
+        As ``gamma_regularizer``, applied to each call's output: the penalty divided by the batch
+        size is the first entry of :attr:`losses` until the next call (Keras's semantics).
 
     Examples
     --------
@@ -172,6 +175,7 @@ class BatchNormalization(KerasLayerIO, nn.Module):
         input_dim: Optional[int] = None,
         autocast: bool = True,
         dynamic: bool = False,
+        activity_regularizer: Any = None,
     ) -> None:
         super().__init__()
         self.axis = checks.check_axis_arg(axis)
@@ -187,6 +191,8 @@ class BatchNormalization(KerasLayerIO, nn.Module):
         self.gamma_regularizer = regularizers.get(gamma_regularizer)
         self.beta_constraint = constraints.get(beta_constraint)
         self.gamma_constraint = constraints.get(gamma_constraint)
+        self.activity_regularizer = regularizers.get(activity_regularizer)
+        self._activity_loss: Optional[Tensor] = None  # the last call's (differentiable) activity penalty
         self.renorm = bool(renorm)
         # Like Keras, clipping is only looked at (and validated) with renorm.
         self.renorm_clipping = checks.check_renorm_clipping(renorm_clipping) if self.renorm else renorm_clipping
@@ -309,12 +315,19 @@ class BatchNormalization(KerasLayerIO, nn.Module):
 
     @property
     def losses(self) -> List[Tensor]:
-        """Current regularization penalties (differentiable); add them to the loss."""
-        out = []
+        """Current regularization penalties (differentiable); add them to the loss. With an
+        ``activity_regularizer``, the last call's activity penalty comes first (Keras's order; each
+        call replaces it)."""
+        out = [] if self._activity_loss is None else [self._activity_loss]
         for reg, weight in ((self.gamma_regularizer, self.gamma), (self.beta_regularizer, self.beta)):
             if reg is not None and weight is not None:
                 out.append(reg(weight))
         return out
+
+    def __getstate__(self) -> Dict[str, Any]:
+        state = dict(super().__getstate__())
+        state["_activity_loss"] = None  # (a non-leaf tensor: not copied or pickled, like Keras's call losses)
+        return state
 
     @torch.no_grad()
     def apply_constraints(self) -> None:
@@ -343,6 +356,13 @@ class BatchNormalization(KerasLayerIO, nn.Module):
             fused path. With ghost batches the mask is split into ghosts with the input (tf_keras
             itself cannot broadcast it there unless ``virtual_batch_size == 1``).
         """
+        out = self._forward(inputs, training, mask)
+        if self.activity_regularizer is not None:  # tf_keras: the penalty of the output over the batch size
+            loss = self.activity_regularizer(out)
+            self._activity_loss = loss / out.shape[0] if out.shape[0] else loss * 0
+        return out
+
+    def _forward(self, inputs: Tensor, training: Optional[bool], mask: Optional[Tensor]) -> Tensor:
         if not isinstance(inputs, Tensor):
             raise TypeError(f"Inputs to layer '{self.name}' should be tensors. Got {type(inputs).__name__}")
         if not inputs.is_floating_point():
@@ -363,7 +383,7 @@ class BatchNormalization(KerasLayerIO, nn.Module):
         keras_fused = self.keras_fused_path(inputs)
         if mask is not None and keras_fused:
             if not torch.compiler.is_compiling():  # (dynamo cannot trace warnings.warn: fullgraph would fail)
-                warnings.warn(_MASK_WARNING, stacklevel=2)
+                warnings.warn(_MASK_WARNING, stacklevel=3)
             mask = None
         if self.virtual_batch_size is not None and inputs.shape[0] % self.virtual_batch_size != 0:
             raise ValueError(checks.vbs_message(self.virtual_batch_size,

@@ -426,6 +426,62 @@ def test_regularizer_losses():
 
 
 @pytest.mark.tf
+@pytest.mark.parametrize("reg", ["l2", "l1", {"class_name": "L1L2", "config": {"l1": 0.003, "l2": 0.02}}])
+def test_activity_regularizer_matches_tf_keras(reg):
+    """Keras's ``activity_regularizer``: after each call (training, then inference) ``losses`` ends
+    with the penalty of that call's output over the batch size, as tf_keras's; the input and gamma
+    gradients of output + penalty match tf.GradientTape's."""
+    tf, tf_keras = _tf()
+    theirs = tf_keras.layers.BatchNormalization(activity_regularizer=reg, gamma_regularizer="l2", momentum=0.5)
+    ours = BatchNormalization(activity_regularizer=reg, gamma_regularizer="l2", momentum=0.5)
+    rs = np.random.RandomState(3)
+    for training in (True, False, True):
+        x = (rs.randn(5, 4, 3) * rs.rand(3) * 3 + rs.randn(3)).astype(np.float32)
+        dy = rs.randn(5, 4, 3).astype(np.float32)
+        xt = tf.constant(x)
+        with tf.GradientTape() as tape:
+            tape.watch(xt)
+            y_tf = theirs(xt, training=training)
+            loss_tf = tf.reduce_sum(y_tf * dy) + tf.add_n(theirs.losses)
+        g_tf = tape.gradient(loss_tf, [xt, theirs.gamma])
+        xo = torch.from_numpy(x).requires_grad_(True)
+        ours.zero_grad(set_to_none=True)
+        y = ours(xo, training=training)
+        assert len(ours.losses) == len(theirs.losses) == 2
+        for a, b in zip(ours.losses, theirs.losses):  # (the activity penalty first, as Keras orders them)
+            np.testing.assert_allclose(a.detach().numpy(), b.numpy(), rtol=1e-5)
+        (torch.sum(y * torch.from_numpy(dy)) + sum(ours.losses)).backward()
+        np.testing.assert_allclose(xo.grad.numpy(), g_tf[0].numpy(), rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(ours.gamma.grad.numpy(), g_tf[1].numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_activity_regularizer_state():
+    """The activity penalty is the last call's only; a layer holding one deep-copies and pickles
+    (without it, as Keras drops call losses), an empty batch gives a zero penalty, and without an
+    activity_regularizer nothing is kept."""
+    layer = BatchNormalization(activity_regularizer="l2", axis=1)
+    y = layer(torch.randn(4, 3, 5), training=True)
+    torch.testing.assert_close(layer.losses[0], 0.01 * y.detach().square().sum() / 4)
+    y = layer(torch.randn(6, 3, 5) + 2, training=False)
+    assert len(layer.losses) == 1
+    torch.testing.assert_close(layer.losses[0], 0.01 * y.detach().square().sum() / 6)
+    for clone in (copy.deepcopy(layer), torch.load(_saved(layer), weights_only=False)):
+        assert clone.losses == [] and clone.activity_regularizer == layer.activity_regularizer
+    layer(torch.randn(0, 3, 5), training=True)
+    assert layer.losses[0].item() == 0.0
+    plain = BatchNormalization()
+    plain(torch.randn(4, 3), training=True)
+    assert plain.losses == [] and plain._activity_loss is None
+
+
+def _saved(module) -> io.BytesIO:
+    buf = io.BytesIO()
+    torch.save(module, buf)
+    buf.seek(0)
+    return buf
+
+
+@pytest.mark.tf
 def test_regularizer_losses_match_tf_keras():
     tf, tf_keras = _tf()
     kwargs = dict(gamma_regularizer="l1_l2", beta_regularizer="l2",
