@@ -134,6 +134,8 @@ class BatchNormalization(KerasLayerIO, nn.Module):
     activity_regularizer
         As ``gamma_regularizer``, applied to each call's output: the penalty divided by the batch
         size is the first entry of :attr:`losses` until the next call (Keras's semantics).
+    weights : list of arrays, optional
+        Keras's initial weights, in :meth:`get_weights`'s order, set when the layer is built.
 
     Examples
     --------
@@ -176,6 +178,7 @@ class BatchNormalization(KerasLayerIO, nn.Module):
         autocast: bool = True,
         dynamic: bool = False,
         activity_regularizer: Any = None,
+        weights: Optional[Sequence[Any]] = None,
     ) -> None:
         super().__init__()
         self.axis = checks.check_axis_arg(axis)
@@ -193,6 +196,7 @@ class BatchNormalization(KerasLayerIO, nn.Module):
         self.gamma_constraint = constraints.get(gamma_constraint)
         self.activity_regularizer = regularizers.get(activity_regularizer)
         self._activity_loss: Optional[Tensor] = None  # the last call's (differentiable) activity penalty
+        self._initial_weights = None if weights is None else list(weights)  # Keras's `weights`: set at build
         self.renorm = bool(renorm)
         # Like Keras, clipping is only looked at (and validated) with renorm.
         self.renorm_clipping = checks.check_renorm_clipping(renorm_clipping) if self.renorm else renorm_clipping
@@ -299,6 +303,16 @@ class BatchNormalization(KerasLayerIO, nn.Module):
         self._build_shape = spec
         self._param_shape = tuple(param_shape)
         self.built = True
+        if self._initial_weights is not None:
+            initial, self._initial_weights = self._initial_weights, None
+            try:
+                self.set_weights(initial)
+            except ValueError:  # refused: back to unbuilt, so that the failing call changes nothing
+                for n in ["gamma", "beta"] + self._variables():
+                    setattr(self, n, None)
+                self._axes, self._build_shape, self._param_shape, self.built = [], None, (), False
+                self._initial_weights = initial
+                raise
 
     def _keras_momenta(self) -> Tuple[float, float]:
         """``(momentum, renorm_momentum)`` as tf_keras applies them: its decay ``1 - momentum`` is a

@@ -1132,3 +1132,54 @@ def test_compile_fullgraph_with_a_mask_on_the_keras_fused_path():
         want = ref(x, training=True, mask=mask)
     torch.testing.assert_close(step(x, mask), want)
     torch.testing.assert_close(layer.moving_variance, ref.moving_variance)
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"renorm": True}, {"center": False, "axis": [1, 2]}, {"virtual_batch_size": 2}])
+def test_get_and_set_weights_in_keras_order(kwargs):
+    """get_weights / set_weights in Keras's order (gamma, beta, moving_mean, moving_variance, then
+    renorm's moving_stddev, renorm_mean, renorm_stddev), and Keras's ``weights=`` argument set at
+    build (lazily at the first call, or at construction with input_shape); a wrong list is refused
+    naming the lengths or shapes and writes nothing (a lazy build it fails is undone)."""
+    shape = (4, 3, 5)
+    layer = BatchNormalization(**kwargs)
+    layer.build(shape)
+    names = [n for n in ("gamma", "beta", "moving_mean", "moving_variance", "moving_stddev", "renorm_mean",
+                         "renorm_stddev") if getattr(layer, n, None) is not None]
+    rs = np.random.RandomState(5)
+    values = [rs.rand(*getattr(layer, n).shape) + 0.5 for n in names]
+    layer.set_weights(values)
+    for n, v, got in zip(names, values, layer.get_weights()):
+        np.testing.assert_array_equal(got, v.astype(np.float32), err_msg=n)
+        assert torch.equal(getattr(layer, n), torch.from_numpy(v).float()), n
+    before = [w.copy() for w in layer.get_weights()]
+    with pytest.raises(ValueError, match=f"weight list of length {len(values) - 1}, but the layer was expecting "
+                                         f"{len(values)} weights"):
+        layer.set_weights(values[:-1])
+    bad = values[:-1] + [np.ones(7)]
+    with pytest.raises(ValueError, match=r"weight shape .* is not compatible with provided weight shape \(7,\)"):
+        layer.set_weights(bad)
+    for a, b in zip(layer.get_weights(), before):
+        np.testing.assert_array_equal(a, b)
+    lazy = BatchNormalization(weights=values, **kwargs)
+    assert not lazy.built
+    x = torch.randn(*shape)
+    torch.testing.assert_close(lazy(x, training=False), layer(x, training=False))
+    eager = BatchNormalization(weights=values, input_shape=shape[1:], **kwargs)
+    assert eager.built and all(np.array_equal(a, b) for a, b in zip(eager.get_weights(), layer.get_weights()))
+    wrong = BatchNormalization(weights=values[:-1], **kwargs)
+    with pytest.raises(ValueError, match="expecting"):
+        wrong(x, training=True)
+    assert not wrong.built and wrong.gamma is None and wrong.moving_mean is None
+
+
+@pytest.mark.tf
+def test_set_weights_from_tf_keras_get_weights():
+    tf, tf_keras = _tf()
+    theirs = _trained_tf_layer(tf, tf_keras, (6, 3), renorm=True)
+    ours = BatchNormalization(renorm=True, input_shape=(3,))
+    ours.set_weights(theirs.get_weights())
+    for a, b in zip(ours.get_weights(), theirs.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    x = np.random.RandomState(6).randn(6, 3).astype(np.float32)
+    np.testing.assert_allclose(ours(torch.from_numpy(x), training=False).detach().numpy(),
+                               theirs(x, training=False).numpy(), rtol=1e-5, atol=1e-6)

@@ -71,6 +71,36 @@ class KerasLayerIO:
             config["renorm_clipping"] = dict(config["renorm_clipping"])
         return cls(**config)
 
+    def _keras_weight_names(self) -> List[str]:
+        """The weights in Keras's order: gamma, beta, the moving variables (renorm's last)."""
+        return [n for n in ["gamma", "beta"] + self._variables() if getattr(self, n) is not None]
+
+    def get_weights(self) -> List[Any]:
+        """The weights as numpy arrays, in Keras's order (``layer.get_weights()`` of tf_keras)."""
+        return [getattr(self, n).detach().cpu().numpy().copy() for n in self._keras_weight_names()]
+
+    def set_weights(self, weights: Any) -> None:
+        """Keras's ``set_weights``: numpy arrays (or tensors) in :meth:`get_weights`'s order, e.g. a
+        tf_keras layer's ``get_weights()``; each is copied into the weight, in its dtype. Checked
+        whole before anything is written."""
+        names = self._keras_weight_names()
+        weights = list(weights)
+        if len(weights) != len(names):
+            raise ValueError(f'You called `set_weights(weights)` on layer "{self.name}" with a weight list of length '
+                             f"{len(weights)}, but the layer was expecting {len(names)} weights"
+                             + ("" if self.built else " (it is not built: call build() or pass input_shape)"))
+        values = []
+        for name, w in zip(names, weights):
+            value = w.detach() if isinstance(w, torch.Tensor) else torch.as_tensor(_to_numpy(w))
+            ours = getattr(self, name)
+            if tuple(value.shape) != tuple(ours.shape):
+                raise ValueError(f"Layer {self.name} weight shape {tuple(ours.shape)} is not compatible with provided "
+                                 f"weight shape {tuple(value.shape)} (weight '{name}')")
+            values.append(value)
+        with torch.no_grad():
+            for name, value in zip(names, values):
+                getattr(self, name).copy_(value.to(getattr(self, name).dtype))
+
     def get_extra_state(self) -> Dict[str, Any]:
         return {"input_shape": None if self._build_shape is None else list(self._build_shape)}
 
