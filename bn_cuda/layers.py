@@ -649,6 +649,8 @@ class BatchNormalization(KerasLayerIO, nn.Module):
             parts.append("adjustment=...")
         if self.fused is not None:
             parts.append(f"fused={self.fused}")
+        if self.dtype_policy is not None:
+            parts.append(f"dtype={self.dtype_policy!r}")
         if not self._trainable:
             parts.append("trainable=False")
         if self.synchronized:

@@ -580,6 +580,7 @@ def test_dtype_policy_forms(given, name):
                          "float32": (torch.float32, torch.float32), "mixed_bfloat16": (torch.bfloat16, torch.float32),
                          "mixed_float16": (torch.float16, torch.float32)}[name]
     assert layer.compute_dtype == compute and layer.variable_dtype == variable
+    assert f"dtype={name!r}" in repr(layer) and "dtype" not in repr(BatchNormalization())
     x = (torch.randn(6, 3, 5, dtype=torch.float64) * torch.tensor([1.0, 3.0, 0.2]).view(1, 3, 1) + 2).float()
     x.requires_grad_(True)
     y = layer(x, training=True)
