@@ -1184,3 +1184,22 @@ def test_set_weights_from_tf_keras_get_weights():
     x = np.random.RandomState(6).randn(6, 3).astype(np.float32)
     np.testing.assert_allclose(ours(torch.from_numpy(x), training=False).detach().numpy(),
                                theirs(x, training=False).numpy(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.tf
+@pytest.mark.parametrize("kwargs", [{}, {"renorm": True}, {"center": False}, {"trainable": False, "renorm": True}])
+def test_weight_lists_match_tf_keras(kwargs):
+    """weights / trainable_weights / non_trainable_weights name the same variables in the same
+    order as tf_keras's, count_params counts the same, compute_output_shape returns the input's."""
+    tf, tf_keras = _tf()
+    theirs = tf_keras.layers.BatchNormalization(**kwargs)
+    theirs.build((4, 5, 3))
+    ours = BatchNormalization(input_shape=(5, 3), **kwargs)
+    by_id = {id(getattr(ours, n)): n for n in ("gamma", "beta", "moving_mean", "moving_variance", "moving_stddev",
+                                                 "renorm_mean", "renorm_stddev") if getattr(ours, n, None) is not None}
+    for attr in ("weights", "trainable_weights", "non_trainable_weights"):
+        assert [by_id[id(t)] for t in getattr(ours, attr)] == [w.name.split(":")[0] for w in getattr(theirs, attr)], attr
+    assert ours.count_params() == theirs.count_params()
+    assert tuple(ours.compute_output_shape((None, 5, 3))) == tuple(theirs.compute_output_shape((None, 5, 3)))
+    with pytest.raises(ValueError, match="isn't built"):
+        BatchNormalization().count_params()

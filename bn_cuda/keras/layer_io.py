@@ -75,6 +75,33 @@ class KerasLayerIO:
         """The weights in Keras's order: gamma, beta, the moving variables (renorm's last)."""
         return [n for n in ["gamma", "beta"] + self._variables() if getattr(self, n) is not None]
 
+    @property
+    def weights(self) -> List[torch.Tensor]:
+        """Keras's ``layer.weights``: the weight tensors themselves, in Keras's order."""
+        return [getattr(self, n) for n in self._keras_weight_names()]
+
+    @property
+    def trainable_weights(self) -> List[torch.Tensor]:
+        """gamma and beta while the layer is trainable (Keras's ``trainable_weights``)."""
+        return [getattr(self, n) for n in self._keras_weight_names() if n in ("gamma", "beta") and self.trainable]
+
+    @property
+    def non_trainable_weights(self) -> List[torch.Tensor]:
+        """The moving variables, and gamma / beta of a frozen layer (Keras's order)."""
+        trainable = {id(t) for t in self.trainable_weights}
+        return [t for t in self.weights if id(t) not in trainable]
+
+    def count_params(self) -> int:
+        """Number of scalars in :attr:`weights` (Keras counts the moving variables too)."""
+        if not self.built:
+            raise ValueError(f"You tried to call `count_params` on layer '{self.name}', but the layer isn't built. "
+                             "You can build it manually via: `layer.build(input_shape)`.")
+        return sum(t.numel() for t in self.weights)
+
+    def compute_output_shape(self, input_shape: Any) -> Any:
+        """The output shape: the input's (Keras's ``compute_output_shape``)."""
+        return input_shape
+
     def get_weights(self) -> List[Any]:
         """The weights as numpy arrays, in Keras's order (``layer.get_weights()`` of tf_keras)."""
         return [getattr(self, n).detach().cpu().numpy().copy() for n in self._keras_weight_names()]
