@@ -343,6 +343,12 @@ class BatchNormalization(KerasLayerIO, nn.Module):
         state["_activity_loss"] = None  # (a non-leaf tensor: not copied or pickled, like Keras's call losses)
         return state
 
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        super().__setstate__(state)
+        # A layer pickled by an earlier bn_cuda lacks the attributes added since: their defaults.
+        for name in ("dtype_policy", "activity_regularizer", "_activity_loss", "_initial_weights"):
+            self.__dict__.setdefault(name, None)
+
     @torch.no_grad()
     def apply_constraints(self) -> None:
         """Project ``gamma``/``beta`` with their constraints, in place (Keras does this after each

@@ -474,6 +474,21 @@ def test_activity_regularizer_state():
     assert plain.losses == [] and plain._activity_loss is None
 
 
+def test_layer_pickled_before_the_keras_base_arguments_loads():
+    """A layer pickled by a bn_cuda without dtype / activity_regularizer / weights (its state lacks
+    those attributes) loads and runs as a layer without them."""
+    layer = BatchNormalization(axis=1, momentum=0.5)
+    x = torch.randn(4, 3, 5)
+    layer(x, training=True)
+    state = layer.__getstate__()
+    for name in ("dtype_policy", "activity_regularizer", "_activity_loss", "_initial_weights"):
+        del state[name]
+    old = BatchNormalization.__new__(BatchNormalization)
+    old.__setstate__(state)
+    torch.testing.assert_close(old(x, training=False), layer(x, training=False))
+    assert old.losses == [] and old.dtype_policy is None and old.get_config() == layer.get_config()
+
+
 def _saved(module) -> io.BytesIO:
     buf = io.BytesIO()
     torch.save(module, buf)
