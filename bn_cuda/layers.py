@@ -210,6 +210,7 @@ class BatchNormalization(KerasLayerIO, nn.Module):
         self.synchronized = bool(synchronized)
         self.dtype_policy: Optional[str] = checks.check_dtype(dtype)
         shape = checks.input_shape_arg(input_shape, batch_input_shape, batch_size, input_dim)
+        self._batch_input_shape = None if shape is None else tuple(shape)  # (in the config, as Keras)
         self.stats_hook: Optional[composite.StatsHook] = None
         self.name = str(name) if name is not None else _default_name()
         # Synchronization: the group (None: the default group) and the cached feature-count check.
@@ -346,7 +347,7 @@ class BatchNormalization(KerasLayerIO, nn.Module):
     def __setstate__(self, state: Dict[str, Any]) -> None:
         super().__setstate__(state)
         # A layer pickled by an earlier bn_cuda lacks the attributes added since: their defaults.
-        for name in ("dtype_policy", "activity_regularizer", "_activity_loss", "_initial_weights"):
+        for name in ("dtype_policy", "activity_regularizer", "_activity_loss", "_initial_weights", "_batch_input_shape"):
             self.__dict__.setdefault(name, None)
 
     @torch.no_grad()

@@ -481,7 +481,7 @@ def test_layer_pickled_before_the_keras_base_arguments_loads():
     x = torch.randn(4, 3, 5)
     layer(x, training=True)
     state = layer.__getstate__()
-    for name in ("dtype_policy", "activity_regularizer", "_activity_loss", "_initial_weights"):
+    for name in ("dtype_policy", "activity_regularizer", "_activity_loss", "_initial_weights", "_batch_input_shape"):
         del state[name]
     old = BatchNormalization.__new__(BatchNormalization)
     old.__setstate__(state)
@@ -630,6 +630,8 @@ def test_input_shape_arguments_build_at_construction(kwargs, shape):
     can be created before the first call and trains the weights the calls use."""
     layer = BatchNormalization(**kwargs)
     assert layer.built and layer.gamma is not None
+    assert layer.get_config()["batch_input_shape"] == shape
+    assert BatchNormalization.from_config(layer.get_config()).built
     features = shape[1] if kwargs.get("axis") == 1 else shape[-1]
     assert layer.gamma.shape == (features,) and layer.moving_mean.shape == (features,)
     opt = torch.optim.SGD(layer.parameters(), lr=0.5)
@@ -793,6 +795,9 @@ def test_from_keras_keeps_the_dtype_policy(policy):
     theirs(x, training=True)
     ours = BatchNormalization.from_keras(theirs)
     assert ours.dtype_policy == policy and ours.built
+    back = tf_keras.layers.BatchNormalization.from_config(ours.get_config())  # (policy and shape go back too)
+    assert back.get_config()["dtype"] == theirs.get_config()["dtype"]
+    assert tuple(back.get_config()["batch_input_shape"]) == (None, 5, 3)
     for name in ("gamma", "beta", "moving_mean", "moving_variance"):
         value = getattr(theirs, name).numpy()
         assert str(getattr(ours, name).dtype) == f"torch.{value.dtype}", name

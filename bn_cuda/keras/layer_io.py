@@ -53,6 +53,8 @@ class KerasLayerIO:
         config["synchronized"] = self.synchronized
         if self.dtype_policy is not None:
             config["dtype"] = self.dtype_policy
+        if self._batch_input_shape is not None:
+            config["batch_input_shape"] = self._batch_input_shape
         if self.adjustment is not None:
             warnings.warn(f"The `adjustment` function of layer '{self.name}' cannot be serialized and has been "
                           "omitted from the layer config. It will not be included when re-creating the layer "
