@@ -29,7 +29,7 @@ from torch.autograd.function import once_differentiable
 
 from . import ops, staged
 
-__all__ = ["FeatureCountCheck", "all_reduce_sum", "process_group_and_size", "sync_batch_norm",
+__all__ = ["FeatureCountCheck", "all_reduce_sum", "check_savable", "process_group_and_size", "sync_batch_norm",
            "sync_batch_stats", "sync_moments", "SyncNormalize"]
 
 ProcessGroup = Any  # torch.distributed.ProcessGroup, or None for the default group
@@ -115,6 +115,25 @@ class FeatureCountCheck:
         return max(r[1] for r in rows)
 
 
+def check_savable(input: Tensor, weight: Optional[Tensor], *others: Optional[Tensor], weight_name: str = "weight"
+                  ) -> None:
+    """:class:`SyncNormalize` saves ``input`` and ``weight`` for its backward, and torch refuses to
+    save an inference tensor (made under ``torch.inference_mode()``), but only once the running
+    statistics have moved: refused before that, naming the tensor (as the C++ ops do). ``others``:
+    the call's other differentiable inputs (bias, an adjustment's tensors)."""
+    if not torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return
+    if not any(t is not None and t.requires_grad for t in (input, weight, *others)):
+        return
+    for name, t in (("input", input), (weight_name, weight)):
+        if t is not None and t.is_inference():
+            raise RuntimeError(
+                f"bn_cuda: {name} is an inference tensor (created under torch.inference_mode()), and inference "
+                "tensors cannot be saved for backward, which this call needs (a tensor among its inputs requires "
+                "grad); clone() it outside inference mode, or run the call under torch.inference_mode() or "
+                "torch.no_grad(). Nothing was updated.")
+
+
 @torch.no_grad()
 def sync_batch_stats(input: Tensor, axis: Sequence[int], running_mean: Optional[Tensor],
                      running_var: Optional[Tensor], momentum: float, eps: float, group: ProcessGroup,
@@ -171,6 +190,8 @@ class SyncNormalize(torch.autograd.Function):
     def forward(ctx, input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], mean: Tensor,
                 invstd: Tensor, count: Tensor, axis: List[int], group: ProcessGroup,
                 pad_to: Optional[int] = None, mask: Optional[Tensor] = None, ghosts: int = 1) -> Tensor:
+        if mask is not None and mask.is_inference():  # (no differentiable input: a copy of its own is saved)
+            mask = mask.clone()
         ctx.save_for_backward(input, weight, mean, invstd, count, mask)
         ctx.axis, ctx.group, ctx.pad_to, ctx.ghosts = axis, group, pad_to, ghosts
         ctx.bias_meta = None if bias is None else (bias.shape, bias.dtype)
@@ -234,6 +255,7 @@ def sync_batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: 
         out, _, _ = ops.batch_norm_train(input, weight, bias, running_mean, running_var, momentum, eps, axes,
                                          unbiased_running_var)
         return out
+    check_savable(input, weight, bias)
     check = feature_check if feature_check is not None else FeatureCountCheck("bn_cuda.sync_batch_norm")
     check(ops.num_features(input.shape, axes), group, input.device)
     mean, invstd, count = sync_batch_stats(input, axes, running_mean, running_var, momentum, eps, group,

@@ -69,6 +69,9 @@ def batch_norm(
     Tensor
         Same shape, dtype and memory format as ``input``.
     """
+    if type(training) is not bool:  # (as torch's batch_norm: not a truthy value, which "no" would be)
+        raise TypeError(f"bn_cuda.functional.batch_norm: training must be a bool, got {training!r} "
+                        f"({type(training).__name__})")
     if training and (running_mean is None) is not (running_var is None):  # (as torch's batch_norm)
         raise ValueError(
             "bn_cuda.functional.batch_norm: running_mean and running_var must both be tensors or both be None, got "
@@ -88,6 +91,7 @@ def batch_norm(
                     return fn(input, weight, bias, running_mean, running_var, ops.as_float(_WHO, "momentum", momentum),
                               ops.as_float(_WHO, "eps", eps), [a], True)[0]
             elif running_mean is not None and running_var is not None:
+                ops.as_float(_WHO, "momentum", momentum)  # (unused in evaluation, but checked as torch does)
                 fn = _ops.forward_infer.default if compiling else _forward_infer
                 return fn(input, weight, bias, running_mean, running_var, ops.as_float(_WHO, "eps", eps), [a])
     if not isinstance(input, Tensor):

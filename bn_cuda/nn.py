@@ -39,7 +39,7 @@ def _running_args(training: bool, track_running_stats: bool, momentum: Optional[
     factor = 0.0 if momentum is None else momentum
     if count is not None and momentum is None:
         factor = 1.0 / float(count.item() + 1)  # cumulative moving average
-    bn_training = training or (running_mean is None and running_var is None)
+    bn_training = bool(training) or (running_mean is None and running_var is None)
     # Buffers are updated only when tracked and training; in eval mode they normalize if present.
     tracked = not training or track_running_stats
     return factor, bn_training, running_mean if tracked else None, running_var if tracked else None, count

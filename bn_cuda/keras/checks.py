@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import operator
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 Axis = Union[int, Sequence[int]]
@@ -72,10 +73,19 @@ def check_axis_arg(axis: Any) -> Union[int, List[int]]:
                         f"but received: {axis!r}")
     if isinstance(axis, numbers.Integral):
         return int(axis)
+    if hasattr(axis, "__index__") and getattr(axis, "ndim", 0) == 0:  # a 0-d integer tensor / array
+        try:
+            return operator.index(axis)
+        except TypeError:
+            pass
     if isinstance(axis, (str, bytes)) or not hasattr(axis, "__iter__"):
         raise TypeError("Expected an int or a list/tuple of ints for the argument 'axis', "
                         f"but received: {axis!r}")
-    out = list(axis)
+    try:
+        out = list(axis)
+    except TypeError:  # (e.g. a 0-d float tensor: iterable in type, not in fact)
+        raise TypeError("Expected an int or a list/tuple of ints for the argument 'axis', "
+                        f"but received: {axis!r}") from None
     if not out or not all(isinstance(a, numbers.Integral) and not isinstance(a, bool) for a in out):
         raise TypeError("Expected an int or a list/tuple of ints for the argument 'axis', "
                         f"but received: {axis!r}")
@@ -110,6 +120,9 @@ def check_epsilon(epsilon: Any) -> float:
 
 
 def check_renorm_clipping(renorm_clipping: Optional[Mapping[str, Any]]) -> Dict[str, float]:
+    if renorm_clipping is not None and not isinstance(renorm_clipping, Mapping):
+        raise TypeError("`renorm_clipping` must be a dict with keys among "
+                        f"{_CLIPPING_KEYS} (or None). Received: {renorm_clipping!r} ({type(renorm_clipping).__name__})")
     clipping = dict(renorm_clipping or {})
     if set(clipping) - set(_CLIPPING_KEYS):
         raise ValueError("Received invalid keys for `renorm_clipping` argument: "

@@ -120,15 +120,26 @@ class KerasLayerIO:
                              + ("" if self.built else " (it is not built: call build() or pass input_shape)"))
         values = []
         for name, w in zip(names, weights):
-            value = w.detach() if isinstance(w, torch.Tensor) else torch.as_tensor(_to_numpy(w))
+            try:
+                value = w.detach() if isinstance(w, torch.Tensor) else torch.as_tensor(_to_numpy(w))
+            except (TypeError, ValueError, RuntimeError) as e:
+                raise TypeError(f"Layer {self.name}: the value for weight '{name}' is not a numeric array: "
+                                f"{type(w).__name__} ({e})") from None
             ours = getattr(self, name)
             if tuple(value.shape) != tuple(ours.shape):
                 raise ValueError(f"Layer {self.name} weight shape {tuple(ours.shape)} is not compatible with provided "
                                  f"weight shape {tuple(value.shape)} (weight '{name}')")
-            values.append(value)
+            if value.is_complex():  # (a copy into a real weight would drop the imaginary part)
+                raise TypeError(f"Layer {self.name}: the value for weight '{name}' has dtype {value.dtype}, "
+                                "expected a real number type")
+            try:  # converted here, so that a value that cannot be read (a meta tensor) fails before any write
+                values.append(value.to(device=ours.device, dtype=ours.dtype))
+            except (TypeError, ValueError, RuntimeError, NotImplementedError) as e:
+                raise RuntimeError(f"Layer {self.name}: the value for weight '{name}' ({value.dtype} on "
+                                   f"{value.device}) cannot be copied to {ours.dtype} on {ours.device}: {e}") from None
         with torch.no_grad():
             for name, value in zip(names, values):
-                getattr(self, name).copy_(value.to(getattr(self, name).dtype))
+                getattr(self, name).copy_(value)
 
     def get_extra_state(self) -> Dict[str, Any]:
         return {"input_shape": None if self._build_shape is None else list(self._build_shape)}

@@ -126,6 +126,7 @@ def train_step(layer: "BatchNormalization", x: Tensor, group: Any, world_size: i
             _opt_float(clip.get("rmax")), _opt_float(clip.get("dmax")), weights,
             weights is not None and x.numel() > 0)
     gamma, beta = layer._flat("gamma"), layer._flat("beta")
+    distributed.check_savable(x, gamma, beta, *(adjustment or ()), weight_name="gamma")
     if adjustment is not None:  # tf_keras: adjustment first, then gamma / beta
         gamma, beta = composite.compose_transforms(adjustment[0], adjustment[1], gamma, beta)
 

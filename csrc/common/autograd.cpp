@@ -523,6 +523,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_train_autograd(
     const OptTensor& running_var, double momentum, double eps, at::IntArrayRef axis, bool unbiased) {
   check_stats_need_no_grad(running_mean, running_var);
   const bool record = torch::autograd::compute_requires_grad(input, weight, bias);
+  if (record) {  // (before the kernel: it updates the running statistics)
+    check_savable(input, "input");
+    check_savable(weight, "weight");
+  }
   at::Tensor out, mean, invstd;
   {
     at::AutoDispatchBelowAutograd guard;

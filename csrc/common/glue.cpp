@@ -35,6 +35,10 @@ void check_same_device(const at::Tensor& t, const at::Tensor& input, const char*
               input.device(), "; move them to the same device");
 }
 
+void check_defined(const at::Tensor& t, const char* name, const char* op) {
+  TORCH_CHECK_TYPE(t.defined(), "bn_cuda", op ? "." : "", op ? op : "", ": ", name, " must be a tensor, got None");
+}
+
 static std::string accepted_shapes(const Canonical& c, int64_t ndim) {
   std::vector<int64_t> keras(ndim, 1);
   for (size_t k = 0; k < c.axes.size(); ++k) keras[c.axes[k]] = c.feature_shape[k];
@@ -87,6 +91,7 @@ ForwardCall prepare_forward(const at::Tensor& input, const c10::optional<at::Ten
                             const c10::optional<at::Tensor>& running_var, bool training, double momentum,
                             double eps, at::IntArrayRef axis, bool unbiased_running_var, int64_t ghosts) {
   ForwardCall call;
+  check_defined(input, "input");
   TORCH_CHECK_VALUE(input.dim() >= 2, "bn_cuda: input must have at least 2 dimensions (batch and features), got ",
                     input.dim(), "-D input of shape ", shape_str(input.sizes()));
   call.dtype = dtype_of(input, "input");
@@ -167,6 +172,10 @@ BackwardCall prepare_backward(const at::Tensor& grad_out, const at::Tensor& inpu
                               std::array<bool, 3> output_mask, int64_t ghosts, const char* mean_name,
                               const char* invstd_name) {
   BackwardCall call;
+  check_defined(grad_out, "grad_out");
+  check_defined(input, "input");
+  check_defined(save_mean, mean_name);
+  check_defined(save_invstd, invstd_name);
   TORCH_CHECK_VALUE(input.dim() >= 2, "bn_cuda: input must have at least 2 dimensions, got ", input.dim());
   call.dtype = dtype_of(input, "input");
   dtype_of(grad_out, "grad_out");

@@ -28,6 +28,11 @@ struct FeatureTensor {
 
 void check_same_device(const at::Tensor& t, const at::Tensor& input, const char* name);
 
+// A required tensor argument. Python's None reaches a `Tensor` (not `Tensor?`) parameter of an op
+// as an undefined tensor, whose data pointer is null: refused, naming the argument (`op`: the
+// op's name for the message prefix, or nullptr for the functional ops' plain "bn_cuda:").
+void check_defined(const at::Tensor& t, const char* name, const char* op = nullptr);
+
 // `ghosts` > 1 on prepare_*: the input's rows run as ghost rows (see View3); the caller checked
 // with ghost_rows_apply that the planned view allows it.
 

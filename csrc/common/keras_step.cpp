@@ -248,7 +248,7 @@ at::Tensor keras_train_step(const at::Tensor& x, std::vector<int64_t> axes, int6
                             const OptTensor& moving_stddev, const OptTensor& renorm_mean,
                             const OptTensor& renorm_stddev, bool renorm, double momentum, double renorm_momentum,
                             double eps, std::optional<double> rmin, std::optional<double> rmax,
-                            std::optional<double> dmax, const OptTensor& weights, bool always_update) {
+                            std::optional<double> dmax, const OptTensor& weights_in, bool always_update) {
   const int64_t G = ghosts > 0 ? ghosts : 1;
   // gamma / beta in the layer's own shape ((C,), or (1, 1, C, 1, 1) with ghost batches): flat views
   // here, under autograd, so their gradients reach the parameters in that shape.
@@ -257,6 +257,16 @@ at::Tensor keras_train_step(const at::Tensor& x, std::vector<int64_t> axes, int6
   };
   const OptTensor gamma = flat(gamma_in), beta = flat(beta_in);
   check_no_forward_ad(x, gamma, beta, adj_scale, adj_bias);
+  const bool record = torch::autograd::compute_requires_grad(x, gamma, beta, adj_scale, adj_bias);
+  if (record) {  // (before keras_coeffs updates the moving variables)
+    check_savable(x, "input");
+    check_savable(gamma, "gamma");
+    check_savable(adj_scale, "adj_scale");
+    check_savable(adj_bias, "adj_bias");
+  }
+  // (a mask made under inference mode: not a differentiable input, so a copy of its own is saved)
+  const OptTensor weights =
+      record && given(weights_in) && weights_in->is_inference() ? OptTensor(weights_in->clone()) : weights_in;
   at::Tensor mean, m2, count, invstd, weight, bias, r, d;
   {
     at::NoGradGuard no_grad;
@@ -267,7 +277,6 @@ at::Tensor keras_train_step(const at::Tensor& x, std::vector<int64_t> axes, int6
                           renorm ? renorm_stddev : OptTensor(), G, momentum, renorm_momentum, eps, rmin, rmax, dmax,
                           always_update);
   }
-  const bool record = torch::autograd::compute_requires_grad(x, gamma, beta, adj_scale, adj_bias);
   at::Tensor out;
   {
     at::AutoDispatchBelowAutograd below;

@@ -30,6 +30,20 @@ auto new_node(Args&&... args) {
     return std::make_shared<N>(std::forward<Args>(args)...);
 }
 
+// torch's SavedVariable refuses an inference tensor (made under torch.inference_mode()), but only
+// when the node is built, after the forward ran and moved the running statistics. The same
+// refusal, first, naming the tensor: a failing call changes no running statistic.
+inline void check_savable(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(!t.defined() || !t.is_inference(), "bn_cuda: ", name,
+              " is an inference tensor (created under torch.inference_mode()), and inference tensors cannot be "
+              "saved for backward, which this call needs (a tensor among its inputs requires grad); clone() it "
+              "outside inference mode, or run the call under torch.inference_mode() or torch.no_grad(). Nothing "
+              "was updated.");
+}
+inline void check_savable(const std::optional<at::Tensor>& t, const char* name) {
+  if (t.has_value()) check_savable(*t, name);
+}
+
 // A node whose saved tensors are an array of K SavedVariables (none of them an output of the node)
 // plus constants: their release, and compiled autograd's collection of both (the constants through
 // Derived::collect_constants).

@@ -4,14 +4,17 @@
 #include <ATen/MemoryOverlap.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <cmath>
 #include <initializer_list>
 #include <limits>
+#include <string>
 #include <utility>
 
 namespace bn_cuda {
 
 GhostPlan plan_ghosts(const at::Tensor& input, at::IntArrayRef axis, int64_t ghosts, bool masked) {
+  check_defined(input, "input");
   TORCH_CHECK_VALUE(input.dim() >= 2, "bn_cuda: input must have at least 2 dimensions, got ", input.dim(),
                     "-D input of shape ", shape_str(input.sizes()));
   GhostPlan g;
@@ -22,6 +25,9 @@ GhostPlan plan_ghosts(const at::Tensor& input, at::IntArrayRef axis, int64_t gho
   TORCH_CHECK_VALUE(ghosts >= 1, "bn_cuda: ghosts must be >= 1, got ", ghosts);
   g.ghosts = ghosts;
   for (int64_t a : g.axis) g.features *= input.size(a);
+  // (an empty batch takes any ghost count; ghosts * C entries per statistic must still be a size)
+  TORCH_CHECK_VALUE(ghosts <= std::numeric_limits<int64_t>::max() / std::max<int64_t>(g.features, 1),
+                    "bn_cuda: ghosts=", ghosts, " times the ", g.features, " features overflows int64");
   TORCH_CHECK_VALUE(n % ghosts == 0, "bn_cuda: ghosts=", ghosts, " must divide the batch size, got a batch of ", n);
   for (int64_t a : g.axis)
     TORCH_CHECK_VALUE(a != 0, "bn_cuda: with ghost batches the batch dim 0 cannot be a feature axis; axis=",
@@ -123,10 +129,15 @@ struct StatTriple {
 };
 StatTriple stat_triple(const char* op, const at::Tensor& a, const char* an, const at::Tensor& b, const char* bn,
                        const at::Tensor& c) {
+  check_defined(a, an, op);
+  check_defined(b, bn, op);
+  check_defined(c, "count", op);
   TORCH_CHECK(b.sizes() == a.sizes() && c.sizes() == a.sizes(), "bn_cuda.", op, ": ", an, ", ", bn, " and count ",
               "must have the same shape, got ", shape_str(a.sizes()), ", ", shape_str(b.sizes()), " and ",
               shape_str(c.sizes()));
   dtype_of(a, an);
+  dtype_of(b, bn);  // (a complex or integer statistic would be cast silently)
+  dtype_of(c, "count");
   check_same_device(b, a, bn);
   check_same_device(c, a, "count");
   StatTriple t;
@@ -139,21 +150,32 @@ StatTriple stat_triple(const char* op, const at::Tensor& a, const char* an, cons
 
 // A per-feature tensor of C entries that belongs to no input (running / moving statistics of the
 // staged ops): the shape / device / dtype checks of feature_tensor against a (1, C) stand-in.
+// A size mismatch is named in the op's own terms (`source`: where C comes from), not the stand-in's.
 struct FlatFeatures {
   Canonical flat;
   at::Tensor like;
   at::ScalarType acc;
-  FlatFeatures(int64_t C, const at::Tensor& on, at::ScalarType acc_) : acc(acc_) {
+  const char* op;
+  std::string source;
+  FlatFeatures(const char* op_, std::string source_, int64_t C, const at::Tensor& on, at::ScalarType acc_)
+      : acc(acc_), op(op_), source(std::move(source_)) {
     flat.axes = {1};
     flat.feature_shape = {C};
     flat.v.C = C;
     like = at::empty({1, C}, on.options().dtype(acc));
   }
   FeatureTensor operator()(const c10::optional<at::Tensor>& t, const char* name) const {
+    check_size(t, name);
     return feature_tensor(t, name, flat, like, acc, /*mutated=*/true);
   }
   FeatureTensor read(const c10::optional<at::Tensor>& t, const char* name) const {
+    check_size(t, name);
     return feature_tensor(t, name, flat, like, acc, /*mutated=*/false);
+  }
+  void check_size(const c10::optional<at::Tensor>& t, const char* name) const {
+    if (!t.has_value() || !t->defined()) return;
+    TORCH_CHECK(t->numel() == flat.v.C && t->dim() <= 2, "bn_cuda.", op, ": ", name, " has shape ",
+                shape_str(t->sizes()), " but ", source, ": expected shape [", flat.v.C, "]");
   }
 };
 
@@ -184,7 +206,7 @@ GatherCall prepare_gather(const at::Tensor& mean, const at::Tensor& m2, const at
   TORCH_CHECK_VALUE(mean.dim() == 1 || mean.dim() == 2, "bn_cuda.gather_stats: mean must be (C,) or (W, C), got shape ",
                     shape_str(mean.sizes()));
   const StatTriple t = stat_triple("gather_stats", mean, "mean", m2, "m2", count);
-  TORCH_CHECK_VALUE(eps > 0, "bn_cuda.gather_stats: eps must be > 0, got ", eps);
+  TORCH_CHECK_VALUE(std::isfinite(eps) && eps > 0, "bn_cuda.gather_stats: eps must be finite and > 0, got ", eps);
   const at::ScalarType acc = t.acc;
   call.is_double = acc == at::kDouble;
   const int64_t W = mean.dim() == 2 ? mean.size(0) : 1;
@@ -192,7 +214,9 @@ GatherCall prepare_gather(const at::Tensor& mean, const at::Tensor& m2, const at
   call.mean = t.a;
   call.m2 = t.b;
   call.count = t.c;
-  const FlatFeatures features(C, mean, acc);
+  const FlatFeatures features("gather_stats", "mean of shape " + shape_str(mean.sizes()) + " has C = " +
+                                                  std::to_string(C) + " features",
+                              C, mean, acc);
   call.running_mean = features(running_mean, "running_mean");
   call.running_var = features(running_var, "running_var");
   check_disjoint("gather_stats", {{&call.running_mean, "running_mean"}, {&call.running_var, "running_var"}});
@@ -225,6 +249,8 @@ NormalizeCall prepare_normalize(const at::Tensor& input_, const at::Tensor& mean
                                 const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
                                 at::IntArrayRef axis_, int64_t ghosts) {
   NormalizeCall call;
+  check_defined(mean, "mean", "normalize");
+  check_defined(invstd, "invstd", "normalize");
   const GhostPlan gp = plan_ghosts(input_, axis_, ghosts, false);
   check_ghost_entries(gp, input_, axis_, mean, "mean");
   check_ghost_entries(gp, input_, axis_, invstd, "invstd");
@@ -250,6 +276,9 @@ NormalizeCall prepare_normalize(const at::Tensor& input_, const at::Tensor& mean
 GradSumsCall prepare_grad_sums(const at::Tensor& grad_out, const at::Tensor& input_, const at::Tensor& mean,
                                const at::Tensor& invstd, at::IntArrayRef axis_, int64_t ghosts) {
   GradSumsCall call;
+  check_defined(grad_out, "grad_out", "grad_sums");
+  check_defined(mean, "mean", "grad_sums");
+  check_defined(invstd, "invstd", "grad_sums");
   const GhostPlan gp = plan_ghosts(input_, axis_, ghosts, false);
   check_grad_out_shape(grad_out, input_);
   check_ghost_entries(gp, input_, axis_, mean, "mean");
@@ -275,6 +304,10 @@ GradInputCall prepare_grad_input(const at::Tensor& grad_out, const at::Tensor& i
                                  const at::Tensor& sum_dy, const at::Tensor& sum_dy_xmu, const at::Tensor& count,
                                  at::IntArrayRef axis_, const c10::optional<at::Tensor>& mask_, int64_t ghosts) {
   GradInputCall call;
+  check_defined(grad_out, "grad_out", "grad_input");
+  for (const auto& [t, name] : {std::pair<const at::Tensor*, const char*>{&mean, "mean"}, {&invstd, "invstd"},
+                                {&sum_dy, "sum_dy"}, {&sum_dy_xmu, "sum_dy_xmu"}, {&count, "count"}})
+    check_defined(*t, name, "grad_input");
   c10::optional<at::Tensor> mask;
   const GhostPlan gp = plan_masked_ghosts(input_, axis_, mask_, ghosts, mask);
   check_grad_out_shape(grad_out, input_);
@@ -306,6 +339,12 @@ GradInputCall prepare_grad_input(const at::Tensor& grad_out, const at::Tensor& i
 
 namespace {
 
+// Where the keras ops' C comes from, for their size errors.
+std::string flat_source(const at::Tensor& mean, int64_t ghosts) {
+  return "mean has ghosts * C = " + std::to_string(mean.numel()) + " entries with ghosts=" + std::to_string(ghosts) +
+         ", so C = " + std::to_string(ghosts > 0 ? mean.numel() / ghosts : 0);
+}
+
 // keras_finalize (second statistic: var) and keras_coeffs (second statistic: m2) share the checks
 // and the parameter block.
 KerasFinalizeCall prepare_keras_epilogue(const char* op, const at::Tensor& mean, const at::Tensor& second,
@@ -318,11 +357,14 @@ KerasFinalizeCall prepare_keras_epilogue(const char* op, const at::Tensor& mean,
                                          c10::optional<double> rmin, c10::optional<double> rmax,
                                          c10::optional<double> dmax, bool always_update) {
   KerasFinalizeCall call;
+  check_defined(mean, "mean", op);
+  check_defined(moving_mean, "moving_mean", op);
+  check_defined(moving_variance, "moving_variance", op);
   TORCH_CHECK_VALUE(ghosts >= 1, "bn_cuda.", op, ": ghosts must be >= 1, got ", ghosts);
   TORCH_CHECK_VALUE(mean.dim() == 1 && mean.numel() % ghosts == 0, "bn_cuda.", op, ": mean must be flat with ",
                     "ghosts * C entries, got shape ", shape_str(mean.sizes()), " for ghosts=", ghosts);
   const StatTriple t = stat_triple(op, mean, "mean", second, second_name, count);
-  TORCH_CHECK_VALUE(eps > 0, "bn_cuda.", op, ": eps must be > 0, got ", eps);
+  TORCH_CHECK_VALUE(std::isfinite(eps) && eps > 0, "bn_cuda.", op, ": eps must be finite and > 0, got ", eps);
   check_finite(op, "momentum", momentum);
   check_finite(op, "renorm_momentum", renorm_momentum);
   TORCH_CHECK_VALUE(!rmin || !std::isnan(*rmin), "bn_cuda.", op, ": rmin must be a number, got nan");
@@ -340,7 +382,7 @@ KerasFinalizeCall prepare_keras_epilogue(const char* op, const at::Tensor& mean,
   call.mean = t.a;
   call.var = t.b;
   call.count = t.c;
-  const FlatFeatures features(C, mean, acc);
+  const FlatFeatures features(op, flat_source(mean, ghosts), C, mean, acc);
   call.moving_mean = features(moving_mean, "moving_mean");
   call.moving_variance = features(moving_variance, "moving_variance");
   call.moving_stddev = features(moving_stddev, "moving_stddev");
@@ -406,7 +448,7 @@ KerasFinalizeCall prepare_keras_coeffs(const at::Tensor& mean, const at::Tensor&
                                                   momentum, renorm_momentum, eps, rmin, rmax, dmax, always_update);
   KerasFinalizeParams& p = call.p;
   const at::ScalarType acc = call.mean.scalar_type();
-  const FlatFeatures features(p.C, mean, acc);
+  const FlatFeatures features("keras_coeffs", flat_source(mean, ghosts), p.C, mean, acc);
   call.gamma = features.read(gamma, "gamma");
   call.beta = features.read(beta, "beta");
   call.adj_scale = features.read(adj_scale, "adj_scale");
