@@ -190,7 +190,8 @@ class SyncNormalize(torch.autograd.Function):
     def forward(ctx, input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], mean: Tensor,
                 invstd: Tensor, count: Tensor, axis: List[int], group: ProcessGroup,
                 pad_to: Optional[int] = None, mask: Optional[Tensor] = None, ghosts: int = 1) -> Tensor:
-        if mask is not None and mask.is_inference():  # (no differentiable input: a copy of its own is saved)
+        if mask is not None and not torch.compiler.is_compiling() and mask.is_inference():
+            # (no differentiable input: a copy of its own is saved)
             mask = mask.clone()
         ctx.save_for_backward(input, weight, mean, invstd, count, mask)
         ctx.axis, ctx.group, ctx.pad_to, ctx.ghosts = axis, group, pad_to, ghosts
@@ -256,6 +257,9 @@ def sync_batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: 
                                          unbiased_running_var)
         return out
     check_savable(input, weight, bias)
+    plan = ops._plan(input, axes)  # weight / bias as normalize will check them, before any collective
+    ops._check_feature(weight, "weight", plan)
+    ops._check_feature(bias, "bias", plan)
     check = feature_check if feature_check is not None else FeatureCountCheck("bn_cuda.sync_batch_norm")
     check(ops.num_features(input.shape, axes), group, input.device)
     mean, invstd, count = sync_batch_stats(input, axes, running_mean, running_var, momentum, eps, group,

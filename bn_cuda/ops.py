@@ -110,29 +110,356 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 # ---------------------------------------------------------------------------------------------
-# Fake (meta) kernels: shapes, dtypes and strides exactly as the real kernels produce them.
+# Fake (meta) kernels: shapes, dtypes and strides exactly as the real kernels produce them, after
+# the argument checks of the real ops' C++ preparation (csrc/common/glue.cpp prepare_forward /
+# prepare_backward / feature_tensor; csrc/common/staged.cpp plan_ghosts / prepare_*): the same
+# exception type (ValueError for TORCH_CHECK_VALUE, TypeError for TORCH_CHECK_TYPE, RuntimeError
+# for TORCH_CHECK) and message, so that a call with meta tensors, or a traced graph, fails as the
+# eager call does. Conditions on sizes go through torch._check*: a symbolic (dynamic) batch size or
+# ghost count is guarded or asserted there, never specialized.
+
+import math  # noqa: E402
+import struct  # noqa: E402
+
+_FLOATING = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+_INT64_MAX = 2 ** 63 - 1
+# c10's ScalarType names, as `<< scalar_type()` prints them in the C++ messages.
+_C10_NAMES = {torch.float32: "Float", torch.float64: "Double", torch.float16: "Half", torch.bfloat16: "BFloat16",
+              torch.int64: "Long", torch.int32: "Int", torch.int16: "Short", torch.int8: "Char", torch.uint8: "Byte",
+              torch.bool: "Bool", torch.complex64: "ComplexFloat", torch.complex128: "ComplexDouble",
+              torch.complex32: "ComplexHalf"}
+
+
+def _num(v) -> str:
+    """A double as C++'s ``ostream <<`` prints it (``%g``: -1, 1e-05, inf, nan)."""
+    return f"{v:g}" if isinstance(v, (int, float)) else str(v)
+
+
+def _v(x) -> str:
+    """An int, or a symbolic one by its value in the call being traced (where a check fails)."""
+    if isinstance(x, torch.SymInt) and x.hint is not None:
+        return str(x.hint)
+    return str(x)
+
+
+def _shape(s) -> str:
+    return "[" + ", ".join(_v(x) for x in s) + "]"
+
+
+def _all(*conds):
+    """The conjunction of Python / symbolic bools, without guarding on a symbolic one (torch._check
+    of the result guards once, or defers a runtime assert)."""
+    out = True
+    for c in conds:
+        if c is False:
+            return False
+        if c is not True:
+            out = c if out is True else out & c
+    return out
+
+
+def _any(*conds):
+    out = False
+    for c in conds:
+        if c is True:
+            return True
+        if c is not False:
+            out = c if out is False else out | c
+    return out
+
+
+def _finite(v) -> bool:
+    return not isinstance(v, (int, float)) or math.isfinite(v)  # (a symbolic float: left to the op)
+
+
+def _f32_is_zero(v: float) -> bool:
+    """``static_cast<float>(v) == 0`` for a finite v > 0."""
+    try:
+        return struct.unpack("f", struct.pack("f", v))[0] == 0
+    except OverflowError:  # beyond float32: C++ rounds to inf
+        return False
+
+
+def _check_defined(t, name: str, op: Optional[str] = None) -> None:
+    """check_defined: Python's None where the schema has a `Tensor` (not `Tensor?`)."""
+    if t is None:
+        raise TypeError(f"bn_cuda{'.' + op if op else ''}: {name} must be a tensor, got None")
+
+
+def _check_floating(t: Tensor, name: str) -> None:
+    """dtype_of: float32, float64, float16 or bfloat16."""
+    if t.dtype not in _FLOATING:
+        raise TypeError(f"bn_cuda: {name} must be a floating-point tensor (float32, float64, float16 or bfloat16), "
+                        f"got {t.dtype}")
+
+
+def _check_input_rank(input: Tensor, style: str) -> None:
+    """input.dim() >= 2, with the message of prepare_forward ("forward"), prepare_backward
+    ("backward") or plan_ghosts ("staged")."""
+    if input.dim() >= 2:
+        return
+    if style == "forward":
+        raise ValueError(f"bn_cuda: input must have at least 2 dimensions (batch and features), got {input.dim()}"
+                         f"-D input of shape {_shape(input.shape)}")
+    tail = "" if style == "backward" else f"-D input of shape {_shape(input.shape)}"
+    raise ValueError(f"bn_cuda: input must have at least 2 dimensions, got {input.dim()}{tail}")
+
+
+def _check_forward_eps(eps, training: bool, dtype: torch.dtype) -> None:
+    """prepare_forward's eps: finite; > 0 and not 0 in float32 (unless fp64 input) in training;
+    >= 0 in evaluation."""
+    if not _finite(eps):
+        raise ValueError(f"bn_cuda: eps must be finite, got {_num(eps)}")
+    if training:
+        if not eps > 0:
+            raise ValueError(f"bn_cuda: eps must be > 0 in training, got {_num(eps)}")
+        if dtype != torch.float64 and isinstance(eps, (int, float)) and _f32_is_zero(eps):
+            raise ValueError(f"bn_cuda: eps={_num(eps)} rounds to 0 in float32, the accumulation type of "
+                             f"{_C10_NAMES.get(dtype, dtype)} input")
+    elif not eps >= 0:
+        raise ValueError(f"bn_cuda: eps must be >= 0, got {_num(eps)}")
+
+
+def _check_finite(op: str, name: str, v) -> None:
+    if not _finite(v):
+        raise ValueError(f"bn_cuda.{op}: {name} must be finite, got {_num(v)}")
+
+
+class _Plan:
+    """What feature_tensor checks a per-feature tensor against (C++'s Canonical): the planned
+    input's shape and feature axes, the feature dims' sizes, View3's C, and the entry count of a
+    flat per-feature tensor (features() = G * C: ghosts * C with ghost rows, else C)."""
+
+    __slots__ = ("shape", "axes", "feature_shape", "C", "features")
+
+    def __init__(self, shape, axes, ghost_rows=1, feature_shape=None):
+        self.shape = list(shape)
+        self.axes = list(axes)
+        self.feature_shape = [self.shape[a] for a in self.axes] if feature_shape is None else feature_shape
+        c = 1
+        for s in self.feature_shape:  # (no int(): that would specialize a symbolic feature dim)
+            c = c * s
+        self.C = c
+        self.features = ghost_rows * c  # (no comparison: ghost_rows may be a symbolic ghost count)
+
+
+def _plan(input: Tensor, axis: Sequence[int]) -> _Plan:
+    """plan_canonical's feature axes and sizes (errors on axis as normalize_axes)."""
+    return _Plan(input.shape, normalize_axes(axis, input.dim()))
+
+
+def _check_feature(t: Optional[Tensor], name: str, plan: _Plan, mutated: bool = False) -> None:
+    """feature_tensor: floating, of shape the feature dims', flat (features,) or the input's rank
+    with 1 elsewhere (Keras); one that is updated in place must not be expanded. (Its device:
+    check_same_device, before.)"""
+    if t is None:
+        return
+    _check_floating(t, name)
+    fs, nd = plan.feature_shape, len(plan.shape)
+    shape = t.shape
+    conds = []
+    if t.dim() == len(fs):
+        conds.append(_all(*(shape[k] == fs[k] for k in range(len(fs)))))
+    if t.dim() == 1:
+        conds.append(t.numel() == plan.features)
+    if t.dim() == nd:
+        want = [1] * nd
+        for k, a in enumerate(plan.axes):
+            want[a] = fs[k]
+        conds.append(_all(*(shape[d] == want[d] for d in range(nd))))
+
+    def message():
+        keras = [1] * nd
+        for k, a in enumerate(plan.axes):
+            keras[a] = fs[k]
+        accepted = _shape(fs) + (f", [{_v(plan.C)}]" if len(fs) != 1 else "") + f" or {_shape(keras)}"
+        return (f"bn_cuda: {name} has shape {_shape(shape)} ({_v(t.numel())} elements) but the input of shape "
+                f"{_shape(plan.shape)} has {_v(plan.C)} features along axis {_shape(plan.axes)}; expected shape "
+                f"{accepted}")
+
+    torch._check(_any(*conds), message)
+    if mutated and torch._debug_has_internal_overlap(t) == 1:
+        raise ValueError(f"bn_cuda: {name} is updated in place, but its elements share memory (shape "
+                         f"{_shape(t.shape)}, strides {_shape(t.stride())}, e.g. an expanded tensor); pass a tensor "
+                         "of its own (clone() it)")
+
+
+def _check_flat(t: Optional[Tensor], name: str, op: str, c, source: str, mutated: bool = False) -> None:
+    """FlatFeatures: a per-feature tensor of C entries that belongs to no input (running / moving
+    statistics, the Keras coefficients' factors): C entries, at most 2-D, named in the op's terms
+    (`source`: where C comes from), then feature_tensor's checks against a (1, C) stand-in."""
+    if t is None:
+        return
+    torch._check(t.dim() <= 2 and t.numel() == c, lambda: f"bn_cuda.{op}: {name} has shape {_shape(t.shape)} but "
+                                                         f"{source}: expected shape [{_v(c)}]")
+    _check_feature(t, name, _Plan((1, c), (1,)), mutated)
+
+
+def _overlaps(a: Tensor, b: Tensor) -> bool:
+    """at::get_overlap_status(a, b) is Full or Partial."""
+    if a is b:
+        return True
+    if a.numel() == 0 or b.numel() == 0:
+        return False
+    from torch._prims_common import is_non_overlapping_and_dense_or_false as dense
+    if not (dense(a) and dense(b)):
+        return False  # (TooHard: not refused)
+    try:
+        if a.untyped_storage()._cdata != b.untyped_storage()._cdata:
+            return False
+    except (RuntimeError, NotImplementedError):
+        return False
+    a0, b0 = a.storage_offset() * a.element_size(), b.storage_offset() * b.element_size()
+    a1, b1 = a0 + a.numel() * a.element_size(), b0 + b.numel() * b.element_size()
+    return (a0 == b0 and a1 == b1) or (a0 < b1 and b0 < a1)
+
+
+def _check_disjoint(op: str, **updated: Optional[Tensor]) -> None:
+    """check_disjoint: the tensors an op updates in place share no memory."""
+    named = [(n, t) for n, t in updated.items() if t is not None]
+    for i, (an, a) in enumerate(named):
+        for bn, b in named[i + 1:]:
+            if _overlaps(a, b):
+                raise ValueError(f"bn_cuda.{op}: {an} and {bn} are updated in place but share memory; pass separate "
+                                 "tensors")
+
+
+def _check_grad_out(grad_out: Tensor, input: Tensor) -> None:
+    """check_grad_out_shape / prepare_backward: grad_out has the input's shape."""
+    same = grad_out.dim() == input.dim() and _all(*(g == s for g, s in zip(grad_out.shape, input.shape)))
+    torch._check(same, lambda: f"bn_cuda: grad_out has shape {_shape(grad_out.shape)} but input has shape "
+                               f"{_shape(input.shape)}")
+
+
+def _check_mask(mask: Optional[Tensor], input: Tensor, name: str = "mask") -> None:
+    """expand_mask: bool or uint8, broadcastable to the input (its device: check_same_device)."""
+    if mask is None:
+        return
+    if mask.dtype not in (torch.bool, torch.uint8):
+        raise TypeError(f"bn_cuda: {name} must be a bool (or uint8 0/1) tensor, got "
+                        f"{_C10_NAMES.get(mask.dtype, mask.dtype)}")
+    m, n = mask.shape, input.shape
+    ok = len(m) <= len(n) and _all(*(_any(s == 1, s == n[len(n) - len(m) + i]) for i, s in enumerate(m)))
+    torch._check(ok, lambda: f"bn_cuda: {name} of shape {_shape(m)} does not broadcast to the input shape "
+                             f"{_shape(n)}")
+
+
+def _check_ghost_entries(ghosts, c, input: Tensor, axis, name: str, t: Optional[Tensor]) -> None:
+    """check_ghost_entries: with ghosts > 1 a per-(ghost, feature) tensor has ghosts * C entries."""
+    if t is None or (type(ghosts) is int and ghosts == 1):
+        return
+    torch._check(t.numel() == ghosts * c, lambda: (
+        f"bn_cuda: {name} has shape {_shape(t.shape)} ({_v(t.numel())} elements) but the input of shape "
+        f"{_shape(input.shape)} has {_v(c)} features along axis {_shape(axis)} and ghosts={_v(ghosts)}: expected "
+        f"ghosts * C = {_v(ghosts * c)} entries, ghost-major (shape [{_v(ghosts * c)}])"))
+
+
+def _plan_ghosts(input: Tensor, axis: Sequence[int], ghosts, masked: bool = False,
+                 per_feature: Sequence[Optional[Tensor]] = ()) -> Tuple[_Plan, object]:
+    """plan_ghosts: the input checks, then the ghost count's (>= 1, ghosts * C an int64, dividing
+    the batch, the batch dim no feature axis). Returns the plan per-feature tensors are checked
+    against (the ghost-split input's, or ghost rows') and C of the caller's input."""
+    _check_input_rank(input, "staged")
+    plan = _plan(input, axis)
+    c = plan.C
+    if type(ghosts) is int and ghosts == 1:
+        return plan, c
+    torch._check_value(ghosts >= 1, lambda: f"bn_cuda: ghosts must be >= 1, got {_v(ghosts)}")
+    torch._check_value(ghosts <= _INT64_MAX // torch.sym_max(c, 1),
+                       lambda: f"bn_cuda: ghosts={_v(ghosts)} times the {_v(c)} features overflows int64")
+    n = input.shape[0]
+    torch._check_value(n % ghosts == 0,
+                       lambda: f"bn_cuda: ghosts={_v(ghosts)} must divide the batch size, got a batch of {_v(n)}")
+    if 0 in plan.axes:
+        torch._check_value(ghosts == 1, lambda: f"bn_cuda: with ghost batches the batch dim 0 cannot be a feature "
+                                                f"axis; axis={_shape(axis)}")
+    if all(t is None or t.dim() == 1 for t in per_feature):
+        # Flat per-feature tensors: ghosts * C entries with ghost rows and split alike.
+        return _Plan(plan.shape, plan.axes, ghosts, plan.feature_shape), c
+    if ghosts == 1:  # (a symbolic ghost count and a non-flat per-feature tensor: guarded)
+        return plan, c
+    # A non-flat per-(ghost, feature) tensor: checked against the split batch's plan, whose shapes
+    # ((ghosts, *feature dims) and that rank-preserving one) the op also accepts unless it runs the
+    # input as ghost rows (channels-last layouts), where it takes the flat form only. Porting that
+    # layout decision here is not worth it: the fake is lenient for those shapes, the op refuses them.
+    split = [n // ghosts, ghosts] + list(input.shape[1:])
+    return _Plan(split, [1] + [a + 1 for a in plan.axes]), c
+
+
+def _check_stat_triple(op: str, a: Tensor, an: str, b: Tensor, bn: str, c: Tensor) -> None:
+    """stat_triple: (mean, m2 | var, count) defined, of one shape, floating."""
+    for t, name in ((a, an), (b, bn), (c, "count")):
+        _check_defined(t, name, op)
+    same = (a.dim() == b.dim() == c.dim()
+            and _all(*(p == q for p, q in zip(a.shape, b.shape)), *(p == q for p, q in zip(a.shape, c.shape))))
+    torch._check(same, lambda: f"bn_cuda.{op}: {an}, {bn} and count must have the same shape, got "
+                               f"{_shape(a.shape)}, {_shape(b.shape)} and {_shape(c.shape)}")
+    for t, name in ((a, an), (b, bn), (c, "count")):
+        _check_floating(t, name)
+
+
+def _check_forward(input: Tensor, weight, bias, running_mean, running_var, training: bool, eps, axis,
+                   plan: Optional[_Plan] = None) -> _Plan:
+    """prepare_forward's checks; `plan`: the staged ops' ghost plan (the input's rank checked)."""
+    if plan is None:
+        _check_input_rank(input, "forward")
+    _check_floating(input, "input")
+    _check_forward_eps(eps, training, input.dtype)
+    if plan is None:
+        plan = _plan(input, axis)
+    _check_feature(weight, "weight", plan)
+    _check_feature(bias, "bias", plan)
+    # (updated in training only: in evaluation mode they are read, never written back)
+    _check_feature(running_mean, "running_mean", plan, mutated=training)
+    _check_feature(running_var, "running_var", plan, mutated=training)
+    if not training and (running_mean is None or running_var is None):
+        raise ValueError("bn_cuda: running_mean and running_var are required when training=False (got "
+                         f"{'None' if running_mean is None else 'a tensor'} and "
+                         f"{'None' if running_var is None else 'a tensor'})")
+    return plan
+
+
+def _check_backward(grad_out: Tensor, input: Tensor, weight, mean, invstd, axis, plan: Optional[_Plan] = None,
+                    mean_name: str = "save_mean", invstd_name: str = "save_invstd") -> _Plan:
+    """prepare_backward's checks (its required tensors' presence: by the caller, before its device
+    check); `plan`: the staged ops' ghost plan (the input's rank checked)."""
+    if plan is None:
+        _check_input_rank(input, "backward")
+    _check_floating(input, "input")
+    _check_floating(grad_out, "grad_out")
+    _check_grad_out(grad_out, input)
+    if plan is None:
+        plan = _plan(input, axis)
+    _check_feature(weight, "weight", plan)
+    _check_feature(mean, mean_name, plan)
+    _check_feature(invstd, invstd_name, plan)
+    return plan
 
 
 @torch.library.register_fake("bn_cuda::forward_train")
 def _forward_train_fake(input, weight, bias, running_mean, running_var, momentum, eps, axis,
                         unbiased_running_var=True):
+    _check_defined(input, "input")
     check_same_device(input, weight=weight, bias=bias, running_mean=running_mean, running_var=running_var)
-    c = num_features(input.shape, axis)
+    c = _check_forward(input, weight, bias, running_mean, running_var, True, eps, axis).features
     acc = _acc_dtype(input.dtype)
     return (torch.empty_like(input), input.new_empty((c,), dtype=acc), input.new_empty((c,), dtype=acc))
 
 
 @torch.library.register_fake("bn_cuda::forward_infer")
 def _forward_infer_fake(input, weight, bias, running_mean, running_var, eps, axis):
+    _check_defined(input, "input")
     check_same_device(input, weight=weight, bias=bias, running_mean=running_mean, running_var=running_var)
-    num_features(input.shape, axis)  # validates axis
+    _check_forward(input, weight, bias, running_mean, running_var, False, eps, axis)
     return torch.empty_like(input)
 
 
 @torch.library.register_fake("bn_cuda::backward")
 def _backward_fake(grad_out, input, weight, save_mean, save_invstd, train, axis, output_mask):
+    for t, name in ((grad_out, "grad_out"), (input, "input"), (save_mean, "save_mean"), (save_invstd, "save_invstd")):
+        _check_defined(t, name)
     check_same_device(input, grad_out=grad_out, weight=weight, save_mean=save_mean, save_invstd=save_invstd)
-    c = num_features(input.shape, axis)
+    c = _check_backward(grad_out, input, weight, save_mean, save_invstd, axis).features
     acc = _acc_dtype(input.dtype)
     gi = torch.empty_like(input) if output_mask[0] else input.new_empty((0,))
     gw = input.new_empty((c if output_mask[1] else 0,), dtype=acc)

@@ -16,7 +16,10 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
-from .ops import _acc_dtype, as_axes, as_float, as_int, check_same_device, num_features
+from .ops import (_acc_dtype, _check_backward, _check_defined, _check_disjoint, _check_feature, _check_finite,
+                  _check_flat, _check_floating, _check_forward, _check_ghost_entries, _check_grad_out, _check_mask,
+                  _check_stat_triple, _finite, _num, _plan_ghosts, _shape, _v, as_axes, as_float, as_int,
+                  check_same_device)
 
 __all__ = ["batch_stats", "gather_stats", "normalize", "grad_sums", "grad_input", "keras_finalize", "keras_coeffs"]
 
@@ -24,72 +27,140 @@ _ops = torch.ops.bn_cuda
 
 
 # Fake kernels: the real kernels' output shapes and dtypes (per-feature outputs in the accumulation
-# dtype), and their refusals where a shape depends on them (devices, ghosts), so that a meta tensor
-# mixed with real ones, or a compiled graph, fails as the eager call does.
-
-
-def _ghosts(op: str, ghosts: int) -> int:
-    if ghosts < 1:
-        raise ValueError(f"bn_cuda.{op}: ghosts must be >= 1, got {ghosts}")
-    return ghosts
-
-
-def _ghost_features(op: str, mean: Tensor, ghosts: int) -> int:
-    """C of a flat ``ghosts * C`` per-(ghost, feature) tensor (keras_finalize / keras_coeffs)."""
-    _ghosts(op, ghosts)
-    if mean.dim() != 1 or mean.shape[0] % ghosts != 0:
-        raise ValueError(f"bn_cuda.{op}: mean must be flat with ghosts * C entries, got shape {list(mean.shape)} "
-                         f"for ghosts={ghosts}")
-    return mean.shape[0] // ghosts
+# dtype), after the argument checks of their C++ preparation (csrc/common/staged.cpp prepare_*), in
+# its order, through the helpers of bn_cuda/ops.py: a meta tensor mixed with real ones, a call on
+# meta tensors or a compiled graph fails as the eager call does.
 
 
 @torch.library.register_fake("bn_cuda::batch_stats")
 def _batch_stats_fake(input, axis, mask=None, ghosts=1):
+    _check_defined(input, "input")
     check_same_device(input, mask=mask)
-    c = num_features(input.shape, axis) * _ghosts("batch_stats", ghosts)
+    _, c = _plan_ghosts(input, axis, ghosts, masked=mask is not None)
+    _check_mask(mask, input)
+    _check_floating(input, "input")
     acc = _acc_dtype(input.dtype)
-    return tuple(input.new_empty((c,), dtype=acc) for _ in range(3))
+    return tuple(input.new_empty((c * ghosts,), dtype=acc) for _ in range(3))
 
 
 @torch.library.register_fake("bn_cuda::gather_stats")
 def _gather_stats_fake(mean, m2, count, running_mean, running_var, momentum, eps, unbiased_running_var=True):
+    if mean is not None and mean.dim() not in (1, 2):
+        raise ValueError(f"bn_cuda.gather_stats: mean must be (C,) or (W, C), got shape {_shape(mean.shape)}")
+    _check_stat_triple("gather_stats", mean, "mean", m2, "m2", count)
     check_same_device(mean, m2=m2, count=count, running_mean=running_mean, running_var=running_var)
+    if not (_finite(eps) and eps > 0):
+        raise ValueError(f"bn_cuda.gather_stats: eps must be finite and > 0, got {_num(eps)}")
     c = mean.shape[-1]
+    source = f"mean of shape {_shape(mean.shape)} has C = {_v(c)} features"
+    _check_flat(running_mean, "running_mean", "gather_stats", c, source, mutated=True)
+    _check_flat(running_var, "running_var", "gather_stats", c, source, mutated=True)
+    _check_disjoint("gather_stats", running_mean=running_mean, running_var=running_var)
     return tuple(mean.new_empty((c,), dtype=_acc_dtype(mean.dtype)) for _ in range(3))
 
 
 @torch.library.register_fake("bn_cuda::normalize")
 def _normalize_fake(input, mean, invstd, weight, bias, axis, ghosts=1):
+    _check_defined(mean, "mean", "normalize")
+    _check_defined(invstd, "invstd", "normalize")
+    _check_defined(input, "input")
     check_same_device(input, mean=mean, invstd=invstd, weight=weight, bias=bias)
-    num_features(input.shape, axis)  # validates axis
-    _ghosts("normalize", ghosts)
+    plan, c = _plan_ghosts(input, axis, ghosts, per_feature=(mean, invstd, weight, bias))
+    for name, t in (("mean", mean), ("invstd", invstd), ("weight", weight), ("bias", bias)):
+        _check_ghost_entries(ghosts, c, input, axis, name, t)
+    # (the training preparation without running statistics; eps is unused by normalize)
+    _check_forward(input, weight, bias, None, None, True, 1.0, axis, plan=plan)
+    _check_feature(mean, "mean", plan)
+    _check_feature(invstd, "invstd", plan)
     return torch.empty_like(input)
 
 
 @torch.library.register_fake("bn_cuda::grad_sums")
 def _grad_sums_fake(grad_out, input, mean, invstd, axis, ghosts=1):
+    for t, name in ((grad_out, "grad_out"), (mean, "mean"), (invstd, "invstd")):
+        _check_defined(t, name, "grad_sums")
+    _check_defined(input, "input")
     check_same_device(input, grad_out=grad_out, mean=mean, invstd=invstd)
-    c = num_features(input.shape, axis) * _ghosts("grad_sums", ghosts)
+    plan, c = _plan_ghosts(input, axis, ghosts, per_feature=(mean, invstd))
+    _check_grad_out(grad_out, input)
+    for name, t in (("mean", mean), ("invstd", invstd)):
+        _check_ghost_entries(ghosts, c, input, axis, name, t)
+    _check_backward(grad_out, input, None, mean, invstd, axis, plan=plan, mean_name="mean", invstd_name="invstd")
     acc = _acc_dtype(input.dtype)
-    return input.new_empty((c,), dtype=acc), input.new_empty((c,), dtype=acc)
+    return input.new_empty((c * ghosts,), dtype=acc), input.new_empty((c * ghosts,), dtype=acc)
 
 
 @torch.library.register_fake("bn_cuda::grad_input")
 def _grad_input_fake(grad_out, input, mean, invstd, weight, sum_dy, sum_dy_xmu, count, axis, mask=None,
                      ghosts=1):
+    stats = (("mean", mean), ("invstd", invstd), ("sum_dy", sum_dy), ("sum_dy_xmu", sum_dy_xmu), ("count", count))
+    _check_defined(grad_out, "grad_out", "grad_input")
+    for name, t in stats:
+        _check_defined(t, name, "grad_input")
+    _check_defined(input, "input")
     check_same_device(input, grad_out=grad_out, mean=mean, invstd=invstd, weight=weight, sum_dy=sum_dy,
                       sum_dy_xmu=sum_dy_xmu, count=count, mask=mask)
-    num_features(input.shape, axis)  # validates axis
-    _ghosts("grad_input", ghosts)
+    plan, c = _plan_ghosts(input, axis, ghosts, masked=mask is not None,
+                           per_feature=(mean, invstd, weight, sum_dy, sum_dy_xmu, count))
+    _check_mask(mask, input)
+    _check_grad_out(grad_out, input)
+    for name, t in stats + (("weight", weight),):
+        _check_ghost_entries(ghosts, c, input, axis, name, t)
+    _check_backward(grad_out, input, weight, mean, invstd, axis, plan=plan, mean_name="mean", invstd_name="invstd")
+    for name, t in stats[2:]:
+        _check_feature(t, name, plan)
     return torch.empty_like(input)
+
+
+def _check_keras_epilogue(op: str, mean, second, second_name: str, count, moving_mean, moving_variance,
+                          moving_stddev, renorm_mean, renorm_stddev, ghosts, momentum, renorm_momentum, eps, rmin,
+                          rmax, dmax):
+    """prepare_keras_epilogue's checks (keras_finalize: second = var; keras_coeffs: m2). Returns C."""
+    for t, name in ((mean, "mean"), (moving_mean, "moving_mean"), (moving_variance, "moving_variance")):
+        _check_defined(t, name, op)
+    torch._check_value(ghosts >= 1, lambda: f"bn_cuda.{op}: ghosts must be >= 1, got {_v(ghosts)}")
+    torch._check_value(mean.dim() == 1 and mean.shape[0] % ghosts == 0,
+                       lambda: f"bn_cuda.{op}: mean must be flat with ghosts * C entries, got shape "
+                               f"{_shape(mean.shape)} for ghosts={_v(ghosts)}")
+    _check_stat_triple(op, mean, "mean", second, second_name, count)
+    check_same_device(mean, **{second_name: second}, count=count, moving_mean=moving_mean,
+                      moving_variance=moving_variance, moving_stddev=moving_stddev, renorm_mean=renorm_mean,
+                      renorm_stddev=renorm_stddev)
+    if not (_finite(eps) and eps > 0):
+        raise ValueError(f"bn_cuda.{op}: eps must be finite and > 0, got {_num(eps)}")
+    _check_finite(op, "momentum", momentum)
+    _check_finite(op, "renorm_momentum", renorm_momentum)
+    for name, v in (("rmin", rmin), ("rmax", rmax)):
+        if v is not None and v != v:  # (nan)
+            raise ValueError(f"bn_cuda.{op}: {name} must be a number, got nan")
+    if dmax is not None and not dmax >= 0:
+        raise ValueError(f"bn_cuda.{op}: dmax must be >= 0, got {_num(dmax)}")
+    if rmin is not None and rmax is not None and not rmin <= rmax:
+        raise ValueError(f"bn_cuda.{op}: rmin must be <= rmax, got rmin={_num(rmin)}, rmax={_num(rmax)}")
+    renorm = moving_stddev is not None
+    if renorm != (renorm_mean is not None) or renorm != (renorm_stddev is not None):
+        raise ValueError(f"bn_cuda.{op}: moving_stddev, renorm_mean and renorm_stddev go together (renorm)")
+    c = mean.shape[0] // ghosts
+    updated = {"moving_mean": moving_mean, "moving_variance": moving_variance, "moving_stddev": moving_stddev,
+               "renorm_mean": renorm_mean, "renorm_stddev": renorm_stddev}
+    source = _keras_source(mean, ghosts)
+    for name, t in updated.items():
+        _check_flat(t, name, op, c, source, mutated=True)
+    _check_disjoint(op, **updated)
+    return c
+
+
+def _keras_source(mean, ghosts) -> str:
+    """flat_source: where the Keras ops' C comes from, for their size errors."""
+    return (f"mean has ghosts * C = {_v(mean.numel())} entries with ghosts={_v(ghosts)}, so C = "
+            f"{_v(mean.numel() // ghosts)}")
 
 
 @torch.library.register_fake("bn_cuda::keras_finalize")
 def _keras_finalize_fake(mean, var, count, moving_mean, moving_variance, moving_stddev, renorm_mean,
                          renorm_stddev, ghosts, momentum, renorm_momentum, eps, rmin, rmax, dmax, always_update):
-    check_same_device(mean, var=var, count=count, moving_mean=moving_mean, moving_variance=moving_variance,
-                      moving_stddev=moving_stddev, renorm_mean=renorm_mean, renorm_stddev=renorm_stddev)
-    c = _ghost_features("keras_finalize", mean, ghosts)
+    c = _check_keras_epilogue("keras_finalize", mean, var, "var", count, moving_mean, moving_variance, moving_stddev,
+                              renorm_mean, renorm_stddev, ghosts, momentum, renorm_momentum, eps, rmin, rmax, dmax)
     acc = _acc_dtype(mean.dtype)
     return mean.new_empty((c,), dtype=acc), mean.new_empty((c,), dtype=acc)
 
@@ -127,12 +198,14 @@ def keras_finalize(mean: Tensor, var: Tensor, count: Tensor, moving_mean: Tensor
 def _keras_coeffs_fake(mean, m2, count, gamma, beta, adj_scale, adj_bias, moving_mean, moving_variance,
                        moving_stddev, renorm_mean, renorm_stddev, ghosts, momentum, renorm_momentum, eps, rmin, rmax,
                        dmax, always_update):
-    check_same_device(mean, m2=m2, count=count, gamma=gamma, beta=beta, adj_scale=adj_scale, adj_bias=adj_bias,
-                      moving_mean=moving_mean, moving_variance=moving_variance, moving_stddev=moving_stddev,
-                      renorm_mean=renorm_mean, renorm_stddev=renorm_stddev)
+    c = _check_keras_epilogue("keras_coeffs", mean, m2, "m2", count, moving_mean, moving_variance, moving_stddev,
+                              renorm_mean, renorm_stddev, ghosts, momentum, renorm_momentum, eps, rmin, rmax, dmax)
+    check_same_device(mean, gamma=gamma, beta=beta, adj_scale=adj_scale, adj_bias=adj_bias)
+    source = _keras_source(mean, ghosts)
+    for name, t in (("gamma", gamma), ("beta", beta), ("adj_scale", adj_scale), ("adj_bias", adj_bias)):
+        _check_flat(t, name, "keras_coeffs", c, source)
     acc = _acc_dtype(mean.dtype)
     f = mean.shape[0]
-    c = _ghost_features("keras_coeffs", mean, ghosts)
     return (mean.new_empty((f,), dtype=acc), mean.new_empty((f,), dtype=acc), mean.new_empty((f,), dtype=acc),
             mean.new_empty((c,), dtype=acc), mean.new_empty((c,), dtype=acc))
 
@@ -173,6 +246,8 @@ def batch_stats(input: Tensor, axis: Union[int, Sequence[int]], mask: Optional[T
     layouts (ghost rows) nor for layouts where the batch dim can be split next to the features.
     """
     who = "bn_cuda.staged.batch_stats"
+    if not isinstance(input, Tensor):  # (the op's only tensor: without it the dispatcher finds no kernel)
+        raise TypeError(f"{who}: input must be a tensor, got {type(input).__name__}")
     return _ops.batch_stats.default(input, as_axes(who, axis), mask, as_int(who, "ghosts", ghosts))
 
 

@@ -28,6 +28,7 @@ import torch.distributed as dist
 
 import bn_cuda
 from bn_cuda import BatchNormalization
+from bn_cuda.distributed import sync_batch_norm
 from bn_cuda.nn import SyncBatchNorm
 
 GROUP_TIMEOUT_S = 100.0  # wall-clock bound on one spawned group
@@ -282,6 +283,33 @@ def _check_feature_mismatch(rank: int, world: int) -> None:
     dist.barrier()
 
 
+def _check_refusals_before_collectives(rank: int, world: int) -> None:
+    """A call that fails on every rank fails before any collective and changes no running
+    statistic: a weight of the wrong size or dtype, an inference-mode input that a gradient needs."""
+    x = torch.randn(4, 3, 2)
+    rm, rv = torch.zeros(3), torch.ones(3)
+    for weight, exc, pattern in ((torch.ones(4), RuntimeError, r"weight has shape \[4\]"),
+                                 (torch.ones(3, dtype=torch.int64), TypeError, "weight must be a floating-point")):
+        with _count_collectives() as counts, pytest.raises(exc, match=pattern):
+            sync_batch_norm(x, rm, rv, weight, None)
+        assert counts["n"] == 0, "a refused call issued a collective"
+    with torch.inference_mode():
+        xi = x.clone()
+    with _count_collectives() as counts, pytest.raises(RuntimeError, match="input is an inference tensor"):
+        sync_batch_norm(xi, rm, rv, torch.ones(3, requires_grad=True), None)
+    assert counts["n"] == 0
+    layer = BatchNormalization(axis=1, synchronized=True, renorm=True)
+    layer.build((4, 3, 2))
+    state = {k: v.clone() for k, v in layer.state_dict().items() if isinstance(v, torch.Tensor)}
+    with pytest.raises(RuntimeError, match="input is an inference tensor"):
+        layer(xi, training=True)
+    for k, v in layer.state_dict().items():
+        if isinstance(v, torch.Tensor):
+            assert torch.equal(v, state[k]), f"a refused call changed {k}"
+    assert torch.equal(rm, torch.zeros(3)) and torch.equal(rv, torch.ones(3))
+    dist.barrier()
+
+
 def _check_convert(rank: int, world: int) -> None:
     """convert_sync_batchnorm on a small model: same parameters / buffers / flags, synchronized numbers."""
     torch.manual_seed(3)
@@ -446,6 +474,7 @@ def _scenario_module(rank: int, world: int) -> None:
         _check_process_groups(rank, world)
     _check_convert(rank, world)
     _check_feature_mismatch(rank, world)
+    _check_refusals_before_collectives(rank, world)
 
 
 def _scenario_keras(rank: int, world: int) -> None:

@@ -415,7 +415,7 @@ def test_keras_coeffs_errors_name_arguments():
     with pytest.raises((ValueError, RuntimeError), match="gamma"):
         staged.keras_coeffs(mean, m2, count, torch.ones(c + 1), None, None, None, mm, mv, None, None, None,
                             1, 0.9, 0.9, 1e-3)
-    with pytest.raises(ValueError, match="keras_coeffs: eps must be > 0, got -1"):
+    with pytest.raises(ValueError, match="keras_coeffs: eps must be finite and > 0, got -1"):
         staged.keras_coeffs(mean, m2, count, None, None, None, None, mm, mv, None, None, None, 1, 0.9, 0.9, -1.0)
     with pytest.raises(ValueError, match="keras_coeffs: ghosts must be >= 1, got 0"):
         staged.keras_coeffs(mean, m2, count, None, None, None, None, mm, mv, None, None, None, 0, 0.9, 0.9, 1e-3)
