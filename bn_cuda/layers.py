@@ -638,6 +638,9 @@ class BatchNormalization(KerasLayerIO, nn.Module):
                 if has_data is not None:
                     value = torch.where(has_data, value, moving[n])
                 buf = getattr(self, n)
+                if torch._debug_has_internal_overlap(buf) == 1:  # (an expanded buffer: one of its own, as _flat
+                    setattr(self, n, buf.contiguous())  # gives the fused path, rather than a copy_ that raises
+                    buf = getattr(self, n)               # after the other variables moved)
                 buf.copy_(value.reshape(buf.shape))
         return out
 

@@ -260,3 +260,25 @@ def test_axis_as_a_0d_integer():
     assert bn_cuda.BatchNormalization(axis=np.int64(-1)).axis == -1
     with pytest.raises(TypeError, match="for the argument 'axis', but received: tensor"):
         bn_cuda.BatchNormalization(axis=torch.tensor(1.0))
+
+
+@pytest.mark.parametrize("renorm", [False, True])
+def test_expanded_moving_buffer_fused_and_composite_alike(renorm, device):
+    """A moving variable swapped for an expanded tensor (one element seen C times): both paths give
+    the layer a buffer of its own and update every feature (before, the composite path wrote the
+    variance and then raised on the mean, half-updated)."""
+    torch.manual_seed(2)
+    x = (torch.randn(4, 3, 5) + torch.arange(3.0).view(1, 3, 1)).to(device)
+    results = []
+    for fused in (None, False):
+        layer = bn_cuda.BatchNormalization(axis=1, fused=fused, renorm=renorm).to(device)
+        layer.build((4, 3, 5))
+        layer.moving_mean = torch.zeros(1, device=device).expand(3)
+        y = layer(x, training=True)
+        assert layer.moving_mean.stride() == (1,)
+        results.append((y, layer.moving_mean.clone(), layer.moving_variance.clone()))
+    expected_mean = 0.01 * x.double().mean((0, 2))  # moving_mean: 0 -> 0 + (mean - 0) * (1 - 0.99)
+    for y, mm, mv in results:
+        torch.testing.assert_close(mm.double(), expected_mean, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(results[0][2], results[1][2], rtol=1e-6, atol=1e-7)
