@@ -165,6 +165,18 @@ def _keras_finalize_fake(mean, var, count, moving_mean, moving_variance, moving_
     return mean.new_empty((c,), dtype=acc), mean.new_empty((c,), dtype=acc)
 
 
+def _check_updated_need_no_grad(who: str, **updated: Optional[Tensor]) -> None:
+    """Statistics updated in place that require grad (with grad mode on): refused by name, as the
+    functional ops refuse them (the raw op's autograd fallback would say only "a leaf Variable that
+    requires grad is being used in an in-place operation")."""
+    if not torch.is_grad_enabled():
+        return
+    for name, t in updated.items():
+        if t is not None and t.requires_grad:
+            raise RuntimeError(f"{who}: {name} requires grad, but it is a statistic the op updates in place, not a "
+                               f"differentiable input; pass {name}.detach() or a tensor that does not require grad")
+
+
 def _keras_scalars(op: str, ghosts, momentum, renorm_momentum, eps, rmin, rmax, dmax) -> tuple:
     """The scalar arguments of keras_finalize / keras_coeffs, checked for type (the op checks values)."""
     who = f"bn_cuda.staged.{op}"
@@ -188,6 +200,9 @@ def keras_finalize(mean: Tensor, var: Tensor, count: Tensor, moving_mean: Tensor
     ``relu(moving_stddev^2 - eps)``. Features without data keep their moving variables unless
     ``always_update``. Returns ``(r, d)`` (1 and 0 without renorm), with no gradient.
     """
+    _check_updated_need_no_grad("bn_cuda.staged.keras_finalize", moving_mean=moving_mean,
+                                moving_variance=moving_variance, moving_stddev=moving_stddev, renorm_mean=renorm_mean,
+                                renorm_stddev=renorm_stddev)
     return _ops.keras_finalize.default(mean, var, count, moving_mean, moving_variance, moving_stddev, renorm_mean,
                                        renorm_stddev, *_keras_scalars("keras_finalize", ghosts, momentum,
                                                                       renorm_momentum, eps, rmin, rmax, dmax),
@@ -228,6 +243,9 @@ def keras_coeffs(mean: Tensor, m2: Tensor, count: Tensor, gamma: Optional[Tensor
     + adj_bias * gamma + beta`` (missing factors drop out). No gradient (the layer's autograd node
     differentiates through the composition).
     """
+    _check_updated_need_no_grad("bn_cuda.staged.keras_coeffs", moving_mean=moving_mean,
+                                moving_variance=moving_variance, moving_stddev=moving_stddev, renorm_mean=renorm_mean,
+                                renorm_stddev=renorm_stddev)
     return _ops.keras_coeffs.default(mean, m2, count, gamma, beta, adj_scale, adj_bias, moving_mean, moving_variance,
                                      moving_stddev, renorm_mean, renorm_stddev,
                                      *_keras_scalars("keras_coeffs", ghosts, momentum, renorm_momentum, eps, rmin, rmax,
@@ -260,6 +278,7 @@ def gather_stats(mean: Tensor, m2: Tensor, count: Tensor, running_mean: Optional
     for features whose total count is 0, which keep their running statistics.
     """
     who = "bn_cuda.staged.gather_stats"
+    _check_updated_need_no_grad(who, running_mean=running_mean, running_var=running_var)
     return _ops.gather_stats.default(mean, m2, count, running_mean, running_var, as_float(who, "momentum", momentum),
                                      as_float(who, "eps", eps), bool(unbiased_running_var))
 

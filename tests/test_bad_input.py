@@ -282,3 +282,20 @@ def test_expanded_moving_buffer_fused_and_composite_alike(renorm, device):
         torch.testing.assert_close(mm.double(), expected_mean, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(results[0][2], results[1][2], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("op,pos,name", [("gather_stats", 3, "running_mean"), ("keras_finalize", 4, "moving_variance"),
+                                         ("keras_coeffs", 7, "moving_mean")])
+def test_staged_updated_statistics_need_no_grad(op, pos, name, device):
+    fn, args, _ = _calls(device)[op]
+    args = list(args)
+    if op == "gather_stats":
+        args[4] = torch.ones(3, device=device)
+    args[pos] = torch.ones(3, device=device, requires_grad=True)
+    before = {i: a.detach().clone() for i, a in enumerate(args) if isinstance(a, torch.Tensor)}
+    with pytest.raises(RuntimeError, match=rf"staged\.{op}: {name} requires grad, but it is a statistic"):
+        fn(args)
+    assert all(torch.equal(args[i].detach(), b) for i, b in before.items())
+    with torch.no_grad():
+        fn(args)  # (no gradient recorded: allowed, and updated)
+    assert not torch.equal(args[pos].detach(), before[pos])
