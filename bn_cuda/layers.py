@@ -231,7 +231,10 @@ class BatchNormalization(KerasLayerIO, nn.Module):
             for var in _RENORM_VARS:
                 self.register_buffer(var, None)
         # Follows .to()/.cuda() while unbuilt, so weights built from a state_dict land there.
-        self.register_buffer("_device_anchor", torch.empty(0), persistent=False)
+        # Its dtype too: .double() / .half() / .to(dtype) while unbuilt set the dtype weights are built
+        # in (as torch's lazy modules materialize in the dtype they were cast to).
+        self.register_buffer("_device_anchor", torch.empty(0, dtype=self.variable_dtype), persistent=False)
+        self._requires_grad: Optional[bool] = None  # requires_grad_() while unbuilt, applied at build
         if shape is not None:  # Keras's input_shape & co: built now, so an optimizer can take the weights
             self.build(shape)
 
@@ -256,9 +259,17 @@ class BatchNormalization(KerasLayerIO, nn.Module):
     @trainable.setter
     def trainable(self, value: bool) -> None:
         self._trainable = bool(value)
+        self._requires_grad = None  # (the latest word on gamma / beta's requires_grad wins)
         for p in (self.gamma, self.beta):
             if p is not None:
                 p.requires_grad_(self._trainable)
+
+    def requires_grad_(self, requires_grad: bool = True) -> "BatchNormalization":
+        """torch's ``requires_grad_``; on an unbuilt layer it applies to gamma / beta when they are
+        built (torch's own would find no parameter and do nothing)."""
+        if not self.built:
+            self._requires_grad = bool(requires_grad)
+        return super().requires_grad_(requires_grad)
 
     def build(self, input_shape: Sequence[Optional[int]], device: Optional[torch.device] = None) -> None:
         """Create the weights for inputs of this shape (``None`` allowed outside the feature axes)."""
@@ -284,15 +295,17 @@ class BatchNormalization(KerasLayerIO, nn.Module):
                 param_shape.insert(1, 1)  # the ghost dim, as in tf_keras
         device = self._device_anchor.device if device is None else torch.device(device)
 
-        dtype = self.variable_dtype
+        dtype = self._device_anchor.dtype  # (the policy's variable dtype, or what .to() made it)
 
         def make(init) -> Tensor:
             return _materialize(init, param_shape, name=self.name, dtype=dtype).to(device)
 
+        wanted = getattr(self, "_requires_grad", None)  # (a layer pickled before it existed has none)
+        grad = self._trainable if wanted is None else wanted
         if self.scale:
-            self.gamma = nn.Parameter(make(self.gamma_initializer), requires_grad=self._trainable)
+            self.gamma = nn.Parameter(make(self.gamma_initializer), requires_grad=grad)
         if self.center:
-            self.beta = nn.Parameter(make(self.beta_initializer), requires_grad=self._trainable)
+            self.beta = nn.Parameter(make(self.beta_initializer), requires_grad=grad)
         self.moving_mean = make(self.moving_mean_initializer)
         self.moving_variance = make(self.moving_variance_initializer)
         if self.renorm:
@@ -629,20 +642,22 @@ class BatchNormalization(KerasLayerIO, nn.Module):
             updates["moving_variance"] = composite.moving_average(moving["moving_variance"], new_var, momentum)
         updates["moving_mean"] = composite.moving_average(moving["moving_mean"], new_mean, momentum)
 
+        # The moving variables move before the output is computed, as in the fused path: a
+        # non-reentrant torch.utils.checkpoint stops its recomputation once the last tensor saved
+        # for backward is rebuilt, and would skip an update that came after (one update instead of
+        # the fused path's and torch's modules' two).
+        if not local_empty:  # (an empty batch: no moving-variable update, see above)
+            with torch.no_grad():
+                for n, value in updates.items():
+                    if has_data is not None:
+                        value = torch.where(has_data, value, moving[n])
+                    buf = getattr(self, n)
+                    if torch._debug_has_internal_overlap(buf) == 1:  # (an expanded buffer: one of its own, as
+                        setattr(self, n, buf.contiguous())  # _flat gives the fused path, rather than a copy_
+                        buf = getattr(self, n)               # that raises after the other variables moved)
+                    buf.copy_(value.reshape(buf.shape))
         out = composite.batch_normalization(work, mean, var, offset, scale, self.epsilon)
-        out = out.reshape(x.shape).to(x.dtype)
-        if local_empty:  # no moving-variable update (see above)
-            return out
-        with torch.no_grad():
-            for n, value in updates.items():
-                if has_data is not None:
-                    value = torch.where(has_data, value, moving[n])
-                buf = getattr(self, n)
-                if torch._debug_has_internal_overlap(buf) == 1:  # (an expanded buffer: one of its own, as _flat
-                    setattr(self, n, buf.contiguous())  # gives the fused path, rather than a copy_ that raises
-                    buf = getattr(self, n)               # after the other variables moved)
-                buf.copy_(value.reshape(buf.shape))
-        return out
+        return out.reshape(x.shape).to(x.dtype)
 
     def extra_repr(self) -> str:
         parts = [f"axis={self.axis}", f"momentum={self.momentum}", f"epsilon={self.epsilon}"]

@@ -1223,3 +1223,62 @@ def test_weight_lists_match_tf_keras(kwargs):
     assert tuple(ours.compute_output_shape((None, 5, 3))) == tuple(theirs.compute_output_shape((None, 5, 3)))
     with pytest.raises(ValueError, match="isn't built"):
         BatchNormalization().count_params()
+
+
+@pytest.mark.parametrize("cast,dtype", [(lambda m: m.double(), torch.float64), (lambda m: m.half(), torch.float16),
+                                        (lambda m: m.to(torch.bfloat16), torch.bfloat16),
+                                        (lambda m: m, torch.float32)])
+@pytest.mark.parametrize("kwargs", [{}, {"virtual_batch_size": 2, "renorm": True}])
+def test_cast_before_build_sets_the_weights_dtype(cast, dtype, kwargs):
+    """.double() / .half() / .to(dtype) on a layer that is not built yet: the weights are built in
+    that dtype, as on a built layer and as torch's lazy modules materialize."""
+    x = torch.randn(8, 3, 4, dtype=dtype if dtype != torch.float16 else torch.float32)
+    lazy = cast(BatchNormalization(axis=1, **kwargs))
+    lazy(x, training=True)
+    built = cast(BatchNormalization(axis=1, input_shape=(3, 4), **kwargs))
+    built(x, training=True)
+    for name in ["gamma", "beta"] + lazy._variables():
+        assert getattr(lazy, name).dtype == dtype == getattr(built, name).dtype, name
+        torch.testing.assert_close(getattr(lazy, name), getattr(built, name), rtol=0, atol=0)
+    # a float64 state_dict loads into an unbuilt .double() layer without rounding
+    src = BatchNormalization(axis=1, dtype="float64")
+    src.build((8, 3, 4))
+    with torch.no_grad():
+        src.moving_mean.fill_(1 / 3)
+    dst = BatchNormalization(axis=1).double()
+    dst.load_state_dict(src.state_dict())
+    assert dst.moving_mean.dtype == torch.float64 and dst.moving_mean[0].item() == 1 / 3
+
+
+def test_requires_grad_before_build():
+    layer = BatchNormalization(axis=1).requires_grad_(False)
+    layer(torch.randn(4, 3), training=True)
+    assert not layer.gamma.requires_grad and not layer.beta.requires_grad
+    layer = BatchNormalization(axis=1).requires_grad_(False)
+    layer.trainable = True  # the latest word wins
+    layer(torch.randn(4, 3), training=True)
+    assert layer.gamma.requires_grad
+
+
+@pytest.mark.parametrize("fused", [None, False])
+@pytest.mark.parametrize("kwargs", [{}, {"renorm": True}, {"virtual_batch_size": 2}])
+def test_checkpoint_recomputation_updates_like_torch(fused, kwargs):
+    """Under non-reentrant torch.utils.checkpoint the forward runs twice, and so do the moving
+    averages, as for torch's own batch norm modules, on both the fused and the composite path
+    (the composite one used to update after the last saved tensor, which the recomputation skips)."""
+    from torch.utils.checkpoint import checkpoint
+    torch.manual_seed(4)
+    x = torch.randn(8, 4) * 2 + 1
+    layer, twice = BatchNormalization(fused=fused, **kwargs), BatchNormalization(fused=fused, **kwargs)
+    twice(x, training=True)
+    twice(x, training=True)
+    xr = x.clone().requires_grad_()
+    checkpoint(lambda t: layer(t, training=True), xr, use_reentrant=False).sum().backward()
+    for name in layer._variables():
+        torch.testing.assert_close(getattr(layer, name), getattr(twice, name), rtol=0, atol=0)
+    # torch's module, for the record of what "as torch" means here
+    bn, bn2 = torch.nn.BatchNorm1d(4), torch.nn.BatchNorm1d(4)
+    bn2(x)
+    bn2(x)
+    checkpoint(bn, x.clone().requires_grad_(), use_reentrant=False).sum().backward()
+    torch.testing.assert_close(bn.running_mean, bn2.running_mean)
