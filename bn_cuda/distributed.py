@@ -257,11 +257,12 @@ def sync_batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: 
                                          unbiased_running_var)
         return out
     check_savable(input, weight, bias)
-    plan = ops._plan(input, axes)  # weight / bias as normalize will check them, before any collective
-    ops._check_feature(weight, "weight", plan)
-    ops._check_feature(bias, "bias", plan)
+    features = ops.num_features(input.shape, axes)
+    for name, t in (("weight", weight), ("bias", bias)):  # as normalize will check them, before any collective
+        if t is not None and not (t.dim() == 1 and t.shape[0] == features and t.dtype in ops._FLOATING):
+            ops._check_feature(t, name, ops._plan(input, axes))  # (the usual flat (C,) ones skip this)
     check = feature_check if feature_check is not None else FeatureCountCheck("bn_cuda.sync_batch_norm")
-    check(ops.num_features(input.shape, axes), group, input.device)
+    check(features, group, input.device)
     mean, invstd, count = sync_batch_stats(input, axes, running_mean, running_var, momentum, eps, group,
                                            world_size, unbiased_running_var=unbiased_running_var)
     return SyncNormalize.apply(input, weight, bias, mean, invstd, count, axes, group)
