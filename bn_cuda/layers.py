@@ -34,7 +34,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from . import ops
+from . import distributed, ops
 from .keras import checks, composite, constraints, initializers, regularizers
 from .keras._serialization import to_numpy as _to_numpy
 from .keras.layer_io import KerasLayerIO
@@ -646,6 +646,8 @@ class BatchNormalization(KerasLayerIO, nn.Module):
         # non-reentrant torch.utils.checkpoint stops its recomputation once the last tensor saved
         # for backward is rebuilt, and would skip an update that came after (one update instead of
         # the fused path's and torch's modules' two).
+        # (the output's backward saves `work`: an inference tensor is refused before any update)
+        distributed.check_savable(work, scale, offset, weight_name="gamma")
         if not local_empty:  # (an empty batch: no moving-variable update, see above)
             with torch.no_grad():
                 for n, value in updates.items():

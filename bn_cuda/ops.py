@@ -136,9 +136,17 @@ def _num(v) -> str:
 
 
 def _v(x) -> str:
-    """An int, or a symbolic one by its value in the call being traced (where a check fails)."""
-    if isinstance(x, torch.SymInt) and x.hint is not None:
-        return str(x.hint)
+    """An int, or a symbolic one by its value in the call being traced where torch knows it
+    (``SymInt.hint`` in recent torch, the node's hint before: torch 2.11 has no ``SymInt.hint``),
+    else by its expression."""
+    if isinstance(x, torch.SymInt):
+        for hint in (lambda: x.hint, lambda: x.node.hint):
+            try:
+                value = hint()
+            except Exception:  # noqa: BLE001  (an attribute this torch lacks, or no hint to give)
+                continue
+            if value is not None:
+                return str(value)
     return str(x)
 
 
