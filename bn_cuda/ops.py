@@ -233,6 +233,12 @@ def _check_finite(op: str, name: str, v) -> None:
         raise ValueError(f"bn_cuda.{op}: {name} must be finite, got {_num(v)}")
 
 
+def _check_staged_eps(op: str, eps) -> None:
+    """The staged ops' eps (gather_stats, keras_finalize, keras_coeffs): finite and > 0."""
+    if not (_finite(eps) and eps > 0):
+        raise ValueError(f"bn_cuda.{op}: eps must be finite and > 0, got {_num(eps)}")
+
+
 class _Plan:
     """What feature_tensor checks a per-feature tensor against (C++'s Canonical): the planned
     input's shape and feature axes, the feature dims' sizes, View3's C, and the entry count of a
@@ -362,7 +368,7 @@ def _check_ghost_entries(ghosts, c, input: Tensor, axis, name: str, t: Optional[
         f"ghosts * C = {_v(ghosts * c)} entries, ghost-major (shape [{_v(ghosts * c)}])"))
 
 
-def _plan_ghosts(input: Tensor, axis: Sequence[int], ghosts, masked: bool = False,
+def _plan_ghosts(input: Tensor, axis: Sequence[int], ghosts,
                  per_feature: Sequence[Optional[Tensor]] = ()) -> Tuple[_Plan, object]:
     """plan_ghosts: the input checks, then the ghost count's (>= 1, ghosts * C an int64, dividing
     the batch, the batch dim no feature axis). Returns the plan per-feature tensors are checked

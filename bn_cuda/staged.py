@@ -18,7 +18,7 @@ from torch import Tensor
 
 from .ops import (_acc_dtype, _check_backward, _check_defined, _check_disjoint, _check_feature, _check_finite,
                   _check_flat, _check_floating, _check_forward, _check_ghost_entries, _check_grad_out, _check_mask,
-                  _check_stat_triple, _finite, _num, _plan_ghosts, _shape, _v, as_axes, as_float, as_int,
+                  _check_stat_triple, _check_staged_eps, _num, _plan_ghosts, _shape, _v, as_axes, as_float, as_int,
                   check_same_device)
 
 __all__ = ["batch_stats", "gather_stats", "normalize", "grad_sums", "grad_input", "keras_finalize", "keras_coeffs"]
@@ -36,7 +36,7 @@ _ops = torch.ops.bn_cuda
 def _batch_stats_fake(input, axis, mask=None, ghosts=1):
     _check_defined(input, "input")
     check_same_device(input, mask=mask)
-    _, c = _plan_ghosts(input, axis, ghosts, masked=mask is not None)
+    _, c = _plan_ghosts(input, axis, ghosts)
     _check_mask(mask, input)
     _check_floating(input, "input")
     acc = _acc_dtype(input.dtype)
@@ -49,8 +49,7 @@ def _gather_stats_fake(mean, m2, count, running_mean, running_var, momentum, eps
         raise ValueError(f"bn_cuda.gather_stats: mean must be (C,) or (W, C), got shape {_shape(mean.shape)}")
     _check_stat_triple("gather_stats", mean, "mean", m2, "m2", count)
     check_same_device(mean, m2=m2, count=count, running_mean=running_mean, running_var=running_var)
-    if not (_finite(eps) and eps > 0):
-        raise ValueError(f"bn_cuda.gather_stats: eps must be finite and > 0, got {_num(eps)}")
+    _check_staged_eps("gather_stats", eps)
     c = mean.shape[-1]
     source = f"mean of shape {_shape(mean.shape)} has C = {_v(c)} features"
     _check_flat(running_mean, "running_mean", "gather_stats", c, source, mutated=True)
@@ -100,8 +99,7 @@ def _grad_input_fake(grad_out, input, mean, invstd, weight, sum_dy, sum_dy_xmu, 
     _check_defined(input, "input")
     check_same_device(input, grad_out=grad_out, mean=mean, invstd=invstd, weight=weight, sum_dy=sum_dy,
                       sum_dy_xmu=sum_dy_xmu, count=count, mask=mask)
-    plan, c = _plan_ghosts(input, axis, ghosts, masked=mask is not None,
-                           per_feature=(mean, invstd, weight, sum_dy, sum_dy_xmu, count))
+    plan, c = _plan_ghosts(input, axis, ghosts, per_feature=(mean, invstd, weight, sum_dy, sum_dy_xmu, count))
     _check_mask(mask, input)
     _check_grad_out(grad_out, input)
     for name, t in stats + (("weight", weight),):
@@ -126,8 +124,7 @@ def _check_keras_epilogue(op: str, mean, second, second_name: str, count, moving
     check_same_device(mean, **{second_name: second}, count=count, moving_mean=moving_mean,
                       moving_variance=moving_variance, moving_stddev=moving_stddev, renorm_mean=renorm_mean,
                       renorm_stddev=renorm_stddev)
-    if not (_finite(eps) and eps > 0):
-        raise ValueError(f"bn_cuda.{op}: eps must be finite and > 0, got {_num(eps)}")
+    _check_staged_eps(op, eps)
     _check_finite(op, "momentum", momentum)
     _check_finite(op, "renorm_momentum", renorm_momentum)
     for name, v in (("rmin", rmin), ("rmax", rmax)):
