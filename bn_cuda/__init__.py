@@ -73,6 +73,35 @@ def get_include() -> str:
     return str(_HERE / "include")  # an installed package: the copy setup.py put there
 
 
+def _load_triton_before_tensorflow() -> None:
+    """Load torch._dynamo (and with it triton) now, unless tensorflow is loaded already.
+
+    triton's native library crashes the process (a segmentation fault) when it loads after
+    tensorflow's (torch 2.14 + tensorflow 2.21 here), and torch loads it for torch.compile and for
+    an optimizer's first step. Loading it with bn_cuda lets a Keras port import tensorflow after
+    bn_cuda and train. With tensorflow loaded first it is too late: bn_cuda then loads nothing and
+    says so, instead of crashing the import."""
+    import sys
+
+    if "torch._dynamo" in sys.modules:
+        return
+    if "tensorflow" in sys.modules:
+        import warnings
+
+        warnings.warn(
+            "bn_cuda was imported after tensorflow: triton, which torch loads for torch.compile and an "
+            "optimizer's first step, may crash the process when it loads after tensorflow (their native "
+            "libraries clash). Import bn_cuda (or torch._dynamo) before tensorflow.",
+            RuntimeWarning, stacklevel=3)
+        return
+    try:
+        import torch._dynamo  # noqa: F401
+    except Exception:  # pragma: no cover - a torch build without dynamo: nothing to order
+        pass
+
+
+_load_triton_before_tensorflow()
+
 from . import ops  # noqa: E402  (fake kernels + autograd)
 from . import functional  # noqa: E402
 from . import staged  # noqa: E402  (fake kernels of the staged ops)

@@ -98,7 +98,13 @@ def batch_norm_module(input: Tensor, weight: Optional[Tensor], bias: Optional[Te
 torch.fx.wrap("batch_norm_module")
 
 
-@torch.compiler.disable
+# torch.compiler.disable imports torch._dynamo, and with it triton, at once; torch._disable_dynamo
+# (torch's own lazy form, in every release we support) waits for the first call: after
+# `import tensorflow` triton must not load at `import bn_cuda` (see _load_triton_before_tensorflow).
+_disable_dynamo = getattr(torch, "_disable_dynamo", torch.compiler.disable)
+
+
+@_disable_dynamo
 def _cumulative_batch_norm_module(*args: Any) -> Tensor:
     """:func:`batch_norm_module` of a training layer with ``momentum=None``, whose factor
     ``1 / (count + 1)`` is read on the host, as torch reads it: under torch.compile this call runs

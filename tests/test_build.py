@@ -71,3 +71,45 @@ def test_cxx_error_reaches_python_with_its_numbers():
     x = torch.randn(4, 3, 5)
     with pytest.raises((ValueError, RuntimeError), match=r"weight.*\b7\b.*\b3\b|weight.*\b3\b.*\b7\b"):
         torch.ops.bn_cuda.forward_train(x, torch.ones(7), None, None, None, 0.1, 1e-5, [1])
+
+
+_TF_FIRST = """
+import tensorflow
+import bn_cuda, torch
+layer = bn_cuda.BatchNormalization(virtual_batch_size=2)
+x = torch.randn(4, 5, 3, requires_grad=True)
+layer(x, training=True).sum().backward()
+assert x.grad is not None
+print("tf-first ok")
+"""
+
+_BN_FIRST = """
+import bn_cuda, torch
+import numpy as np, tensorflow, tf_keras
+keras_layer = tf_keras.layers.BatchNormalization(renorm=True)
+keras_layer(np.random.randn(4, 3).astype("float32"), training=True)
+layer = bn_cuda.BatchNormalization.from_keras(keras_layer)
+opt = torch.optim.Adam(layer.parameters())
+layer(torch.randn(4, 3), training=True).sum().backward()
+opt.step()                                   # torch loads triton here
+torch.compile(lambda t: t * 2)(torch.ones(2))
+print("bn-first ok")
+"""
+
+
+@pytest.mark.tf
+@pytest.mark.parametrize("script,word", [(_TF_FIRST, "tf-first ok"), (_BN_FIRST, "bn-first ok")])
+def test_tensorflow_in_the_same_process(script, word):
+    """triton crashes the process when it loads after tensorflow. `import bn_cuda` loads it first,
+    so tensorflow may come after (and an optimizer step, torch.compile work); after tensorflow,
+    bn_cuda loads nothing, works, and warns how to order the imports."""
+    pytest.importorskip("tf_keras", exc_type=ImportError)
+    import subprocess
+    import os
+
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(bn_cuda._HERE.parent),
+                                                                    os.environ.get("PYTHONPATH")])))
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0 and word in done.stdout, (done.returncode, done.stderr[-2000:])
+    if script is _TF_FIRST:
+        assert "Import bn_cuda (or torch._dynamo) before tensorflow" in done.stderr

@@ -108,6 +108,9 @@ CASES = [
     Case("vbs_nchw", (6, 3, 7, 1), {"axis": 1, "virtual_batch_size": 2}, infer_shape=(5, 3, 7, 1)),
     Case("vbs_3d", (8, 7, 3), {"virtual_batch_size": 4, "momentum": 0.5}),
     Case("vbs_1", (4, 7, 3), {"virtual_batch_size": 1}),
+    # one value per (ghost, feature): output beta, input gradient exactly 0 (tests/test_variants.py)
+    Case("vbs_1_one_value", (6, 40), {"virtual_batch_size": 1}),
+    Case("vbs_1_one_value_nchw", (5, 17, 1, 1), {"axis": 1, "virtual_batch_size": 1}),
     Case("vbs_momentum_9999", (8, 5), {"virtual_batch_size": 2, "momentum": 0.9999}, shift=5.0),
     Case("vbs_whole_batch", (6, 5), {"virtual_batch_size": 6}),
     Case("vbs_axis_list", (6, 3, 7), {"axis": [1, 2], "virtual_batch_size": 3}),

@@ -161,6 +161,44 @@ def test_masked_single_unmasked_value_is_exact():
         assert torch.equal(y[0, 1], torch.zeros(3)), (fused, y[0, 1])
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("shape,axis,layout", [((6, 40), -1, None), ((64, 256), -1, None), ((6, 1, 1, 40), -1, None),
+                                               ((6, 40, 1, 1), 1, None), ((6, 40, 1, 1), 1, "cl"),
+                                               ((7, 1000), -1, None), ((5, 3, 1), 1, "t")])
+def test_one_value_per_ghost_feature_gives_exact_zero_input_gradient(device, dtype, shape, axis, layout):
+    """virtual_batch_size=1 with nothing else reduced: every (ghost, feature) holds one value, so
+    x - mean and dy - mean(dy) are 0 and the input gradient is exactly 0, as tf_keras gives (the
+    kernels' k_dy * dy + k_0 with a fused multiply-add used to leave ~1e-7 |k_dy dy|). The weight
+    and bias gradients stay sum(dy * x_hat) = 0 and sum(dy)."""
+    g = torch.Generator().manual_seed(hash((shape, layout)) % 1000)
+    x = (torch.randn(shape, generator=g, dtype=torch.float64) * 3 + 5).to(device=device, dtype=dtype)
+    if layout == "cl":
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif layout == "t":
+        x = x.transpose(0, 2).contiguous().transpose(0, 2)
+    dy = torch.randn(shape, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
+    for fused in (None, False):
+        layer = bn_cuda.BatchNormalization(axis=axis, virtual_batch_size=1, fused=fused)
+        layer.build(shape, device=torch.device(device))
+        with torch.no_grad():
+            layer.gamma.uniform_(0.5, 2.0, generator=None)
+        xr = x.detach().requires_grad_()
+        y = layer(xr, training=True)
+        (y.float() * dy.float()).sum().backward()
+        assert torch.count_nonzero(xr.grad) == 0, (fused, xr.grad.abs().max())
+        reduced = [d for d in range(dy.ndim) if d != axis % dy.ndim]
+        torch.testing.assert_close(layer.beta.grad.double().reshape(-1), dy.double().sum(reduced), rtol=1e-5, atol=1e-4)
+        assert torch.count_nonzero(layer.gamma.grad) == 0
+    # the raw backward op on a (1, C, 1) input: one value per feature there too
+    xo = x.reshape(1, -1, 1) if x.is_contiguous() else x.contiguous().reshape(1, -1, 1)
+    mean = xo.float().reshape(-1)
+    invstd = torch.full_like(mean, 1e-5 ** -0.5)
+    w = torch.rand(mean.shape, device=device) + 0.5
+    gx, _, _ = torch.ops.bn_cuda.backward(dy.reshape(1, -1, 1), xo, w, mean, invstd, True, [1], [True, True, True])
+    assert torch.count_nonzero(gx) == 0
+
+
 @pytest.mark.parametrize("fused", [None, False])
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_empty_batch_keeps_moving_variables(fused, name):

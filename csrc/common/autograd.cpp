@@ -149,7 +149,9 @@ variable_list infer_grads(const variable_list& grads, const at::Tensor& input, c
                           const AffineMeta& meta, at::IntArrayRef axis, std::array<bool, 3> mask) {
   const at::ScalarType acc = acc_scalar_type(input.scalar_type());
   const at::Tensor mean = running_mean.detach().to(acc).reshape(-1);
-  const at::Tensor invstd = at::rsqrt(running_var.detach().to(acc).reshape(-1) + eps);
+  // 1 / sqrt, both correctly rounded, as the forward's invstd_of: CUDA's rsqrt is up to 2 ulp off,
+  // and the backward would then scale by another invstd than the forward applied.
+  const at::Tensor invstd = at::reciprocal(at::sqrt(running_var.detach().to(acc).reshape(-1) + eps));
   at::Tensor gi, gw, gb;
   std::tie(gi, gw, gb) = param_backward(meta, axis, grads[0], input, weight, mean, invstd, /*train=*/false, mask);
   return {gi, gw, gb};
@@ -453,7 +455,7 @@ void infer_tangents(const at::Tensor& out, const at::Tensor& input, const OptTen
   const auto acc = x.scalar_type();
   // (the running statistics are constants, as in torch: no tangent flows from them)
   const at::Tensor mean = bcast(running_mean.detach().to(acc).reshape(-1), input, axes);
-  const at::Tensor invstd = at::rsqrt(bcast(running_var.detach().to(acc).reshape(-1), input, axes) + eps);
+  const at::Tensor invstd = at::reciprocal(at::sqrt(bcast(running_var.detach().to(acc).reshape(-1), input, axes) + eps));
   set_tangent(out, affine_composite(x, mean, invstd, weight, bias, input, axes));
 }
 

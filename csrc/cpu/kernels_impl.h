@@ -1402,11 +1402,13 @@ void cl_grad_coeffs(const BackwardParams& p, const A* sdy, const A* sdyx, A coun
     // loop per coefficient (the four stores in one loop kept GCC 12 from vectorizing it); the
     // same operations, so the same bits.
     const A* __restrict__ wg = w ? w + f0 : nullptr;
-    const bool stats_terms = train && count > A(0);
+    const bool single = train && count == A(1) && !p.mask;  // (grad_coeffs_single)
+    const bool stats_terms = train && count > A(0) && !single;
     const A inv_m = stats_terms ? A(1) / count : A(0);
-    const auto coeffs = [inv_m, stats_terms](A mean, A inv, A weight, A sum_dy, A sum_dy_xmu) {
-      return stats_terms ? grad_coeffs_train(mean, inv, weight, sum_dy, sum_dy_xmu, inv_m)
-                         : grad_coeffs(mean, inv, weight, sum_dy, sum_dy_xmu, A(0), false);
+    const auto coeffs = [inv_m, stats_terms, single](A mean, A inv, A weight, A sum_dy, A sum_dy_xmu) {
+      return single        ? grad_coeffs_single(mean)
+             : stats_terms ? grad_coeffs_train(mean, inv, weight, sum_dy, sum_dy_xmu, inv_m)
+                           : grad_coeffs(mean, inv, weight, sum_dy, sum_dy_xmu, A(0), false, false);
     };
     for (int64_t c = 0; c < C; ++c) km[c] = m[c];
     for (int64_t c = 0; c < C; ++c) kd[c] = coeffs(m[c], is[c], wg ? wg[c] : A(1), A(0), A(0)).k_dy;
@@ -1457,7 +1459,7 @@ void backward(const BackwardParams& p) {
         const A s = rs.total(), sx = rsx.total();
         if (gw) gw[c] = sx * invstd[c];
         if (gb) gb[c] = s;
-        const GradCoeffs<A> g = grad_coeffs(mean[c], invstd[c], w ? w[c] : A(1), s, sx, count, p.train);
+        const GradCoeffs<A> g = grad_coeffs(mean[c], invstd[c], w ? w[c] : A(1), s, sx, count, p.train, false);
         for (int64_t r = 0; r < v.O; ++r)
           grad_run(dy + r * p.dy_so + c * p.dy_sc, x + r * p.x_so + c * p.x_sc, dx + r * p.dx_so + c * p.dx_sc, v.I,
                    g);
@@ -1534,7 +1536,7 @@ void backward(const BackwardParams& p) {
         if (gw) gw[c] = sx * invstd[c];
         if (gb) gb[c] = s;
         const A n = given ? static_cast<const A*>(p.given_count)[c] : count;
-        const GradCoeffs<A> g = grad_coeffs(mean[c], invstd[c], w ? w[c] : A(1), s, sx, n, p.train);
+        const GradCoeffs<A> g = grad_coeffs(mean[c], invstd[c], w ? w[c] : A(1), s, sx, n, p.train, p.mask != nullptr);
         g_mean[c] = g.mean;
         g_kdy[c] = g.k_dy;
         g_kx[c] = g.k_xmu;

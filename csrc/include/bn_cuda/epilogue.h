@@ -88,8 +88,25 @@ BN_HD GradCoeffs<T> grad_coeffs_train(T mean, T invstd, T w, T sum_dy, T sum_dy_
   return g;
 }
 
+// One value per feature in training (M == 1; tf_keras's ghost batches allow it): dy - mean(dy)
+// and x - mean are both 0, so the input gradient is exactly 0, as tf_keras and torch's formula
+// give. k_dy * dy + k_0 would leave the rounding of k_dy * dy wherever a * b + c is fused into
+// one fma (the CUDA compiler's default, the CPU's vector code), so every coefficient is 0 instead.
+// Not for weighted (masked) statistics, whose masked-out elements keep k_dy * dy.
 template <typename T>
-BN_HD GradCoeffs<T> grad_coeffs(T mean, T invstd, T w, T sum_dy, T sum_dy_xmu, T count, bool train) {
+BN_HD GradCoeffs<T> grad_coeffs_single(T mean) {
+  GradCoeffs<T> g;
+  g.mean = mean;
+  g.k_dy = T(0);
+  g.k_xmu = T(0);
+  g.k_0 = T(0);
+  return g;
+}
+
+// `weighted`: the statistics are a mask's weighted moments (see grad_coeffs_single).
+template <typename T>
+BN_HD GradCoeffs<T> grad_coeffs(T mean, T invstd, T w, T sum_dy, T sum_dy_xmu, T count, bool train, bool weighted) {
+  if (train && count == T(1) && !weighted) return grad_coeffs_single(mean);
   if (train && count > T(0)) return grad_coeffs_train(mean, invstd, w, sum_dy, sum_dy_xmu, T(1) / count);
   GradCoeffs<T> g;
   g.mean = mean;

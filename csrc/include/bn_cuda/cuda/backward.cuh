@@ -184,7 +184,7 @@ __global__ void __launch_bounds__(256) finalize_backward_kernel(const BackwardPa
   if (p.grad_weight) static_cast<A*>(p.grad_weight)[c] = s.b * invstd;
   if (p.grad_bias) static_cast<A*>(p.grad_bias)[c] = s.a;
   const A w = p.weight ? static_cast<const A*>(p.weight)[c] : A(1);
-  const GradCoeffs<A> g = grad_coeffs(mean, invstd, w, s.a, s.b, count, p.train);
+  const GradCoeffs<A> g = grad_coeffs(mean, invstd, w, s.a, s.b, count, p.train, p.mask != nullptr);
   A* coeff = static_cast<A*>(p.workspace) + 2 * P * C;
   coeff[c] = g.mean;
   coeff[F + c] = g.k_dy;
@@ -202,7 +202,8 @@ __global__ void __launch_bounds__(256) given_grad_coeffs_kernel(const BackwardPa
   const GradCoeffs<A> g = grad_coeffs(static_cast<const A*>(p.mean)[c], static_cast<const A*>(p.invstd)[c], w,
                                       static_cast<const A*>(p.given_sum_dy)[c],
                                       static_cast<const A*>(p.given_sum_dy_xmu)[c],
-                                      static_cast<const A*>(p.given_count)[c], p.train);
+                                      static_cast<const A*>(p.given_count)[c], p.train,
+                                      p.mask != nullptr);
   A* coeff = static_cast<A*>(p.workspace) + 2 * p.partitions * C;
   coeff[c] = g.mean;
   coeff[F + c] = g.k_dy;
