@@ -141,8 +141,8 @@ def _add(p: Preset) -> None:
 _add(Preset(
     "quick",
     "CPU-sized shapes, fp32, both layouts, every mode, odd channel counts (3, 17, 1000; spatial 1 "
-    "and 49), 3-D and 2-D inputs, ghost/renorm on one shape, torch.compile on one: the README's "
-    "main-job command (under 3 minutes on 2 cores)",
+    "and 49), 3-D and 2-D inputs, ghost/renorm on one shape, torch.compile on one: the preset "
+    "./scripts/bench.sh runs on a CPU (under 3 minutes on 2 cores)",
     (
         # one torch.compile baseline (about 45 s of compilation on 2 cores)
         ShapeGroup("resnet50-like-b8", ((8, 64, 56, 56), (8, 256, 14, 14)), compile=True,

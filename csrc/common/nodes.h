@@ -119,7 +119,9 @@ template <typename... T>
 void check_no_forward_ad(const T&... tensors) {
   TORCH_CHECK_NOT_IMPLEMENTED(!any_forward_grad(tensors...),
                               "bn_cuda: forward-mode AD (torch.func.jvp, torch.autograd.forward_ad) is not "
-                              "supported by bn_cuda's batch norm ops; use reverse mode");
+                              "supported by bn_cuda.BatchNormalization's fused ghost-batch / renorm / "
+                              "adjustment / mask training step; use reverse mode, or fused=False (plain "
+                              "batch norm and the functional ops support it)");
 }
 
 }  // namespace bn_cuda
