@@ -9,7 +9,7 @@ COPY . .
 ENV TORCH_CUDA_ARCH_LIST="8.0;9.0+PTX" \
     BN_CUDA_FORCE_CUDA=1 \
     BN_CUDA_PYTHON=python
-RUN python -m pip install --no-cache-dir pytest numpy ninja pybind11 tqdm matplotlib rich \
+RUN python -m pip install --no-cache-dir pytest numpy ninja pybind11 tqdm matplotlib rich onnx onnxscript onnxruntime \
  && MAX_JOBS=4 python setup.py build_ext --inplace
 # The image's torch is used as is; tensorflow parity tests skip here (CI runs them on CPU).
 ENV BN_CUDA_SKIP_BUILD=1

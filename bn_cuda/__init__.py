@@ -12,7 +12,7 @@ from typing import Any, Dict
 
 import torch
 
-__all__ = ["build_info", "get_include", "functional", "ops", "staged", "nn", "BatchNormalization",
+__all__ = ["build_info", "get_include", "functional", "ops", "staged", "nn", "onnx", "BatchNormalization",
            "register_constraints"]
 
 _HERE = Path(__file__).resolve().parent
@@ -107,3 +107,4 @@ from . import functional  # noqa: E402
 from . import staged  # noqa: E402  (fake kernels of the staged ops)
 from .layers import BatchNormalization, register_constraints  # noqa: E402,F401
 from . import nn  # noqa: E402,F401  (bn_cuda.nn: BatchNorm1d/2d/3d, SyncBatchNorm, convert_batchnorm)
+from . import onnx  # noqa: E402,F401  (ONNX export: bn_cuda.onnx.custom_translation_table)

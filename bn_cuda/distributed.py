@@ -249,6 +249,8 @@ def sync_batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: 
     feature_check : FeatureCountCheck, optional
         A layer's cached check; without one the feature count is exchanged on every call.
     """
+    if ops._onnx_exporting():
+        ops._onnx().refuse_training("bn_cuda.sync_batch_norm")
     axes = ops.normalize_axes([axis] if isinstance(axis, int) else list(axis), input.dim())
     ops.check_same_device(input, weight=weight, bias=bias, running_mean=running_mean, running_var=running_var)
     group, world_size = process_group_and_size(process_group)

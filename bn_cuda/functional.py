@@ -20,6 +20,8 @@ __all__ = ["batch_norm"]
 _forward_train = getattr(_ops.forward_train.default, "_op", _ops.forward_train.default)
 _forward_infer = getattr(_ops.forward_infer.default, "_op", _ops.forward_infer.default)
 _is_compiling = torch.compiler.is_compiling
+_is_exporting = torch.compiler.is_exporting
+_C_is_tracing = torch._C._is_tracing
 
 
 _WHO = "bn_cuda.functional.batch_norm"
@@ -79,11 +81,15 @@ def batch_norm(
     # Fast path for the common call (one int axis, valid arguments): straight to the op, whose C++
     # (and fake) kernels check devices, shapes and dtypes with the messages of the checks below.
     # Python glue costs as much host time as a small GPU call's launches.
-    if type(axis) is int and isinstance(input, Tensor) and momentum is not None:
+    # (Not under torch.export or a TorchScript trace: the calls below are where ONNX export takes
+    # torch operations instead, bn_cuda.onnx. torch._C._is_tracing, cheaper than torch.jit.is_tracing,
+    # is asked only outside torch.compile, which cannot trace it.)
+    compiling = _is_compiling()
+    if type(axis) is int and isinstance(input, Tensor) and momentum is not None and not (
+            _is_exporting() if compiling else _C_is_tracing()):
         nd = input.dim()
         if nd >= 2 and -nd <= axis < nd:
             a = axis % nd
-            compiling = _is_compiling()
             if training:
                 n = input.numel()
                 if n != input.shape[a] or n == 0:  # (one value per feature: the error below)

@@ -413,6 +413,8 @@ class BatchNormalization(KerasLayerIO, nn.Module):
         training = bool(self.training if training is None else training) and self._trainable
         if not training:
             return self._inference(inputs)
+        if ops._onnx_exporting():
+            ops._onnx().refuse_training(f"bn_cuda.BatchNormalization '{self.name}'")
 
         keras_fused = self.keras_fused_path(inputs)
         if mask is not None and keras_fused:

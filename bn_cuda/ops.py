@@ -11,6 +11,7 @@ backward; they work under ``torch.compile(fullgraph=True)`` (the mutation is fun
 from __future__ import annotations
 
 import operator
+import sys
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -20,6 +21,32 @@ __all__ = ["batch_norm_train", "batch_norm_infer", "check_same_device", "normali
            "as_int", "as_axes"]
 
 _ops = torch.ops.bn_cuda
+
+_is_exporting = torch.compiler.is_exporting
+_is_tracing = torch.jit.is_tracing
+
+
+def _export_or_trace() -> bool:
+    """torch.export or a TorchScript trace: False at no cost in eager calls and under torch.compile."""
+    return _is_exporting() or _is_tracing()
+
+
+def _onnx_exporting() -> bool:
+    """Whether ``torch.onnx.export`` is tracing the caller (either exporter: the default traces with
+    torch.export, ``dynamo=False`` with a TorchScript trace); see bn_cuda.onnx."""
+    if not (_is_exporting() or _is_tracing()):
+        return False
+    if torch.onnx.is_in_onnx_export():
+        return True
+    # The default exporter falls back to torch.export's strict mode, whose tracer folds
+    # is_in_onnx_export() to False; the flag that function reads is still set.
+    flags = sys.modules.get("torch.onnx._internal.exporter._flags")
+    return bool(getattr(flags, "_is_onnx_exporting", False))
+
+
+def _onnx():
+    from . import onnx  # (imports bn_cuda.ops: loaded at the first export)
+    return onnx
 
 
 def as_float(who: str, name: str, value) -> float:
@@ -562,8 +589,10 @@ def batch_norm_train(input: Tensor, weight: Optional[Tensor], bias: Optional[Ten
     Running statistics, when given, are updated in place in the same pass:
     ``running = (1 - momentum) * running + momentum * batch_stat``.
     """
-    check_same_device(input, weight=weight, bias=bias, running_mean=running_mean, running_var=running_var)
     who = "bn_cuda.batch_norm_train"
+    if _onnx_exporting():
+        _onnx().refuse_training(who)
+    check_same_device(input, weight=weight, bias=bias, running_mean=running_mean, running_var=running_var)
     args = (input, weight, bias, running_mean, running_var, as_float(who, "momentum", momentum),
             as_float(who, "eps", eps), as_axes(who, axis), bool(unbiased_running_var))
     # The op's autograd kernel is C++ (csrc/common/autograd.cpp): no Python layer to skip.
@@ -573,6 +602,8 @@ def batch_norm_train(input: Tensor, weight: Optional[Tensor], bias: Optional[Ten
 def batch_norm_infer(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                      running_mean: Tensor, running_var: Tensor, eps: float, axis: Sequence[int]) -> Tensor:
     """Differentiable inference forward with the running statistics."""
+    if _onnx_exporting():  # (torch operations that ONNX translates: bn_cuda.onnx)
+        return _onnx().batch_norm_infer(input, weight, bias, running_mean, running_var, eps, axis)
     check_same_device(input, weight=weight, bias=bias, running_mean=running_mean, running_var=running_var)
     who = "bn_cuda.batch_norm_infer"
     return _ops.forward_infer.default(input, weight, bias, running_mean, running_var, as_float(who, "eps", eps),

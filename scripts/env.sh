@@ -4,7 +4,8 @@
 #
 #   BN_CUDA_PYTHON=/path/to/python   use this interpreter
 #   BN_CUDA_TORCH=2.14.1             torch version for a new .venv
-#   BN_CUDA_REQUIRE_TF=1             fail unless tensorflow + tf_keras are importable (CI)
+#   BN_CUDA_REQUIRE_TF=1             install tensorflow + tf_keras and onnx (+ onnxscript, onnxruntime);
+#                                    skipped parity / ONNX tests fail the run (CI)
 #   BN_CUDA_SKIP_BUILD=1             do not (re)build the extension
 set -euo pipefail
 BN_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

@@ -37,6 +37,7 @@ def pytest_configure(config):
     # tf / cuda / slow are declared in pyproject.toml; repeat them so this conftest also works
     # when pytest runs with another ini file (-c) or from another rootdir.
     config.addinivalue_line("markers", "tf: parity tests that need tensorflow + tf_keras")
+    config.addinivalue_line("markers", "onnx: ONNX export tests that need onnx, onnxscript + onnxruntime")
     config.addinivalue_line("markers", "cuda: tests that need a CUDA device")
     config.addinivalue_line("markers", "slow: slower tests")
 
@@ -49,15 +50,19 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.cuda)
 
 
-_TF_WORDS = ("tensorflow", "tf_keras", "tf-keras", "keras")
+# BN_CUDA_REQUIRE_TF=1 (CI) requires the tests of both external oracles: tensorflow + tf_keras
+# (marker tf) and onnx + onnxscript + onnxruntime (marker onnx).
+_TF_WORDS = ("tensorflow", "tf_keras", "tf-keras", "keras", "onnx")
 
 
 def _skipped_tf_tests(terminalreporter) -> List[str]:
-    """Node ids of skipped tests marked ``tf``, and of test modules skipped at collection because
-    tensorflow / tf_keras could not be imported (a module-level importorskip leaves no marker)."""
+    """Node ids of skipped tests marked ``tf`` or ``onnx``, and of test modules skipped at collection
+    because tensorflow / tf_keras / onnx could not be imported (a module-level importorskip leaves no
+    marker)."""
     out = []
     for rep in terminalreporter.stats.get("skipped", []):
-        if "tf" in getattr(rep, "keywords", {}):
+        keywords = getattr(rep, "keywords", {})
+        if "tf" in keywords or "onnx" in keywords:
             out.append(rep.nodeid)
         elif getattr(rep, "when", None) == "collect" or rep.__class__.__name__ == "CollectReport":
             text = str(getattr(rep, "longrepr", "")).lower()
@@ -73,8 +78,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     if skipped:
         terminalreporter.section("BN_CUDA_REQUIRE_TF", sep="=", red=True, bold=True)
         terminalreporter.write_line(
-            f"BN_CUDA_REQUIRE_TF=1 but {len(skipped)} test(s) marked 'tf' were skipped "
-            "(is tensorflow + tf_keras installed?):", red=True)
+            f"BN_CUDA_REQUIRE_TF=1 but {len(skipped)} test(s) marked 'tf' or 'onnx' were skipped "
+            "(are tensorflow + tf_keras and onnx + onnxscript + onnxruntime installed?):", red=True)
         for nodeid in skipped[:20]:
             terminalreporter.write_line(f"  {nodeid}")
         if len(skipped) > 20:
