@@ -740,6 +740,32 @@ def test_state_dict_round_trip(fused):
         wrong.load_state_dict(sd)
 
 
+def test_state_dict_values_are_tensors_and_old_dict_extra_state_loads():
+    """The build shape is saved as an int64 tensor (tools such as safetensors and torch's
+    TorchScript ONNX exporter take only tensors); the dict of earlier releases still loads."""
+    unbuilt = BatchNormalization(axis=[1, 3], virtual_batch_size=2)
+    assert all(isinstance(v, torch.Tensor) for v in unbuilt.state_dict().values())
+    layer = BatchNormalization(axis=[1, 3], virtual_batch_size=2)
+    x = _data(4, 3, 5, 2, seed=1)
+    layer(x, training=True)
+    sd = layer.state_dict()
+    assert all(isinstance(v, torch.Tensor) for v in sd.values()), {k: type(v) for k, v in sd.items()}
+    assert sd["_extra_state"].tolist() == [-1, 3, -1, 2]
+    old = dict(sd, _extra_state={"input_shape": [None, 3, None, 2]})
+    for state in (sd, old):
+        fresh = BatchNormalization(axis=[1, 3], virtual_batch_size=2)
+        fresh.load_state_dict(state)  # unbuilt: builds from the saved spec
+        assert fresh._build_shape == [None, 3, None, 2]
+        torch.testing.assert_close(fresh(x, training=False), layer(x, training=False), rtol=0, atol=0)
+    wrong = BatchNormalization(axis=[1, 3], virtual_batch_size=2)
+    wrong.build((None, 4, None, 2))
+    with pytest.raises(ValueError, match="already built"):
+        wrong.load_state_dict(sd)
+    empty = BatchNormalization(axis=[1, 3], virtual_batch_size=2)
+    empty.load_state_dict(unbuilt.state_dict())  # an unbuilt layer's state: nothing to build
+    assert not empty.built
+
+
 # ----------------------------------------------------------------------------------------------
 # Keras import
 

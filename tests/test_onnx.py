@@ -161,12 +161,13 @@ def _trained_keras(shape, **kw):
     dict(axis=[1, 3], center=False),
     dict(axis=-1, fused=False, scale=False),
 ])
-def test_keras_layer(kw):
+@pytest.mark.parametrize("dynamo", [True, False], ids=["dynamo", "torchscript"])
+def test_keras_layer(kw, dynamo, tmp_path):
     shape = (4, 5, 3, 6)
     layer = _trained_keras(shape, **kw)
-    model = torch.nn.Sequential(layer)
+    model = torch.nn.Sequential(layer).eval()  # (the TorchScript exporter restores the container's mode)
     x = make_input(shape, axis=kw["axis"], offset=1.5)
-    proto, sess = _export(model, (x,))
+    proto, sess = _export(model, (x,), dynamo=dynamo, tmp_path=tmp_path)
     assert not any(op.startswith("bn_cuda") for op in _ops(proto))
     axes = layer._axes
     flat = lambda name: None if getattr(layer, name) is None else getattr(layer, name)  # noqa: E731
@@ -210,9 +211,8 @@ def test_training_mode_is_refused_and_moves_nothing(which, tmp_path):
     model = torch.nn.Sequential(layer).train()
     with pytest.raises(Exception, match="exports evaluation mode only"):
         _export(model, (x,))
-    if which != "keras":  # (the TorchScript exporter, asked to; it cannot export the Keras layer's extra state)
-        with pytest.raises(Exception, match="exports evaluation mode only"):
-            _export(model, (x,), dynamo=False, tmp_path=tmp_path, training=torch.onnx.TrainingMode.TRAINING)
+    with pytest.raises(Exception, match="exports evaluation mode only"):  # (the TorchScript exporter, asked to)
+        _export(model, (x,), dynamo=False, tmp_path=tmp_path, training=torch.onnx.TrainingMode.TRAINING)
     for k, v in state().items():
         assert torch.equal(v, before[k]), k
     assert not bn_cuda.onnx.exporting()

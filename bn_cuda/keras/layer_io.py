@@ -141,11 +141,26 @@ class KerasLayerIO:
             for name, value in zip(names, values):
                 getattr(self, name).copy_(value)
 
-    def get_extra_state(self) -> Dict[str, Any]:
-        return {"input_shape": None if self._build_shape is None else list(self._build_shape)}
+    def get_extra_state(self) -> torch.Tensor:
+        """The input spec the layer was built for (its feature dims, -1 elsewhere) as an int64
+        tensor, empty before the layer is built. A tensor, so that every ``state_dict`` value is one:
+        safetensors, torch's TorchScript ONNX exporter and other tools read them all as tensors.
+        (The ``{"input_shape": [...]}`` dict earlier releases saved loads too.)"""
+        spec = [] if self._build_shape is None else [-1 if s is None else int(s) for s in self._build_shape]
+        return torch.tensor(spec, dtype=torch.int64)
+
+    @staticmethod
+    def _saved_spec(state: Any) -> Optional[List[Optional[int]]]:
+        """The input spec in a saved extra state (the tensor above, or an earlier release's dict),
+        None if the layer that saved it was not built."""
+        if isinstance(state, Mapping):
+            return state.get("input_shape")
+        if isinstance(state, torch.Tensor) and state.dim() == 1 and state.numel() > 0 and not state.is_floating_point():
+            return [None if int(s) < 0 else int(s) for s in state.tolist()]
+        return None
 
     def set_extra_state(self, state: Any) -> None:
-        shape = state.get("input_shape") if isinstance(state, Mapping) else None
+        shape = self._saved_spec(state)
         if shape is not None:
             self.build(shape)
 
@@ -153,9 +168,9 @@ class KerasLayerIO:
                               error_msgs):
         # An unbuilt layer builds itself from the saved input spec, so that loading works before
         # the first call (the usual order when restoring a model).
-        extra = state_dict.get(prefix + "_extra_state")
-        if not self.built and isinstance(extra, Mapping) and extra.get("input_shape") is not None:
-            self.build(extra["input_shape"])
+        shape = self._saved_spec(state_dict.get(prefix + "_extra_state"))
+        if not self.built and shape is not None:
+            self.build(shape)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
 
