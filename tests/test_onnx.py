@@ -77,7 +77,8 @@ class _Functional(torch.nn.Module):
 @pytest.mark.parametrize("dynamo", [True, False], ids=["dynamo", "torchscript"])
 @pytest.mark.parametrize("cls,shape", [(bn_cuda.nn.BatchNorm1d, (3, 17)), (bn_cuda.nn.BatchNorm1d, (2, 3, 7)),
                                        (bn_cuda.nn.BatchNorm2d, (2, 1, 7, 7)), (bn_cuda.nn.BatchNorm2d, (3, 17, 1, 1)),
-                                       (bn_cuda.nn.BatchNorm3d, (2, 3, 1, 7, 5))])
+                                       (bn_cuda.nn.BatchNorm3d, (2, 3, 1, 7, 5)),
+                                       (bn_cuda.nn.SyncBatchNorm, (2, 3, 7, 7))])
 def test_nn_modules_export_as_batch_normalization(cls, shape, dynamo, tmp_path):
     c = shape[1]
     bn = cls(c, eps=1e-3)
