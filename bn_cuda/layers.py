@@ -406,6 +406,10 @@ class BatchNormalization(KerasLayerIO, nn.Module):
             if inputs.dtype != compute:
                 inputs = inputs.to(compute)
         if not self.built:
+            if torch.jit.is_tracing():  # (torch refuses a module whose state_dict changes while traced)
+                raise RuntimeError(
+                    f"Layer '{self.name}' is not built: a TorchScript trace (torch.jit.trace, torch.onnx.export with "
+                    "dynamo=False) cannot create its weights. Call the layer once, or build(input_shape), first.")
             self.build(inputs.shape, device=inputs.device)
         self._check_input(inputs)
         if mask is not None:

@@ -11,7 +11,7 @@ import torch.fx
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from . import distributed, functional
+from . import distributed, functional, ops
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "convert_batchnorm", "batch_norm_module"]
 
@@ -112,6 +112,13 @@ def _cumulative_batch_norm_module(*args: Any) -> Tensor:
     return batch_norm_module(*args)
 
 
+def _refuse_onnx_training(layer: _BatchNorm) -> None:
+    """A layer that would update running statistics refuses ONNX export (bn_cuda.onnx), naming
+    itself, before any bookkeeping (``momentum=None`` reads its count on the host)."""
+    if layer.training and layer.track_running_stats and layer.running_mean is not None and ops._onnx_exporting():
+        ops._onnx().refuse_training(f"bn_cuda.nn.{type(layer).__name__}")
+
+
 class _BatchNormNd(_BatchNorm):
     """torch's ``_BatchNorm`` with the forward on :func:`bn_cuda.functional.batch_norm`."""
 
@@ -121,6 +128,7 @@ class _BatchNormNd(_BatchNorm):
         _check_dims(input, self._input_dims)
 
     def forward(self, input: Tensor) -> Tensor:
+        _refuse_onnx_training(self)
         fn = (_cumulative_batch_norm_module if self.momentum is None and self.training and self.track_running_stats
               else batch_norm_module)
         return fn(input, self.weight, self.bias, self.running_mean, self.running_var, self.num_batches_tracked,
@@ -262,6 +270,7 @@ class SyncBatchNorm(_BatchNorm):
             raise ValueError("SyncBatchNorm number of input channels should be non-zero")
 
     def forward(self, input: Tensor) -> Tensor:
+        _refuse_onnx_training(self)
         self._check_input_dim(input)
         self._check_non_zero_input_channels(input)
         factor, bn_training, running_mean, running_var, count = _running_args(

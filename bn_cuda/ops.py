@@ -590,8 +590,10 @@ def batch_norm_train(input: Tensor, weight: Optional[Tensor], bias: Optional[Ten
     ``running = (1 - momentum) * running + momentum * batch_stat``.
     """
     who = "bn_cuda.batch_norm_train"
-    if _onnx_exporting():
-        _onnx().refuse_training(who)
+    if _onnx_exporting():  # (batch statistics with nothing to update: torch operations, bn_cuda.onnx)
+        if running_mean is not None or running_var is not None:
+            _onnx().refuse_training(who)
+        return _onnx().batch_norm_batch_stats(input, weight, bias, eps, axis)
     check_same_device(input, weight=weight, bias=bias, running_mean=running_mean, running_var=running_var)
     args = (input, weight, bias, running_mean, running_var, as_float(who, "momentum", momentum),
             as_float(who, "eps", eps), as_axes(who, axis), bool(unbiased_running_var))

@@ -20,7 +20,7 @@ pytest.importorskip("onnxscript", exc_type=ImportError)
 ort = pytest.importorskip("onnxruntime", exc_type=ImportError)
 
 import bn_cuda  # noqa: E402
-from conftest import assert_close_ref, make_features, make_input, reference_batch_norm  # noqa: E402
+from conftest import assert_close_ref, hand_reference, make_features, make_input, reference_batch_norm  # noqa: E402
 
 
 def _export(model, args, dynamo=True, tmp_path=None, **kw):
@@ -36,6 +36,17 @@ def _export(model, args, dynamo=True, tmp_path=None, **kw):
             proto = onnx.load(str(path))
     onnx.checker.check_model(proto)
     return proto, ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+def _export_program(ep):
+    """(ModelProto, session) of a torch.export program through bn_cuda's translation table."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prog = torch.onnx.export(ep, dynamo=True, verbose=False,
+                                 custom_translation_table=bn_cuda.onnx.custom_translation_table())
+    onnx.checker.check_model(prog.model_proto)
+    return prog.model_proto, ort.InferenceSession(prog.model_proto.SerializeToString(),
+                                                  providers=["CPUExecutionProvider"])
 
 
 def _run(session, *xs):
@@ -135,17 +146,24 @@ def test_functional_exports_as_mul_add(shape, axis, pshape, affine, dynamo, tmp_
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
-def test_other_dtypes(dtype):
+@pytest.mark.parametrize("path", ["export", "translation_table"])
+def test_other_dtypes(dtype, path):
     """16-bit input with float32 statistics: the coefficients in float32, one cast each way;
     float64 in float64."""
-    model = _Functional([6], (6,), -1).eval()
+    model = _Functional([6], (6,), -1, dtype=torch.float64 if dtype == torch.float64 else torch.float32).eval()
     x = make_input((4, 5, 6), axis=-1).to(dtype)
-    proto, sess = _export(model, (x,))
+    if path == "export":
+        proto, sess = _export(model, (x,))
+    else:
+        proto, sess = _export_program(torch.export.export(model, (x,)))
     if dtype == torch.bfloat16:  # (ONNX Runtime's CPU provider runs no bfloat16 Mul: the graph only)
-        assert _ops(proto).count("Cast") == 2
+        assert _ops(proto).count("Cast") >= 2 and "Sub" in _ops(proto)
         return
-    assert_close_ref(_run(sess, x)[0], model.reference(x), dtype, "onnxruntime")
-    assert _run(sess, x)[0].dtype == dtype
+    out = _run(sess, x)[0]
+    assert out.dtype == dtype
+    if dtype == torch.float64:  # (eps, 1 / sqrt and every constant in float64: no float32 digit lost)
+        torch.testing.assert_close(out, model(x).detach(), rtol=1e-14, atol=1e-14)
+    assert_close_ref(out, model.reference(x), dtype, "onnxruntime")
 
 
 def _trained_keras(shape, **kw):
@@ -185,14 +203,30 @@ def test_exported_program_with_translation_table():
     x = make_input((2, 3, 5, 4), axis=(1, 3))
     ep = torch.export.export(model, (x,))
     assert any("bn_cuda.forward_infer" in str(n.target) for n in ep.graph.nodes)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        prog = torch.onnx.export(ep, dynamo=True, verbose=False,
-                                 custom_translation_table=bn_cuda.onnx.custom_translation_table())
-    assert "Mul" in _ops(prog.model_proto)
-    sess = ort.InferenceSession(prog.model_proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    proto, sess = _export_program(ep)
+    assert "Mul" in _ops(proto)
     x2 = make_input((2, 3, 5, 4), axis=(1, 3), offset=4.0)
     assert_close_ref(_run(sess, x2)[0], model.reference(x2), torch.float32, "onnxruntime")
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_translation_table_gives_batch_normalization_for_axis_1(affine):
+    """As the model's own export: a feature axis at dim 1 becomes BatchNormalization, which the
+    exporter's optimizer folds into the Conv before it."""
+    bn = bn_cuda.nn.BatchNorm2d(17, affine=affine)
+    if affine:
+        _random_stats(bn)
+    else:
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.5, 2.0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 17, 3), bn).eval()
+    proto, _ = _export_program(torch.export.export(model, (make_input((2, 3, 9, 9)),)))
+    assert _ops(proto) == ["Conv"], _ops(proto)
+    proto, sess = _export_program(torch.export.export(torch.nn.Sequential(bn), (make_input((2, 17, 3, 3)),)))
+    assert "BatchNormalization" in _ops(proto), _ops(proto)
+    x2 = make_input((2, 17, 3, 3))  # (the program's static shape)
+    ref = reference_batch_norm(x2, bn.running_mean, bn.running_var, bn.weight, bn.bias)["out"]
+    assert_close_ref(_run(sess, x2)[0], ref, torch.float32, "onnxruntime")
 
 
 @pytest.mark.parametrize("which", ["module", "keras", "sync"])
@@ -243,11 +277,102 @@ def test_large_offset_keeps_its_digits(path):
     if path == "export":
         proto, sess = _export(model, (x,))
     else:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            prog = torch.onnx.export(torch.export.export(model, (x,)), dynamo=True, verbose=False,
-                                     custom_translation_table=bn_cuda.onnx.custom_translation_table())
-        sess = ort.InferenceSession(prog.model_proto.SerializeToString(), providers=["CPUExecutionProvider"])
+        proto, sess = _export_program(torch.export.export(model, (x,)))
     ref = model.reference(x)
     assert float(ref.abs().max()) < 20  # (O(1) outputs: the offset cancels)
+    assert_close_ref(_run(sess, x)[0], ref, torch.float32, "onnxruntime")
+
+
+@pytest.mark.parametrize("dynamo", [True, False], ids=["dynamo", "torchscript"])
+@pytest.mark.parametrize("which", ["module_eval", "module_train", "functional_axis1", "functional_axis-1"])
+def test_batch_statistics_without_running_statistics_export(which, dynamo, tmp_path):
+    """Nothing to update: a layer without running statistics (either mode) and the functional API
+    given none export, normalizing with each batch's statistics, as torch's do."""
+    if which.startswith("module"):
+        bn = bn_cuda.nn.BatchNorm2d(3, track_running_stats=False)
+        with torch.no_grad():
+            bn.weight.copy_(make_features([3]))
+            bn.bias.copy_(make_features([3], kind="bias"))
+        model = torch.nn.Sequential(bn).train(which == "module_train")
+        shape, axis = (4, 3, 5, 5), 1
+
+        def ref(x):
+            return hand_reference(x, bn.weight, bn.bias, 1e-5, 1)
+    else:
+        axis = 1 if which.endswith("axis1") else -1
+
+        class Model(torch.nn.Module):
+            def forward(self, x):
+                return bn_cuda.functional.batch_norm(x, None, None, training=True, eps=1e-3, axis=axis)
+        model, shape = Model(), (4, 5, 6)
+
+        def ref(x):
+            return hand_reference(x, eps=1e-3, axis=axis)
+    x = make_input(shape, axis=axis, offset=2.0)
+    kw = {} if dynamo else {"training": torch.onnx.TrainingMode.PRESERVE}
+    proto, sess = _export(model, (x,), dynamo=dynamo, tmp_path=tmp_path, **kw)
+    x2 = make_input(shape, axis=axis, offset=-1.0)
+    assert_close_ref(_run(sess, x2)[0], ref(x2), torch.float32, "onnxruntime")
+
+
+@pytest.mark.parametrize("dynamo", [True, False], ids=["dynamo", "torchscript"])
+@pytest.mark.parametrize("wshape", [(4, 3), (5,), (1, 3, 1, 1)])
+def test_wrong_weight_shape_is_refused_by_both_exporters(wshape, dynamo, tmp_path):
+    """bn_cuda's check and message, also where the exporter traces sizes as tensors (dynamo=False)
+    or falls back to torch.export's strict mode (which cannot trace the message closures): a
+    weight of shape (4, 3) for features (3, 4) has the right element count."""
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("rm", torch.zeros(3, 4))
+            self.register_buffer("rv", torch.ones(3, 4))
+            self.w = torch.nn.Parameter(torch.ones(wshape))
+
+        def forward(self, x):
+            return bn_cuda.functional.batch_norm(x, self.rm, self.rv, self.w, None, False, axis=(1, 2))
+    with pytest.raises(Exception, match=r"weight has shape \[" + ", ".join(map(str, wshape)) + r"\]"):
+        _export(Model(), (make_input((2, 3, 4, 5), axis=(1, 2)),), dynamo=dynamo, tmp_path=tmp_path)
+
+
+def test_strict_fallback_exports():
+    """A model that only torch.export's strict mode traces (numpy in its forward): the default
+    exporter falls back to it, and bn_cuda's batch norm exports there too."""
+    import numpy as np
+
+    bn = bn_cuda.nn.BatchNorm2d(3)
+    _random_stats(bn)
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn = bn
+
+        def forward(self, x):
+            return self.bn(torch.from_numpy(np.tanh(x.numpy())))
+    model = Model().eval()
+    x = make_input((2, 3, 4, 4))
+    proto, sess = _export(model, (x,))
+    ref = reference_batch_norm(torch.tanh(x.double()), bn.running_mean, bn.running_var, bn.weight, bn.bias)["out"]
+    assert_close_ref(_run(sess, x)[0], ref, torch.float32, "onnxruntime")
+
+
+def test_momentum_none_training_is_refused_by_name():
+    """momentum=None reads its step count on the host: refused before that, naming the layer."""
+    bn = bn_cuda.nn.BatchNorm2d(3, momentum=None)
+    with pytest.raises(Exception, match=r"bn_cuda.nn.BatchNorm2d: .*exports evaluation mode only"):
+        _export(torch.nn.Sequential(bn).train(), (make_input((2, 3, 4, 4)),))
+    assert int(bn.num_batches_tracked) == 0 and torch.equal(bn.running_mean, torch.zeros(3))
+
+
+def test_unbuilt_keras_layer_under_torchscript_trace(tmp_path):
+    """A TorchScript trace cannot build the layer (torch refuses a state_dict that changes while
+    traced): a clear error, and the layer is left unbuilt; the default exporter builds it."""
+    layer = bn_cuda.BatchNormalization(axis=-1)
+    x = make_input((4, 3, 5), axis=-1)
+    with pytest.raises(RuntimeError, match="is not built"):
+        _export(torch.nn.Sequential(layer).eval(), (x,), dynamo=False, tmp_path=tmp_path)
+    assert not layer.built
+    proto, sess = _export(torch.nn.Sequential(layer).eval(), (x,))
+    ref = reference_batch_norm(x, torch.zeros(5), torch.ones(5), eps=1e-3, axis=-1)["out"]
     assert_close_ref(_run(sess, x)[0], ref, torch.float32, "onnxruntime")
