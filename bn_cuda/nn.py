@@ -115,7 +115,7 @@ def _cumulative_batch_norm_module(*args: Any) -> Tensor:
 def _refuse_onnx_training(layer: _BatchNorm) -> None:
     """A layer that would update running statistics refuses ONNX export (bn_cuda.onnx), naming
     itself, before any bookkeeping (``momentum=None`` reads its count on the host)."""
-    if layer.training and layer.track_running_stats and layer.running_mean is not None and ops._onnx_exporting():
+    if layer.training and ops._onnx_exporting() and layer.track_running_stats and layer.running_mean is not None:
         ops._onnx().refuse_training(f"bn_cuda.nn.{type(layer).__name__}")
 
 
