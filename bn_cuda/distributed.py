@@ -249,8 +249,10 @@ def sync_batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: 
     feature_check : FeatureCountCheck, optional
         A layer's cached check; without one the feature count is exchanged on every call.
     """
-    if ops._onnx_exporting():
-        ops._onnx().refuse_training("bn_cuda.sync_batch_norm")
+    if ops._onnx_exporting():  # (no collective in an ONNX graph: refused with running statistics, else local)
+        out, _, _ = ops.batch_norm_train(input, weight, bias, running_mean, running_var, momentum, eps,
+                                         [axis] if isinstance(axis, int) else list(axis), unbiased_running_var)
+        return out
     axes = ops.normalize_axes([axis] if isinstance(axis, int) else list(axis), input.dim())
     ops.check_same_device(input, weight=weight, bias=bias, running_mean=running_mean, running_var=running_var)
     group, world_size = process_group_and_size(process_group)

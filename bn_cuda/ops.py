@@ -26,11 +26,6 @@ _is_exporting = torch.compiler.is_exporting
 _is_tracing = torch.jit.is_tracing
 
 
-def _export_or_trace() -> bool:
-    """torch.export or a TorchScript trace: False at no cost in eager calls and under torch.compile."""
-    return _is_exporting() or _is_tracing()
-
-
 def _onnx_exporting() -> bool:
     """Whether ``torch.onnx.export`` is tracing the caller (either exporter: the default traces with
     torch.export, ``dynamo=False`` with a TorchScript trace); see bn_cuda.onnx."""
