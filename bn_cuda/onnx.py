@@ -62,9 +62,9 @@ def _check(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], runn
     """The operator's argument checks, with its messages, wherever the exporter traces."""
     if torch.compiler.is_dynamo_compiling():
         # torch.export's strict mode (the default exporter's fallback when the non-strict trace
-        # fails) cannot trace the checks' message closures: the per-feature shapes checked plainly,
-        # so that a refused model does not export through the fallback (whose error the exporter
-        # does not show: it shows the non-strict trace's, the message below)
+        # fails) cannot trace the checks' message closures: the per-feature shapes are checked
+        # plainly here, so that a model the non-strict trace refused does not export through the
+        # fallback (the exporter then reports the non-strict trace's error: bn_cuda's message)
         axes = ops.normalize_axes(axis, input.dim())
         fs = [input.shape[a] for a in axes]
         c = 1
