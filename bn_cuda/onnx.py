@@ -93,35 +93,31 @@ def _flat(t: Optional[Tensor]) -> Optional[Tensor]:
     return t if t is None or t.dim() == 1 else t.reshape(-1)
 
 
-def _normalize(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], mean: Optional[Tensor],
-               var: Optional[Tensor], eps: float, axes: Sequence[int]) -> Tensor:
+def _normalize(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], mean: Tensor, var: Tensor,
+               eps: float, axes: Sequence[int]) -> Tensor:
     """F.batch_norm (ONNX BatchNormalization) for one feature axis at dim 1 and per-feature tensors of
-    the input's dtype; else ``(x - mean) * scale (+ bias)`` in the accumulation dtype. ``mean`` /
-    ``var`` None: the batch's (biased) statistics."""
+    the input's dtype; else ``(x - mean) * scale (+ bias)`` in the accumulation dtype."""
     params = (weight, bias, mean, var)
     if list(axes) == [1] and all(t is None or t.dtype == input.dtype for t in params):
         return torch.nn.functional.batch_norm(input, _flat(mean), _flat(var), _flat(weight), _flat(bias),
-                                              mean is None, 0.0, eps)
-    acc = torch.float64 if input.dtype == torch.float64 else torch.float32
+                                              False, 0.0, eps)
+    acc = ops._acc_dtype(input.dtype)
     shape = [input.shape[i] if i in axes else 1 for i in range(input.dim())]
 
     def per_feature(t: Tensor) -> Tensor:
         return t.to(acc).reshape(shape)
 
-    x = input.to(acc)
-    if mean is None:
-        reduce = [i for i in range(input.dim()) if i not in axes]
-        m = x.mean(reduce, keepdim=True)
-        v = (x - m).square().mean(reduce, keepdim=True)
-    else:
-        m, v = per_feature(mean), per_feature(var)
-    # (eps a tensor constant of the accumulation dtype, no Python scalar: the default exporter writes
-    # those as float32 constants, 1e-10 off in float64)
-    scale = torch.reciprocal(torch.sqrt(v + torch.tensor(eps, dtype=acc, device=input.device)))  # (the kernels' 1/sqrt)
+    scale = _invstd(per_feature(var), eps)
     if weight is not None:
         scale = scale * per_feature(weight)
-    out = (x - m) * scale
+    out = (input.to(acc) - per_feature(mean)) * scale
     return (out if bias is None else out + per_feature(bias)).to(input.dtype)
+
+
+def _invstd(var: Tensor, eps: float) -> Tensor:
+    """The kernels' ``1 / sqrt(var + eps)``, with eps a tensor constant of var's dtype, not a Python
+    scalar: the default exporter writes those as float32 constants, 1e-10 off in float64."""
+    return torch.reciprocal(torch.sqrt(var + torch.tensor(eps, dtype=var.dtype, device=var.device)))
 
 
 def batch_norm_infer(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], running_mean: Tensor,
@@ -135,15 +131,14 @@ def batch_norm_infer(input: Tensor, weight: Optional[Tensor], bias: Optional[Ten
 def batch_norm_batch_stats(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
                            axis: Sequence[int]):
     """``bn_cuda::forward_train`` without running statistics (nothing to update) as torch operations:
+    the batch's mean and biased variance (in the accumulation dtype), normalized with as above;
     ``(output, batch mean, batch inverse std)`` as the operator returns them."""
     _check(input, weight, bias, None, None, True, eps, axis)
     axes = ops.normalize_axes(axis, input.dim())
-    out = _normalize(input, weight, bias, None, None, eps, axes)
-    acc = torch.float64 if input.dtype == torch.float64 else torch.float32
     reduce = [i for i in range(input.dim()) if i not in axes]
-    x = input.detach().to(acc)
-    var, mean = torch.var_mean(x, reduce, correction=0)
-    return out, mean.reshape(-1), (1.0 / torch.sqrt(var + eps)).reshape(-1)
+    var, mean = torch.var_mean(input.to(ops._acc_dtype(input.dtype)), reduce, correction=0)
+    out = _normalize(input, weight, bias, mean, var, eps, axes)
+    return out, mean.reshape(-1), _invstd(var, eps).reshape(-1)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -40,13 +40,7 @@ def _export(model, args, dynamo=True, tmp_path=None, **kw):
 
 def _export_program(ep):
     """(ModelProto, session) of a torch.export program through bn_cuda's translation table."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        prog = torch.onnx.export(ep, dynamo=True, verbose=False,
-                                 custom_translation_table=bn_cuda.onnx.custom_translation_table())
-    onnx.checker.check_model(prog.model_proto)
-    return prog.model_proto, ort.InferenceSession(prog.model_proto.SerializeToString(),
-                                                  providers=["CPUExecutionProvider"])
+    return _export(ep, (), custom_translation_table=bn_cuda.onnx.custom_translation_table())
 
 
 def _run(session, *xs):
