@@ -276,6 +276,55 @@ def test_mixed_per_feature_dtypes(dtype, device):
         assert_close_ref(rv, ref["running_var"], coarser(vd, torch.float32), "running_var")
 
 
+@pytest.mark.parametrize("C, strided", [(3, False), (17, True), (70000, False), (70001, True)],
+                         ids=["C3", "C17-strided", "C70000", "C70001-strided"])
+@pytest.mark.parametrize("dtype, feat", [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16),
+                                         (torch.float32, torch.float64), (torch.float32, torch.bfloat16),
+                                         (torch.float64, torch.float32)], ids=str)
+def test_converted_per_feature_tensors_equal_explicit_conversion(dtype, feat, C, strided, device):
+    """Per-feature tensors of another dtype than the accumulation type are converted by the op (on
+    CPU into one shared buffer by a host loop when small and contiguous, else by copy_): bitwise the
+    results of passing them converted with .to(), the updated running statistics rounded back as
+    .to() rounds, for the forward (training and evaluation) and the backward; and no version bump
+    of the running statistics, as for float32 ones and torch's batch norm."""
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    N = 3 if C > 1000 else 6
+    x = make_input((N, C, 2), 1, dtype, device, offset=3.0)
+    g = make_input((N, C, 2), 1, dtype, device)
+
+    def feats():
+        torch.manual_seed(C)
+        out = []
+        for kind in ("weight", "bias", "mean", "var"):
+            base = make_features([2 * C if strided else C], torch.float64, device, kind).to(feat)
+            out.append(base[::2] if strided else base)
+        return out
+
+    w, b, rm, rv = feats()
+    assert w.is_contiguous() is not strided
+    w32, b32, rm32, rv32 = (t.to(acc) for t in (w, b, rm, rv))
+    for training in (True, False):
+        versions = (rm._version, rv._version)
+        out = torch.ops.bn_cuda.forward_train(x, w, b, rm, rv, 0.1, 1e-5, [1], True) if training else (
+            torch.ops.bn_cuda.forward_infer(x, w, b, rm, rv, 1e-5, [1]), None, None)
+        ref = torch.ops.bn_cuda.forward_train(x, w32, b32, rm32, rv32, 0.1, 1e-5, [1], True) if training else (
+            torch.ops.bn_cuda.forward_infer(x, w32, b32, rm32, rv32, 1e-5, [1]), None, None)
+        assert torch.equal(out[0], ref[0]), f"output, training={training}"
+        assert torch.equal(rm, rm32.to(feat)) and torch.equal(rv, rv32.to(feat)), f"running stats, training={training}"
+        assert (rm._version, rv._version) == versions
+        rm32, rv32 = rm.to(acc), rv.to(acc)  # (the next step starts from the rounded values, as the op's)
+        if training:
+            bwd = torch.ops.bn_cuda.backward
+            mask = [True, True, True]
+            mean_feat = out[1].to(feat)  # (saved statistics of another dtype: converted the same way)
+            for got, want in ((bwd(g, x, w, out[1], out[2], True, [1], mask),
+                               bwd(g, x, w32, out[1], out[2], True, [1], mask)),
+                              (bwd(g, x, w, mean_feat, out[2], True, [1], mask),
+                               bwd(g, x, w32, mean_feat.to(acc), out[2], True, [1], mask))):
+                for a, r, name in zip(got, want, ("grad_input", "grad_weight", "grad_bias")):
+                    assert torch.equal(a, r), name
+
+
 def test_non_contiguous_running_stats(device):
     """Running stats that are strided views are updated in place through the view."""
     x = make_input((8, 4, 3), 1, torch.float32, device)

@@ -1,7 +1,9 @@
 #include "glue.h"
 
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
 #include <ATen/MemoryOverlap.h>
+#include <ATen/core/LegacyTypeDispatch.h>
 #include <c10/util/Exception.h>
 
 #include <cmath>
@@ -51,7 +53,7 @@ static std::string accepted_shapes(const Canonical& c, int64_t ndim) {
 
 // Validate a per-feature tensor and bring it to a flat acc-typed contiguous form.
 FeatureTensor feature_tensor(const c10::optional<at::Tensor>& maybe, const char* name, const Canonical& c,
-                             const at::Tensor& input, at::ScalarType acc, bool mutated) {
+                             const at::Tensor& input, at::ScalarType acc, bool mutated, bool defer) {
   FeatureTensor f;
   if (!maybe.has_value() || !maybe->defined()) return f;
   const at::Tensor& t = *maybe;
@@ -80,10 +82,93 @@ FeatureTensor feature_tensor(const c10::optional<at::Tensor>& maybe, const char*
   if (t.scalar_type() == acc && t.is_contiguous()) {
     f.acc = t;  // contiguous and already the acc type: used through its data pointer, no view
   } else {
-    f.acc = t.to(acc).contiguous().view({-1});
+    f.pending = true;
     f.copy_back = mutated;
+    if (!defer) convert_features({&f}, acc);
   }
   return f;
+}
+
+namespace {
+
+// Host loops for small CPU per-feature tensors (a serial loop: above this size `copy_`'s
+// parallel one is used).
+constexpr int64_t kHostConvertMax = 1 << 16;
+
+bool host_convertible(const at::Tensor& t) {
+  return t.is_cpu() && t.is_contiguous() && t.numel() <= kHostConvertMax && !t.is_neg() && !t.is_conj();
+}
+
+template <typename D>
+void convert_into(D* dst, const at::Tensor& src) {
+  const int64_t n = src.numel();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(), "bn_cuda_convert_features", [&] {
+    const scalar_t* s = src.const_data_ptr<scalar_t>();
+    for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<D>(s[i]);
+  });
+}
+
+template <typename S>
+void convert_back(const at::Tensor& dst, const S* src) {
+  const int64_t n = dst.numel();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dst.scalar_type(), "bn_cuda_write_back", [&] {
+    scalar_t* d = dst.mutable_data_ptr<scalar_t>();
+    for (int64_t i = 0; i < n; ++i) d[i] = static_cast<scalar_t>(src[i]);
+  });
+}
+
+}  // namespace
+
+void convert_features(std::initializer_list<FeatureTensor*> fs, at::ScalarType acc) {
+  int64_t total = 0;
+  const at::Tensor* like = nullptr;
+  for (FeatureTensor* f : fs) {
+    if (!f->pending) continue;
+    if (!f->user.is_cpu()) {
+      f->acc = f->user.to(acc).contiguous().view({-1});
+      f->pending = false;
+      continue;
+    }
+    total += f->user.numel();
+    like = &f->user;
+  }
+  if (like == nullptr) return;
+  const at::Tensor buf = at::empty({total}, like->options().dtype(acc));
+  int64_t offset = 0;
+  for (FeatureTensor* f : fs) {
+    if (!f->pending) continue;
+    f->acc = buf;
+    f->offset = offset;
+    f->pending = false;
+    const int64_t n = f->user.numel();
+    if (host_convertible(f->user)) {
+      if (acc == at::kDouble) {
+        convert_into(buf.mutable_data_ptr<double>() + offset, f->user);
+      } else {
+        convert_into(buf.mutable_data_ptr<float>() + offset, f->user);
+      }
+    } else {
+      buf.narrow(0, offset, n).copy_(f->user.reshape({-1}));
+    }
+    offset += n;
+  }
+}
+
+void write_back(std::initializer_list<FeatureTensor*> fs) {
+  for (FeatureTensor* f : fs) {
+    if (!f->copy_back) continue;
+    const int64_t n = f->user.numel();
+    if (host_convertible(f->user) && f->acc.is_cpu()) {
+      if (f->acc.scalar_type() == at::kDouble) {
+        convert_back(f->user, f->acc.const_data_ptr<double>() + f->offset);
+      } else {
+        convert_back(f->user, f->acc.const_data_ptr<float>() + f->offset);
+      }
+    } else {
+      at::AutoDispatchBelowADInplaceOrView below;
+      f->user.copy_(f->acc.narrow(0, f->offset, n).view(f->user.sizes()));
+    }
+  }
 }
 
 ForwardCall prepare_forward(const at::Tensor& input, const c10::optional<at::Tensor>& weight,
@@ -108,16 +193,16 @@ ForwardCall prepare_forward(const at::Tensor& input, const c10::optional<at::Ten
   if (ghosts > 1) set_ghost_rows(call.canon, input, ghosts);
   const Canonical& c = call.canon;
   const at::ScalarType acc = acc_scalar_type(input.scalar_type());
-  call.weight = feature_tensor(weight, "weight", c, input, acc, false);
-  call.bias = feature_tensor(bias, "bias", c, input, acc, false);
+  call.weight = feature_tensor(weight, "weight", c, input, acc, false, /*defer=*/true);
+  call.bias = feature_tensor(bias, "bias", c, input, acc, false, /*defer=*/true);
   // (updated in training only: in evaluation mode they are read, never written back)
-  call.running_mean = feature_tensor(running_mean, "running_mean", c, input, acc, training);
-  call.running_var = feature_tensor(running_var, "running_var", c, input, acc, training);
+  call.running_mean = feature_tensor(running_mean, "running_mean", c, input, acc, training, /*defer=*/true);
+  call.running_var = feature_tensor(running_var, "running_var", c, input, acc, training, /*defer=*/true);
   if (!training) {
-    TORCH_CHECK_VALUE(call.running_mean.acc.defined() && call.running_var.acc.defined(),
+    TORCH_CHECK_VALUE(call.running_mean.user.defined() && call.running_var.user.defined(),
                       "bn_cuda: running_mean and running_var are required when training=False (got ",
-                      call.running_mean.acc.defined() ? "a tensor" : "None", " and ",
-                      call.running_var.acc.defined() ? "a tensor" : "None", ")");
+                      call.running_mean.user.defined() ? "a tensor" : "None", " and ",
+                      call.running_var.user.defined() ? "a tensor" : "None", ")");
   }
 
   call.out = at::empty_like(input);
@@ -134,6 +219,7 @@ ForwardCall prepare_forward(const at::Tensor& input, const c10::optional<at::Ten
     }
     return call;
   }
+  convert_features({&call.weight, &call.bias, &call.running_mean, &call.running_var}, acc);
   call.x = as_strided3(input, c);
   if (!try_strided3(call.out, c, call.y)) {
     call.y = as_strided3(dense_in_perm_order(input, c), c);
@@ -162,8 +248,7 @@ ForwardCall prepare_forward(const at::Tensor& input, const c10::optional<at::Ten
 void finish_forward(ForwardCall& call) {
   if (call.skip) return;
   if (call.y_scratch) call.out.copy_(call.y.t);
-  for (FeatureTensor* f : {&call.running_mean, &call.running_var})
-    if (f->copy_back) f->user.copy_(f->acc.view(f->user.sizes()));
+  write_back({&call.running_mean, &call.running_var});
 }
 
 BackwardCall prepare_backward(const at::Tensor& grad_out, const at::Tensor& input,
@@ -186,9 +271,9 @@ BackwardCall prepare_backward(const at::Tensor& grad_out, const at::Tensor& inpu
   if (ghosts > 1) set_ghost_rows(call.canon, input, ghosts);
   const Canonical& c = call.canon;
   const at::ScalarType acc = acc_scalar_type(input.scalar_type());
-  call.weight = feature_tensor(weight, "weight", c, input, acc, false);
-  call.mean = feature_tensor(save_mean, mean_name, c, input, acc, false);
-  call.invstd = feature_tensor(save_invstd, invstd_name, c, input, acc, false);
+  call.weight = feature_tensor(weight, "weight", c, input, acc, false, /*defer=*/true);
+  call.mean = feature_tensor(save_mean, mean_name, c, input, acc, false, /*defer=*/true);
+  call.invstd = feature_tensor(save_invstd, invstd_name, c, input, acc, false, /*defer=*/true);
 
   const at::TensorOptions acc_opts = input.options().dtype(acc);
   call.grad_input = output_mask[0] ? at::empty_like(input) : at::empty({0}, input.options());
@@ -200,6 +285,7 @@ BackwardCall prepare_backward(const at::Tensor& grad_out, const at::Tensor& inpu
     call.grad_bias.zero_();
     return call;
   }
+  convert_features({&call.weight, &call.mean, &call.invstd}, acc);
   at::Tensor dy_t = grad_out.scalar_type() == input.scalar_type() ? grad_out : grad_out.to(input.scalar_type());
   call.x = as_strided3(input, c);
   call.dy = as_strided3(dy_t, c);

@@ -16,14 +16,20 @@ namespace bn_cuda {
 DType dtype_of(const at::Tensor& t, const char* name);
 at::ScalarType acc_scalar_type(at::ScalarType t);
 
-// A per-feature tensor (weight, bias, running stats) as a flat, contiguous acc-typed tensor of C
-// elements. `acc` aliases `user` when the caller's tensor already is one; otherwise it is a copy
-// that finish_* writes back (running stats only).
+// A per-feature tensor (weight, bias, running stats) as a flat, contiguous acc-typed array of C
+// elements: `acc` from `offset` (elements) on. `acc` aliases `user` when the caller's tensor already
+// is one; otherwise it holds a converted copy (on CPU, one buffer shared by a call's converted
+// tensors: convert_features) that write_back returns to `user` (running stats only).
 struct FeatureTensor {
   at::Tensor user;
   at::Tensor acc;
+  int64_t offset = 0;
   bool copy_back = false;
-  void* ptr() const { return acc.defined() ? acc.data_ptr() : nullptr; }
+  bool pending = false;  // validated, not yet converted (feature_tensor(..., defer=true))
+  void* ptr() const {
+    return acc.defined() ? static_cast<char*>(acc.data_ptr()) + offset * static_cast<int64_t>(acc.element_size())
+                         : nullptr;
+  }
 };
 
 void check_same_device(const at::Tensor& t, const at::Tensor& input, const char* name);
@@ -37,9 +43,21 @@ void check_defined(const at::Tensor& t, const char* name, const char* op = nullp
 // with ghost_rows_apply that the planned view allows it.
 
 // Validate a per-feature tensor of `input` (shape: the feature dims', flat (C,), or the
-// rank-preserving Keras shape; same device; floating) and bring it to flat acc-typed form.
+// rank-preserving Keras shape; same device; floating) and bring it to flat acc-typed form (with
+// `defer`, a tensor that needs converting is left `pending` for convert_features).
 FeatureTensor feature_tensor(const c10::optional<at::Tensor>& maybe, const char* name, const Canonical& c,
-                             const at::Tensor& input, at::ScalarType acc, bool mutated);
+                             const at::Tensor& input, at::ScalarType acc, bool mutated, bool defer = false);
+
+// Convert the pending ones among `fs` to `acc`. On CPU they share one buffer, filled by a host
+// loop: one `.to()` per tensor cost about 1.5 us of host time each, several times the kernel of a
+// small call, for every model whose parameters are float16 / bfloat16 (or float64 with float32
+// input). Elsewhere one `.to()` each.
+void convert_features(std::initializer_list<FeatureTensor*> fs, at::ScalarType acc);
+
+// Return the updated values of converted running statistics (`copy_back`) to the caller's tensors,
+// rounding to their dtype as `copy_` does, without a version-counter bump (as when the kernel
+// writes a float32 one in place, and as torch's batch norm).
+void write_back(std::initializer_list<FeatureTensor*> fs);
 
 struct ForwardCall {
   Canonical canon;

@@ -241,8 +241,7 @@ GatherCall prepare_gather(const at::Tensor& mean, const at::Tensor& m2, const at
 }
 
 void finish_gather(GatherCall& call) {
-  for (FeatureTensor* f : {&call.running_mean, &call.running_var})
-    if (f->copy_back) f->user.copy_(f->acc.view(f->user.sizes()));
+  write_back({&call.running_mean, &call.running_var});
 }
 
 NormalizeCall prepare_normalize(const at::Tensor& input_, const at::Tensor& mean, const at::Tensor& invstd,
@@ -469,9 +468,7 @@ KerasFinalizeCall prepare_keras_coeffs(const at::Tensor& mean, const at::Tensor&
 }
 
 void finish_keras_finalize(KerasFinalizeCall& call) {
-  for (FeatureTensor* f : {&call.moving_mean, &call.moving_variance, &call.moving_stddev, &call.renorm_mean,
-                           &call.renorm_stddev})
-    if (f->copy_back) f->user.copy_(f->acc.view(f->user.sizes()));
+  write_back({&call.moving_mean, &call.moving_variance, &call.moving_stddev, &call.renorm_mean, &call.renorm_stddev});
 }
 
 }  // namespace bn_cuda
