@@ -24,7 +24,7 @@ from . import presets as P
 from .bytes_model import BYTES_MODEL
 from .machine import OtherLoad, device_slug, machine_info
 from .report import LOADED, markdown_table, print_table, summary_lines, write_chart, write_csv, write_json
-from .runner import TOLERANCE, RunEnv, run_case, skipped_rows
+from .runner import PARAMS, TOLERANCE, RunEnv, run_case, skipped_rows
 from .timing import TimingConfig, describe
 
 __all__ = ["BenchConfig", "run", "main", "RESULTS_DIR"]
@@ -54,6 +54,7 @@ class BenchConfig:
     min_run_time: Optional[float] = None
     rounds: Optional[int] = None
     cuda_graphs: bool = False
+    params: str = "fp32"
     time_budget: Optional[float] = None
     out: Optional[str] = None
     save: bool = False
@@ -134,7 +135,7 @@ def run(cfg: BenchConfig) -> Dict[str, Any]:
                         rounds=cfg.rounds or TimingConfig.rounds, cuda_graphs=cfg.cuda_graphs)
     budget = cfg.time_budget if cfg.time_budget is not None else preset.time_budget
     progress = _Progress(sum(len(c.modes) for c in cases), cfg.progress)
-    env = RunEnv(device=device, timing=tcfg, seed=cfg.seed, on_mode_done=progress.step)
+    env = RunEnv(device=device, timing=tcfg, seed=cfg.seed, on_mode_done=progress.step, params=cfg.params)
     import bn_cuda  # noqa: F401  (fails loudly, with bn_cuda's own actionable message)
 
     per_case: List[List[Dict[str, Any]]] = []
@@ -174,6 +175,7 @@ def run(cfg: BenchConfig) -> Dict[str, Any]:
         "preset": preset.name, "description": preset.description, "machine": machine,
         "settings": {
             "timing": describe(device, tcfg), "bytes_model": BYTES_MODEL, "tolerance": TOLERANCE,
+            "params": PARAMS[cfg.params],
             "check": "max|impl - reference| / max|reference| over y, dx, d(weight), d(bias), running "
                      "state after one step, inference y; reference = torch F.batch_norm (plain) or the "
                      "Keras layer with fused=False (ghost/renorm)",
@@ -249,6 +251,7 @@ def _write(doc: Dict[str, Any], rows: List[Dict[str, Any]], out: Path, label: st
           f"driver {m.get('driver') or 'n/a'}; CPU {m['cpu_model']} x {m['torch_threads']} threads",
           f"- bn_cuda: {m['bn_cuda_build']}; commit {m['git_commit']}",
           f"- timing: {doc['settings']['timing']}", f"- bytes model: {BYTES_MODEL}",
+          f"- weight, bias and running statistics (plain rows): {doc['settings']['params']}",
           f"- wall time: {doc['wall_time_s']} s; {m['timestamp_utc']}; load average at start "
           f"{doc['settings'].get('load_avg_at_start')}; other processes' CPU share during the run "
           f"{doc['settings'].get('other_processes_cpu_share')}",
@@ -304,6 +307,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--cuda-graphs", action="store_true",
                    help="CUDA: time replays of each call captured in a CUDA graph (kernel time without the host's "
                         "launch cost)")
+    p.add_argument("--params", choices=list(PARAMS), default="fp32",
+                   help="dtype of the plain rows' weight, bias and running statistics: fp32 (default; what autocast "
+                        "and cuDNN's fp16 path use) or the input's (a model converted with .half() / .bfloat16())")
     p.add_argument("--time-budget", type=float, help="stop starting cases after this many seconds; 0: none")
     p.add_argument("--out", help="folder for the result files (default: a new temporary folder)")
     p.add_argument("--save", action="store_true", help="also write them to benchmarks/results/<device>/")
@@ -329,6 +335,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         preset="quick" if args.quick else args.preset, shapes=args.shape, dtypes=args.dtype,
         layouts=args.layout, variants=args.variant, modes=args.mode, compile=args.compile,
         device=args.device, min_run_time=args.min_run_time, rounds=args.rounds, cuda_graphs=args.cuda_graphs,
+        params=args.params,
         time_budget=args.time_budget, out=args.out,
         save=args.save, chart=not args.no_chart, progress=not args.no_progress, seed=args.seed, name=args.name,
         extra={"argv": list(argv) if argv is not None else sys.argv[1:]},

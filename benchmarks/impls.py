@@ -60,8 +60,8 @@ class FunctionalImpl(Impl):
         self.weight = weight.detach().clone().requires_grad_(True)
         self.bias = bias.detach().clone().requires_grad_(True)
         c = weight.numel()
-        self.running_mean = torch.zeros(c, device=weight.device)
-        self.running_var = torch.ones(c, device=weight.device)
+        self.running_mean = torch.zeros(c, device=weight.device, dtype=weight.dtype)
+        self.running_var = torch.ones(c, device=weight.device, dtype=weight.dtype)
         self.infer_mean, self.infer_var = infer_stats
         self.params = [self.weight, self.bias]
         self.param_names = ["weight", "bias"]

@@ -33,6 +33,13 @@ class RunEnv:
     timing: TimingConfig
     seed: int = 0
     on_mode_done: Callable[[], None] = lambda: None
+    params: str = "fp32"  # a key of PARAMS
+
+
+PARAMS: Dict[str, str] = {
+    "fp32": "float32",
+    "input": "the input's dtype (a model converted with .half() / .bfloat16())",
+}
 
 
 def _layout(t: Tensor, layout: str) -> Tensor:
@@ -52,12 +59,13 @@ def _inputs(case: Case, env: RunEnv) -> Dict[str, Any]:
     shift = torch.randn(bshape, generator=g, device=dev)
     x = (torch.randn(case.shape, generator=g, device=dev) * scale + shift).to(case.torch_dtype)
     dy = torch.randn(case.shape, generator=g, device=dev).to(case.torch_dtype)
+    pdt = case.torch_dtype if env.params == "input" else torch.float32  # (running statistics too: impls)
     return {
         "x": _layout(x, case.layout), "dy": _layout(dy, case.layout),
-        "weight": torch.rand(c, generator=g, device=dev) + 0.5,
-        "bias": torch.rand(c, generator=g, device=dev) - 0.5,
-        "infer_stats": (shift.reshape(c) + 0.1 * torch.randn(c, generator=g, device=dev),
-                        (scale.reshape(c) ** 2) * (torch.rand(c, generator=g, device=dev) + 0.5)),
+        "weight": (torch.rand(c, generator=g, device=dev) + 0.5).to(pdt),
+        "bias": (torch.rand(c, generator=g, device=dev) - 0.5).to(pdt),
+        "infer_stats": ((shift.reshape(c) + 0.1 * torch.randn(c, generator=g, device=dev)).to(pdt),
+                        ((scale.reshape(c) ** 2) * (torch.rand(c, generator=g, device=dev) + 0.5)).to(pdt)),
     }
 
 

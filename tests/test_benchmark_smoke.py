@@ -93,6 +93,22 @@ def test_tiny_cpu_run_writes_consistent_results(tmp_path):
             assert line["check_ok"] == "True" and float(line["speedup_vs_torch"]) > 0
 
 
+def test_params_in_the_input_dtype(tmp_path, capsys):
+    """--params input: the plain rows' weight, bias and running statistics in the input's dtype (a
+    model converted with .bfloat16()), checked against torch with them, and said in the report."""
+    rc = bench.main(["--shape", "6x5x3x3", "--dtype", "bf16,fp16", "--variant", "plain", "--params", "input",
+                     "--device", "cpu", "--no-compile", "--min-run-time", "0.003", "--rounds", "1",
+                     "--out", str(tmp_path), "--no-chart", "--no-progress"])
+    assert rc == 0
+    data = json.loads((tmp_path / "custom.json").read_text())
+    assert "input's dtype" in data["settings"]["params"]
+    assert len(data["rows"]) == 2 * 2 * 4 and all(r["check_ok"] is True for r in data["rows"])
+    assert "running statistics (plain rows): the input's dtype" in (tmp_path / "custom.md").read_text()
+    with pytest.raises(SystemExit):
+        bench.main(["--params", "fp64"])
+    assert "--params" in capsys.readouterr().err
+
+
 def test_failed_check_is_loud_and_exits_nonzero(tmp_path, monkeypatch, capsys):
     def wrong(x, rm, rv, w, b, training, momentum, eps):
         return F.batch_norm(x, rm, rv, w, b, training, momentum, eps) * 1.5

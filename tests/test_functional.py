@@ -276,8 +276,9 @@ def test_mixed_per_feature_dtypes(dtype, device):
         assert_close_ref(rv, ref["running_var"], coarser(vd, torch.float32), "running_var")
 
 
-@pytest.mark.parametrize("C, strided", [(3, False), (17, True), (70000, False), (70001, True)],
-                         ids=["C3", "C17-strided", "C70000", "C70001-strided"])
+@pytest.mark.parametrize("C, strided", [(1, False), (17, False), (1000, False), (17, True), (70000, False),
+                                        (70001, True)],
+                         ids=["C1", "C17", "C1000", "C17-strided", "C70000", "C70001-strided"])
 @pytest.mark.parametrize("dtype, feat", [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16),
                                          (torch.float32, torch.float64), (torch.float32, torch.bfloat16),
                                          (torch.float64, torch.float32)], ids=str)

@@ -1,5 +1,7 @@
 #include "glue.h"
 
+#include "cpu/dispatch.h"
+
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/MemoryOverlap.h>
@@ -91,26 +93,35 @@ FeatureTensor feature_tensor(const c10::optional<at::Tensor>& maybe, const char*
 
 namespace {
 
-// Host loops for small CPU per-feature tensors (a serial loop: above this size `copy_`'s
-// parallel one is used).
+// Host loops for small CPU per-feature tensors (above this size `copy_`'s parallel loop is used).
 constexpr int64_t kHostConvertMax = 1 << 16;
 
 bool host_convertible(const at::Tensor& t) {
   return t.is_cpu() && t.is_contiguous() && t.numel() <= kHostConvertMax && !t.is_neg() && !t.is_conj();
 }
 
-template <typename D>
-void convert_into(D* dst, const at::Tensor& src) {
+// float32 accumulation: the CPU kernels' vector conversions (cpu::to_float / from_float); float64
+// (float64 input): exact widening, and the narrowing of write_back, in a plain loop.
+void convert_into(const at::Tensor& src, const at::Tensor& buf, int64_t offset) {
   const int64_t n = src.numel();
+  if (buf.scalar_type() == at::kFloat) {
+    cpu::to_float(dtype_of(src, "per-feature tensor"), src.const_data_ptr(), buf.mutable_data_ptr<float>() + offset, n);
+    return;
+  }
+  double* dst = buf.mutable_data_ptr<double>() + offset;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(), "bn_cuda_convert_features", [&] {
     const scalar_t* s = src.const_data_ptr<scalar_t>();
-    for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<D>(s[i]);
+    for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<double>(s[i]);
   });
 }
 
-template <typename S>
-void convert_back(const at::Tensor& dst, const S* src) {
+void convert_back(const at::Tensor& acc, int64_t offset, const at::Tensor& dst) {
   const int64_t n = dst.numel();
+  if (acc.scalar_type() == at::kFloat) {
+    cpu::from_float(dtype_of(dst, "per-feature tensor"), acc.const_data_ptr<float>() + offset, dst.mutable_data_ptr(), n);
+    return;
+  }
+  const double* src = acc.const_data_ptr<double>() + offset;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dst.scalar_type(), "bn_cuda_write_back", [&] {
     scalar_t* d = dst.mutable_data_ptr<scalar_t>();
     for (int64_t i = 0; i < n; ++i) d[i] = static_cast<scalar_t>(src[i]);
@@ -142,11 +153,7 @@ void convert_features(std::initializer_list<FeatureTensor*> fs, at::ScalarType a
     f->pending = false;
     const int64_t n = f->user.numel();
     if (host_convertible(f->user)) {
-      if (acc == at::kDouble) {
-        convert_into(buf.mutable_data_ptr<double>() + offset, f->user);
-      } else {
-        convert_into(buf.mutable_data_ptr<float>() + offset, f->user);
-      }
+      convert_into(f->user, buf, offset);
     } else {
       buf.narrow(0, offset, n).copy_(f->user.reshape({-1}));
     }
@@ -159,11 +166,7 @@ void write_back(std::initializer_list<FeatureTensor*> fs) {
     if (!f->copy_back) continue;
     const int64_t n = f->user.numel();
     if (host_convertible(f->user) && f->acc.is_cpu()) {
-      if (f->acc.scalar_type() == at::kDouble) {
-        convert_back(f->user, f->acc.const_data_ptr<double>() + f->offset);
-      } else {
-        convert_back(f->user, f->acc.const_data_ptr<float>() + f->offset);
-      }
+      convert_back(f->acc, f->offset, f->user);
     } else {
       at::AutoDispatchBelowADInplaceOrView below;
       f->user.copy_(f->acc.narrow(0, f->offset, n).view(f->user.sizes()));

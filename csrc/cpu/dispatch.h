@@ -11,6 +11,8 @@ namespace cpu {
   void forward_train(DType t, const ForwardParams& p);  \
   void forward_infer(DType t, const ForwardParams& p);  \
   void backward(DType t, const BackwardParams& p);      \
+  void to_float(DType t, const void* src, float* dst, int64_t n); \
+  void from_float(DType t, const float* src, void* dst, int64_t n); \
   }
 BN_CUDA_DECLARE_CPU_KERNELS(DEFAULT)
 BN_CUDA_DECLARE_CPU_KERNELS(AVX2)
@@ -29,6 +31,13 @@ inline void forward_infer(DType t, const ForwardParams& p) {
 }
 inline void backward(DType t, const BackwardParams& p) {
   use_avx2() ? AVX2::backward(t, p) : DEFAULT::backward(t, p);
+}
+// n elements of type t to / from float32 (per-feature tensors; see kernels_impl.h).
+inline void to_float(DType t, const void* src, float* dst, int64_t n) {
+  use_avx2() ? AVX2::to_float(t, src, dst, n) : DEFAULT::to_float(t, src, dst, n);
+}
+inline void from_float(DType t, const float* src, void* dst, int64_t n) {
+  use_avx2() ? AVX2::from_float(t, src, dst, n) : DEFAULT::from_float(t, src, dst, n);
 }
 
 }  // namespace cpu

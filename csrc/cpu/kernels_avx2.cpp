@@ -18,6 +18,8 @@ namespace AVX2 {
 void forward_train(DType t, const ForwardParams& p) { DEFAULT::forward_train(t, p); }
 void forward_infer(DType t, const ForwardParams& p) { DEFAULT::forward_infer(t, p); }
 void backward(DType t, const BackwardParams& p) { DEFAULT::backward(t, p); }
+void to_float(DType t, const void* src, float* dst, int64_t n) { DEFAULT::to_float(t, src, dst, n); }
+void from_float(DType t, const float* src, void* dst, int64_t n) { DEFAULT::from_float(t, src, dst, n); }
 }  // namespace AVX2
 }  // namespace cpu
 }  // namespace bn_cuda

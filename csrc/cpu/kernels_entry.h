@@ -28,6 +28,23 @@ void forward_train(DType t, const ForwardParams& p) { BN_CUDA_CPU_DTYPE_SWITCH(t
 void forward_infer(DType t, const ForwardParams& p) { BN_CUDA_CPU_DTYPE_SWITCH(t, forward_infer, p) }
 void backward(DType t, const BackwardParams& p) { BN_CUDA_CPU_DTYPE_SWITCH(t, backward, p) }
 
+void to_float(DType t, const void* src, float* dst, int64_t n) {
+  switch (t) {
+    case DType::kFloat32: return cpu::to_float<float>(src, dst, n);
+    case DType::kFloat64: return cpu::to_float<double>(src, dst, n);
+    case DType::kFloat16: return cpu::to_float<c10::Half>(src, dst, n);
+    case DType::kBFloat16: return cpu::to_float<c10::BFloat16>(src, dst, n);
+  }
+}
+void from_float(DType t, const float* src, void* dst, int64_t n) {
+  switch (t) {
+    case DType::kFloat32: return cpu::from_float<float>(src, dst, n);
+    case DType::kFloat64: return cpu::from_float<double>(src, dst, n);
+    case DType::kFloat16: return cpu::from_float<c10::Half>(src, dst, n);
+    case DType::kBFloat16: return cpu::from_float<c10::BFloat16>(src, dst, n);
+  }
+}
+
 #undef BN_CUDA_CPU_DTYPE_SWITCH
 
 }  // namespace CPU_CAPABILITY

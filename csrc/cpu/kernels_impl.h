@@ -1643,6 +1643,37 @@ void backward(const BackwardParams& p) {
   });
 }
 
+// A call's per-feature tensors to and from float32, the accumulation type of 16-bit and float32
+// input (glue.cpp's convert_features / write_back): with the kernels' vector conversions, rounding
+// as Tensor::to does (round to nearest even).
+template <typename T>
+void to_float(const void* src, float* d, int64_t n) {
+  const T* s = static_cast<const T*>(src);
+  int64_t i = 0;
+  if constexpr (std::is_same_v<acc_t<T>, float>) {
+    using IO = Io<T>;
+    for (; i + IO::K <= n; i += IO::K) {
+      typename IO::AV a, b;
+      IO::load(s + i, a, b);
+      a.store(d + i);
+      b.store(d + i + IO::L);
+    }
+  }
+  for (; i < n; ++i) d[i] = static_cast<float>(s[i]);
+}
+
+template <typename T>
+void from_float(const float* s, void* dst, int64_t n) {
+  T* d = static_cast<T*>(dst);
+  int64_t i = 0;
+  if constexpr (std::is_same_v<acc_t<T>, float>) {
+    using IO = Io<T>;
+    for (; i + IO::K <= n; i += IO::K)
+      IO::store(d + i, IO::AV::loadu(s + i), IO::AV::loadu(s + i + IO::L));
+  }
+  for (; i < n; ++i) d[i] = static_cast<T>(s[i]);
+}
+
 }  // namespace CPU_CAPABILITY
 }  // namespace cpu
 }  // namespace bn_cuda
