@@ -1052,10 +1052,12 @@ inline void apply_all(const ForwardParams& p, CoeffArrays<acc_t<T>> k, bool fold
     const int64_t rows = v.O * v.C;
     const int64_t grain = std::max<int64_t>(1, kCpuChunkElems / std::max<int64_t>(v.I, 1));
     at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) {
-        const int64_t o = r / v.C, c = r % v.C;
+      // ((o, c) stepped along instead of a 64-bit r / C and r % C per row; the gain is within this
+      // VM's noise, a few percent at most on 49- to 196-element rows)
+      for (int64_t r = begin, o = begin / v.C, c = begin % v.C; r < end; ++r) {
         apply_cf_run(x + o * p.x_so + c * p.x_sc, y + o * p.y_so + c * p.y_sc, v.I,
                      ApplyCoeffs<A>{k.mean[c], k.scale[c], k.shift[c]}, folded);
+        if (++c == v.C) c = 0, ++o;
       }
     });
     return;
@@ -1566,10 +1568,10 @@ void backward(const BackwardParams& p) {
     const int64_t rows = v.O * C;
     const int64_t grain = std::max<int64_t>(1, kCpuChunkElems / std::max<int64_t>(v.I, 1));
     at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) {
-        const int64_t o = r / C, c = r % C;
+      for (int64_t r = begin, o = begin / C, c = begin % C; r < end; ++r) {  // (no division per row)
         const GradCoeffs<A> g{g_mean[c], g_kdy[c], g_kx[c], g_k0[c]};
         grad_run(dy + o * p.dy_so + c * p.dy_sc, x + o * p.x_so + c * p.x_sc, dx + o * p.dx_so + c * p.dx_sc, v.I, g);
+        if (++c == C) c = 0, ++o;
       }
     });
     return;
