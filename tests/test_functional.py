@@ -326,6 +326,35 @@ def test_converted_per_feature_tensors_equal_explicit_conversion(dtype, feat, C,
                     assert torch.equal(a, r), name
 
 
+@pytest.mark.parametrize("C", [5, 17, 40])
+@pytest.mark.parametrize("dtype, feat", [(torch.float32, torch.bfloat16), (torch.float32, torch.float16),
+                                         (torch.float16, torch.float16), (torch.float64, torch.bfloat16),
+                                         (torch.float64, torch.float16)], ids=str)
+def test_converted_running_stats_keep_nan_encodings(dtype, feat, C, device):
+    """A running statistic that holds NaN (a first element, a last one past the vector steps, an
+    fp16 NaN with a payload) stays NaN where .to() gives NaN, every other element bitwise .to()'s.
+    (The NaN encodings themselves are not compared: torch's own .to() encodes an fp16 NaN as
+    0x7fffffff in float32 by its scalar loop and 0x7fc00000 by its vector loop, so they depend on
+    where an element falls in torch's loop; bn_cuda converts every element with the vector
+    conversions.)"""
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    x = make_input((4, C, 3), 1, dtype, device)
+    rm = make_features([C], torch.float32, device, "mean").to(feat)
+    rv = make_features([C], torch.float32, device, "var").to(feat)
+    bits = rm.view(torch.int16)
+    bits[0] = 0x7E01 if feat == torch.float16 else 0x7FC1  # (quiet NaNs with a payload)
+    rm[C - 1] = float("nan")
+    rv[C // 2] = float("nan")
+    rm32, rv32 = rm.to(acc), rv.to(acc)
+    torch.ops.bn_cuda.forward_train(x, None, None, rm, rv, 0.1, 1e-5, [1], True)
+    torch.ops.bn_cuda.forward_train(x, None, None, rm32, rv32, 0.1, 1e-5, [1], True)
+    for got, ref, name in ((rm, rm32, "running_mean"), (rv, rv32, "running_var")):
+        want = ref.to(feat)
+        assert torch.equal(got.isnan(), want.isnan()) and int(got.isnan().sum()) >= 1, name
+        keep = ~want.isnan()
+        assert torch.equal(got[keep].view(torch.int16), want[keep].view(torch.int16)), name
+
+
 def test_non_contiguous_running_stats(device):
     """Running stats that are strided views are updated in place through the view."""
     x = make_input((8, 4, 3), 1, torch.float32, device)

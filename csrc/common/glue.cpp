@@ -3,7 +3,6 @@
 #include "cpu/dispatch.h"
 
 #include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
 #include <ATen/MemoryOverlap.h>
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <c10/util/Exception.h>
@@ -93,39 +92,15 @@ FeatureTensor feature_tensor(const c10::optional<at::Tensor>& maybe, const char*
 
 namespace {
 
-// Host loops for small CPU per-feature tensors (above this size `copy_`'s parallel loop is used).
+// Small contiguous CPU tensors with float32 accumulation, on an AVX2 CPU: converted by the CPU
+// kernels' vector conversions (cpu::to_float / from_float), which round and encode NaNs as
+// Tensor::to's do; anything else (strided, larger than this, float64 accumulation, a CPU without
+// AVX2, whose scalar casts encode NaNs differently) through copy_, as before.
 constexpr int64_t kHostConvertMax = 1 << 16;
 
-bool host_convertible(const at::Tensor& t) {
-  return t.is_cpu() && t.is_contiguous() && t.numel() <= kHostConvertMax && !t.is_neg() && !t.is_conj();
-}
-
-// float32 accumulation: the CPU kernels' vector conversions (cpu::to_float / from_float); float64
-// (float64 input): exact widening, and the narrowing of write_back, in a plain loop.
-void convert_into(const at::Tensor& src, const at::Tensor& buf, int64_t offset) {
-  const int64_t n = src.numel();
-  if (buf.scalar_type() == at::kFloat) {
-    cpu::to_float(dtype_of(src, "per-feature tensor"), src.const_data_ptr(), buf.mutable_data_ptr<float>() + offset, n);
-    return;
-  }
-  double* dst = buf.mutable_data_ptr<double>() + offset;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(), "bn_cuda_convert_features", [&] {
-    const scalar_t* s = src.const_data_ptr<scalar_t>();
-    for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<double>(s[i]);
-  });
-}
-
-void convert_back(const at::Tensor& acc, int64_t offset, const at::Tensor& dst) {
-  const int64_t n = dst.numel();
-  if (acc.scalar_type() == at::kFloat) {
-    cpu::from_float(dtype_of(dst, "per-feature tensor"), acc.const_data_ptr<float>() + offset, dst.mutable_data_ptr(), n);
-    return;
-  }
-  const double* src = acc.const_data_ptr<double>() + offset;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dst.scalar_type(), "bn_cuda_write_back", [&] {
-    scalar_t* d = dst.mutable_data_ptr<scalar_t>();
-    for (int64_t i = 0; i < n; ++i) d[i] = static_cast<scalar_t>(src[i]);
-  });
+bool host_convertible(const at::Tensor& t, at::ScalarType acc) {
+  return acc == at::kFloat && t.is_cpu() && t.is_contiguous() && t.numel() <= kHostConvertMax && !t.is_neg() &&
+         !t.is_conj() && cpu::use_avx2();
 }
 
 }  // namespace
@@ -152,8 +127,9 @@ void convert_features(std::initializer_list<FeatureTensor*> fs, at::ScalarType a
     f->offset = offset;
     f->pending = false;
     const int64_t n = f->user.numel();
-    if (host_convertible(f->user)) {
-      convert_into(f->user, buf, offset);
+    if (host_convertible(f->user, acc)) {
+      cpu::to_float(dtype_of(f->user, "per-feature tensor"), f->user.const_data_ptr(),
+                    buf.mutable_data_ptr<float>() + offset, n);
     } else {
       buf.narrow(0, offset, n).copy_(f->user.reshape({-1}));
     }
@@ -165,8 +141,9 @@ void write_back(std::initializer_list<FeatureTensor*> fs) {
   for (FeatureTensor* f : fs) {
     if (!f->copy_back) continue;
     const int64_t n = f->user.numel();
-    if (host_convertible(f->user) && f->acc.is_cpu()) {
-      convert_back(f->acc, f->offset, f->user);
+    if (f->acc.is_cpu() && host_convertible(f->user, f->acc.scalar_type())) {
+      cpu::from_float(dtype_of(f->user, "per-feature tensor"), f->acc.const_data_ptr<float>() + f->offset,
+                      f->user.mutable_data_ptr(), n);
     } else {
       at::AutoDispatchBelowADInplaceOrView below;
       f->user.copy_(f->acc.narrow(0, f->offset, n).view(f->user.sizes()));

@@ -48,10 +48,10 @@ void check_defined(const at::Tensor& t, const char* name, const char* op = nullp
 FeatureTensor feature_tensor(const c10::optional<at::Tensor>& maybe, const char* name, const Canonical& c,
                              const at::Tensor& input, at::ScalarType acc, bool mutated, bool defer = false);
 
-// Convert the pending ones among `fs` to `acc`. On CPU they share one buffer, filled by a host
-// loop: one `.to()` per tensor cost about 1.5 us of host time each, several times the kernel of a
-// small call, for every model whose parameters are float16 / bfloat16 (or float64 with float32
-// input). Elsewhere one `.to()` each.
+// Convert the pending ones among `fs` to `acc`. On CPU they share one buffer, filled by the CPU
+// kernels' vector conversions (copy_ for a strided or large one): one `.to()` per tensor cost
+// about 1.5 us of host time each, several times the kernel of a small call, for every model whose
+// parameters are float16 / bfloat16 (or float64 with float32 input). On a GPU one `.to()` each.
 void convert_features(std::initializer_list<FeatureTensor*> fs, at::ScalarType acc);
 
 // Return the updated values of converted running statistics (`copy_back`) to the caller's tensors,

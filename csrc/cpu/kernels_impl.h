@@ -1646,34 +1646,56 @@ void backward(const BackwardParams& p) {
 }
 
 // A call's per-feature tensors to and from float32, the accumulation type of 16-bit and float32
-// input (glue.cpp's convert_features / write_back): with the kernels' vector conversions, rounding
-// as Tensor::to does (round to nearest even).
+// input (glue.cpp's convert_features / write_back, AVX2 only): every element through the vector
+// conversions, the last partial step too (zero-padded), as Tensor::to converts them, NaN encodings
+// included (bf16 NaN -> 0xffff, fp16 payloads kept; the scalar casts give 0x7fc0 / drop payloads).
 template <typename T>
 void to_float(const void* src, float* d, int64_t n) {
   const T* s = static_cast<const T*>(src);
-  int64_t i = 0;
-  if constexpr (std::is_same_v<acc_t<T>, float>) {
+  if constexpr (std::is_same_v<T, float>) {
+    std::copy(s, s + n, d);
+  } else if constexpr (std::is_same_v<acc_t<T>, float>) {
     using IO = Io<T>;
+    typename IO::AV a, b;
+    int64_t i = 0;
     for (; i + IO::K <= n; i += IO::K) {
-      typename IO::AV a, b;
       IO::load(s + i, a, b);
       a.store(d + i);
       b.store(d + i + IO::L);
     }
+    if (i < n) {
+      T in[IO::K] = {};
+      float out[IO::K];
+      std::copy(s + i, s + n, in);
+      IO::load(in, a, b);
+      a.store(out);
+      b.store(out + IO::L);
+      std::copy(out, out + (n - i), d + i);
+    }
+  } else {
+    for (int64_t i = 0; i < n; ++i) d[i] = static_cast<float>(s[i]);
   }
-  for (; i < n; ++i) d[i] = static_cast<float>(s[i]);
 }
 
 template <typename T>
 void from_float(const float* s, void* dst, int64_t n) {
   T* d = static_cast<T*>(dst);
-  int64_t i = 0;
-  if constexpr (std::is_same_v<acc_t<T>, float>) {
+  if constexpr (std::is_same_v<T, float>) {
+    std::copy(s, s + n, d);
+  } else if constexpr (std::is_same_v<acc_t<T>, float>) {
     using IO = Io<T>;
-    for (; i + IO::K <= n; i += IO::K)
-      IO::store(d + i, IO::AV::loadu(s + i), IO::AV::loadu(s + i + IO::L));
+    int64_t i = 0;
+    for (; i + IO::K <= n; i += IO::K) IO::store(d + i, IO::AV::loadu(s + i), IO::AV::loadu(s + i + IO::L));
+    if (i < n) {
+      float in[IO::K] = {};
+      T out[IO::K];
+      std::copy(s + i, s + n, in);
+      IO::store(out, IO::AV::loadu(in), IO::AV::loadu(in + IO::L));
+      std::copy(out, out + (n - i), d + i);
+    }
+  } else {
+    for (int64_t i = 0; i < n; ++i) d[i] = static_cast<T>(s[i]);
   }
-  for (; i < n; ++i) d[i] = static_cast<T>(s[i]);
 }
 
 }  // namespace CPU_CAPABILITY
