@@ -284,7 +284,8 @@ def test_mixed_per_feature_dtypes(dtype, device):
                                          (torch.float64, torch.float32)], ids=str)
 def test_converted_per_feature_tensors_equal_explicit_conversion(dtype, feat, C, strided, device):
     """Per-feature tensors of another dtype than the accumulation type are converted by the op (on
-    CPU into one shared buffer by a host loop when small and contiguous, else by copy_): bitwise the
+    CPU into one shared buffer, by the CPU kernels' vector conversions when small and contiguous,
+    else by copy_: here the contiguous C <= 1000 cases, and the strided or C >= 70000 ones): bitwise the
     results of passing them converted with .to(), the updated running statistics rounded back as
     .to() rounds, for the forward (training and evaluation) and the backward; and no version bump
     of the running statistics, as for float32 ones and torch's batch norm."""
@@ -335,8 +336,8 @@ def test_converted_running_stats_keep_nan_encodings(dtype, feat, C, device):
     fp16 NaN with a payload) stays NaN where .to() gives NaN, every other element bitwise .to()'s.
     (The NaN encodings themselves are not compared: torch's own .to() encodes an fp16 NaN as
     0x7fffffff in float32 by its scalar loop and 0x7fc00000 by its vector loop, so they depend on
-    where an element falls in torch's loop; bn_cuda converts every element with the vector
-    conversions.)"""
+    where an element falls in torch's loop; bn_cuda converts every element of a small contiguous
+    tensor with the vector conversions, on an AVX2 CPU, and the rest with copy_.)"""
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     x = make_input((4, C, 3), 1, dtype, device)
     rm = make_features([C], torch.float32, device, "mean").to(feat)
