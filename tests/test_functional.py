@@ -356,6 +356,27 @@ def test_converted_running_stats_keep_nan_encodings(dtype, feat, C, device):
         assert torch.equal(got[keep].view(torch.int16), want[keep].view(torch.int16)), name
 
 
+@pytest.mark.parametrize("feat", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_one_tensor_as_both_running_stats(feat, device):
+    """One tensor passed as running_mean and running_var (torch's batch_norm allows it). A float32
+    one is updated in place by the kernel, the mean first: as torch's (float64 reference). A
+    converted one: both updates start from its values and the variance's is written back last,
+    as copies of it would be (written back one tensor after the other, not in one launch)."""
+    x = make_input((6, 17, 3), 1, torch.float16 if feat == torch.float16 else torch.float32, device, offset=2.0)
+    t = make_features([17], torch.float32, device, "var").to(feat)
+    if feat == torch.float32:
+        r = t.double().cpu()
+        F.batch_norm(x.double().cpu(), r, r, training=True, momentum=0.3)
+        batch_norm(x, t, t, training=True, momentum=0.3)
+        assert_close_ref(t, r, torch.float32, "running stats")
+        return
+    a, b = t.float(), t.float()
+    batch_norm(x, t, t, training=True, momentum=0.3)
+    batch_norm(x, a, b, training=True, momentum=0.3)
+    assert not torch.equal(a, b)
+    assert torch.equal(t, b.to(feat))
+
+
 def test_non_contiguous_running_stats(device):
     """Running stats that are strided views are updated in place through the view."""
     x = make_input((8, 4, 3), 1, torch.float32, device)

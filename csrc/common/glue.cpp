@@ -12,23 +12,37 @@
 
 namespace bn_cuda {
 
-DType dtype_of(const at::Tensor& t, const char* name) {
-  switch (t.scalar_type()) {
+namespace {
+
+// The DType of one of the four supported scalar types; false for any other.
+bool to_dtype(at::ScalarType s, DType& out) {
+  switch (s) {
     case at::kFloat:
-      return DType::kFloat32;
+      out = DType::kFloat32;
+      return true;
     case at::kDouble:
-      return DType::kFloat64;
+      out = DType::kFloat64;
+      return true;
     case at::kHalf:
-      return DType::kFloat16;
+      out = DType::kFloat16;
+      return true;
     case at::kBFloat16:
-      return DType::kBFloat16;
+      out = DType::kBFloat16;
+      return true;
     default:
-      // torch.<name> (torch.uint8, torch.int64) as Python users spell dtypes, not c10's "Byte".
-      TORCH_CHECK_TYPE(false, "bn_cuda: ", name,
-                       " must be a floating-point tensor (float32, float64, float16 or bfloat16), got torch.",
-                       c10::getDtypeNames(t.scalar_type()).first);
+      return false;
   }
-  return DType::kFloat32;
+}
+
+}  // namespace
+
+DType dtype_of(const at::Tensor& t, const char* name) {
+  DType d = DType::kFloat32;
+  // torch.<name> (torch.uint8, torch.int64) as Python users spell dtypes, not c10's "Byte".
+  TORCH_CHECK_TYPE(to_dtype(t.scalar_type(), d), "bn_cuda: ", name,
+                   " must be a floating-point tensor (float32, float64, float16 or bfloat16), got torch.",
+                   c10::getDtypeNames(t.scalar_type()).first);
+  return d;
 }
 
 at::ScalarType acc_scalar_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
@@ -103,23 +117,51 @@ bool host_convertible(const at::Tensor& t, at::ScalarType acc) {
          !t.is_conj() && cpu::use_avx2();
 }
 
+// The registered batched conversion (constant-initialized, so registering from another file's
+// static initializer is safe).
+DeviceConvertFn g_device_convert = nullptr;
+c10::DeviceType g_device_convert_type = c10::DeviceType::CPU;
+
+DeviceConvertFn device_convert_for(const at::Tensor& t) {
+  return g_device_convert != nullptr && t.device().type() == g_device_convert_type ? g_device_convert : nullptr;
+}
+
+// A tensor the batched conversion reads or writes through its data pointer.
+bool batchable(const at::Tensor& t) { return t.is_contiguous() && !t.is_neg() && !t.is_conj(); }
+
+// Queue one segment; false when the block is full (the caller falls back to copy_).
+bool add_segment(ConvertParams& cp, const void* src, at::ScalarType src_t, void* dst, at::ScalarType dst_t,
+                 int64_t n) {
+  if (cp.count == ConvertParams::kMaxSegments) return false;
+  ConvertSegment& g = cp.seg[cp.count];
+  if (!to_dtype(src_t, g.src_t) || !to_dtype(dst_t, g.dst_t)) return false;
+  g.src = src;
+  g.dst = dst;
+  g.n = n;
+  ++cp.count;
+  return true;
+}
+
 }  // namespace
+
+void register_device_convert(c10::DeviceType type, DeviceConvertFn fn) {
+  g_device_convert_type = type;
+  g_device_convert = fn;
+}
 
 void convert_features(std::initializer_list<FeatureTensor*> fs, at::ScalarType acc) {
   int64_t total = 0;
   const at::Tensor* like = nullptr;
   for (FeatureTensor* f : fs) {
     if (!f->pending) continue;
-    if (!f->user.is_cpu()) {
-      f->acc = f->user.to(acc).contiguous().view({-1});
-      f->pending = false;
-      continue;
-    }
     total += f->user.numel();
     like = &f->user;
   }
   if (like == nullptr) return;
+  const DeviceConvertFn dev = device_convert_for(*like);
   const at::Tensor buf = at::empty({total}, like->options().dtype(acc));
+  char* const base = static_cast<char*>(buf.data_ptr());
+  ConvertParams cp;
   int64_t offset = 0;
   for (FeatureTensor* f : fs) {
     if (!f->pending) continue;
@@ -127,28 +169,46 @@ void convert_features(std::initializer_list<FeatureTensor*> fs, at::ScalarType a
     f->offset = offset;
     f->pending = false;
     const int64_t n = f->user.numel();
-    if (host_convertible(f->user, acc)) {
-      cpu::to_float(dtype_of(f->user, "per-feature tensor"), f->user.const_data_ptr(),
-                    buf.mutable_data_ptr<float>() + offset, n);
+    void* dst = base + offset * static_cast<int64_t>(buf.element_size());
+    if (dev != nullptr && batchable(f->user) &&
+        add_segment(cp, f->user.const_data_ptr(), f->user.scalar_type(), dst, acc, n)) {
+    } else if (dev == nullptr && host_convertible(f->user, acc)) {
+      cpu::to_float(dtype_of(f->user, "per-feature tensor"), f->user.const_data_ptr(), static_cast<float*>(dst), n);
     } else {
       buf.narrow(0, offset, n).copy_(f->user.reshape({-1}));
     }
     offset += n;
   }
+  if (cp.count > 0) dev(cp);
 }
 
 void write_back(std::initializer_list<FeatureTensor*> fs) {
+  DeviceConvertFn dev = nullptr;
+  for (FeatureTensor* f : fs) {
+    if (!f->copy_back) continue;
+    dev = device_convert_for(f->user);
+    // (tensors that share storage, e.g. running_mean and running_var passed as one tensor, are
+    // written one after the other, in argument order, as copy_ did: not in one launch)
+    for (FeatureTensor* g : fs) {
+      if (g != f && g->copy_back && g->user.storage().is_alias_of(f->user.storage())) dev = nullptr;
+    }
+    if (dev == nullptr) break;
+  }
+  ConvertParams cp;
   for (FeatureTensor* f : fs) {
     if (!f->copy_back) continue;
     const int64_t n = f->user.numel();
-    if (f->acc.is_cpu() && host_convertible(f->user, f->acc.scalar_type())) {
-      cpu::from_float(dtype_of(f->user, "per-feature tensor"), f->acc.const_data_ptr<float>() + f->offset,
-                      f->user.mutable_data_ptr(), n);
+    const void* src = static_cast<const char*>(f->acc.const_data_ptr()) + f->offset * static_cast<int64_t>(f->acc.element_size());
+    if (dev != nullptr && batchable(f->user) &&
+        add_segment(cp, src, f->acc.scalar_type(), f->user.mutable_data_ptr(), f->user.scalar_type(), n)) {
+    } else if (dev == nullptr && f->acc.is_cpu() && host_convertible(f->user, f->acc.scalar_type())) {
+      cpu::from_float(dtype_of(f->user, "per-feature tensor"), static_cast<const float*>(src), f->user.mutable_data_ptr(), n);
     } else {
       at::AutoDispatchBelowADInplaceOrView below;
       f->user.copy_(f->acc.narrow(0, f->offset, n).view(f->user.sizes()));
     }
   }
+  if (cp.count > 0) dev(cp);
 }
 
 ForwardCall prepare_forward(const at::Tensor& input, const c10::optional<at::Tensor>& weight,

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
 #include <c10/util/Optional.h>
 
 #include <array>
@@ -27,6 +28,7 @@ struct FeatureTensor {
   bool copy_back = false;
   bool pending = false;  // validated, not yet converted (feature_tensor(..., defer=true))
   void* ptr() const {
+    TORCH_INTERNAL_ASSERT(!pending, "bn_cuda: a per-feature tensor was used before convert_features");
     return acc.defined() ? static_cast<char*>(acc.data_ptr()) + offset * static_cast<int64_t>(acc.element_size())
                          : nullptr;
   }
@@ -48,16 +50,26 @@ void check_defined(const at::Tensor& t, const char* name, const char* op = nullp
 FeatureTensor feature_tensor(const c10::optional<at::Tensor>& maybe, const char* name, const Canonical& c,
                              const at::Tensor& input, at::ScalarType acc, bool mutated, bool defer = false);
 
-// Convert the pending ones among `fs` to `acc`. On CPU they share one buffer, filled by the CPU
-// kernels' vector conversions (copy_ for a strided or large one): one `.to()` per tensor cost
-// about 1.5 us of host time each, several times the kernel of a small call, for every model whose
-// parameters are float16 / bfloat16 (or float64 with float32 input). On a GPU one `.to()` each.
+// Convert the pending ones among `fs` to `acc`, into one buffer shared by them: one `.to()` per
+// tensor cost about 1.5 us of host time each on CPU (several times the kernel of a small call) and
+// a launch each on a GPU, for every model whose parameters are float16 / bfloat16 (or float64
+// with float32 input). The contiguous ones are converted by the device's batched conversion when
+// one is registered (CUDA: one launch for all of them), else on CPU by the CPU kernels' vector
+// conversions when small; anything else by copy_.
 void convert_features(std::initializer_list<FeatureTensor*> fs, at::ScalarType acc);
 
 // Return the updated values of converted running statistics (`copy_back`) to the caller's tensors,
-// rounding to their dtype as `copy_` does, without a version-counter bump (as when the kernel
-// writes a float32 one in place, and as torch's batch norm).
+// rounding to their dtype as `copy_` does (batched as convert_features converts), without a
+// version-counter bump (as when the kernel writes a float32 one in place, and as torch's batch
+// norm).
 void write_back(std::initializer_list<FeatureTensor*> fs);
+
+// A device's batched conversion (ConvertParams: up to kMaxSegments contiguous tensors, each to or
+// from the accumulation type, in one launch on the current stream; throws on a launch error).
+// ops_cuda.cpp registers its kernel's for CUDA tensors (for CPU tensors in the host emulation
+// build, whose CPU key runs the CUDA bodies).
+using DeviceConvertFn = void (*)(ConvertParams& p);
+void register_device_convert(c10::DeviceType type, DeviceConvertFn fn);
 
 struct ForwardCall {
   Canonical canon;

@@ -164,14 +164,16 @@ struct FlatFeatures {
     flat.v.C = C;
     like = at::empty({1, C}, on.options().dtype(acc));
   }
+  // (validated only: the caller converts them together, by convert(), once every check passed)
   FeatureTensor operator()(const c10::optional<at::Tensor>& t, const char* name) const {
     check_size(t, name);
-    return feature_tensor(t, name, flat, like, acc, /*mutated=*/true);
+    return feature_tensor(t, name, flat, like, acc, /*mutated=*/true, /*defer=*/true);
   }
   FeatureTensor read(const c10::optional<at::Tensor>& t, const char* name) const {
     check_size(t, name);
-    return feature_tensor(t, name, flat, like, acc, /*mutated=*/false);
+    return feature_tensor(t, name, flat, like, acc, /*mutated=*/false, /*defer=*/true);
   }
+  void convert(std::initializer_list<FeatureTensor*> fs) const { convert_features(fs, acc); }
   void check_size(const c10::optional<at::Tensor>& t, const char* name) const {
     if (!t.has_value() || !t->defined()) return;
     TORCH_CHECK(t->numel() == flat.v.C && t->dim() <= 2, "bn_cuda.", op, ": ", name, " has shape ",
@@ -220,6 +222,7 @@ GatherCall prepare_gather(const at::Tensor& mean, const at::Tensor& m2, const at
   call.running_mean = features(running_mean, "running_mean");
   call.running_var = features(running_var, "running_var");
   check_disjoint("gather_stats", {{&call.running_mean, "running_mean"}, {&call.running_var, "running_var"}});
+  features.convert({&call.running_mean, &call.running_var});
   call.out_mean = at::empty({C}, mean.options().dtype(acc));
   call.out_invstd = at::empty({C}, mean.options().dtype(acc));
   call.out_count = at::empty({C}, mean.options().dtype(acc));
@@ -390,6 +393,8 @@ KerasFinalizeCall prepare_keras_epilogue(const char* op, const at::Tensor& mean,
   check_disjoint(op, {{&call.moving_mean, "moving_mean"}, {&call.moving_variance, "moving_variance"},
                       {&call.moving_stddev, "moving_stddev"}, {&call.renorm_mean, "renorm_mean"},
                       {&call.renorm_stddev, "renorm_stddev"}});
+  features.convert({&call.moving_mean, &call.moving_variance, &call.moving_stddev, &call.renorm_mean,
+                    &call.renorm_stddev});
   call.r = at::empty({C}, mean.options().dtype(acc));
   call.d = at::empty({C}, mean.options().dtype(acc));
   KerasFinalizeParams& p = call.p;
@@ -452,6 +457,7 @@ KerasFinalizeCall prepare_keras_coeffs(const at::Tensor& mean, const at::Tensor&
   call.beta = features.read(beta, "beta");
   call.adj_scale = features.read(adj_scale, "adj_scale");
   call.adj_bias = features.read(adj_bias, "adj_bias");
+  features.convert({&call.gamma, &call.beta, &call.adj_scale, &call.adj_bias});
   call.invstd = at::empty({p.G * p.C}, mean.options().dtype(acc));
   call.weight = at::empty({p.G * p.C}, mean.options().dtype(acc));
   call.bias = at::empty({p.G * p.C}, mean.options().dtype(acc));

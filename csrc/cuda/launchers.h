@@ -25,6 +25,8 @@ cudaError_t backward_apply_t(const BackwardParams& p, cudaStream_t stream);
 // Accumulation types only: kFloat32 (float) and kFloat64 (double).
 template <DType D>
 cudaError_t gather_stats_t(const GatherParams& g, cudaStream_t stream);
+// Any dtypes (see ConvertParams).
+cudaError_t convert_features_t(const ConvertParams& p, cudaStream_t stream);
 template <DType D>
 cudaError_t keras_finalize_t(const KerasFinalizeParams& p, cudaStream_t stream);
 

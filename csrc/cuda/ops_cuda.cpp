@@ -103,6 +103,19 @@ at::Tensor workspace(const at::Tensor& like, size_t bytes, DType t) {
 #endif
 }
 
+// The glue's batched per-feature conversion (convert_features / write_back): one launch on the
+// current stream (the op bodies' device guard makes it the tensors' device).
+void convert_on_device(ConvertParams& p) {
+  p.sm_count = sm_count();
+  C10_CUDA_CHECK(cuda::convert_features_t(p, current_stream()));
+}
+
+#ifdef BN_CUDA_EMULATE
+const bool kConvertRegistered = (register_device_convert(c10::DeviceType::CPU, &convert_on_device), true);
+#else
+const bool kConvertRegistered = (register_device_convert(c10::DeviceType::CUDA, &convert_on_device), true);
+#endif
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_train_cuda(
     const at::Tensor& input, const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
     const c10::optional<at::Tensor>& running_mean, const c10::optional<at::Tensor>& running_var, double momentum,

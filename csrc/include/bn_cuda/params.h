@@ -121,6 +121,25 @@ struct GatherParams {
   bool unbiased_running_var = true;
 };
 
+// Per-feature tensors converted between their dtype and the accumulation type in one launch
+// (convert_features_kernel): segment s moves n contiguous elements from src (src_t) to dst
+// (dst_t); every segment is spread over the whole grid. The conversions are exact
+// (float16 / bfloat16 / float32 to a wider type) or one rounding to nearest-even (float32 to
+// float16 / bfloat16, float64 to float32), as Tensor::to's.
+struct ConvertSegment {
+  const void* src = nullptr;
+  void* dst = nullptr;
+  int64_t n = 0;
+  DType src_t = DType::kFloat32, dst_t = DType::kFloat32;
+};
+
+struct ConvertParams {
+  static constexpr int kMaxSegments = 8;
+  ConvertSegment seg[kMaxSegments];
+  int count = 0;
+  int sm_count = 1;
+};
+
 // ---------------------------------------------------------------------------------------------
 // Planning.
 

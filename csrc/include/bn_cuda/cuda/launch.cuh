@@ -6,6 +6,7 @@
 #pragma once
 
 #include "backward.cuh"
+#include "convert.cuh"
 #include "forward.cuh"
 #include "masked.cuh"
 
@@ -288,6 +289,18 @@ template <typename A>
 cudaError_t gather_stats(const GatherParams& g, cudaStream_t stream) {
   if (g.C == 0) return cudaSuccess;
   gather_stats_kernel<A><<<static_cast<unsigned>(ceil_div(g.C, 8)), 256, 0, stream>>>(g);
+  BN_CUDA_RETURN_IF_ERROR();
+  return cudaSuccess;
+}
+
+// A call's per-feature conversions (convert.cuh): grid sized by the longest segment.
+inline cudaError_t convert_features(const ConvertParams& p, cudaStream_t stream) {
+  if (p.count < 0 || p.count > ConvertParams::kMaxSegments) return cudaErrorInvalidValue;
+  int64_t longest = 0;
+  for (int s = 0; s < p.count; ++s) longest = p.seg[s].n > longest ? p.seg[s].n : longest;
+  if (longest == 0) return cudaSuccess;
+  const unsigned grid = detail::grid_1d(longest, kCudaBlock, p.sm_count, 4);
+  convert_features_kernel<kCudaBlock><<<grid, kCudaBlock, 0, stream>>>(p);
   BN_CUDA_RETURN_IF_ERROR();
   return cudaSuccess;
 }
