@@ -255,10 +255,14 @@ def _check_finite(op: str, name: str, v) -> None:
         raise ValueError(f"bn_cuda.{op}: {name} must be finite, got {_num(v)}")
 
 
-def _check_staged_eps(op: str, eps) -> None:
-    """The staged ops' eps (gather_stats, keras_finalize, keras_coeffs): finite and > 0."""
+def _check_staged_eps(op: str, eps, dtype: torch.dtype) -> None:
+    """check_staged_eps (gather_stats, keras_finalize, keras_coeffs): finite and > 0, and not 0 in
+    float32 unless the statistics (of dtype ``dtype``) are float64."""
     if not (_finite(eps) and eps > 0):
         raise ValueError(f"bn_cuda.{op}: eps must be finite and > 0, got {_num(eps)}")
+    if dtype != torch.float64 and isinstance(eps, (int, float)) and _f32_is_zero(eps):
+        raise ValueError(f"bn_cuda.{op}: eps={_num(eps)} rounds to 0 in float32, the accumulation type of "
+                         f"{_C10_NAMES.get(dtype, dtype)} statistics")
 
 
 class _Plan:

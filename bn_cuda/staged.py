@@ -49,7 +49,7 @@ def _gather_stats_fake(mean, m2, count, running_mean, running_var, momentum, eps
         raise ValueError(f"bn_cuda.gather_stats: mean must be (C,) or (W, C), got shape {_shape(mean.shape)}")
     _check_stat_triple("gather_stats", mean, "mean", m2, "m2", count)
     check_same_device(mean, m2=m2, count=count, running_mean=running_mean, running_var=running_var)
-    _check_staged_eps("gather_stats", eps)
+    _check_staged_eps("gather_stats", eps, mean.dtype)
     c = mean.shape[-1]
     source = f"mean of shape {_shape(mean.shape)} has C = {_v(c)} features"
     _check_flat(running_mean, "running_mean", "gather_stats", c, source, mutated=True)
@@ -124,7 +124,7 @@ def _check_keras_epilogue(op: str, mean, second, second_name: str, count, moving
     check_same_device(mean, **{second_name: second}, count=count, moving_mean=moving_mean,
                       moving_variance=moving_variance, moving_stddev=moving_stddev, renorm_mean=renorm_mean,
                       renorm_stddev=renorm_stddev)
-    _check_staged_eps(op, eps)
+    _check_staged_eps(op, eps, mean.dtype)
     _check_finite(op, "momentum", momentum)
     _check_finite(op, "renorm_momentum", renorm_momentum)
     for name, v in (("rmin", rmin), ("rmax", rmax)):

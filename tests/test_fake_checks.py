@@ -198,6 +198,8 @@ REFUSED = [
      r"mean must be a floating-point"),
     (gather_stats, dict(eps=0.0), ValueError, r"eps must be finite and > 0, got 0"),
     (gather_stats, dict(eps=math.nan), ValueError, r"eps must be finite and > 0, got nan"),
+    (gather_stats, dict(eps=1e-50), ValueError,
+     r"gather_stats: eps=1e-50 rounds to 0 in float32, the accumulation type of Float statistics"),
     (gather_stats, dict(running_mean=lambda d: _c(d, 2)), RuntimeError, r"running_mean has shape \[2\]"),
     (gather_stats, dict(running_var=_i), TypeError, r"running_var must be a floating-point"),
     (gather_stats, dict(running_var=_expanded), ValueError, r"running_var is updated in place"),
@@ -255,6 +257,7 @@ for _op in (keras_finalize, keras_coeffs):
         (_op, dict(eps=0.0), ValueError, r"eps must be finite and > 0, got 0"),
         (_op, dict(eps=-1.0), ValueError, r"eps must be finite and > 0, got -1"),
         (_op, dict(eps=math.inf), ValueError, r"eps must be finite and > 0, got inf"),
+        (_op, dict(eps=1e-50), ValueError, r"eps=1e-50 rounds to 0 in float32, the accumulation type of Float"),
         (_op, dict(momentum=math.inf), ValueError, r"momentum must be finite, got inf"),
         (_op, dict(renorm_momentum=math.nan), ValueError, r"renorm_momentum must be finite, got nan"),
         (_op, dict(rmin=math.nan), ValueError, r"rmin must be a number, got nan"),
@@ -335,6 +338,9 @@ ACCEPTED = [
     (gather_stats, dict(running_mean=lambda d: _c(d).view(1, 3), running_var=None)),
     (gather_stats, dict(mean=lambda d: _c(d), m2=lambda d: _c(d), count=lambda d: _c(d, dtype=torch.half))),
     (gather_stats, dict(momentum=math.inf)),  # (gather_stats does not check its momentum)
+    # float64 statistics: no float32 rounding of eps
+    (gather_stats, dict(mean=lambda d: _c(d, dtype=torch.float64), m2=lambda d: _c(d, dtype=torch.float64),
+                        count=lambda d: _c(d, dtype=torch.float64), eps=1e-50)),
     (normalize, dict(weight=None, bias=lambda d: _c(d).view(1, 3, 1))),
     (normalize, dict(ghosts=2)),
     # ghost batches split next to the features: (G, C) and the split input's Keras shape are accepted
@@ -351,6 +357,8 @@ ACCEPTED = [
     (keras_finalize, dict(moving_stddev=_renorm, renorm_mean=_renorm, renorm_stddev=_renorm, rmin=-math.inf)),
     (keras_coeffs, dict(ghosts=4, gamma=None, adj_scale=lambda d: _c(d).view(1, 3))),
     (keras_coeffs, dict(moving_stddev=_renorm, renorm_mean=_renorm, renorm_stddev=_renorm, dmax=math.inf)),
+    (keras_coeffs, dict(mean=lambda d: _c(d, dtype=torch.float64), second=lambda d: _c(d, dtype=torch.float64),
+                        count=lambda d: _c(d, dtype=torch.float64), eps=1e-50)),
 ]
 
 

@@ -309,6 +309,36 @@ def test_float64_inputs(kwargs):
     torch.testing.assert_close(outs[0][1], outs[1][1])  # biased variance: no fused path for float64
 
 
+@pytest.mark.parametrize("kwargs", [{}, {"virtual_batch_size": 3}, {"renorm": True},
+                                    {"adjustment": lambda s: (torch.full((5,), 1.5), torch.full((5,), 0.25))}],
+                         ids=["plain", "ghost", "renorm", "adjustment"])
+def test_epsilon_rounding_to_zero_in_float32(kwargs):
+    """An epsilon that float32 rounds to 0 would normalize a feature of equal values to NaN (tf_keras
+    gives NaN there): every fused configuration refuses it for float32 statistics, naming the value,
+    and moves no variable; float64 input keeps it and matches the composite path."""
+    x = _data(6, 5)
+    x[:, 2] = 3.0  # a feature of equal values
+    layer = BatchNormalization(epsilon=1e-50, momentum=0.5, **kwargs)
+    layer.build(x.shape)
+    before = _snapshot(layer)
+    with pytest.raises(ValueError, match=r"eps=1e-50 rounds to 0 in float32"):
+        layer(x, training=True)
+    _assert_unchanged(layer, before)
+    outs = []
+    for fused, eps in ((None, 1e-50), (False, 1e-50), (False, 1e-3)):
+        layer = BatchNormalization(fused=fused, epsilon=eps, momentum=0.5, **kwargs)
+        outs.append((layer(x.double(), training=True), _snapshot(layer)))
+    (got, got_vars), (want, want_vars), (tame, _) = outs
+    varied = [0, 1, 3, 4]
+    torch.testing.assert_close(got[:, varied], want[:, varied], rtol=1e-9, atol=1e-9)
+    # The equal feature: the composite path's x * a + b (tf_keras's formula) cancels every digit at
+    # a = 1e25 and gives 0; the fused (x - mean) * a + b gives the exact value, which any sane eps
+    # gives too (the adjustment's bias, else 0).
+    torch.testing.assert_close(got[:, 2], tame[:, 2], rtol=0, atol=1e-9)
+    for n, v in want_vars.items():
+        torch.testing.assert_close(got_vars[n], v, rtol=1e-6, atol=1e-6, msg=n)
+
+
 def test_names():
     a, b = BatchNormalization(), BatchNormalization()
     assert a.name.startswith("batch_normalization") and a.name != b.name

@@ -148,6 +148,16 @@ StatTriple stat_triple(const char* op, const at::Tensor& a, const char* an, cons
   return t;
 }
 
+// eps of an op that normalizes (gather_stats, keras_finalize, keras_coeffs): finite and > 0, and not 0
+// once rounded to float32 statistics (else a feature of equal values normalizes to 0 * inf = NaN),
+// as prepare_forward's training check. `given`: the dtype of the statistics passed; `acc`: theirs
+// in the kernels.
+void check_staged_eps(const char* op, double eps, at::ScalarType given, at::ScalarType acc) {
+  TORCH_CHECK_VALUE(std::isfinite(eps) && eps > 0, "bn_cuda.", op, ": eps must be finite and > 0, got ", eps);
+  TORCH_CHECK_VALUE(acc == at::kDouble || static_cast<float>(eps) > 0, "bn_cuda.", op, ": eps=", eps,
+                    " rounds to 0 in float32, the accumulation type of ", given, " statistics");
+}
+
 // A per-feature tensor of C entries that belongs to no input (running / moving statistics of the
 // staged ops): the shape / device / dtype checks of feature_tensor against a (1, C) stand-in.
 // A size mismatch is named in the op's own terms (`source`: where C comes from), not the stand-in's.
@@ -208,7 +218,7 @@ GatherCall prepare_gather(const at::Tensor& mean, const at::Tensor& m2, const at
   TORCH_CHECK_VALUE(mean.dim() == 1 || mean.dim() == 2, "bn_cuda.gather_stats: mean must be (C,) or (W, C), got shape ",
                     shape_str(mean.sizes()));
   const StatTriple t = stat_triple("gather_stats", mean, "mean", m2, "m2", count);
-  TORCH_CHECK_VALUE(std::isfinite(eps) && eps > 0, "bn_cuda.gather_stats: eps must be finite and > 0, got ", eps);
+  check_staged_eps("gather_stats", eps, mean.scalar_type(), t.acc);
   const at::ScalarType acc = t.acc;
   call.is_double = acc == at::kDouble;
   const int64_t W = mean.dim() == 2 ? mean.size(0) : 1;
@@ -366,7 +376,7 @@ KerasFinalizeCall prepare_keras_epilogue(const char* op, const at::Tensor& mean,
   TORCH_CHECK_VALUE(mean.dim() == 1 && mean.numel() % ghosts == 0, "bn_cuda.", op, ": mean must be flat with ",
                     "ghosts * C entries, got shape ", shape_str(mean.sizes()), " for ghosts=", ghosts);
   const StatTriple t = stat_triple(op, mean, "mean", second, second_name, count);
-  TORCH_CHECK_VALUE(std::isfinite(eps) && eps > 0, "bn_cuda.", op, ": eps must be finite and > 0, got ", eps);
+  check_staged_eps(op, eps, mean.scalar_type(), t.acc);
   check_finite(op, "momentum", momentum);
   check_finite(op, "renorm_momentum", renorm_momentum);
   TORCH_CHECK_VALUE(!rmin || !std::isnan(*rmin), "bn_cuda.", op, ": rmin must be a number, got nan");

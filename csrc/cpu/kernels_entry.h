@@ -8,41 +8,25 @@ namespace bn_cuda {
 namespace cpu {
 inline namespace CPU_CAPABILITY {
 
-#define BN_CUDA_CPU_DTYPE_SWITCH(t, FN, p)       \
-  switch (t) {                                    \
-    case DType::kFloat32:                         \
-      FN<float>(p);                               \
-      break;                                      \
-    case DType::kFloat64:                         \
-      FN<double>(p);                              \
-      break;                                      \
-    case DType::kFloat16:                         \
-      FN<c10::Half>(p);                           \
-      break;                                      \
-    case DType::kBFloat16:                        \
-      FN<c10::BFloat16>(p);                       \
-      break;                                      \
+// Calls FN<T>(args...) with T the element type named by t.
+#define BN_CUDA_CPU_DTYPE_SWITCH(t, FN, ...)         \
+  switch (t) {                                        \
+    case DType::kFloat32:                             \
+      return FN<float>(__VA_ARGS__);                  \
+    case DType::kFloat64:                             \
+      return FN<double>(__VA_ARGS__);                 \
+    case DType::kFloat16:                             \
+      return FN<c10::Half>(__VA_ARGS__);              \
+    case DType::kBFloat16:                            \
+      return FN<c10::BFloat16>(__VA_ARGS__);          \
   }
 
 void forward_train(DType t, const ForwardParams& p) { BN_CUDA_CPU_DTYPE_SWITCH(t, forward_train, p) }
 void forward_infer(DType t, const ForwardParams& p) { BN_CUDA_CPU_DTYPE_SWITCH(t, forward_infer, p) }
 void backward(DType t, const BackwardParams& p) { BN_CUDA_CPU_DTYPE_SWITCH(t, backward, p) }
-
-void to_float(DType t, const void* src, float* dst, int64_t n) {
-  switch (t) {
-    case DType::kFloat32: return cpu::to_float<float>(src, dst, n);
-    case DType::kFloat64: return cpu::to_float<double>(src, dst, n);
-    case DType::kFloat16: return cpu::to_float<c10::Half>(src, dst, n);
-    case DType::kBFloat16: return cpu::to_float<c10::BFloat16>(src, dst, n);
-  }
-}
+void to_float(DType t, const void* src, float* dst, int64_t n) { BN_CUDA_CPU_DTYPE_SWITCH(t, to_float, src, dst, n) }
 void from_float(DType t, const float* src, void* dst, int64_t n) {
-  switch (t) {
-    case DType::kFloat32: return cpu::from_float<float>(src, dst, n);
-    case DType::kFloat64: return cpu::from_float<double>(src, dst, n);
-    case DType::kFloat16: return cpu::from_float<c10::Half>(src, dst, n);
-    case DType::kBFloat16: return cpu::from_float<c10::BFloat16>(src, dst, n);
-  }
+  BN_CUDA_CPU_DTYPE_SWITCH(t, from_float, src, dst, n)
 }
 
 #undef BN_CUDA_CPU_DTYPE_SWITCH

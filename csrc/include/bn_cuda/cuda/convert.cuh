@@ -12,20 +12,20 @@ namespace cuda {
 __device__ __forceinline__ double load_any(const void* p, DType t, int64_t k) {
   switch (t) {
     case DType::kFloat32:
-      return static_cast<const float*>(p)[k];
+      return to_acc(static_cast<const float*>(p)[k]);
     case DType::kFloat64:
-      return static_cast<const double*>(p)[k];
+      return to_acc(static_cast<const double*>(p)[k]);
     case DType::kFloat16:
-      return __half2float(static_cast<const __half*>(p)[k]);
+      return to_acc(static_cast<const __half*>(p)[k]);
     case DType::kBFloat16:
-      return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[k]);
+      return to_acc(static_cast<const __nv_bfloat16*>(p)[k]);
   }
   return 0.0;
 }
 
 // One rounding to nearest-even where the target is narrower than the source: float64 to float32
 // directly; to float16 / bfloat16 only from a float32 source (the value is a float32, so the
-// cast to float is exact and the one rounding is __float2half_rn's / __float2bfloat16_rn's).
+// cast to float is exact and the one rounding is from_acc's __float2half_rn / __float2bfloat16_rn).
 __device__ __forceinline__ void store_any(void* p, DType t, int64_t k, double v) {
   switch (t) {
     case DType::kFloat32:
@@ -35,10 +35,10 @@ __device__ __forceinline__ void store_any(void* p, DType t, int64_t k, double v)
       static_cast<double*>(p)[k] = v;
       return;
     case DType::kFloat16:
-      static_cast<__half*>(p)[k] = __float2half_rn(static_cast<float>(v));
+      static_cast<__half*>(p)[k] = from_acc<__half>(static_cast<float>(v));
       return;
     case DType::kBFloat16:
-      static_cast<__nv_bfloat16*>(p)[k] = __float2bfloat16_rn(static_cast<float>(v));
+      static_cast<__nv_bfloat16*>(p)[k] = from_acc<__nv_bfloat16>(static_cast<float>(v));
       return;
   }
 }
