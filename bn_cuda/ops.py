@@ -419,9 +419,8 @@ def _plan_ghosts(input: Tensor, axis: Sequence[int], ghosts,
     if ghosts == 1:  # (a symbolic ghost count and a non-flat per-feature tensor: guarded)
         return plan, c
     # A non-flat per-(ghost, feature) tensor: checked against the split batch's plan, whose shapes
-    # ((ghosts, *feature dims) and that rank-preserving one) the op also accepts unless it runs the
-    # input as ghost rows (channels-last layouts), where it takes the flat form only. Porting that
-    # layout decision here is not worth it: the fake is lenient for those shapes, the op refuses them.
+    # ((ghosts, *feature dims) and that rank-preserving one) the op accepts in every layout (with
+    # ghost rows, channels-last, too: feature_forms), with the same message.
     split = [n // ghosts, ghosts] + list(input.shape[1:])
     return _Plan(split, [1] + [a + 1 for a in plan.axes]), c
 

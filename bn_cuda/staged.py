@@ -282,7 +282,11 @@ def gather_stats(mean: Tensor, m2: Tensor, count: Tensor, running_mean: Optional
 
 def normalize(input: Tensor, mean: Tensor, invstd: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
               axis: Union[int, Sequence[int]], ghosts: int = 1) -> Tensor:
-    """``(input - mean) * invstd * weight + bias`` with per-feature (per ghost and feature) statistics."""
+    """``(input - mean) * invstd * weight + bias`` with per-feature (per ghost and feature) statistics.
+
+    With ``ghosts`` > 1 the per-(ghost, feature) tensors may be flat ``(ghosts * C,)``, ghost-major,
+    ``(ghosts, *feature dims)`` or the rank-preserving ``(1, ghosts, ...)`` of the batch split as
+    ``(n / ghosts, ghosts, ...)``, whatever the input's layout (the other staged ops alike)."""
     who = "bn_cuda.staged.normalize"
     return _ops.normalize.default(input, mean, invstd, weight, bias, as_axes(who, axis), as_int(who, "ghosts", ghosts))
 

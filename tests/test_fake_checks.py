@@ -205,6 +205,10 @@ REFUSED = [
     (gather_stats, dict(running_var=_expanded), ValueError, r"running_var is updated in place"),
     (gather_stats, dict(m2=None), TypeError, r"m2 must be a tensor, got None"),
     # normalize (plan_ghosts, check_ghost_entries, prepare_forward)
+    (normalize, dict(ghosts=2, axis=[2], mean=lambda d: _c(d, 10).view(5, 2), invstd=lambda d: _c(d, 10), weight=None,
+                     bias=None), RuntimeError,
+     r"mean has shape \[5, 2\] \(10 elements\) but the input of shape \[2, 2, 3, 5\] has 10 features along axis "
+     r"\[1, 3\]; expected shape \[2, 5\], \[10\] or \[1, 2, 1, 5\]"),
     (normalize, dict(mean=lambda d: _c(d, 5)), RuntimeError, r"mean has shape \[5\]"),
     (normalize, dict(invstd=_i), TypeError, r"invstd must be a floating-point"),
     (normalize, dict(weight=lambda d: _c(d, 6)), RuntimeError, r"weight has shape \[6\]"),
@@ -348,6 +352,9 @@ ACCEPTED = [
     # ghost rows: a non-channels-last layout of the same shape splits, and takes (G, C)
     (normalize, dict(ghosts=2, axis=[2], input=lambda d: _x(d, (4, 5, 3)).transpose(1, 2),
                      mean=lambda d: _c(d, 10).view(2, 5), invstd=lambda d: _c(d, 10), weight=None, bias=None)),
+    # ghost rows (channels-last: features innermost) take the split forms too
+    (normalize, dict(ghosts=2, axis=[2], mean=lambda d: _c(d, 10).view(2, 5), invstd=lambda d: _c(d, 10).view(1, 2, 1, 5),
+                     weight=None, bias=None)),
     (grad_sums, dict(ghosts=4)),
     (grad_sums, dict(mean=lambda d: _c(d).view(1, 3, 1), grad_out=lambda d: _x(d, dtype=torch.float64))),
     (grad_input, dict(mask=lambda d: torch.ones(4, 1, 1, dtype=torch.bool, device=d), ghosts=2)),
@@ -441,15 +448,3 @@ def test_compiled_call_is_refused_while_tracing():
     with pytest.raises(RuntimeError, match=r"weight has shape \[5\]"):
         torch.compile(f, backend="eager", fullgraph=True)(torch.randn(4, 3, 5), torch.ones(5))
     assert torch.equal(rm, torch.zeros(3))
-
-
-def test_fake_is_lenient_for_non_flat_ghost_rows():
-    """The one known difference: with ghost rows (a channels-last layout, features innermost) the
-    op takes only flat (G * C,) per-(ghost, feature) tensors, while the fake checks every ghost
-    batch against the split layout's shapes ((G, C) included): it does not port the layout
-    decision. The op still refuses when the graph runs."""
-    kw = dict(ghosts=2, axis=[2], mean=lambda d: _c(d, 10).view(2, 5), invstd=lambda d: _c(d, 10), weight=None,
-              bias=None)
-    with pytest.raises(RuntimeError, match=r"mean has shape \[2, 5\]"):
-        normalize("cpu", **kw)
-    assert normalize("meta", **kw).shape == (4, 3, 5)

@@ -229,6 +229,55 @@ def test_ghost_batches_match_reference(device, shape, axis, layout, ghosts, mask
     torch.testing.assert_close(gx.cpu(), ref_gx, rtol=1e-9, atol=1e-10)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape,axis,layout", [
+    ((8, 3, 4, 5), [1], "contiguous"),      # split batch
+    ((8, 3, 4, 5), [1], "channels_last"),   # ghost rows
+    ((6, 7, 17), [-1], "contiguous"),       # ghost rows, (B, T, C)
+    ((8, 3, 4, 5), [1, 3], "contiguous"),   # two feature axes apart
+    ((8, 5, 4, 3), [2, 3], "contiguous"),   # two feature axes innermost: ghost rows
+])
+def test_ghost_tensor_forms_agree_across_layouts(device, shape, axis, layout):
+    """Every staged op that takes per-(ghost, feature) tensors takes them flat (G * C,), as
+    (G, *feature dims), in the split batch's rank-preserving form and strided, in every layout
+    (channels-last ghost rows too), with bitwise the results of the flat form."""
+    ghosts = 2
+    g = torch.Generator().manual_seed(11)
+    x = _data(shape, torch.float32, "cpu", seed=12, offset=3.0)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    gy = torch.randn(shape, generator=g)
+    fdims = [shape[a] for a in axis]
+    n = ghosts
+    for d in fdims:
+        n *= d
+    keras = [1, ghosts] + [1] * (len(shape) - 1)
+    for a in axis:
+        keras[a % len(shape) + 1] = shape[a]
+    forms = {
+        "dims": lambda t: t.view(ghosts, *fdims),
+        "keras": lambda t: t.view(keras),
+        "strided": lambda t: t.view(ghosts, -1).t().contiguous().t().view(ghosts, *fdims),
+    }
+    x, gy = x.to(device), gy.to(device)
+    mean, m2, cnt = staged.batch_stats(x, axis, ghosts=ghosts)
+    gm, ginv, gc = staged.gather_stats(mean[None], m2[None], cnt[None], None, None, 0.1, 1e-3)
+    w = torch.randn(n, generator=g).to(device)
+    b = torch.randn(n, generator=g).to(device)
+
+    def run(f):
+        y = staged.normalize(x, f(gm), f(ginv), f(w), f(b), axis, ghosts=ghosts)
+        sdy, sdyx = staged.grad_sums(gy, x, f(gm), f(ginv), axis, ghosts=ghosts)
+        gx = staged.grad_input(gy, x, f(gm), f(ginv), f(w), f(sdy), f(sdyx), f(gc), axis, ghosts=ghosts)
+        return y, sdy, sdyx, gx
+
+    want = run(lambda t: t)
+    assert not forms["strided"](gm).is_contiguous()
+    for name, f in forms.items():
+        for got, ref, what in zip(run(f), want, ("output", "sum_dy", "sum_dy_xmu", "grad_input")):
+            assert torch.equal(got, ref), f"{name}: {what}"
+
+
 def test_ghost_errors_name_the_value():
     x = torch.randn(6, 4)
     with pytest.raises(ValueError, match="ghosts=4 must divide the batch size, got a batch of 6"):

@@ -56,15 +56,42 @@ void check_defined(const at::Tensor& t, const char* name, const char* op) {
   TORCH_CHECK_TYPE(t.defined(), "bn_cuda", op ? "." : "", op ? op : "", ": ", name, " must be a tensor, got None");
 }
 
-static std::string accepted_shapes(const Canonical& c, int64_t ndim) {
-  std::vector<int64_t> keras(ndim, 1);
-  for (size_t k = 0; k < c.axes.size(); ++k) keras[c.axes[k]] = c.feature_shape[k];
-  std::ostringstream os;
-  os << shape_str(c.feature_shape);
-  if (c.feature_shape.size() != 1) os << ", [" << c.v.C << "]";
-  os << " or " << shape_str(keras);
-  return os.str();
+namespace {
+
+// The shapes a per-feature tensor may have: the feature dims' shape, flat (features,) or the input's
+// rank with 1 elsewhere (Keras), and how an error describes the input. With ghost rows (View3::G > 1:
+// ghost batches of a channels-last input, per-(ghost, feature) tensors) these are the forms of the
+// split batch, (n / G, G, ...) with the ghost dim as the first feature axis, which the other layouts
+// run as: (G, *feature dims), (G * C,) and (1, G, ...), all ghost-major.
+struct FeatureForms {
+  std::vector<int64_t> dims, keras, input_shape, axes;
+  int64_t flat = 0;
+};
+
+FeatureForms feature_forms(const Canonical& c, const at::Tensor& input) {
+  FeatureForms f;
+  const int64_t nd = input.dim();
+  const int64_t G = c.v.G;
+  const int64_t r = G > 1 ? 1 : 0;  // (the ghost dim shifts every axis by one)
+  f.flat = c.v.features();
+  f.dims = c.feature_shape;
+  f.input_shape = input.sizes().vec();
+  f.keras.assign(nd + r, 1);
+  if (r) {
+    f.dims.insert(f.dims.begin(), G);
+    f.input_shape[0] /= G;
+    f.input_shape.insert(f.input_shape.begin() + 1, G);
+    f.keras[1] = G;
+    f.axes.push_back(1);
+  }
+  for (size_t k = 0; k < c.axes.size(); ++k) {
+    f.keras[c.axes[k] + r] = c.feature_shape[k];
+    f.axes.push_back(c.axes[k] + r);
+  }
+  return f;
 }
+
+}  // namespace
 
 // Validate a per-feature tensor and bring it to a flat acc-typed contiguous form.
 FeatureTensor feature_tensor(const c10::optional<at::Tensor>& maybe, const char* name, const Canonical& c,
@@ -75,21 +102,14 @@ FeatureTensor feature_tensor(const c10::optional<at::Tensor>& maybe, const char*
   f.user = t;
   check_same_device(t, input, name);
   dtype_of(t, name);
-  const int64_t nd = input.dim();
-  bool shape_ok = t.sizes().vec() == c.feature_shape || (t.dim() == 1 && t.numel() == c.v.features());
-  if (!shape_ok && t.dim() == nd) {
-    shape_ok = true;
-    size_t k = 0;
-    for (int64_t d = 0; d < nd; ++d) {
-      const bool feat = k < c.axes.size() && c.axes[k] == d;
-      const int64_t want = feat ? c.feature_shape[k] : 1;
-      if (feat) ++k;
-      shape_ok &= t.size(d) == want;
-    }
-  }
+  const FeatureForms forms = feature_forms(c, input);
+  const std::vector<int64_t> shape = t.sizes().vec();
+  const bool shape_ok = shape == forms.dims || (t.dim() == 1 && t.numel() == forms.flat) || shape == forms.keras;
   TORCH_CHECK(shape_ok, "bn_cuda: ", name, " has shape ", shape_str(t.sizes()), " (", t.numel(),
-              " elements) but the input of shape ", shape_str(input.sizes()), " has ", c.v.C,
-              " features along axis ", shape_str(c.axes), "; expected shape ", accepted_shapes(c, nd));
+              " elements) but the input of shape ", shape_str(forms.input_shape), " has ", forms.flat,
+              " features along axis ", shape_str(forms.axes), "; expected shape ", shape_str(forms.dims),
+              forms.dims.size() != 1 ? ", [" + std::to_string(forms.flat) + "]" : std::string(), " or ",
+              shape_str(forms.keras));
   // (an expanded tensor cannot take the update: refused before any kernel runs, naming it)
   TORCH_CHECK_VALUE(!mutated || at::has_internal_overlap(t) != at::MemOverlap::Yes, "bn_cuda: ", name,
                     " is updated in place, but its elements share memory (shape ", shape_str(t.sizes()), ", strides ",
