@@ -1,6 +1,6 @@
 """Torch-style modules on bn_cuda's kernels: :class:`BatchNorm1d`, :class:`BatchNorm2d`,
-:class:`BatchNorm3d` (drop-ins for torch's), :class:`SyncBatchNorm`, and :func:`convert_batchnorm`,
-which swaps torch's batch-norm layers of a model for these."""
+:class:`BatchNorm3d`, their lazy forms (drop-ins for torch's), :class:`SyncBatchNorm`, and
+:func:`convert_batchnorm`, which swaps torch's batch-norm layers of a model for these."""
 
 from __future__ import annotations
 
@@ -9,11 +9,12 @@ from typing import Any, Optional, Tuple
 
 import torch.fx
 from torch import Tensor, nn
-from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.batchnorm import _BatchNorm, _LazyNormBase
 
 from . import distributed, functional, ops
 
-__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "convert_batchnorm", "batch_norm_module"]
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "LazyBatchNorm1d", "LazyBatchNorm2d", "LazyBatchNorm3d",
+           "SyncBatchNorm", "convert_batchnorm", "batch_norm_module"]
 
 
 # torch.nn's batch norms take `bias=` (a weight without a bias) only in recent releases.
@@ -161,7 +162,42 @@ class BatchNorm3d(_BatchNormNd):
     _input_dims = (5,)
 
 
+class _LazyBatchNormNd(_LazyNormBase):
+    """torch's ``_LazyNormBase`` whose first input's rank is checked before ``input.size(1)`` is taken
+    as ``num_features`` (torch's lazy layers raise an IndexError for a 1-D input there and
+    materialize on any other wrong rank)."""
+
+    def initialize_parameters(self, input: Tensor) -> None:  # type: ignore[override]
+        if self.has_uninitialized_params():
+            self._check_input_dim(input)
+        super().initialize_parameters(input)
+
+
+class LazyBatchNorm1d(_LazyBatchNormNd, BatchNorm1d):
+    r"""A drop-in for :class:`torch.nn.LazyBatchNorm1d`: a :class:`BatchNorm1d` whose ``num_features``
+    (and parameter / buffer sizes) come from the first input's ``input.size(1)``, after which it
+    becomes a :class:`BatchNorm1d`. Same arguments as torch's, without ``num_features``."""
+
+    cls_to_become = BatchNorm1d  # type: ignore[assignment]
+
+
+class LazyBatchNorm2d(_LazyBatchNormNd, BatchNorm2d):
+    r"""A drop-in for :class:`torch.nn.LazyBatchNorm2d`; becomes a :class:`BatchNorm2d`. See
+    :class:`LazyBatchNorm1d`."""
+
+    cls_to_become = BatchNorm2d  # type: ignore[assignment]
+
+
+class LazyBatchNorm3d(_LazyBatchNormNd, BatchNorm3d):
+    r"""A drop-in for :class:`torch.nn.LazyBatchNorm3d`; becomes a :class:`BatchNorm3d`. See
+    :class:`LazyBatchNorm1d`."""
+
+    cls_to_become = BatchNorm3d  # type: ignore[assignment]
+
+
 _DROP_INS = {nn.BatchNorm1d: BatchNorm1d, nn.BatchNorm2d: BatchNorm2d, nn.BatchNorm3d: BatchNorm3d}
+_LAZY_DROP_INS = {nn.LazyBatchNorm1d: LazyBatchNorm1d, nn.LazyBatchNorm2d: LazyBatchNorm2d,
+                  nn.LazyBatchNorm3d: LazyBatchNorm3d}
 
 
 def _share_state(new: _BatchNorm, old: _BatchNorm) -> _BatchNorm:
@@ -184,8 +220,10 @@ def convert_batchnorm(module: nn.Module) -> nn.Module:
     ``torch.nn.BatchNorm1d/2d/3d`` become :class:`BatchNorm1d/2d/3d` and ``torch.nn.SyncBatchNorm``
     becomes :class:`SyncBatchNorm` (same process group), each sharing the old layer's parameters and
     buffers (the same tensors: optimizers built before the conversion keep working), training mode
-    and ``qconfig``. Subclasses of torch's layers (which may override ``forward``), lazy layers that
-    have not seen an input yet, and anything else are left as they are.
+    and ``qconfig``. torch's lazy layers that have not seen an input yet become
+    :class:`LazyBatchNorm1d/2d/3d`, sharing their uninitialized parameters and buffers (those that
+    have become ``BatchNorm1d/2d/3d`` are converted as such). Subclasses of torch's layers (which may
+    override ``forward``) and anything else are left as they are.
 
     Returns
     -------
@@ -197,6 +235,9 @@ def convert_batchnorm(module: nn.Module) -> nn.Module:
         if kind in _DROP_INS:
             return _share_state(_DROP_INS[kind](m.num_features, m.eps, m.momentum, m.affine, m.track_running_stats,
                                                 **_bias_kwargs(m.bias is not None)), m)
+        if kind in _LAZY_DROP_INS and m.has_uninitialized_params():
+            return _share_state(_LAZY_DROP_INS[kind](m.eps, m.momentum, m.affine, m.track_running_stats,
+                                                     **_bias_kwargs(m.bias is not None)), m)
         if kind is nn.SyncBatchNorm:
             return _share_state(SyncBatchNorm(m.num_features, m.eps, m.momentum, m.affine, m.track_running_stats,
                                               m.process_group, bias=m.bias is not None), m)

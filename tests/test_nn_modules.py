@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import bn_cuda
-from bn_cuda.nn import BatchNorm1d, BatchNorm2d, BatchNorm3d, SyncBatchNorm, convert_batchnorm
+from bn_cuda.nn import (BatchNorm1d, BatchNorm2d, BatchNorm3d, LazyBatchNorm1d, LazyBatchNorm2d, LazyBatchNorm3d,
+                        SyncBatchNorm, convert_batchnorm)
 
 DEVICES = ["cpu"] + ([pytest.param("cuda", marks=pytest.mark.cuda)] if torch.cuda.is_available() else [])
 
@@ -64,6 +65,61 @@ def test_matches_torch_module(device, name, kwargs):
     if ref.affine:
         torch.testing.assert_close(ours.weight.grad, ref.weight.grad, rtol=1e-7, atol=1e-9)
         torch.testing.assert_close(ours.bias.grad, ref.bias.grad, rtol=1e-7, atol=1e-9)
+
+
+LAZY = {BatchNorm1d: (LazyBatchNorm1d, torch.nn.LazyBatchNorm1d), BatchNorm2d: (LazyBatchNorm2d, torch.nn.LazyBatchNorm2d),
+        BatchNorm3d: (LazyBatchNorm3d, torch.nn.LazyBatchNorm3d)}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", list(PAIRS))
+@pytest.mark.parametrize("kwargs", [{}, {"momentum": None}, {"affine": False}, {"track_running_stats": False}])
+def test_lazy_matches_torch_lazy_module(device, name, kwargs):
+    """LazyBatchNorm1d/2d/3d: num_features from the first input, then the eager class, computing what
+    torch's lazy layers compute (outputs, gradients, buffers over training steps and evaluation)."""
+    eager_cls, _, shape = PAIRS[name]
+    lazy_cls, torch_lazy_cls = LAZY[eager_cls]
+    ours = lazy_cls(**kwargs, device=device, dtype=torch.float64)
+    ref = torch_lazy_cls(**kwargs, device=device, dtype=torch.float64)
+    assert ours.has_uninitialized_params() and list(ours.state_dict()) == list(ref.state_dict())
+    for step in range(3):
+        ours.train(step < 2)
+        ref.train(step < 2)
+        x = _data(shape, 30 + step, device)
+        if name == "2d-channels_last":
+            x = x.contiguous(memory_format=torch.channels_last)
+        xo, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
+        yo, yr = ours(xo), ref(xr)
+        if step == 0:
+            assert type(ours) is eager_cls and ours.num_features == shape[1]
+            if ours.affine:  # random affine parameters, the same in both
+                with torch.no_grad():
+                    g = torch.Generator().manual_seed(2)
+                    for a, b in ((ours.weight, ref.weight), (ours.bias, ref.bias)):
+                        b.copy_(torch.rand(shape[1], generator=g, dtype=torch.float64) + 0.5)
+                        a.copy_(b)
+                yo, yr = ours(xo), ref(xr)
+        torch.testing.assert_close(yo, yr, rtol=1e-9, atol=1e-9)
+        gy = torch.randn(shape, generator=torch.Generator().manual_seed(40 + step), dtype=torch.float64).to(device)
+        yo.backward(gy)
+        yr.backward(gy)
+        torch.testing.assert_close(xo.grad, xr.grad, rtol=1e-7, atol=1e-9)
+    for (n, a), (_, b) in zip(ours.state_dict().items(), ref.state_dict().items()):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9, msg=n)
+
+
+@pytest.mark.parametrize("cls, bad", [(LazyBatchNorm1d, (5,)), (LazyBatchNorm1d, (2, 3, 4, 5)),
+                                      (LazyBatchNorm2d, (2, 3, 4)), (LazyBatchNorm3d, (2, 3))])
+def test_lazy_rank_error_before_materializing(cls, bad):
+    """A first input of the wrong rank is refused naming the ranks, and the layer stays lazy (torch's
+    lazy layers raise an IndexError for a 1-D input, and materialize before refusing other ranks)."""
+    bn = cls()
+    with pytest.raises(ValueError, match=rf"expected .*D input \(got {len(bad)}D input\)"):
+        bn(torch.randn(bad))
+    assert type(bn) is cls and bn.has_uninitialized_params()
+    good = {LazyBatchNorm1d: (4, 3), LazyBatchNorm2d: (4, 3, 2, 2), LazyBatchNorm3d: (4, 3, 2, 2, 1)}[cls]
+    bn(_data(good, 0, "cpu").float())
+    assert bn.num_features == 3 and int(bn.num_batches_tracked) == 1
 
 
 @pytest.mark.parametrize("cls, bad", [(BatchNorm1d, (2, 3, 4, 5)), (BatchNorm1d, (3,)), (BatchNorm2d, (2, 3, 4)),
@@ -130,6 +186,35 @@ def test_convert_batchnorm_model():
     bn = torch.nn.BatchNorm3d(4)
     assert type(convert_batchnorm(bn)) is BatchNorm3d
     assert bn_cuda.nn.convert_batchnorm is convert_batchnorm
+
+
+def test_convert_batchnorm_lazy_layers():
+    """torch's lazy layers that have not seen an input become bn_cuda's, sharing the uninitialized
+    parameters and buffers (an optimizer built on them sees the materialized ones); a lazy layer that
+    has already become BatchNorm2d converts as one; the model computes what torch's does."""
+    def make():  # (an uninitialized lazy layer cannot be deep-copied)
+        torch.manual_seed(0)
+        return torch.nn.Sequential(
+            torch.nn.Conv2d(3, 5, 3, padding=1, dtype=torch.float64),
+            torch.nn.LazyBatchNorm2d(momentum=None, dtype=torch.float64),
+            torch.nn.Flatten(), torch.nn.LazyBatchNorm1d(affine=False, dtype=torch.float64),
+        )
+
+    model, ref = make(), make()
+    done = torch.nn.LazyBatchNorm2d(dtype=torch.float64)
+    done(torch.randn(4, 5, 3, 3, dtype=torch.float64))  # now a torch BatchNorm2d
+    weight = model[1].weight
+    convert_batchnorm(model)
+    assert type(model[1]) is LazyBatchNorm2d and type(model[3]) is LazyBatchNorm1d
+    assert model[1].momentum is None and not model[3].affine and model[1].weight is weight
+    assert type(convert_batchnorm(done)) is BatchNorm2d
+    for step in range(2):
+        x = torch.randn(6, 3, 5, 5, dtype=torch.float64)
+        torch.testing.assert_close(model(x), ref(x), rtol=1e-9, atol=1e-9)
+    assert type(model[1]) is BatchNorm2d and type(model[3]) is BatchNorm1d
+    assert weight.shape == (5,) and model[1].weight is weight and model[3].num_features == 125
+    for (n, a), (_, b) in zip(model.state_dict().items(), ref.state_dict().items()):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9, msg=n)
 
 
 def test_converted_model_compiles_fullgraph():
