@@ -340,7 +340,8 @@ class SyncBatchNorm(_BatchNorm):
         torch's ``BatchNorm1d/2d/3d`` and ``SyncBatchNorm`` (any ``_BatchNorm``, this class
         included) become :class:`bn_cuda.nn.SyncBatchNorm` sharing their parameters and buffers
         (weights, running statistics, ``num_batches_tracked``, ``requires_grad``, training mode,
-        ``qconfig``). :class:`bn_cuda.BatchNormalization` layers are kept, switched to
+        ``qconfig``); a lazy layer that has not seen an input is refused (ValueError).
+        :class:`bn_cuda.BatchNormalization` layers are kept, switched to
         ``synchronized=True`` over ``process_group`` (their Keras semantics are unchanged
         otherwise; like tf_keras's synchronized layer they then feed the biased variance to the
         moving variance).
@@ -351,6 +352,12 @@ class SyncBatchNorm(_BatchNorm):
             ``module`` with its batch-norm layers replaced, or the new layer if ``module`` is one.
         """
         from .layers import BatchNormalization
+
+        for name, m in module.named_modules():  # (before anything is replaced)
+            if isinstance(m, _LazyNormBase) and m.has_uninitialized_params():
+                raise ValueError(f"convert_sync_batchnorm: {type(m).__name__} {name or '(the root)'} has not seen an "
+                                 "input yet, so its number of features is unknown and SyncBatchNorm has no lazy form: "
+                                 "run one forward pass (a dry run) before converting")
 
         def synchronized(m: nn.Module) -> nn.Module:
             if isinstance(m, _BatchNorm):

@@ -643,3 +643,17 @@ def test_convert_single_process():
     assert isinstance(single, SyncBatchNorm) and not single.training
     again = SyncBatchNorm.convert_sync_batchnorm(single)
     assert isinstance(again, SyncBatchNorm) and again.running_mean is single.running_mean
+
+
+@pytest.mark.parametrize("lazy", [torch.nn.LazyBatchNorm2d, bn_cuda.nn.LazyBatchNorm1d])
+def test_convert_sync_refuses_unmaterialized_lazy_layers(lazy):
+    """A lazy layer that has not seen an input has no feature count and SyncBatchNorm no lazy form:
+    refused, naming it, before any layer is replaced; after a dry run it converts."""
+    model = torch.nn.Sequential(torch.nn.BatchNorm1d(3), lazy())
+    with pytest.raises(ValueError, match=rf"convert_sync_batchnorm: {lazy.__name__} 1 has not seen an input yet"):
+        SyncBatchNorm.convert_sync_batchnorm(model)
+    assert type(model[0]) is torch.nn.BatchNorm1d
+    x = torch.randn(4, 3, 5, 5) if lazy is torch.nn.LazyBatchNorm2d else torch.randn(4, 3)
+    model[1](x)
+    SyncBatchNorm.convert_sync_batchnorm(model)
+    assert type(model[1]) is SyncBatchNorm and model[1].num_features == 3
