@@ -1013,8 +1013,9 @@ inline void apply_all(const ForwardParams& p, CoeffArrays<acc_t<T>> k, bool fold
   const T* x = static_cast<const T*>(p.x);
   T* y = static_cast<T*>(p.y);
   const int nu = periodic_units<T>(v, p.x_so == v.C && p.y_so == v.C);
-  if (folded && v.channels_last) {
-    // y = x * scale + shift', one coefficient load fewer per vector (see folding_is_exact).
+  if (folded) {
+    // y = x * scale + shift', one subtract fewer per vector (see folding_is_exact), the shift
+    // folded once per feature rather than once per row.
     const int64_t F = v.features();
     for (int64_t f = 0; f < F; ++f) k.shift[f] = k.shift[f] - k.mean[f] * k.scale[f];
   }
@@ -1055,8 +1056,12 @@ inline void apply_all(const ForwardParams& p, CoeffArrays<acc_t<T>> k, bool fold
       // ((o, c) stepped along instead of a 64-bit r / C and r % C per row; the gain is within this
       // VM's noise, a few percent at most on 49- to 196-element rows)
       for (int64_t r = begin, o = begin / v.C, c = begin % v.C; r < end; ++r) {
-        apply_cf_run(x + o * p.x_so + c * p.x_sc, y + o * p.y_so + c * p.y_sc, v.I,
-                     ApplyCoeffs<A>{k.mean[c], k.scale[c], k.shift[c]}, folded);
+        const T* xr = x + o * p.x_so + c * p.x_sc;
+        T* yr = y + o * p.y_so + c * p.y_sc;
+        if (folded)
+          apply_run<T, true>(xr, yr, v.I, A(0), k.scale[c], k.shift[c]);
+        else
+          apply_run(xr, yr, v.I, k.mean[c], k.scale[c], k.shift[c]);
         if (++c == v.C) c = 0, ++o;
       }
     });
