@@ -30,6 +30,31 @@ def _data(shape, seed, device):
     return (x + 1e3 * torch.randn(bshape, generator=g, dtype=torch.float64)).to(device)
 
 
+def _compare_steps(ours, ref, name, shape, device, seed, first=None):
+    """Two training steps and one evaluation call of both modules on the same fresh data (seeded from
+    `seed`): outputs and their memory format, input gradients, then every buffer. `first(ours, ref)`
+    runs after the first forward, which is then repeated (a lazy module's materialization)."""
+    for step in range(3):
+        ours.train(step < 2)
+        ref.train(step < 2)
+        x = _data(shape, seed + step, device)
+        if name == "2d-channels_last":
+            x = x.contiguous(memory_format=torch.channels_last)
+        xo, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
+        yo, yr = ours(xo), ref(xr)
+        if step == 0 and first is not None:
+            first(ours, ref)
+            yo, yr = ours(xo), ref(xr)
+        assert yo.is_contiguous(memory_format=torch.channels_last) == yr.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(yo, yr, rtol=1e-9, atol=1e-9)
+        gy = torch.randn(shape, generator=torch.Generator().manual_seed(seed + 10 + step), dtype=torch.float64).to(device)
+        yo.backward(gy)
+        yr.backward(gy)
+        torch.testing.assert_close(xo.grad, xr.grad, rtol=1e-7, atol=1e-9)
+    for (n, a), (_, b) in zip(ours.state_dict().items(), ref.state_dict().items()):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9, msg=n)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", list(PAIRS))
 @pytest.mark.parametrize("kwargs", [{}, {"momentum": None}, {"affine": False}, {"track_running_stats": False},
@@ -46,22 +71,7 @@ def test_matches_torch_module(device, name, kwargs):
             ref.bias.copy_(torch.randn(c, generator=g, dtype=torch.float64))
     ours.load_state_dict(ref.state_dict())
     assert list(ours.state_dict()) == list(ref.state_dict())
-    for step in range(3):
-        ours.train(step < 2)
-        ref.train(step < 2)
-        x = _data(shape, 10 + step, device)
-        if name == "2d-channels_last":
-            x = x.contiguous(memory_format=torch.channels_last)
-        xo, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
-        yo, yr = ours(xo), ref(xr)
-        assert yo.is_contiguous(memory_format=torch.channels_last) == yr.is_contiguous(memory_format=torch.channels_last)
-        torch.testing.assert_close(yo, yr, rtol=1e-9, atol=1e-9)
-        gy = torch.randn(shape, generator=torch.Generator().manual_seed(20 + step), dtype=torch.float64).to(device)
-        yo.backward(gy)
-        yr.backward(gy)
-        torch.testing.assert_close(xo.grad, xr.grad, rtol=1e-7, atol=1e-9)
-    for (n, a), (_, b) in zip(ours.state_dict().items(), ref.state_dict().items()):
-        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9, msg=n)
+    _compare_steps(ours, ref, name, shape, device, seed=10)
     if ref.affine:
         torch.testing.assert_close(ours.weight.grad, ref.weight.grad, rtol=1e-7, atol=1e-9)
         torch.testing.assert_close(ours.bias.grad, ref.bias.grad, rtol=1e-7, atol=1e-9)
@@ -82,30 +92,17 @@ def test_lazy_matches_torch_lazy_module(device, name, kwargs):
     ours = lazy_cls(**kwargs, device=device, dtype=torch.float64)
     ref = torch_lazy_cls(**kwargs, device=device, dtype=torch.float64)
     assert ours.has_uninitialized_params() and list(ours.state_dict()) == list(ref.state_dict())
-    for step in range(3):
-        ours.train(step < 2)
-        ref.train(step < 2)
-        x = _data(shape, 30 + step, device)
-        if name == "2d-channels_last":
-            x = x.contiguous(memory_format=torch.channels_last)
-        xo, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
-        yo, yr = ours(xo), ref(xr)
-        if step == 0:
-            assert type(ours) is eager_cls and ours.num_features == shape[1]
-            if ours.affine:  # random affine parameters, the same in both
-                with torch.no_grad():
-                    g = torch.Generator().manual_seed(2)
-                    for a, b in ((ours.weight, ref.weight), (ours.bias, ref.bias)):
-                        b.copy_(torch.rand(shape[1], generator=g, dtype=torch.float64) + 0.5)
-                        a.copy_(b)
-                yo, yr = ours(xo), ref(xr)
-        torch.testing.assert_close(yo, yr, rtol=1e-9, atol=1e-9)
-        gy = torch.randn(shape, generator=torch.Generator().manual_seed(40 + step), dtype=torch.float64).to(device)
-        yo.backward(gy)
-        yr.backward(gy)
-        torch.testing.assert_close(xo.grad, xr.grad, rtol=1e-7, atol=1e-9)
-    for (n, a), (_, b) in zip(ours.state_dict().items(), ref.state_dict().items()):
-        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9, msg=n)
+
+    def materialized(ours, ref):
+        assert type(ours) is eager_cls and ours.num_features == shape[1]
+        if ours.affine:  # random affine parameters, the same in both
+            with torch.no_grad():
+                g = torch.Generator().manual_seed(2)
+                for a, b in ((ours.weight, ref.weight), (ours.bias, ref.bias)):
+                    b.copy_(torch.rand(shape[1], generator=g, dtype=torch.float64) + 0.5)
+                    a.copy_(b)
+
+    _compare_steps(ours, ref, name, shape, device, seed=30, first=materialized)
 
 
 @pytest.mark.parametrize("cls, bad", [(LazyBatchNorm1d, (5,)), (LazyBatchNorm1d, (2, 3, 4, 5)),
