@@ -272,6 +272,9 @@ def test_ghost_tensor_forms_agree_across_layouts(device, shape, axis, layout):
         return y, sdy, sdyx, gx
 
     want = run(lambda t: t)
+    ref_y, ref_gx, _, _ = _ghost_reference(x.cpu(), axis, ghosts, w.cpu(), b.cpu(), 1e-3, gy.cpu())
+    torch.testing.assert_close(want[0].cpu().double(), ref_y, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(want[3].cpu().double(), ref_gx, rtol=1e-4, atol=1e-4)
     assert not forms["strided"](gm).is_contiguous()
     for name, f in forms.items():
         for got, ref, what in zip(run(f), want, ("output", "sum_dy", "sum_dy_xmu", "grad_input")):
