@@ -8,7 +8,6 @@
 #include <c10/util/Exception.h>
 
 #include <cmath>
-#include <sstream>
 
 namespace bn_cuda {
 
@@ -102,14 +101,15 @@ FeatureTensor feature_tensor(const c10::optional<at::Tensor>& maybe, const char*
   f.user = t;
   check_same_device(t, input, name);
   dtype_of(t, name);
-  const FeatureForms forms = feature_forms(c, input);
-  const std::vector<int64_t> shape = t.sizes().vec();
-  const bool shape_ok = shape == forms.dims || (t.dim() == 1 && t.numel() == forms.flat) || shape == forms.keras;
-  TORCH_CHECK(shape_ok, "bn_cuda: ", name, " has shape ", shape_str(t.sizes()), " (", t.numel(),
-              " elements) but the input of shape ", shape_str(forms.input_shape), " has ", forms.flat,
-              " features along axis ", shape_str(forms.axes), "; expected shape ", shape_str(forms.dims),
-              forms.dims.size() != 1 ? ", [" + std::to_string(forms.flat) + "]" : std::string(), " or ",
-              shape_str(forms.keras));
+  if (!(t.dim() == 1 && t.numel() == c.v.features())) {  // (the flat form, the usual one, builds no shapes)
+    const FeatureForms forms = feature_forms(c, input);
+    const std::vector<int64_t> shape = t.sizes().vec();
+    TORCH_CHECK(shape == forms.dims || shape == forms.keras, "bn_cuda: ", name, " has shape ", shape_str(t.sizes()),
+                " (", t.numel(), " elements) but the input of shape ", shape_str(forms.input_shape), " has ",
+                forms.flat, " features along axis ", shape_str(forms.axes), "; expected shape ", shape_str(forms.dims),
+                forms.dims.size() != 1 ? ", [" + std::to_string(forms.flat) + "]" : std::string(), " or ",
+                shape_str(forms.keras));
+  }
   // (an expanded tensor cannot take the update: refused before any kernel runs, naming it)
   TORCH_CHECK_VALUE(!mutated || at::has_internal_overlap(t) != at::MemOverlap::Yes, "bn_cuda: ", name,
                     " is updated in place, but its elements share memory (shape ", shape_str(t.sizes()), ", strides ",
