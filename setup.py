@@ -118,12 +118,31 @@ define_macros = [
 cxx_flags = ["-O3", "-fno-math-errno", "-fopenmp", "-Wall", "-Wno-unused-function", "-Wno-psabi"]
 extra = {"cxx": cxx_flags}
 link_args = ["-fopenmp"]
+
+
+def _loaded_libstdcxx():
+    """The shared C++ runtime this process (that is, torch) has loaded, by its full path; or None.
+
+    Some toolchains link libstdc++ statically (the GPU image's /opt/gcc/bin/g++ wrapper passes
+    -static-libstdc++, and there a plain -lstdc++ also resolved to the static archive). The
+    extension then had a private copy of the C++ runtime: its streams formatted nothing or crashed
+    (building any message, even on valid calls) and its c10::Error throws segfaulted instead of
+    raising. Linked by full path, ahead of the driver's own -lstdc++, the shared library torch uses
+    resolves every C++ runtime symbol and is NEEDED by the extension, whatever the driver adds.
+    """
+    try:
+        with open("/proc/self/maps", encoding="utf-8") as maps:
+            for line in maps:
+                path = line.split()[-1]
+                if "/libstdc++.so" in path and os.path.isfile(path):
+                    return path
+    except OSError:
+        pass
+    return None
+
+
 if sys.platform.startswith("linux"):
-    # Link the shared libstdc++ explicitly, ahead of the driver's own -lstdc++. Some toolchains
-    # (the GPU image's /opt/gcc/bin/g++ wrapper) link it statically; the extension then throws
-    # c10::Error through its private copy of the C++ runtime and the process segfaults in the
-    # unwinder instead of raising the ValueError / RuntimeError.
-    link_args.append("-lstdc++")
+    link_args.append(_loaded_libstdcxx() or "-lstdc++")
 
 
 def _emulation_sources():

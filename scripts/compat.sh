@@ -21,6 +21,17 @@ WORK="$ROOT/build/compat-torch$V"
 "$ROOT/scripts/copy_tree.sh" "$WORK"
 cd "$WORK"
 echo "== compat: torch $("$VENV/bin/python" -c 'import torch; print(torch.__version__)'), CPU build, in $WORK"
+# Link as the GPU image's g++ wrapper does: -static-libstdc++, with only the static archive on
+# the library path (there a plain -lstdc++ linked the static runtime too, and the extension's
+# messages came out without their numbers or crashed it). setup.py must still link the process's
+# shared libstdc++: test_build.py checks the extension's DT_NEEDED and the message checks fail.
+ARCHIVE="$(${CXX:-c++} -print-file-name=libstdc++.a)"
+if [ -f "$ARCHIVE" ]; then
+  mkdir -p "$WORK/static-libstdcxx"
+  ln -sf "$ARCHIVE" "$WORK/static-libstdcxx/libstdc++.a"
+  export LDFLAGS="${LDFLAGS:+$LDFLAGS }-static-libstdc++ -L$WORK/static-libstdcxx"
+  echo "== compat: linking as a static-libstdc++ toolchain does (LDFLAGS=$LDFLAGS)"
+fi
 # (the CPU build: the CUDA sources do not include torch except ops_cuda.cpp, compiled against this
 # release on the GPU machine; no tensorflow parity tests here, the main run has them)
 exec env -u BN_CUDA_REQUIRE_TF -u BN_CUDA_FORCE_CUDA BN_CUDA_CPU_ONLY=1 BN_CUDA_PYTHON="$VENV/bin/python" \

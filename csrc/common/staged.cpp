@@ -160,19 +160,22 @@ void check_staged_eps(const char* op, double eps, at::ScalarType given, at::Scal
 
 // A per-feature tensor of C entries that belongs to no input (running / moving statistics of the
 // staged ops): the shape / device / dtype checks of feature_tensor against a (1, C) stand-in.
-// A size mismatch is named in the op's own terms (`source`: where C comes from), not the stand-in's.
+// A size mismatch is named in the op's own terms (source(): where C comes from, built only for the
+// error), not the stand-in's. ghosts == 0: gather_stats's (W, C) or (C,) mean; else the keras ops'
+// ghosts * C entries.
 struct FlatFeatures {
   Canonical flat;
   at::Tensor like;
   at::ScalarType acc;
   const char* op;
-  std::string source;
-  FlatFeatures(const char* op_, std::string source_, int64_t C, const at::Tensor& on, at::ScalarType acc_)
-      : acc(acc_), op(op_), source(std::move(source_)) {
+  const at::Tensor& mean;
+  int64_t ghosts;
+  FlatFeatures(const char* op_, const at::Tensor& mean_, int64_t ghosts_, int64_t C, at::ScalarType acc_)
+      : acc(acc_), op(op_), mean(mean_), ghosts(ghosts_) {
     flat.axes = {1};
     flat.feature_shape = {C};
     flat.v.C = C;
-    like = at::empty({1, C}, on.options().dtype(acc));
+    like = at::empty({1, C}, mean.options().dtype(acc));
   }
   // (validated only: the caller converts them together, by convert(), once every check passed)
   FeatureTensor operator()(const c10::optional<at::Tensor>& t, const char* name) const {
@@ -187,7 +190,12 @@ struct FlatFeatures {
   void check_size(const c10::optional<at::Tensor>& t, const char* name) const {
     if (!t.has_value() || !t->defined()) return;
     TORCH_CHECK(t->numel() == flat.v.C && t->dim() <= 2, "bn_cuda.", op, ": ", name, " has shape ",
-                shape_str(t->sizes()), " but ", source, ": expected shape [", flat.v.C, "]");
+                shape_str(t->sizes()), " but ", source(), ": expected shape [", flat.v.C, "]");
+  }
+  std::string source() const {
+    if (ghosts == 0) return "mean of shape " + shape_str(mean.sizes()) + " has C = " + std::to_string(flat.v.C) + " features";
+    return "mean has ghosts * C = " + std::to_string(mean.numel()) + " entries with ghosts=" + std::to_string(ghosts) +
+           ", so C = " + std::to_string(mean.numel() / ghosts);
   }
 };
 
@@ -226,9 +234,7 @@ GatherCall prepare_gather(const at::Tensor& mean, const at::Tensor& m2, const at
   call.mean = t.a;
   call.m2 = t.b;
   call.count = t.c;
-  const FlatFeatures features("gather_stats", "mean of shape " + shape_str(mean.sizes()) + " has C = " +
-                                                  std::to_string(C) + " features",
-                              C, mean, acc);
+  const FlatFeatures features("gather_stats", mean, /*ghosts=*/0, C, acc);
   call.running_mean = features(running_mean, "running_mean");
   call.running_var = features(running_var, "running_var");
   check_disjoint("gather_stats", {{&call.running_mean, "running_mean"}, {&call.running_var, "running_var"}});
@@ -351,12 +357,6 @@ GradInputCall prepare_grad_input(const at::Tensor& grad_out, const at::Tensor& i
 
 namespace {
 
-// Where the keras ops' C comes from, for their size errors.
-std::string flat_source(const at::Tensor& mean, int64_t ghosts) {
-  return "mean has ghosts * C = " + std::to_string(mean.numel()) + " entries with ghosts=" + std::to_string(ghosts) +
-         ", so C = " + std::to_string(ghosts > 0 ? mean.numel() / ghosts : 0);
-}
-
 // keras_finalize (second statistic: var) and keras_coeffs (second statistic: m2) share the checks
 // and the parameter block.
 KerasFinalizeCall prepare_keras_epilogue(const char* op, const at::Tensor& mean, const at::Tensor& second,
@@ -394,7 +394,7 @@ KerasFinalizeCall prepare_keras_epilogue(const char* op, const at::Tensor& mean,
   call.mean = t.a;
   call.var = t.b;
   call.count = t.c;
-  const FlatFeatures features(op, flat_source(mean, ghosts), C, mean, acc);
+  const FlatFeatures features(op, mean, ghosts, C, acc);
   call.moving_mean = features(moving_mean, "moving_mean");
   call.moving_variance = features(moving_variance, "moving_variance");
   call.moving_stddev = features(moving_stddev, "moving_stddev");
@@ -462,7 +462,7 @@ KerasFinalizeCall prepare_keras_coeffs(const at::Tensor& mean, const at::Tensor&
                                                   momentum, renorm_momentum, eps, rmin, rmax, dmax, always_update);
   KerasFinalizeParams& p = call.p;
   const at::ScalarType acc = call.mean.scalar_type();
-  const FlatFeatures features("keras_coeffs", flat_source(mean, ghosts), p.C, mean, acc);
+  const FlatFeatures features("keras_coeffs", mean, ghosts, p.C, acc);
   call.gamma = features.read(gamma, "gamma");
   call.beta = features.read(beta, "beta");
   call.adj_scale = features.read(adj_scale, "adj_scale");
