@@ -46,6 +46,7 @@ ARCH="$($PY -c 'import torch; p=torch.cuda.get_device_capability(); print(f"{p[0
 step build 300 env TORCH_CUDA_ARCH_LIST="$ARCH" MAX_JOBS="$(nproc)" BN_CUDA_FORCE_CUDA=1 \
   "$PY" setup.py -q build_ext --inplace
 $PY -c "import bn_cuda; print(bn_cuda.build_info())" >>"$WORK/build.log" 2>&1
+readelf -d bn_cuda/_C*.so 2>/dev/null | grep NEEDED >>"$WORK/build.log"
 if [ $status -ne 0 ]; then  # nothing else can run: keep the lease for a rerun
   { echo; echo "## build log tail"; echo '```'; tail -n 60 "$WORK/build.log"; echo '```'; } >>"$SUMMARY"
   cp "$WORK/build.log" "$OUT/build.log" 2>/dev/null
@@ -71,13 +72,17 @@ for device in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
         raise SystemExit(f"bn_cuda accepted a 1-D input on {device}")
 PY
 step exception-probe 60 "$PY" "$WORK/probe.py"
+# The extension must use torch's shared C++ runtime (DT_NEEDED) and its messages keep their numbers.
+step link-check 60 "$PY" -m pytest tests/test_build.py -q -p no:cacheprovider -k "cxx or build_info"
 { echo "compiler: $(${CXX:-c++} --version 2>&1 | head -1) ($(command -v ${CXX:-c++}))"; which -a g++ c++ gcc;
   ldd bn_cuda/_C*.so | grep -E "stdc|gcc|gomp"; readelf -d bn_cuda/_C*.so | grep NEEDED; } >>"$WORK/exception-probe.log" 2>&1
 XDIST=""; "$PY" -c "import xdist" 2>/dev/null && XDIST="-n 8 --max-worker-restart 400"
 
 # Every CUDA test (tests parametrized on "cuda", tests/test_cuda.py, opcheck on CUDA); the
 # CPU-only tests and the tensorflow parity tests run in CI.
-step pytest-cuda "${BN_CUDA_PYTEST_SECONDS:-220}" "$PY" -m pytest tests -q -ra -m cuda --durations=10 -p no:cacheprovider $XDIST
+# (-v: each result is logged as it comes, so a run cut short by its time limit still says which
+# tests failed; the failures are listed in the summary)
+step pytest-cuda "${BN_CUDA_PYTEST_SECONDS:-220}" "$PY" -m pytest tests -v -ra -m cuda --durations=10 -p no:cacheprovider $XDIST
 
 # compute-sanitizer on a small sweep of every kernel variant (dtypes, layouts, staged ops, masks,
 # ghost rows): out-of-bounds accesses, then reads of memory nobody wrote.
@@ -106,7 +111,10 @@ step kernel-profile 60 "$PY" -m benchmarks.kernel_profile --out "$WORK/kernel_pr
 {
   echo
   echo "## exception probe"; echo '```'; cat "$WORK/exception-probe.log"; echo '```'
-  echo "## pytest (cuda) tail"; echo '```'; tail -n 25 "$WORK/pytest-cuda.log"; echo '```'
+  echo "## pytest (cuda): failures, then the tail"; echo '```'
+  grep -E "(FAILED|ERROR)( |$)" "$WORK/pytest-cuda.log" | grep -v "^FAILED\|^ERROR" | sed 's/^\[gw[0-9]*\] //' | sort -u | head -80
+  echo "(passed: $(grep -c ' PASSED ' "$WORK/pytest-cuda.log"), failed: $(grep -c ' FAILED ' "$WORK/pytest-cuda.log"), skipped: $(grep -c ' SKIPPED ' "$WORK/pytest-cuda.log"))"
+  tail -n 40 "$WORK/pytest-cuda.log"; echo '```'
   [ -f "$WORK/bench.log" ] && { echo "## benchmark"; echo '```'; tail -n 80 "$WORK/bench.log"; echo '```'; }
   [ -f "$WORK/kernel_profile.md" ] && { echo; cat "$WORK/kernel_profile.md"; }
 } >>"$SUMMARY"

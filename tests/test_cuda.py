@@ -195,7 +195,7 @@ _KERAS_CONFIGS = {
 }
 
 
-def _keras_layer(name, shape):
+def _keras_layer(name, shape, fused=None):
     import bn_cuda
 
     cfg = _KERAS_CONFIGS[name]
@@ -204,7 +204,7 @@ def _keras_layer(name, shape):
         scale = (torch.rand(shape[-1], generator=g) + 0.5).cuda()
         bias = (torch.rand(shape[-1], generator=g) - 0.5).cuda()
         cfg = dict(adjustment=lambda s: (scale, bias))
-    layer = bn_cuda.BatchNormalization(momentum=0.8, **cfg)
+    layer = bn_cuda.BatchNormalization(momentum=0.8, fused=fused, **cfg)
     layer.build(shape, device=torch.device("cuda"))
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
@@ -223,18 +223,20 @@ def _keras_step(layer, x, gy, mask):
 
 
 @real_gpu
+@pytest.mark.parametrize("fused", [None, False], ids=["fused", "composite"])
 @pytest.mark.parametrize("name", list(_KERAS_CONFIGS))
-def test_keras_fused_step_no_sync_and_graph_capture(name):
-    """The fused Keras training step (ghost batches, renorm's r and d, adjustment, masks) reads
-    nothing back to the host and replays from a CUDA graph with the eager step's results, moving
-    variables included, step after step."""
+def test_keras_step_no_sync_and_graph_capture(name, fused):
+    """The Keras training step (ghost batches, renorm's r and d, adjustment, masks) reads nothing
+    back to the host and replays from a CUDA graph with the eager step's results, moving variables
+    included, step after step: the fused kernels' step and the composite (fused=False) one, which
+    once built renorm's sqrt(epsilon) floor with torch.tensor() (a host-to-device copy)."""
     shape = (16, 35, 24)  # rank 3: tf_keras's own fused path (which ignores masks) never applies
     mask = None
     if name == "mask":
         mask = (torch.rand(shape[:-1], generator=torch.Generator().manual_seed(2)) > 0.3).cuda()
     datas = [(_data(shape, seed=s).requires_grad_(True), _data(shape, seed=50 + s, offset=0.0)) for s in range(4)]
 
-    eager = _keras_layer(name, shape)
+    eager = _keras_layer(name, shape, fused)
     _keras_step(eager, *datas[0], mask)  # first call: anything lazy happens here
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
@@ -243,7 +245,7 @@ def test_keras_fused_step_no_sync_and_graph_capture(name):
     finally:
         torch.cuda.set_sync_debug_mode("default")
 
-    graphed = _keras_layer(name, shape)
+    graphed = _keras_layer(name, shape, fused)
     static_x = datas[0][0].detach().clone().requires_grad_(True)
     static_gy = datas[0][1].clone()
     s = torch.cuda.Stream()
@@ -261,7 +263,7 @@ def test_keras_fused_step_no_sync_and_graph_capture(name):
         y = graphed(static_x, training=True, mask=mask)
         y.backward(static_gy)
 
-    reference = _keras_layer(name, shape)
+    reference = _keras_layer(name, shape, fused)
     reference.load_state_dict(start)
     graphed.load_state_dict(start)  # capture ran nothing; make sure of the starting point anyway
     for x, gy in datas[2:]:

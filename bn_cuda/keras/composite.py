@@ -105,7 +105,8 @@ def renorm_correction(mean: Tensor, variance: Tensor, renorm_mean: Tensor, renor
     gradients here; the caller stops them, as tf_keras does.
     """
     stddev = torch.sqrt(variance + epsilon)
-    floor = torch.sqrt(torch.tensor(epsilon, dtype=renorm_stddev.dtype, device=renorm_stddev.device))
+    # (a fill, not torch.tensor(): no host-to-device copy, so the step stays CUDA-graph capturable)
+    floor = torch.sqrt(torch.full((), epsilon, dtype=renorm_stddev.dtype, device=renorm_stddev.device))
     renorm_stddev = torch.maximum(renorm_stddev, floor)
     r = stddev / renorm_stddev
     d = (mean - renorm_mean) / renorm_stddev
