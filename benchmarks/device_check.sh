@@ -96,13 +96,14 @@ fi
 # GPU benchmark (default GPU preset), results next to the summary.
 [ -z "${BN_CUDA_SKIP_BENCH:-}" ] && step bench 220 "$PY" -m benchmarks.bench --preset gpu-default --time-budget 150 --out "$WORK/bench"
 
+# Which kernel of a call costs what (device times from torch.profiler), for the next perf change.
+step kernel-profile 60 "$PY" -m benchmarks.kernel_profile --out "$WORK/kernel_profile.md"
+
 # Kernel time without the host's launch cost: the same cases (bf16 / fp16, ghost and renorm
 # included) replayed from CUDA graphs; small tensors are launch-bound in the eager table above.
 [ -z "${BN_CUDA_SKIP_BENCH:-}" ] && step bench-graphs 120 "$PY" -m benchmarks.bench --preset gpu-default \
   --cuda-graphs --dtype bf16,fp16 --no-compile --time-budget 70 --no-chart --name gpu-graphs --out "$WORK/bench"
 
-# Which kernel of a call costs what (device times from torch.profiler), for the next perf change.
-step kernel-profile 60 "$PY" -m benchmarks.kernel_profile --out "$WORK/kernel_profile.md"
 
 # With time left: the CPU tests too (they also run in CI).
 [ -z "${BN_CUDA_SKIP_REST:-}" ] && step pytest-rest 120 "$PY" -m pytest tests -q -ra -m "not cuda and not tf" -x -p no:cacheprovider \
