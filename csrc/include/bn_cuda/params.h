@@ -182,9 +182,13 @@ inline int64_t plan_partitions_cuda(const View3& v, int vec, int block_x, int sm
     max_parts = ceil_div(per_feature, kCudaBlock * 4);
     parts = ceil_div(target_blocks, v.C);
   } else {
+    // At least 4 rows (one unrolled step of the stats loop) per thread of a partition, as the
+    // channels-first split keeps at least 4 vectors per thread. (It was 16 rows: on the H200,
+    // 2x64x112x112 NHWC then made 49 stats blocks for 132 SMs and 32x256x14x14 NHWC 49, and the
+    // training forward of such mid-size NHWC inputs took 2-2.8x cuDNN's kernel time.)
     const int64_t block_y = kCudaBlock / block_x;
     const int64_t tiles = ceil_div(ceil_div(v.C, vec), block_x);
-    max_parts = ceil_div(v.ghost_rows(), block_y * 16);
+    max_parts = ceil_div(v.ghost_rows(), block_y * 4);
     parts = ceil_div(target_blocks, tiles * v.G);
   }
   if (parts > max_parts) parts = max_parts;
