@@ -21,7 +21,8 @@ from .ops import (_acc_dtype, _check_backward, _check_defined, _check_disjoint, 
                   _check_stat_triple, _check_staged_eps, _num, _plan_ghosts, _shape, _v, as_axes, as_float, as_int,
                   check_same_device)
 
-__all__ = ["batch_stats", "gather_stats", "normalize", "grad_sums", "grad_input", "keras_finalize", "keras_coeffs"]
+__all__ = ["batch_stats", "gather_stats", "normalize", "grad_sums", "grad_input", "ghost_backward", "keras_finalize",
+           "keras_coeffs"]
 
 _ops = torch.ops.bn_cuda
 
@@ -145,6 +146,24 @@ def _check_keras_epilogue(op: str, mean, second, second_name: str, count, moving
         _check_flat(t, name, op, c, source, mutated=True)
     _check_disjoint(op, **updated)
     return c
+
+
+@torch.library.register_fake("bn_cuda::ghost_backward")
+def _ghost_backward_fake(grad_out, input, mean, invstd, weight, axis, ghosts, output_mask):
+    for t, name in ((grad_out, "grad_out"), (mean, "mean"), (invstd, "invstd")):
+        _check_defined(t, name, "ghost_backward")
+    _check_defined(input, "input")
+    check_same_device(input, grad_out=grad_out, mean=mean, invstd=invstd, weight=weight)
+    plan, c = _plan_ghosts(input, axis, ghosts, per_feature=(mean, invstd, weight))
+    _check_grad_out(grad_out, input)
+    for name, t in (("mean", mean), ("invstd", invstd), ("weight", weight)):
+        _check_ghost_entries(ghosts, c, input, axis, name, t)
+    _check_backward(grad_out, input, weight, mean, invstd, axis, plan=plan, mean_name="mean", invstd_name="invstd")
+    acc = _acc_dtype(input.dtype)
+    f = c * ghosts
+    return (torch.empty_like(input) if output_mask[0] else input.new_empty((0,)),
+            input.new_empty((f if output_mask[1] else 0,), dtype=acc),
+            input.new_empty((f if output_mask[2] else 0,), dtype=acc))
 
 
 def _keras_source(mean, ghosts) -> str:
@@ -310,4 +329,25 @@ def grad_input(grad_out: Tensor, input: Tensor, mean: Tensor, invstd: Tensor, we
     who = "bn_cuda.staged.grad_input"
     return _ops.grad_input.default(grad_out, input, mean, invstd, weight, sum_dy, sum_dy_xmu, count,
                                    as_axes(who, axis), mask, as_int(who, "ghosts", ghosts))
+
+
+def ghost_backward(grad_out: Tensor, input: Tensor, mean: Tensor, invstd: Tensor, weight: Optional[Tensor],
+                   axis: Union[int, Sequence[int]], ghosts: int = 1,
+                   output_mask: Sequence[bool] = (True, True, True)) -> Tuple[Tensor, Tensor, Tensor]:
+    """:func:`grad_sums` and :func:`grad_input` of the local statistics in one pass, when nothing is
+    exchanged between them (one process; no mask).
+
+    ``mean`` / ``invstd``: :func:`batch_stats`' unmasked statistics of ``input`` (per ghost and
+    feature); ``weight``: normalize's. Returns ``(grad_input, grad_weight, grad_bias)`` with
+    ``grad_weight = sum(grad_out * (input - mean)) * invstd`` and ``grad_bias = sum(grad_out)`` per
+    (ghost, feature), ``ghosts * C`` entries each in the accumulation dtype: bitwise what
+    ``grad_sums`` (then ``sum_dy_xmu * invstd``) and ``grad_input`` with batch_stats' counts give.
+    Outputs not in ``output_mask`` are empty.
+    """
+    who = "bn_cuda.staged.ghost_backward"
+    mask = [bool(m) for m in output_mask]
+    if len(mask) != 3:
+        raise ValueError(f"{who}: output_mask must have 3 entries, got {len(mask)}")
+    return _ops.ghost_backward.default(grad_out, input, mean, invstd, weight, as_axes(who, axis),
+                                       as_int(who, "ghosts", ghosts), mask)
 

@@ -67,6 +67,14 @@ TORCH_LIBRARY(bn_cuda, m) {
   m.def(
       "grad_input(Tensor grad_out, Tensor input, Tensor mean, Tensor invstd, Tensor? weight, Tensor sum_dy, "
       "Tensor sum_dy_xmu, Tensor count, int[] axis, Tensor? mask=None, SymInt ghosts=1) -> Tensor");
+  // grad_sums and grad_input of the local statistics in one pass (nothing exchanged between them):
+  // (grad_input, grad_weight, grad_bias) of normalize(input, mean, invstd, weight, bias, axis,
+  // ghosts) with batch_stats' unmasked mean and its invstd, per (ghost, feature): grad_weight =
+  // sum(grad_out * (input - mean)) * invstd and grad_bias = sum(grad_out), ghosts * C entries each;
+  // outputs not in output_mask are empty.
+  m.def(
+      "ghost_backward(Tensor grad_out, Tensor input, Tensor mean, Tensor invstd, Tensor? weight, int[] axis, "
+      "SymInt ghosts, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
   // tf_keras's training epilogue of ghost batches / batch renormalization, on the device: average
   // the ghosts' (mean, biased var), renorm's clipped r and d from the pre-update renorm statistics
   // (a missing bound does not clip), every moving variable updated with tf_keras's decay

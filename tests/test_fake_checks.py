@@ -98,6 +98,15 @@ def grad_input(d, **kw):
     return ops.grad_input(*a.values())
 
 
+def ghost_backward(d, **kw):
+    g = kw.get("ghosts", 1)
+    g = g if isinstance(g, int) and g > 0 else 1
+    a = dict(grad_out=_x(d), input=_x(d), mean=_c(d, 3 * g), invstd=_c(d, 3 * g), weight=_c(d, 3 * g), axis=[1],
+             ghosts=1, output_mask=[True, True, True])
+    a.update({k: (v(d) if callable(v) else v) for k, v in kw.items()})
+    return ops.ghost_backward(*a.values())
+
+
 def _keras(d, op, kw):
     g = kw.get("ghosts", 1)
     g = g if isinstance(g, int) and g > 0 else 1
@@ -245,6 +254,14 @@ REFUSED = [
     (grad_input, dict(grad_out=lambda d: _x(d, (2, 3, 5))), RuntimeError, r"grad_out has shape \[2, 3, 5\]"),
     (grad_input, dict(ghosts=5), ValueError, r"ghosts=5 must divide"),
     (grad_input, dict(sum_dy=None), TypeError, r"grad_input: sum_dy must be a tensor, got None"),
+    # ghost_backward (plan_ghosts, prepare_backward)
+    (ghost_backward, dict(ghosts=2, invstd=lambda d: _c(d, 3)), RuntimeError, r"invstd has shape \[3\] .* ghosts=2"),
+    (ghost_backward, dict(ghosts=2, weight=lambda d: _c(d, 3)), RuntimeError, r"weight has shape \[3\] .* ghosts=2"),
+    (ghost_backward, dict(mean=lambda d: _c(d, 4)), RuntimeError, r"mean has shape \[4\]"),
+    (ghost_backward, dict(grad_out=lambda d: _x(d, (2, 3, 5))), RuntimeError, r"grad_out has shape \[2, 3, 5\]"),
+    (ghost_backward, dict(ghosts=3), ValueError, r"ghosts=3 must divide"),
+    (ghost_backward, dict(input=lambda d: _i(d, 60).view(SHAPE)), TypeError, r"input must be a floating-point"),
+    (ghost_backward, dict(mean=None), TypeError, r"ghost_backward: mean must be a tensor, got None"),
 ]
 
 for _op in (keras_finalize, keras_coeffs):
@@ -359,6 +376,11 @@ ACCEPTED = [
     (grad_sums, dict(mean=lambda d: _c(d).view(1, 3, 1), grad_out=lambda d: _x(d, dtype=torch.float64))),
     (grad_input, dict(mask=lambda d: torch.ones(4, 1, 1, dtype=torch.bool, device=d), ghosts=2)),
     (grad_input, dict(weight=None)),
+    (ghost_backward, dict()),
+    (ghost_backward, dict(ghosts=2, weight=None, output_mask=[False, True, True])),
+    (ghost_backward, dict(ghosts=4, axis=[2], input=lambda d: _x(d, (4, 5, 3)), grad_out=lambda d: _x(d, (4, 5, 3)),
+                          output_mask=[True, False, False])),
+    (ghost_backward, dict(input=lambda d: _x(d, (0, 3, 5)), grad_out=lambda d: _x(d, (0, 3, 5)), ghosts=2)),
     (keras_finalize, dict()),
     (keras_finalize, dict(ghosts=2, moving_mean=lambda d: _c(d).view(1, 3), rmin=0.5, rmax=0.5, dmax=0.0)),
     (keras_finalize, dict(moving_stddev=_renorm, renorm_mean=_renorm, renorm_stddev=_renorm, rmin=-math.inf)),

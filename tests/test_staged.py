@@ -99,6 +99,14 @@ def test_opcheck_staged_ops(device):
     torch.library.opcheck(torch.ops.bn_cuda.grad_sums.default, (gy, x, gm, ginv, [1]))
     sdy, sdyx = torch.ops.bn_cuda.grad_sums(gy, x, gm, ginv, [1])
     torch.library.opcheck(torch.ops.bn_cuda.grad_input.default, (gy, x, gm, ginv, w, sdy, sdyx, gc, [1]))
+    torch.library.opcheck(torch.ops.bn_cuda.ghost_backward.default, (gy, x, gm, ginv, w, [1], 1, [True, True, True]))
+    x4 = _data((4, 3, 2, 5), torch.float32, device, offset=2.0)
+    gy4 = torch.randn_like(x4)
+    for xx, gg in ((x4, gy4), (x4.contiguous(memory_format=torch.channels_last), gy4)):
+        m2g, _, _ = torch.ops.bn_cuda.batch_stats(xx, [1], None, 2)
+        inv2 = torch.rand(6, device=device) + 0.5
+        for mask in ([True, True, True], [False, True, False], [True, False, False]):
+            torch.library.opcheck(torch.ops.bn_cuda.ghost_backward.default, (gg, xx, m2g, inv2, None, [1], 2, mask))
 
 
 def _masked_reference(x, mask, w, b, eps, gy):
@@ -164,9 +172,11 @@ def test_mask_errors_name_the_argument():
         staged.batch_stats(x, [1], torch.ones(5, 1, dtype=torch.bool))
 
 
-def _ghost_reference(x, axis, ghosts, w, b, eps, gy, mask=None):
-    """tf_keras's ghost batches in float64 with autograd: reshape (N, ...) -> (N / G, G, ...)."""
+def _ghost_reference(x, axis, ghosts, w, b, eps, gy, mask=None, param_grads=False):
+    """tf_keras's ghost batches in float64 with autograd: reshape (N, ...) -> (N / G, G, ...).
+    ``param_grads``: also the gradients of the per-(ghost, feature) w and b."""
     xr = x.detach().double().requires_grad_(True)
+    w, b = (t.detach().double().requires_grad_(True) for t in (w, b))
     xg = xr.reshape(x.shape[0] // ghosts, ghosts, *x.shape[1:])
     gaxes = [1] + [a % x.dim() + 1 for a in axis]
     dims = [d for d in range(xg.dim()) if d not in gaxes]
@@ -181,7 +191,8 @@ def _ghost_reference(x, axis, ghosts, w, b, eps, gy, mask=None):
     yg = (xg - mean) / torch.sqrt(var + eps) * w.double().reshape(shape) + b.double().reshape(shape)
     y = yg.reshape(x.shape)
     y.backward(gy.double())
-    return y.detach(), xr.grad, mean.reshape(-1).detach(), var.reshape(-1).detach()
+    out = y.detach(), xr.grad, mean.reshape(-1).detach(), var.reshape(-1).detach()
+    return out + (w.grad.reshape(-1), b.grad.reshape(-1)) if param_grads else out
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -227,6 +238,14 @@ def test_ghost_batches_match_reference(device, shape, axis, layout, ghosts, mask
     sdy, sdyx = staged.grad_sums(gy, x, gm, ginv, axis, ghosts=ghosts)
     gx = staged.grad_input(gy, x, gm, ginv, w, sdy, sdyx, gc, axis, mask, ghosts=ghosts)
     torch.testing.assert_close(gx.cpu(), ref_gx, rtol=1e-9, atol=1e-10)
+    if not masked:  # the one-pass backward of local statistics
+        _, _, _, _, ref_gw, ref_gb = _ghost_reference(x.cpu(), axis, ghosts, w.cpu(), b.cpu(), 1e-3, gy.cpu(),
+                                                      param_grads=True)
+        gx1, gw1, gb1 = staged.ghost_backward(gy, x, gm, ginv, w, axis, ghosts=ghosts)
+        torch.testing.assert_close(gx1.cpu(), ref_gx, rtol=1e-9, atol=1e-10)
+        torch.testing.assert_close(gw1.cpu(), ref_gw, rtol=1e-9, atol=1e-10)
+        torch.testing.assert_close(gb1.cpu(), ref_gb, rtol=1e-9, atol=1e-10)
+        assert gx1.stride() == gx.stride()
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -269,16 +288,82 @@ def test_ghost_tensor_forms_agree_across_layouts(device, shape, axis, layout):
         y = staged.normalize(x, f(gm), f(ginv), f(w), f(b), axis, ghosts=ghosts)
         sdy, sdyx = staged.grad_sums(gy, x, f(gm), f(ginv), axis, ghosts=ghosts)
         gx = staged.grad_input(gy, x, f(gm), f(ginv), f(w), f(sdy), f(sdyx), f(gc), axis, ghosts=ghosts)
-        return y, sdy, sdyx, gx
+        return (y, sdy, sdyx, gx) + staged.ghost_backward(gy, x, f(gm), f(ginv), f(w), axis, ghosts=ghosts)
 
     want = run(lambda t: t)
     ref_y, ref_gx, _, _ = _ghost_reference(x.cpu(), axis, ghosts, w.cpu(), b.cpu(), 1e-3, gy.cpu())
     torch.testing.assert_close(want[0].cpu().double(), ref_y, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(want[3].cpu().double(), ref_gx, rtol=1e-4, atol=1e-4)
     assert not forms["strided"](gm).is_contiguous()
+    # ghost_backward: bitwise grad_sums + grad_input
+    assert torch.equal(want[4], want[3]) and torch.equal(want[5], want[2] * ginv)
+    assert torch.equal(want[6], want[1])
     for name, f in forms.items():
-        for got, ref, what in zip(run(f), want, ("output", "sum_dy", "sum_dy_xmu", "grad_input")):
+        for got, ref, what in zip(run(f), want, ("output", "sum_dy", "sum_dy_xmu", "grad_input", "ghost_backward dx",
+                                                 "ghost_backward grad_weight", "ghost_backward grad_bias")):
             assert torch.equal(got, ref), f"{name}: {what}"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape,axis,layout,ghosts", [
+    ((6, 17, 7, 7), [1], "contiguous", 3),       # split batch
+    ((6, 17, 7, 7), [1], "channels_last", 2),    # ghost rows
+    ((4, 3, 96, 96), [1], "contiguous", 1),      # several CPU partitions per feature
+    ((4, 3, 96, 96), [1], "channels_last", 2),
+    ((64, 1000), [1], "contiguous", 8),          # 2-D, many features
+    ((9, 1, 49), [1], "strided", 3),             # C = 1, a non-contiguous input
+    ((10, 5, 1, 1), [1], "contiguous", 10),      # one sample per ghost: grad_input exactly 0
+    ((8, 7, 3), [-1], "strided", 4),             # features last, non-contiguous: ghost rows or a copy
+])
+def test_ghost_backward_is_grad_sums_then_grad_input(device, dtype, shape, axis, layout, ghosts):
+    """ghost_backward gives bitwise what grad_sums, sum_dy_xmu * invstd and grad_input with
+    batch_stats' counts give (the Keras layer's C++ step and its Python twin rely on it), on data
+    with large per-feature offsets, in every dtype and layout."""
+    x = _data(shape, torch.float64, "cpu", seed=21, offset=1e4 if dtype == torch.float64 else 30.0).to(dtype)
+    g = torch.Generator().manual_seed(22)
+    gy = torch.randn(shape, generator=g, dtype=torch.float64).to(dtype)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif layout == "strided":
+        x = x.transpose(0, -1).contiguous().transpose(0, -1) if x.dim() == 3 else x
+        gy = torch.cat([gy, gy], -1)[..., ::2]
+        assert not gy.is_contiguous()
+    x, gy = x.to(device), gy.to(device)
+    mean, m2, cnt = staged.batch_stats(x, axis, ghosts=ghosts)
+    acc = mean.dtype
+    invstd = torch.rsqrt(m2 / cnt + 1e-3)
+    c = mean.numel()
+    w = (torch.rand(c, generator=g, dtype=acc) + 0.5).to(device)
+    sdy, sdyx = staged.grad_sums(gy, x, mean, invstd, axis, ghosts=ghosts)
+    want_gx = staged.grad_input(gy, x, mean, invstd, w, sdy, sdyx, cnt, axis, ghosts=ghosts)
+    for weight in (w, None):
+        want = staged.grad_input(gy, x, mean, invstd, weight, sdy, sdyx, cnt, axis, ghosts=ghosts)
+        gx, gw, gb = staged.ghost_backward(gy, x, mean, invstd, weight, axis, ghosts=ghosts)
+        assert gx.dtype == dtype and gx.shape == x.shape and gx.stride() == want.stride()
+        assert gw.dtype == gb.dtype == acc and gw.shape == gb.shape == (c,)
+        assert torch.equal(gx, want)
+        assert torch.equal(gw, sdyx * invstd) and torch.equal(gb, sdy)
+    if shape[0] == ghosts:
+        assert torch.equal(want_gx, torch.zeros_like(want_gx))
+    # output_mask: what is not asked for comes back empty, the rest unchanged
+    gx, gw, gb = staged.ghost_backward(gy, x, mean, invstd, w, axis, ghosts=ghosts, output_mask=(False, True, True))
+    assert gx.numel() == 0 and torch.equal(gw, sdyx * invstd) and torch.equal(gb, sdy)
+    gx, gw, gb = staged.ghost_backward(gy, x, mean, invstd, w, axis, ghosts=ghosts, output_mask=(True, False, False))
+    assert torch.equal(gx, want_gx) and gw.numel() == 0 and gb.numel() == 0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_ghost_backward_empty_batch_and_errors(device):
+    x = torch.empty(0, 4, 3, device=device)
+    m = torch.zeros(8, device=device)
+    gx, gw, gb = staged.ghost_backward(torch.empty_like(x), x, m, m + 1, None, 1, ghosts=2)
+    assert gx.shape == x.shape and torch.equal(gw, m) and torch.equal(gb, m)
+    x = torch.randn(6, 4, 3, device=device)
+    with pytest.raises(ValueError, match="output_mask must have 3 entries, got 2"):
+        staged.ghost_backward(x, x, m, m, None, 1, ghosts=2, output_mask=(True, True))
+    with pytest.raises(ValueError, match="ghosts=4 must divide the batch size, got a batch of 6"):
+        staged.ghost_backward(x, x, torch.zeros(16, device=device), torch.ones(16, device=device), None, 1, ghosts=4)
 
 
 def test_ghost_errors_name_the_value():
@@ -314,6 +399,9 @@ def test_ghost_tensor_sizes_are_checked_in_the_callers_terms(layout, device):
         "grad_input": (lambda a: staged.grad_input(a["grad_out"], x, a["mean"], a["invstd"], a["weight"], a["sum_dy"],
                                                    a["sum_dy_xmu"], a["count"], axis, ghosts=2),
                        ["mean", "invstd", "weight", "sum_dy", "sum_dy_xmu", "count"]),
+        "ghost_backward": (lambda a: staged.ghost_backward(a["grad_out"], x, a["mean"], a["invstd"], a["weight"], axis,
+                                                           ghosts=2),
+                           ["mean", "invstd", "weight"]),
     }
     names = ["mean", "invstd", "weight", "bias", "sum_dy", "sum_dy_xmu", "count"]
     good = {n: torch.rand(2 * c, device=device) + 0.5 for n in names}

@@ -11,8 +11,9 @@
 // op calls per forward, this one makes three.
 //
 // Autograd: one hand-written C++ node (KerasStepNode) for the normalization and the composition.
-// Its backward is the batch-norm training backward per (ghost, feature) (grad_sums, then
-// grad_input) with the statistics constant in (r, d), as tf_keras's stop_gradient makes them, and
+// Its backward is the batch-norm training backward per (ghost, feature) (ghost_backward: the sums
+// and grad_input in one pass; with a mask grad_sums, then grad_input) with the statistics constant
+// in (r, d), as tf_keras's stop_gradient makes them, and
 // the gradients of gamma, beta and the adjustment's outputs through the composition. Its backward
 // ops have no derivative, so a double backward through this path raises, as the Python path's
 // once_differentiable.
@@ -80,13 +81,33 @@ std::array<at::Tensor, 5> step_grads(const at::Tensor& grad_out, const StepSaved
   std::array<at::Tensor, 5> out;
   if (!grad_out.defined() || !(need[0] || need[1] || need[2] || need[3] || need[4])) return out;
   at::NoGradGuard no_grad;
-  const at::Tensor &gamma = s.gamma, &adj_s = s.adj_s, &adj_b = s.adj_b;
-  const OptTensor mask = s.mask.defined() ? OptTensor(s.mask) : OptTensor();
-  at::Tensor sum_dy, sum_dy_xmu;
-  std::tie(sum_dy, sum_dy_xmu) = ops::grad_sums(grad_out, s.input, s.mean, s.invstd, axis, G);
-  if (need[0])
-    out[0] = ops::grad_input(grad_out, s.input, s.mean, s.invstd, s.weight, sum_dy, sum_dy_xmu, s.count, axis, mask, G);
-  if (!(need[1] || need[2] || need[3] || need[4])) return out;
+  // gamma as the layer holds it ((C,), or rank-preserving with ghost batches: its gradient goes
+  // back in that shape) and flat for the products below
+  const at::Tensor gamma = s.gamma.defined() && s.gamma.dim() != 1 ? s.gamma.reshape({-1}) : s.gamma;
+  const at::Tensor &adj_s = s.adj_s, &adj_b = s.adj_b;
+  const bool params = need[1] || need[2] || need[3] || need[4];
+  // Per (ghost, feature): d loss / d (the apply step's scale) before the ghost sum, sum_dy_xmu *
+  // invstd, and d loss / d (its shift), sum_dy.
+  at::Tensor d_scale_g, d_shift_g;
+  if (!s.mask.defined()) {
+    // One pass: the sums, grad_input's coefficients (the counts are batch_stats' unmasked ones) and
+    // grad_input (3 kernels on a GPU, where grad_sums + grad_input launch 4 and the product is a
+    // fifth), bitwise the same.
+    std::tie(out[0], d_scale_g, d_shift_g) =
+        ops::ghost_backward(grad_out, s.input, s.mean, s.invstd, s.weight, axis, G, {need[0], params, params});
+    if (!need[0]) out[0] = at::Tensor();
+  } else {
+    at::Tensor sum_dy, sum_dy_xmu;
+    std::tie(sum_dy, sum_dy_xmu) = ops::grad_sums(grad_out, s.input, s.mean, s.invstd, axis, G);
+    if (need[0])
+      out[0] = ops::grad_input(grad_out, s.input, s.mean, s.invstd, s.weight, sum_dy, sum_dy_xmu, s.count, axis,
+                               OptTensor(s.mask), G);
+    if (params) {
+      d_scale_g = sum_dy_xmu * s.invstd;
+      d_shift_g = sum_dy;
+    }
+  }
+  if (!params) return out;
   const std::optional<at::ScalarType> none, g_dt = dtype_of(gamma), as_dt = dtype_of(adj_s), ab_dt = dtype_of(adj_b),
                                       b_dt = s.beta_dtype;
   const std::optional<at::ScalarType> r_dt = renorm ? dtype_of(s.r) : none, d_dt = renorm ? dtype_of(s.d) : none;
@@ -102,8 +123,8 @@ std::array<at::Tensor, 5> step_grads(const at::Tensor& grad_out, const StepSaved
     t = t.to(dt);
     return G > 1 ? t.view({G, -1}).sum(0) : t;
   };
-  const at::Tensor d_scale = ghost_sum(sum_dy_xmu * s.invstd, scale_dt);
-  const at::Tensor d_shift = ghost_sum(sum_dy, shift_dt);
+  const at::Tensor d_scale = ghost_sum(d_scale_g, scale_dt);
+  const at::Tensor d_shift = ghost_sum(d_shift_g, shift_dt);
   at::Tensor d_s1, d_o1;  // d loss / d S1, d O1
   if (renorm) {
     if (has_s1) d_s1 = (d_scale * s.r).to(s1_dt) + (d_shift * s.d).to(s1_dt);
@@ -118,7 +139,7 @@ std::array<at::Tensor, 5> step_grads(const at::Tensor& grad_out, const StepSaved
   if (need[1] && gamma.defined()) {
     at::Tensor term = adj_s.defined() ? (d_s1 * adj_s).to(gamma.scalar_type()) : d_s1.to(gamma.scalar_type());
     if (adj_b.defined()) term = term + (d_prod * adj_b).to(gamma.scalar_type());
-    out[1] = term.reshape(gamma.sizes());
+    out[1] = term.reshape(s.gamma.sizes());
   }
   if (need[2] && b_dt) out[2] = d_o1.to(*b_dt).reshape(s.beta_shape);
   if (need[3] && adj_s.defined())
@@ -250,12 +271,10 @@ at::Tensor keras_train_step(const at::Tensor& x, std::vector<int64_t> axes, int6
                             double eps, std::optional<double> rmin, std::optional<double> rmax,
                             std::optional<double> dmax, const OptTensor& weights_in, bool always_update) {
   const int64_t G = ghosts > 0 ? ghosts : 1;
-  // gamma / beta in the layer's own shape ((C,), or (1, 1, C, 1, 1) with ghost batches): flat views
-  // here, under autograd, so their gradients reach the parameters in that shape.
-  const auto flat = [](const OptTensor& t) -> OptTensor {
-    return (t.has_value() && t->defined() && t->dim() != 1) ? OptTensor(t->reshape({-1})) : t;
-  };
-  const OptTensor gamma = flat(gamma_in), beta = flat(beta_in);
+  // gamma / beta in the layer's own shape ((C,), or (1, 1, C, 1, 1) with ghost batches): the node's
+  // edges go to them as they are, and its backward hands their gradients back in that shape (flat
+  // views under autograd cost two ViewBackward nodes per step); keras_coeffs gets flat views.
+  const OptTensor &gamma = gamma_in, &beta = beta_in;
   check_no_forward_ad(x, gamma, beta, adj_scale, adj_bias);
   const bool record = torch::autograd::compute_requires_grad(x, gamma, beta, adj_scale, adj_bias);
   if (record) {  // (before keras_coeffs updates the moving variables)
@@ -270,9 +289,12 @@ at::Tensor keras_train_step(const at::Tensor& x, std::vector<int64_t> axes, int6
   at::Tensor mean, m2, count, invstd, weight, bias, r, d;
   {
     at::NoGradGuard no_grad;
+    const auto flat = [](const OptTensor& t) -> OptTensor {
+      return (t.has_value() && t->defined() && t->dim() != 1) ? OptTensor(t->reshape({-1})) : t;
+    };
     std::tie(mean, m2, count) = ops::batch_stats(x, axes, weights, G);
     std::tie(invstd, weight, bias, r, d) =
-        ops::keras_coeffs(mean, m2, count, gamma, beta, adj_scale, adj_bias, moving_mean, moving_variance,
+        ops::keras_coeffs(mean, m2, count, flat(gamma), flat(beta), adj_scale, adj_bias, moving_mean, moving_variance,
                           renorm ? moving_stddev : OptTensor(), renorm ? renorm_mean : OptTensor(),
                           renorm ? renorm_stddev : OptTensor(), G, momentum, renorm_momentum, eps, rmin, rmax, dmax,
                           always_update);

@@ -355,6 +355,28 @@ GradInputCall prepare_grad_input(const at::Tensor& grad_out, const at::Tensor& i
   return call;
 }
 
+GhostBackwardCall prepare_ghost_backward(const at::Tensor& grad_out, const at::Tensor& input_, const at::Tensor& mean,
+                                         const at::Tensor& invstd, const c10::optional<at::Tensor>& weight,
+                                         at::IntArrayRef axis_, int64_t ghosts, std::array<bool, 3> output_mask) {
+  GhostBackwardCall call;
+  check_defined(grad_out, "grad_out", "ghost_backward");
+  check_defined(mean, "mean", "ghost_backward");
+  check_defined(invstd, "invstd", "ghost_backward");
+  const GhostPlan gp = plan_ghosts(input_, axis_, ghosts, false);
+  check_grad_out_shape(grad_out, input_);
+  check_ghost_entries(gp, input_, axis_, mean, "mean");
+  check_ghost_entries(gp, input_, axis_, invstd, "invstd");
+  check_ghost_entries(gp, input_, axis_, weight, "weight");
+  call.input_shape = input_.sizes().vec();
+  call.input_grad = output_mask[0];
+  // The training backward of the local statistics: the same sums as grad_sums (the same planned
+  // partitions: dx is dense, so it leaves the vector width alone), and grad_input's coefficients
+  // from them with count = the elements per (ghost, feature), as batch_stats counts them unmasked.
+  call.bwd = prepare_backward(ghost_view(grad_out, gp), gp.input, weight, mean, invstd, true, gp.axis, output_mask,
+                              gp.rows, "mean", "invstd");
+  return call;
+}
+
 namespace {
 
 // keras_finalize (second statistic: var) and keras_coeffs (second statistic: m2) share the checks

@@ -85,6 +85,18 @@ GradInputCall prepare_grad_input(const at::Tensor& grad_out, const at::Tensor& i
                                  const at::Tensor& sum_dy, const at::Tensor& sum_dy_xmu, const at::Tensor& count,
                                  at::IntArrayRef axis, const c10::optional<at::Tensor>& mask, int64_t ghosts);
 
+// ghost_backward: grad_sums and grad_input of the local statistics in one BackwardCall (no
+// exchange between them): the sums stay in the workspace and come out as grad_weight / grad_bias.
+struct GhostBackwardCall {
+  BackwardCall bwd;
+  std::vector<int64_t> input_shape;
+  bool input_grad = true;
+  at::Tensor grad_input() const { return input_grad ? bwd.grad_input.reshape(input_shape) : bwd.grad_input; }
+};
+GhostBackwardCall prepare_ghost_backward(const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& mean,
+                                         const at::Tensor& invstd, const c10::optional<at::Tensor>& weight,
+                                         at::IntArrayRef axis, int64_t ghosts, std::array<bool, 3> output_mask);
+
 // keras_finalize: tf_keras's ghost / renorm epilogue (epilogue.h).
 struct KerasFinalizeCall {
   at::Tensor mean, var, count;  // G * C, acc type, contiguous (keras_coeffs: var holds m2)

@@ -148,6 +148,17 @@ at::Tensor grad_input_cpu(const at::Tensor& grad_out, const at::Tensor& input, c
   return call.output();
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ghost_backward_cpu(const at::Tensor& grad_out, const at::Tensor& input,
+                                                                   const at::Tensor& mean, const at::Tensor& invstd,
+                                                                   const c10::optional<at::Tensor>& weight,
+                                                                   at::IntArrayRef axis, int64_t ghosts,
+                                                                   std::array<bool, 3> output_mask) {
+  GhostBackwardCall call = prepare_ghost_backward(grad_out, input, mean, invstd, weight, axis, ghosts, output_mask);
+  run_backward(call.bwd, input);
+  finish_backward(call.bwd);
+  return {call.grad_input(), call.bwd.grad_weight, call.bwd.grad_bias};
+}
+
 }  // namespace
 }  // namespace bn_cuda
 
@@ -158,6 +169,7 @@ TORCH_LIBRARY_IMPL(bn_cuda, CPU, m) {
   m.impl("normalize", &bn_cuda::normalize_cpu);
   m.impl("grad_sums", &bn_cuda::grad_sums_cpu);
   m.impl("grad_input", &bn_cuda::grad_input_cpu);
+  m.impl("ghost_backward", &bn_cuda::ghost_backward_cpu);
   m.impl("keras_finalize", &bn_cuda::keras_finalize_cpu);
   m.impl("keras_coeffs", &bn_cuda::keras_coeffs_cpu);
 }

@@ -290,6 +290,25 @@ at::Tensor grad_input_cuda(const at::Tensor& grad_out, const at::Tensor& input, 
   return call.output();
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ghost_backward_cuda(const at::Tensor& grad_out, const at::Tensor& input,
+                                                                    const at::Tensor& mean, const at::Tensor& invstd,
+                                                                    const c10::optional<at::Tensor>& weight,
+                                                                    at::IntArrayRef axis, int64_t ghosts,
+                                                                    std::array<bool, 3> output_mask) {
+  const at::OptionalDeviceGuard guard(at::device_of(input));  // no-op for a CPU input: prepare_* names the mismatch
+  GhostBackwardCall call = prepare_ghost_backward(grad_out, input, mean, invstd, weight, axis, ghosts, output_mask);
+  BackwardCall& b = call.bwd;
+  at::Tensor ws;
+  if (!b.skip) {  // grad_sums, their finalize (sums and coefficients), grad_input: three kernels
+    plan_backward_cuda(b.p, b.dtype, sm_count());
+    ws = workspace(input, backward_workspace_bytes(b.p.v, b.p.partitions, acc_size(b.dtype)), b.dtype);
+    b.p.workspace = ws.data_ptr();
+    C10_CUDA_CHECK(cuda::backward(b.dtype, b.p, current_stream()));
+  }
+  finish_backward(b);
+  return {call.grad_input(), b.grad_weight, b.grad_bias};
+}
+
 }  // namespace
 }  // namespace bn_cuda
 
@@ -303,6 +322,7 @@ TORCH_LIBRARY_IMPL(bn_cuda, CUDA, m) {
   m.impl("normalize", &bn_cuda::normalize_cuda);
   m.impl("grad_sums", &bn_cuda::grad_sums_cuda);
   m.impl("grad_input", &bn_cuda::grad_input_cuda);
+  m.impl("ghost_backward", &bn_cuda::ghost_backward_cuda);
   m.impl("keras_finalize", &bn_cuda::keras_finalize_cuda);
   m.impl("keras_coeffs", &bn_cuda::keras_coeffs_cuda);
   m.impl("forward_train", &bn_cuda::forward_train_cuda);

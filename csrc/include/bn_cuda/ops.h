@@ -118,6 +118,19 @@ inline at::Tensor grad_input(const at::Tensor& grad_out, const at::Tensor& input
   return op.call(grad_out, input, mean, invstd, weight, sum_dy, sum_dy_xmu, count, axis, mask, ghosts);
 }
 
+// grad_sums and grad_input of the local (unmasked) statistics in one pass: (grad_input,
+// grad_weight, grad_bias) per (ghost, feature), grad_weight = sum(grad_out * (input - mean)) *
+// invstd and grad_bias = sum(grad_out); outputs not in output_mask are empty.
+inline Tensor3 ghost_backward(const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& mean,
+                              const at::Tensor& invstd, const OptTensor& weight, at::IntArrayRef axis, int64_t ghosts = 1,
+                              std::array<bool, 3> output_mask = {true, true, true}) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("bn_cuda::ghost_backward", "")
+                             .typed<Tensor3(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                            const OptTensor&, at::IntArrayRef, int64_t, std::array<bool, 3>)>();
+  return op.call(grad_out, input, mean, invstd, weight, axis, ghosts, output_mask);
+}
+
 // tf_keras's training epilogue (ghost averaging, renorm's clipped r and d, every moving variable
 // updated in place with tf_keras's decay); returns (r, d), 1 and 0 without renorm. A missing
 // bound does not clip.
