@@ -22,7 +22,7 @@ from .ops import (_acc_dtype, _check_backward, _check_defined, _check_disjoint, 
                   check_same_device)
 
 __all__ = ["batch_stats", "gather_stats", "normalize", "grad_sums", "grad_input", "ghost_backward", "keras_finalize",
-           "keras_coeffs"]
+           "keras_coeffs", "keras_grads"]
 
 _ops = torch.ops.bn_cuda
 
@@ -166,9 +166,9 @@ def _ghost_backward_fake(grad_out, input, mean, invstd, weight, axis, ghosts, ou
             input.new_empty((f if output_mask[2] else 0,), dtype=acc))
 
 
-def _keras_source(mean, ghosts) -> str:
-    """flat_source: where the Keras ops' C comes from, for their size errors."""
-    return (f"mean has ghosts * C = {_v(mean.numel())} entries with ghosts={_v(ghosts)}, so C = "
+def _keras_source(mean, ghosts, name: str = "mean") -> str:
+    """FlatFeatures::source: where the Keras ops' C comes from, for their size errors."""
+    return (f"{name} has ghosts * C = {_v(mean.numel())} entries with ghosts={_v(ghosts)}, so C = "
             f"{_v(mean.numel() // ghosts)}")
 
 
@@ -267,6 +267,55 @@ def keras_coeffs(mean: Tensor, m2: Tensor, count: Tensor, gamma: Optional[Tensor
                                      *_keras_scalars("keras_coeffs", ghosts, momentum, renorm_momentum, eps, rmin, rmax,
                                                      dmax),
                                      bool(always_update))
+
+
+@torch.library.register_fake("bn_cuda::keras_grads")
+def _keras_grads_fake(d_scale, d_shift, r, d, gamma, adj_scale, adj_bias, beta, ghosts, output_mask):
+    op = "keras_grads"
+    _check_defined(d_scale, "d_scale", op)
+    _check_defined(d_shift, "d_shift", op)
+    torch._check_value(ghosts >= 1, lambda: f"bn_cuda.{op}: ghosts must be >= 1, got {_v(ghosts)}")
+    torch._check_value(d_scale.dim() == 1 and d_scale.shape[0] % ghosts == 0,
+                       lambda: f"bn_cuda.{op}: d_scale must be flat with ghosts * C entries, got shape "
+                               f"{_shape(d_scale.shape)} for ghosts={_v(ghosts)}")
+    if d_shift.shape != d_scale.shape:
+        raise RuntimeError(f"bn_cuda.{op}: d_scale and d_shift must have the same shape, got "
+                           f"{_shape(d_scale.shape)} and {_shape(d_shift.shape)}")
+    _check_floating(d_scale, "d_scale")
+    _check_floating(d_shift, "d_shift")
+    check_same_device(d_scale, d_shift=d_shift, r=r, d=d, gamma=gamma, adj_scale=adj_scale, adj_bias=adj_bias)
+    if (r is None) != (d is None):
+        raise ValueError(f"bn_cuda.{op}: r and d go together (renorm)")
+    c = d_scale.shape[0] // ghosts
+    source = _keras_source(d_scale, ghosts, "d_scale")
+    for name, t in (("r", r), ("d", d), ("gamma", gamma), ("adj_scale", adj_scale), ("adj_bias", adj_bias)):
+        _check_flat(t, name, op, c, source)
+    acc = _acc_dtype(d_scale.dtype)
+    wanted = (gamma is not None, bool(beta), adj_scale is not None, adj_bias is not None)
+    return tuple(d_scale.new_empty((c if (m and w) else 0,), dtype=acc) for m, w in zip(output_mask, wanted))
+
+
+def keras_grads(d_scale: Tensor, d_shift: Tensor, r: Optional[Tensor], d: Optional[Tensor], gamma: Optional[Tensor],
+                adj_scale: Optional[Tensor], adj_bias: Optional[Tensor], beta: bool, ghosts: int = 1,
+                output_mask: Sequence[bool] = (True, True, True, True)) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The backward of :func:`keras_coeffs`' composition of the apply step's scale and shift.
+
+    ``d_scale``, ``d_shift``: d loss / d (scale, shift) per (ghost, feature), ``ghosts * C`` each
+    (:func:`ghost_backward`'s ``grad_weight`` / ``grad_bias``). Returns the gradients of
+    ``(gamma, beta, adj_scale, adj_bias)`` through ``scale = r * adj_scale * gamma``, ``shift = d *
+    adj_scale * gamma + adj_bias * gamma + beta`` (missing factors drop out; ``r``, ``d``: renorm's,
+    constant as tf_keras's ``stop_gradient`` makes them; ``beta``: whether there is one), summed over
+    the ghosts, ``C`` each in the accumulation dtype. An output not in ``output_mask``, or whose
+    factor is absent, is empty. Each product and sum is rounded on its own, as the same tensor ops
+    would round them; the ghost sum runs in a fixed order (in sequence on CPU, a fixed warp tree on
+    CUDA), not necessarily :func:`torch.sum`'s.
+    """
+    who = "bn_cuda.staged.keras_grads"
+    mask = [bool(m) for m in output_mask]
+    if len(mask) != 4:
+        raise ValueError(f"{who}: output_mask must have 4 entries, got {len(mask)}")
+    return _ops.keras_grads.default(d_scale, d_shift, r, d, gamma, adj_scale, adj_bias, bool(beta),
+                                    as_int(who, "ghosts", ghosts), mask)
 
 
 def batch_stats(input: Tensor, axis: Union[int, Sequence[int]], mask: Optional[Tensor] = None,

@@ -96,6 +96,14 @@ TORCH_LIBRARY(bn_cuda, m) {
       "Tensor(d!)? renorm_mean, Tensor(e!)? renorm_stddev, SymInt ghosts, float momentum, float renorm_momentum, "
       "float eps, float? rmin, float? rmax, float? dmax, bool always_update) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // The backward of keras_coeffs' composition: from d loss / d (the apply step's scale, shift) per
+  // (ghost, feature) (ghost_backward's grad_weight / grad_bias), summed over the ghosts, the
+  // gradients of (gamma, beta, adj_scale, adj_bias) with r and d constant (tf_keras's
+  // stop_gradient), C each in the accumulation dtype; one not in output_mask, or whose factor is
+  // absent (beta: false), is empty. One kernel instead of the ghost sums and the products.
+  m.def(
+      "keras_grads(Tensor d_scale, Tensor d_shift, Tensor? r, Tensor? d, Tensor? gamma, Tensor? adj_scale, "
+      "Tensor? adj_bias, bool beta, SymInt ghosts, bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 namespace {

@@ -51,6 +51,8 @@ def _calls(device):
                        {0: "grad_out", 1: "input", 2: "mean", 3: "invstd", 5: "sum_dy", 6: "sum_dy_xmu", 7: "count"}),
         "ghost_backward": (lambda a: staged.ghost_backward(*a), [dy, x, m, inv, None, 1],
                            {0: "grad_out", 1: "input", 2: "mean", 3: "invstd"}),
+        "keras_grads": (lambda a: staged.keras_grads(*a), [s, s, None, None, None, None, None, True, 1],
+                        {0: "d_scale", 1: "d_shift"}),
         "keras_finalize": (lambda a: staged.keras_finalize(*a), [m, inv, c, mv(), mv(), None, None, None, 1, 0.99,
                                                                   0.99, 1e-3],
                            {0: "mean", 1: "var", 2: "count", 3: "moving_mean", 4: "moving_variance"}),

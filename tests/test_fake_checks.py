@@ -107,6 +107,15 @@ def ghost_backward(d, **kw):
     return ops.ghost_backward(*a.values())
 
 
+def keras_grads(dev, **kw):  # (not `d`: keras_grads has an argument d)
+    g = kw.get("ghosts", 1)
+    g = g if isinstance(g, int) and g > 0 else 1
+    a = dict(d_scale=_c(dev, 3 * g), d_shift=_c(dev, 3 * g), r=_c(dev), d=_c(dev), gamma=_c(dev), adj_scale=_c(dev),
+             adj_bias=_c(dev), beta=True, ghosts=1, output_mask=[True, True, True, True])
+    a.update({k: (v(dev) if callable(v) else v) for k, v in kw.items()})
+    return ops.keras_grads(*a.values())
+
+
 def _keras(d, op, kw):
     g = kw.get("ghosts", 1)
     g = g if isinstance(g, int) and g > 0 else 1
@@ -254,6 +263,18 @@ REFUSED = [
     (grad_input, dict(grad_out=lambda d: _x(d, (2, 3, 5))), RuntimeError, r"grad_out has shape \[2, 3, 5\]"),
     (grad_input, dict(ghosts=5), ValueError, r"ghosts=5 must divide"),
     (grad_input, dict(sum_dy=None), TypeError, r"grad_input: sum_dy must be a tensor, got None"),
+    # keras_grads (prepare_keras_grads)
+    (keras_grads, dict(ghosts=2, d_scale=lambda d: _c(d, 4), d_shift=lambda d: _c(d, 4)), RuntimeError,
+     r"keras_grads: r has shape \[3\] but d_scale has ghosts \* C = 4 entries with ghosts=2, so C = 2"),
+    (keras_grads, dict(ghosts=4, d_scale=lambda d: _c(d, 6), d_shift=lambda d: _c(d, 6)), ValueError,
+     r"d_scale must be flat with ghosts \* C entries, got shape \[6\] for ghosts=4"),
+    (keras_grads, dict(ghosts=0), ValueError, r"keras_grads: ghosts must be >= 1, got 0"),
+    (keras_grads, dict(d_shift=lambda d: _c(d, 4)), RuntimeError, r"d_scale and d_shift must have the same shape"),
+    (keras_grads, dict(d=None), ValueError, r"r and d go together"),
+    (keras_grads, dict(gamma=lambda d: _c(d, 5)), RuntimeError, r"gamma has shape \[5\]"),
+    (keras_grads, dict(adj_bias=_i), TypeError, r"adj_bias must be a floating-point"),
+    (keras_grads, dict(d_scale=_i), TypeError, r"d_scale must be a floating-point"),
+    (keras_grads, dict(d_scale=None), TypeError, r"keras_grads: d_scale must be a tensor, got None"),
     # ghost_backward (plan_ghosts, prepare_backward)
     (ghost_backward, dict(ghosts=2, invstd=lambda d: _c(d, 3)), RuntimeError, r"invstd has shape \[3\] .* ghosts=2"),
     (ghost_backward, dict(ghosts=2, weight=lambda d: _c(d, 3)), RuntimeError, r"weight has shape \[3\] .* ghosts=2"),
@@ -377,6 +398,11 @@ ACCEPTED = [
     (grad_input, dict(mask=lambda d: torch.ones(4, 1, 1, dtype=torch.bool, device=d), ghosts=2)),
     (grad_input, dict(weight=None)),
     (ghost_backward, dict()),
+    (keras_grads, dict()),
+    (keras_grads, dict(ghosts=3, d_scale=lambda d: _c(d, 9), d_shift=lambda d: _c(d, 9), r=None, d=None, gamma=None,
+                       output_mask=[True, True, False, True])),
+    (keras_grads, dict(d_scale=lambda d: _c(d, dtype=torch.float64), d_shift=lambda d: _c(d, dtype=torch.half),
+                       adj_scale=lambda d: _c(d).view(1, 3), beta=False)),
     (ghost_backward, dict(ghosts=2, weight=None, output_mask=[False, True, True])),
     (ghost_backward, dict(ghosts=4, axis=[2], input=lambda d: _x(d, (4, 5, 3)), grad_out=lambda d: _x(d, (4, 5, 3)),
                           output_mask=[True, False, False])),

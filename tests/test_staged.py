@@ -100,6 +100,12 @@ def test_opcheck_staged_ops(device):
     sdy, sdyx = torch.ops.bn_cuda.grad_sums(gy, x, gm, ginv, [1])
     torch.library.opcheck(torch.ops.bn_cuda.grad_input.default, (gy, x, gm, ginv, w, sdy, sdyx, gc, [1]))
     torch.library.opcheck(torch.ops.bn_cuda.ghost_backward.default, (gy, x, gm, ginv, w, [1], 1, [True, True, True]))
+    vec = lambda n=3: torch.randn(n, device=device)  # noqa: E731
+    for ghosts, mask in ((1, [True] * 4), (2, [True, False, True, True])):
+        torch.library.opcheck(torch.ops.bn_cuda.keras_grads.default,
+                              (vec(3 * ghosts), vec(3 * ghosts), vec(), vec(), vec(), vec(), vec(), True, ghosts, mask))
+    torch.library.opcheck(torch.ops.bn_cuda.keras_grads.default,
+                          (vec(), vec(), None, None, vec(), None, None, False, 1, [True] * 4))
     x4 = _data((4, 3, 2, 5), torch.float32, device, offset=2.0)
     gy4 = torch.randn_like(x4)
     for xx, gg in ((x4, gy4), (x4.contiguous(memory_format=torch.channels_last), gy4)):
@@ -364,6 +370,63 @@ def test_ghost_backward_empty_batch_and_errors(device):
         staged.ghost_backward(x, x, m, m, None, 1, ghosts=2, output_mask=(True, True))
     with pytest.raises(ValueError, match="ghosts=4 must divide the batch size, got a batch of 6"):
         staged.ghost_backward(x, x, torch.zeros(16, device=device), torch.ones(16, device=device), None, 1, ghosts=4)
+
+
+def _keras_grads_reference(ds, dh, ghosts, r, d, gamma, beta, adj_s, adj_b):
+    """d/d(params) of sum(ds * scale + dh * shift) over every ghost, in float64 with autograd, for
+    scale = r * S1, shift = d * S1 + O1, S1 = adj_s * gamma, O1 = adj_b * gamma + beta."""
+    leaves = {k: (None if v is None else v.detach().double().requires_grad_(True))
+              for k, v in (("gamma", gamma), ("beta", beta), ("adj_scale", adj_s), ("adj_bias", adj_b))}
+    c = ds.numel() // ghosts
+    one, zero = torch.ones(c, dtype=torch.float64), torch.zeros(c, dtype=torch.float64)
+    s1 = (one if adj_s is None else leaves["adj_scale"]) * (one if gamma is None else leaves["gamma"])
+    o1 = (zero if adj_b is None else leaves["adj_bias"] * (one if gamma is None else leaves["gamma"]))
+    o1 = o1 + (zero if beta is None else leaves["beta"])
+    scale, shift = (s1, o1) if r is None else (r.double() * s1, d.double() * s1 + o1)
+    loss = (ds.double().view(ghosts, c) * scale).sum() + (dh.double().view(ghosts, c) * shift).sum()
+    wrt = [v for v in leaves.values() if v is not None]
+    grads = torch.autograd.grad(loss, wrt) if wrt else ()
+    it = iter(grads)
+    return [None if v is None else next(it) for v in leaves.values()]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("ghosts", [1, 3, 70])
+@pytest.mark.parametrize("factors", ["all", "renorm", "gamma-beta", "adjustment", "none", "adj-no-gamma"])
+def test_keras_grads_matches_autograd_of_the_composition(device, dtype, ghosts, factors):
+    """keras_grads against float64 autograd through the composition, per factor subset, ghost count
+    (70: more ghosts than a warp has lanes) and dtype; with one ghost and float32, bitwise the same
+    ATen products (the Python path's autograd graph)."""
+    g = torch.Generator().manual_seed(ghosts)
+    c = 17
+    rnd = lambda n=c: (torch.randn(n, generator=g, dtype=torch.float64) * 2).to(dtype)  # noqa: E731
+    ds, dh = rnd(ghosts * c), rnd(ghosts * c)
+    use = {"all": "rdgbsa", "renorm": "rdgb", "gamma-beta": "gb", "adjustment": "gbsa", "none": "", "adj-no-gamma": "rdsa"}
+    u = use[factors]
+    r, d = (rnd() if "r" in u else None), (rnd() if "d" in u else None)
+    gamma, beta = (rnd() if "g" in u else None), (rnd() if "b" in u else None)
+    adj_s, adj_b = (rnd() if "s" in u else None), (rnd() if "a" in u else None)
+    ref = _keras_grads_reference(ds, dh, ghosts, r, d, gamma, beta, adj_s, adj_b)
+    dev = lambda t: None if t is None else t.to(device)  # noqa: E731
+    args = [dev(t) for t in (ds, dh, r, d, gamma, adj_s, adj_b)]
+    got = staged.keras_grads(*args, beta is not None, ghosts)
+    tol = 1e-12 if dtype == torch.float64 else 2e-5
+    for name, a, want in zip(("gamma", "beta", "adj_scale", "adj_bias"), got, ref):
+        if want is None:
+            assert a.numel() == 0, name
+            continue
+        assert a.dtype == dtype and a.shape == (c,), name
+        torch.testing.assert_close(a.cpu().double(), want, rtol=tol, atol=tol * float(want.abs().max()), msg=name)
+    if ghosts == 1 and dtype == torch.float32 and factors == "all":
+        ds_, dh_, r_, d_, gamma_, adj_s_, adj_b_ = args
+        d_s1 = ds_ * r_ + dh_ * d_
+        for a, want in zip(got, (d_s1 * adj_s_ + dh_ * adj_b_, dh_, d_s1 * gamma_, dh_ * gamma_)):
+            assert torch.equal(a, want)
+    # output_mask: what is not asked for is empty, the rest unchanged
+    part = staged.keras_grads(*args, beta is not None, ghosts, output_mask=(False, True, False, True))
+    for k, (a, full) in enumerate(zip(part, got)):
+        assert a.numel() == 0 if k in (0, 2) else torch.equal(a, full)
 
 
 def test_ghost_errors_name_the_value():

@@ -108,6 +108,27 @@ std::array<at::Tensor, 5> step_grads(const at::Tensor& grad_out, const StepSaved
     }
   }
   if (!params) return out;
+  // Every factor in the accumulation dtype (the layer's float32 / float64 weights, renorm's r and d,
+  // the flat adjustment): the ghost sums and the composition's products in one kernel
+  // (keras_grads), the same products rounded alike (the ghost sum in a fixed order of its own). A
+  // factor in another dtype (e.g. float16 weights) takes ATen's ops below, whose type promotion
+  // rounds each product as the Python path's autograd graph does.
+  const at::ScalarType acc = d_scale_g.scalar_type();
+  const auto in_acc = [acc](const at::Tensor& t) { return !t.defined() || t.scalar_type() == acc; };
+  if (in_acc(gamma) && in_acc(adj_s) && in_acc(adj_b) && (!s.beta_dtype || *s.beta_dtype == acc) &&
+      (!renorm || (in_acc(s.r) && in_acc(s.d)))) {
+    const auto opt = [](const at::Tensor& t) { return t.defined() ? OptTensor(t) : OptTensor(); };
+    at::Tensor g_gamma, g_beta, g_adj_s, g_adj_b;
+    std::tie(g_gamma, g_beta, g_adj_s, g_adj_b) =
+        ops::keras_grads(d_scale_g, d_shift_g, renorm ? opt(s.r) : OptTensor(), renorm ? opt(s.d) : OptTensor(),
+                         opt(gamma), opt(adj_s), opt(adj_b), s.beta_dtype.has_value(), G,
+                         {need[1], need[2], need[3], need[4]});
+    if (need[1] && gamma.defined()) out[1] = g_gamma.reshape(s.gamma.sizes());
+    if (need[2] && s.beta_dtype) out[2] = g_beta.reshape(s.beta_shape);
+    if (need[3] && adj_s.defined()) out[3] = g_adj_s.reshape(adj_s.sizes());
+    if (need[4] && adj_b.defined()) out[4] = g_adj_b.reshape(adj_b.sizes());
+    return out;
+  }
   const std::optional<at::ScalarType> none, g_dt = dtype_of(gamma), as_dt = dtype_of(adj_s), ab_dt = dtype_of(adj_b),
                                       b_dt = s.beta_dtype;
   const std::optional<at::ScalarType> r_dt = renorm ? dtype_of(s.r) : none, d_dt = renorm ? dtype_of(s.d) : none;

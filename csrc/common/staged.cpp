@@ -170,8 +170,10 @@ struct FlatFeatures {
   const char* op;
   const at::Tensor& mean;
   int64_t ghosts;
-  FlatFeatures(const char* op_, const at::Tensor& mean_, int64_t ghosts_, int64_t C, at::ScalarType acc_)
-      : acc(acc_), op(op_), mean(mean_), ghosts(ghosts_) {
+  const char* mean_name;  // the op's name of `mean` (keras_grads: d_scale)
+  FlatFeatures(const char* op_, const at::Tensor& mean_, int64_t ghosts_, int64_t C, at::ScalarType acc_,
+               const char* mean_name_ = "mean")
+      : acc(acc_), op(op_), mean(mean_), ghosts(ghosts_), mean_name(mean_name_) {
     flat.axes = {1};
     flat.feature_shape = {C};
     flat.v.C = C;
@@ -193,9 +195,10 @@ struct FlatFeatures {
                 shape_str(t->sizes()), " but ", source(), ": expected shape [", flat.v.C, "]");
   }
   std::string source() const {
-    if (ghosts == 0) return "mean of shape " + shape_str(mean.sizes()) + " has C = " + std::to_string(flat.v.C) + " features";
-    return "mean has ghosts * C = " + std::to_string(mean.numel()) + " entries with ghosts=" + std::to_string(ghosts) +
-           ", so C = " + std::to_string(mean.numel() / ghosts);
+    const std::string name = mean_name;
+    if (ghosts == 0) return name + " of shape " + shape_str(mean.sizes()) + " has C = " + std::to_string(flat.v.C) + " features";
+    return name + " has ghosts * C = " + std::to_string(mean.numel()) + " entries with ghosts=" +
+           std::to_string(ghosts) + ", so C = " + std::to_string(mean.numel() / ghosts);
   }
 };
 
@@ -502,6 +505,65 @@ KerasFinalizeCall prepare_keras_coeffs(const at::Tensor& mean, const at::Tensor&
   p.adj_bias = call.adj_bias.ptr();
   p.weight = call.weight.data_ptr();
   p.bias = call.bias.data_ptr();
+  return call;
+}
+
+KerasGradsCall prepare_keras_grads(const at::Tensor& d_scale, const at::Tensor& d_shift,
+                                   const c10::optional<at::Tensor>& r, const c10::optional<at::Tensor>& d,
+                                   const c10::optional<at::Tensor>& gamma, const c10::optional<at::Tensor>& adj_scale,
+                                   const c10::optional<at::Tensor>& adj_bias, bool beta, int64_t ghosts,
+                                   std::array<bool, 4> output_mask) {
+  const char* op = "keras_grads";
+  KerasGradsCall call;
+  check_defined(d_scale, "d_scale", op);
+  check_defined(d_shift, "d_shift", op);
+  TORCH_CHECK_VALUE(ghosts >= 1, "bn_cuda.", op, ": ghosts must be >= 1, got ", ghosts);
+  TORCH_CHECK_VALUE(d_scale.dim() == 1 && d_scale.numel() % ghosts == 0, "bn_cuda.", op,
+                    ": d_scale must be flat with ghosts * C entries, got shape ", shape_str(d_scale.sizes()),
+                    " for ghosts=", ghosts);
+  TORCH_CHECK(d_shift.sizes() == d_scale.sizes(), "bn_cuda.", op, ": d_scale and d_shift must have the same shape, got ",
+              shape_str(d_scale.sizes()), " and ", shape_str(d_shift.sizes()));
+  dtype_of(d_scale, "d_scale");
+  dtype_of(d_shift, "d_shift");
+  check_same_device(d_shift, d_scale, "d_shift");
+  for (const auto& [t, name] : {std::pair<const c10::optional<at::Tensor>*, const char*>{&r, "r"}, {&d, "d"},
+                                {&gamma, "gamma"}, {&adj_scale, "adj_scale"}, {&adj_bias, "adj_bias"}})
+    if (t->has_value() && (*t)->defined()) check_same_device(**t, d_scale, name);
+  const bool has_r = r.has_value() && r->defined(), has_d = d.has_value() && d->defined();
+  TORCH_CHECK_VALUE(has_r == has_d, "bn_cuda.", op, ": r and d go together (renorm)");
+  const at::ScalarType acc = d_scale.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  call.is_double = acc == at::kDouble;
+  call.d_scale = d_scale.to(acc).contiguous();
+  call.d_shift = d_shift.to(acc).contiguous();
+  const int64_t C = d_scale.numel() / ghosts;
+  const FlatFeatures features(op, d_scale, ghosts, C, acc, "d_scale");
+  call.r = features.read(r, "r");
+  call.d = features.read(d, "d");
+  call.gamma = features.read(gamma, "gamma");
+  call.adj_scale = features.read(adj_scale, "adj_scale");
+  call.adj_bias = features.read(adj_bias, "adj_bias");
+  features.convert({&call.r, &call.d, &call.gamma, &call.adj_scale, &call.adj_bias});
+  const at::TensorOptions opts = d_scale.options().dtype(acc);
+  const auto out = [&](bool wanted) { return at::empty({wanted ? C : 0}, opts); };
+  call.grad_gamma = out(output_mask[0] && call.gamma.ptr() != nullptr);
+  call.grad_beta = out(output_mask[1] && beta);
+  call.grad_adj_scale = out(output_mask[2] && call.adj_scale.ptr() != nullptr);
+  call.grad_adj_bias = out(output_mask[3] && call.adj_bias.ptr() != nullptr);
+  KerasGradParams& p = call.p;
+  p.G = ghosts;
+  p.C = C;
+  p.d_scale = call.d_scale.data_ptr();
+  p.d_shift = call.d_shift.data_ptr();
+  p.r = call.r.ptr();
+  p.d = call.d.ptr();
+  p.gamma = call.gamma.ptr();
+  p.adj_scale = call.adj_scale.ptr();
+  p.adj_bias = call.adj_bias.ptr();
+  const auto ptr = [](at::Tensor& t) { return t.numel() > 0 ? t.data_ptr() : nullptr; };
+  p.grad_gamma = ptr(call.grad_gamma);
+  p.grad_beta = ptr(call.grad_beta);
+  p.grad_adj_scale = ptr(call.grad_adj_scale);
+  p.grad_adj_bias = ptr(call.grad_adj_bias);
   return call;
 }
 

@@ -131,4 +131,18 @@ KerasFinalizeCall prepare_keras_coeffs(const at::Tensor& mean, const at::Tensor&
                                        c10::optional<double> dmax, bool always_update);
 void finish_keras_finalize(KerasFinalizeCall& call);
 
+// keras_grads: the backward of keras_coeffs' composition (epilogue.h's KerasGradParams).
+struct KerasGradsCall {
+  at::Tensor d_scale, d_shift;  // G * C, acc type, contiguous
+  FeatureTensor r, d, gamma, adj_scale, adj_bias;
+  at::Tensor grad_gamma, grad_beta, grad_adj_scale, grad_adj_bias;  // C each, or empty
+  KerasGradParams p;
+  bool is_double = false;
+};
+KerasGradsCall prepare_keras_grads(const at::Tensor& d_scale, const at::Tensor& d_shift,
+                                   const c10::optional<at::Tensor>& r, const c10::optional<at::Tensor>& d,
+                                   const c10::optional<at::Tensor>& gamma, const c10::optional<at::Tensor>& adj_scale,
+                                   const c10::optional<at::Tensor>& adj_bias, bool beta, int64_t ghosts,
+                                   std::array<bool, 4> output_mask);
+
 }  // namespace bn_cuda

@@ -159,6 +159,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ghost_backward_cpu(const at::Tens
   return {call.grad_input(), call.bwd.grad_weight, call.bwd.grad_bias};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> keras_grads_cpu(
+    const at::Tensor& d_scale, const at::Tensor& d_shift, const c10::optional<at::Tensor>& r,
+    const c10::optional<at::Tensor>& d, const c10::optional<at::Tensor>& gamma,
+    const c10::optional<at::Tensor>& adj_scale, const c10::optional<at::Tensor>& adj_bias, bool beta, int64_t ghosts,
+    std::array<bool, 4> output_mask) {
+  KerasGradsCall call =
+      prepare_keras_grads(d_scale, d_shift, r, d, gamma, adj_scale, adj_bias, beta, ghosts, output_mask);
+  const KerasGradParams& p = call.p;
+  at::parallel_for(0, p.C, 4096 / std::max<int64_t>(p.G, 1) + 1, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      if (call.is_double) {
+        keras_grads_feature<double>(p, c);
+      } else {
+        keras_grads_feature<float>(p, c);
+      }
+    }
+  });
+  return {call.grad_gamma, call.grad_beta, call.grad_adj_scale, call.grad_adj_bias};
+}
+
 }  // namespace
 }  // namespace bn_cuda
 
@@ -172,5 +192,6 @@ TORCH_LIBRARY_IMPL(bn_cuda, CPU, m) {
   m.impl("ghost_backward", &bn_cuda::ghost_backward_cpu);
   m.impl("keras_finalize", &bn_cuda::keras_finalize_cpu);
   m.impl("keras_coeffs", &bn_cuda::keras_coeffs_cpu);
+  m.impl("keras_grads", &bn_cuda::keras_grads_cpu);
 }
 #endif

@@ -38,5 +38,10 @@ cudaError_t keras_finalize_t<DType::kFloat64>(const KerasFinalizeParams& p, cuda
   return keras_finalize<Elem>(p, stream);
 }
 
+template <>
+cudaError_t keras_grads_t<DType::kFloat64>(const KerasGradParams& p, cudaStream_t stream) {
+  return keras_grads<Elem>(p, stream);
+}
+
 }  // namespace cuda
 }  // namespace bn_cuda

@@ -29,6 +29,8 @@ cudaError_t gather_stats_t(const GatherParams& g, cudaStream_t stream);
 cudaError_t convert_features_t(const ConvertParams& p, cudaStream_t stream);
 template <DType D>
 cudaError_t keras_finalize_t(const KerasFinalizeParams& p, cudaStream_t stream);
+template <DType D>
+cudaError_t keras_grads_t(const KerasGradParams& p, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace bn_cuda

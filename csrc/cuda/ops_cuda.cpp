@@ -309,6 +309,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ghost_backward_cuda(const at::Ten
   return {call.grad_input(), b.grad_weight, b.grad_bias};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> keras_grads_cuda(
+    const at::Tensor& d_scale, const at::Tensor& d_shift, const c10::optional<at::Tensor>& r,
+    const c10::optional<at::Tensor>& d, const c10::optional<at::Tensor>& gamma,
+    const c10::optional<at::Tensor>& adj_scale, const c10::optional<at::Tensor>& adj_bias, bool beta, int64_t ghosts,
+    std::array<bool, 4> output_mask) {
+  const at::OptionalDeviceGuard guard(at::device_of(d_scale));
+  KerasGradsCall call =
+      prepare_keras_grads(d_scale, d_shift, r, d, gamma, adj_scale, adj_bias, beta, ghosts, output_mask);
+  C10_CUDA_CHECK(call.is_double ? cuda::keras_grads_t<DType::kFloat64>(call.p, current_stream())
+                                : cuda::keras_grads_t<DType::kFloat32>(call.p, current_stream()));
+  return {call.grad_gamma, call.grad_beta, call.grad_adj_scale, call.grad_adj_bias};
+}
+
 }  // namespace
 }  // namespace bn_cuda
 
@@ -325,6 +338,7 @@ TORCH_LIBRARY_IMPL(bn_cuda, CUDA, m) {
   m.impl("ghost_backward", &bn_cuda::ghost_backward_cuda);
   m.impl("keras_finalize", &bn_cuda::keras_finalize_cuda);
   m.impl("keras_coeffs", &bn_cuda::keras_coeffs_cuda);
+  m.impl("keras_grads", &bn_cuda::keras_grads_cuda);
   m.impl("forward_train", &bn_cuda::forward_train_cuda);
   m.impl("forward_infer", &bn_cuda::forward_infer_cuda);
   m.impl("backward", &bn_cuda::backward_cuda);

@@ -259,6 +259,57 @@ BN_HD void keras_compose(const KerasFinalizeParams& p, int64_t c, A r, A d, bool
   shift = o;
 }
 
+// The backward of keras_coeffs' composition for feature c (keras_grads): from d loss / d (the
+// apply step's scale, shift) summed over the ghosts (d_s, d_h), the gradients of gamma, beta and
+// the adjustment's (scale, bias) through scale = r * S1, shift = d * S1 + O1, S1 = adj_scale *
+// gamma, O1 = adj_bias * gamma + beta (r and d constant: tf_keras's stop_gradient), each product
+// and sum rounded on its own as the same tensor ops would round them.
+struct KerasGradParams {
+  int64_t G = 1, C = 0;
+  const void* d_scale = nullptr;  // G * C, ghost-major: per (ghost, feature)
+  const void* d_shift = nullptr;
+  const void* r = nullptr;  // C each, optional (renorm: r and d both)
+  const void* d = nullptr;
+  const void* gamma = nullptr;
+  const void* adj_scale = nullptr;
+  const void* adj_bias = nullptr;
+  void* grad_gamma = nullptr;  // C each; null: not wanted
+  void* grad_beta = nullptr;
+  void* grad_adj_scale = nullptr;
+  void* grad_adj_bias = nullptr;
+};
+
+template <typename A>
+BN_HD void keras_grads_compose(const KerasGradParams& p, int64_t c, A d_s, A d_h) {
+  const A* gamma = static_cast<const A*>(p.gamma);
+  const A* adj_s = static_cast<const A*>(p.adj_scale);
+  const A* adj_b = static_cast<const A*>(p.adj_bias);
+  // d loss / d S1 (renorm: d_s * r + d_h * d) and d loss / d O1 (= d loss / d (adj_bias * gamma))
+  const A d_s1 = p.r ? add_rn(mul_rn(d_s, static_cast<const A*>(p.r)[c]), mul_rn(d_h, static_cast<const A*>(p.d)[c]))
+                     : d_s;
+  if (p.grad_gamma) {
+    A t = adj_s ? mul_rn(d_s1, adj_s[c]) : d_s1;
+    if (adj_b) t = add_rn(t, mul_rn(d_h, adj_b[c]));
+    static_cast<A*>(p.grad_gamma)[c] = t;
+  }
+  if (p.grad_beta) static_cast<A*>(p.grad_beta)[c] = d_h;
+  if (p.grad_adj_scale) static_cast<A*>(p.grad_adj_scale)[c] = gamma ? mul_rn(d_s1, gamma[c]) : d_s1;
+  if (p.grad_adj_bias) static_cast<A*>(p.grad_adj_bias)[c] = gamma ? mul_rn(d_h, gamma[c]) : d_h;
+}
+
+// The host's keras_grads for feature c: the ghosts summed in order.
+template <typename A>
+BN_HD void keras_grads_feature(const KerasGradParams& p, int64_t c) {
+  const A* ds = static_cast<const A*>(p.d_scale);
+  const A* dh = static_cast<const A*>(p.d_shift);
+  A s = ds[c], h = dh[c];
+  for (int64_t g = 1; g < p.G; ++g) {
+    s = add_rn(s, ds[g * p.C + c]);
+    h = add_rn(h, dh[g * p.C + c]);
+  }
+  keras_grads_compose<A>(p, c, s, h);
+}
+
 template <typename A>
 BN_HD void keras_finalize_feature(const KerasFinalizeParams& p, int64_t c) {
   const A* mean = static_cast<const A*>(p.mean);

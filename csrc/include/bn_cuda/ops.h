@@ -172,5 +172,22 @@ inline Tensor5 keras_coeffs(const at::Tensor& mean, const at::Tensor& m2, const 
                  renorm_mean, renorm_stddev, ghosts, momentum, renorm_momentum, eps, rmin, rmax, dmax, always_update);
 }
 
+using Tensor4 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// The backward of keras_coeffs' composition: (grad_gamma, grad_beta, grad_adj_scale,
+// grad_adj_bias) from d loss / d (scale, shift) per (ghost, feature), summed over the ghosts; r
+// and d constant. Empty where not in output_mask or the factor is absent.
+inline Tensor4 keras_grads(const at::Tensor& d_scale, const at::Tensor& d_shift, const OptTensor& r,
+                           const OptTensor& d, const OptTensor& gamma, const OptTensor& adj_scale,
+                           const OptTensor& adj_bias, bool beta, int64_t ghosts,
+                           std::array<bool, 4> output_mask = {true, true, true, true}) {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("bn_cuda::keras_grads", "")
+          .typed<Tensor4(const at::Tensor&, const at::Tensor&, const OptTensor&, const OptTensor&, const OptTensor&,
+                         const OptTensor&, const OptTensor&, bool, int64_t, std::array<bool, 4>)>();
+  return op.call(d_scale, d_shift, r, d, gamma, adj_scale, adj_bias, beta, ghosts, output_mask);
+}
+
 }  // namespace ops
 }  // namespace BN_CUDA_NAMESPACE

@@ -192,6 +192,24 @@ __global__ void __launch_bounds__(256) finalize_backward_kernel(const BackwardPa
   coeff[3 * F + c] = g.k_0;
 }
 
+// keras_grads: one warp per feature; the lanes sum the ghosts g = lane, lane + 32, ... in order,
+// then the warp's fixed shuffle tree (deterministic), then keras_grads_compose (epilogue.h).
+template <typename A>
+__global__ void __launch_bounds__(256) keras_grads_kernel(const KerasGradParams p) {
+  const int lane = threadIdx.x & 31;
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * 8 + (threadIdx.x >> 5);
+  if (c >= p.C) return;  // warp-uniform
+  const A* ds = static_cast<const A*>(p.d_scale);
+  const A* dh = static_cast<const A*>(p.d_shift);
+  SumPair<A> s{A(0), A(0)};
+  for (int64_t g = lane; g < p.G; g += 32) {
+    s.a += ds[g * p.C + c];
+    s.b += dh[g * p.C + c];
+  }
+  s = warp_sum(s);
+  if (lane == 0) keras_grads_compose<A>(p, c, s.a, s.b);
+}
+
 // grad_input coefficients from caller-supplied sums and total counts (staged backward_apply).
 template <typename A>
 __global__ void __launch_bounds__(256) given_grad_coeffs_kernel(const BackwardParams p) {

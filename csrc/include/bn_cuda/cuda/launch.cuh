@@ -285,6 +285,15 @@ cudaError_t keras_finalize(const KerasFinalizeParams& p, cudaStream_t stream) {
   return cudaSuccess;
 }
 
+// The gradients of keras_coeffs' composition (epilogue.h's keras_grads_compose).
+template <typename A>
+cudaError_t keras_grads(const KerasGradParams& p, cudaStream_t stream) {
+  if (p.C == 0) return cudaSuccess;
+  keras_grads_kernel<A><<<static_cast<unsigned>(ceil_div(p.C, 8)), 256, 0, stream>>>(p);
+  BN_CUDA_RETURN_IF_ERROR();
+  return cudaSuccess;
+}
+
 template <typename A>
 cudaError_t gather_stats(const GatherParams& g, cudaStream_t stream) {
   if (g.C == 0) return cudaSuccess;
