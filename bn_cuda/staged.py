@@ -22,7 +22,7 @@ from .ops import (_acc_dtype, _check_backward, _check_defined, _check_disjoint, 
                   check_same_device)
 
 __all__ = ["batch_stats", "gather_stats", "normalize", "grad_sums", "grad_input", "ghost_backward", "keras_finalize",
-           "keras_coeffs", "keras_grads"]
+           "keras_coeffs", "keras_forward", "keras_grads"]
 
 _ops = torch.ops.bn_cuda
 
@@ -269,6 +269,18 @@ def keras_coeffs(mean: Tensor, m2: Tensor, count: Tensor, gamma: Optional[Tensor
                                      bool(always_update))
 
 
+@torch.library.register_fake("bn_cuda::keras_forward")
+def _keras_forward_fake(input, axis, mask, ghosts, gamma, beta, adj_scale, adj_bias, moving_mean, moving_variance,
+                        moving_stddev, renorm_mean, renorm_stddev, momentum, renorm_momentum, eps, rmin, rmax, dmax,
+                        always_update):
+    # (the three ops' checks in their order: keras_forward runs them one after the other)
+    mean, m2, count = _batch_stats_fake(input, axis, mask, ghosts)
+    invstd, weight, bias, r, d = _keras_coeffs_fake(mean, m2, count, gamma, beta, adj_scale, adj_bias, moving_mean,
+                                                    moving_variance, moving_stddev, renorm_mean, renorm_stddev, ghosts,
+                                                    momentum, renorm_momentum, eps, rmin, rmax, dmax, always_update)
+    return _normalize_fake(input, mean, invstd, weight, bias, axis, ghosts), mean, invstd, weight, count, r, d
+
+
 @torch.library.register_fake("bn_cuda::keras_grads")
 def _keras_grads_fake(d_scale, d_shift, r, d, gamma, adj_scale, adj_bias, beta, ghosts, output_mask):
     op = "keras_grads"
@@ -316,6 +328,31 @@ def keras_grads(d_scale: Tensor, d_shift: Tensor, r: Optional[Tensor], d: Option
         raise ValueError(f"{who}: output_mask must have 4 entries, got {len(mask)}")
     return _ops.keras_grads.default(d_scale, d_shift, r, d, gamma, adj_scale, adj_bias, bool(beta),
                                     as_int(who, "ghosts", ghosts), mask)
+
+
+def keras_forward(input: Tensor, axis: Union[int, Sequence[int]], mask: Optional[Tensor], ghosts: int,
+                  gamma: Optional[Tensor], beta: Optional[Tensor], adj_scale: Optional[Tensor],
+                  adj_bias: Optional[Tensor], moving_mean: Tensor, moving_variance: Tensor,
+                  moving_stddev: Optional[Tensor], renorm_mean: Optional[Tensor], renorm_stddev: Optional[Tensor],
+                  momentum: float, renorm_momentum: float, eps: float, rmin: Optional[float] = None,
+                  rmax: Optional[float] = None, dmax: Optional[float] = None,
+                  always_update: bool = False) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """:func:`batch_stats`, :func:`keras_coeffs` and :func:`normalize` in one call: the training
+    forward of ``bn_cuda.BatchNormalization`` on the staged kernels (ghost batches, renorm, an
+    adjustment, a mask). Returns ``(output, mean, invstd, weight, count, r, d)`` as those ops return
+    them, bitwise; the moving variables are updated in place. On CUDA the epilogue kernel also
+    writes the apply step's coefficients (four kernels instead of five). No gradient: the layer's
+    autograd node differentiates through it (:func:`ghost_backward`, :func:`keras_grads`)."""
+    who = "bn_cuda.staged.keras_forward"
+    if not isinstance(input, Tensor):
+        raise TypeError(f"{who}: input must be a tensor, got {type(input).__name__}")
+    _check_updated_need_no_grad(who, moving_mean=moving_mean, moving_variance=moving_variance,
+                                moving_stddev=moving_stddev, renorm_mean=renorm_mean, renorm_stddev=renorm_stddev)
+    g, mom, rmom, e, lo, hi, dm = _keras_scalars("keras_forward", ghosts, momentum, renorm_momentum, eps, rmin, rmax,
+                                                 dmax)
+    return _ops.keras_forward.default(input, as_axes(who, axis), mask, g, gamma, beta, adj_scale, adj_bias,
+                                      moving_mean, moving_variance, moving_stddev, renorm_mean, renorm_stddev, mom,
+                                      rmom, e, lo, hi, dm, bool(always_update))
 
 
 def batch_stats(input: Tensor, axis: Union[int, Sequence[int]], mask: Optional[Tensor] = None,

@@ -96,6 +96,16 @@ TORCH_LIBRARY(bn_cuda, m) {
       "Tensor(d!)? renorm_mean, Tensor(e!)? renorm_stddev, SymInt ghosts, float momentum, float renorm_momentum, "
       "float eps, float? rmin, float? rmax, float? dmax, bool always_update) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // batch_stats, keras_coeffs and normalize in one call, the Keras layer's training forward on the
+  // staged kernels: (output, mean, invstd, weight, count, r, d) as those ops return them (mean /
+  // count: batch_stats'; invstd / weight / r / d: keras_coeffs'), the moving variables updated in
+  // place. On CUDA the epilogue kernel also writes the apply step's coefficients.
+  m.def(
+      "keras_forward(Tensor input, int[] axis, Tensor? mask, SymInt ghosts, Tensor? gamma, Tensor? beta, "
+      "Tensor? adj_scale, Tensor? adj_bias, Tensor(a!) moving_mean, Tensor(b!) moving_variance, "
+      "Tensor(c!)? moving_stddev, Tensor(d!)? renorm_mean, Tensor(e!)? renorm_stddev, float momentum, "
+      "float renorm_momentum, float eps, float? rmin, float? rmax, float? dmax, bool always_update) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   // The backward of keras_coeffs' composition: from d loss / d (the apply step's scale, shift) per
   // (ghost, feature) (ghost_backward's grad_weight / grad_bias), summed over the ghosts, the
   // gradients of (gamma, beta, adj_scale, adj_bias) with r and d constant (tf_keras's

@@ -116,6 +116,14 @@ def keras_grads(dev, **kw):  # (not `d`: keras_grads has an argument d)
     return ops.keras_grads(*a.values())
 
 
+def keras_forward(d, **kw):
+    a = dict(input=_x(d), axis=[1], mask=None, ghosts=1, gamma=_c(d), beta=_c(d), adj_scale=None, adj_bias=None,
+             moving_mean=_c(d), moving_variance=_c(d), moving_stddev=None, renorm_mean=None, renorm_stddev=None,
+             momentum=0.9, renorm_momentum=0.9, eps=1e-3, rmin=None, rmax=None, dmax=None, always_update=False)
+    a.update({k: (v(d) if callable(v) else v) for k, v in kw.items()})
+    return ops.keras_forward(*a.values())
+
+
 def _keras(d, op, kw):
     g = kw.get("ghosts", 1)
     g = g if isinstance(g, int) and g > 0 else 1
@@ -263,6 +271,15 @@ REFUSED = [
     (grad_input, dict(grad_out=lambda d: _x(d, (2, 3, 5))), RuntimeError, r"grad_out has shape \[2, 3, 5\]"),
     (grad_input, dict(ghosts=5), ValueError, r"ghosts=5 must divide"),
     (grad_input, dict(sum_dy=None), TypeError, r"grad_input: sum_dy must be a tensor, got None"),
+    # keras_forward (batch_stats', keras_coeffs' and normalize's checks in turn)
+    (keras_forward, dict(ghosts=3), ValueError, r"ghosts=3 must divide"),
+    (keras_forward, dict(gamma=lambda d: _c(d, 4)), RuntimeError, r"keras_coeffs: gamma has shape \[4\]"),
+    (keras_forward, dict(moving_stddev=_renorm), ValueError, r"go together \(renorm\)"),
+    (keras_forward, dict(eps=0.0), ValueError, r"eps must be finite and > 0"),
+    (keras_forward, dict(mask=lambda d: torch.ones(4, 2, 5, dtype=torch.bool, device=d)), RuntimeError,
+     r"mask of shape \[4, 2, 5\] does not broadcast"),
+    (keras_forward, dict(input=lambda d: _i(d, 60).view(SHAPE)), TypeError, r"input must be a floating-point"),
+    (keras_forward, dict(moving_mean=None), TypeError, r"moving_mean must be a tensor, got None"),
     # keras_grads (prepare_keras_grads)
     (keras_grads, dict(ghosts=2, d_scale=lambda d: _c(d, 4), d_shift=lambda d: _c(d, 4)), RuntimeError,
      r"keras_grads: r has shape \[3\] but d_scale has ghosts \* C = 4 entries with ghosts=2, so C = 2"),
@@ -399,6 +416,12 @@ ACCEPTED = [
     (grad_input, dict(weight=None)),
     (ghost_backward, dict()),
     (keras_grads, dict()),
+    (keras_forward, dict()),
+    (keras_forward, dict(ghosts=2, moving_stddev=_renorm, renorm_mean=_renorm, renorm_stddev=_renorm, rmax=2.0,
+                         mask=lambda d: torch.ones(4, 1, 5, dtype=torch.bool, device=d), always_update=True)),
+    (keras_forward, dict(axis=[2], ghosts=4, gamma=lambda d: _c(d, 5), beta=None, adj_scale=lambda d: _c(d, 5),
+                         adj_bias=lambda d: _c(d, 5), moving_mean=lambda d: _c(d, 5), moving_variance=lambda d: _c(d, 5))),
+    (keras_forward, dict(input=lambda d: _x(d, (0, 3, 5)), ghosts=2)),
     (keras_grads, dict(ghosts=3, d_scale=lambda d: _c(d, 9), d_shift=lambda d: _c(d, 9), r=None, d=None, gamma=None,
                        output_mask=[True, True, False, True])),
     (keras_grads, dict(d_scale=lambda d: _c(d, dtype=torch.float64), d_shift=lambda d: _c(d, dtype=torch.half),

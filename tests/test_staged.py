@@ -106,6 +106,13 @@ def test_opcheck_staged_ops(device):
                               (vec(3 * ghosts), vec(3 * ghosts), vec(), vec(), vec(), vec(), vec(), True, ghosts, mask))
     torch.library.opcheck(torch.ops.bn_cuda.keras_grads.default,
                           (vec(), vec(), None, None, vec(), None, None, False, 1, [True] * 4))
+    rand = lambda n=3: torch.rand(n, device=device) + 0.5  # noqa: E731
+    for ghosts, renorm in ((1, False), (2, True)):
+        xx = _data((4, 3, 2, 5), torch.float32, device, offset=2.0)
+        ren = (rand(), rand(), rand()) if renorm else (None, None, None)
+        torch.library.opcheck(torch.ops.bn_cuda.keras_forward.default,
+                              (xx, [1], None, ghosts, rand(), rand(), None, None, rand(), rand(), *ren, 0.9, 0.9,
+                               1e-3, 0.5, 2.0, 1.0, False))
     x4 = _data((4, 3, 2, 5), torch.float32, device, offset=2.0)
     gy4 = torch.randn_like(x4)
     for xx, gg in ((x4, gy4), (x4.contiguous(memory_format=torch.channels_last), gy4)):
@@ -427,6 +434,72 @@ def test_keras_grads_matches_autograd_of_the_composition(device, dtype, ghosts, 
     part = staged.keras_grads(*args, beta is not None, ghosts, output_mask=(False, True, False, True))
     for k, (a, full) in enumerate(zip(part, got)):
         assert a.numel() == 0 if k in (0, 2) else torch.equal(a, full)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("case", ["nchw-ghosts", "nhwc-ghosts", "features-last-renorm", "two-axes", "permuted",
+                                  "mask-renorm", "plain-adjustment", "empty"])
+def test_keras_forward_is_the_three_ops(device, dtype, case):
+    """keras_forward returns bitwise what batch_stats, keras_coeffs and normalize return, and moves
+    the moving variables as they do (on CUDA its epilogue kernel writes the apply coefficients, or
+    normalize computes its own when it reorders the features: both must agree)."""
+    shape, axis, ghosts, renorm, masked, adjust, layout = {
+        "nchw-ghosts": ((12, 5, 3, 7), [1], 3, False, False, False, None),
+        "nhwc-ghosts": ((8, 17, 3, 3), [1], 4, True, False, True, "channels_last"),
+        "features-last-renorm": ((6, 7, 19), [-1], 2, True, False, False, None),
+        "two-axes": ((6, 3, 4, 5), [1, 3], 2, True, False, True, None),
+        "permuted": ((6, 3, 4, 5), [3, 1], 3, False, False, False, "permuted"),
+        "mask-renorm": ((9, 7, 6), [-1], 1, True, True, False, None),
+        "plain-adjustment": ((5, 1, 49), [1], 1, False, False, True, None),
+        "empty": ((0, 4, 3), [1], 1, True, False, False, None),
+    }[case]
+    g = torch.Generator().manual_seed(31)
+    x = _data(shape, torch.float64, "cpu", seed=32, offset=40.0).to(dtype)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif layout == "permuted":
+        x = x.permute(0, 3, 2, 1).contiguous().permute(0, 3, 2, 1)
+    x = x.to(device)
+    c = 1
+    for a in axis:
+        c *= shape[a]
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    vec = lambda lo=0.5: (torch.rand(c, generator=g, dtype=torch.float64) + lo).to(device, acc)  # noqa: E731
+    gamma, beta = vec(), vec(-1.0)
+    adj = (vec(), vec(-0.5)) if adjust else (None, None)
+    mask = (torch.rand(shape[:-1] + (1,), generator=g) > 0.3).to(device) if masked else None
+    if mask is not None:
+        mask.view(-1)[:2] = True
+    moving = [vec(), vec(), vec(), vec(), vec()]
+    scalars = (0.9, 0.8, 1e-3, 0.7, 1.4, 0.5, masked)
+
+    def run(fused):
+        mv = [t.clone() for t in moving]
+        ren = mv[2:] if renorm else [None] * 3
+        if fused:
+            outs = staged.keras_forward(x, axis, mask, ghosts, gamma, beta, *adj, mv[0], mv[1], *ren, *scalars)
+        else:
+            mean, m2, cnt = staged.batch_stats(x, axis, mask, ghosts)
+            invstd, w, b, r, d = staged.keras_coeffs(mean, m2, cnt, gamma, beta, *adj, mv[0], mv[1], *ren, ghosts,
+                                                     *scalars)
+            outs = (staged.normalize(x, mean, invstd, w, b, axis, ghosts), mean, invstd, w, cnt, r, d)
+        return list(outs) + mv
+
+    fused, staged_ = run(True), run(False)
+    names = ["output", "mean", "invstd", "weight", "count", "r", "d", "moving_mean", "moving_variance",
+             "moving_stddev", "renorm_mean", "renorm_stddev"]
+    for name, a, b in zip(names, fused, staged_):
+        assert a.dtype == b.dtype and a.shape == b.shape and a.stride() == b.stride(), name
+        assert torch.equal(a, b), name
+    if case != "empty":
+        assert not torch.equal(fused[7], moving[0])  # (the moving mean moved)
+    # a failing call moves nothing
+    mv = [t.clone() for t in moving]
+    with pytest.raises(RuntimeError, match=rf"gamma has shape \[{2 * c}\]"):
+        staged.keras_forward(x, axis, mask, ghosts, torch.cat([gamma, gamma]), beta, *adj, mv[0], mv[1], None, None,
+                             None, *scalars)
+    assert all(torch.equal(a, b) for a, b in zip(mv, moving))
 
 
 def test_ghost_errors_name_the_value():

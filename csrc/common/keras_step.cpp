@@ -1,14 +1,16 @@
 // The single-process training step of bn_cuda.BatchNormalization on the staged ops (ghost
 // batches, batch renormalization, adjustment, masks), in C++.
 //
-// Three ops: batch_stats (each ghost's Welford state), keras_coeffs (one kernel: ghost averaging,
-// renorm's clipped r and d, every moving variable, each (ghost, feature)'s invstd and the apply
-// step's scale / shift composed from the adjustment, gamma / beta and r / d), normalize. The
+// Forward, one op (keras_forward): batch_stats (each ghost's Welford state), keras_coeffs (one
+// kernel: ghost averaging, renorm's clipped r and d, every moving variable, each (ghost, feature)'s
+// invstd and the apply step's scale / shift composed from the adjustment, gamma / beta and r / d),
+// normalize. Backward, two: ghost_backward and keras_grads (KerasStepNode). The
 // Python step (bn_cuda/keras/synchronized.py, used by torch.compile, tracing modes and several
 // processes) composes gather_stats, keras_finalize and tensor ops instead; both give the same
-// results bit for bit (tests/test_variants.py). On a GPU the Python glue cost ~0.45 ms per layer
-// call at batch 32 (several times the kernels); the first C++ version of this step still made ~20
-// op calls per forward, this one makes three.
+// results bit for bit (tests/test_variants.py), but for the parameters' gradients with ghost
+// batches (keras_grads sums the ghosts in its own fixed order: equal to rounding). On a GPU the
+// Python glue cost ~0.45 ms per layer call at batch 32 (several times the kernels); the first C++
+// version of this step made ~20 op calls per forward, the second three, this one one.
 //
 // Autograd: one hand-written C++ node (KerasStepNode) for the normalization and the composition.
 // Its backward is the batch-norm training backward per (ghost, feature) (ghost_backward: the sums
@@ -74,8 +76,9 @@ struct StepSaved {
 //   scale = r * S1, shift = d * S1 + O1,  S1 = adj_scale * gamma,  O1 = adj_bias * gamma + beta
 // (absent factors drop out; without renorm scale = S1, shift = O1). Each gradient is computed as
 // the Python path's autograd graph computes it (the same products, the same casts on every edge,
-// the ghost sums in the same dtype), so both paths agree bit for bit. need: which of (input,
-// gamma, beta, adj_scale, adj_bias) to compute.
+// the ghost sums in the same dtype), so both paths agree bit for bit, except the ghost sums of
+// keras_grads (its own fixed order). need: which of (input, gamma, beta, adj_scale, adj_bias) to
+// compute.
 std::array<at::Tensor, 5> step_grads(const at::Tensor& grad_out, const StepSaved& s, const std::vector<int64_t>& axis,
                                      int64_t G, bool renorm, std::array<bool, 5> need) {
   std::array<at::Tensor, 5> out;
@@ -280,10 +283,10 @@ struct KerasStepNode final : SavedArrayNode<KerasStepNode, 11> {
 // flat per-feature tensors (the moving variables are updated in place). `weights`: the mask
 // broadcastable to x, or None.
 //
-// Three ops: batch_stats (the ghosts' Welford states), keras_coeffs (ghost averaging, renorm's r
-// and d, every moving variable, and the apply step's per-(ghost, feature) scale and shift composed
-// from the adjustment, gamma / beta and r / d, in one kernel), normalize; the autograd node
-// differentiates through the composition itself (KerasStepNode).
+// One op, keras_forward: batch_stats (the ghosts' Welford states), keras_coeffs (ghost averaging,
+// renorm's r and d, every moving variable, and the apply step's per-(ghost, feature) scale and
+// shift composed from the adjustment, gamma / beta and r / d, in one kernel), normalize; the
+// autograd node differentiates through the composition itself (KerasStepNode).
 at::Tensor keras_train_step(const at::Tensor& x, std::vector<int64_t> axes, int64_t ghosts, const OptTensor& gamma_in,
                             const OptTensor& beta_in, const OptTensor& adj_scale, const OptTensor& adj_bias,
                             const at::Tensor& moving_mean, const at::Tensor& moving_variance,
@@ -307,23 +310,17 @@ at::Tensor keras_train_step(const at::Tensor& x, std::vector<int64_t> axes, int6
   // (a mask made under inference mode: not a differentiable input, so a copy of its own is saved)
   const OptTensor weights =
       record && given(weights_in) && weights_in->is_inference() ? OptTensor(weights_in->clone()) : weights_in;
-  at::Tensor mean, m2, count, invstd, weight, bias, r, d;
+  at::Tensor out, mean, invstd, weight, count, r, d;
   {
     at::NoGradGuard no_grad;
     const auto flat = [](const OptTensor& t) -> OptTensor {
       return (t.has_value() && t->defined() && t->dim() != 1) ? OptTensor(t->reshape({-1})) : t;
     };
-    std::tie(mean, m2, count) = ops::batch_stats(x, axes, weights, G);
-    std::tie(invstd, weight, bias, r, d) =
-        ops::keras_coeffs(mean, m2, count, flat(gamma), flat(beta), adj_scale, adj_bias, moving_mean, moving_variance,
-                          renorm ? moving_stddev : OptTensor(), renorm ? renorm_mean : OptTensor(),
-                          renorm ? renorm_stddev : OptTensor(), G, momentum, renorm_momentum, eps, rmin, rmax, dmax,
-                          always_update);
-  }
-  at::Tensor out;
-  {
-    at::AutoDispatchBelowAutograd below;
-    out = ops::normalize(x, mean, invstd, weight, bias, axes, G);
+    std::tie(out, mean, invstd, weight, count, r, d) =
+        ops::keras_forward(x, axes, weights, G, flat(gamma), flat(beta), adj_scale, adj_bias, moving_mean,
+                           moving_variance, renorm ? moving_stddev : OptTensor(), renorm ? renorm_mean : OptTensor(),
+                           renorm ? renorm_stddev : OptTensor(), momentum, renorm_momentum, eps, rmin, rmax, dmax,
+                           always_update);
   }
   if (!record) return out;
   auto node = new_node<KerasStepNode>();

@@ -179,6 +179,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> keras_grads_cpu(
   return {call.grad_gamma, call.grad_beta, call.grad_adj_scale, call.grad_adj_bias};
 }
 
+// keras_forward: batch_stats, keras_coeffs and normalize, one after the other (on CPU the apply
+// coefficients cost nothing to recompute).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> keras_forward_cpu(
+    const at::Tensor& input, at::IntArrayRef axis, const c10::optional<at::Tensor>& mask, int64_t ghosts,
+    const c10::optional<at::Tensor>& gamma, const c10::optional<at::Tensor>& beta,
+    const c10::optional<at::Tensor>& adj_scale, const c10::optional<at::Tensor>& adj_bias, const at::Tensor& moving_mean,
+    const at::Tensor& moving_variance, const c10::optional<at::Tensor>& moving_stddev,
+    const c10::optional<at::Tensor>& renorm_mean, const c10::optional<at::Tensor>& renorm_stddev, double momentum,
+    double renorm_momentum, double eps, c10::optional<double> rmin, c10::optional<double> rmax,
+    c10::optional<double> dmax, bool always_update) {
+  at::Tensor mean, m2, count, invstd, weight, bias, r, d;
+  std::tie(mean, m2, count) = batch_stats_cpu(input, axis, mask, ghosts);
+  std::tie(invstd, weight, bias, r, d) =
+      keras_coeffs_cpu(mean, m2, count, gamma, beta, adj_scale, adj_bias, moving_mean, moving_variance, moving_stddev,
+                       renorm_mean, renorm_stddev, ghosts, momentum, renorm_momentum, eps, rmin, rmax, dmax,
+                       always_update);
+  return {normalize_cpu(input, mean, invstd, weight, bias, axis, ghosts), mean, invstd, weight, count, r, d};
+}
+
 }  // namespace
 }  // namespace bn_cuda
 
@@ -193,5 +212,6 @@ TORCH_LIBRARY_IMPL(bn_cuda, CPU, m) {
   m.impl("keras_finalize", &bn_cuda::keras_finalize_cpu);
   m.impl("keras_coeffs", &bn_cuda::keras_coeffs_cpu);
   m.impl("keras_grads", &bn_cuda::keras_grads_cpu);
+  m.impl("keras_forward", &bn_cuda::keras_forward_cpu);
 }
 #endif

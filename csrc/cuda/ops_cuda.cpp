@@ -322,6 +322,52 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> keras_grads_cuda(
   return {call.grad_gamma, call.grad_beta, call.grad_adj_scale, call.grad_adj_bias};
 }
 
+// keras_forward: batch_stats (statistics, their merge), keras_coeffs' kernel, which also writes
+// normalize's apply coefficients, and the apply kernel alone: 4 kernels where the three ops launch 5.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> keras_forward_cuda(
+    const at::Tensor& input, at::IntArrayRef axis, const c10::optional<at::Tensor>& mask, int64_t ghosts,
+    const c10::optional<at::Tensor>& gamma, const c10::optional<at::Tensor>& beta,
+    const c10::optional<at::Tensor>& adj_scale, const c10::optional<at::Tensor>& adj_bias, const at::Tensor& moving_mean,
+    const at::Tensor& moving_variance, const c10::optional<at::Tensor>& moving_stddev,
+    const c10::optional<at::Tensor>& renorm_mean, const c10::optional<at::Tensor>& renorm_stddev, double momentum,
+    double renorm_momentum, double eps, c10::optional<double> rmin, c10::optional<double> rmax,
+    c10::optional<double> dmax, bool always_update) {
+  const at::OptionalDeviceGuard guard(at::device_of(input));  // no-op for a CPU input: prepare_* names the mismatch
+  at::Tensor mean, m2, count;
+  std::tie(mean, m2, count) = batch_stats_cuda(input, axis, mask, ghosts);
+  KerasFinalizeCall kc =
+      prepare_keras_coeffs(mean, m2, count, gamma, beta, adj_scale, adj_bias, moving_mean, moving_variance,
+                           moving_stddev, renorm_mean, renorm_stddev, ghosts, momentum, renorm_momentum, eps, rmin,
+                           rmax, dmax, always_update);
+  const DType acc_t = kc.is_double ? DType::kFloat64 : DType::kFloat32;
+  const at::Tensor coeffs = workspace(mean, 3 * static_cast<size_t>(mean.numel()) * acc_size(acc_t), acc_t);
+  kc.p.apply = coeffs.data_ptr();
+  run_keras_finalize(kc);
+  // (prepared after the kernel: a per-feature tensor normalize had to copy would copy its values)
+  NormalizeCall nc = prepare_normalize(input, mean, kc.invstd, kc.weight, kc.bias, axis, ghosts);
+  ForwardCall& f = nc.fwd;
+  at::Tensor ws;
+  if (!f.skip) {
+    plan_forward_cuda(f.p, f.dtype, sm_count());
+    f.p.partitions = 0;  // the workspace holds only the apply coefficients
+    // The kernel's coefficients serve when normalize reads the kernel's tensors as they are (the
+    // same feature order; a layout whose features normalize reorders computes its own).
+    const bool as_written = f.p.v.features() == mean.numel() && nc.mean.ptr() == mean.data_ptr() &&
+                            nc.invstd.ptr() == kc.invstd.data_ptr() && f.p.weight == kc.weight.data_ptr() &&
+                            f.p.bias == kc.bias.data_ptr();
+    if (as_written) {
+      f.p.workspace = coeffs.data_ptr();
+      f.p.coeffs_given = true;
+    } else {
+      ws = workspace(input, forward_workspace_bytes(f.p.v, 0, acc_size(f.dtype)), f.dtype);
+      f.p.workspace = ws.data_ptr();
+    }
+    C10_CUDA_CHECK(cuda::apply_given(f.dtype, f.p, current_stream()));
+  }
+  finish_forward(f);
+  return {nc.output(), mean, kc.invstd, kc.weight, count, kc.r, kc.d};
+}
+
 }  // namespace
 }  // namespace bn_cuda
 
@@ -339,6 +385,7 @@ TORCH_LIBRARY_IMPL(bn_cuda, CUDA, m) {
   m.impl("keras_finalize", &bn_cuda::keras_finalize_cuda);
   m.impl("keras_coeffs", &bn_cuda::keras_coeffs_cuda);
   m.impl("keras_grads", &bn_cuda::keras_grads_cuda);
+  m.impl("keras_forward", &bn_cuda::keras_forward_cuda);
   m.impl("forward_train", &bn_cuda::forward_train_cuda);
   m.impl("forward_infer", &bn_cuda::forward_infer_cuda);
   m.impl("backward", &bn_cuda::backward_cuda);

@@ -185,6 +185,10 @@ struct KerasFinalizeParams {
   const void* adj_bias = nullptr;
   void* weight = nullptr;  // G * C out: the apply step's per-(ghost, feature) scale and shift
   void* bias = nullptr;
+  // Coefficient mode, optional (keras_forward on CUDA): normalize's apply coefficients too, 3 * G *
+  // C out: (mean, weight * invstd, bias) per (ghost, feature), as apply_coeffs computes them from
+  // the values written above, so that the apply kernel needs no kernel of its own before it.
+  void* apply = nullptr;
 };
 
 // a * b and a + b rounded on their own: the device compiler would otherwise fuse a * b + c into
@@ -372,8 +376,18 @@ BN_HD void keras_finalize_feature(const KerasFinalizeParams& p, int64_t c) {
     A scale, shift;
     keras_compose<A>(p, c, r, d, p.renorm_mean != nullptr, scale, shift);
     for (int64_t g = 0; g < p.G; ++g) {
-      static_cast<A*>(p.weight)[g * p.C + c] = scale;
-      static_cast<A*>(p.bias)[g * p.C + c] = shift;
+      const int64_t i = g * p.C + c;
+      static_cast<A*>(p.weight)[i] = scale;
+      static_cast<A*>(p.bias)[i] = shift;
+      if (p.apply) {
+        const A* wi = static_cast<const A*>(p.weight);
+        const A* bi = static_cast<const A*>(p.bias);
+        const ApplyCoeffs<A> k = apply_coeffs(mean[i], static_cast<const A*>(p.invstd)[i], wi, bi, i);
+        A* out = static_cast<A*>(p.apply);
+        out[i] = k.mean;
+        out[p.G * p.C + i] = k.scale;
+        out[2 * p.G * p.C + i] = k.shift;
+      }
     }
   }
 }

@@ -172,6 +172,29 @@ inline Tensor5 keras_coeffs(const at::Tensor& mean, const at::Tensor& m2, const 
                  renorm_mean, renorm_stddev, ghosts, momentum, renorm_momentum, eps, rmin, rmax, dmax, always_update);
 }
 
+using Tensor7 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// batch_stats + keras_coeffs + normalize in one call: (output, mean, invstd, weight, count, r, d);
+// the moving variables are updated in place.
+inline Tensor7 keras_forward(const at::Tensor& input, at::IntArrayRef axis, const OptTensor& mask, int64_t ghosts,
+                             const OptTensor& gamma, const OptTensor& beta, const OptTensor& adj_scale,
+                             const OptTensor& adj_bias, const at::Tensor& moving_mean,
+                             const at::Tensor& moving_variance, const OptTensor& moving_stddev,
+                             const OptTensor& renorm_mean, const OptTensor& renorm_stddev, double momentum,
+                             double renorm_momentum, double eps, std::optional<double> rmin,
+                             std::optional<double> rmax, std::optional<double> dmax, bool always_update) {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("bn_cuda::keras_forward", "")
+          .typed<Tensor7(const at::Tensor&, at::IntArrayRef, const OptTensor&, int64_t, const OptTensor&,
+                         const OptTensor&, const OptTensor&, const OptTensor&, const at::Tensor&, const at::Tensor&,
+                         const OptTensor&, const OptTensor&, const OptTensor&, double, double, double,
+                         std::optional<double>, std::optional<double>, std::optional<double>, bool)>();
+  return op.call(input, axis, mask, ghosts, gamma, beta, adj_scale, adj_bias, moving_mean, moving_variance,
+                 moving_stddev, renorm_mean, renorm_stddev, momentum, renorm_momentum, eps, rmin, rmax, dmax,
+                 always_update);
+}
+
 using Tensor4 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 // The backward of keras_coeffs' composition: (grad_gamma, grad_beta, grad_adj_scale,

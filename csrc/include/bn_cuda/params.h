@@ -61,6 +61,9 @@ struct ForwardParams {
   void* stat_count = nullptr;
   const void* given_mean = nullptr;
   const void* given_invstd = nullptr;
+  // apply with given statistics: the workspace already holds the apply coefficients (mean, scale,
+  // shift per feature; keras_forward's epilogue kernel wrote them), so none are computed.
+  bool coeffs_given = false;
   // Masked statistics (batch_stats): 0/1 weights per element as bytes, viewed like x with strides
   // (m_so, m_sc, 1) (channels-last: (m_so, m_sc)); statistics are the weighted moments.
   const uint8_t* mask = nullptr;

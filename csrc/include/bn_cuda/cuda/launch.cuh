@@ -89,8 +89,10 @@ cudaError_t batch_stats_v(const ForwardParams& p, cudaStream_t stream) {
 // Staged: normalize with caller-supplied statistics (p.given_*).
 template <typename T, int V, int BX>
 cudaError_t apply_given_v(const ForwardParams& p, cudaStream_t stream) {
-  given_coeffs_kernel<acc_t<T>><<<static_cast<unsigned>(ceil_div(p.v.features(), 256)), 256, 0, stream>>>(p);
-  BN_CUDA_RETURN_IF_ERROR();
+  if (!p.coeffs_given) {
+    given_coeffs_kernel<acc_t<T>><<<static_cast<unsigned>(ceil_div(p.v.features(), 256)), 256, 0, stream>>>(p);
+    BN_CUDA_RETURN_IF_ERROR();
+  }
   return launch_apply<T, V, BX>(p, stream);
 }
 
