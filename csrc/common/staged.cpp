@@ -294,20 +294,34 @@ NormalizeCall prepare_normalize(const at::Tensor& input_, const at::Tensor& mean
   return call;
 }
 
+namespace {
+
+// The training backward of local statistics, unmasked (grad_sums, ghost_backward): their checks,
+// in the caller's terms, then prepare_backward on the ghost view.
+BackwardCall prepare_local_backward(const char* op, const at::Tensor& grad_out, const at::Tensor& input,
+                                    const at::Tensor& mean, const at::Tensor& invstd,
+                                    const c10::optional<at::Tensor>& weight, at::IntArrayRef axis, int64_t ghosts,
+                                    std::array<bool, 3> output_mask) {
+  check_defined(grad_out, "grad_out", op);
+  check_defined(mean, "mean", op);
+  check_defined(invstd, "invstd", op);
+  const GhostPlan gp = plan_ghosts(input, axis, ghosts, false);
+  check_grad_out_shape(grad_out, input);
+  check_ghost_entries(gp, input, axis, mean, "mean");
+  check_ghost_entries(gp, input, axis, invstd, "invstd");
+  check_ghost_entries(gp, input, axis, weight, "weight");
+  return prepare_backward(ghost_view(grad_out, gp), gp.input, weight, mean, invstd, true, gp.axis, output_mask,
+                          gp.rows, "mean", "invstd");
+}
+
+}  // namespace
+
 GradSumsCall prepare_grad_sums(const at::Tensor& grad_out, const at::Tensor& input_, const at::Tensor& mean,
                                const at::Tensor& invstd, at::IntArrayRef axis_, int64_t ghosts) {
   GradSumsCall call;
-  check_defined(grad_out, "grad_out", "grad_sums");
-  check_defined(mean, "mean", "grad_sums");
-  check_defined(invstd, "invstd", "grad_sums");
-  const GhostPlan gp = plan_ghosts(input_, axis_, ghosts, false);
-  check_grad_out_shape(grad_out, input_);
-  check_ghost_entries(gp, input_, axis_, mean, "mean");
-  check_ghost_entries(gp, input_, axis_, invstd, "invstd");
-  const at::Tensor& input = gp.input;
-  call.bwd = prepare_backward(ghost_view(grad_out, gp), input, c10::nullopt, mean, invstd, true, gp.axis,
-                              {false, false, false}, gp.rows, "mean", "invstd");
-  const at::TensorOptions acc = input.options().dtype(acc_scalar_type(input.scalar_type()));
+  call.bwd = prepare_local_backward("grad_sums", grad_out, input_, mean, invstd, c10::nullopt, axis_, ghosts,
+                                    {false, false, false});
+  const at::TensorOptions acc = input_.options().dtype(acc_scalar_type(input_.scalar_type()));
   call.sum_dy = at::empty({call.bwd.canon.v.features()}, acc);
   call.sum_dy_xmu = at::empty({call.bwd.canon.v.features()}, acc);
   if (call.bwd.skip) {
@@ -362,21 +376,13 @@ GhostBackwardCall prepare_ghost_backward(const at::Tensor& grad_out, const at::T
                                          const at::Tensor& invstd, const c10::optional<at::Tensor>& weight,
                                          at::IntArrayRef axis_, int64_t ghosts, std::array<bool, 3> output_mask) {
   GhostBackwardCall call;
-  check_defined(grad_out, "grad_out", "ghost_backward");
-  check_defined(mean, "mean", "ghost_backward");
-  check_defined(invstd, "invstd", "ghost_backward");
-  const GhostPlan gp = plan_ghosts(input_, axis_, ghosts, false);
-  check_grad_out_shape(grad_out, input_);
-  check_ghost_entries(gp, input_, axis_, mean, "mean");
-  check_ghost_entries(gp, input_, axis_, invstd, "invstd");
-  check_ghost_entries(gp, input_, axis_, weight, "weight");
-  call.input_shape = input_.sizes().vec();
-  call.input_grad = output_mask[0];
   // The training backward of the local statistics: the same sums as grad_sums (the same planned
   // partitions: dx is dense, so it leaves the vector width alone), and grad_input's coefficients
   // from them with count = the elements per (ghost, feature), as batch_stats counts them unmasked.
-  call.bwd = prepare_backward(ghost_view(grad_out, gp), gp.input, weight, mean, invstd, true, gp.axis, output_mask,
-                              gp.rows, "mean", "invstd");
+  call.bwd = prepare_local_backward("ghost_backward", grad_out, input_, mean, invstd, weight, axis_, ghosts,
+                                    output_mask);
+  call.input_shape = input_.sizes().vec();
+  call.input_grad = output_mask[0];
   return call;
 }
 
