@@ -54,6 +54,41 @@ def _calls(x: torch.Tensor) -> Dict[str, Dict[str, Callable[[], object]]]:
     return out
 
 
+# The Keras layer's variants on one shape: which kernels the fused steps launch next to the plain
+# layer's (the variants' cost is meant to stay within 15% of it).
+KERAS_CASE: Tuple[Tuple[int, ...], torch.dtype, bool] = ((32, 64, 56, 56), torch.bfloat16, True)
+KERAS_VARIANTS = {
+    "layer": {},
+    "ghost": {"virtual_batch_size": 8},
+    "renorm": {"renorm": True, "renorm_clipping": {"rmax": 3.0, "rmin": 1 / 3, "dmax": 5.0}},
+    "ghost-renorm": {"virtual_batch_size": 8, "renorm": True},
+    "adjust": {"adjustment": "fixed"},
+}
+
+
+def _keras_calls(x: torch.Tensor) -> Dict[str, Dict[str, Callable[[], object]]]:
+    c = x.shape[1]
+    out = {}
+    for name, kw in KERAS_VARIANTS.items():
+        kw = dict(kw)
+        if kw.get("adjustment") == "fixed":
+            view = (1, c) + (1,) * (x.dim() - 2)
+            adj = (torch.full(view, 1.05, device=x.device), torch.full(view, 0.02, device=x.device))
+            kw["adjustment"] = lambda shape, adj=adj: adj
+        layer = bn_cuda.BatchNormalization(axis=1, **kw)
+        layer(x, training=False)  # builds it on x's device
+        xr = x.detach().requires_grad_(True)
+        params = [p for p in layer.parameters() if p.requires_grad]
+        y = layer(xr, training=True)
+        dy = torch.randn_like(y)
+        out[name] = {
+            "fwd-train": lambda layer=layer, xr=xr: layer(xr, training=True),
+            "backward": lambda y=y, dy=dy, xr=xr, params=params: torch.autograd.grad(y, [xr] + params, dy,
+                                                                                   retain_graph=True),
+        }
+    return out
+
+
 def _profile(fn: Callable[[], object], reps: int, cuda: bool) -> List[Tuple[str, float, float]]:
     """[(kernel or op name, mean device (or CPU) us per call, launches per call)]."""
     for _ in range(3):
@@ -107,6 +142,19 @@ def main(argv=None) -> int:
                 lines.append(f"- **{impl} {mode}**: {tot:.1f} us in {sum(r[2] for r in rows):.0f} kernels/ops: " +
                              "; ".join(f"`{n}` {t:.1f} us x{k:g}" for n, t, k in rows[:6]))
         del calls, x
+    shape, dtype, cl = KERAS_CASE if cuda else ((8, 64, 14, 14), torch.float32, True)
+    x = torch.randn(shape, device=dev, dtype=dtype)
+    if cl:
+        x = x.contiguous(memory_format=torch.channels_last)
+    lines += ["", f"## Keras layer, {'x'.join(map(str, shape))} {str(dtype).replace('torch.', '')} "
+              f"{'channels_last' if cl else 'contiguous'}"]
+    keras = _keras_calls(x)
+    for mode in ("fwd-train", "backward"):
+        for name, calls in keras.items():
+            rows = _profile(calls[mode], args.reps, cuda)
+            tot = sum(r[1] for r in rows)
+            lines.append(f"- **{name} {mode}**: {tot:.1f} us in {sum(r[2] for r in rows):.0f} kernels/ops: " +
+                         "; ".join(f"`{n}` {t:.1f} us x{k:g}" for n, t, k in rows[:8]))
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:
