@@ -75,17 +75,23 @@ def _normalize_fake(input, mean, invstd, weight, bias, axis, ghosts=1):
     return torch.empty_like(input)
 
 
+def _check_local_backward(op: str, grad_out, input, mean, invstd, weight, axis, ghosts) -> int:
+    """prepare_local_backward's checks (grad_sums, ghost_backward). Returns C."""
+    for t, name in ((grad_out, "grad_out"), (mean, "mean"), (invstd, "invstd")):
+        _check_defined(t, name, op)
+    _check_defined(input, "input")
+    check_same_device(input, grad_out=grad_out, mean=mean, invstd=invstd, weight=weight)
+    plan, c = _plan_ghosts(input, axis, ghosts, per_feature=(mean, invstd, weight))
+    _check_grad_out(grad_out, input)
+    for name, t in (("mean", mean), ("invstd", invstd), ("weight", weight)):
+        _check_ghost_entries(ghosts, c, input, axis, name, t)
+    _check_backward(grad_out, input, weight, mean, invstd, axis, plan=plan, mean_name="mean", invstd_name="invstd")
+    return c
+
+
 @torch.library.register_fake("bn_cuda::grad_sums")
 def _grad_sums_fake(grad_out, input, mean, invstd, axis, ghosts=1):
-    for t, name in ((grad_out, "grad_out"), (mean, "mean"), (invstd, "invstd")):
-        _check_defined(t, name, "grad_sums")
-    _check_defined(input, "input")
-    check_same_device(input, grad_out=grad_out, mean=mean, invstd=invstd)
-    plan, c = _plan_ghosts(input, axis, ghosts, per_feature=(mean, invstd))
-    _check_grad_out(grad_out, input)
-    for name, t in (("mean", mean), ("invstd", invstd)):
-        _check_ghost_entries(ghosts, c, input, axis, name, t)
-    _check_backward(grad_out, input, None, mean, invstd, axis, plan=plan, mean_name="mean", invstd_name="invstd")
+    c = _check_local_backward("grad_sums", grad_out, input, mean, invstd, None, axis, ghosts)
     acc = _acc_dtype(input.dtype)
     return input.new_empty((c * ghosts,), dtype=acc), input.new_empty((c * ghosts,), dtype=acc)
 
@@ -150,15 +156,7 @@ def _check_keras_epilogue(op: str, mean, second, second_name: str, count, moving
 
 @torch.library.register_fake("bn_cuda::ghost_backward")
 def _ghost_backward_fake(grad_out, input, mean, invstd, weight, axis, ghosts, output_mask):
-    for t, name in ((grad_out, "grad_out"), (mean, "mean"), (invstd, "invstd")):
-        _check_defined(t, name, "ghost_backward")
-    _check_defined(input, "input")
-    check_same_device(input, grad_out=grad_out, mean=mean, invstd=invstd, weight=weight)
-    plan, c = _plan_ghosts(input, axis, ghosts, per_feature=(mean, invstd, weight))
-    _check_grad_out(grad_out, input)
-    for name, t in (("mean", mean), ("invstd", invstd), ("weight", weight)):
-        _check_ghost_entries(ghosts, c, input, axis, name, t)
-    _check_backward(grad_out, input, weight, mean, invstd, axis, plan=plan, mean_name="mean", invstd_name="invstd")
+    c = _check_local_backward("ghost_backward", grad_out, input, mean, invstd, weight, axis, ghosts)
     acc = _acc_dtype(input.dtype)
     f = c * ghosts
     return (torch.empty_like(input) if output_mask[0] else input.new_empty((0,)),

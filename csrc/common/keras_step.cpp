@@ -287,8 +287,8 @@ struct KerasStepNode final : SavedArrayNode<KerasStepNode, 11> {
 // renorm's r and d, every moving variable, and the apply step's per-(ghost, feature) scale and
 // shift composed from the adjustment, gamma / beta and r / d, in one kernel), normalize; the
 // autograd node differentiates through the composition itself (KerasStepNode).
-at::Tensor keras_train_step(const at::Tensor& x, std::vector<int64_t> axes, int64_t ghosts, const OptTensor& gamma_in,
-                            const OptTensor& beta_in, const OptTensor& adj_scale, const OptTensor& adj_bias,
+at::Tensor keras_train_step(const at::Tensor& x, std::vector<int64_t> axes, int64_t ghosts, const OptTensor& gamma,
+                            const OptTensor& beta, const OptTensor& adj_scale, const OptTensor& adj_bias,
                             const at::Tensor& moving_mean, const at::Tensor& moving_variance,
                             const OptTensor& moving_stddev, const OptTensor& renorm_mean,
                             const OptTensor& renorm_stddev, bool renorm, double momentum, double renorm_momentum,
@@ -298,7 +298,6 @@ at::Tensor keras_train_step(const at::Tensor& x, std::vector<int64_t> axes, int6
   // gamma / beta in the layer's own shape ((C,), or (1, 1, C, 1, 1) with ghost batches): the node's
   // edges go to them as they are, and its backward hands their gradients back in that shape (flat
   // views under autograd cost two ViewBackward nodes per step); keras_coeffs gets flat views.
-  const OptTensor &gamma = gamma_in, &beta = beta_in;
   check_no_forward_ad(x, gamma, beta, adj_scale, adj_bias);
   const bool record = torch::autograd::compute_requires_grad(x, gamma, beta, adj_scale, adj_bias);
   if (record) {  // (before keras_coeffs updates the moving variables)

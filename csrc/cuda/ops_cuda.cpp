@@ -343,25 +343,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const at::Tensor coeffs = workspace(mean, 3 * static_cast<size_t>(mean.numel()) * acc_size(acc_t), acc_t);
   kc.p.apply = coeffs.data_ptr();
   run_keras_finalize(kc);
-  // (prepared after the kernel: a per-feature tensor normalize had to copy would copy its values)
   NormalizeCall nc = prepare_normalize(input, mean, kc.invstd, kc.weight, kc.bias, axis, ghosts);
   ForwardCall& f = nc.fwd;
-  at::Tensor ws;
   if (!f.skip) {
     plan_forward_cuda(f.p, f.dtype, sm_count());
-    f.p.partitions = 0;  // the workspace holds only the apply coefficients
-    // The kernel's coefficients serve when normalize reads the kernel's tensors as they are (the
-    // same feature order; a layout whose features normalize reorders computes its own).
-    const bool as_written = f.p.v.features() == mean.numel() && nc.mean.ptr() == mean.data_ptr() &&
-                            nc.invstd.ptr() == kc.invstd.data_ptr() && f.p.weight == kc.weight.data_ptr() &&
-                            f.p.bias == kc.bias.data_ptr();
-    if (as_written) {
-      f.p.workspace = coeffs.data_ptr();
-      f.p.coeffs_given = true;
-    } else {
-      ws = workspace(input, forward_workspace_bytes(f.p.v, 0, acc_size(f.dtype)), f.dtype);
-      f.p.workspace = ws.data_ptr();
-    }
+    f.p.partitions = 0;  // the workspace holds only the apply coefficients: the kernel's
+    // (feature_tensor reads flat, contiguous accumulation-dtype tensors through their data
+    // pointers, so normalize's per-feature arrays are the kernel's, in the kernel's order)
+    TORCH_INTERNAL_ASSERT(f.p.v.features() == mean.numel() && nc.mean.ptr() == mean.data_ptr() &&
+                              nc.invstd.ptr() == kc.invstd.data_ptr() && f.p.weight == kc.weight.data_ptr() &&
+                              f.p.bias == kc.bias.data_ptr(),
+                          "bn_cuda.keras_forward: normalize does not read the epilogue kernel's tensors");
+    f.p.workspace = coeffs.data_ptr();
+    f.p.coeffs_given = true;
     C10_CUDA_CHECK(cuda::apply_given(f.dtype, f.p, current_stream()));
   }
   finish_forward(f);
