@@ -159,8 +159,26 @@ __global__ void __launch_bounds__(256) finalize_backward_kernel(const BackwardPa
   const A* ws = static_cast<const A*>(p.workspace);
   SumPair<A> s{A(0), A(0)};
   const int64_t nparts = p.v.channels_last ? P / p.v.G : P;
-  for (int64_t q = lane; q < nparts; q += 32) {
-    const int64_t idx = partial_index(p.v, P, c, q);
+  // Lane sums of q = lane, lane + 32, ... in that order, four loads ahead (finalize_forward_kernel).
+  const int64_t base = partial_index(p.v, P, c, 0);
+  const int64_t step = partial_index(p.v, P, c, 1) - base;
+  int64_t q = lane;
+  for (; q + 96 < nparts; q += 128) {
+    A a[4], b[4];
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      const int64_t idx = base + (q + 32 * k) * step;
+      a[k] = ws[idx];
+      b[k] = ws[P * C + idx];
+    }
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      s.a += a[k];
+      s.b += b[k];
+    }
+  }
+  for (; q < nparts; q += 32) {
+    const int64_t idx = base + q * step;
     s.a += ws[idx];
     s.b += ws[P * C + idx];
   }

@@ -260,6 +260,41 @@ struct GhostRows {
   __device__ __forceinline__ void advance() { cur.advance(); }
 };
 
+// The same walk for the channels-last reductions' hot loops: the physical row index itself,
+// advanced by one of two fixed row offsets (d1 when s wraps past a sample into the next one of
+// the ghost), so a step costs an add and a compare instead of GhostRows' multiplications. Rows
+// step from ghost row rho by `stride`: (k, s) -> (k + step_k, s + step_s), and on a wrap
+// (k + step_k + 1, s + step_s - S), which moves the physical row (k * G + g) * S + s by
+// step_k * G * S + step_s, plus (G - 1) * S on the wrap. Without ghost batches (G = S = 1) it is
+// row += stride. `unit` scales row and offsets (a tensor's row stride: then row is the element
+// offset of the row; 1: the row index).
+struct RowWalk {
+  int64_t row, s, step_s, S, d0, d1;
+  __device__ __forceinline__ void init(const View3& v, int64_t ghost, int64_t rho, int64_t stride, int64_t unit) {
+    S = v.S;
+    const int64_t k = rho / S;
+    s = rho - k * S;
+    row = ((k * v.G + ghost) * S + s) * unit;
+    const int64_t step_k = stride / S;
+    step_s = stride - step_k * S;
+    d0 = (step_k * v.G * S + step_s) * unit;
+    d1 = d0 + (v.G - 1) * S * unit;
+  }
+  __device__ __forceinline__ void advance() {
+    s += step_s;
+    const bool wrap = s >= S;
+    s = wrap ? s - S : s;
+    row += wrap ? d1 : d0;
+  }
+};
+
+// A pack's raw elements, loaded as one access and converted later (the channels-last reductions
+// hold U rows in flight: raw 16-byte packs take half the registers of converted fp16 / bf16).
+template <typename T, int V>
+__device__ __forceinline__ Pack<T, V> load_raw(const T* p) {
+  return *reinterpret_cast<const Pack<T, V>*>(p);
+}
+
 #define BN_CUDA_RETURN_IF_ERROR()               \
   do {                                          \
     const cudaError_t err_ = cudaGetLastError(); \
