@@ -145,10 +145,19 @@ pybind11::dict build_info() {
 namespace bn_cuda {
 void register_keras_step(pybind11::module_& m);  // common/keras_step.cpp
 }
+#ifdef BN_CUDA_EMULATE
+namespace bn_emu {
+uint64_t launch_count();  // emulate/runtime.cpp
+}
+#endif
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "bn_cuda native module: operators are registered under torch.ops.bn_cuda";
   m.def("build_info", &build_info, "How this extension was built (versions, CUDA archs, CPU capability).");
   m.def("cpu_capability", &bn_cuda::cpu::capability_name, "The CPU kernel variant in use (avx2 or default).");
   bn_cuda::register_keras_step(m);
+#ifdef BN_CUDA_EMULATE
+  m.def("_emulated_launches", &bn_emu::launch_count,
+        "Emulated build only: the number of CUDA kernels launched so far (tests count a call's kernels).");
+#endif
 }

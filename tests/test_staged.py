@@ -439,7 +439,8 @@ def test_keras_grads_matches_autograd_of_the_composition(device, dtype, ghosts, 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("case", ["nchw-ghosts", "nhwc-ghosts", "features-last-renorm", "two-axes", "permuted",
-                                  "mask-renorm", "plain-adjustment", "empty"])
+                                  "mask-renorm", "plain-adjustment", "empty", "nhwc-16-ghosts", "nchw-17-ghosts",
+                                  "mask-ghosts"])
 def test_keras_forward_is_the_three_ops(device, dtype, case):
     """keras_forward returns bitwise what batch_stats, keras_coeffs and normalize return, and moves
     the moving variables as they do (on CUDA its epilogue kernel writes the apply coefficients, or
@@ -453,6 +454,10 @@ def test_keras_forward_is_the_three_ops(device, dtype, case):
         "mask-renorm": ((9, 7, 6), [-1], 1, True, True, False, None),
         "plain-adjustment": ((5, 1, 49), [1], 1, False, False, True, None),
         "empty": ((0, 4, 3), [1], 1, True, False, False, None),
+        # (CUDA: the statistics' merge and the epilogue are one kernel up to 16 ghosts, two above)
+        "nhwc-16-ghosts": ((32, 5, 3, 3), [1], 16, True, False, True, "channels_last"),
+        "nchw-17-ghosts": ((34, 3, 2, 5), [1], 17, True, False, False, None),
+        "mask-ghosts": ((8, 6, 5), [1], 4, True, True, False, None),
     }[case]
     g = torch.Generator().manual_seed(31)
     x = _data(shape, torch.float64, "cpu", seed=32, offset=40.0).to(dtype)
@@ -500,6 +505,38 @@ def test_keras_forward_is_the_three_ops(device, dtype, case):
         staged.keras_forward(x, axis, mask, ghosts, torch.cat([gamma, gamma]), beta, *adj, mv[0], mv[1], None, None,
                              None, *scalars)
     assert all(torch.equal(a, b) for a, b in zip(mv, moving))
+
+
+@pytest.mark.skipif(not hasattr(__import__("bn_cuda")._C, "_emulated_launches"),
+                    reason="counts kernels under the host emulation (the emulated build)")
+@pytest.mark.parametrize("ghosts,layout,masked,kernels", [
+    (1, None, False, 3), (4, "channels_last", False, 3), (16, None, False, 3), (17, "channels_last", False, 4),
+    (4, None, True, 4)])
+def test_keras_forward_kernel_count(ghosts, layout, masked, kernels):
+    """keras_forward's CUDA body launches as many kernels as the plain training forward (statistics,
+    their merge with tf_keras's epilogue, apply) up to 16 ghosts; one more above (the epilogue's own
+    kernel) and with a mask (its shift kernel)."""
+    import bn_cuda
+
+    launches = bn_cuda._C._emulated_launches
+    x = _data((2 * ghosts, 6, 3, 5), torch.float32, "cpu", seed=5, offset=3.0)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    c = x.shape[1]
+    vec = lambda: torch.rand(c) + 0.5  # noqa: E731
+    mask = (torch.rand(x.shape[:-1] + (1,)) > 0.3) if masked else None
+    if mask is not None:
+        mask.view(-1)[:2] = True
+    mv = [vec(), vec(), vec(), vec(), vec()]
+    before = launches()
+    staged.keras_forward(x, [1], mask, ghosts, vec(), vec(), None, None, *mv, 0.9, 0.8, 1e-3, 0.7, 1.4, 0.5, False)
+    assert launches() - before == kernels
+    from bn_cuda.functional import batch_norm
+
+    rm, rv = torch.zeros(c), torch.ones(c)
+    before = launches()
+    batch_norm(x, rm, rv, vec(), vec(), training=True)
+    assert launches() - before == 3  # the plain layer's
 
 
 def test_ghost_errors_name_the_value():

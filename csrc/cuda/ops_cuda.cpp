@@ -323,7 +323,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> keras_grads_cuda(
 }
 
 // keras_forward: batch_stats (statistics, their merge), keras_coeffs' kernel, which also writes
-// normalize's apply coefficients, and the apply kernel alone: 4 kernels where the three ops launch 5.
+// normalize's apply coefficients, and the apply kernel alone. With at most kKerasFusedMaxGhosts
+// ghosts the merge and keras_coeffs' kernel are one kernel (keras_stats_finalize_kernel): 3
+// kernels, as the plain training forward launches, where the three ops launch 5; bitwise their
+// results either way.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> keras_forward_cuda(
     const at::Tensor& input, at::IntArrayRef axis, const c10::optional<at::Tensor>& mask, int64_t ghosts,
     const c10::optional<at::Tensor>& gamma, const c10::optional<at::Tensor>& beta,
@@ -333,8 +336,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     double renorm_momentum, double eps, c10::optional<double> rmin, c10::optional<double> rmax,
     c10::optional<double> dmax, bool always_update) {
   const at::OptionalDeviceGuard guard(at::device_of(input));  // no-op for a CPU input: prepare_* names the mismatch
-  at::Tensor mean, m2, count;
-  std::tie(mean, m2, count) = batch_stats_cuda(input, axis, mask, ghosts);
+  BatchStatsCall bs = prepare_batch_stats(input, axis, mask, ghosts);
+  const at::Tensor &mean = bs.mean, &m2 = bs.m2, &count = bs.count;
   KerasFinalizeCall kc =
       prepare_keras_coeffs(mean, m2, count, gamma, beta, adj_scale, adj_bias, moving_mean, moving_variance,
                            moving_stddev, renorm_mean, renorm_stddev, ghosts, momentum, renorm_momentum, eps, rmin,
@@ -342,7 +345,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const DType acc_t = kc.is_double ? DType::kFloat64 : DType::kFloat32;
   const at::Tensor coeffs = workspace(mean, 3 * static_cast<size_t>(mean.numel()) * acc_size(acc_t), acc_t);
   kc.p.apply = coeffs.data_ptr();
-  run_keras_finalize(kc);
+  bool fused = false;
+  at::Tensor ws;
+  if (!bs.skip) {
+    plan_forward_cuda(bs.p, bs.dtype, sm_count());
+    ws = workspace(input, forward_workspace_bytes(bs.p.v, bs.p.partitions, acc_size(bs.dtype)), bs.dtype);
+    bs.p.workspace = ws.data_ptr();
+    // (the epilogue reads the statistics the finalize writes: batch_stats' outputs, in its order)
+    fused = kc.p.G <= kKerasFusedMaxGhosts && kc.p.G * kc.p.C == bs.p.v.features() &&
+            kc.p.mean == bs.p.stat_mean && kc.p.m2 == bs.p.stat_m2 && kc.p.count == bs.p.stat_count &&
+            kc.is_double == (acc_size(bs.dtype) == 8);
+    if (fused) bs.p.keras = &kc.p;
+    C10_CUDA_CHECK(cuda::batch_stats(bs.dtype, bs.p, current_stream()));
+  }
+  if (fused) {
+    finish_keras_finalize(kc);
+  } else {
+    run_keras_finalize(kc);
+  }
   NormalizeCall nc = prepare_normalize(input, mean, kc.invstd, kc.weight, kc.bias, axis, ghosts);
   ForwardCall& f = nc.fwd;
   if (!f.skip) {

@@ -65,6 +65,7 @@ struct Config {
 
 // Runs body(ctx) once per thread of every block; records the launch's error for get_last_error.
 void launch_impl(const Config& cfg, void (*body)(void*), void* ctx);
+uint64_t launch_count();  // kernels launched so far (bn_cuda._C._emulated_launches)
 
 template <typename F>
 void launch(const Config& cfg, F&& f) {

@@ -110,6 +110,7 @@ struct State {
   int live = 0;
   int arrived = 0;       // at the block barrier
   uint64_t gen = 0;      // block barrier generation
+  uint64_t launches = 0;  // kernels launched (accepted launches), for the tests' kernel counts
   const char* site = nullptr;
   Fiber* cur = nullptr;
 #if BN_EMU_ASM_SWITCH
@@ -320,6 +321,12 @@ int sm_count() {
   return n;
 }
 
+uint64_t launch_count() {
+  State& s = st();
+  std::lock_guard<std::mutex> lock(s.mu);
+  return s.launches;
+}
+
 void launch_impl(const Config& cfg, void (*body)(void*), void* ctx) {
   State& s = st();
   std::lock_guard<std::mutex> lock(s.mu);
@@ -341,6 +348,7 @@ void launch_impl(const Config& cfg, void (*body)(void*), void* ctx) {
     return refuse(cudaErrorInvalidConfiguration, "launch with " + std::to_string(cfg.smem) +
                                                      " bytes of dynamic shared memory");
   if (s.fibers.size() < nthreads) s.fibers.resize(nthreads);
+  ++s.launches;
   s.body = body;
   s.ctx = ctx;
   s.failed = false;

@@ -37,6 +37,13 @@ struct View3 {
   BN_HD int64_t ghost_rows() const { return O / G; }
 };
 
+struct KerasFinalizeParams;  // epilogue.h
+
+// keras_forward on CUDA runs tf_keras's epilogue (keras_finalize_feature) in the statistics'
+// finalize kernel, a block per feature and a warp per ghost, when there are at most this many
+// ghosts (more: its own kernel after the finalize, as the separate ops run it).
+constexpr int64_t kKerasFusedMaxGhosts = 16;
+
 struct ForwardParams {
   View3 v;
   const void* x = nullptr;  // input, strides (x_so, x_sc, 1)
@@ -68,6 +75,11 @@ struct ForwardParams {
   // (m_so, m_sc, 1) (channels-last: (m_so, m_sc)); statistics are the weighted moments.
   const uint8_t* mask = nullptr;
   int64_t m_so = 0, m_sc = 0;
+  // batch_stats, host side only (the launcher passes the struct itself to the kernel): run this
+  // tf_keras epilogue in the finalize kernel (keras_stats_finalize_kernel); null: finalize alone.
+  // Its per-(ghost, feature) statistics must be stat_mean / stat_m2 / stat_count, G * C = features,
+  // and G <= kKerasFusedMaxGhosts.
+  const KerasFinalizeParams* keras = nullptr;
   // Scratch space, planned by plan_*; its size comes from forward_workspace_bytes.
   void* workspace = nullptr;
   int64_t partitions = 1;  // partial reductions per feature

@@ -214,14 +214,12 @@ __global__ void __launch_bounds__(256) stats_cl_kernel(const ForwardParams p) {
 }
 
 // One warp per feature: Chan-merge the P partials (lanes stride over partitions, then a fixed
-// shuffle tree), then write saved statistics, running statistics and apply coefficients.
+// shuffle tree), then write saved statistics, running statistics and apply coefficients (or, for
+// batch_stats, the merged state). Called by a whole warp for feature c (ghost-major) < F.
 template <typename T>
-__global__ void __launch_bounds__(256) finalize_forward_kernel(const ForwardParams p) {
+__device__ __forceinline__ void finalize_entry(const ForwardParams& p, int64_t c, int lane) {
   using A = acc_t<T>;
   const int64_t C = p.v.C, P = p.partitions, F = p.v.features();
-  const int lane = threadIdx.x & 31;
-  const int64_t c = static_cast<int64_t>(blockIdx.x) * 8 + (threadIdx.x >> 5);  // feature (ghost-major)
-  if (c >= F) return;  // warp-uniform
   const A* ws = static_cast<const A*>(p.workspace);
   WelfordState<A> st = welford_empty<A>();
   const int64_t nparts = p.v.channels_last ? P / p.v.G : P;
@@ -271,6 +269,28 @@ __global__ void __launch_bounds__(256) finalize_forward_kernel(const ForwardPara
   coeff[c] = k.mean;
   coeff[F + c] = k.scale;
   coeff[2 * F + c] = k.shift;
+}
+
+template <typename T>
+__global__ void __launch_bounds__(256) finalize_forward_kernel(const ForwardParams p) {
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * 8 + (threadIdx.x >> 5);  // feature (ghost-major)
+  if (c >= p.v.features()) return;  // warp-uniform
+  finalize_entry<T>(p, c, threadIdx.x & 31);
+}
+
+// keras_forward's finalize (batch_stats mode, G <= kKerasFusedMaxGhosts): block c, of 32 * G
+// threads, is feature c. Warp g merges ghost g's partials exactly as finalize_forward_kernel does
+// (the same code, so the statistics are bitwise batch_stats'), then thread 0 runs tf_keras's
+// epilogue of the feature (keras_finalize_feature, as keras_finalize_kernel runs it) on them: one
+// kernel where batch_stats + keras_coeffs launch two.
+template <typename T>
+__global__ void __launch_bounds__(32 * kKerasFusedMaxGhosts) keras_stats_finalize_kernel(const ForwardParams p,
+                                                                                        const KerasFinalizeParams kp) {
+  const int64_t c = blockIdx.x;
+  const int64_t g = threadIdx.x >> 5;
+  finalize_entry<T>(p, g * kp.C + c, threadIdx.x & 31);
+  __syncthreads();  // the ghosts' states, written by each warp's lane 0, are visible to thread 0
+  if (threadIdx.x == 0) keras_finalize_feature<acc_t<T>>(kp, c);
 }
 
 // Inference: apply coefficients from the running statistics, or from given_* when set (as the

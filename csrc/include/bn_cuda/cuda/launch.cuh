@@ -51,6 +51,24 @@ inline bool reduction_grid(const View3& v, int vec, int bx, int64_t partitions, 
   return true;
 }
 
+// The statistics' finalize: finalize_forward_kernel, or with p.keras the fused tf_keras
+// epilogue (keras_stats_finalize_kernel).
+template <typename T>
+cudaError_t launch_forward_finalize(const ForwardParams& p, cudaStream_t stream) {
+  if (p.keras != nullptr) {
+    const KerasFinalizeParams& kp = *p.keras;
+    if (!p.stat_mean || kp.G < 1 || kp.G > kKerasFusedMaxGhosts || kp.G * kp.C != p.v.features() ||
+        kp.C > 2147483647)
+      return cudaErrorInvalidValue;
+    if (kp.C == 0) return cudaSuccess;
+    keras_stats_finalize_kernel<T><<<static_cast<unsigned>(kp.C), static_cast<unsigned>(32 * kp.G), 0, stream>>>(p, kp);
+  } else {
+    finalize_forward_kernel<T><<<static_cast<unsigned>(ceil_div(p.v.features(), 8)), 256, 0, stream>>>(p);
+  }
+  BN_CUDA_RETURN_IF_ERROR();
+  return cudaSuccess;
+}
+
 template <typename T, int V, int BX>
 cudaError_t launch_apply(const ForwardParams& p, cudaStream_t stream) {
   const View3& v = p.v;
@@ -75,9 +93,7 @@ cudaError_t launch_stats(const ForwardParams& p, cudaStream_t stream) {
     stats_cl_kernel<T, V, BX><<<grid, dim3(BX, kCudaBlock / BX), 0, stream>>>(p);
   }
   BN_CUDA_RETURN_IF_ERROR();
-  finalize_forward_kernel<T><<<static_cast<unsigned>(ceil_div(v.features(), 8)), 256, 0, stream>>>(p);
-  BN_CUDA_RETURN_IF_ERROR();
-  return cudaSuccess;
+  return launch_forward_finalize<T>(p, stream);
 }
 
 // Staged: the merged local Welford state per feature (p.stat_*), nothing else.
@@ -222,9 +238,7 @@ cudaError_t masked_batch_stats(const ForwardParams& p, cudaStream_t stream) {
     masked_stats_cl_kernel<T, 8><<<grid, dim3(8, 32), 0, stream>>>(p);
   }
   BN_CUDA_RETURN_IF_ERROR();
-  finalize_forward_kernel<T><<<static_cast<unsigned>(ceil_div(v.features(), 8)), 256, 0, stream>>>(p);
-  BN_CUDA_RETURN_IF_ERROR();
-  return cudaSuccess;
+  return launch_forward_finalize<T>(p, stream);
 }
 
 template <typename T>
