@@ -352,7 +352,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     ws = workspace(input, forward_workspace_bytes(bs.p.v, bs.p.partitions, acc_size(bs.dtype)), bs.dtype);
     bs.p.workspace = ws.data_ptr();
     // (the epilogue reads the statistics the finalize writes: batch_stats' outputs, in its order)
-    fused = kc.p.G <= kKerasFusedMaxGhosts && kc.p.G * kc.p.C == bs.p.v.features() &&
+    fused = kc.p.G <= kKerasFusedMaxGhosts && kc.p.C <= 2147483647 && kc.p.G * kc.p.C == bs.p.v.features() &&
             kc.p.mean == bs.p.stat_mean && kc.p.m2 == bs.p.stat_m2 && kc.p.count == bs.p.stat_count &&
             kc.is_double == (acc_size(bs.dtype) == 8);
     if (fused) bs.p.keras = &kc.p;
