@@ -22,7 +22,7 @@ from .ops import (_acc_dtype, _check_backward, _check_defined, _check_disjoint, 
                   check_same_device)
 
 __all__ = ["batch_stats", "gather_stats", "normalize", "grad_sums", "grad_input", "ghost_backward", "keras_finalize",
-           "keras_coeffs", "keras_forward", "keras_grads"]
+           "keras_coeffs", "keras_forward", "keras_grads", "keras_backward"]
 
 _ops = torch.ops.bn_cuda
 
@@ -155,8 +155,8 @@ def _check_keras_epilogue(op: str, mean, second, second_name: str, count, moving
 
 
 @torch.library.register_fake("bn_cuda::ghost_backward")
-def _ghost_backward_fake(grad_out, input, mean, invstd, weight, axis, ghosts, output_mask):
-    c = _check_local_backward("ghost_backward", grad_out, input, mean, invstd, weight, axis, ghosts)
+def _ghost_backward_fake(grad_out, input, mean, invstd, weight, axis, ghosts, output_mask, op="ghost_backward"):
+    c = _check_local_backward(op, grad_out, input, mean, invstd, weight, axis, ghosts)
     acc = _acc_dtype(input.dtype)
     f = c * ghosts
     return (torch.empty_like(input) if output_mask[0] else input.new_empty((0,)),
@@ -280,8 +280,7 @@ def _keras_forward_fake(input, axis, mask, ghosts, gamma, beta, adj_scale, adj_b
 
 
 @torch.library.register_fake("bn_cuda::keras_grads")
-def _keras_grads_fake(d_scale, d_shift, r, d, gamma, adj_scale, adj_bias, beta, ghosts, output_mask):
-    op = "keras_grads"
+def _keras_grads_fake(d_scale, d_shift, r, d, gamma, adj_scale, adj_bias, beta, ghosts, output_mask, op="keras_grads"):
     _check_defined(d_scale, "d_scale", op)
     _check_defined(d_shift, "d_shift", op)
     torch._check_value(ghosts >= 1, lambda: f"bn_cuda.{op}: ghosts must be >= 1, got {_v(ghosts)}")
@@ -303,6 +302,17 @@ def _keras_grads_fake(d_scale, d_shift, r, d, gamma, adj_scale, adj_bias, beta, 
     acc = _acc_dtype(d_scale.dtype)
     wanted = (gamma is not None, bool(beta), adj_scale is not None, adj_bias is not None)
     return tuple(d_scale.new_empty((c if (m and w) else 0,), dtype=acc) for m, w in zip(output_mask, wanted))
+
+
+@torch.library.register_fake("bn_cuda::keras_backward")
+def _keras_backward_fake(grad_out, input, mean, invstd, weight, axis, ghosts, r, d, gamma, adj_scale, adj_bias, beta,
+                         output_mask):
+    # (the op's own order: ghost_backward's checks, then keras_grads' on its per-(ghost, feature) sums)
+    op = "keras_backward"
+    gi, ds, dh = _ghost_backward_fake(grad_out, input, mean, invstd, weight, axis, ghosts,
+                                      (output_mask[0], True, True), op)
+    return (gi,) + _keras_grads_fake(ds, dh, r, d, gamma, adj_scale, adj_bias, beta, ghosts, tuple(output_mask[1:]),
+                                     op)
 
 
 def keras_grads(d_scale: Tensor, d_shift: Tensor, r: Optional[Tensor], d: Optional[Tensor], gamma: Optional[Tensor],
@@ -434,4 +444,26 @@ def ghost_backward(grad_out: Tensor, input: Tensor, mean: Tensor, invstd: Tensor
         raise ValueError(f"{who}: output_mask must have 3 entries, got {len(mask)}")
     return _ops.ghost_backward.default(grad_out, input, mean, invstd, weight, as_axes(who, axis),
                                        as_int(who, "ghosts", ghosts), mask)
+
+
+def keras_backward(grad_out: Tensor, input: Tensor, mean: Tensor, invstd: Tensor, weight: Optional[Tensor],
+                   axis: Union[int, Sequence[int]], ghosts: int, r: Optional[Tensor], d: Optional[Tensor],
+                   gamma: Optional[Tensor], adj_scale: Optional[Tensor], adj_bias: Optional[Tensor], beta: bool,
+                   output_mask: Sequence[bool] = (True, True, True, True, True)
+                   ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """:func:`ghost_backward` then :func:`keras_grads` on its per-(ghost, feature) ``grad_weight`` /
+    ``grad_bias``, in one call: the fused Keras step's backward without a mask.
+
+    Returns ``(grad_input, grad_gamma, grad_beta, grad_adj_scale, grad_adj_bias)``, bitwise what
+    the two ops return; ``output_mask``: which of (input, gamma, beta, adj_scale, adj_bias) to
+    compute (the others are empty). On CUDA, with at most 16 ghosts, the sums' finalize and
+    keras_grads run as one kernel: three kernels in all, as the plain layer's backward.
+    """
+    who = "bn_cuda.staged.keras_backward"
+    mask = [bool(m) for m in output_mask]
+    if len(mask) != 5:
+        raise ValueError(f"{who}: output_mask must have 5 entries, got {len(mask)}")
+    return _ops.keras_backward.default(grad_out, input, mean, invstd, weight, as_axes(who, axis),
+                                       as_int(who, "ghosts", ghosts), r, d, gamma, adj_scale, adj_bias, bool(beta),
+                                       mask)
 

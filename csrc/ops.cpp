@@ -114,6 +114,15 @@ TORCH_LIBRARY(bn_cuda, m) {
   m.def(
       "keras_grads(Tensor d_scale, Tensor d_shift, Tensor? r, Tensor? d, Tensor? gamma, Tensor? adj_scale, "
       "Tensor? adj_bias, bool beta, SymInt ghosts, bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor)");
+  // ghost_backward then keras_grads on its per-(ghost, feature) grad_weight / grad_bias, the Keras
+  // layer's fused training backward (no mask) in one call: (grad_input, grad_gamma, grad_beta,
+  // grad_adj_scale, grad_adj_bias), bitwise what the two ops return; output_mask: (input, gamma,
+  // beta, adj_scale, adj_bias). On CUDA with at most 16 ghosts the sums' finalize and keras_grads
+  // are one kernel: 3 kernels, as the plain training backward.
+  m.def(
+      "keras_backward(Tensor grad_out, Tensor input, Tensor mean, Tensor invstd, Tensor? weight, int[] axis, "
+      "SymInt ghosts, Tensor? r, Tensor? d, Tensor? gamma, Tensor? adj_scale, Tensor? adj_bias, bool beta, "
+      "bool[5] output_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 namespace {

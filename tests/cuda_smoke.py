@@ -88,6 +88,12 @@ def main() -> int:
                 if m is None:  # the one-pass backward: bitwise grad_sums + grad_input
                     gx1, gw1, gb1 = staged.ghost_backward(gy, x, gm, ginv, None, axis, ghosts=ghosts)
                     ok = ok and torch.equal(gx1, gx) and torch.equal(gb1, sdy) and torch.equal(gw1, sdyx * ginv)
+                    # and with keras_grads in the finalize kernel (keras_backward): bitwise the two ops
+                    fv = gb1.numel() // ghosts
+                    fac = [torch.rand(fv, generator=g).to(dev, gw1.dtype) + 0.5 for _ in range(5)]
+                    kb = staged.keras_backward(gy, x, gm, ginv, None, axis, ghosts, *fac, True)
+                    kg = staged.keras_grads(gw1, gb1, *fac, True, ghosts)
+                    ok = ok and torch.equal(kb[0], gx1) and all(torch.equal(a, b) for a, b in zip(kb[1:], kg))
                 torch.cuda.synchronize()
                 failures += 0 if ok else 1
                 print(f"staged {str(dtype):15s} {str(shape):14s} {fmt:14s} ghosts={ghosts} mask={m is not None} "

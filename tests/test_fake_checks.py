@@ -116,6 +116,16 @@ def keras_grads(dev, **kw):  # (not `d`: keras_grads has an argument d)
     return ops.keras_grads(*a.values())
 
 
+def keras_backward(dev, **kw):
+    g = kw.get("ghosts", 1)
+    g = g if isinstance(g, int) and g > 0 else 1
+    a = dict(grad_out=_x(dev), input=_x(dev), mean=_c(dev, 3 * g), invstd=_c(dev, 3 * g), weight=_c(dev, 3 * g),
+             axis=[1], ghosts=1, r=_c(dev), d=_c(dev), gamma=_c(dev), adj_scale=_c(dev), adj_bias=_c(dev), beta=True,
+             output_mask=[True] * 5)
+    a.update({k: (v(dev) if callable(v) else v) for k, v in kw.items()})
+    return ops.keras_backward(*a.values())
+
+
 def keras_forward(d, **kw):
     a = dict(input=_x(d), axis=[1], mask=None, ghosts=1, gamma=_c(d), beta=_c(d), adj_scale=None, adj_bias=None,
              moving_mean=_c(d), moving_variance=_c(d), moving_stddev=None, renorm_mean=None, renorm_stddev=None,
@@ -280,6 +290,11 @@ REFUSED = [
      r"mask of shape \[4, 2, 5\] does not broadcast"),
     (keras_forward, dict(input=lambda d: _i(d, 60).view(SHAPE)), TypeError, r"input must be a floating-point"),
     (keras_forward, dict(moving_mean=None), TypeError, r"moving_mean must be a tensor, got None"),
+    # keras_backward (prepare_ghost_backward, then prepare_keras_grads, named as keras_backward)
+    (keras_backward, dict(gamma=lambda d: _c(d, 5)), RuntimeError, r"keras_backward: gamma has shape \[5\]"),
+    (keras_backward, dict(d=None), ValueError, r"keras_backward: r and d go together"),
+    (keras_backward, dict(mean=lambda d: _c(d, 4)), RuntimeError, r"mean has shape \[4\]"),
+    (keras_backward, dict(ghosts=0), ValueError, r"ghosts must be >= 1, got 0"),
     # keras_grads (prepare_keras_grads)
     (keras_grads, dict(ghosts=2, d_scale=lambda d: _c(d, 4), d_shift=lambda d: _c(d, 4)), RuntimeError,
      r"keras_grads: r has shape \[3\] but d_scale has ghosts \* C = 4 entries with ghosts=2, so C = 2"),
@@ -416,6 +431,8 @@ ACCEPTED = [
     (grad_input, dict(weight=None)),
     (ghost_backward, dict()),
     (keras_grads, dict()),
+    (keras_backward, dict()),
+    (keras_backward, dict(ghosts=2, r=None, d=None, adj_scale=None, output_mask=[False, True, True, False, True])),
     (keras_forward, dict()),
     (keras_forward, dict(ghosts=2, moving_stddev=_renorm, renorm_mean=_renorm, renorm_stddev=_renorm, rmax=2.0,
                          mask=lambda d: torch.ones(4, 1, 5, dtype=torch.bool, device=d), always_update=True)),

@@ -106,6 +106,13 @@ def test_opcheck_staged_ops(device):
                               (vec(3 * ghosts), vec(3 * ghosts), vec(), vec(), vec(), vec(), vec(), True, ghosts, mask))
     torch.library.opcheck(torch.ops.bn_cuda.keras_grads.default,
                           (vec(), vec(), None, None, vec(), None, None, False, 1, [True] * 4))
+    for ghosts, mask in ((1, [True] * 5), (2, [False, True, False, True, True])):
+        xg = _data((4, 3, 2, 5), torch.float32, device, offset=2.0)
+        mg, m2g, cg = staged.batch_stats(xg, [1], ghosts=ghosts)
+        ig = torch.rsqrt(m2g / cg + 1e-3)
+        torch.library.opcheck(torch.ops.bn_cuda.keras_backward.default,
+                              (torch.randn_like(xg), xg, mg, ig, vec(3 * ghosts), [1], ghosts, vec(), vec(), vec(),
+                               vec(), vec(), True, mask))
     rand = lambda n=3: torch.rand(n, device=device) + 0.5  # noqa: E731
     for ghosts, renorm in ((1, False), (2, True)):
         xx = _data((4, 3, 2, 5), torch.float32, device, offset=2.0)
@@ -364,6 +371,82 @@ def test_ghost_backward_is_grad_sums_then_grad_input(device, dtype, shape, axis,
     assert gx.numel() == 0 and torch.equal(gw, sdyx * invstd) and torch.equal(gb, sdy)
     gx, gw, gb = staged.ghost_backward(gy, x, mean, invstd, w, axis, ghosts=ghosts, output_mask=(True, False, False))
     assert torch.equal(gx, want_gx) and gw.numel() == 0 and gb.numel() == 0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("shape,axis,layout,ghosts", [
+    ((12, 5, 3, 7), [1], "contiguous", 3),
+    ((32, 3, 4, 4), [1], "channels_last", 16),   # CUDA: the fused finalize's largest ghost count
+    ((34, 2, 5), [1], "contiguous", 17),         # CUDA: finalize, then keras_grads' own kernel
+    ((8, 7, 3), [-1], "strided", 4),
+    ((9, 1, 49), [1], "contiguous", 1),
+])
+@pytest.mark.parametrize("factors", ["all", "renorm-gamma", "adjust-beta", "none"])
+def test_keras_backward_is_ghost_backward_then_keras_grads(device, dtype, shape, axis, layout, ghosts, factors):
+    """keras_backward returns bitwise what ghost_backward and then keras_grads on its sums return,
+    for every factor subset, ghost count (on CUDA: fused up to 16 ghosts, two kernels above) and
+    output mask."""
+    x = _data(shape, torch.float64, "cpu", seed=41, offset=25.0).to(dtype)
+    g = torch.Generator().manual_seed(42)
+    gy = torch.randn(shape, generator=g, dtype=torch.float64).to(dtype)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif layout == "strided":
+        gy = torch.cat([gy, gy], -1)[..., ::2]
+    x, gy = x.to(device), gy.to(device)
+    mean, m2, cnt = staged.batch_stats(x, axis, ghosts=ghosts)
+    acc = mean.dtype
+    invstd = torch.rsqrt(m2 / cnt + 1e-3)
+    c = mean.numel() // ghosts
+    vec = lambda lo=0.5: (torch.rand(c, generator=g, dtype=torch.float64) + lo).to(device, acc)  # noqa: E731
+    w = torch.cat([vec() for _ in range(ghosts)])
+    r, d, gamma, adj_s, adj_b, beta = {
+        "all": (vec(), vec(-1.0), vec(), vec(), vec(-0.5), True),
+        "renorm-gamma": (vec(), vec(-1.0), vec(), None, None, False),
+        "adjust-beta": (None, None, None, vec(), vec(-0.5), True),
+        "none": (None, None, None, None, None, False),
+    }[factors]
+    for mask in ((True,) * 5, (False, True, False, True, False), (True, False, False, False, False)):
+        got = staged.keras_backward(gy, x, mean, invstd, w, axis, ghosts, r, d, gamma, adj_s, adj_b, beta, mask)
+        gx, ds, dh = staged.ghost_backward(gy, x, mean, invstd, w, axis, ghosts, (mask[0], True, True))
+        want = (gx,) + tuple(staged.keras_grads(ds, dh, r, d, gamma, adj_s, adj_b, beta, ghosts, mask[1:]))
+        for k, (a, b) in enumerate(zip(got, want)):
+            assert a.dtype == b.dtype and a.shape == b.shape, (mask, k)
+            assert torch.equal(a, b), (mask, k)
+    # its own checks name it; keras_grads' ones come through
+    with pytest.raises(ValueError, match="keras_backward: output_mask must have 5 entries"):
+        staged.keras_backward(gy, x, mean, invstd, w, axis, ghosts, r, d, gamma, adj_s, adj_b, beta, (True,) * 4)
+    with pytest.raises(RuntimeError, match=r"gamma has shape \[%d\]" % (c + 1)):
+        staged.keras_backward(gy, x, mean, invstd, w, axis, ghosts, r, d, torch.cat([vec(), vec()[:1]]), adj_s,
+                              adj_b, beta)
+
+
+@pytest.mark.skipif(not hasattr(__import__("bn_cuda")._C, "_emulated_launches"),
+                    reason="counts kernels under the host emulation (the emulated build)")
+@pytest.mark.parametrize("ghosts,kernels", [(1, 3), (8, 3), (16, 3), (17, 4)])
+def test_keras_backward_kernel_count(ghosts, kernels):
+    """keras_backward's CUDA body launches as many kernels as the plain training backward (sums,
+    their finalize with keras_grads, grad_input) up to 16 ghosts; one more above."""
+    import bn_cuda
+    from bn_cuda.functional import batch_norm
+
+    launches = bn_cuda._C._emulated_launches
+    x = _data((2 * ghosts, 6, 3, 5), torch.float32, "cpu", seed=6, offset=3.0).contiguous(
+        memory_format=torch.channels_last)
+    mean, m2, cnt = staged.batch_stats(x, [1], ghosts=ghosts)
+    invstd = torch.rsqrt(m2 / cnt + 1e-3)
+    v = lambda n=6: torch.rand(n) + 0.5  # noqa: E731
+    gy = torch.randn_like(x)
+    before = launches()
+    staged.keras_backward(gy, x, mean, invstd, v(6 * ghosts), [1], ghosts, v(), v(), v(), v(), v(), True)
+    assert launches() - before == kernels
+    xr = x.clone().requires_grad_(True)
+    w, b = v().requires_grad_(True), v().requires_grad_(True)
+    y = batch_norm(xr, torch.zeros(6), torch.ones(6), w, b, training=True)
+    before = launches()
+    torch.autograd.grad(y, [xr, w, b], gy)
+    assert launches() - before == 3  # the plain layer's
 
 
 @pytest.mark.parametrize("device", DEVICES)

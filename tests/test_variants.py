@@ -356,11 +356,11 @@ def test_native_step_is_bitwise_the_python_step(monkeypatch, device, name, dtype
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", ["ghost", "renorm", "ghost+renorm", "adjustment", "mask", "ghost+mask"])
 def test_native_step_backward_ops(device, name):
-    """The C++ step's backward runs the unmasked batch-norm backward as one op (ghost_backward: the
-    sums, grad_input's coefficients and grad_input in one call) and a mask's as grad_sums +
-    grad_input, then the parameters' gradients in one more (keras_grads: ghost sums and the
-    composition); the node's edges go straight to gamma / beta (no ViewBackward of a flat view),
-    whose gradients come back in the layer's shape."""
+    """The C++ step's backward without a mask is one op (keras_backward: ghost_backward's sums,
+    grad_input's coefficients and grad_input, then keras_grads' ghost sums and composition); a
+    mask's is grad_sums + grad_input, then the parameters' gradients (keras_grads). The node's edges
+    go straight to gamma / beta (no ViewBackward of a flat view), whose gradients come back in the
+    layer's shape."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Log(TorchDispatchMode):
@@ -386,7 +386,7 @@ def test_native_step_backward_ops(device, name):
     if "mask" in name:
         assert staged == ["bn_cuda.grad_sums.default", "bn_cuda.grad_input.default", "bn_cuda.keras_grads.default"]
     else:
-        assert staged == ["bn_cuda.ghost_backward.default", "bn_cuda.keras_grads.default"], staged
+        assert staged == ["bn_cuda.keras_backward.default"], staged
     # (float32 weights: the parameter gradients come from keras_grads alone, no arithmetic ATen op
     # but a mask's sum_dy_xmu * invstd; the views are reshapes, the detaches AccumulateGrad's)
     arithmetic = [o for o in log.ops if not o.startswith("bn_cuda.") and o not in ("aten.view.default",

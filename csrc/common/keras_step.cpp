@@ -4,7 +4,7 @@
 // Forward, one op (keras_forward): batch_stats (each ghost's Welford state), keras_coeffs (one
 // kernel: ghost averaging, renorm's clipped r and d, every moving variable, each (ghost, feature)'s
 // invstd and the apply step's scale / shift composed from the adjustment, gamma / beta and r / d),
-// normalize. Backward, two: ghost_backward and keras_grads (KerasStepNode). The
+// normalize. Backward, one: keras_backward (ghost_backward then keras_grads; KerasStepNode). The
 // Python step (bn_cuda/keras/synchronized.py, used by torch.compile, tracing modes and several
 // processes) composes gather_stats, keras_finalize and tensor ops instead; both give the same
 // results bit for bit (tests/test_variants.py), but for the parameters' gradients with ghost
@@ -13,8 +13,9 @@
 // version of this step made ~20 op calls per forward, the second three, this one one.
 //
 // Autograd: one hand-written C++ node (KerasStepNode) for the normalization and the composition.
-// Its backward is the batch-norm training backward per (ghost, feature) (ghost_backward: the sums
-// and grad_input in one pass; with a mask grad_sums, then grad_input) with the statistics constant
+// Its backward is the batch-norm training backward per (ghost, feature) (keras_backward's
+// ghost_backward: the sums and grad_input in one pass; with a mask grad_sums, then grad_input, then
+// keras_grads) with the statistics constant
 // in (r, d), as tf_keras's stop_gradient makes them, and
 // the gradients of gamma, beta and the adjustment's outputs through the composition. Its backward
 // ops have no derivative, so a double backward through this path raises, as the Python path's
@@ -89,6 +90,31 @@ std::array<at::Tensor, 5> step_grads(const at::Tensor& grad_out, const StepSaved
   const at::Tensor gamma = s.gamma.defined() && s.gamma.dim() != 1 ? s.gamma.reshape({-1}) : s.gamma;
   const at::Tensor &adj_s = s.adj_s, &adj_b = s.adj_b;
   const bool params = need[1] || need[2] || need[3] || need[4];
+  // Every factor in the accumulation dtype (the layer's float32 / float64 weights, renorm's r and
+  // d, the flat adjustment): keras_grads composes the gradients, alone or in keras_backward.
+  const at::ScalarType acc = s.invstd.scalar_type();
+  const auto in_acc = [acc](const at::Tensor& t) { return !t.defined() || t.scalar_type() == acc; };
+  const bool acc_factors = in_acc(gamma) && in_acc(adj_s) && in_acc(adj_b) && (!s.beta_dtype || *s.beta_dtype == acc) &&
+                           (!renorm || (in_acc(s.r) && in_acc(s.d)));
+  const auto opt = [](const at::Tensor& t) { return t.defined() ? OptTensor(t) : OptTensor(); };
+  const auto shaped = [&](at::Tensor (&grads)[4]) {  // keras_grads' flat gradients in the layer's shapes
+    if (need[1] && gamma.defined()) out[1] = grads[0].reshape(s.gamma.sizes());
+    if (need[2] && s.beta_dtype) out[2] = grads[1].reshape(s.beta_shape);
+    if (need[3] && adj_s.defined()) out[3] = grads[2].reshape(adj_s.sizes());
+    if (need[4] && adj_b.defined()) out[4] = grads[3].reshape(adj_b.sizes());
+  };
+  if (!s.mask.defined() && params && acc_factors) {
+    // One call (keras_backward: ghost_backward then keras_grads; on a GPU 3 kernels, as the plain
+    // layer's backward, up to 16 ghosts), bitwise the two ops.
+    at::Tensor grads[4];
+    std::tie(out[0], grads[0], grads[1], grads[2], grads[3]) =
+        ops::keras_backward(grad_out, s.input, s.mean, s.invstd, s.weight, axis, G, renorm ? opt(s.r) : OptTensor(),
+                            renorm ? opt(s.d) : OptTensor(), opt(gamma), opt(adj_s), opt(adj_b),
+                            s.beta_dtype.has_value(), {need[0], need[1], need[2], need[3], need[4]});
+    if (!need[0]) out[0] = at::Tensor();
+    shaped(grads);
+    return out;
+  }
   // Per (ghost, feature): d loss / d (the apply step's scale) before the ghost sum, sum_dy_xmu *
   // invstd, and d loss / d (its shift), sum_dy.
   at::Tensor d_scale_g, d_shift_g;
@@ -116,20 +142,13 @@ std::array<at::Tensor, 5> step_grads(const at::Tensor& grad_out, const StepSaved
   // (keras_grads), the same products rounded alike (the ghost sum in a fixed order of its own). A
   // factor in another dtype (e.g. float16 weights) takes ATen's ops below, whose type promotion
   // rounds each product as the Python path's autograd graph does.
-  const at::ScalarType acc = d_scale_g.scalar_type();
-  const auto in_acc = [acc](const at::Tensor& t) { return !t.defined() || t.scalar_type() == acc; };
-  if (in_acc(gamma) && in_acc(adj_s) && in_acc(adj_b) && (!s.beta_dtype || *s.beta_dtype == acc) &&
-      (!renorm || (in_acc(s.r) && in_acc(s.d)))) {
-    const auto opt = [](const at::Tensor& t) { return t.defined() ? OptTensor(t) : OptTensor(); };
-    at::Tensor g_gamma, g_beta, g_adj_s, g_adj_b;
-    std::tie(g_gamma, g_beta, g_adj_s, g_adj_b) =
+  if (acc_factors) {
+    at::Tensor grads[4];
+    std::tie(grads[0], grads[1], grads[2], grads[3]) =
         ops::keras_grads(d_scale_g, d_shift_g, renorm ? opt(s.r) : OptTensor(), renorm ? opt(s.d) : OptTensor(),
                          opt(gamma), opt(adj_s), opt(adj_b), s.beta_dtype.has_value(), G,
                          {need[1], need[2], need[3], need[4]});
-    if (need[1] && gamma.defined()) out[1] = g_gamma.reshape(s.gamma.sizes());
-    if (need[2] && s.beta_dtype) out[2] = g_beta.reshape(s.beta_shape);
-    if (need[3] && adj_s.defined()) out[3] = g_adj_s.reshape(adj_s.sizes());
-    if (need[4] && adj_b.defined()) out[4] = g_adj_b.reshape(adj_b.sizes());
+    shaped(grads);
     return out;
   }
   const std::optional<at::ScalarType> none, g_dt = dtype_of(gamma), as_dt = dtype_of(adj_s), ab_dt = dtype_of(adj_b),

@@ -374,12 +374,13 @@ GradInputCall prepare_grad_input(const at::Tensor& grad_out, const at::Tensor& i
 
 GhostBackwardCall prepare_ghost_backward(const at::Tensor& grad_out, const at::Tensor& input_, const at::Tensor& mean,
                                          const at::Tensor& invstd, const c10::optional<at::Tensor>& weight,
-                                         at::IntArrayRef axis_, int64_t ghosts, std::array<bool, 3> output_mask) {
+                                         at::IntArrayRef axis_, int64_t ghosts, std::array<bool, 3> output_mask,
+                                         const char* op) {
   GhostBackwardCall call;
   // The training backward of the local statistics: the same sums as grad_sums (the same planned
   // partitions: dx is dense, so it leaves the vector width alone), and grad_input's coefficients
   // from them with count = the elements per (ghost, feature), as batch_stats counts them unmasked.
-  call.bwd = prepare_local_backward("ghost_backward", grad_out, input_, mean, invstd, weight, axis_, ghosts,
+  call.bwd = prepare_local_backward(op, grad_out, input_, mean, invstd, weight, axis_, ghosts,
                                     output_mask);
   call.input_shape = input_.sizes().vec();
   call.input_grad = output_mask[0];
@@ -518,8 +519,7 @@ KerasGradsCall prepare_keras_grads(const at::Tensor& d_scale, const at::Tensor& 
                                    const c10::optional<at::Tensor>& r, const c10::optional<at::Tensor>& d,
                                    const c10::optional<at::Tensor>& gamma, const c10::optional<at::Tensor>& adj_scale,
                                    const c10::optional<at::Tensor>& adj_bias, bool beta, int64_t ghosts,
-                                   std::array<bool, 4> output_mask) {
-  const char* op = "keras_grads";
+                                   std::array<bool, 4> output_mask, const char* op) {
   KerasGradsCall call;
   check_defined(d_scale, "d_scale", op);
   check_defined(d_shift, "d_shift", op);

@@ -95,7 +95,8 @@ struct GhostBackwardCall {
 };
 GhostBackwardCall prepare_ghost_backward(const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& mean,
                                          const at::Tensor& invstd, const c10::optional<at::Tensor>& weight,
-                                         at::IntArrayRef axis, int64_t ghosts, std::array<bool, 3> output_mask);
+                                         at::IntArrayRef axis, int64_t ghosts, std::array<bool, 3> output_mask,
+                                         const char* op = "ghost_backward");  // op: the name errors give
 
 // keras_finalize: tf_keras's ghost / renorm epilogue (epilogue.h).
 struct KerasFinalizeCall {
@@ -143,6 +144,7 @@ KerasGradsCall prepare_keras_grads(const at::Tensor& d_scale, const at::Tensor& 
                                    const c10::optional<at::Tensor>& r, const c10::optional<at::Tensor>& d,
                                    const c10::optional<at::Tensor>& gamma, const c10::optional<at::Tensor>& adj_scale,
                                    const c10::optional<at::Tensor>& adj_bias, bool beta, int64_t ghosts,
-                                   std::array<bool, 4> output_mask);
+                                   std::array<bool, 4> output_mask,
+                                   const char* op = "keras_grads");
 
 }  // namespace bn_cuda

@@ -159,13 +159,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ghost_backward_cpu(const at::Tens
   return {call.grad_input(), call.bwd.grad_weight, call.bwd.grad_bias};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> keras_grads_cpu(
-    const at::Tensor& d_scale, const at::Tensor& d_shift, const c10::optional<at::Tensor>& r,
-    const c10::optional<at::Tensor>& d, const c10::optional<at::Tensor>& gamma,
-    const c10::optional<at::Tensor>& adj_scale, const c10::optional<at::Tensor>& adj_bias, bool beta, int64_t ghosts,
-    std::array<bool, 4> output_mask) {
-  KerasGradsCall call =
-      prepare_keras_grads(d_scale, d_shift, r, d, gamma, adj_scale, adj_bias, beta, ghosts, output_mask);
+void run_keras_grads(const KerasGradsCall& call) {
   const KerasGradParams& p = call.p;
   at::parallel_for(0, p.C, 4096 / std::max<int64_t>(p.G, 1) + 1, [&](int64_t begin, int64_t end) {
     for (int64_t c = begin; c < end; ++c) {
@@ -176,7 +170,36 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> keras_grads_cpu(
       }
     }
   });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> keras_grads_cpu(
+    const at::Tensor& d_scale, const at::Tensor& d_shift, const c10::optional<at::Tensor>& r,
+    const c10::optional<at::Tensor>& d, const c10::optional<at::Tensor>& gamma,
+    const c10::optional<at::Tensor>& adj_scale, const c10::optional<at::Tensor>& adj_bias, bool beta, int64_t ghosts,
+    std::array<bool, 4> output_mask) {
+  KerasGradsCall call =
+      prepare_keras_grads(d_scale, d_shift, r, d, gamma, adj_scale, adj_bias, beta, ghosts, output_mask);
+  run_keras_grads(call);
   return {call.grad_gamma, call.grad_beta, call.grad_adj_scale, call.grad_adj_bias};
+}
+
+// keras_backward: ghost_backward (its sums always asked for: keras_grads checks its arguments
+// even when no parameter gradient is wanted), then keras_grads on them.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> keras_backward_cpu(
+    const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& mean, const at::Tensor& invstd,
+    const c10::optional<at::Tensor>& weight, at::IntArrayRef axis, int64_t ghosts, const c10::optional<at::Tensor>& r,
+    const c10::optional<at::Tensor>& d, const c10::optional<at::Tensor>& gamma,
+    const c10::optional<at::Tensor>& adj_scale, const c10::optional<at::Tensor>& adj_bias, bool beta,
+    std::array<bool, 5> output_mask) {
+  GhostBackwardCall call = prepare_ghost_backward(grad_out, input, mean, invstd, weight, axis, ghosts,
+                                                  {output_mask[0], true, true}, "keras_backward");
+  KerasGradsCall kc = prepare_keras_grads(call.bwd.grad_weight, call.bwd.grad_bias, r, d, gamma, adj_scale, adj_bias,
+                                          beta, ghosts, {output_mask[1], output_mask[2], output_mask[3], output_mask[4]},
+                                          "keras_backward");
+  run_backward(call.bwd, input);
+  finish_backward(call.bwd);
+  run_keras_grads(kc);
+  return {call.grad_input(), kc.grad_gamma, kc.grad_beta, kc.grad_adj_scale, kc.grad_adj_bias};
 }
 
 // keras_forward: batch_stats, keras_coeffs and normalize, one after the other (on CPU the apply
@@ -213,5 +236,6 @@ TORCH_LIBRARY_IMPL(bn_cuda, CPU, m) {
   m.impl("keras_coeffs", &bn_cuda::keras_coeffs_cpu);
   m.impl("keras_grads", &bn_cuda::keras_grads_cpu);
   m.impl("keras_forward", &bn_cuda::keras_forward_cpu);
+  m.impl("keras_backward", &bn_cuda::keras_backward_cpu);
 }
 #endif

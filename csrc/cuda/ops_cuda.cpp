@@ -322,6 +322,44 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> keras_grads_cuda(
   return {call.grad_gamma, call.grad_beta, call.grad_adj_scale, call.grad_adj_bias};
 }
 
+// keras_backward: ghost_backward's kernels (sums, finalize, grad_input) with keras_grads in the
+// finalize kernel up to kKerasFusedMaxGhosts ghosts (3 kernels, as the plain training backward),
+// else after it (4, as the two ops); bitwise the two ops' results either way. Its sums are always
+// asked for, as on CPU (keras_grads checks its arguments even when no parameter gradient is wanted).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> keras_backward_cuda(
+    const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& mean, const at::Tensor& invstd,
+    const c10::optional<at::Tensor>& weight, at::IntArrayRef axis, int64_t ghosts, const c10::optional<at::Tensor>& r,
+    const c10::optional<at::Tensor>& d, const c10::optional<at::Tensor>& gamma,
+    const c10::optional<at::Tensor>& adj_scale, const c10::optional<at::Tensor>& adj_bias, bool beta,
+    std::array<bool, 5> output_mask) {
+  const at::OptionalDeviceGuard guard(at::device_of(input));  // no-op for a CPU input: prepare_* names the mismatch
+  GhostBackwardCall call = prepare_ghost_backward(grad_out, input, mean, invstd, weight, axis, ghosts,
+                                                  {output_mask[0], true, true}, "keras_backward");
+  BackwardCall& b = call.bwd;
+  KerasGradsCall kc = prepare_keras_grads(b.grad_weight, b.grad_bias, r, d, gamma, adj_scale, adj_bias, beta, ghosts,
+                                          {output_mask[1], output_mask[2], output_mask[3], output_mask[4]},
+                                          "keras_backward");
+  bool fused = false;
+  at::Tensor ws;
+  if (!b.skip) {
+    plan_backward_cuda(b.p, b.dtype, sm_count());
+    ws = workspace(input, backward_workspace_bytes(b.p.v, b.p.partitions, acc_size(b.dtype)), b.dtype);
+    b.p.workspace = ws.data_ptr();
+    // (keras_grads reads the sums the finalize writes: ghost_backward's outputs, in its order)
+    fused = kc.p.G <= kKerasFusedMaxGhosts && kc.p.C <= 2147483647 && kc.p.G * kc.p.C == b.p.v.features() &&
+            kc.p.d_scale == b.p.grad_weight && kc.p.d_shift == b.p.grad_bias &&
+            kc.is_double == (acc_size(b.dtype) == 8);
+    if (fused) b.p.keras_grads = &kc.p;
+    C10_CUDA_CHECK(cuda::backward(b.dtype, b.p, current_stream()));
+  }
+  finish_backward(b);
+  if (!fused) {
+    C10_CUDA_CHECK(kc.is_double ? cuda::keras_grads_t<DType::kFloat64>(kc.p, current_stream())
+                                : cuda::keras_grads_t<DType::kFloat32>(kc.p, current_stream()));
+  }
+  return {call.grad_input(), kc.grad_gamma, kc.grad_beta, kc.grad_adj_scale, kc.grad_adj_bias};
+}
+
 // keras_forward: batch_stats (statistics, their merge), keras_coeffs' kernel, which also writes
 // normalize's apply coefficients, and the apply kernel alone. With at most kKerasFusedMaxGhosts
 // ghosts the merge and keras_coeffs' kernel are one kernel (keras_stats_finalize_kernel): 3
@@ -400,6 +438,7 @@ TORCH_LIBRARY_IMPL(bn_cuda, CUDA, m) {
   m.impl("keras_coeffs", &bn_cuda::keras_coeffs_cuda);
   m.impl("keras_grads", &bn_cuda::keras_grads_cuda);
   m.impl("keras_forward", &bn_cuda::keras_forward_cuda);
+  m.impl("keras_backward", &bn_cuda::keras_backward_cuda);
   m.impl("forward_train", &bn_cuda::forward_train_cuda);
   m.impl("forward_infer", &bn_cuda::forward_infer_cuda);
   m.impl("backward", &bn_cuda::backward_cuda);

@@ -212,5 +212,23 @@ inline Tensor4 keras_grads(const at::Tensor& d_scale, const at::Tensor& d_shift,
   return op.call(d_scale, d_shift, r, d, gamma, adj_scale, adj_bias, beta, ghosts, output_mask);
 }
 
+// ghost_backward then keras_grads on its grad_weight / grad_bias, in one call: (grad_input,
+// grad_gamma, grad_beta, grad_adj_scale, grad_adj_bias); output_mask: (input, gamma, beta,
+// adj_scale, adj_bias).
+inline Tensor5 keras_backward(const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& mean,
+                              const at::Tensor& invstd, const OptTensor& weight, at::IntArrayRef axis, int64_t ghosts,
+                              const OptTensor& r, const OptTensor& d, const OptTensor& gamma,
+                              const OptTensor& adj_scale, const OptTensor& adj_bias, bool beta,
+                              std::array<bool, 5> output_mask = {true, true, true, true, true}) {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("bn_cuda::keras_backward", "")
+          .typed<Tensor5(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptTensor&,
+                         at::IntArrayRef, int64_t, const OptTensor&, const OptTensor&, const OptTensor&,
+                         const OptTensor&, const OptTensor&, bool, std::array<bool, 5>)>();
+  return op.call(grad_out, input, mean, invstd, weight, axis, ghosts, r, d, gamma, adj_scale, adj_bias, beta,
+                 output_mask);
+}
+
 }  // namespace ops
 }  // namespace BN_CUDA_NAMESPACE

@@ -38,10 +38,12 @@ struct View3 {
 };
 
 struct KerasFinalizeParams;  // epilogue.h
+struct KerasGradParams;      // epilogue.h
 
 // keras_forward on CUDA runs tf_keras's epilogue (keras_finalize_feature) in the statistics'
 // finalize kernel, a block per feature and a warp per ghost, when there are at most this many
-// ghosts (more: its own kernel after the finalize, as the separate ops run it).
+// ghosts (more: its own kernel after the finalize, as the separate ops run it); keras_backward
+// likewise runs keras_grads in the backward's finalize kernel.
 constexpr int64_t kKerasFusedMaxGhosts = 16;
 
 struct ForwardParams {
@@ -112,6 +114,10 @@ struct BackwardParams {
   // Masked statistics (grad_input of weighted moments): dx = k_dy dy + w (k_xmu (x - mean) + k_0).
   const uint8_t* mask = nullptr;
   int64_t m_so = 0, m_sc = 0;
+  // Host side only (the launcher passes the struct itself): run keras_grads on this call's
+  // grad_weight / grad_bias in the finalize kernel (keras_backward_finalize_kernel); its d_scale /
+  // d_shift must be grad_weight / grad_bias, G * C = features, G <= kKerasFusedMaxGhosts.
+  const KerasGradParams* keras_grads = nullptr;
   void* workspace = nullptr;
   int64_t partitions = 1;
   int vec = 1;

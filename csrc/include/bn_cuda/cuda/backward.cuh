@@ -150,12 +150,10 @@ __global__ void __launch_bounds__(256) grad_sums_cl_kernel(const BackwardParams 
 }
 
 // One warp per feature; P may be 0 (no local sums needed: inference grad_input, or given sums).
+// Called by a whole warp for feature c (ghost-major) < F.
 template <typename A>
-__global__ void __launch_bounds__(256) finalize_backward_kernel(const BackwardParams p) {
+__device__ __forceinline__ void finalize_backward_entry(const BackwardParams& p, int64_t c, int lane) {
   const int64_t C = p.v.C, P = p.partitions, F = p.v.features();
-  const int lane = threadIdx.x & 31;
-  const int64_t c = static_cast<int64_t>(blockIdx.x) * 8 + (threadIdx.x >> 5);  // feature (ghost-major)
-  if (c >= F) return;  // warp-uniform
   const A* ws = static_cast<const A*>(p.workspace);
   SumPair<A> s{A(0), A(0)};
   const int64_t nparts = p.v.channels_last ? P / p.v.G : P;
@@ -210,13 +208,18 @@ __global__ void __launch_bounds__(256) finalize_backward_kernel(const BackwardPa
   coeff[3 * F + c] = g.k_0;
 }
 
+template <typename A>
+__global__ void __launch_bounds__(256) finalize_backward_kernel(const BackwardParams p) {
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * 8 + (threadIdx.x >> 5);  // feature (ghost-major)
+  if (c >= p.v.features()) return;  // warp-uniform
+  finalize_backward_entry<A>(p, c, threadIdx.x & 31);
+}
+
 // keras_grads: one warp per feature; the lanes sum the ghosts g = lane, lane + 32, ... in order,
 // then the warp's fixed shuffle tree (deterministic), then keras_grads_compose (epilogue.h).
+// Called by a whole warp for feature c < C.
 template <typename A>
-__global__ void __launch_bounds__(256) keras_grads_kernel(const KerasGradParams p) {
-  const int lane = threadIdx.x & 31;
-  const int64_t c = static_cast<int64_t>(blockIdx.x) * 8 + (threadIdx.x >> 5);
-  if (c >= p.C) return;  // warp-uniform
+__device__ __forceinline__ void keras_grads_entry(const KerasGradParams& p, int64_t c, int lane) {
   const A* ds = static_cast<const A*>(p.d_scale);
   const A* dh = static_cast<const A*>(p.d_shift);
   SumPair<A> s{A(0), A(0)};
@@ -226,6 +229,27 @@ __global__ void __launch_bounds__(256) keras_grads_kernel(const KerasGradParams 
   }
   s = warp_sum(s);
   if (lane == 0) keras_grads_compose<A>(p, c, s.a, s.b);
+}
+
+template <typename A>
+__global__ void __launch_bounds__(256) keras_grads_kernel(const KerasGradParams p) {
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * 8 + (threadIdx.x >> 5);
+  if (c >= p.C) return;  // warp-uniform
+  keras_grads_entry<A>(p, c, threadIdx.x & 31);
+}
+
+// keras_backward's finalize (G <= kKerasFusedMaxGhosts): block c, of 32 * G threads, is feature c.
+// Warp g finalizes ghost g's sums exactly as finalize_backward_kernel does (its grad_weight /
+// grad_bias are keras_grads' d_scale / d_shift), then warp 0 runs keras_grads_kernel's code for
+// the feature: one kernel where ghost_backward + keras_grads launch two, bitwise their results.
+template <typename A>
+__global__ void __launch_bounds__(32 * kKerasFusedMaxGhosts) keras_backward_finalize_kernel(const BackwardParams p,
+                                                                                           const KerasGradParams kp) {
+  const int64_t c = blockIdx.x;
+  const int64_t g = threadIdx.x >> 5;
+  finalize_backward_entry<A>(p, g * kp.C + c, threadIdx.x & 31);
+  __syncthreads();  // every ghost's d_scale / d_shift of the feature is visible to warp 0
+  if (threadIdx.x < 32) keras_grads_entry<A>(kp, c, threadIdx.x);
 }
 
 // grad_input coefficients from caller-supplied sums and total counts (staged backward_apply).

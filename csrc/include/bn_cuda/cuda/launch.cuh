@@ -164,7 +164,17 @@ cudaError_t backward_v(const BackwardParams& p, cudaStream_t stream) {
     }
     BN_CUDA_RETURN_IF_ERROR();
   }
-  finalize_backward_kernel<A><<<static_cast<unsigned>(ceil_div(v.features(), 8)), 256, 0, stream>>>(p);
+  if (p.keras_grads != nullptr) {  // keras_backward: keras_grads in the finalize kernel
+    const KerasGradParams& kp = *p.keras_grads;
+    if (kp.G < 1 || kp.G > kKerasFusedMaxGhosts || kp.G * kp.C != v.features() || kp.C > 2147483647 ||
+        kp.d_scale != p.grad_weight || kp.d_shift != p.grad_bias)
+      return cudaErrorInvalidValue;
+    if (kp.C > 0) {
+      keras_backward_finalize_kernel<A><<<static_cast<unsigned>(kp.C), static_cast<unsigned>(32 * kp.G), 0, stream>>>(p, kp);
+    }
+  } else {
+    finalize_backward_kernel<A><<<static_cast<unsigned>(ceil_div(v.features(), 8)), 256, 0, stream>>>(p);
+  }
   BN_CUDA_RETURN_IF_ERROR();
   return p.dx ? launch_grad_input<T, V, BX>(p, stream) : cudaSuccess;
 }
