@@ -322,6 +322,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> keras_grads_cuda(
   return {call.grad_gamma, call.grad_beta, call.grad_adj_scale, call.grad_adj_bias};
 }
 
+// Whether a Keras epilogue of G ghosts x C features (accumulating in double or not) can run in the
+// finalize kernel of a call on view v of dtype t: a block per feature (grid x <= 2^31 - 1), a warp
+// per ghost, the same per-(ghost, feature) entries and accumulation type. The callers also check
+// that the epilogue reads the very arrays the finalize writes.
+bool keras_fusable(int64_t G, int64_t C, bool is_double, const View3& v, DType t) {
+  return G <= kKerasFusedMaxGhosts && C <= 2147483647 && G * C == v.features() && is_double == (acc_size(t) == 8);
+}
+
 // keras_backward: ghost_backward's kernels (sums, finalize, grad_input) with keras_grads in the
 // finalize kernel up to kKerasFusedMaxGhosts ghosts (3 kernels, as the plain training backward),
 // else after it (4, as the two ops); bitwise the two ops' results either way. Its sums are always
@@ -346,9 +354,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> keras_bac
     ws = workspace(input, backward_workspace_bytes(b.p.v, b.p.partitions, acc_size(b.dtype)), b.dtype);
     b.p.workspace = ws.data_ptr();
     // (keras_grads reads the sums the finalize writes: ghost_backward's outputs, in its order)
-    fused = kc.p.G <= kKerasFusedMaxGhosts && kc.p.C <= 2147483647 && kc.p.G * kc.p.C == b.p.v.features() &&
-            kc.p.d_scale == b.p.grad_weight && kc.p.d_shift == b.p.grad_bias &&
-            kc.is_double == (acc_size(b.dtype) == 8);
+    fused = keras_fusable(kc.p.G, kc.p.C, kc.is_double, b.p.v, b.dtype) && kc.p.d_scale == b.p.grad_weight &&
+            kc.p.d_shift == b.p.grad_bias;
     if (fused) b.p.keras_grads = &kc.p;
     C10_CUDA_CHECK(cuda::backward(b.dtype, b.p, current_stream()));
   }
@@ -390,9 +397,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     ws = workspace(input, forward_workspace_bytes(bs.p.v, bs.p.partitions, acc_size(bs.dtype)), bs.dtype);
     bs.p.workspace = ws.data_ptr();
     // (the epilogue reads the statistics the finalize writes: batch_stats' outputs, in its order)
-    fused = kc.p.G <= kKerasFusedMaxGhosts && kc.p.C <= 2147483647 && kc.p.G * kc.p.C == bs.p.v.features() &&
-            kc.p.mean == bs.p.stat_mean && kc.p.m2 == bs.p.stat_m2 && kc.p.count == bs.p.stat_count &&
-            kc.is_double == (acc_size(bs.dtype) == 8);
+    fused = keras_fusable(kc.p.G, kc.p.C, kc.is_double, bs.p.v, bs.dtype) && kc.p.mean == bs.p.stat_mean &&
+            kc.p.m2 == bs.p.stat_m2 && kc.p.count == bs.p.stat_count;
     if (fused) bs.p.keras = &kc.p;
     C10_CUDA_CHECK(cuda::batch_stats(bs.dtype, bs.p, current_stream()));
   }

@@ -93,13 +93,13 @@ __global__ void __launch_bounds__(256) grad_sums_cl_kernel(const BackwardParams 
 #pragma unroll
     for (int e = 0; e < V; ++e) mean[e] = static_cast<const A*>(p.mean)[g * C + c0 + e];
     int64_t r = r0 + ty;  // ghost row
-    GhostRows rows;
-    rows.init(p.v, g, r < R ? r : 0, BY);
+    RowWalk rows;  // rows.row: the physical row index
+    rows.init(p.v, g, r < R ? r : 0, BY, 1);
     for (; r + BY * (U - 1) < r1; r += BY * U) {
       A gv[U][V], xv[U][V];
 #pragma unroll
       for (int u = 0; u < U; ++u) {
-        const int64_t pr = rows.row();
+        const int64_t pr = rows.row;
         rows.advance();
         load_pack<T, V>(dy + pr * p.dy_so + c0, gv[u]);
         load_pack<T, V>(x + pr * p.x_so + c0, xv[u]);
@@ -114,7 +114,7 @@ __global__ void __launch_bounds__(256) grad_sums_cl_kernel(const BackwardParams 
     }
     for (; r < r1; r += BY) {
       A gv[V], xv[V];
-      const int64_t pr = rows.row();
+      const int64_t pr = rows.row;
       rows.advance();
       load_pack<T, V>(dy + pr * p.dy_so + c0, gv);
       load_pack<T, V>(x + pr * p.x_so + c0, xv);

@@ -245,25 +245,11 @@ __device__ __forceinline__ int64_t partial_index(const View3& v, int64_t P, int6
   return ((f / v.C) * (P / v.G) + q) * v.C + f % v.C;
 }
 
-// Ghost-row cursor of the channels-last statistics: ghost row rho = k * S + s of ghost g is
-// physical row (k * G + g) * S + s; rows advance by a fixed stride without a division per step.
-struct GhostRows {
-  RowCursor cur;  // (o = k, iv = s)
-  int64_t G, S, g;
-  __device__ __forceinline__ void init(const View3& v, int64_t ghost, int64_t rho, int64_t stride) {
-    G = v.G;
-    S = v.S;
-    g = ghost;
-    cur.init(rho, stride, S);
-  }
-  __device__ __forceinline__ int64_t row() const { return (cur.o * G + g) * S + cur.iv; }
-  __device__ __forceinline__ void advance() { cur.advance(); }
-};
-
-// The same walk for the channels-last reductions' hot loops: the physical row index itself,
+// Row walk of the channels-last reductions (statistics, gradient sums): ghost row rho = k * S + s
+// of ghost g is physical row (k * G + g) * S + s; the walk keeps the physical row itself,
 // advanced by one of two fixed row offsets (d1 when s wraps past a sample into the next one of
-// the ghost), so a step costs an add and a compare instead of GhostRows' multiplications. Rows
-// step from ghost row rho by `stride`: (k, s) -> (k + step_k, s + step_s), and on a wrap
+// the ghost), so a step costs an add and a compare, no multiplication. Rows step from ghost row
+// rho by `stride`: (k, s) -> (k + step_k, s + step_s), and on a wrap
 // (k + step_k + 1, s + step_s - S), which moves the physical row (k * G + g) * S + s by
 // step_k * G * S + step_s, plus (G - 1) * S on the wrap. Without ghost batches (G = S = 1) it is
 // row += stride. `unit` scales row and offsets (a tensor's row stride: then row is the element

@@ -97,34 +97,32 @@ __global__ void __launch_bounds__(BLOCK) stats_cf_kernel(const ForwardParams p) 
   if (threadIdx.x == 0) store_partial(p, c * P + q, st);
 }
 
-// Chan-merge a group of U rows of V features (raw packs, shifted by `shift`) into a thread's
-// running state: the group's exact two-pass moments per feature, one division for the group.
+// The next U rows of the walk for V features (x: feature c0 of row 0): their loads issued
+// together and held as raw packs, then Chan-merged into the thread's running state, shifted by
+// `shift`: per feature the group's exact two-pass moments (welford_of_values), one division for
+// the group's merge.
 template <typename T, int V, int U>
-__device__ __forceinline__ void cl_merge_group(const Pack<T, V> (&raw)[U], const Pack<T, V>& shift,
-                                               acc_t<T> (&mean)[V], acc_t<T> (&m2)[V], acc_t<T>& n) {
+__device__ __forceinline__ void cl_merge_rows(const T* x, RowWalk& w, const Pack<T, V>& shift, acc_t<T> (&mean)[V],
+                                              acc_t<T> (&m2)[V], acc_t<T>& n) {
   using A = acc_t<T>;
+  Pack<T, V> raw[U];
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+    raw[u] = load_raw<T, V>(x + w.row);
+    w.advance();
+  }
   const A n_new = n + A(U);
   const A f = A(U) / n_new;
-  const A w = n * f;  // na * nb / n
+  const A wt = n * f;  // na * nb / n
 #pragma unroll
   for (int e = 0; e < V; ++e) {
     A v[U];
-    A s = A(0);
 #pragma unroll
-    for (int u = 0; u < U; ++u) {
-      v[u] = to_acc(raw[u].v[e]) - to_acc(shift.v[e]);
-      s += v[u];
-    }
-    const A gm = s / A(U);
-    A gm2 = A(0);
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const A d = v[u] - gm;
-      gm2 += d * d;
-    }
-    const A delta = gm - mean[e];
+    for (int u = 0; u < U; ++u) v[u] = to_acc(raw[u].v[e]) - to_acc(shift.v[e]);
+    const WelfordState<A> grp = welford_of_values<U>(v);
+    const A delta = grp.mean - mean[e];
     mean[e] += delta * f;
-    m2[e] += gm2 + delta * delta * w;
+    m2[e] += grp.m2 + delta * delta * wt;
   }
   n = n_new;
 }
@@ -134,8 +132,9 @@ __device__ __forceinline__ void cl_merge_group(const Pack<T, V> (&raw)[U], const
 // one): the group's loads are issued together and held as raw packs, then merged with one Chan
 // merge (its division shared by the V features of the thread). The BY row-groups are then merged
 // through shared memory in a fixed order. (Until 2026-12-05 the groups were 4 rows held as
-// converted values with a multiplying row cursor: 102-108 registers for 16-bit inputs, 2 blocks
-// per multiprocessor, 32 KB of loads in flight per SM; now 3 blocks, 96 KB.)
+// converted values with a multiplying row cursor: 16-bit inputs then had 64 bytes of loads in
+// flight per thread, 32 KB per multiprocessor at 2 blocks; now 128 bytes and 64 KB, still 2
+// blocks, at 102 (fp16) / 128 (bf16) registers on sm_90.)
 template <typename T, int V, int BX>
 __global__ void __launch_bounds__(256) stats_cl_kernel(const ForwardParams p) {
   constexpr int BY = 256 / BX;
@@ -164,23 +163,9 @@ __global__ void __launch_bounds__(256) stats_cl_kernel(const ForwardParams p) {
     int64_t r = r0 + ty;  // ghost row
     RowWalk w;  // w.row: the row's element offset
     w.init(p.v, g, r < R ? r : 0, BY, so);
-    for (; r + BY * 7 < r1; r += BY * 8) {
-      Pack<T, V> raw[8];
-#pragma unroll
-      for (int u = 0; u < 8; ++u) {
-        raw[u] = load_raw<T, V>(x + w.row);
-        w.advance();
-      }
-      cl_merge_group<T, V, 8>(raw, shift, mean, m2, n);
-    }
+    for (; r + BY * 7 < r1; r += BY * 8) cl_merge_rows<T, V, 8>(x, w, shift, mean, m2, n);
     if (r + BY * 3 < r1) {
-      Pack<T, V> raw[4];
-#pragma unroll
-      for (int u = 0; u < 4; ++u) {
-        raw[u] = load_raw<T, V>(x + w.row);
-        w.advance();
-      }
-      cl_merge_group<T, V, 4>(raw, shift, mean, m2, n);
+      cl_merge_rows<T, V, 4>(x, w, shift, mean, m2, n);
       r += BY * 4;
     }
     for (; r < r1; r += BY) {
