@@ -90,7 +90,8 @@ def train_step(layer: "BatchNormalization", x: Tensor, group: Any, world_size: i
     tf_keras, the moving statistics move towards them even for a feature with no unmasked value.
     """
     axes: List[int] = list(layer._axes)
-    features = ops.num_features(x.shape, axes)
+    native = world_size == 1 and _native_ok(x)
+    features = 0 if native else ops.num_features(x.shape, axes)  # (the C++ step counts them itself)
     check = layer._feature_check
     ghosts, global_ghosts = None, 1
     if layer.virtual_batch_size is None:
@@ -105,10 +106,15 @@ def train_step(layer: "BatchNormalization", x: Tensor, group: Any, world_size: i
             ghosts = max(local, 1)
     weights = None if mask is None else mask.unsqueeze(-1)  # broadcast over the last (feature) axis
     eps = layer.epsilon
-    if world_size == 1 and _native_ok(x):
+    if native:
         # The same staged ops in C++ (keras_step.cpp): bitwise the same, without this glue's host time.
-        # (gamma / beta as they are: the C++ step flattens them, cheaper than a Python reshape.)
-        moving = {n: layer._flat(n) for n in layer._variables()}
+        # (gamma / beta and the contiguous moving variables as they are: the C++ step flattens
+        # them, cheaper than a Python reshape, or than _flat's cached view of a ghost layer's
+        # (1, 1, C)-shaped buffers; a non-contiguous one is made contiguous by _flat first.)
+        moving = {}
+        for n in layer._variables():
+            t = layer._raw(n)
+            moving[n] = t if t.is_contiguous() else layer._flat(n)
         clip = layer.renorm_clipping or {}
         adj_s, adj_b = adjustment if adjustment is not None else (None, None)
         if torch._C._functorch.get_dynamic_layer_stack_depth():

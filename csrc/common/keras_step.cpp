@@ -84,7 +84,10 @@ std::array<at::Tensor, 5> step_grads(const at::Tensor& grad_out, const StepSaved
                                      int64_t G, bool renorm, std::array<bool, 5> need) {
   std::array<at::Tensor, 5> out;
   if (!grad_out.defined() || !(need[0] || need[1] || need[2] || need[3] || need[4])) return out;
+  // No graph: straight to the device kernels, below the ops' autograd key (whose fallback for ops
+  // without an autograd kernel would box every argument and redispatch, several microseconds per call).
   at::NoGradGuard no_grad;
+  at::AutoDispatchBelowAutograd below;
   // gamma as the layer holds it ((C,), or rank-preserving with ghost batches: its gradient goes
   // back in that shape) and flat for the products below
   const at::Tensor gamma = s.gamma.defined() && s.gamma.dim() != 1 ? s.gamma.reshape({-1}) : s.gamma;
@@ -298,9 +301,10 @@ struct KerasStepNode final : SavedArrayNode<KerasStepNode, 11> {
 };
 
 // One training step; see BatchNormalization.forward / keras.synchronized.train_step. `ghosts` 0:
-// no ghost batches (else the local ghost count, >= 1). gamma / beta / adjustment / moving variables:
-// flat per-feature tensors (the moving variables are updated in place). `weights`: the mask
-// broadcastable to x, or None.
+// no ghost batches (else the local ghost count, >= 1). The adjustment: flat per-feature tensors;
+// gamma / beta / moving variables: flat, or in the layer's rank-preserving shapes ((1, 1, C) and the
+// like; the moving variables contiguous: they are updated in place, through flat views). `weights`:
+// the mask broadcastable to x, or None.
 //
 // One op, keras_forward: batch_stats (the ghosts' Welford states), keras_coeffs (ghost averaging,
 // renorm's r and d, every moving variable, and the apply step's per-(ghost, feature) scale and
@@ -331,14 +335,20 @@ at::Tensor keras_train_step(const at::Tensor& x, std::vector<int64_t> axes, int6
   at::Tensor out, mean, invstd, weight, count, r, d;
   {
     at::NoGradGuard no_grad;
+    at::AutoDispatchBelowAutograd below;  // (as step_grads)
     const auto flat = [](const OptTensor& t) -> OptTensor {
       return (t.has_value() && t->defined() && t->dim() != 1) ? OptTensor(t->reshape({-1})) : t;
     };
-    std::tie(out, mean, invstd, weight, count, r, d) =
-        ops::keras_forward(x, axes, weights, G, flat(gamma), flat(beta), adj_scale, adj_bias, moving_mean,
-                           moving_variance, renorm ? moving_stddev : OptTensor(), renorm ? renorm_mean : OptTensor(),
-                           renorm ? renorm_stddev : OptTensor(), momentum, renorm_momentum, eps, rmin, rmax, dmax,
-                           always_update);
+    // The moving variables are updated in place: flat views of the contiguous ones (the layer
+    // passes others as it made them, flat; anything else is refused by keras_forward's checks).
+    const auto moving = [](const OptTensor& t) -> OptTensor {
+      return (t.has_value() && t->defined() && t->dim() != 1 && t->is_contiguous()) ? OptTensor(t->view({-1})) : t;
+    };
+    std::tie(out, mean, invstd, weight, count, r, d) = ops::keras_forward(
+        x, axes, weights, G, flat(gamma), flat(beta), adj_scale, adj_bias, *moving(moving_mean),
+        *moving(moving_variance), renorm ? moving(moving_stddev) : OptTensor(),
+        renorm ? moving(renorm_mean) : OptTensor(), renorm ? moving(renorm_stddev) : OptTensor(), momentum,
+        renorm_momentum, eps, rmin, rmax, dmax, always_update);
   }
   if (!record) return out;
   auto node = new_node<KerasStepNode>();
