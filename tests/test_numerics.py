@@ -23,6 +23,8 @@ OFFSET_CASES = [
     ((16, 5, 24, 24), "channels_last"),
     ((8192, 3), "contiguous"),
     ((3000, 40), "contiguous"),
+    ((37, 2500), "contiguous"),        # wide rows: two column tiles of the CPU statistics (2048 + 452)
+    ((3, 2100, 2, 3), "channels_last"),  # the same channels-last (2048 + 52)
 ]
 
 
@@ -290,12 +292,13 @@ def test_channels_last_few_features(c, dtype, many, dense):
             assert err_ours <= tol * mag, (k, err_ours, tol * mag)
 
 
-@pytest.mark.parametrize("c", [255, 256, 513, 1000, 1031, 4099])
+@pytest.mark.parametrize("c", [255, 256, 513, 1000, 1031, 2053, 4099])
 @pytest.mark.parametrize("rows", [3, 5, 13, 67])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
 def test_channels_last_wide_rows(c, rows, dtype, device):
-    """Wide channels-last rows (the CPU's column tiles of 512 features, row passes of 4 with a
-    remainder, vector tails inside the last tile; one or several partitions) with per-feature
+    """Wide channels-last rows (the CPU's column tiles of 512 features, 2048 for 16-bit statistics,
+    row passes of 4 with a remainder, or of one row, vector tails inside the last tile; one or several
+    partitions, the next one's rows prefetched) with per-feature
     offsets: output, running statistics and every gradient against float64 autograd. (Two rows
     are left out: there grad_input is 0 in exact arithmetic and fp32 rounding times a large invstd,
     torch's as ours, is all that remains.)"""
@@ -315,7 +318,7 @@ def test_channels_last_wide_rows(c, rows, dtype, device):
     rm, rv = torch.zeros(c, dtype=acc, device=device), torch.ones(c, dtype=acc, device=device)
     y = batch_norm(ours[0], rm, rv, ours[1], ours[2], training=True, momentum=0.5, eps=1e-5)
     y.backward(dy.to(dtype).to(device))
-    tol = {torch.float64: 1e-10, torch.float32: 2e-4, torch.bfloat16: 2e-2}[dtype]
+    tol = {torch.float64: 1e-10, torch.float32: 2e-4, torch.bfloat16: 2e-2, torch.float16: 2e-2}[dtype]
     assert max_err(y.double().cpu(), y_ref.detach()) <= tol * (y_ref.abs().max().item() + 1)
     assert max_err(rm.double().cpu(), rm_ref) <= tol * (rm_ref.abs().max().item() + 1)
     assert max_err(rv.double().cpu(), rv_ref) <= tol * (rv_ref.abs().max().item() + 1)
