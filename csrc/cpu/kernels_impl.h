@@ -769,20 +769,21 @@ inline void stats_cl_block(const T* x, int64_t so, const T* shift, const RowRuns
 // Row-major variant for wide rows (C >= kCpuRowMajorMinStatsC): the rows stream past once per
 // pass, every feature of a column tile [c0, c1) at once, the tile's per-feature sums in arrays
 // that stay in L1. The second pass reads the rows again, from cache, R at a time, loading and
-// storing the sums once per R rows (see grad_sums_cl). The first pass, for 16-bit inputs, reads
-// them in memory order, a row at a time, whole rows up to 2048 features: the hardware prefetcher
-// follows one sequential stream, where 4-row blocks of 512-feature tiles (4 streams of 1 KiB,
-// software-prefetched a block ahead) waited on memory (1024x1024 fp16 from DRAM, one thread: the
-// statistics 0.40 -> 0.27 ms; the training forward on 2 threads 0.28-0.31 -> 0.20-0.25 ms). For
-// 4- and 8-byte inputs the blocks stay (the per-row update of the sums cost more there:
-// 1024x1024 fp32 0.30 -> 0.33-0.36 ms, 256x4096 0.37 -> 0.48 ms). Per feature the rows are added
-// in row order, as in the register blocks above, so every variant gives the same bits.
+// storing the sums once per R rows (see grad_sums_cl). The first pass, for 16-bit inputs whose
+// rows fit one tile (up to 2048 features), reads them in memory order, a row at a time: the
+// hardware prefetcher follows one sequential stream, where 4-row blocks of 512-feature tiles (4
+// streams of 1 KiB, software-prefetched a block ahead) waited on memory (1024x1024 fp16 from DRAM,
+// one thread: the statistics 0.40 -> 0.27 ms; the training forward on 2 threads 0.26-0.35 -> 0.20
+// ms). Otherwise in 4-row blocks: a row at a time cost more for 4-byte inputs (1024x1024 fp32
+// training forward 0.30 -> 0.33-0.36 ms, 256x4096 0.37 -> 0.48 ms), and half rows (a tile narrower
+// than the row) lose the sequential stream. Per feature the rows are added in row order, as in the
+// register blocks above, so every variant gives the same bits.
 constexpr int64_t kCpuRowMajorMinStatsC = 256;  // statistics: row-major from this many features
 constexpr int64_t kCpuClTile = 512;             // column tile (features); a multiple of every Io<T>::K
 template <typename T>
 constexpr int64_t kCpuClStatsTile = sizeof(T) == 2 ? 2048 : kCpuClTile;  // the statistics' tile
 template <typename T>
-constexpr bool kCpuStatsRowAtATime = sizeof(T) == 2;
+constexpr int64_t kCpuClGradTile = sizeof(T) == 2 ? 2048 : kCpuClTile;  // the gradient sums'
 
 // Rows [r, r + R) of features [c0, c1) added into the sums; the first `pf` rows of the next
 // block, [r + R, r + R + pf), are prefetched (a line at a time) along the way.
@@ -852,14 +853,14 @@ inline void sqdev_cl_rows(const T* x, int64_t so, const T* shift, const acc_t<T>
 // shift row; mean / m2 point at feature 0.
 template <typename T>
 inline void stats_cl_rowmajor(const T* x, int64_t so, const T* shift, const RowRuns& runs, int64_t n, int64_t c0,
-                              int64_t c1, acc_t<T>* mean, acc_t<T>* m2, const NextRows<T>& next = {}) {
+                              int64_t c1, acc_t<T>* mean, acc_t<T>* m2, bool whole_rows, const NextRows<T>& next = {}) {
   using A = acc_t<T>;
   std::fill(mean + c0, mean + c1, A(0));
   std::fill(m2 + c0, m2 + c1, A(0));
   for (const auto& run : runs) {
     int64_t r = run.first;
     // (in blocks, the first pass prefetches the next block's rows within the run)
-    if (!kCpuStatsRowAtATime<T>)
+    if (!whole_rows)
       for (; r + 4 <= run.second; r += 4)
         shifted_sums_cl_rows<T, 4>(x, so, shift, r, c0, c1, mean, std::min<int64_t>(4, run.second - r - 4));
     for (; r < run.second; ++r) shifted_sums_cl_rows<T, 1>(x, so, shift, r, c0, c1, mean, 0);
@@ -880,7 +881,8 @@ inline void stats_cl_rowmajor(const T* x, int64_t so, const T* shift, const RowR
 // Column tiles of a channels-last partition: the statistics and gradient sums of wide rows run
 // as P x tiles tasks (each tile's features of each partition), so a few long rows still spread
 // over the threads; the sums of each (partition, feature) are the same whatever the tiling.
-inline int64_t cl_tiles(int64_t C) { return C >= kCpuRowMajorMinStatsC ? ceil_div(C, kCpuClTile) : 1; }
+template <typename T>
+inline int64_t cl_grad_tiles(int64_t C) { return C >= kCpuRowMajorMinStatsC ? ceil_div(C, kCpuClGradTile<T>) : 1; }
 template <typename T>
 inline int64_t cl_stats_tiles(int64_t C) { return C >= kCpuRowMajorMinStatsC ? ceil_div(C, kCpuClStatsTile<T>) : 1; }
 
@@ -931,7 +933,7 @@ inline void stats_cl_part(const ForwardParams& p, int64_t part, int64_t P, int64
         next = {x + r0 * p.x_so, std::min(v.O, r0 + per) - r0, std::min(C, kCpuClStatsTile<T>)};
       }
     }
-    stats_cl_rowmajor<T>(x, p.x_so, shift, runs, rows, c0, c1, mean, m2, next);
+    stats_cl_rowmajor<T>(x, p.x_so, shift, runs, rows, c0, c1, mean, m2, sizeof(T) == 2 && c0 == 0 && c1 == C, next);
     return;
   }
   int64_t c = 0;
@@ -1355,11 +1357,16 @@ void forward_infer(const ForwardParams& p) {
 
 // Channels-last gradient sums (sum dy, sum dy (x - mean)) of one partition's rows, per feature
 // added in row order (so the result does not depend on C or on the tiling). Column tiles of
-// kCpuClTile features keep the tile's sums and means in L1 while the rows stream past, and each
-// pass over a tile takes 4 rows, loading and storing the sums once per 4 rows. With a load and a
-// store of both sums per row, the loads of the next row stalled (most likely on 4 KiB aliasing:
-// the sums sit a multiple of 4 KiB away from the input rows when C * sizeof(T) is one) and the
-// sums of a 1024 x 1024 input took 3x as long as torch's.
+// kCpuClGradTile<T> features (512; 2048 for 16-bit inputs) keep the tile's sums and means in L1
+// while the rows stream past. Rows that fit one tile go a row at a time, in memory order (two
+// sequential streams for the hardware prefetcher; 2 threads from DRAM, A/B: 1024x1024 fp16 sums
+// 0.27 -> 0.14 ms, 8x256x14x14 NHWC fp32 0.15 -> 0.09, 8x64x56x56 NHWC fp32 0.38 -> 0.25-0.31,
+// 32x512x14x14 NHWC fp32 1.0-1.1 -> 0.59-0.71). Wider ones take 4 rows per pass over a tile,
+// loading and storing the sums once per 4 rows: with a load and a store of both sums per row, the
+// loads of the next row of a 512-feature fp32 tile stalled (most likely on 4 KiB aliasing: the
+// sums sit a multiple of 4 KiB away from the input rows when C * sizeof(T) is one) and the sums of
+// a 1024 x 1024 input took 3x as long as torch's; a row at a time over half rows also lost the
+// stream (1024x1024 fp32 0.33-0.36 -> 0.43-0.53 ms).
 // (pf: rows of the next block to prefetch, as shifted_sums_cl_rows)
 template <typename T, int R>
 inline void grad_sums_cl_rows(const T* dy, int64_t dso, const T* x, int64_t xso, const acc_t<T>* gmean, int64_t r,
@@ -1401,17 +1408,19 @@ inline void grad_sums_cl_rows(const T* dy, int64_t dso, const T* x, int64_t xso,
   }
 }
 
-// Features [c0, c1) of a partition's sums.
+// Features [c0, c1) of a partition's sums. `whole_rows` (the tile is the whole row): a row at a
+// time, in memory order (two sequential streams, as the statistics' first pass), else in blocks.
 template <typename T>
 inline void grad_sums_cl(const T* dy, int64_t dso, const T* x, int64_t xso, const acc_t<T>* gmean,
-                         const RowRuns& runs, int64_t c0, int64_t c1, acc_t<T>* s, acc_t<T>* sx) {
+                         const RowRuns& runs, int64_t c0, int64_t c1, acc_t<T>* s, acc_t<T>* sx, bool whole_rows) {
   using A = acc_t<T>;
   std::fill(s + c0, s + c1, A(0));
   std::fill(sx + c0, sx + c1, A(0));
   for (const auto& run : runs) {
     int64_t r = run.first;
-    for (; r + 4 <= run.second; r += 4)
-      grad_sums_cl_rows<T, 4>(dy, dso, x, xso, gmean, r, c0, c1, s, sx, std::min<int64_t>(4, run.second - r - 4));
+    if (!whole_rows)
+      for (; r + 4 <= run.second; r += 4)
+        grad_sums_cl_rows<T, 4>(dy, dso, x, xso, gmean, r, c0, c1, s, sx, std::min<int64_t>(4, run.second - r - 4));
     for (; r < run.second; ++r) grad_sums_cl_rows<T, 1>(dy, dso, x, xso, gmean, r, c0, c1, s, sx, 0);
   }
 }
@@ -1540,7 +1549,7 @@ void backward(const BackwardParams& p) {
       });
     } else {
       const int nu = periodic_units<T>(v, p.x_so == C && p.dy_so == C);
-      const int64_t T_ = nu ? 1 : cl_tiles(C);
+      const int64_t T_ = nu ? 1 : cl_grad_tiles<T>(C);
       at::parallel_for(0, P * T_, grain_for(cl_part_elems(v, P) / T_), [&](int64_t begin, int64_t end) {
         RowRuns runs;
         for (int64_t t = begin; t < end; ++t) {
@@ -1555,8 +1564,9 @@ void backward(const BackwardParams& p) {
               with_periodic<T, GradSumsPeriodic>(nu, dy, x, run.first * C, run.second * C, C, gmean, s, sx);
             continue;
           }
-          const int64_t c0 = std::min(C, tile * kCpuClTile);
-          grad_sums_cl<T>(dy, p.dy_so, x, p.x_so, gmean, runs, c0, T_ == 1 ? C : std::min(C, c0 + kCpuClTile), s, sx);
+          const int64_t c0 = std::min(C, tile * kCpuClGradTile<T>);
+          grad_sums_cl<T>(dy, p.dy_so, x, p.x_so, gmean, runs, c0, T_ == 1 ? C : std::min(C, c0 + kCpuClGradTile<T>),
+                          s, sx, T_ == 1);
         }
       });
     }
