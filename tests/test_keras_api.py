@@ -1111,7 +1111,8 @@ def test_ghost_batches_compile_one_dynamic_graph_for_every_batch_size(name, kwar
 def test_ghost_layer_buffers_replaced_between_steps():
     """Ghost-batch layers keep their (1, 1, C, 1, 1) moving variables as cached flat views between
     steps: a buffer whose memory is swapped (``.data = ...``), replaced (``load_state_dict``,
-    ``.to(dtype)``) or updated in place must be the one the next step reads and updates. Each step
+    ``.to(dtype)``, a non-contiguous tensor) or updated in place must be the one the next step
+    reads and updates. Each step
     is checked against a fresh layer given the same state (which cannot have a stale view)."""
     torch.manual_seed(5)
     x = torch.randn(16, 3, 5, 5, dtype=torch.float64).float()
@@ -1138,6 +1139,12 @@ def test_ghost_layer_buffers_replaced_between_steps():
     with torch.no_grad():
         layer.moving_variance.mul_(3.0)  # in place: the cached view sees it
     check_step()
+    with torch.no_grad():  # a non-contiguous buffer (every other element of a longer one)
+        strided = torch.empty(2 * layer.moving_mean.numel(), dtype=layer.moving_mean.dtype)[::2]
+        strided = strided.view(layer.moving_mean.shape).copy_(layer.moving_mean)
+    layer.moving_mean = strided
+    assert not layer.moving_mean.is_contiguous()
+    check_step()  # (the step makes it contiguous, then updates it)
     layer.to(torch.float64)
     x = x.double()
     check_step()
