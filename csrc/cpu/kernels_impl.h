@@ -198,12 +198,13 @@ inline void grad_run(const T* dy, const T* x, T* dx, int64_t n, const GradCoeffs
 constexpr int64_t kCacheLine = 64;
 
 // In a column walk over [c0, c1) in steps of Io<T>::K: at the step starting each cache line,
-// prefetch that line of rows [row, row + n) (stride so).
-template <typename T>
+// prefetch that line of rows [row, row + n) (stride so); Locality as __builtin_prefetch's (3: into
+// L1, 2: into L2).
+template <typename T, int Locality = 3>
 inline void prefetch_block_rows(const T* p, int64_t so, int64_t row, int64_t n, int64_t c, int64_t c0) {
   constexpr int64_t kLine = kCacheLine / static_cast<int64_t>(sizeof(T));
   if ((c - c0) % kLine >= Io<T>::K) return;
-  for (int64_t j = 0; j < n; ++j) __builtin_prefetch(p + (row + j) * so + c);
+  for (int64_t j = 0; j < n; ++j) __builtin_prefetch(p + (row + j) * so + c, 0, Locality);
 }
 
 // The rows of the next task a thread will run (channels-last row-major statistics), prefetched
@@ -218,10 +219,7 @@ struct NextRows {
   // Along a pass over rows [i, i + n) (relative to its task's first row) at column offset dc from
   // its tile's first: prefetch the lines starting there of the same relative rows of the next task.
   void prefetch(int64_t so, int64_t i, int64_t n, int64_t dc) const {
-    constexpr int64_t kLine = kCacheLine / static_cast<int64_t>(sizeof(T));
-    if (x == nullptr || dc >= width || dc % kLine >= Io<T>::K) return;
-    const int64_t end = std::min(rows, i + n);
-    for (int64_t j = i; j < end; ++j) __builtin_prefetch(x + j * so + dc, 0, 2);
+    if (x != nullptr && dc < width) prefetch_block_rows<T, 2>(x, so, i, std::min(rows, i + n) - i, dc, 0);
   }
 };
 
@@ -249,12 +247,18 @@ inline int64_t cl_part_elems(const View3& v, int64_t P) { return ceil_div(v.O, P
 // without ghosts).
 using RowRuns = std::vector<std::pair<int64_t, int64_t>>;
 
-inline int64_t cl_partition(const View3& v, int64_t part, int64_t P, RowRuns& runs) {
+// Partition `part`'s ghost-row range [rho0, rho1) within its ghost.
+inline std::pair<int64_t, int64_t> cl_ghost_rows(const View3& v, int64_t part, int64_t P) {
   const int64_t per_ghost = P / v.G;
-  const int64_t g = part / per_ghost, j = part % per_ghost;
   const int64_t R = v.ghost_rows();
   const int64_t per = ceil_div(R, per_ghost);
-  const int64_t rho0 = std::min(R, j * per), rho1 = std::min(R, rho0 + per);
+  const int64_t rho0 = std::min(R, (part % per_ghost) * per);
+  return {rho0, std::min(R, rho0 + per)};
+}
+
+inline int64_t cl_partition(const View3& v, int64_t part, int64_t P, RowRuns& runs) {
+  const int64_t g = part / (P / v.G);
+  const auto [rho0, rho1] = cl_ghost_rows(v, part, P);
   runs.clear();
   if (v.G == 1) {  // no ghosts: one run (S need not be set then)
     if (rho1 > rho0) runs.emplace_back(rho0, rho1);
@@ -781,9 +785,7 @@ inline void stats_cl_block(const T* x, int64_t so, const T* shift, const RowRuns
 constexpr int64_t kCpuRowMajorMinStatsC = 256;  // statistics: row-major from this many features
 constexpr int64_t kCpuClTile = 512;             // column tile (features); a multiple of every Io<T>::K
 template <typename T>
-constexpr int64_t kCpuClStatsTile = sizeof(T) == 2 ? 2048 : kCpuClTile;  // the statistics' tile
-template <typename T>
-constexpr int64_t kCpuClGradTile = sizeof(T) == 2 ? 2048 : kCpuClTile;  // the gradient sums'
+constexpr int64_t kCpuClRowTile = sizeof(T) == 2 ? 2048 : kCpuClTile;  // the statistics' and gradient sums' tile
 
 // Rows [r, r + R) of features [c0, c1) added into the sums; the first `pf` rows of the next
 // block, [r + R, r + R + pf), are prefetched (a line at a time) along the way.
@@ -853,14 +855,15 @@ inline void sqdev_cl_rows(const T* x, int64_t so, const T* shift, const acc_t<T>
 // shift row; mean / m2 point at feature 0.
 template <typename T>
 inline void stats_cl_rowmajor(const T* x, int64_t so, const T* shift, const RowRuns& runs, int64_t n, int64_t c0,
-                              int64_t c1, acc_t<T>* mean, acc_t<T>* m2, bool whole_rows, const NextRows<T>& next = {}) {
+                              int64_t c1, acc_t<T>* mean, acc_t<T>* m2, bool row_at_a_time,
+                              const NextRows<T>& next = {}) {
   using A = acc_t<T>;
   std::fill(mean + c0, mean + c1, A(0));
   std::fill(m2 + c0, m2 + c1, A(0));
   for (const auto& run : runs) {
     int64_t r = run.first;
     // (in blocks, the first pass prefetches the next block's rows within the run)
-    if (!whole_rows)
+    if (!row_at_a_time)
       for (; r + 4 <= run.second; r += 4)
         shifted_sums_cl_rows<T, 4>(x, so, shift, r, c0, c1, mean, std::min<int64_t>(4, run.second - r - 4));
     for (; r < run.second; ++r) shifted_sums_cl_rows<T, 1>(x, so, shift, r, c0, c1, mean, 0);
@@ -882,9 +885,7 @@ inline void stats_cl_rowmajor(const T* x, int64_t so, const T* shift, const RowR
 // as P x tiles tasks (each tile's features of each partition), so a few long rows still spread
 // over the threads; the sums of each (partition, feature) are the same whatever the tiling.
 template <typename T>
-inline int64_t cl_grad_tiles(int64_t C) { return C >= kCpuRowMajorMinStatsC ? ceil_div(C, kCpuClGradTile<T>) : 1; }
-template <typename T>
-inline int64_t cl_stats_tiles(int64_t C) { return C >= kCpuRowMajorMinStatsC ? ceil_div(C, kCpuClStatsTile<T>) : 1; }
+inline int64_t cl_tiles(int64_t C) { return C >= kCpuRowMajorMinStatsC ? ceil_div(C, kCpuClRowTile<T>) : 1; }
 
 // Channels-last: partition `part` covers some rows of (O, C) (of one ghost) for every feature.
 // Means are relative to the shift row (the ghost's first row).
@@ -904,9 +905,9 @@ inline void stats_cl_part(const ForwardParams& p, int64_t part, int64_t P, int64
   A* cnt = out.n + part * C;
   const T* x = static_cast<const T*>(p.x);
   const A n = static_cast<A>(rows);
-  // Features [c0, c1) of this task: tile `tile` of cl_stats_tiles<T>(C) (all of them below the row-major width).
-  const int64_t c0 = std::min(C, tile * kCpuClStatsTile<T>);
-  const int64_t c1 = C >= kCpuRowMajorMinStatsC ? std::min(C, c0 + kCpuClStatsTile<T>) : C;
+  // Features [c0, c1) of this task: tile `tile` of cl_tiles<T>(C) (all of them below the row-major width).
+  const int64_t c0 = std::min(C, tile * kCpuClRowTile<T>);
+  const int64_t c1 = C >= kCpuRowMajorMinStatsC ? std::min(C, c0 + kCpuClRowTile<T>) : C;
   std::fill(cnt + c0, cnt + c1, n);
   if (rows == 0) {
     std::fill(mean + c0, mean + c1, A(0));
@@ -926,11 +927,11 @@ inline void stats_cl_part(const ForwardParams& p, int64_t part, int64_t P, int64
     // (one run of rows each).
     NextRows<T> next;
     if (v.G == 1 && runs.size() == 1) {
-      if (tile + 1 < cl_stats_tiles<T>(C)) {
-        next = {x + runs[0].first * p.x_so + c1, rows, std::min(C, c1 + kCpuClStatsTile<T>) - c1};
+      if (tile + 1 < cl_tiles<T>(C)) {
+        next = {x + runs[0].first * p.x_so + c1, rows, std::min(C, c1 + kCpuClRowTile<T>) - c1};
       } else if (part + 1 < P) {
-        const int64_t per = ceil_div(v.O, P), r0 = std::min(v.O, (part + 1) * per);  // (cl_partition's rows, G = 1)
-        next = {x + r0 * p.x_so, std::min(v.O, r0 + per) - r0, std::min(C, kCpuClStatsTile<T>)};
+        const auto [r0, r1] = cl_ghost_rows(v, part + 1, P);  // (without ghosts: physical rows)
+        next = {x + r0 * p.x_so, r1 - r0, std::min(C, kCpuClRowTile<T>)};
       }
     }
     stats_cl_rowmajor<T>(x, p.x_so, shift, runs, rows, c0, c1, mean, m2, sizeof(T) == 2 && c0 == 0 && c1 == C, next);
@@ -1267,7 +1268,7 @@ void forward_train(const ForwardParams& p) {
       }
     });
   } else {
-    const int64_t T_ = p.mask ? 1 : cl_stats_tiles<T>(C);  // (masked partitions: one task each)
+    const int64_t T_ = p.mask ? 1 : cl_tiles<T>(C);  // (masked partitions: one task each)
     at::parallel_for(0, P * T_, grain_for(cl_part_elems(v, P) / T_), [&](int64_t begin, int64_t end) {
       for (int64_t t = begin; t < end; ++t) {
         if (p.mask) {
@@ -1357,7 +1358,7 @@ void forward_infer(const ForwardParams& p) {
 
 // Channels-last gradient sums (sum dy, sum dy (x - mean)) of one partition's rows, per feature
 // added in row order (so the result does not depend on C or on the tiling). Column tiles of
-// kCpuClGradTile<T> features (512; 2048 for 16-bit inputs) keep the tile's sums and means in L1
+// kCpuClRowTile<T> features (512; 2048 for 16-bit inputs) keep the tile's sums and means in L1
 // while the rows stream past. Rows that fit one tile go a row at a time, in memory order (two
 // sequential streams for the hardware prefetcher; 2 threads from DRAM, A/B: 1024x1024 fp16 sums
 // 0.27 -> 0.14 ms, 8x256x14x14 NHWC fp32 0.15 -> 0.09, 8x64x56x56 NHWC fp32 0.38 -> 0.25-0.31,
@@ -1408,17 +1409,17 @@ inline void grad_sums_cl_rows(const T* dy, int64_t dso, const T* x, int64_t xso,
   }
 }
 
-// Features [c0, c1) of a partition's sums. `whole_rows` (the tile is the whole row): a row at a
-// time, in memory order (two sequential streams, as the statistics' first pass), else in blocks.
+// Features [c0, c1) of a partition's sums. `row_at_a_time` (where the tile is the whole row): in
+// memory order (two sequential streams, as the statistics' first pass), else in 4-row blocks.
 template <typename T>
 inline void grad_sums_cl(const T* dy, int64_t dso, const T* x, int64_t xso, const acc_t<T>* gmean,
-                         const RowRuns& runs, int64_t c0, int64_t c1, acc_t<T>* s, acc_t<T>* sx, bool whole_rows) {
+                         const RowRuns& runs, int64_t c0, int64_t c1, acc_t<T>* s, acc_t<T>* sx, bool row_at_a_time) {
   using A = acc_t<T>;
   std::fill(s + c0, s + c1, A(0));
   std::fill(sx + c0, sx + c1, A(0));
   for (const auto& run : runs) {
     int64_t r = run.first;
-    if (!whole_rows)
+    if (!row_at_a_time)
       for (; r + 4 <= run.second; r += 4)
         grad_sums_cl_rows<T, 4>(dy, dso, x, xso, gmean, r, c0, c1, s, sx, std::min<int64_t>(4, run.second - r - 4));
     for (; r < run.second; ++r) grad_sums_cl_rows<T, 1>(dy, dso, x, xso, gmean, r, c0, c1, s, sx, 0);
@@ -1549,7 +1550,7 @@ void backward(const BackwardParams& p) {
       });
     } else {
       const int nu = periodic_units<T>(v, p.x_so == C && p.dy_so == C);
-      const int64_t T_ = nu ? 1 : cl_grad_tiles<T>(C);
+      const int64_t T_ = nu ? 1 : cl_tiles<T>(C);
       at::parallel_for(0, P * T_, grain_for(cl_part_elems(v, P) / T_), [&](int64_t begin, int64_t end) {
         RowRuns runs;
         for (int64_t t = begin; t < end; ++t) {
@@ -1564,8 +1565,8 @@ void backward(const BackwardParams& p) {
               with_periodic<T, GradSumsPeriodic>(nu, dy, x, run.first * C, run.second * C, C, gmean, s, sx);
             continue;
           }
-          const int64_t c0 = std::min(C, tile * kCpuClGradTile<T>);
-          grad_sums_cl<T>(dy, p.dy_so, x, p.x_so, gmean, runs, c0, T_ == 1 ? C : std::min(C, c0 + kCpuClGradTile<T>),
+          const int64_t c0 = std::min(C, tile * kCpuClRowTile<T>);
+          grad_sums_cl<T>(dy, p.dy_so, x, p.x_so, gmean, runs, c0, T_ == 1 ? C : std::min(C, c0 + kCpuClRowTile<T>),
                           s, sx, T_ == 1);
         }
       });
