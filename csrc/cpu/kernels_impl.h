@@ -249,6 +249,15 @@ struct CfNextRows {
 // prefetching them measured slower (32x64x56x56 fp32, 125 KiB tasks: grad_sums 1.4 -> 1.9 ms).
 constexpr int64_t kCfPrefetchMaxBytes = 64 * 1024;
 
+// How many tasks ahead to prefetch: tiny tasks (8x1000x7x7: 8 rows of 49 elements) finish before
+// the next one's lines could arrive, so those look further ahead (about kCfPrefetchAheadBytes).
+constexpr int64_t kCfPrefetchAheadBytes = 16 * 1024;
+template <typename T>
+inline int64_t cf_prefetch_distance(const View3& v, int64_t per) {
+  const int64_t bytes = std::max<int64_t>(1, std::min(v.O, per) * v.I * static_cast<int64_t>(sizeof(T)));
+  return std::min<int64_t>(8, std::max<int64_t>(1, kCfPrefetchAheadBytes / bytes));
+}
+
 // Task t's rows of channels-first data with P partitions of `per` rows per feature, to prefetch
 // (none if that task is larger than kCfPrefetchMaxBytes).
 template <typename T>
@@ -1281,13 +1290,14 @@ void forward_train(const ForwardParams& p) {
   if (!v.channels_last && P == 1 && !p.mask && !p.stat_mean && v.G == 1) {
     T* y = static_cast<T*>(p.y);
     const T* x = static_cast<const T*>(p.x);
+    const int64_t dist = cf_prefetch_distance<T>(v, v.O);
     at::parallel_for(0, C, grain_for(v.O * v.I), [&](int64_t begin, int64_t end) {
       for (int64_t c = begin; c < end; ++c) {
         WelfordState<A> st = stats_cf_part<T>(p, c, 0);
         st.mean = feature_shift<T>(p, c) + st.mean;
         const ApplyCoeffs<A> kc = finalize_feature(st, c);
         const bool folded = folds_exactly(sm[c], si[c]);
-        const CfNextRows<T> next = c + 1 < end ? cf_task_rows(x, p.x_so, p.x_sc, v, 1, v.O, c + 1) : CfNextRows<T>{};
+        const CfNextRows<T> next = c + dist < end ? cf_task_rows(x, p.x_so, p.x_sc, v, 1, v.O, c + dist) : CfNextRows<T>{};
         for (int64_t r = 0; r < v.O; ++r) {
           apply_cf_run(x + r * p.x_so + c * p.x_sc, y + r * p.y_so + c * p.y_sc, v.I, kc, folded);
           next.prefetch(r);
@@ -1301,16 +1311,16 @@ void forward_train(const ForwardParams& p) {
   if (p.mask) masked_feature_shifts<T>(p, k.mean);
 
   if (!v.channels_last) {
+    const int64_t per = cf_rows_per_part(v), dist = cf_prefetch_distance<T>(v, per);
     at::parallel_for(0, C * P, grain_for(cf_part_elems(v)), [&](int64_t begin, int64_t end) {
       for (int64_t t = begin; t < end; ++t) {
         const int64_t c = t / P, q = t % P;
         const WelfordState<A> st =
             p.mask ? masked_stats_cf_part<T>(p, c, q, k.mean[c])
                    : stats_cf_part<T>(p, c, q,
-                                      t + 1 < end
-                                          ? cf_task_rows(static_cast<const T*>(p.x), p.x_so, p.x_sc, v, P,
-                                                         cf_rows_per_part(v), t + 1)
-                                          : CfNextRows<T>{});
+                                      t + dist < end ? cf_task_rows(static_cast<const T*>(p.x), p.x_so, p.x_sc, v,
+                                                                    P, per, t + dist)
+                                                     : CfNextRows<T>{});
         part.mean[t] = st.mean;
         part.m2[t] = st.m2;
         part.n[t] = st.n;
@@ -1566,6 +1576,7 @@ void backward(const BackwardParams& p) {
     A* gw = static_cast<A*>(p.grad_weight);
     A* gb = static_cast<A*>(p.grad_bias);
     const A count = static_cast<A>(v.O * v.I);
+    const int64_t dist = cf_prefetch_distance<T>(v, v.O);
     at::parallel_for(0, C, grain_for(v.O * v.I), [&](int64_t begin, int64_t end) {
       for (int64_t c = begin; c < end; ++c) {
         RunAcc<T> rs, rsx;
@@ -1575,9 +1586,9 @@ void backward(const BackwardParams& p) {
         if (gw) gw[c] = sx * invstd[c];
         if (gb) gb[c] = s;
         const GradCoeffs<A> g = grad_coeffs(mean[c], invstd[c], w ? w[c] : A(1), s, sx, count, p.train, false);
-        const bool more = c + 1 < end;
-        const CfNextRows<T> ndy = more ? cf_task_rows(dy, p.dy_so, p.dy_sc, v, 1, v.O, c + 1) : CfNextRows<T>{};
-        const CfNextRows<T> nx = more ? cf_task_rows(x, p.x_so, p.x_sc, v, 1, v.O, c + 1) : CfNextRows<T>{};
+        const bool more = c + dist < end;
+        const CfNextRows<T> ndy = more ? cf_task_rows(dy, p.dy_so, p.dy_sc, v, 1, v.O, c + dist) : CfNextRows<T>{};
+        const CfNextRows<T> nx = more ? cf_task_rows(x, p.x_so, p.x_sc, v, 1, v.O, c + dist) : CfNextRows<T>{};
         for (int64_t r = 0; r < v.O; ++r) {
           grad_run(dy + r * p.dy_so + c * p.dy_sc, x + r * p.x_so + c * p.x_sc, dx + r * p.dx_so + c * p.dx_sc, v.I,
                    g);
@@ -1591,17 +1602,17 @@ void backward(const BackwardParams& p) {
 
   if (need_sums) {
     if (!v.channels_last) {
-      const int64_t rows_per_part = cf_rows_per_part(v);
+      const int64_t rows_per_part = cf_rows_per_part(v), dist = cf_prefetch_distance<T>(v, rows_per_part);
       at::parallel_for(0, C * P, grain_for(cf_part_elems(v)), [&](int64_t begin, int64_t end) {
         for (int64_t t = begin; t < end; ++t) {
           const int64_t c = t / P, q = t % P;
           const int64_t r0 = q * rows_per_part, r1 = std::min(v.O, r0 + rows_per_part);
           RunAcc<T> s, sx;
-          // (one pass per task: the next task's rows are prefetched along it)
-          const bool next = t + 1 < end;
-          const CfNextRows<T> ndy = next ? cf_task_rows(dy, p.dy_so, p.dy_sc, v, P, rows_per_part, t + 1)
+          // (one pass per task: a later task's rows are prefetched along it)
+          const bool next = t + dist < end;
+          const CfNextRows<T> ndy = next ? cf_task_rows(dy, p.dy_so, p.dy_sc, v, P, rows_per_part, t + dist)
                                          : CfNextRows<T>{};
-          const CfNextRows<T> nx = next ? cf_task_rows(x, p.x_so, p.x_sc, v, P, rows_per_part, t + 1)
+          const CfNextRows<T> nx = next ? cf_task_rows(x, p.x_so, p.x_sc, v, P, rows_per_part, t + dist)
                                         : CfNextRows<T>{};
           for (int64_t r = r0; r < r1; ++r) {
             grad_sums_run(dy + r * p.dy_so + c * p.dy_sc, x + r * p.x_so + c * p.x_sc, v.I, mean[c], s, sx);
