@@ -244,9 +244,14 @@ struct CfNextRows {
   }
 };
 
-// At most this many bytes of a task per tensor are prefetched: the current task and the next
-// then fit L2 together. Larger tasks have rows long enough for the hardware prefetcher, and
-// prefetching them measured slower (32x64x56x56 fp32, 125 KiB tasks: grad_sums 1.4 -> 1.9 ms).
+// Which tasks are prefetched: those of at least 3 rows of at most 7 KiB (the hardware prefetcher
+// follows longer rows, or one or two streams, and prefetching those measured slower, e.g. O = 2
+// rows of 8 or 16 KiB: 2x32x16x16x16 fp32 backward 0.082 -> 0.098 ms; a sweep over rows of 2-16
+// KiB and 2-8 rows gained from 3 rows of up to 6 KiB, none at 8 KiB), and at most 64 KiB per
+// tensor, so that the current task and the next fit L2 together (32x64x56x56 fp32, 125 KiB tasks
+// of 12.5 KiB rows: grad_sums 1.4 -> 1.9 ms).
+constexpr int64_t kCfPrefetchMaxRowBytes = 7 * 1024;
+constexpr int64_t kCfPrefetchMinRows = 3;
 constexpr int64_t kCfPrefetchMaxBytes = 64 * 1024;
 
 // How many tasks ahead to prefetch: tiny tasks (8x1000x7x7: 8 rows of 49 elements) finish before
@@ -259,12 +264,14 @@ inline int64_t cf_prefetch_distance(const View3& v, int64_t per) {
 }
 
 // Task t's rows of channels-first data with P partitions of `per` rows per feature, to prefetch
-// (none if that task is larger than kCfPrefetchMaxBytes).
+// (none if the task is not one to prefetch, see above).
 template <typename T>
 inline CfNextRows<T> cf_task_rows(const T* x, int64_t so, int64_t sc, const View3& v, int64_t P, int64_t per,
                                   int64_t t) {
   const int64_t c = t / P, r0 = (t % P) * per, rows = std::min(v.O, r0 + per) - r0;
-  if (rows * v.I * static_cast<int64_t>(sizeof(T)) > kCfPrefetchMaxBytes) return CfNextRows<T>{};
+  const int64_t row_bytes = v.I * static_cast<int64_t>(sizeof(T));
+  if (row_bytes > kCfPrefetchMaxRowBytes || rows < kCfPrefetchMinRows || rows * row_bytes > kCfPrefetchMaxBytes)
+    return CfNextRows<T>{};
   return CfNextRows<T>{x + c * sc + r0 * so, so, rows, v.I};
 }
 
