@@ -216,6 +216,32 @@ def test_low_precision_inference(dtype, device):
     assert ours <= 2.0 * theirs + floor
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_inference_mixed_offsets(layout, device):
+    """Evaluation with running statistics where a few features have |mean| >> std and the others do
+    not: the apply step may fold the mean into the shift (x * scale + shift') only where that is
+    exact to a few ulps (per feature on channels-first rows), so every feature stays accurate.
+    (float32: in the 16-bit types the float32 arithmetic's folding error is below the output's
+    rounding.)"""
+    c, dtype = 17, torch.float32
+    base = make_input((6, c, 7, 9), 1, torch.float64, "cpu")
+    far = torch.zeros(c, dtype=torch.float64)
+    far[[0, 5, 16]] = torch.tensor([3e4, -2e3, 5e4], dtype=torch.float64)
+    x = apply_layout((base + far.view(1, c, 1, 1)).to(dtype).to(device), layout)
+    rm = (far + make_features([c], torch.float64, "cpu", "mean")).float().to(device)
+    rv = make_features([c], torch.float32, device, "var")
+    w = make_features([c], torch.float32, device, "weight")
+    b = make_features([c], torch.float32, device, "bias")
+    ref = reference_batch_norm(x, rm, rv, w, b, False)["out"]
+    y = batch_norm(x, rm, rv, w, b, False)
+    assert y.is_contiguous(memory_format=torch.channels_last if layout == "channels_last" else torch.contiguous_format)
+    err = (y.detach().cpu().double() - ref).abs().amax(dim=(0, 2, 3))
+    # a few ulps of the output (|y| <~ 10), near and far features alike; x * scale + shift' would
+    # be off by about ulp(|mean|) * scale at the far ones (2e-3 at 3e4)
+    tol = 8 * float(torch.finfo(dtype).eps) * 16
+    assert float(err.max()) <= tol, err
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_bf16_fp16_large_offsets(dtype, device):
     """Low-precision inputs at offsets far above their std: statistics stay correct."""
