@@ -264,10 +264,11 @@ inline int64_t cf_prefetch_distance(const View3& v, int64_t per) {
 }
 
 // Task t's rows of channels-first data with P partitions of `per` rows per feature, to prefetch
-// (none if the task is not one to prefetch, see above).
+// (none if t is not one of this thread's tasks, t >= end, or not a task to prefetch, see above).
 template <typename T>
 inline CfNextRows<T> cf_task_rows(const T* x, int64_t so, int64_t sc, const View3& v, int64_t P, int64_t per,
-                                  int64_t t) {
+                                  int64_t t, int64_t end) {
+  if (t >= end) return CfNextRows<T>{};
   const int64_t c = t / P, r0 = (t % P) * per, rows = std::min(v.O, r0 + per) - r0;
   const int64_t row_bytes = v.I * static_cast<int64_t>(sizeof(T));
   if (row_bytes > kCfPrefetchMaxRowBytes || rows < kCfPrefetchMinRows || rows * row_bytes > kCfPrefetchMaxBytes)
@@ -1306,7 +1307,7 @@ void forward_train(const ForwardParams& p) {
         st.mean = feature_shift<T>(p, c) + st.mean;
         const ApplyCoeffs<A> kc = finalize_feature(st, c);
         const bool folded = folds_exactly(sm[c], si[c]);
-        const CfNextRows<T> next = c + dist < end ? cf_task_rows(x, p.x_so, p.x_sc, v, 1, v.O, c + dist) : CfNextRows<T>{};
+        const CfNextRows<T> next = cf_task_rows(x, p.x_so, p.x_sc, v, 1, v.O, c + dist, end);
         for (int64_t r = 0; r < v.O; ++r) {
           apply_cf_run(x + r * p.x_so + c * p.x_sc, y + r * p.y_so + c * p.y_sc, v.I, kc, folded);
           next.prefetch(r);
@@ -1320,16 +1321,14 @@ void forward_train(const ForwardParams& p) {
   if (p.mask) masked_feature_shifts<T>(p, k.mean);
 
   if (!v.channels_last) {
+    const T* x = static_cast<const T*>(p.x);
     const int64_t per = cf_rows_per_part(v), dist = cf_prefetch_distance<T>(v, per);
     at::parallel_for(0, C * P, grain_for(cf_part_elems(v)), [&](int64_t begin, int64_t end) {
       for (int64_t t = begin; t < end; ++t) {
         const int64_t c = t / P, q = t % P;
         const WelfordState<A> st =
             p.mask ? masked_stats_cf_part<T>(p, c, q, k.mean[c])
-                   : stats_cf_part<T>(p, c, q,
-                                      t + dist < end ? cf_task_rows(static_cast<const T*>(p.x), p.x_so, p.x_sc, v,
-                                                                    P, per, t + dist)
-                                                     : CfNextRows<T>{});
+                   : stats_cf_part<T>(p, c, q, cf_task_rows(x, p.x_so, p.x_sc, v, P, per, t + dist, end));
         part.mean[t] = st.mean;
         part.m2[t] = st.m2;
         part.n[t] = st.n;
@@ -1610,9 +1609,8 @@ void backward(const BackwardParams& p) {
         if (gw) gw[c] = sx * invstd[c];
         if (gb) gb[c] = s;
         const GradCoeffs<A> g = grad_coeffs(mean[c], invstd[c], w ? w[c] : A(1), s, sx, count, p.train, false);
-        const bool more = c + dist < end;
-        const CfNextRows<T> ndy = more ? cf_task_rows(dy, p.dy_so, p.dy_sc, v, 1, v.O, c + dist) : CfNextRows<T>{};
-        const CfNextRows<T> nx = more ? cf_task_rows(x, p.x_so, p.x_sc, v, 1, v.O, c + dist) : CfNextRows<T>{};
+        const CfNextRows<T> ndy = cf_task_rows(dy, p.dy_so, p.dy_sc, v, 1, v.O, c + dist, end);
+        const CfNextRows<T> nx = cf_task_rows(x, p.x_so, p.x_sc, v, 1, v.O, c + dist, end);
         for (int64_t r = 0; r < v.O; ++r) {
           grad_run(dy + r * p.dy_so + c * p.dy_sc, x + r * p.x_so + c * p.x_sc, dx + r * p.dx_so + c * p.dx_sc, v.I,
                    g);
@@ -1633,11 +1631,8 @@ void backward(const BackwardParams& p) {
           const int64_t r0 = q * rows_per_part, r1 = std::min(v.O, r0 + rows_per_part);
           RunAcc<T> s, sx;
           // (one pass per task: a later task's rows are prefetched along it)
-          const bool next = t + dist < end;
-          const CfNextRows<T> ndy = next ? cf_task_rows(dy, p.dy_so, p.dy_sc, v, P, rows_per_part, t + dist)
-                                         : CfNextRows<T>{};
-          const CfNextRows<T> nx = next ? cf_task_rows(x, p.x_so, p.x_sc, v, P, rows_per_part, t + dist)
-                                        : CfNextRows<T>{};
+          const CfNextRows<T> ndy = cf_task_rows(dy, p.dy_so, p.dy_sc, v, P, rows_per_part, t + dist, end);
+          const CfNextRows<T> nx = cf_task_rows(x, p.x_so, p.x_sc, v, P, rows_per_part, t + dist, end);
           for (int64_t r = r0; r < r1; ++r) {
             grad_sums_run(dy + r * p.dy_so + c * p.dy_sc, x + r * p.x_so + c * p.x_sc, v.I, mean[c], s, sx);
             ndy.prefetch(r - r0);
