@@ -75,13 +75,16 @@ step exception-probe 60 "$PY" "$WORK/probe.py"
 step link-check 60 "$PY" -m pytest tests/test_build.py -q -p no:cacheprovider -k "cxx or build_info"
 { echo "compiler: $(${CXX:-c++} --version 2>&1 | head -1) ($(command -v ${CXX:-c++}))"; which -a g++ c++ gcc;
   ldd bn_cuda/_C*.so | grep -E "stdc|gcc|gomp"; readelf -d bn_cuda/_C*.so | grep NEEDED; } >>"$WORK/exception-probe.log" 2>&1
-XDIST=""; "$PY" -c "import xdist" 2>/dev/null && XDIST="-n 8 --max-worker-restart 400"
+# Workers for the CUDA tests: three quarters of the cores, at most 12, each with one CPU thread for
+# its float64 references (8 workers of 16 OpenMP threads each on 16 cores oversubscribed them).
+WORKERS=$(( $(nproc) * 3 / 4 )); [ "$WORKERS" -gt 12 ] && WORKERS=12; [ "$WORKERS" -lt 1 ] && WORKERS=1
+XDIST=""; "$PY" -c "import xdist" 2>/dev/null && XDIST="-n $WORKERS --max-worker-restart 400"
 
 # Every CUDA test (tests parametrized on "cuda", tests/test_cuda.py, opcheck on CUDA); the
 # CPU-only tests and the tensorflow parity tests run in CI.
 # (-v: each result is logged as it comes, so a run cut short by its time limit still says which
 # tests failed; the failures are listed in the summary)
-step pytest-cuda "${BN_CUDA_PYTEST_SECONDS:-220}" "$PY" -m pytest tests -v -ra -m cuda --durations=10 -p no:cacheprovider $XDIST
+step pytest-cuda "${BN_CUDA_PYTEST_SECONDS:-220}" env OMP_NUM_THREADS=1 "$PY" -m pytest tests -v -ra -m cuda --durations=10 -p no:cacheprovider $XDIST
 
 # compute-sanitizer on a small sweep of every kernel variant (dtypes, layouts, staged ops, masks,
 # ghost rows): out-of-bounds accesses, then reads of memory nobody wrote.
