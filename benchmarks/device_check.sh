@@ -84,7 +84,11 @@ XDIST=""; "$PY" -c "import xdist" 2>/dev/null && XDIST="-n $WORKERS --max-worker
 # CPU-only tests and the tensorflow parity tests run in CI.
 # (-v: each result is logged as it comes, so a run cut short by its time limit still says which
 # tests failed; the failures are listed in the summary)
-step pytest-cuda "${BN_CUDA_PYTEST_SECONDS:-220}" env OMP_NUM_THREADS=1 "$PY" -m pytest tests -v -ra -m cuda --durations=10 -p no:cacheprovider $XDIST
+# The files whose CUDA paths have run least on a GPU first (xdist hands tests out in collection
+# order), so that a run cut short by its time limit has checked them.
+FIRST="tests/test_cuda.py tests/test_staged.py tests/test_variants.py tests/test_keras_api.py tests/test_errors.py tests/test_bad_input.py"
+TEST_FILES="$FIRST $(ls tests/test_*.py | grep -v -x -F "$(tr ' ' '\n' <<<"$FIRST")" | tr '\n' ' ')"
+step pytest-cuda "${BN_CUDA_PYTEST_SECONDS:-220}" env OMP_NUM_THREADS=1 "$PY" -m pytest $TEST_FILES -v -ra -m cuda --durations=10 -p no:cacheprovider $XDIST
 
 # compute-sanitizer on a small sweep of every kernel variant (dtypes, layouts, staged ops, masks,
 # ghost rows): out-of-bounds accesses, then reads of memory nobody wrote.
