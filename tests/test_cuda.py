@@ -68,6 +68,51 @@ def test_kernel_variants_match_float64(shape, fmt, dtype):
         assert y.is_contiguous(memory_format=torch.channels_last)
 
 
+@pytest.mark.parametrize("shape", [(4, 3, 7, 7), (3, 17, 5, 3), (3, 1, 9), (6, 40, 11), (2, 5, 3, 3, 3)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_flat_channels_first_walk(shape, dtype):
+    """Channels-first rows that are not whole 16-byte vectors (49, 15, 27, 11, 27 elements; C = 1
+    merges (3, 1, 9) into one row) are
+    normalized, and their input gradient computed, as one flat run of 16-byte packs, a pack
+    spanning two features where a row ends (apply_flat_cf_kernel, grad_input_flat_cf_kernel), the
+    last n % W elements one each. Odd rows take one-element statistics either way, so the same
+    values at a misaligned address (the row-by-row kernels) must give the same bits; and both
+    match float64."""
+    x = _data(shape, dtype, seed=7, offset=3.0)
+    buf = torch.empty(x.numel() + 1, device=DEV, dtype=dtype)
+    buf[1:] = x.reshape(-1)
+    x_odd = buf[1:].view(shape)  # misaligned: the row walk
+    c = shape[1]
+    g = torch.Generator().manual_seed(8)
+    w = (torch.rand(c, generator=g) + 0.5).to(DEV).requires_grad_(True)
+    b = torch.randn(c, generator=g).to(DEV).requires_grad_(True)
+    gy = torch.randn(shape, generator=g).to(DEV, dtype)
+    results = []
+    for inp in (x, x_odd):
+        xi = inp.detach().requires_grad_(True)
+        w.grad = b.grad = None
+        rm, rv = torch.zeros(c, device=DEV), torch.ones(c, device=DEV)
+        y = batch_norm(xi, rm, rv, w, b, training=True)
+        y.backward(gy)
+        yi = batch_norm(xi.detach(), rm, rv, w.detach(), b.detach(), training=False)
+        results.append((y.detach(), xi.grad, w.grad.clone(), b.grad.clone(), rm, rv, yi))
+    for name, a, o in zip(["y", "dx", "dw", "db", "running_mean", "running_var", "y_eval"], *results):
+        assert torch.equal(a, o), name
+    tol = {torch.float32: 2e-5, torch.float64: 1e-12, torch.float16: 4e-3, torch.bfloat16: 3e-2}[dtype]
+    y, dx, _, _, rm, rv, yi = results[0]
+    ref = _ref(x, w.detach(), b.detach())
+    assert (y.double() - ref).abs().max().item() <= tol * max(1.0, ref.abs().max().item())
+    dims = [0] + list(range(2, x.dim()))
+    shp = [1, c] + [1] * (x.dim() - 2)
+    yi_ref = ((x.double() - rm.double().view(shp)) * torch.rsqrt(rv.double().view(shp) + 1e-5)
+              * w.detach().double().view(shp) + b.detach().double().view(shp))
+    assert (yi.double() - yi_ref).abs().max().item() <= tol * max(1.0, yi_ref.abs().max().item())
+    xd = x.double().requires_grad_(True)
+    var, mean = torch.var_mean(xd, dims, unbiased=False, keepdim=True)
+    ((xd - mean) * torch.rsqrt(var + 1e-5) * w.detach().double().view(shp)).backward(gy.double())
+    assert (dx.double() - xd.grad).abs().max().item() <= 4 * tol * max(1.0, xd.grad.abs().max().item())
+
+
 def test_bitwise_deterministic():
     x = _data((64, 96, 28, 28)).contiguous(memory_format=torch.channels_last).requires_grad_(True)
     w = torch.randn(96, device=DEV, requires_grad=True)

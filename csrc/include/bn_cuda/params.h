@@ -190,6 +190,24 @@ inline int pick_vec(const View3& v, size_t elem_size, const void* const* ptrs, c
 
 BN_HD int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// Whether the channels-first element-wise kernels walk the data as one flat run of 16-byte
+// packs (apply_flat_cf_kernel, grad_input_flat_cf_kernel) instead of row by row: rows that are
+// not whole 16-byte vectors (vec below the full width, e.g. 7 x 7 = 49 elements), at least one
+// full pack long (a pack then spans at most two features), and every tensor dense in (O, C, I)
+// order from a 16-byte aligned base. ptrs / strides as pick_vec's.
+inline bool flat_cf_ok(const View3& v, int vec, size_t elem_size, const void* const* ptrs, const int64_t* strides,
+                       int n) {
+  const int64_t full = static_cast<int64_t>(16 / elem_size);
+  if (v.channels_last || v.G != 1 || vec >= full || v.I < full) return false;
+  for (int k = 0; k < n; ++k) {
+    if (!aligned_to(ptrs[k], 16)) return false;
+    if (v.O > 1 && strides[2 * k] != v.C * v.I) return false;
+    if (v.C > 1 && strides[2 * k + 1] != v.I) return false;
+  }
+  return true;
+}
+
+
 // CUDA: enough blocks to fill the GPU a few times over, each with enough work to amortize its
 // partial state. The split depends only on the shape and the SM count, so results are bitwise
 // reproducible on a given GPU.

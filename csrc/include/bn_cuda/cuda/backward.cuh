@@ -15,7 +15,9 @@ namespace cuda {
 template <typename T, int V, int BLOCK>
 __global__ void __launch_bounds__(BLOCK) grad_sums_cf_kernel(const BackwardParams p) {
   using A = acc_t<T>;
-  constexpr int U = V >= 4 ? 2 : 4;
+  // Packs per thread per step: 16 elements for 1- and 2-element packs (rows of odd or
+  // 2-mod-4 length, e.g. 7 x 7 = 49), so that each thread has 16 loads in flight rather than 4.
+  constexpr int U = V >= 4 ? 2 : (V * sizeof(T) >= 16 ? 4 : 16 / V);
   const int64_t C = p.v.C, P = p.partitions;
   const int64_t c = blockIdx.x, q = block_partition();
   if (q >= P) return;  // block-uniform, before any barrier
@@ -297,6 +299,51 @@ __global__ void __launch_bounds__(BLOCK) grad_input_cf_kernel(const BackwardPara
   }
 }
 
+// grad_input over dense channels-first (O, C, I) data with rows that are not whole 16-byte
+// vectors: one flat run of W-element packs, as apply_flat_cf_kernel (the same grad_one per
+// element as grad_input_cf_kernel: the same bits).
+template <typename T, int W, int BLOCK>
+__global__ void __launch_bounds__(BLOCK) grad_input_flat_cf_kernel(const BackwardParams p) {
+  using A = acc_t<T>;
+  const int64_t C = p.v.C, I = p.v.I, F = C;  // channels-first: no ghosts
+  const int64_t n = p.v.O * C * I, packs = n / W;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * BLOCK;
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * BLOCK + threadIdx.x;
+  const A* coeff = static_cast<const A*>(p.workspace) + 2 * p.partitions * C;
+  const T* x = static_cast<const T*>(p.x);
+  const T* dy = static_cast<const T*>(p.dy);
+  T* dx = static_cast<T*>(p.dx);
+  if (first < packs) {
+    PeriodicCursor cur;
+    cur.init(first * W, stride * W, I, C);
+    for (int64_t k = first; k < packs; k += stride) {
+      A gv[W], xv[W];
+      load_pack<T, W>(dy + k * W, gv);
+      load_pack<T, W>(x + k * W, xv);
+      const int64_t c = cur.c;
+      const GradCoeffs<A> g0{coeff[c], coeff[F + c], coeff[2 * F + c], coeff[3 * F + c]};
+      const int64_t b = I - cur.i;  // the pack's elements [0, b) are feature c's, the rest the next one's
+      if (b >= W) {
+#pragma unroll
+        for (int e = 0; e < W; ++e) gv[e] = grad_one(gv[e], xv[e], g0);
+      } else {
+        const int64_t c1 = c + 1 == C ? 0 : c + 1;
+        const GradCoeffs<A> g1{coeff[c1], coeff[F + c1], coeff[2 * F + c1], coeff[3 * F + c1]};
+#pragma unroll
+        for (int e = 0; e < W; ++e) gv[e] = grad_one(gv[e], xv[e], e < b ? g0 : g1);
+      }
+      store_pack<T, W>(dx + k * W, gv);
+      cur.advance();
+    }
+  }
+  if (first < n - packs * W) {  // the tail: the first n % W threads of block 0
+    const int64_t j = packs * W + first;
+    const int64_t c = (j / I) % C;
+    const GradCoeffs<A> g{coeff[c], coeff[F + c], coeff[2 * F + c], coeff[3 * F + c]};
+    dx[j] = from_acc<T>(grad_one(to_acc(dy[j]), to_acc(x[j]), g));
+  }
+}
+
 template <typename T, int V, int BX>
 __global__ void __launch_bounds__(256) grad_input_cl_kernel(const BackwardParams p) {
   constexpr int BY = 256 / BX;
@@ -315,7 +362,23 @@ __global__ void __launch_bounds__(256) grad_input_cl_kernel(const BackwardParams
 #pragma unroll
     for (int e = 0; e < V; ++e)
       g[e] = GradCoeffs<A>{coeff[c0 + e], coeff[F + c0 + e], coeff[2 * F + c0 + e], coeff[3 * F + c0 + e]};
-    for (int64_t r = r_first; r < O; r += step) {
+    constexpr int R = kClRowGroup;
+    int64_t r = r_first;
+    for (; r + (R - 1) * step < O; r += R * step) {  // R rows' loads issued together (see apply_cl_kernel)
+      A gv[R][V], xv[R][V];
+#pragma unroll
+      for (int u = 0; u < R; ++u) {
+        load_pack<T, V>(dy + (r + u * step) * p.dy_so + c0, gv[u]);
+        load_pack<T, V>(x + (r + u * step) * p.x_so + c0, xv[u]);
+      }
+#pragma unroll
+      for (int u = 0; u < R; ++u) {
+#pragma unroll
+        for (int e = 0; e < V; ++e) gv[u][e] = grad_one(gv[u][e], xv[u][e], g[e]);
+        store_pack<T, V>(dx + (r + u * step) * p.dx_so + c0, gv[u]);
+      }
+    }
+    for (; r < O; r += step) {
       A gv[V], xv[V];
       load_pack<T, V>(dy + r * p.dy_so + c0, gv);
       load_pack<T, V>(x + r * p.x_so + c0, xv);

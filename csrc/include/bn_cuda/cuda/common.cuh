@@ -15,6 +15,10 @@ namespace cuda {
 
 constexpr unsigned kFullMask = 0xffffffffu;
 
+// Rows each thread of the channels-last element-wise kernels loads together (apply_cl_kernel,
+// grad_input_cl_kernel), and the fewest rows per thread their grid gives (grid_cl).
+constexpr int kClRowGroup = 4;
+
 template <DType D>
 struct ScalarOf;
 template <>
@@ -178,6 +182,35 @@ struct FlatCursor {
       c -= C;
       ++o;
     }
+  }
+};
+
+// Feature c and row position i of a flat element index j over dense (O, C, I) data
+// (i = j % I, c = (j / I) % C), advanced by a fixed stride without a division per step.
+struct PeriodicCursor {
+  int64_t i, c;
+  int64_t step_i, step_c;
+  int64_t I, C;
+
+  __device__ __forceinline__ void init(int64_t j, int64_t stride, int64_t I_, int64_t C_) {
+    I = I_;
+    C = C_;
+    const int64_t row = j / I;
+    i = j - row * I;
+    c = row % C;
+    const int64_t srow = stride / I;
+    step_i = stride - srow * I;
+    step_c = srow % C;
+  }
+  __device__ __forceinline__ void advance() {
+    i += step_i;
+    int64_t carry = 0;
+    if (i >= I) {
+      i -= I;
+      carry = 1;
+    }
+    c += step_c + carry;  // < 2C
+    if (c >= C) c -= C;
   }
 };
 

@@ -50,7 +50,9 @@ __device__ __forceinline__ WelfordState<A> load_partial(const ForwardParams& p, 
 template <typename T, int V, int BLOCK>
 __global__ void __launch_bounds__(BLOCK) stats_cf_kernel(const ForwardParams p) {
   using A = acc_t<T>;
-  constexpr int U = V >= 4 ? 2 : 4;
+  // Packs per thread per step: 16 elements for 1- and 2-element packs (rows of odd or
+  // 2-mod-4 length, e.g. 7 x 7 = 49), so that each thread has 16 loads in flight rather than 4.
+  constexpr int U = V >= 4 ? 2 : (V * sizeof(T) >= 16 ? 4 : 16 / V);
   const int64_t P = p.partitions;
   const int64_t c = blockIdx.x, q = block_partition();
   if (q >= P) return;  // block-uniform, before any barrier
@@ -369,6 +371,50 @@ __global__ void __launch_bounds__(BLOCK) apply_cf_kernel(const ForwardParams p) 
   }
 }
 
+// Channels-first apply over dense (O, C, I) data whose rows are not whole 16-byte vectors
+// (I % W != 0, e.g. 7 x 7 = 49, where apply_cf_kernel moves 2-byte elements one by one): the
+// tensor as one flat run of W-element packs, a pack spanning at most two features (I >= W, see
+// flat_cf_ok), then the last n % W elements one each. Per element the same apply_one as
+// apply_cf_kernel: the same bits.
+template <typename T, int W, int BLOCK>
+__global__ void __launch_bounds__(BLOCK) apply_flat_cf_kernel(const ForwardParams p) {
+  using A = acc_t<T>;
+  const int64_t C = p.v.C, I = p.v.I, F = C;  // channels-first: no ghosts
+  const int64_t n = p.v.O * C * I, packs = n / W;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * BLOCK;
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * BLOCK + threadIdx.x;
+  const A* coeff = static_cast<const A*>(p.workspace) + 3 * p.partitions * C;
+  const T* x = static_cast<const T*>(p.x);
+  T* y = static_cast<T*>(p.y);
+  if (first < packs) {
+    PeriodicCursor cur;
+    cur.init(first * W, stride * W, I, C);
+    for (int64_t k = first; k < packs; k += stride) {
+      A v[W];
+      load_pack<T, W>(x + k * W, v);
+      const int64_t c = cur.c;
+      const ApplyCoeffs<A> k0{coeff[c], coeff[F + c], coeff[2 * F + c]};
+      const int64_t b = I - cur.i;  // the pack's elements [0, b) are feature c's, the rest the next one's
+      if (b >= W) {
+#pragma unroll
+        for (int e = 0; e < W; ++e) v[e] = apply_one(v[e], k0);
+      } else {
+        const int64_t c1 = c + 1 == C ? 0 : c + 1;
+        const ApplyCoeffs<A> k1{coeff[c1], coeff[F + c1], coeff[2 * F + c1]};
+#pragma unroll
+        for (int e = 0; e < W; ++e) v[e] = apply_one(v[e], e < b ? k0 : k1);
+      }
+      store_pack<T, W>(y + k * W, v);
+      cur.advance();
+    }
+  }
+  if (first < n - packs * W) {  // the tail: the first n % W threads of block 0
+    const int64_t j = packs * W + first;
+    const int64_t c = (j / I) % C;
+    y[j] = from_acc<T>(apply_one(to_acc(x[j]), ApplyCoeffs<A>{coeff[c], coeff[F + c], coeff[2 * F + c]}));
+  }
+}
+
 // Channels-last apply: BX x BY threads; each thread keeps the coefficients of its V features in
 // registers and walks rows.
 template <typename T, int V, int BX>
@@ -387,7 +433,20 @@ __global__ void __launch_bounds__(256) apply_cl_kernel(const ForwardParams p) {
     ApplyCoeffs<A> kc[V];
 #pragma unroll
     for (int e = 0; e < V; ++e) kc[e] = ApplyCoeffs<A>{coeff[c0 + e], coeff[F + c0 + e], coeff[2 * F + c0 + e]};
-    for (int64_t r = r_first; r < O; r += step) {
+    constexpr int R = kClRowGroup;
+    int64_t r = r_first;
+    for (; r + (R - 1) * step < O; r += R * step) {  // R rows' loads issued together
+      A v[R][V];
+#pragma unroll
+      for (int u = 0; u < R; ++u) load_pack<T, V>(x + (r + u * step) * p.x_so + c0, v[u]);
+#pragma unroll
+      for (int u = 0; u < R; ++u) {
+#pragma unroll
+        for (int e = 0; e < V; ++e) v[u][e] = apply_one(v[u][e], kc[e]);
+        store_pack<T, V>(y + (r + u * step) * p.y_so + c0, v[u]);
+      }
+    }
+    for (; r < O; r += step) {
       A v[V];
       load_pack<T, V>(x + r * p.x_so + c0, v);
 #pragma unroll

@@ -22,11 +22,15 @@ inline unsigned grid_1d(int64_t work_items, int64_t per_block, int sm_count, int
   return static_cast<unsigned>(blocks < 1 ? 1 : blocks);
 }
 
-// Rows per block-column for the channels-last element-wise kernels.
+// Rows per block-column for the channels-last element-wise kernels. Without ghosts, blocks for
+// kClRowGroup rows per thread (one group of loads issued together, see apply_cl_kernel), each
+// thread's 3-4 coefficient loads per feature amortized over them (with one row per thread, e.g.
+// 4096x1024 or 256x512x7x7 NHWC fp16 on the H200, the apply took 2.1-2.5x a same-size copy); with
+// ghosts, whose rows load their own coefficients one row at a time, blocks for a row per thread.
 inline dim3 grid_cl(const View3& v, int vec, int bx, int sm_count) {
   const int by = kCudaBlock / bx;
   const int64_t tiles = ceil_div(ceil_div(v.C, vec), bx);
-  int64_t rows = ceil_div(v.O, by);
+  int64_t rows = ceil_div(v.O, static_cast<int64_t>(by) * (v.G == 1 ? kClRowGroup : 1));
   int64_t want = ceil_div(static_cast<int64_t>(sm_count) * 16, tiles);
   if (want < 1) want = 1;
   if (rows > want) rows = want;
@@ -72,7 +76,13 @@ cudaError_t launch_forward_finalize(const ForwardParams& p, cudaStream_t stream)
 template <typename T, int V, int BX>
 cudaError_t launch_apply(const ForwardParams& p, cudaStream_t stream) {
   const View3& v = p.v;
-  if (!v.channels_last) {
+  const void* ptrs[2] = {p.x, p.y};
+  const int64_t strides[4] = {p.x_so, p.x_sc, p.y_so, p.y_sc};
+  if (flat_cf_ok(v, V, sizeof(T), ptrs, strides, 2)) {  // rows of 49 and the like: 16-byte packs
+    constexpr int W = static_cast<int>(16 / sizeof(T));
+    const unsigned grid = grid_1d(ceil_div(v.O * v.C * v.I, W), kCudaBlock, p.sm_count, 16);
+    apply_flat_cf_kernel<T, W, kCudaBlock><<<grid, kCudaBlock, 0, stream>>>(p);
+  } else if (!v.channels_last) {
     const unsigned grid = grid_1d(v.O * v.C * (v.I / V), kCudaBlock, p.sm_count, 16);
     apply_cf_kernel<T, V, kCudaBlock><<<grid, kCudaBlock, 0, stream>>>(p);
   } else {
@@ -132,7 +142,13 @@ cudaError_t forward_infer_v(const ForwardParams& p, cudaStream_t stream) {
 template <typename T, int V, int BX>
 cudaError_t launch_grad_input(const BackwardParams& p, cudaStream_t stream) {
   const View3& v = p.v;
-  if (!v.channels_last) {
+  const void* ptrs[3] = {p.x, p.dy, p.dx};
+  const int64_t strides[6] = {p.x_so, p.x_sc, p.dy_so, p.dy_sc, p.dx_so, p.dx_sc};
+  if (flat_cf_ok(v, V, sizeof(T), ptrs, strides, 3)) {  // rows of 49 and the like: 16-byte packs
+    constexpr int W = static_cast<int>(16 / sizeof(T));
+    const unsigned grid = grid_1d(ceil_div(v.O * v.C * v.I, W), kCudaBlock, p.sm_count, 16);
+    grad_input_flat_cf_kernel<T, W, kCudaBlock><<<grid, kCudaBlock, 0, stream>>>(p);
+  } else if (!v.channels_last) {
     const unsigned grid = grid_1d(v.O * v.C * (v.I / V), kCudaBlock, p.sm_count, 16);
     grad_input_cf_kernel<T, V, kCudaBlock><<<grid, kCudaBlock, 0, stream>>>(p);
   } else {
