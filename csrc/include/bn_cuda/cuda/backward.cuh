@@ -305,43 +305,32 @@ __global__ void __launch_bounds__(BLOCK) grad_input_cf_kernel(const BackwardPara
 template <typename T, int W, int BLOCK>
 __global__ void __launch_bounds__(BLOCK) grad_input_flat_cf_kernel(const BackwardParams p) {
   using A = acc_t<T>;
-  const int64_t C = p.v.C, I = p.v.I, F = C;  // channels-first: no ghosts
-  const int64_t n = p.v.O * C * I, packs = n / W;
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * BLOCK;
-  const int64_t first = static_cast<int64_t>(blockIdx.x) * BLOCK + threadIdx.x;
+  const int64_t C = p.v.C, F = C;  // channels-first: no ghosts
   const A* coeff = static_cast<const A*>(p.workspace) + 2 * p.partitions * C;
   const T* x = static_cast<const T*>(p.x);
   const T* dy = static_cast<const T*>(p.dy);
   T* dx = static_cast<T*>(p.dx);
-  if (first < packs) {
-    PeriodicCursor cur;
-    cur.init(first * W, stride * W, I, C);
-    for (int64_t k = first; k < packs; k += stride) {
-      A gv[W], xv[W];
-      load_pack<T, W>(dy + k * W, gv);
-      load_pack<T, W>(x + k * W, xv);
-      const int64_t c = cur.c;
-      const GradCoeffs<A> g0{coeff[c], coeff[F + c], coeff[2 * F + c], coeff[3 * F + c]};
-      const int64_t b = I - cur.i;  // the pack's elements [0, b) are feature c's, the rest the next one's
-      if (b >= W) {
+  const auto coeffs = [&](int64_t c) {
+    return GradCoeffs<A>{coeff[c], coeff[F + c], coeff[2 * F + c], coeff[3 * F + c]};
+  };
+  flat_cf_walk<W, BLOCK>(
+      p.v,
+      [&](int64_t k, int64_t c, int64_t b) {
+        A gv[W], xv[W];
+        load_pack<T, W>(dy + k * W, gv);
+        load_pack<T, W>(x + k * W, xv);
+        const GradCoeffs<A> g0 = coeffs(c);
+        if (b >= W) {
 #pragma unroll
-        for (int e = 0; e < W; ++e) gv[e] = grad_one(gv[e], xv[e], g0);
-      } else {
-        const int64_t c1 = c + 1 == C ? 0 : c + 1;
-        const GradCoeffs<A> g1{coeff[c1], coeff[F + c1], coeff[2 * F + c1], coeff[3 * F + c1]};
+          for (int e = 0; e < W; ++e) gv[e] = grad_one(gv[e], xv[e], g0);
+        } else {
+          const GradCoeffs<A> g1 = coeffs(c + 1 == C ? 0 : c + 1);
 #pragma unroll
-        for (int e = 0; e < W; ++e) gv[e] = grad_one(gv[e], xv[e], e < b ? g0 : g1);
-      }
-      store_pack<T, W>(dx + k * W, gv);
-      cur.advance();
-    }
-  }
-  if (first < n - packs * W) {  // the tail: the first n % W threads of block 0
-    const int64_t j = packs * W + first;
-    const int64_t c = (j / I) % C;
-    const GradCoeffs<A> g{coeff[c], coeff[F + c], coeff[2 * F + c], coeff[3 * F + c]};
-    dx[j] = from_acc<T>(grad_one(to_acc(dy[j]), to_acc(x[j]), g));
-  }
+          for (int e = 0; e < W; ++e) gv[e] = grad_one(gv[e], xv[e], e < b ? g0 : g1);
+        }
+        store_pack<T, W>(dx + k * W, gv);
+      },
+      [&](int64_t j, int64_t c) { dx[j] = from_acc<T>(grad_one(to_acc(dy[j]), to_acc(x[j]), coeffs(c))); });
 }
 
 template <typename T, int V, int BX>

@@ -185,34 +185,28 @@ struct FlatCursor {
   }
 };
 
-// Feature c and row position i of a flat element index j over dense (O, C, I) data
-// (i = j % I, c = (j / I) % C), advanced by a fixed stride without a division per step.
-struct PeriodicCursor {
-  int64_t i, c;
-  int64_t step_i, step_c;
-  int64_t I, C;
-
-  __device__ __forceinline__ void init(int64_t j, int64_t stride, int64_t I_, int64_t C_) {
-    I = I_;
-    C = C_;
-    const int64_t row = j / I;
-    i = j - row * I;
-    c = row % C;
-    const int64_t srow = stride / I;
-    step_i = stride - srow * I;
-    step_c = srow % C;
-  }
-  __device__ __forceinline__ void advance() {
-    i += step_i;
-    int64_t carry = 0;
-    if (i >= I) {
-      i -= I;
-      carry = 1;
+// This thread's W-element packs of a flat walk over dense channels-first (O, C, I) data with
+// I >= W (see flat_cf_ok): pack(k, c, b) for pack k (elements [k * W, k * W + W)), whose first b
+// elements are feature c's and the rest, where b < W, feature c + 1's (mod C); then
+// tail(j, c) for each of the last n % W elements (the first threads of block 0).
+template <int W, int BLOCK, typename PackFn, typename TailFn>
+__device__ __forceinline__ void flat_cf_walk(const View3& v, PackFn&& pack, TailFn&& tail) {
+  const int64_t n = v.O * v.C * v.I, packs = n / W;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * BLOCK;
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * BLOCK + threadIdx.x;
+  if (first < packs) {
+    FlatCursor cur;  // over elements: (o, c, position in the row)
+    cur.init(first * W, stride * W, v.C, v.I);
+    for (int64_t k = first; k < packs; k += stride) {
+      pack(k, cur.c, v.I - cur.iv);
+      cur.advance();
     }
-    c += step_c + carry;  // < 2C
-    if (c >= C) c -= C;
   }
-};
+  if (first < n - packs * W) {
+    const int64_t j = packs * W + first;
+    tail(j, (j / v.I) % v.C);
+  }
+}
 
 // Position (o, iv) inside one feature's (O, I / V) range, advanced by a fixed stride.
 struct RowCursor {

@@ -379,40 +379,28 @@ __global__ void __launch_bounds__(BLOCK) apply_cf_kernel(const ForwardParams p) 
 template <typename T, int W, int BLOCK>
 __global__ void __launch_bounds__(BLOCK) apply_flat_cf_kernel(const ForwardParams p) {
   using A = acc_t<T>;
-  const int64_t C = p.v.C, I = p.v.I, F = C;  // channels-first: no ghosts
-  const int64_t n = p.v.O * C * I, packs = n / W;
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * BLOCK;
-  const int64_t first = static_cast<int64_t>(blockIdx.x) * BLOCK + threadIdx.x;
+  const int64_t C = p.v.C, F = C;  // channels-first: no ghosts
   const A* coeff = static_cast<const A*>(p.workspace) + 3 * p.partitions * C;
   const T* x = static_cast<const T*>(p.x);
   T* y = static_cast<T*>(p.y);
-  if (first < packs) {
-    PeriodicCursor cur;
-    cur.init(first * W, stride * W, I, C);
-    for (int64_t k = first; k < packs; k += stride) {
-      A v[W];
-      load_pack<T, W>(x + k * W, v);
-      const int64_t c = cur.c;
-      const ApplyCoeffs<A> k0{coeff[c], coeff[F + c], coeff[2 * F + c]};
-      const int64_t b = I - cur.i;  // the pack's elements [0, b) are feature c's, the rest the next one's
-      if (b >= W) {
+  const auto coeffs = [&](int64_t c) { return ApplyCoeffs<A>{coeff[c], coeff[F + c], coeff[2 * F + c]}; };
+  flat_cf_walk<W, BLOCK>(
+      p.v,
+      [&](int64_t k, int64_t c, int64_t b) {
+        A v[W];
+        load_pack<T, W>(x + k * W, v);
+        const ApplyCoeffs<A> k0 = coeffs(c);
+        if (b >= W) {
 #pragma unroll
-        for (int e = 0; e < W; ++e) v[e] = apply_one(v[e], k0);
-      } else {
-        const int64_t c1 = c + 1 == C ? 0 : c + 1;
-        const ApplyCoeffs<A> k1{coeff[c1], coeff[F + c1], coeff[2 * F + c1]};
+          for (int e = 0; e < W; ++e) v[e] = apply_one(v[e], k0);
+        } else {
+          const ApplyCoeffs<A> k1 = coeffs(c + 1 == C ? 0 : c + 1);
 #pragma unroll
-        for (int e = 0; e < W; ++e) v[e] = apply_one(v[e], e < b ? k0 : k1);
-      }
-      store_pack<T, W>(y + k * W, v);
-      cur.advance();
-    }
-  }
-  if (first < n - packs * W) {  // the tail: the first n % W threads of block 0
-    const int64_t j = packs * W + first;
-    const int64_t c = (j / I) % C;
-    y[j] = from_acc<T>(apply_one(to_acc(x[j]), ApplyCoeffs<A>{coeff[c], coeff[F + c], coeff[2 * F + c]}));
-  }
+          for (int e = 0; e < W; ++e) v[e] = apply_one(v[e], e < b ? k0 : k1);
+        }
+        store_pack<T, W>(y + k * W, v);
+      },
+      [&](int64_t j, int64_t c) { y[j] = from_acc<T>(apply_one(to_acc(x[j]), coeffs(c))); });
 }
 
 // Channels-last apply: BX x BY threads; each thread keeps the coefficients of its V features in
