@@ -102,6 +102,11 @@ fi
 # GPU benchmark (default GPU preset), results next to the summary.
 [ -z "${BN_CUDA_SKIP_BENCH:-}" ] && step bench 220 "$PY" -m benchmarks.bench --preset gpu-default --time-budget 150 --out "$WORK/bench"
 
+# What changed since the last committed run of the same preset (same GPU model first): bn_cuda's
+# time old / new, and its ratio against torch in each run (benchmarks/compare.py).
+[ -f "$WORK/bench/gpu-default.json" ] && "$PY" -m benchmarks.compare --against-latest benchmarks/results \
+  "$WORK/bench/gpu-default.json" --top 12 --out "$WORK/compare-eager.md" >"$WORK/compare.log" 2>&1
+
 # Which kernel of a call costs what (device times from torch.profiler), for the next perf change.
 step kernel-profile 60 "$PY" -m benchmarks.kernel_profile --out "$WORK/kernel_profile.md"
 
@@ -109,6 +114,8 @@ step kernel-profile 60 "$PY" -m benchmarks.kernel_profile --out "$WORK/kernel_pr
 # included) replayed from CUDA graphs; small tensors are launch-bound in the eager table above.
 [ -z "${BN_CUDA_SKIP_BENCH:-}" ] && step bench-graphs 120 "$PY" -m benchmarks.bench --preset gpu-default \
   --cuda-graphs --dtype bf16,fp16 --no-compile --time-budget 70 --no-chart --name gpu-graphs --out "$WORK/bench"
+[ -f "$WORK/bench/gpu-graphs.json" ] && "$PY" -m benchmarks.compare --against-latest benchmarks/results \
+  "$WORK/bench/gpu-graphs.json" --top 12 --out "$WORK/compare-graphs.md" >>"$WORK/compare.log" 2>&1
 
 
 # With time left: the CPU tests too (they also run in CI).
@@ -123,6 +130,8 @@ step kernel-profile 60 "$PY" -m benchmarks.kernel_profile --out "$WORK/kernel_pr
   echo "(passed: $(grep -c ' PASSED ' "$WORK/pytest-cuda.log"), failed: $(grep -c ' FAILED ' "$WORK/pytest-cuda.log"), skipped: $(grep -c ' SKIPPED ' "$WORK/pytest-cuda.log"))"
   tail -n 40 "$WORK/pytest-cuda.log"; echo '```'
   [ -f "$WORK/bench.log" ] && { echo "## benchmark"; echo '```'; tail -n 80 "$WORK/bench.log"; echo '```'; }
+  [ -f "$WORK/compare-eager.md" ] && { echo; echo "## against the last committed run, eager"; cat "$WORK/compare-eager.md"; }
+  [ -f "$WORK/compare-graphs.md" ] && { echo; echo "## against the last committed run, CUDA graphs"; cat "$WORK/compare-graphs.md"; }
   [ -f "$WORK/kernel_profile.md" ] && { echo; cat "$WORK/kernel_profile.md"; }
 } >>"$SUMMARY"
 

@@ -143,3 +143,50 @@ def test_cuda_graph_timing():
     for name in ("bn_cuda", "torch"):
         assert isinstance(out[name], Timing) and out[name].graphed and out[name].median_s > 0, out[name]
     assert isinstance(out["sync"], Timing) and not out["sync"].graphed and "capture failed" in out["sync"].note
+
+
+def _result(device_name, stamp, times, graphed=False, preset="gpu-default", device="cuda"):
+    rows = [{"group": "g", "shape": shape, "layout": "NCHW", "dtype": "fp16", "variant": "plain", "mode": mode,
+             "impls": {"bn_cuda": {"status": "ok", "ms": ms, "graphed": graphed}, "torch": {"status": "ok", "ms": 2 * ms}},
+             "speedup": {"torch": tq}} for (shape, mode, ms, tq) in times]
+    return {"preset": preset, "rows": rows,
+            "machine": {"device": device, "device_name": device_name, "timestamp_utc": stamp, "git_commit": stamp[-4:]}}
+
+
+def test_compare_two_runs(tmp_path, capsys):
+    """benchmarks/compare.py: per-case time ratios and ratios against torch, matched on the case;
+    --against-latest picks the newest earlier run of the same preset, device type and timing, the
+    same GPU model first."""
+    from benchmarks import compare
+
+    old = _result("H200", "2026-12-04T20:00:00Z", [("8x3x7x7", "inference", 0.2, 1.0), ("8x3x7x7", "backward", 0.1, 2.0),
+                                                   ("1x1x1x1", "fwd-train", 0.1, 1.0)])
+    new = _result("H200", "2026-12-06T10:00:00Z", [("8x3x7x7", "inference", 0.1, 2.0), ("8x3x7x7", "backward", 0.2, 1.0),
+                                                   ("9x9x9x9", "fwd-train", 0.1, 1.0)])
+    res = compare.compare(old, new)
+    assert res["same_device"] and len(res["cases"]) == 2  # (the unmatched shapes dropped)
+    by_mode = {c["key"][5]: c for c in res["cases"]}
+    assert by_mode["inference"]["time_ratio"] == pytest.approx(2.0)
+    assert by_mode["inference"]["vs_torch_ratio"] == pytest.approx(2.0)
+    assert by_mode["backward"]["time_ratio"] == pytest.approx(0.5)
+    text = compare.format_report(res, top=1)
+    assert "| inference | 1 | 2.00x | 1 / 0 | 2.00x |" in text and "| backward | 1 | 0.50x | 0 / 1 | 0.50x |" in text
+    assert "Different devices" not in text
+    # --against-latest: the newest earlier eager gpu-default run, the same GPU model before a newer other one
+    root = tmp_path / "results"
+    for name, data in {"h200/a.json": old,
+                       "h200/older.json": _result("H200", "2026-11-27T12:00:00Z", [("8x3x7x7", "inference", 9.0, 1.0)]),
+                       "h100/newer.json": _result("H100", "2026-12-05T12:00:00Z", [("8x3x7x7", "inference", 9.0, 1.0)]),
+                       "h200/graphs.json": _result("H200", "2026-12-05T13:00:00Z", [("8x3x7x7", "inference", 9.0, 1.0)],
+                                                   graphed=True),
+                       "cpu/quick.json": _result("EPYC", "2026-12-05T14:00:00Z", [], preset="quick", device="cpu"),
+                       "h200/new.json": new}.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(json.dumps(data))
+    assert compare.latest_under(str(root), new) == str(root / "h200/a.json")
+    h100_run = _result("H100", "2026-12-07T10:00:00Z", [("8x3x7x7", "inference", 0.1, 2.0)])
+    assert compare.latest_under(str(root), h100_run) == str(root / "h100/newer.json")
+    out = tmp_path / "cmp.md"
+    assert compare.main(["--against-latest", str(root), str(root / "h200/new.json"), "--out", str(out)]) == 0
+    assert "a.json" in capsys.readouterr().out and "| inference | 1 | 2.00x |" in out.read_text()
+    assert "Different devices" in compare.format_report(compare.compare(old, h100_run))
