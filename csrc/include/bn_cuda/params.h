@@ -88,6 +88,7 @@ struct ForwardParams {
   int vec = 1;             // elements per vector access
   int block_x = 32;        // CUDA channels-last tiles: threads across features (block_x * vec)
   int sm_count = 1;        // CUDA: multiprocessors, for grid sizing
+  bool flat_cf = false;    // CUDA: the element-wise step as one flat run of 16-byte packs (flat_cf_ok)
 };
 
 struct BackwardParams {
@@ -123,6 +124,7 @@ struct BackwardParams {
   int vec = 1;
   int block_x = 32;
   int sm_count = 1;
+  bool flat_cf = false;
 };
 
 // Merge of per-feature Welford states from W sources (e.g. one row per process): rows of
@@ -238,12 +240,13 @@ inline int64_t plan_partitions_cuda(const View3& v, int vec, int block_x, int sm
   return (parts < 1 ? 1 : parts) * (v.channels_last ? v.G : 1);
 }
 
-// Fill vec, block_x, partitions and sm_count of a CUDA call. `ptrs` / `strides` list every
-// tensor the kernels touch with (outer, feature) element strides.
+// Fill vec, flat_cf, block_x, partitions and sm_count of a CUDA call. `ptrs` / `strides` list
+// every tensor the kernels touch with (outer, feature) element strides.
 template <typename Params>
 inline void plan_cuda(Params& p, DType t, int sm_count, const void* const* ptrs, const int64_t* strides, int n) {
   p.sm_count = sm_count;
   p.vec = pick_vec(p.v, dtype_size(t), ptrs, strides, n);
+  p.flat_cf = flat_cf_ok(p.v, p.vec, dtype_size(t), ptrs, strides, n);
   const int64_t lanes = ceil_div(p.v.C, p.vec);
   p.block_x = lanes >= 32 ? 32 : 8;
   p.partitions = plan_partitions_cuda(p.v, p.vec, p.block_x, sm_count);

@@ -76,9 +76,7 @@ cudaError_t launch_forward_finalize(const ForwardParams& p, cudaStream_t stream)
 template <typename T, int V, int BX>
 cudaError_t launch_apply(const ForwardParams& p, cudaStream_t stream) {
   const View3& v = p.v;
-  const void* ptrs[2] = {p.x, p.y};
-  const int64_t strides[4] = {p.x_so, p.x_sc, p.y_so, p.y_sc};
-  if (flat_cf_ok(v, V, sizeof(T), ptrs, strides, 2)) {  // rows of 49 and the like: 16-byte packs
+  if (p.flat_cf) {  // rows of 49 and the like: 16-byte packs
     constexpr int W = static_cast<int>(16 / sizeof(T));
     const unsigned grid = grid_1d(ceil_div(v.O * v.C * v.I, W), kCudaBlock, p.sm_count, 16);
     apply_flat_cf_kernel<T, W, kCudaBlock><<<grid, kCudaBlock, 0, stream>>>(p);
@@ -142,9 +140,7 @@ cudaError_t forward_infer_v(const ForwardParams& p, cudaStream_t stream) {
 template <typename T, int V, int BX>
 cudaError_t launch_grad_input(const BackwardParams& p, cudaStream_t stream) {
   const View3& v = p.v;
-  const void* ptrs[3] = {p.x, p.dy, p.dx};
-  const int64_t strides[6] = {p.x_so, p.x_sc, p.dy_so, p.dy_sc, p.dx_so, p.dx_sc};
-  if (flat_cf_ok(v, V, sizeof(T), ptrs, strides, 3)) {  // rows of 49 and the like: 16-byte packs
+  if (p.flat_cf) {  // rows of 49 and the like: 16-byte packs
     constexpr int W = static_cast<int>(16 / sizeof(T));
     const unsigned grid = grid_1d(ceil_div(v.O * v.C * v.I, W), kCudaBlock, p.sm_count, 16);
     grad_input_flat_cf_kernel<T, W, kCudaBlock><<<grid, kCudaBlock, 0, stream>>>(p);
