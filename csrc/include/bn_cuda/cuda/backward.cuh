@@ -135,19 +135,13 @@ __global__ void __launch_bounds__(256) grad_sums_cl_kernel(const BackwardParams 
     sh_b[ty][tx * V + e] = sb[e];
   }
   __syncthreads();
-  if (ty == 0 && c0 < C) {
+  const ColumnReduce<BX, V> col;  // every thread takes part (see common.cuh)
+  const SumPair<A> s = col.sum(sh_a, sh_b);
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * (BX * V) + col.f;
+  if (col.k == 0 && c < C) {
     A* ws = static_cast<A*>(p.workspace);
-#pragma unroll
-    for (int e = 0; e < V; ++e) {
-      A a = A(0), b = A(0);
-      for (int j = 0; j < BY; ++j) {
-        a += sh_a[j][tx * V + e];
-        b += sh_b[j][tx * V + e];
-      }
-      const int64_t idx = q * C + c0 + e;
-      ws[idx] = a;
-      ws[P * C + idx] = b;
-    }
+    ws[q * C + c] = s.a;
+    ws[P * C + q * C + c] = s.b;
   }
 }
 

@@ -150,6 +150,58 @@ __device__ __forceinline__ SumPair<A> block_sum(SumPair<A> s) {
   return s;
 }
 
+// Channels-last blocks of BX x BY threads (BX * BY = 256) end with BY row-group partials for each
+// of their F = BX * V feature columns in shared memory: [BY][F] per moment, and for counts [BY][BX]
+// (one per thread column: its V features share it). Column f is reduced by K = 256 / F consecutive
+// lanes of one warp (threads t = f * K + k, t = threadIdx.y * BX + threadIdx.x): lane k takes row
+// groups k * V .. k * V + V - 1 in order, then a shuffle tree over the K lanes leaves the column's
+// result in lane k = 0. A fixed order, so bitwise reproducible. Every thread of the block calls it
+// (the shuffles take whole warps). (Until 2026-12-06 one thread per column reduced all BY row
+// groups: with BX = 8, i.e. up to 248 fp16 channels, 8 threads of the block did 32 Chan merges for
+// each of 8 features, 256 dependent divisions while the other 248 threads waited.)
+template <int BX, int V>
+struct ColumnReduce {
+  static constexpr int BY = 256 / BX;
+  static constexpr int F = BX * V;
+  static constexpr int K = 256 / F;
+  static_assert(BX * BY == 256 && K >= 1 && K <= 32 && K * V == BY, "column reduction shape");
+  int f;  // this thread's column
+  int k;  // its rank among the column's K lanes
+  __device__ __forceinline__ ColumnReduce() {
+    const int t = static_cast<int>(threadIdx.y) * BX + static_cast<int>(threadIdx.x);
+    f = t / K;
+    k = t % K;
+  }
+  template <typename A>
+  __device__ __forceinline__ WelfordState<A> merge(const A (&mean)[BY][F], const A (&m2)[BY][F],
+                                                   const A (&n)[BY][BX]) const {
+    WelfordState<A> st = welford_empty<A>();
+#pragma unroll
+    for (int i = 0; i < V; ++i) {
+      const int j = k * V + i;
+      st = welford_merge(st, WelfordState<A>{mean[j][f], m2[j][f], n[j][f / V]});
+    }
+#pragma unroll
+    for (int off = 1; off < K; off <<= 1) st = welford_merge(st, shfl_down(st, off));
+    return st;
+  }
+  template <typename A>
+  __device__ __forceinline__ SumPair<A> sum(const A (&a)[BY][F], const A (&b)[BY][F]) const {
+    SumPair<A> s{A(0), A(0)};
+#pragma unroll
+    for (int i = 0; i < V; ++i) {
+      s.a += a[k * V + i][f];
+      s.b += b[k * V + i][f];
+    }
+#pragma unroll
+    for (int off = 1; off < K; off <<= 1) {
+      s.a += __shfl_down_sync(kFullMask, s.a, off);
+      s.b += __shfl_down_sync(kFullMask, s.b, off);
+    }
+    return s;
+  }
+};
+
 // Position (o, c, iv) of a flat vector index over (O, C, I / V), advanced by a fixed stride
 // without a division per step.
 struct FlatCursor {

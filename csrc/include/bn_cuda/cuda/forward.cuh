@@ -190,14 +190,10 @@ __global__ void __launch_bounds__(256) stats_cl_kernel(const ForwardParams p) {
   }
   sh_n[ty][tx] = n;
   __syncthreads();
-  if (ty == 0 && c0 < C) {
-#pragma unroll
-    for (int e = 0; e < V; ++e) {
-      WelfordState<A> st = welford_empty<A>();
-      for (int j = 0; j < BY; ++j) st = welford_merge(st, WelfordState<A>{sh_mean[j][tx * V + e], sh_m2[j][tx * V + e], sh_n[j][tx]});
-      store_partial(p, q * C + c0 + e, st);
-    }
-  }
+  const ColumnReduce<BX, V> col;
+  const WelfordState<A> st = col.merge(sh_mean, sh_m2, sh_n);
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * (BX * V) + col.f;
+  if (col.k == 0 && c < C) store_partial(p, q * C + c, st);
 }
 
 // One warp per feature: Chan-merge the P partials (lanes stride over partitions, then a fixed

@@ -139,11 +139,10 @@ __global__ void __launch_bounds__(256) masked_stats_cl_kernel(const ForwardParam
   sh_m2[ty][tx] = m2;
   sh_n[ty][tx] = n;
   __syncthreads();
-  if (ty == 0 && c < C) {
-    WelfordState<A> st = welford_empty<A>();
-    for (int j = 0; j < BY; ++j) st = welford_merge(st, WelfordState<A>{sh_mean[j][tx], sh_m2[j][tx], sh_n[j][tx]});
-    store_partial(p, q * C + c, st);
-  }
+  const ColumnReduce<BX, 1> col;  // (a count per feature: V = 1)
+  const WelfordState<A> st = col.merge(sh_mean, sh_m2, sh_n);
+  const int64_t cc = static_cast<int64_t>(blockIdx.x) * BX + col.f;
+  if (col.k == 0 && cc < C) store_partial(p, q * C + cc, st);
 }
 
 // grad_input of masked statistics, both layouts: a grid-stride walk over every (o, c, i).
