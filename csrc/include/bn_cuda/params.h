@@ -89,6 +89,9 @@ struct ForwardParams {
   int block_x = 32;        // CUDA channels-last tiles: threads across features (block_x * vec)
   int sm_count = 1;        // CUDA: multiprocessors, for grid sizing
   bool flat_cf = false;    // CUDA: the element-wise step as one flat run of 16-byte packs (flat_cf_ok)
+  // CUDA forward_train: statistics, finalize and apply in one launch, a block per feature
+  // (single_cf_ok; planned with one partition). The host may clear it (the same bits either way).
+  bool single_cf = false;
 };
 
 struct BackwardParams {
@@ -252,10 +255,24 @@ inline void plan_cuda(Params& p, DType t, int sm_count, const void* const* ptrs,
   p.partitions = plan_partitions_cuda(p.v, p.vec, p.block_x, sm_count);
 }
 
+// Whether a channels-first training forward runs as one launch (forward_single_cf_kernel: a
+// block of kCudaBlock threads per feature, its one partition): at most 4 of the feature's vectors
+// per thread (plan_partitions_cuda gives such inputs one partition anyway), or, with at least a
+// block per multiprocessor, 8 (e.g. 32x512x7x7 and 32x256x14x14: 1568 vectors; two partitions
+// before). Past that, one block's serial load rounds per feature would cost more than the two
+// launches saved. A function of the shape and the SM count only, as the partitions are.
+inline bool single_cf_ok(const View3& v, int vec, int sm_count) {
+  if (v.channels_last || v.G != 1 || v.C < 1 || v.I < 1) return false;
+  const int64_t nvec = v.O * (v.I / vec);
+  return nvec <= kCudaBlock * 4 || (v.C >= sm_count && nvec <= kCudaBlock * 8);
+}
+
 inline void plan_forward_cuda(ForwardParams& p, DType t, int sm_count) {
   const void* ptrs[2] = {p.x, p.y};
   const int64_t strides[4] = {p.x_so, p.x_sc, p.y_so, p.y_sc};
   plan_cuda(p, t, sm_count, ptrs, strides, 2);
+  p.single_cf = single_cf_ok(p.v, p.vec, sm_count);
+  if (p.single_cf) p.partitions = 1;
 }
 
 inline void plan_backward_cuda(BackwardParams& p, DType t, int sm_count) {

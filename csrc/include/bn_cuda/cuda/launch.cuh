@@ -123,6 +123,13 @@ cudaError_t apply_given_v(const ForwardParams& p, cudaStream_t stream) {
 // Training forward: statistics, finalize (saved + running statistics, coefficients), apply.
 template <typename T, int V, int BX>
 cudaError_t forward_train_v(const ForwardParams& p, cudaStream_t stream) {
+  if (p.single_cf && p.stat_mean == nullptr && p.keras == nullptr && p.mask == nullptr && p.y != nullptr &&
+      p.partitions == 1 && !p.v.channels_last && p.v.G == 1) {  // small channels-first input: one launch
+    if (p.v.C > 2147483647) return cudaErrorInvalidConfiguration;
+    forward_single_cf_kernel<T, V, kCudaBlock><<<static_cast<unsigned>(p.v.C), kCudaBlock, 0, stream>>>(p);
+    BN_CUDA_RETURN_IF_ERROR();
+    return cudaSuccess;
+  }
   const cudaError_t err = launch_stats<T, V, BX>(p, stream);
   // With stat_mean set, finalize hands over the merged state and writes no apply coefficients
   // (and y may be null): stop there, as the CPU forward_train does.
