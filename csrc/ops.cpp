@@ -154,7 +154,7 @@ pybind11::dict build_info() {
 namespace bn_cuda {
 void register_keras_step(pybind11::module_& m);  // common/keras_step.cpp
 #if BN_CUDA_WITH_CUDA || defined(BN_CUDA_EMULATE)
-bool set_single_cf_forward(bool on);  // cuda/ops_cuda.cpp
+bool set_single_cf(bool on);  // cuda/ops_cuda.cpp
 #endif
 }
 #ifdef BN_CUDA_EMULATE
@@ -169,9 +169,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("cpu_capability", &bn_cuda::cpu::capability_name, "The CPU kernel variant in use (avx2 or default).");
   bn_cuda::register_keras_step(m);
 #if BN_CUDA_WITH_CUDA || defined(BN_CUDA_EMULATE)
-  m.def("_set_single_cf_forward", &bn_cuda::set_single_cf_forward, pybind11::arg("on"),
-        "Testing hook: let the CUDA training forward of small channels-first inputs run as one launch "
-        "(default) or as three (the same bits); returns the previous setting.");
+  m.def("_set_single_cf", &bn_cuda::set_single_cf, pybind11::arg("on"),
+        "Testing hook: let the CUDA training forward and backward of small channels-first inputs run as "
+        "one launch each (default) or as three (the same bits); returns the previous setting.");
 #endif
 #ifdef BN_CUDA_EMULATE
   m.def("_emulated_launches", &bn_emu::launch_count,

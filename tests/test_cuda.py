@@ -71,27 +71,28 @@ def test_kernel_variants_match_float64(shape, fmt, dtype):
 
 
 @contextlib.contextmanager
-def _single_cf_forward(on):
-    """The testing hook of the one-launch channels-first training forward (on by default)."""
-    prev = bn_cuda._C._set_single_cf_forward(on)
+def _single_cf(on):
+    """The testing hook of the one-launch channels-first training forward and backward (on by default)."""
+    prev = bn_cuda._C._set_single_cf(on)
     try:
         yield
     finally:
-        bn_cuda._C._set_single_cf_forward(prev)
+        bn_cuda._C._set_single_cf(prev)
 
 
 @pytest.mark.parametrize("shape", [(2, 5, 4, 4, 4), (3, 17, 7, 7), (3, 1, 9), (4, 3, 16), (2, 40, 6, 6),
                                    (1, 3, 1024), (2, 9, 500), (3, 300, 500)])
 @pytest.mark.parametrize("fmt", ["contiguous", "misaligned", "padded"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
-def test_single_launch_channels_first_forward(shape, fmt, dtype):
-    """A small channels-first training forward (a feature's vectors fit one statistics step of a
-    block; or 8 per thread, with a block per multiprocessor) runs as one launch,
-    forward_single_cf_kernel: a block per feature takes its statistics, finalizes them (saved and
-    running statistics) and applies them. That is the three-launch path's code in the same order,
-    so with the testing hook off (the same plan, three launches) y, the saved statistics and the
-    running statistics must be the same bits; both match float64. The emulated build counts the
-    launches: 1 against 3 (the emulation plans for 132 multiprocessors, or BN_CUDA_EMULATE_SMS)."""
+def test_single_launch_channels_first(shape, fmt, dtype):
+    """A small channels-first input (a feature's vectors fit one step of a block; or 8 per thread,
+    with a block per multiprocessor) takes its training forward and its backward in one launch
+    each, forward_single_cf_kernel / backward_single_cf_kernel: a block per feature takes the
+    statistics (the gradient sums), finalizes them (saved and running statistics; grad_weight,
+    grad_bias) and applies them (grad_input). That is the three-launch path's code in the same
+    order, so with the testing hook off (the same plan, three launches) every output must be the
+    same bits; both match float64. The emulated build counts the launches: 1 against 3 each (it
+    plans for 132 multiprocessors, or BN_CUDA_EMULATE_SMS)."""
     c = shape[1]
     if fmt == "padded":  # (O, C, I) with room between features and samples
         big = _data((shape[0], c + 3) + shape[2:], dtype, seed=12, offset=4.0)
@@ -106,22 +107,26 @@ def test_single_launch_channels_first_forward(shape, fmt, dtype):
     pd = torch.float64 if dtype == torch.float64 else torch.float32
     w = (torch.rand(c, generator=g) + 0.5).to(DEV, pd)
     b = torch.randn(c, generator=g).to(DEV, pd)
+    gy = torch.randn(x.shape, generator=g).to(DEV, dtype)
     launches = getattr(bn_cuda._C, "_emulated_launches", None)
     results, counts = [], []
     for on in (True, False):
         rm = torch.randn(c, generator=torch.Generator().manual_seed(14)).to(DEV, pd)
         rv = (torch.rand(c, generator=torch.Generator().manual_seed(15)) + 0.5).to(DEV, pd)
-        with _single_cf_forward(on):
+        with _single_cf(on):
             n0 = launches() if launches else 0
             y, sm, si = torch.ops.bn_cuda.forward_train(x, w, b, rm, rv, 0.1, 1e-5, [1])
-            counts.append((launches() - n0) if launches else None)
-        results.append((y, sm, si, rm, rv))
-    for name, a, o in zip(["y", "save_mean", "save_invstd", "running_mean", "running_var"], *results):
+            n1 = launches() if launches else 0
+            dx, dw, db = torch.ops.bn_cuda.backward(gy, x, w, sm, si, True, [1], [True, True, True])
+            counts.append((n1 - n0, launches() - n1) if launches else None)
+        results.append((y, sm, si, rm, rv, dx, dw, db))
+    names = ["y", "save_mean", "save_invstd", "running_mean", "running_var", "dx", "dweight", "dbias"]
+    for name, a, o in zip(names, *results):
         assert torch.equal(a, o), name
-    if launches:  # (3, 300, 500) misaligned takes the one launch with up to 300 multiprocessors (6 vectors a thread)
-        assert counts == [1, 3]
+    if launches:  # (3, 300, 500) misaligned takes one launch with up to 300 multiprocessors (6 vectors a thread)
+        assert counts == [(1, 1), (3, 3)]
     tol = {torch.float32: 2e-5, torch.float64: 1e-12, torch.float16: 4e-3, torch.bfloat16: 3e-2}[dtype]
-    y, sm, si, rm, rv = results[0]
+    y, sm, si, rm, rv, dx, dw, db = results[0]
     ref = _ref(x, w, b)
     assert (y.double() - ref).abs().max().item() <= tol * max(1.0, ref.abs().max().item())
     dims = [0] + list(range(2, x.dim()))
@@ -133,6 +138,15 @@ def test_single_launch_channels_first_forward(shape, fmt, dtype):
     n = x.numel() // c
     torch.testing.assert_close(rm.double().cpu(), (0.9 * rm0 + 0.1 * mean.cpu()), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(rv.double().cpu(), (0.9 * rv0 + 0.1 * var.cpu() * n / (n - 1)), rtol=1e-4, atol=1e-5)
+    # the backward against float64 autograd at the saved statistics' data
+    xd = x.double().requires_grad_(True)
+    wd = w.double().requires_grad_(True)
+    bd = b.double().requires_grad_(True)
+    shp = [1, c] + [1] * (x.dim() - 2)
+    v64, m64 = torch.var_mean(xd, dims, unbiased=False, keepdim=True)
+    ((xd - m64) * torch.rsqrt(v64 + 1e-5) * wd.view(shp) + bd.view(shp)).backward(gy.double())
+    for got, want in ((dx, xd.grad), (dw, wd.grad), (db, bd.grad)):
+        assert (got.double() - want).abs().max().item() <= 4 * tol * max(1.0, want.abs().max().item())
 
 
 @pytest.mark.parametrize("shape", [(4, 3, 7, 7), (3, 17, 5, 3), (3, 1, 9), (6, 40, 11), (2, 5, 3, 3, 3)])
@@ -159,9 +173,9 @@ def test_flat_channels_first_walk(shape, dtype):
         xi = inp.detach().requires_grad_(True)
         w.grad = b.grad = None
         rm, rv = torch.zeros(c, device=DEV), torch.ones(c, device=DEV)
-        with _single_cf_forward(False):  # (these small inputs would take the one-launch forward)
+        with _single_cf(False):  # (these small inputs would take the one-launch forward and backward)
             y = batch_norm(xi, rm, rv, w, b, training=True)
-        y.backward(gy)
+            y.backward(gy)
         yi = batch_norm(xi.detach(), rm, rv, w.detach(), b.detach(), training=False)
         results.append((y.detach(), xi.grad, w.grad.clone(), b.grad.clone(), rm, rv, yi))
     for name, a, o in zip(["y", "dx", "dw", "db", "running_mean", "running_var", "y_eval"], *results):

@@ -116,10 +116,10 @@ const bool kConvertRegistered = (register_device_convert(c10::DeviceType::CPU, &
 const bool kConvertRegistered = (register_device_convert(c10::DeviceType::CUDA, &convert_on_device), true);
 #endif
 
-// Testing hook (bn_cuda._C._set_single_cf_forward): whether forward_train may take the
-// one-launch channels-first path (ForwardParams::single_cf). Off, the same plan runs as three
-// launches; tests/test_cuda.py holds the two to the same bits.
-std::atomic<bool> g_single_cf_forward{true};
+// Testing hook (bn_cuda._C._set_single_cf): whether forward_train and backward may take the
+// one-launch channels-first path (ForwardParams / BackwardParams::single_cf). Off, the same plan
+// runs as three launches; tests/test_cuda.py holds the two to the same bits.
+std::atomic<bool> g_single_cf{true};
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_train_cuda(
     const at::Tensor& input, const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
@@ -131,7 +131,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_train_cuda(
   at::Tensor ws;
   if (!call.skip) {
     plan_forward_cuda(call.p, call.dtype, sm_count());
-    if (!g_single_cf_forward.load(std::memory_order_relaxed)) call.p.single_cf = false;
+    if (!g_single_cf.load(std::memory_order_relaxed)) call.p.single_cf = false;
     ws = workspace(input, forward_workspace_bytes(call.p.v, call.p.partitions, acc_size(call.dtype)), call.dtype);
     call.p.workspace = ws.data_ptr();
     C10_CUDA_CHECK(cuda::forward_train(call.dtype, call.p, current_stream()));
@@ -168,6 +168,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(const at::Tensor& g
   at::Tensor ws;
   if (!call.skip) {
     plan_backward_cuda(call.p, call.dtype, sm_count());
+    if (!g_single_cf.load(std::memory_order_relaxed)) call.p.single_cf = false;
     ws = workspace(input, backward_workspace_bytes(call.p.v, call.p.partitions, acc_size(call.dtype)), call.dtype);
     call.p.workspace = ws.data_ptr();
     C10_CUDA_CHECK(cuda::backward(call.dtype, call.p, current_stream()));
@@ -434,8 +435,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 
 }  // namespace
 
-// (registered as bn_cuda._C._set_single_cf_forward by ops.cpp) Returns the previous setting.
-bool set_single_cf_forward(bool on) { return g_single_cf_forward.exchange(on); }
+// (registered as bn_cuda._C._set_single_cf by ops.cpp) Returns the previous setting.
+bool set_single_cf(bool on) { return g_single_cf.exchange(on); }
 }  // namespace bn_cuda
 
 #ifdef BN_CUDA_EMULATE

@@ -128,6 +128,7 @@ struct BackwardParams {
   int block_x = 32;
   int sm_count = 1;
   bool flat_cf = false;
+  bool single_cf = false;  // CUDA backward: sums, finalize and grad_input in one launch (as ForwardParams')
 };
 
 // Merge of per-feature Welford states from W sources (e.g. one row per process): rows of
@@ -283,6 +284,8 @@ inline void plan_backward_cuda(BackwardParams& p, DType t, int sm_count) {
   const bool need_sums =
       p.given_sum_dy == nullptr && (p.grad_weight || p.grad_bias || p.out_sum_dy || (p.dx && p.train));
   if (!need_sums) p.partitions = 0;
+  p.single_cf = need_sums && single_cf_ok(p.v, p.vec, sm_count);
+  if (p.single_cf) p.partitions = 1;
 }
 
 // CPU: a fixed amount of work per partial (independent of the thread count), so the result does

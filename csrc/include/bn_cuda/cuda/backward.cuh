@@ -12,15 +12,15 @@
 namespace BN_CUDA_NAMESPACE {
 namespace cuda {
 
+// Channels-first gradient sums: block (c, q) sums partition q of feature c. (The block's work,
+// for grad_sums_cf_kernel and backward_single_cf_kernel: every thread calls it.)
 template <typename T, int V, int BLOCK>
-__global__ void __launch_bounds__(BLOCK) grad_sums_cf_kernel(const BackwardParams p) {
+__device__ __forceinline__ void grad_sums_cf_block(const BackwardParams& p, int64_t c, int64_t q) {
   using A = acc_t<T>;
   // Packs per thread per step: 16 elements for 1- and 2-element packs (rows of odd or
   // 2-mod-4 length, e.g. 7 x 7 = 49), so that each thread has 16 loads in flight rather than 4.
   constexpr int U = V >= 4 ? 2 : (V * sizeof(T) >= 16 ? 4 : 16 / V);
   const int64_t C = p.v.C, P = p.partitions;
-  const int64_t c = blockIdx.x, q = block_partition();
-  if (q >= P) return;  // block-uniform, before any barrier
   const int64_t Iv = p.v.I / V;
   const int64_t nvec = p.v.O * Iv;
   const int64_t per = ceil_div(nvec, P);
@@ -66,6 +66,13 @@ __global__ void __launch_bounds__(BLOCK) grad_sums_cf_kernel(const BackwardParam
     ws[idx] = s.a;
     ws[P * C + idx] = s.b;
   }
+}
+
+template <typename T, int V, int BLOCK>
+__global__ void __launch_bounds__(BLOCK) grad_sums_cf_kernel(const BackwardParams p) {
+  const int64_t q = block_partition();
+  if (q >= p.partitions) return;  // block-uniform, before any barrier
+  grad_sums_cf_block<T, V, BLOCK>(p, blockIdx.x, q);
 }
 
 template <typename T, int V, int BX>
@@ -290,6 +297,55 @@ __global__ void __launch_bounds__(BLOCK) grad_input_cf_kernel(const BackwardPara
     for (int e = 0; e < V; ++e) gv[e] = grad_one(gv[e], xv[e], g);
     store_pack<T, V>(dx + cur.o * p.dx_so + cur.c * p.dx_sc + cur.iv * V, gv);
     cur.advance();
+  }
+}
+
+// The whole channels-first backward of a small input in one launch (BackwardParams::single_cf, see
+// single_cf_ok), as forward_single_cf_kernel for the forward: block c is feature c, its one
+// partition. The block sums as grad_sums_cf_kernel's block (c, 0) does, warp 0 finalizes as
+// finalize_backward_kernel's warp does (grad_weight, grad_bias, the grad_input coefficients), and
+// the block computes the feature's grad_input as grad_input_cf_kernel does: the same bits as those
+// three launches, and x and dy, just read, come back from L1 / L2.
+template <typename T, int V, int BLOCK>
+__global__ void __launch_bounds__(BLOCK) backward_single_cf_kernel(const BackwardParams p) {
+  using A = acc_t<T>;
+  const int64_t c = blockIdx.x;
+  grad_sums_cf_block<T, V, BLOCK>(p, c, 0);
+  __syncthreads();  // thread 0's sums (global memory) are visible to warp 0
+  if (threadIdx.x < 32) finalize_backward_entry<A>(p, c, static_cast<int>(threadIdx.x));
+  __syncthreads();  // and lane 0's coefficients to the block
+  const int64_t C = p.v.C, F = C, Iv = p.v.I / V, nvec = p.v.O * Iv;
+  const A* coeff = static_cast<const A*>(p.workspace) + 2 * p.partitions * C;
+  const GradCoeffs<A> g{coeff[c], coeff[F + c], coeff[2 * F + c], coeff[3 * F + c]};
+  const T* x = static_cast<const T*>(p.x) + c * p.x_sc;
+  const T* dy = static_cast<const T*>(p.dy) + c * p.dy_sc;
+  T* dx = static_cast<T*>(p.dx) + c * p.dx_sc;
+  int64_t k = threadIdx.x;
+  if (k >= nvec) return;
+  RowCursor cur;
+  cur.init(k, BLOCK, Iv);
+  constexpr int U = 4;  // vectors per thread whose loads are issued together (single_cf_ok: <= 8 in all)
+  for (; k < nvec; k += static_cast<int64_t>(BLOCK) * U) {
+    A gv[U][V], xv[U][V];
+    int64_t oo[U], io[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      if (k + static_cast<int64_t>(u) * BLOCK < nvec) {
+        oo[u] = cur.o;
+        io[u] = cur.iv * V;
+        load_pack<T, V>(dy + cur.o * p.dy_so + io[u], gv[u]);
+        load_pack<T, V>(x + cur.o * p.x_so + io[u], xv[u]);
+        cur.advance();
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      if (k + static_cast<int64_t>(u) * BLOCK < nvec) {
+#pragma unroll
+        for (int e = 0; e < V; ++e) gv[u][e] = grad_one(gv[u][e], xv[u][e], g);
+        store_pack<T, V>(dx + oo[u] * p.dx_so + io[u], gv[u]);
+      }
+    }
   }
 }
 

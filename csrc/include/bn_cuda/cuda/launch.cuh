@@ -173,6 +173,13 @@ template <typename T, int V, int BX>
 cudaError_t backward_v(const BackwardParams& p, cudaStream_t stream) {
   using A = acc_t<T>;
   const View3& v = p.v;
+  if (p.single_cf && p.keras_grads == nullptr && p.mask == nullptr && p.given_sum_dy == nullptr &&
+      p.dx != nullptr && p.partitions == 1 && !v.channels_last && v.G == 1) {  // small channels-first input: one launch
+    if (v.C > 2147483647) return cudaErrorInvalidConfiguration;
+    backward_single_cf_kernel<T, V, kCudaBlock><<<static_cast<unsigned>(v.C), kCudaBlock, 0, stream>>>(p);
+    BN_CUDA_RETURN_IF_ERROR();
+    return cudaSuccess;
+  }
   if (p.partitions > 0) {
     dim3 grid;
     if (!reduction_grid(v, V, BX, p.partitions, grid)) return cudaErrorInvalidConfiguration;
