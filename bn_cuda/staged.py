@@ -457,7 +457,8 @@ def keras_backward(grad_out: Tensor, input: Tensor, mean: Tensor, invstd: Tensor
     Returns ``(grad_input, grad_gamma, grad_beta, grad_adj_scale, grad_adj_bias)``, bitwise what
     the two ops return; ``output_mask``: which of (input, gamma, beta, adj_scale, adj_bias) to
     compute (the others are empty). On CUDA, with at most 16 ghosts, the sums' finalize and
-    keras_grads run as one kernel: three kernels in all, as the plain layer's backward.
+    keras_grads run as one kernel: three kernels in all, as the plain layer's backward in general
+    (one for a small channels-first input, backward_single_cf_kernel).
     """
     who = "bn_cuda.staged.keras_backward"
     mask = [bool(m) for m in output_mask]
