@@ -260,8 +260,9 @@ inline void plan_cuda(Params& p, DType t, int sm_count, const void* const* ptrs,
 // block of kCudaBlock threads per feature, its one partition): at most 4 of the feature's vectors
 // per thread (plan_partitions_cuda gives such inputs one partition anyway), or, with at least a
 // block per multiprocessor, 8 (e.g. 32x512x7x7 and 32x256x14x14: 1568 vectors; two partitions
-// before). Past that, one block's serial load rounds per feature would cost more than the two
-// launches saved. A function of the shape and the SM count only, as the partitions are.
+// before). Past that, I estimate (not yet measured on a GPU) that one block's serial load rounds
+// per feature cost more than the two launches saved. A function of the shape and the SM count
+// only, as the partitions are.
 inline bool single_cf_ok(const View3& v, int vec, int sm_count) {
   if (v.channels_last || v.G != 1 || v.C < 1 || v.I < 1) return false;
   const int64_t nvec = v.O * (v.I / vec);
