@@ -18,13 +18,20 @@ WORK="$ROOT/build/emulated"
 cd "$WORK"
 export BN_CUDA_PYTHON="$PY" BN_CUDA_EMULATE=1 BN_CUDA_EXPECT_EMULATED=1
 unset BN_CUDA_FORCE_CUDA BN_CUDA_CPU_ONLY
+# The emulation runs on one host thread per process: the suites go out to pytest-xdist workers,
+# one per core (BN_CUDA_EMULATE_JOBS; at most 8, and 1, or no pytest-xdist, runs them in-process).
+bn_ensure xdist:pytest-xdist
+JOBS="${BN_CUDA_EMULATE_JOBS:-$(nproc)}"
+[ "$JOBS" -gt 8 ] && JOBS=8
+PARALLEL=()
+if [ "$JOBS" -gt 1 ] && bn_has xdist; then PARALLEL=(-n "$JOBS"); fi
 for order in forward reverse; do
-  echo "== emulate: the CUDA kernels under the host emulation, $order order, in $WORK"
-  BN_CUDA_EMULATE_ORDER=$order ./scripts/test.sh -p no:cacheprovider "$@"
+  echo "== emulate: the CUDA kernels under the host emulation, $order order, in $WORK (${PARALLEL[*]:-in-process})"
+  BN_CUDA_EMULATE_ORDER=$order ./scripts/test.sh -p no:cacheprovider "${PARALLEL[@]}" "$@"
   export BN_CUDA_SKIP_BUILD=1
 done
 # The planners size grids by the multiprocessor count (132 above, an H100 / H200): the kernel
 # suites once more on 7, where the grid-stride loops take many more turns.
 echo "== emulate: the kernel suites planned for 7 multiprocessors"
-BN_CUDA_EMULATE_SMS=7 TF_CPP_MIN_LOG_LEVEL=2 "$PY" -m pytest -q -ra -p no:cacheprovider "$@" \
+BN_CUDA_EMULATE_SMS=7 TF_CPP_MIN_LOG_LEVEL=2 "$PY" -m pytest -q -ra -p no:cacheprovider "${PARALLEL[@]}" "$@" \
   tests/test_cuda.py tests/test_functional.py tests/test_staged.py tests/test_variants.py

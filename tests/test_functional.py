@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import bn_cuda
 from bn_cuda.functional import batch_norm
 from conftest import (LAYOUTS, apply_layout, assert_close_ref, coarser, feature_shape, hand_reference, layout_ok,
                       make_features, make_input, reference_batch_norm)
@@ -289,6 +290,13 @@ def test_converted_per_feature_tensors_equal_explicit_conversion(dtype, feat, C,
     results of passing them converted with .to(), the updated running statistics rounded back as
     .to() rounds, for the forward (training and evaluation) and the backward; and no version bump
     of the running statistics, as for float32 ones and torch's batch norm."""
+    if (C > 1000 and device == "cpu" and bn_cuda.build_info()["emulated_cuda"]
+            and (dtype, feat) != (torch.bfloat16, torch.bfloat16)):
+        # In the emulated build (scripts/emulate.sh) "cpu" runs the CUDA kernels under the host
+        # emulation, where a C >= 70000 case is 70000 blocks of 256 threads, a minute or more each.
+        # There every C takes the same conversion path (the batched one, no size threshold), so
+        # the large cases run for one dtype pair; all of them run in the CPU build and on a GPU.
+        pytest.skip("emulated build: the large-C cases run for bfloat16 / bfloat16 only")
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     N = 3 if C > 1000 else 6
     x = make_input((N, C, 2), 1, dtype, device, offset=3.0)

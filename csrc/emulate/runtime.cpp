@@ -44,8 +44,10 @@ constexpr size_t kStackBytes = 256 * 1024;
 constexpr size_t kGuardBytes = 4096;
 
 #if BN_EMU_ASM_SWITCH
-// Saves the callee-saved registers, MXCSR and the x87 control word on the current stack, stores
-// the stack pointer in *save and resumes the context whose stack pointer is `load`.
+// Saves the callee-saved registers on the current stack, stores the stack pointer in *save and
+// resumes the context whose stack pointer is `load`. MXCSR and the x87 control word are not
+// switched: every fiber runs on the launching thread with its control words, which the kernels
+// never change (saving and reloading them took most of a switch's time).
 extern "C" void bn_emu_switch(void** save, void* load);
 asm(R"(
   .text
@@ -59,14 +61,8 @@ bn_emu_switch:
   pushq %r13
   pushq %r14
   pushq %r15
-  subq $8, %rsp
-  stmxcsr (%rsp)
-  fnstcw 4(%rsp)
   movq %rsp, (%rdi)
   movq %rsi, %rsp
-  ldmxcsr (%rsp)
-  fldcw 4(%rsp)
-  addq $8, %rsp
   popq %r15
   popq %r14
   popq %r13
@@ -113,6 +109,11 @@ struct State {
   uint64_t launches = 0;  // kernels launched (accepted launches), for the tests' kernel counts
   const char* site = nullptr;
   Fiber* cur = nullptr;
+  // The block's scheduling scan (run_block): passes over its threads in order, each resuming the
+  // ones that can go on; a thread that waits or exits hands over to the next one itself.
+  unsigned scan = 0;      // position of the next thread to look at in this pass
+  bool progress = false;  // some thread was resumed in this pass
+  int done = 0;           // threads that exited
 #if BN_EMU_ASM_SWITCH
   void* sched_sp = nullptr;
 #else
@@ -131,12 +132,54 @@ State& st() {
   return s;
 }
 
+bool reverse_order();
+
+// The next thread of the scan that can run: not exited, and not waiting for a barrier or a warp
+// exchange that has not completed yet. A pass that resumed nobody while threads remain is a
+// deadlock; null then, and when every thread exited.
+Fiber* next_runnable() {
+  State& s = st();
+  const unsigned n = static_cast<unsigned>(s.threads);
+  const bool rev = reverse_order();
+  for (;;) {
+    while (s.scan < n) {
+      Fiber& f = s.fibers[rev ? n - 1 - s.scan : s.scan];
+      ++s.scan;
+      if (f.done) continue;
+      if (f.wait == Fiber::kBlockBarrier) {
+        if (s.gen == f.gen) continue;
+      } else if (f.wait == Fiber::kWarpExchange) {
+        if (s.warps[f.warp].gen == f.gen) continue;
+      }
+      s.progress = true;
+      return &f;
+    }
+    if (s.done == s.threads || !s.progress) return nullptr;
+    s.scan = 0;
+    s.progress = false;
+  }
+}
+
+// The current thread waits, exited or failed: switch straight to the next runnable thread (one
+// context switch, not two through the scheduler), or back to the scheduler when there is none
+// or the launch failed.
 void to_scheduler() {
   State& s = st();
+  Fiber& f = *s.cur;
+  Fiber* g = s.failed ? nullptr : next_runnable();
+  if (g == &f) {  // (cannot happen: it waits for others; kept for safety)
+    f.wait = Fiber::kRunning;
+    return;
+  }
+  if (g) {
+    g->wait = Fiber::kRunning;
+    s.cur = g;
+    threadIdx = g->tid;
+  }
 #if BN_EMU_ASM_SWITCH
-  bn_emu_switch(&s.cur->sp, s.sched_sp);
+  bn_emu_switch(&f.sp, g ? g->sp : s.sched_sp);
 #else
-  swapcontext(&s.cur->uc, &s.sched_uc);
+  swapcontext(&f.uc, g ? &g->uc : &s.sched_uc);
 #endif
 }
 
@@ -171,23 +214,17 @@ void thread_exited() {
     fail(thread_name(f) + " exited while " + std::to_string(w.arrived) + " lane(s) of its warp wait in a shuffle");
 }
 
-#if BN_EMU_ASM_SWITCH
 [[noreturn]] void fiber_main() {
   State& s = st();
   s.body(s.ctx);
   thread_exited();
-  to_scheduler();
+  ++s.done;
+  to_scheduler();  // an exited thread is never resumed
   std::abort();
 }
-#else
-void fiber_main() {
-  State& s = st();
-  s.body(s.ctx);
-  thread_exited();
-}
-#endif
 
-void start_fiber(Fiber& f) {
+void start_fiber(Fiber& f, unsigned index) {
+  const size_t color = (size_t(index) * 1088) % 16384;  // 64-byte steps over 16 KiB
   if (!f.stack) {
     void* m = mmap(nullptr, kStackBytes + kGuardBytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (m == MAP_FAILED) {
@@ -198,25 +235,21 @@ void start_fiber(Fiber& f) {
     f.stack = static_cast<char*>(m);
   }
 #if BN_EMU_ASM_SWITCH
-  char* top = f.stack + kGuardBytes + kStackBytes;
-  // What bn_emu_switch pops: control words, r15..rbp, then the return address (fiber_main),
-  // placed so that fiber_main starts with the stack alignment of a called function.
+  // The stacks are kStackBytes + kGuardBytes apart, so their tops would all fall in one cache set
+  // and every switch would miss; each starts `color` bytes lower instead.
+  char* top = f.stack + kGuardBytes + kStackBytes - color;
+  // What bn_emu_switch pops: r15..rbp, then the return address (fiber_main), placed so that
+  // fiber_main starts with the stack alignment of a called function.
   auto* ret = reinterpret_cast<uint64_t*>((reinterpret_cast<uintptr_t>(top) - 32) & ~uintptr_t(15));
   ret[0] = reinterpret_cast<uint64_t>(&fiber_main);
   ret[1] = 0;
-  uint64_t* sp = ret - 7;
-  for (int k = 1; k < 7; ++k) sp[k] = 0;
-  uint32_t mxcsr;
-  uint16_t fpucw;
-  asm volatile("stmxcsr %0" : "=m"(mxcsr));
-  asm volatile("fnstcw %0" : "=m"(fpucw));
-  std::memcpy(reinterpret_cast<char*>(sp), &mxcsr, 4);
-  std::memcpy(reinterpret_cast<char*>(sp) + 4, &fpucw, 2);
+  uint64_t* sp = ret - 6;
+  for (int k = 0; k < 6; ++k) sp[k] = 0;
   f.sp = sp;
 #else
   getcontext(&f.uc);
   f.uc.uc_stack.ss_sp = f.stack + kGuardBytes;
-  f.uc.uc_stack.ss_size = kStackBytes;
+  f.uc.uc_stack.ss_size = kStackBytes - color;
   f.uc.uc_link = &st().sched_uc;
   makecontext(&f.uc, fiber_main, 0);
 #endif
@@ -272,31 +305,18 @@ bool run_block(unsigned nthreads) {
     f.done = false;
     f.wait = Fiber::kRunning;
     f.exchanges = 0;
-    start_fiber(f);
+    start_fiber(f, t);
   }
-  const bool rev = reverse_order();
-  int done = 0;
-  while (done < static_cast<int>(nthreads)) {
-    bool progress = false;
-    for (unsigned k = 0; k < nthreads; ++k) {
-      Fiber& f = s.fibers[rev ? nthreads - 1 - k : k];
-      if (f.done) continue;
-      if (f.wait == Fiber::kBlockBarrier) {
-        if (s.gen == f.gen) continue;
-      } else if (f.wait == Fiber::kWarpExchange) {
-        if (s.warps[f.warp].gen == f.gen) continue;
-      }
-      f.wait = Fiber::kRunning;
-      resume(f);
-      progress = true;
-      if (s.failed) return false;
-      if (f.done) ++done;
-    }
-    if (!progress) {
-      s.failed = true;
-      s.message = describe_deadlock();
-      return false;
-    }
+  s.scan = 0;
+  s.progress = false;
+  s.done = 0;
+  Fiber* first = next_runnable();
+  resume(*first);  // the threads hand over to each other until none can run
+  if (s.failed) return false;
+  if (s.done < s.threads) {
+    s.failed = true;
+    s.message = describe_deadlock();
+    return false;
   }
   return true;
 }
