@@ -1,5 +1,6 @@
 // Scheduler of the host emulation (cuda_emu.h): blocks one after another, each block's threads as
-// fibers on the calling thread, switched only at __syncthreads() and warp shuffles. Launches are
+// fibers on the calling thread, switched only at __syncthreads() and warp shuffles, where the
+// waiting thread hands over to the next one of the scheduling scan itself. Launches are
 // serialized by a mutex (the kernels' __shared__ arrays are function statics here).
 //
 // Environment:
