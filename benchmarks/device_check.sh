@@ -118,6 +118,10 @@ step kernel-profile 60 "$PY" -m benchmarks.kernel_profile --out "$WORK/kernel_pr
   "$WORK/bench/gpu-graphs.json" --top 12 --out "$WORK/compare-graphs.md" >>"$WORK/compare.log" 2>&1
 
 
+# With time left: a minute of random configurations through the CUDA kernels against float64
+# (and the one-launch channels-first path against the three-launch one, bitwise).
+step crosscheck-cuda 80 "$PY" scripts/crosscheck_kernels.py --device cuda --seed 1 --minutes 1
+
 # With time left: the CPU tests too (they also run in CI).
 [ -z "${BN_CUDA_SKIP_REST:-}" ] && step pytest-rest 120 "$PY" -m pytest tests -q -ra -m "not cuda and not tf" -x -p no:cacheprovider \
   --ignore=tests/test_distributed.py --ignore=tests/test_consumer_ext.py
@@ -129,6 +133,7 @@ step kernel-profile 60 "$PY" -m benchmarks.kernel_profile --out "$WORK/kernel_pr
   grep -E "(FAILED|ERROR)( |$)" "$WORK/pytest-cuda.log" | grep -v "^FAILED\|^ERROR" | sed 's/^\[gw[0-9]*\] //' | sort -u | head -80
   echo "(passed: $(grep -c ' PASSED ' "$WORK/pytest-cuda.log"), failed: $(grep -c ' FAILED ' "$WORK/pytest-cuda.log"), skipped: $(grep -c ' SKIPPED ' "$WORK/pytest-cuda.log"))"
   tail -n 40 "$WORK/pytest-cuda.log"; echo '```'
+  [ -f "$WORK/crosscheck-cuda.log" ] && { echo "## crosscheck (cuda)"; echo '```'; grep -A1 "^FAILED" "$WORK/crosscheck-cuda.log" | head -40; tail -n 4 "$WORK/crosscheck-cuda.log"; echo '```'; }
   [ -f "$WORK/bench.log" ] && { echo "## benchmark"; echo '```'; tail -n 80 "$WORK/bench.log"; echo '```'; }
   [ -f "$WORK/compare-eager.md" ] && { echo; echo "## against the last committed run, eager"; cat "$WORK/compare-eager.md"; }
   [ -f "$WORK/compare-graphs.md" ] && { echo; echo "## against the last committed run, CUDA graphs"; cat "$WORK/compare-graphs.md"; }

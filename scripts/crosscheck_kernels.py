@@ -102,13 +102,14 @@ def lay_out(x: torch.Tensor, layout: str) -> torch.Tensor:
     return apply_layout(x, layout)
 
 
-def torch_in_dtype(x, rm0, rv0, w, b, mom, eps, axis, g, training: bool) -> dict:
+def torch_in_dtype(x, rm0, rv0, w, b, mom, eps, axis, g, training: bool, pdtype: torch.dtype) -> dict:
     """The arbiter: torch's own batch norm on the same values in the input's dtype (per-feature
-    tensors in float32, or float64 for float64 input), features moved last as for the reference.
-    A tolerance miss of bn_cuda counts only when it is also well beyond torch's own error."""
+    tensors in theirs when it is the input's, else in float32, or float64 for float64 input),
+    features moved last as for the reference. A tolerance miss of bn_cuda counts only when it is
+    also well beyond torch's own error (e.g. a float16 grad_bias past 65504: inf in both)."""
     axes = feature_axes(axis, x.dim())
     c = math.prod(x.shape[a] for a in axes)
-    pd = torch.float64 if x.dtype == torch.float64 else torch.float32
+    pd = pdtype if pdtype == x.dtype else torch.float64 if x.dtype == torch.float64 else torch.float32
 
     def prep(t, grad=False):
         return None if t is None else t.detach().to(pd).reshape(c).clone().requires_grad_(grad)
@@ -137,9 +138,9 @@ ARBITRATED = Counter()
 WORST = {}  # name -> the largest (bn_cuda's error / torch's) among the arbitrated misses
 
 
-def check(name: str, actual, ref, dtype, arbiter: dict, scale=None, factor: float = 4.0) -> None:
+def check(name: str, actual, ref, dtype, arbiter: dict, scale=None, factor: float = 4.0, slack: float = 0.0) -> None:
     """assert_close_ref, or on a miss: bn_cuda's error at most `factor` times torch's own error
-    (in the input's dtype) plus the tolerance's absolute part."""
+    (in the input's dtype) plus the tolerance's absolute part plus `slack`."""
     try:
         assert_close_ref(actual, ref, dtype, name, scale=scale)
     except AssertionError:
@@ -148,11 +149,12 @@ def check(name: str, actual, ref, dtype, arbiter: dict, scale=None, factor: floa
             raise
         sc = scale if scale is not None else max(float(ref.abs().max()) if ref.numel() else 1.0, 1e-30)
         e_ours, e_torch = max_err(actual, ref), max_err(theirs, ref)
-        if not (e_ours <= factor * e_torch + TOLS[dtype][1] * sc):
+        if not (e_ours <= factor * e_torch + TOLS[dtype][1] * sc + slack):
             raise AssertionError(f"{name} ({dtype}): error {e_ours:.3g} against float64, torch's own in the "
                                  f"input's dtype {e_torch:.3g} (scale {sc:.3g})") from None
         ARBITRATED[name] += 1
-        WORST[name] = max(WORST.get(name, 0.0), e_ours / max(e_torch, 1e-300))
+        ratio = 1.0 if e_ours == e_torch else e_ours / max(e_torch, 1e-300)  # (inf in both: 1)
+        WORST[name] = max(WORST.get(name, 0.0), ratio)
 
 
 @contextmanager
@@ -208,11 +210,22 @@ def run_case(case: dict, device: str, hook: bool) -> None:
             assert got["out"].is_contiguous(memory_format=fmt), f"output not in the input's {fmt}"
     try:
         arb = torch_in_dtype(x.cpu(), *(t.cpu() if t is not None else None for t in (rm0, rv0, w, b)), mom, eps,
-                             axis, g.cpu(), True)
+                             axis, g.cpu(), True, pdtype)
         arb = {"output": arb["out"], **arb}
     except RuntimeError:  # (a dtype combination torch's CPU kernel refuses: no arbiter)
         arb = {}
-    check("output", got["out"], ref["out"], dtype, arb)
+    # A float32 mean (the CUDA kernels' apply subtracts one) is within half an ulp of the true
+    # mean, which moves an output by that times the feature's scale w * invstd: with |mean| >> std
+    # (two close values at offset 30) more than torch's CPU path, which sums float32 in float64.
+    slack = 0.0
+    if dtype == torch.float32 and x.numel():
+        axes = feature_axes(axis, x.dim())
+        red = [d for d in range(x.dim()) if d not in axes]
+        x64 = x.detach().cpu().double()
+        m, v = x64.mean(red), x64.var(red, unbiased=False)
+        wabs = w.detach().cpu().double().abs().reshape(m.shape) if w is not None else 1.0
+        slack = 2 * float((m.abs() * 2.0**-24 * wabs * (v + eps).rsqrt()).max())
+    check("output", got["out"], ref["out"], dtype, arb, slack=slack)
     check("grad_input", got["grad_input"], ref["grad_input"], dtype, arb, scale=ref["grad_input_scale"])
     wt = coarser(dtype, pdtype, torch.float32)
     if w is not None:
@@ -237,7 +250,7 @@ def run_case(case: dict, device: str, hook: bool) -> None:
         ref_inf = reference_batch_norm(x, rm0, rv0, w, b, training=False, eps=eps, axis=axis)
         try:
             arb = torch_in_dtype(x.cpu(), *(t.cpu() if t is not None else None for t in (rm0, rv0, w, b)), mom, eps,
-                                 axis, None, False)
+                                 axis, None, False, pdtype)
             arb = {"inference output": arb["out"]}
         except RuntimeError:
             arb = {}
