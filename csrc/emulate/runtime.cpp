@@ -164,7 +164,7 @@ Fiber* next_runnable() {
 // The current thread waits, exited or failed: switch straight to the next runnable thread (one
 // context switch, not two through the scheduler), or back to the scheduler when there is none
 // or the launch failed.
-void to_scheduler() {
+void hand_over() {
   State& s = st();
   Fiber& f = *s.cur;
   Fiber* g = s.failed ? nullptr : next_runnable();
@@ -196,7 +196,7 @@ std::string thread_name(const Fiber& f) {
   State& s = st();
   s.failed = true;
   s.message = what;
-  to_scheduler();
+  hand_over();
   std::fprintf(stderr, "bn_cuda emulation: a failed thread was resumed\n");
   std::abort();
 }
@@ -220,7 +220,7 @@ void thread_exited() {
   s.body(s.ctx);
   thread_exited();
   ++s.done;
-  to_scheduler();  // an exited thread is never resumed
+  hand_over();  // an exited thread is never resumed
   std::abort();
 }
 
@@ -405,7 +405,7 @@ void syncthreads(const char* site) {
     return;
   }
   f.wait = Fiber::kBlockBarrier;
-  to_scheduler();
+  hand_over();
 }
 
 uint64_t shfl_down_bits(uint64_t bits, unsigned delta, unsigned mask, int width) {
@@ -425,7 +425,7 @@ uint64_t shfl_down_bits(uint64_t bits, unsigned delta, unsigned mask, int width)
     ++w.gen;
   } else {
     f.wait = Fiber::kWarpExchange;
-    to_scheduler();
+    hand_over();
   }
   // A lane can post into this bank again only after the next exchange completed, which needs
   // every lane of the warp, this one included, to have read here first.
