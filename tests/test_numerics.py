@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import bn_cuda  # noqa: F401  (registers torch.ops.bn_cuda)
 from bn_cuda.functional import batch_norm
-from conftest import apply_layout, make_features, make_input, max_err, reference_batch_norm
+from conftest import apply_layout, assert_close_ref, make_features, make_input, max_err, reference_batch_norm
 
 ops = torch.ops.bn_cuda
 
@@ -25,6 +25,8 @@ OFFSET_CASES = [
     ((3000, 40), "contiguous"),
     ((37, 2500), "contiguous"),        # wide rows: two column tiles of the CPU statistics (2048 + 452)
     ((3, 2100, 2, 3), "channels_last"),  # the same channels-last (2048 + 52)
+    ((64, 17, 2, 2), "contiguous"),    # short dense rows: statistics as channels-last columns
+    ((32, 3, 5, 5), "contiguous"),     # (16 + 9 elements per row), merged per feature
 ]
 
 
@@ -86,11 +88,12 @@ def test_large_offset_saved_stats(offset, axis, device):
     assert float(((var.cpu() - ref_var) / ref_var).abs().max()) < 1e-4
 
 
+@pytest.mark.parametrize("hw", [(5, 7), (3, 3)])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-def test_constant_features_zero_variance(layout, device):
+def test_constant_features_zero_variance(layout, hw, device):
     """Exactly constant features (per feature, at a large offset) give variance 0, never < 0."""
     base = torch.tensor([1e6, -3e5, 7.0, 1e-3], dtype=torch.float32)
-    x = apply_layout(base.view(1, 4, 1, 1).expand(6, 4, 5, 7).contiguous().to(device), layout)
+    x = apply_layout(base.view(1, 4, 1, 1).expand(6, 4, *hw).contiguous().to(device), layout)
     rv = torch.full((4,), 2.0, device=device)
     rm = torch.zeros(4, device=device)
     b = torch.randn(4, device=device)
@@ -164,6 +167,13 @@ def test_low_precision_vs_torch(shape, offset, scale, layout, dtype, device):
 # (torch's CPU kernels sum float32 in float64, so the 2x rule of the low-precision tests would ask
 # more of float32 results than float32 sums give; it still holds for the 16-bit outputs.)
 SHORT_ROW_CASES = [((8192, 3, 2, 2), 0.0), ((8192, 3, 2, 2), 3.0), ((3640, 3, 3, 3), 0.0), ((6500, 2, 1, 5), 1.0)]
+# Dense channels-first inputs with short rows, which the CPU kernels normalize as channels-last
+# rows of C * I elements (kernels_impl.h, cf_expand_ok), and the shapes at that path's limits:
+# fewer than 4 samples with 25-element rows, more than 16384 elements per sample, C = 1, 3-D and
+# 5-D inputs.
+SHORT_DENSE_CASES = [((64, 17, 2, 2), 0.0), ((32, 1000, 3, 3), 0.0), ((33, 3, 5, 5), 2.0), ((3, 2, 5, 5), 0.0),
+                     ((2, 2000, 3, 3), 0.0), ((50, 1, 3, 3), 1.0), ((40, 3, 7), 0.0), ((16, 3, 2, 2, 3), 1.0)]
+SHORT_ROW_CASES += SHORT_DENSE_CASES
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
@@ -179,6 +189,37 @@ def test_short_rows_vs_torch(shape, offset, dtype, device):
         assert rel <= bound, f"{k}: relative error {rel:.3g} > {bound:.3g} ({dtype} input)"
     if dtype != torch.float32:
         _assert_within_2x(ours, theirs, ref, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape,offset", SHORT_DENSE_CASES,
+                         ids=[f"{s}-{o}".replace(" ", "") for s, o in SHORT_DENSE_CASES])
+def test_short_dense_rows_inference_and_stats(shape, offset, dtype, device):
+    """Evaluation with running statistics, and the training forward's saved statistics, of short
+    dense channels-first rows against float64; a second call is bitwise the same."""
+    c = shape[1]
+    x = make_input(shape, 1, dtype, device, offset=offset)
+    w = make_features([c], torch.float32, device, "weight")
+    b = make_features([c], torch.float32, device, "bias")
+    rm = make_features([c], torch.float32, device, "mean") + offset
+    rv = make_features([c], torch.float32, device, "var")
+    y = batch_norm(x, rm, rv, w, b, training=False)
+    assert torch.equal(y, batch_norm(x, rm, rv, w, b, training=False))
+    ref = reference_batch_norm(x, rm, rv, w, b, False)
+    assert_close_ref(y, ref["out"], dtype, "inference output")
+    out, mean, invstd = ops.forward_train(x, w, b, None, None, 0.1, 1e-5, [1])
+    out2, mean2, invstd2 = ops.forward_train(x, w, b, None, None, 0.1, 1e-5, [1])
+    assert torch.equal(out, out2) and torch.equal(mean, mean2) and torch.equal(invstd, invstd2)
+    x64 = x.double().cpu()
+    red = [d for d in range(x.dim()) if d != 1]
+    ref_mean, ref_var = x64.mean(red), x64.var(red, unbiased=False)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    tol = 64 * float(torch.finfo(acc).eps)  # (float32 statistics of any input but float64)
+    assert float((mean.double().cpu() - ref_mean).abs().max()) <= tol * (1 + float(ref_mean.abs().max()))
+    var = invstd.double().cpu().pow(-2) - 1e-5
+    assert float(((var - ref_var) / ref_var).abs().max()) <= 8 * tol
+    ref_train = reference_batch_norm(x, None, None, w, b, True)
+    assert_close_ref(out, ref_train["out"], dtype, "training output")
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
