@@ -1719,6 +1719,89 @@ void cl_grad_coeffs(const BackwardParams& p, const A* sdy, const A* sdyx, A coun
   }
 }
 
+// Channels-last gradient sums of every (partition, feature): sdy / sdyx rows q * C (P rows), each
+// partition's rows against its ghost's means.
+template <typename T>
+inline void grad_sums_cl_parts(const View3& v, int64_t P, const T* dy, int64_t dso, const T* x, int64_t xso,
+                               const acc_t<T>* mean, acc_t<T>* sdy, acc_t<T>* sdyx) {
+  using A = acc_t<T>;
+  const int64_t C = v.C;
+  const int nu = periodic_units<T>(v, xso == C && dso == C);
+  const int64_t T_ = nu ? 1 : cl_tiles<T>(C);
+  at::parallel_for(0, P * T_, grain_for(cl_part_elems(v, P) / T_), [&](int64_t begin, int64_t end) {
+    RowRuns runs;
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t q = t / T_, tile = t % T_;
+      A* s = sdy + q * C;
+      A* sx = sdyx + q * C;
+      const A* gmean = mean + cl_partition(v, q, P, runs) * C;  // this partition's ghost
+      if (nu) {
+        std::fill(s, s + C, A(0));
+        std::fill(sx, sx + C, A(0));
+        for (const auto& run : runs)
+          with_periodic<T, GradSumsPeriodic>(nu, dy, x, run.first * C, run.second * C, C, gmean, s, sx);
+        continue;
+      }
+      const int64_t c0 = std::min(C, tile * kCpuClRowTile<T>);
+      grad_sums_cl<T>(dy, dso, x, xso, gmean, runs, c0, T_ == 1 ? C : std::min(C, c0 + kCpuClRowTile<T>), s, sx,
+                      T_ == 1);
+    }
+  });
+}
+
+// Input gradient of a cf_expand_ok input (see apply_cf_expanded): dx = k_dy * dy + k_xmu * (x - mean)
+// + k_0 with each feature's coefficients repeated over its I elements of a sample.
+template <typename T>
+inline void grad_input_cf_expanded(const BackwardParams& p, const acc_t<T>* g_mean, const acc_t<T>* g_kdy,
+                                   const acc_t<T>* g_kx, const acc_t<T>* g_k0) {
+  using A = acc_t<T>;
+  using IO = Io<T>;
+  using AV = typename IO::AV;
+  const View3& v = p.v;
+  const int64_t C = v.C, I = v.I, W = C * I;
+  std::vector<A> e(4 * W);
+  A* em = e.data();
+  A* ed = em + W;
+  A* ex = ed + W;
+  A* e0 = ex + W;
+  for (int64_t c = 0; c < C; ++c)
+    for (int64_t i = 0; i < I; ++i) {
+      em[c * I + i] = g_mean[c];
+      ed[c * I + i] = g_kdy[c];
+      ex[c * I + i] = g_kx[c];
+      e0[c * I + i] = g_k0[c];
+    }
+  const T* x = static_cast<const T*>(p.x);
+  const T* dy = static_cast<const T*>(p.dy);
+  T* dx = static_cast<T*>(p.dx);
+  at::parallel_for(0, v.O, std::max<int64_t>(1, kCpuChunkElems / W), [&](int64_t begin, int64_t end) {
+    for (int64_t c0 = 0; c0 < W; c0 += kCfExpandTile) {
+      const int64_t c1 = std::min(W, c0 + kCfExpandTile);
+      for (int64_t r = begin; r < end; ++r) {
+        const T* g = dy + r * W;
+        const T* xr = x + r * W;
+        T* out = dx + r * W;
+        int64_t c = c0;
+        for (; c + IO::K <= c1; c += IO::K) {
+          AV g0, g1, x0, x1, m0, m1, d0, d1, k0, k1, z0, z1;
+          IO::load(g + c, g0, g1);
+          IO::load(xr + c, x0, x1);
+          IO::load_acc(em + c, m0, m1);
+          IO::load_acc(ed + c, d0, d1);
+          IO::load_acc(ex + c, k0, k1);
+          IO::load_acc(e0 + c, z0, z1);
+          IO::store(out + c, at::vec::fmadd(d0, g0, at::vec::fmadd(k0, x0 - m0, z0)),
+                    at::vec::fmadd(d1, g1, at::vec::fmadd(k1, x1 - m1, z1)));
+        }
+        for (; c < c1; ++c) {
+          const GradCoeffs<A> gc{em[c], ed[c], ex[c], e0[c]};
+          out[c] = static_cast<T>(grad_one(static_cast<A>(g[c]), static_cast<A>(xr[c]), gc));
+        }
+      }
+    }
+  });
+}
+
 template <typename T>
 void backward(const BackwardParams& p) {
   using A = acc_t<T>;
@@ -1747,7 +1830,39 @@ void backward(const BackwardParams& p) {
   // pass over x and dy hits the cache instead of memory. Same sums in the same order as the
   // two-phase path below (bitwise the same result). Small features too: measured on 2 AVX2
   // threads, 8x256x14x14 0.159 -> 0.115 ms, 8x1000x7x7 0.200 -> 0.178 ms, none slower.
-  if (!v.channels_last && v.G == 1 && P == 1 && need_sums && p.dx && !p.out_sum_dy && !p.mask) {
+  // Short dense channels-first rows (see cf_expand_ok): the sums of the W = C * I channels-last
+  // columns (x and dy viewed as O rows of W), added per feature in column order into its first
+  // partition's slot (then summed over one "partition" below); the input gradient with expanded
+  // coefficients.
+  const bool cf_expanded =
+      !p.mask && cf_expand_ok<T>(v, {{p.x_so, p.x_sc}, {p.dy_so, p.dy_sc}}) &&
+      (!p.dx || (p.dx_so == v.C * v.I && p.dx_sc == v.I));
+  if (cf_expanded && need_sums) {
+    const int64_t W = C * v.I;
+    View3 ve;
+    ve.O = v.O;
+    ve.C = W;
+    ve.channels_last = true;
+    const int64_t Pe = plan_partitions_cpu(ve);
+    std::vector<A> ws(2 * Pe * W + W);
+    A* cs = ws.data();
+    A* csx = cs + Pe * W;
+    A* em = csx + Pe * W;
+    for (int64_t c = 0; c < C; ++c) std::fill(em + c * v.I, em + (c + 1) * v.I, mean[c]);
+    grad_sums_cl_parts<T>(ve, Pe, dy, W, x, W, em, cs, csx);
+    sum_cl_partials(cs, csx, Pe, W, 1);  // totals: row 0
+    for (int64_t c = 0; c < C; ++c) {
+      A s = A(0), sx = A(0);
+      for (int64_t j = c * v.I; j < (c + 1) * v.I; ++j) {
+        s += cs[j];
+        sx += csx[j];
+      }
+      sdy[c * P] = s;
+      sdyx[c * P] = sx;
+    }
+  }
+
+  if (!cf_expanded && !v.channels_last && v.G == 1 && P == 1 && need_sums && p.dx && !p.out_sum_dy && !p.mask) {
     T* dx = static_cast<T*>(p.dx);
     A* gw = static_cast<A*>(p.grad_weight);
     A* gb = static_cast<A*>(p.grad_bias);
@@ -1775,7 +1890,7 @@ void backward(const BackwardParams& p) {
     return;
   }
 
-  if (need_sums) {
+  if (need_sums && !cf_expanded) {
     if (!v.channels_last) {
       const int64_t rows_per_part = cf_rows_per_part(v), dist = cf_prefetch_distance<T>(v, rows_per_part);
       at::parallel_for(0, C * P, grain_for(cf_part_elems(v)), [&](int64_t begin, int64_t end) {
@@ -1796,27 +1911,7 @@ void backward(const BackwardParams& p) {
         }
       });
     } else {
-      const int nu = periodic_units<T>(v, p.x_so == C && p.dy_so == C);
-      const int64_t T_ = nu ? 1 : cl_tiles<T>(C);
-      at::parallel_for(0, P * T_, grain_for(cl_part_elems(v, P) / T_), [&](int64_t begin, int64_t end) {
-        RowRuns runs;
-        for (int64_t t = begin; t < end; ++t) {
-          const int64_t q = t / T_, tile = t % T_;
-          A* s = sdy + q * C;
-          A* sx = sdyx + q * C;
-          const A* gmean = mean + cl_partition(v, q, P, runs) * C;  // this partition's ghost
-          if (nu) {
-            std::fill(s, s + C, A(0));
-            std::fill(sx, sx + C, A(0));
-            for (const auto& run : runs)
-              with_periodic<T, GradSumsPeriodic>(nu, dy, x, run.first * C, run.second * C, C, gmean, s, sx);
-            continue;
-          }
-          const int64_t c0 = std::min(C, tile * kCpuClRowTile<T>);
-          grad_sums_cl<T>(dy, p.dy_so, x, p.x_so, gmean, runs, c0, T_ == 1 ? C : std::min(C, c0 + kCpuClRowTile<T>),
-                          s, sx, T_ == 1);
-        }
-      });
+      grad_sums_cl_parts<T>(v, P, dy, p.dy_so, x, p.x_so, mean, sdy, sdyx);
     }
   }
 
@@ -1824,7 +1919,7 @@ void backward(const BackwardParams& p) {
   A* gw = static_cast<A*>(p.grad_weight);
   A* gb = static_cast<A*>(p.grad_bias);
   if (need_sums && v.channels_last) sum_cl_partials(sdy, sdyx, P, C, v.G);  // totals: each group's first row
-  const int64_t sum_rows = v.channels_last ? 1 : P;
+  const int64_t sum_rows = v.channels_last || cf_expanded ? 1 : P;
   if (v.channels_last && need_sums && !given && !p.out_sum_dy) {
     cl_grad_coeffs<A>(p, sdy, sdyx, count, CoeffArrays4<A>{g_mean, g_kdy, g_kx, g_k0});
   } else {
@@ -1874,6 +1969,10 @@ void backward(const BackwardParams& p) {
         }
       }
     });
+    return;
+  }
+  if (cf_expanded) {
+    grad_input_cf_expanded<T>(p, g_mean, g_kdy, g_kx, g_k0);
     return;
   }
   if (!v.channels_last) {
