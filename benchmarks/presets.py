@@ -148,6 +148,7 @@ _add(Preset(
         ShapeGroup("resnet50-like-b8", ((8, 64, 56, 56), (8, 256, 14, 14)), compile=True,
                    compile_shapes=((8, 256, 14, 14),), compile_layouts=("nchw",)),
         ShapeGroup("odd", ((16, 3, 64, 64), (8, 17, 28, 28), (8, 1000, 7, 7), (64, 1000, 1, 1))),
+        ShapeGroup("short-rows", ((32, 512, 3, 3),)),  # a late stage's 3x3 maps: rows shorter than a vector
         ShapeGroup("unet3d-small", ((2, 32, 16, 16, 16),)),
         ShapeGroup("mlp", ((1024, 1024),)),
         ShapeGroup("keras-variants", ((8, 64, 28, 28),), layouts=("nchw",), variants=("plain",) + _KERAS,

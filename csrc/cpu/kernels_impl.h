@@ -1149,9 +1149,6 @@ inline void apply_cf_run(const T* x, T* y, int64_t n, const ApplyCoeffs<acc_t<T>
 // would not stay in cache. (One thread, in cache, before this path, against torch: 64x512x2x2
 // fp16 / bf16 inference 0.61x / 0.73x, training forward 0.85x / 0.86x.)
 constexpr int64_t kCfExpandMaxW = 16384;
-// Columns per tile of the expanded apply: the tile's coefficients (12 KiB) stay in L1 while the
-// rows of a task stream past.
-constexpr int64_t kCfExpandTile = 1024;
 
 template <typename T>
 inline bool cf_short_rows(const View3& v) {
@@ -1171,55 +1168,24 @@ inline bool cf_expand_ok(const View3& v, std::initializer_list<std::pair<int64_t
   return true;
 }
 
-// The apply step of a cf_expand_ok input: y = (x - mean) * scale + shift per element with each
-// feature's coefficients (Folded: mean 0, the caller folded the shift), the same arithmetic as the
-// channels-first rows' vector steps.
-template <typename T, bool Folded>
-inline void apply_cf_expanded(const ForwardParams& p, CoeffArrays<acc_t<T>> k) {
-  using A = acc_t<T>;
-  using IO = Io<T>;
-  using AV = typename IO::AV;
-  const View3& v = p.v;
-  const int64_t C = v.C, I = v.I, W = C * I;
-  std::vector<A> e((Folded ? 2 : 3) * W);
-  A* es = e.data();
-  A* eb = es + W;
-  A* em = Folded ? nullptr : eb + W;
-  for (int64_t c = 0; c < C; ++c)
-    for (int64_t i = 0; i < I; ++i) {
-      es[c * I + i] = k.scale[c];
-      eb[c * I + i] = k.shift[c];
-      if constexpr (!Folded) em[c * I + i] = k.mean[c];
-    }
-  const T* x = static_cast<const T*>(p.x);
-  T* y = static_cast<T*>(p.y);
-  at::parallel_for(0, v.O, std::max<int64_t>(1, kCpuChunkElems / W), [&](int64_t begin, int64_t end) {
-    for (int64_t c0 = 0; c0 < W; c0 += kCfExpandTile) {
-      const int64_t c1 = std::min(W, c0 + kCfExpandTile);
-      for (int64_t r = begin; r < end; ++r) {
-        const T* row = x + r * W;
-        T* out = y + r * W;
-        int64_t c = c0;
-        for (; c + IO::K <= c1; c += IO::K) {
-          AV a, b, s0, s1, b0, b1;
-          IO::load(row + c, a, b);
-          IO::load_acc(es + c, s0, s1);
-          IO::load_acc(eb + c, b0, b1);
-          if constexpr (!Folded) {
-            AV m0, m1;
-            IO::load_acc(em + c, m0, m1);
-            a = a - m0;
-            b = b - m1;
-          }
-          IO::store(out + c, at::vec::fmadd(a, s0, b0), at::vec::fmadd(b, s1, b1));
-        }
-        for (; c < c1; ++c) {
-          const ApplyCoeffs<A> kc{Folded ? A(0) : em[c], es[c], eb[c]};
-          out[c] = static_cast<T>(apply_one(static_cast<A>(row[c]), kc));
-        }
-      }
-    }
-  });
+// Columns per tile of the expanded element-wise steps (apply, input gradient): one channels-last
+// pass over the rows per tile of W, so that the tile's 2-4 coefficient arrays stay in L1 while the
+// rows stream past (float32 32x512x3x3 .. 16x1800x3x3 inference with whole rows of W = 4608 ..
+// 16200: 0.72x-0.76x the speed of 1024-column tiles, the coefficients evicted by each row).
+constexpr int64_t kCfExpandTile = 1024;
+
+// A cf_expand_ok view as O channels-last rows of W = C * I "features" (and strides W, 1).
+inline View3 rows_as_features(const View3& v, int64_t width = 0) {
+  View3 e;
+  e.O = v.O;
+  e.C = width ? width : v.C * v.I;  // (width: a tile of the W columns)
+  e.channels_last = true;
+  return e;
+}
+// Each feature's value repeated over its I elements: dst[c * I + i] = src[c].
+template <typename A>
+inline void expand_features(const A* src, A* dst, int64_t C, int64_t I) {
+  for (int64_t c = 0; c < C; ++c) std::fill(dst + c * I, dst + (c + 1) * I, src[c]);
 }
 
 template <typename T>
@@ -1228,6 +1194,27 @@ inline void apply_all(const ForwardParams& p, CoeffArrays<acc_t<T>> k, bool fold
   using IO = Io<T>;
   using AV = typename IO::AV;
   const View3& v = p.v;
+  if (cf_expand_ok<T>(v, {{p.x_so, p.x_sc}, {p.y_so, p.y_sc}})) {
+    // Short dense channels-first rows: the channels-last apply over rows of W = C * I with each
+    // feature's coefficients repeated I times (the same arithmetic per element).
+    const int64_t W = v.C * v.I;
+    std::vector<A> e(3 * W);
+    const CoeffArrays<A> ke{e.data(), e.data() + W, e.data() + 2 * W};
+    expand_features(k.mean, ke.mean, v.C, v.I);
+    expand_features(k.scale, ke.scale, v.C, v.I);
+    expand_features(k.shift, ke.shift, v.C, v.I);
+    ForwardParams pe = p;
+    pe.x_so = pe.y_so = W;
+    pe.x_sc = pe.y_sc = 1;
+    for (int64_t t0 = 0; t0 < W; t0 += kCfExpandTile) {  // (one tile when W fits: then dense, see periodic_units)
+      const int64_t t1 = std::min(W, t0 + kCfExpandTile);
+      pe.v = rows_as_features(v, t1 - t0);
+      pe.x = static_cast<const T*>(p.x) + t0;
+      pe.y = static_cast<T*>(p.y) + t0;
+      apply_all<T>(pe, CoeffArrays<A>{ke.mean + t0, ke.scale + t0, ke.shift + t0}, folded);
+    }
+    return;
+  }
   const T* x = static_cast<const T*>(p.x);
   T* y = static_cast<T*>(p.y);
   const int nu = periodic_units<T>(v, p.x_so == v.C && p.y_so == v.C);
@@ -1265,11 +1252,6 @@ inline void apply_all(const ForwardParams& p, CoeffArrays<acc_t<T>> k, bool fold
         for (; c < C; ++c) out[c] = static_cast<T>(static_cast<A>(row[c]) * ks[c] + kb[c]);
       }
     });
-    return;
-  }
-  if (cf_expand_ok<T>(v, {{p.x_so, p.x_sc}, {p.y_so, p.y_sc}})) {
-    // (a zero mean, folded or not, gives the same bits either way: (x - 0) * scale + shift)
-    folded ? apply_cf_expanded<T, true>(p, k) : apply_cf_expanded<T, false>(p, k);
     return;
   }
   if (!v.channels_last) {
@@ -1410,10 +1392,7 @@ void forward_train(const ForwardParams& p) {
     // expanded apply.
     const int64_t W = C * v.I;
     ForwardParams pe = p;
-    pe.v = View3{};
-    pe.v.O = v.O;
-    pe.v.C = W;
-    pe.v.channels_last = true;
+    pe.v = rows_as_features(v);
     pe.x_so = pe.y_so = W;
     pe.x_sc = pe.y_sc = 1;
     const int64_t Pe = plan_partitions_cpu(pe.v), Te = cl_tiles<T>(W);
@@ -1749,54 +1728,111 @@ inline void grad_sums_cl_parts(const View3& v, int64_t P, const T* dy, int64_t d
   });
 }
 
-// Input gradient of a cf_expand_ok input (see apply_cf_expanded): dx = k_dy * dy + k_xmu * (x - mean)
-// + k_0 with each feature's coefficients repeated over its I elements of a sample.
+// The input gradient from the per-(ghost, feature) coefficients (g_k0 is folded in place where
+// `fold`: every feature's saved mean and invstd pass folding_is_exact).
 template <typename T>
-inline void grad_input_cf_expanded(const BackwardParams& p, const acc_t<T>* g_mean, const acc_t<T>* g_kdy,
-                                   const acc_t<T>* g_kx, const acc_t<T>* g_k0) {
+void grad_input_all(const BackwardParams& p, const acc_t<T>* g_mean, const acc_t<T>* g_kdy, const acc_t<T>* g_kx,
+                    acc_t<T>* g_k0, bool fold) {
   using A = acc_t<T>;
   using IO = Io<T>;
   using AV = typename IO::AV;
   const View3& v = p.v;
-  const int64_t C = v.C, I = v.I, W = C * I;
-  std::vector<A> e(4 * W);
-  A* em = e.data();
-  A* ed = em + W;
-  A* ex = ed + W;
-  A* e0 = ex + W;
-  for (int64_t c = 0; c < C; ++c)
-    for (int64_t i = 0; i < I; ++i) {
-      em[c * I + i] = g_mean[c];
-      ed[c * I + i] = g_kdy[c];
-      ex[c * I + i] = g_kx[c];
-      e0[c * I + i] = g_k0[c];
-    }
+  const int64_t C = v.C, F = v.features();
   const T* x = static_cast<const T*>(p.x);
   const T* dy = static_cast<const T*>(p.dy);
   T* dx = static_cast<T*>(p.dx);
-  at::parallel_for(0, v.O, std::max<int64_t>(1, kCpuChunkElems / W), [&](int64_t begin, int64_t end) {
-    for (int64_t c0 = 0; c0 < W; c0 += kCfExpandTile) {
-      const int64_t c1 = std::min(W, c0 + kCfExpandTile);
+  if (p.mask) {  // weighted moments: the statistics terms scale with each element's weight
+    const int64_t rows = v.channels_last ? v.O : v.O * C;
+    const int64_t run = v.channels_last ? C : v.I;
+    at::parallel_for(0, rows, std::max<int64_t>(1, kCpuChunkElems / run), [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
-        const T* g = dy + r * W;
-        const T* xr = x + r * W;
-        T* out = dx + r * W;
-        int64_t c = c0;
-        for (; c + IO::K <= c1; c += IO::K) {
-          AV g0, g1, x0, x1, m0, m1, d0, d1, k0, k1, z0, z1;
+        for (int64_t j = 0; j < run; ++j) {
+          const int64_t o = v.channels_last ? r : r / C, c = v.channels_last ? j : r % C, i = v.channels_last ? 0 : j;
+          const A g = static_cast<A>(dy[o * p.dy_so + c * p.dy_sc + i]);
+          const A xm = static_cast<A>(x[o * p.x_so + c * p.x_sc + i]) - g_mean[c];
+          const bool w = p.mask[o * p.m_so + c * p.m_sc + i] != 0;  // (a select: padding may be inf / NaN)
+          dx[o * p.dx_so + c * p.dx_sc + i] = static_cast<T>(g_kdy[c] * g + (w ? g_kx[c] * xm + g_k0[c] : A(0)));
+        }
+      }
+    });
+    return;
+  }
+  if (!v.channels_last) {
+    const int64_t rows = v.O * C;
+    const int64_t grain = std::max<int64_t>(1, kCpuChunkElems / std::max<int64_t>(v.I, 1));
+    at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin, o = begin / C, c = begin % C; r < end; ++r) {  // (no division per row)
+        const GradCoeffs<A> g{g_mean[c], g_kdy[c], g_kx[c], g_k0[c]};
+        grad_run(dy + o * p.dy_so + c * p.dy_sc, x + o * p.x_so + c * p.x_sc, dx + o * p.dx_so + c * p.dx_sc, v.I, g);
+        if (++c == C) c = 0, ++o;
+      }
+    });
+    return;
+  }
+  const int64_t grain = std::max<int64_t>(1, kCpuChunkElems / C);
+  if (const int nu = periodic_units<T>(v, p.x_so == C && p.dy_so == C && p.dx_so == C)) {
+    const int64_t W = nu * Unit<T>::U, N = v.O * C;
+    at::parallel_for(0, ceil_div(N, W), std::max<int64_t>(1, kCpuChunkElems / W), [&](int64_t begin, int64_t end) {
+      with_periodic<T, GradInputPeriodic>(nu, dy, x, dx, begin * W, std::min(N, end * W), C, g_mean, g_kdy, g_kx,
+                                          g_k0);
+    });
+    return;
+  }
+  if (fold) {
+    // dx = k_dy * dy + k_xmu * x + (k_0 - k_xmu * mean): one load and one subtract fewer per
+    // vector, exact enough when |mean| <= 8 std (see folding_is_exact).
+    for (int64_t f = 0; f < F; ++f) g_k0[f] = g_k0[f] - g_kx[f] * g_mean[f];
+    at::parallel_for(0, v.O, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const T* g = dy + r * p.dy_so;
+        const T* xr = x + r * p.x_so;
+        T* out = dx + r * p.dx_so;
+        const int64_t f0 = ghost_of_row(v, r) * C;
+        const A* cd = g_kdy + f0;
+        const A* cx = g_kx + f0;
+        const A* c0 = g_k0 + f0;
+        int64_t c = 0;
+        for (; c + IO::K <= C; c += IO::K) {
+          AV g0, g1, x0, x1, d0, d1, k0, k1, z0, z1;
           IO::load(g + c, g0, g1);
           IO::load(xr + c, x0, x1);
-          IO::load_acc(em + c, m0, m1);
-          IO::load_acc(ed + c, d0, d1);
-          IO::load_acc(ex + c, k0, k1);
-          IO::load_acc(e0 + c, z0, z1);
-          IO::store(out + c, at::vec::fmadd(d0, g0, at::vec::fmadd(k0, x0 - m0, z0)),
-                    at::vec::fmadd(d1, g1, at::vec::fmadd(k1, x1 - m1, z1)));
+          IO::load_acc(cd + c, d0, d1);
+          IO::load_acc(cx + c, k0, k1);
+          IO::load_acc(c0 + c, z0, z1);
+          IO::store(out + c, at::vec::fmadd(d0, g0, at::vec::fmadd(k0, x0, z0)),
+                    at::vec::fmadd(d1, g1, at::vec::fmadd(k1, x1, z1)));
         }
-        for (; c < c1; ++c) {
-          const GradCoeffs<A> gc{em[c], ed[c], ex[c], e0[c]};
-          out[c] = static_cast<T>(grad_one(static_cast<A>(g[c]), static_cast<A>(xr[c]), gc));
-        }
+        for (; c < C; ++c)
+          out[c] = static_cast<T>(cd[c] * static_cast<A>(g[c]) + cx[c] * static_cast<A>(xr[c]) + c0[c]);
+      }
+    });
+    return;
+  }
+  at::parallel_for(0, v.O, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const T* g = dy + r * p.dy_so;
+      const T* xr = x + r * p.x_so;
+      T* out = dx + r * p.dx_so;
+      const int64_t f0 = ghost_of_row(v, r) * C;  // this row's ghost's coefficients
+      const A* cm = g_mean + f0;
+      const A* cd = g_kdy + f0;
+      const A* cx = g_kx + f0;
+      const A* c0 = g_k0 + f0;
+      int64_t c = 0;
+      for (; c + IO::K <= C; c += IO::K) {
+        AV g0, g1, x0, x1, m0, m1, d0, d1, k0, k1, z0, z1;
+        IO::load(g + c, g0, g1);
+        IO::load(xr + c, x0, x1);
+        IO::load_acc(cm + c, m0, m1);
+        IO::load_acc(cd + c, d0, d1);
+        IO::load_acc(cx + c, k0, k1);
+        IO::load_acc(c0 + c, z0, z1);
+        IO::store(out + c, at::vec::fmadd(d0, g0, at::vec::fmadd(k0, x0 - m0, z0)),
+                  at::vec::fmadd(d1, g1, at::vec::fmadd(k1, x1 - m1, z1)));
+      }
+      for (; c < C; ++c) {
+        const GradCoeffs<A> gc{cm[c], cd[c], cx[c], c0[c]};
+        out[c] = static_cast<T>(grad_one(static_cast<A>(g[c]), static_cast<A>(xr[c]), gc));
       }
     }
   });
@@ -1805,8 +1841,6 @@ inline void grad_input_cf_expanded(const BackwardParams& p, const acc_t<T>* g_me
 template <typename T>
 void backward(const BackwardParams& p) {
   using A = acc_t<T>;
-  using IO = Io<T>;
-  using AV = typename IO::AV;
   const View3& v = p.v;
   const int64_t C = v.C, P = p.partitions, F = v.features();  // F = G * C per-feature entries
   const T* x = static_cast<const T*>(p.x);
@@ -1839,16 +1873,13 @@ void backward(const BackwardParams& p) {
       (!p.dx || (p.dx_so == v.C * v.I && p.dx_sc == v.I));
   if (cf_expanded && need_sums) {
     const int64_t W = C * v.I;
-    View3 ve;
-    ve.O = v.O;
-    ve.C = W;
-    ve.channels_last = true;
+    const View3 ve = rows_as_features(v);
     const int64_t Pe = plan_partitions_cpu(ve);
     std::vector<A> ws(2 * Pe * W + W);
     A* cs = ws.data();
     A* csx = cs + Pe * W;
     A* em = csx + Pe * W;
-    for (int64_t c = 0; c < C; ++c) std::fill(em + c * v.I, em + (c + 1) * v.I, mean[c]);
+    expand_features(mean, em, C, v.I);
     grad_sums_cl_parts<T>(ve, Pe, dy, W, x, W, em, cs, csx);
     sum_cl_partials(cs, csx, Pe, W, 1);  // totals: row 0
     for (int64_t c = 0; c < C; ++c) {
@@ -1954,106 +1985,29 @@ void backward(const BackwardParams& p) {
     });
   }
   if (!p.dx) return;
-  T* dx = static_cast<T*>(p.dx);
-  if (p.mask) {  // weighted moments: the statistics terms scale with each element's weight
-    const int64_t rows = v.channels_last ? v.O : v.O * C;
-    const int64_t run = v.channels_last ? C : v.I;
-    at::parallel_for(0, rows, std::max<int64_t>(1, kCpuChunkElems / run), [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) {
-        for (int64_t j = 0; j < run; ++j) {
-          const int64_t o = v.channels_last ? r : r / C, c = v.channels_last ? j : r % C, i = v.channels_last ? 0 : j;
-          const A g = static_cast<A>(dy[o * p.dy_so + c * p.dy_sc + i]);
-          const A xm = static_cast<A>(x[o * p.x_so + c * p.x_sc + i]) - g_mean[c];
-          const bool w = p.mask[o * p.m_so + c * p.m_sc + i] != 0;  // (a select: padding may be inf / NaN)
-          dx[o * p.dx_so + c * p.dx_sc + i] = static_cast<T>(g_kdy[c] * g + (w ? g_kx[c] * xm + g_k0[c] : A(0)));
-        }
-      }
-    });
-    return;
-  }
+  const bool fold = !p.mask && folding_is_exact(mean, invstd, F);
   if (cf_expanded) {
-    grad_input_cf_expanded<T>(p, g_mean, g_kdy, g_kx, g_k0);
-    return;
-  }
-  if (!v.channels_last) {
-    const int64_t rows = v.O * C;
-    const int64_t grain = std::max<int64_t>(1, kCpuChunkElems / std::max<int64_t>(v.I, 1));
-    at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin, o = begin / C, c = begin % C; r < end; ++r) {  // (no division per row)
-        const GradCoeffs<A> g{g_mean[c], g_kdy[c], g_kx[c], g_k0[c]};
-        grad_run(dy + o * p.dy_so + c * p.dy_sc, x + o * p.x_so + c * p.x_sc, dx + o * p.dx_so + c * p.dx_sc, v.I, g);
-        if (++c == C) c = 0, ++o;
-      }
-    });
-    return;
-  }
-  const int64_t grain = std::max<int64_t>(1, kCpuChunkElems / C);
-  if (const int nu = periodic_units<T>(v, p.x_so == C && p.dy_so == C && p.dx_so == C)) {
-    const int64_t W = nu * Unit<T>::U, N = v.O * C;
-    at::parallel_for(0, ceil_div(N, W), std::max<int64_t>(1, kCpuChunkElems / W), [&](int64_t begin, int64_t end) {
-      with_periodic<T, GradInputPeriodic>(nu, dy, x, dx, begin * W, std::min(N, end * W), C, g_mean, g_kdy, g_kx,
-                                          g_k0);
-    });
-    return;
-  }
-  if (folding_is_exact(mean, invstd, F)) {
-    // dx = k_dy * dy + k_xmu * x + (k_0 - k_xmu * mean): one load and one subtract fewer per
-    // vector, exact enough when |mean| <= 8 std (see folding_is_exact).
-    for (int64_t f = 0; f < F; ++f) g_k0[f] = g_k0[f] - g_kx[f] * g_mean[f];
-    at::parallel_for(0, v.O, grain, [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) {
-        const T* g = dy + r * p.dy_so;
-        const T* xr = x + r * p.x_so;
-        T* out = dx + r * p.dx_so;
-        const int64_t f0 = ghost_of_row(v, r) * C;
-        const A* cd = g_kdy + f0;
-        const A* cx = g_kx + f0;
-        const A* c0 = g_k0 + f0;
-        int64_t c = 0;
-        for (; c + IO::K <= C; c += IO::K) {
-          AV g0, g1, x0, x1, d0, d1, k0, k1, z0, z1;
-          IO::load(g + c, g0, g1);
-          IO::load(xr + c, x0, x1);
-          IO::load_acc(cd + c, d0, d1);
-          IO::load_acc(cx + c, k0, k1);
-          IO::load_acc(c0 + c, z0, z1);
-          IO::store(out + c, at::vec::fmadd(d0, g0, at::vec::fmadd(k0, x0, z0)),
-                    at::vec::fmadd(d1, g1, at::vec::fmadd(k1, x1, z1)));
-        }
-        for (; c < C; ++c)
-          out[c] = static_cast<T>(cd[c] * static_cast<A>(g[c]) + cx[c] * static_cast<A>(xr[c]) + c0[c]);
-      }
-    });
-    return;
-  }
-  at::parallel_for(0, v.O, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const T* g = dy + r * p.dy_so;
-      const T* xr = x + r * p.x_so;
-      T* out = dx + r * p.dx_so;
-      const int64_t f0 = ghost_of_row(v, r) * C;  // this row's ghost's coefficients
-      const A* cm = g_mean + f0;
-      const A* cd = g_kdy + f0;
-      const A* cx = g_kx + f0;
-      const A* c0 = g_k0 + f0;
-      int64_t c = 0;
-      for (; c + IO::K <= C; c += IO::K) {
-        AV g0, g1, x0, x1, m0, m1, d0, d1, k0, k1, z0, z1;
-        IO::load(g + c, g0, g1);
-        IO::load(xr + c, x0, x1);
-        IO::load_acc(cm + c, m0, m1);
-        IO::load_acc(cd + c, d0, d1);
-        IO::load_acc(cx + c, k0, k1);
-        IO::load_acc(c0 + c, z0, z1);
-        IO::store(out + c, at::vec::fmadd(d0, g0, at::vec::fmadd(k0, x0 - m0, z0)),
-                  at::vec::fmadd(d1, g1, at::vec::fmadd(k1, x1 - m1, z1)));
-      }
-      for (; c < C; ++c) {
-        const GradCoeffs<A> gc{cm[c], cd[c], cx[c], c0[c]};
-        out[c] = static_cast<T>(grad_one(static_cast<A>(g[c]), static_cast<A>(xr[c]), gc));
-      }
+    // The channels-last input gradient over rows of W = C * I, each feature's coefficients
+    // repeated I times (the same arithmetic per element).
+    const int64_t W = C * v.I;
+    std::vector<A> e(4 * W);
+    A* ge[4] = {e.data(), e.data() + W, e.data() + 2 * W, e.data() + 3 * W};
+    const A* gf[4] = {g_mean, g_kdy, g_kx, g_k0};
+    for (int j = 0; j < 4; ++j) expand_features(gf[j], ge[j], C, v.I);
+    BackwardParams pe = p;
+    pe.x_so = pe.dy_so = pe.dx_so = W;
+    pe.x_sc = pe.dy_sc = pe.dx_sc = 1;
+    for (int64_t t0 = 0; t0 < W; t0 += kCfExpandTile) {  // (as apply_all's expanded tiles)
+      const int64_t t1 = std::min(W, t0 + kCfExpandTile);
+      pe.v = rows_as_features(v, t1 - t0);
+      pe.x = x + t0;
+      pe.dy = dy + t0;
+      pe.dx = static_cast<T*>(p.dx) + t0;
+      grad_input_all<T>(pe, ge[0] + t0, ge[1] + t0, ge[2] + t0, ge[3] + t0, fold);
     }
-  });
+    return;
+  }
+  grad_input_all<T>(p, g_mean, g_kdy, g_kx, g_k0, fold);
 }
 
 // A call's per-feature tensors to and from float32, the accumulation type of 16-bit and float32
