@@ -1859,11 +1859,6 @@ void backward(const BackwardParams& p) {
   const bool given = p.given_sum_dy != nullptr;
   const bool need_sums = !given && (p.grad_weight || p.grad_bias || p.out_sum_dy || (p.dx && p.train));
 
-  // Channels-first, each feature one partition (its O x I elements fit a cache-sized chunk): one
-  // task per feature computes its sums, coefficients and grad_input back to back, so the second
-  // pass over x and dy hits the cache instead of memory. Same sums in the same order as the
-  // two-phase path below (bitwise the same result). Small features too: measured on 2 AVX2
-  // threads, 8x256x14x14 0.159 -> 0.115 ms, 8x1000x7x7 0.200 -> 0.178 ms, none slower.
   // Short dense channels-first rows (see cf_expand_ok): the sums of the W = C * I channels-last
   // columns (x and dy viewed as O rows of W), added per feature in column order into its first
   // partition's slot (then summed over one "partition" below); the input gradient with expanded
@@ -1893,6 +1888,11 @@ void backward(const BackwardParams& p) {
     }
   }
 
+  // Channels-first, each feature one partition (its O x I elements fit a cache-sized chunk): one
+  // task per feature computes its sums, coefficients and grad_input back to back, so the second
+  // pass over x and dy hits the cache instead of memory. Same sums in the same order as the
+  // two-phase path below (bitwise the same result). Small features too: measured on 2 AVX2
+  // threads, 8x256x14x14 0.159 -> 0.115 ms, 8x1000x7x7 0.200 -> 0.178 ms, none slower.
   if (!cf_expanded && !v.channels_last && v.G == 1 && P == 1 && need_sums && p.dx && !p.out_sum_dy && !p.mask) {
     T* dx = static_cast<T*>(p.dx);
     A* gw = static_cast<A*>(p.grad_weight);
