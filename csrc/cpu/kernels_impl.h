@@ -79,11 +79,24 @@ struct Io {
 // there, and one running sum over a partition's up to 32768 of them lost about n ulp
 // (3136 rows of 4 fp16 values: a feature's mean off by 1e-4 and its grad_weight by 0.7%, 80x
 // torch's own error, found by scripts/crosscheck_kernels.py).
+//
+// The statistics' first pass (shifted_sum_run) blocks the vector lanes too (vec_next): each lane
+// adds at most kStatsBlock steps per block, the blocks closed between runs (and inside runs longer
+// than a block), so the check costs once per run, not per step. Its sums are of x - shift, all
+// of one sign when the shift (the feature's first element) lies a standard deviation or more
+// from the mean, and a lane's serial sum of ~2000 of them rounded the mean by ~100 ulp; times a
+// large sum(dy) that moved grad_weight (a 31213-element fp16 feature: 1.86 of 79.3, 18x torch's
+// error; the same in float32, 5-9x, found by scripts/crosscheck_kernels.py). The second pass and
+// the gradient sums keep one block: their errors are relative to their own (second-order) sums.
+constexpr int64_t kStatsBlock = 64;  // first-pass terms per lane (or per column) and block
+
 template <typename T>
 struct RunAcc {
   using IO = Io<T>;
   static constexpr int64_t kTailBlock = 128;
-  typename IO::AV v0{acc_t<T>(0)}, v1{acc_t<T>(0)};
+  typename IO::AV v0{acc_t<T>(0)}, v1{acc_t<T>(0)};  // the current block's vector steps
+  typename IO::AV b0{acc_t<T>(0)}, b1{acc_t<T>(0)};  // the finished blocks (vec_next only)
+  int64_t vec_n = 0;                                 // steps in v0 / v1 (vec_next only)
   acc_t<T> tail = acc_t<T>(0);   // the current block's tail elements
   acc_t<T> tails = acc_t<T>(0);  // the finished blocks
   int64_t tail_n = 0;            // elements in `tail`
@@ -97,23 +110,74 @@ struct RunAcc {
     }
     tail_n += k;
   }
-  acc_t<T> total() const { return IO::hsum(v0 + v1) + (tails + tail); }
+  // The caller is about to add k <= kStatsBlock vector steps: a new block when the current one
+  // would pass kStatsBlock.
+  inline void vec_next(int64_t k) {
+    if (vec_n + k > kStatsBlock) {
+      b0 += v0;
+      b1 += v1;
+      v0 = typename IO::AV(acc_t<T>(0));
+      v1 = typename IO::AV(acc_t<T>(0));
+      vec_n = 0;
+    }
+    vec_n += k;
+  }
+  acc_t<T> total() const { return IO::hsum((b0 + v0) + (b1 + v1)) + (tails + tail); }
 };
+
+// A scalar first-pass sum in blocks of kStatsBlock terms (see RunAcc::vec_next).
+template <typename A>
+struct BlockedSum {
+  A block = A(0), done = A(0);
+  int64_t k = 0;
+  inline void add(A v) {
+    block += v;
+    if (++k == kStatsBlock) {
+      done += block;
+      block = A(0);
+      k = 0;
+    }
+  }
+  A total() const { return done + block; }
+};
+
+// row(r) for every row of `runs` in order, and close() after every kStatsBlock of them and after
+// the last: the channels-last first passes' blocks (see RunAcc::vec_next), checked per block.
+template <typename Row, typename Close>
+inline void blocked_rows(const std::vector<std::pair<int64_t, int64_t>>& runs, Row&& row, Close&& close) {
+  int64_t in_block = 0;
+  for (const auto& run : runs)
+    for (int64_t r = run.first; r < run.second;) {
+      const int64_t r1 = std::min(run.second, r + (kStatsBlock - in_block));
+      in_block += r1 - r;
+      for (; r < r1; ++r) row(r);
+      if (in_block == kStatsBlock) {
+        close();
+        in_block = 0;
+      }
+    }
+  close();
+}
 
 // acc += sum(p[0:n] - shift). Summing deviations from a value of the same data (instead of the
 // raw values) keeps the sum small when |mean| >> std: with an offset of 1e6 in fp32 a raw sum of
 // 3e4 values loses the mean to rounding (ulp(3e10) = 2048) and with it the whole variance.
-// x - shift is exact (Sterbenz) when x and shift are within a factor of two.
+// x - shift is exact (Sterbenz) when x and shift are within a factor of two. The lanes are
+// blocked (RunAcc::vec_next).
 template <typename T>
 inline void shifted_sum_run(const T* p, int64_t n, acc_t<T> shift, RunAcc<T>& acc) {
   using IO = Io<T>;
   const typename IO::AV sh(shift);
   int64_t i = 0;
-  for (; i + IO::K <= n; i += IO::K) {
-    typename IO::AV a, b;
-    IO::load(p + i, a, b);
-    acc.v0 += a - sh;
-    acc.v1 += b - sh;
+  while (i + IO::K <= n) {
+    const int64_t steps = std::min((n - i) / IO::K, kStatsBlock);
+    acc.vec_next(steps);
+    for (const int64_t e = i + steps * IO::K; i < e; i += IO::K) {
+      typename IO::AV a, b;
+      IO::load(p + i, a, b);
+      acc.v0 += a - sh;
+      acc.v1 += b - sh;
+    }
   }
   if (i == n) return;
   acc.tail_next(n - i);
@@ -477,15 +541,16 @@ inline WelfordState<acc_t<T>> masked_stats_cf_part(const ForwardParams& p, int64
   WelfordState<A> st = welford_empty<A>();
   for (int64_t i0 = 0; i0 < v.I; i0 += kCpuChunkElems) {  // one segment unless rows are long
     const int64_t len = std::min(kCpuChunkElems, v.I - i0);
-    A s = A(0), n = A(0);
+    BlockedSum<A> s;
+    A n = A(0);
     for (int64_t r = r0; r < r1; ++r)
       for (int64_t i = i0; i < i0 + len; ++i) {
         if (m[r * p.m_so + i] == 0) continue;  // (skipped, not weighted by 0: padding may be inf / NaN)
-        s += static_cast<A>(x[r * p.x_so + i]) - shift;
+        s.add(static_cast<A>(x[r * p.x_so + i]) - shift);
         n += A(1);
       }
     if (n == A(0)) continue;
-    const A dm = s / n;
+    const A dm = s.total() / n;
     A q = A(0);
     for (int64_t r = r0; r < r1; ++r)
       for (int64_t i = i0; i < i0 + len; ++i) {
@@ -509,13 +574,14 @@ inline void masked_stats_cl_part(const ForwardParams& p, int64_t part, int64_t P
   const T* x = static_cast<const T*>(p.x);
   for (int64_t c = 0; c < C; ++c) {
     const A h = shifts[c];
-    A s = A(0), n = A(0);
+    BlockedSum<A> s;
+    A n = A(0);
     for (int64_t r = r0; r < r1; ++r) {
       if (p.mask[r * p.m_so + c * p.m_sc] == 0) continue;  // (skipped: padding may be inf / NaN)
-      s += static_cast<A>(x[r * p.x_so + c]) - h;
+      s.add(static_cast<A>(x[r * p.x_so + c]) - h);
       n += A(1);
     }
-    const A dm = n > A(0) ? s / n : A(0);
+    const A dm = n > A(0) ? s.total() / n : A(0);
     A q = A(0);
     for (int64_t r = r0; r < r1; ++r) {
       if (p.mask[r * p.m_so + c * p.m_sc] == 0) continue;
@@ -622,8 +688,10 @@ inline void fold_lanes(const Vectorized<acc_t<T>>* v, int64_t C, int nu, acc_t<T
 
 // Two-pass moments of the rows in the flat elements [begin, end) (multiples of C), relative to
 // the shift row: mean[c] = mean - shift[c] and m2[c], as stats_cl_block computes them.
+// (Not inlined: inlined into stats_cl_part, its second pass kept the accumulators in memory, a
+// store-to-load chain per vector: 16x3x64x64 fp32 training forward 48 -> 72 us.)
 template <typename T, int NU>
-inline void stats_periodic(int nu_rt, const T* x, int64_t begin, int64_t end, int64_t C, const T* shift,
+__attribute__((noinline)) void stats_periodic(int nu_rt, const T* x, int64_t begin, int64_t end, int64_t C, const T* shift,
                            acc_t<T>* mean, acc_t<T>* m2) {
   using UT = Unit<T>;
   using A = acc_t<T>;
@@ -631,21 +699,30 @@ inline void stats_periodic(int nu_rt, const T* x, int64_t begin, int64_t end, in
   constexpr int V = UT::V;
   const int nu = NU ? NU : nu_rt, nv = nu * V;
   const int64_t W = nu * UT::U;
-  AV h[Pattern<T, NU>::kVecs], s[Pattern<T, NU>::kVecs], d[V];
+  AV h[Pattern<T, NU>::kVecs], d[V];
   pattern_vectors<T, NU>(shift, C, nu, h);
-  for (int j = 0; j < nv; ++j) s[j] = AV(A(0));
   int64_t e = begin;
-  for (; e + W <= end; e += W)
-    for (int u = 0; u < nu; ++u) {
-      UT::load(x + e + u * UT::U, d);
-      for (int i = 0; i < V; ++i) s[u * V + i] += d[i] - h[u * V + i];
+  {
+    AV s[Pattern<T, NU>::kVecs], done[Pattern<T, NU>::kVecs];  // done: the finished blocks (RunAcc::vec_next)
+    for (int j = 0; j < nv; ++j) s[j] = done[j] = AV(A(0));
+    while (e + W <= end) {
+      for (const int64_t e1 = e + std::min((end - e) / W, kStatsBlock) * W; e < e1; e += W)
+        for (int u = 0; u < nu; ++u) {
+          UT::load(x + e + u * UT::U, d);
+          for (int i = 0; i < V; ++i) s[u * V + i] += d[i] - h[u * V + i];
+        }
+      for (int j = 0; j < nv; ++j) {
+        done[j] += s[j];
+        s[j] = AV(A(0));
+      }
     }
-  for (int64_t c = 0; c < C; ++c) mean[c] = A(0);
-  fold_lanes<T, NU>(s, C, nu, mean);
+    for (int64_t c = 0; c < C; ++c) mean[c] = A(0);
+    fold_lanes<T, NU>(done, C, nu, mean);
+  }
   for (int64_t t = e; t < end; ++t) mean[t % C] += static_cast<A>(x[t]) - static_cast<A>(shift[t % C]);
   const A inv = A(1) / static_cast<A>((end - begin) / C);
   for (int64_t c = 0; c < C; ++c) mean[c] *= inv;
-  AV m[Pattern<T, NU>::kVecs];
+  AV m[Pattern<T, NU>::kVecs], s[Pattern<T, NU>::kVecs];
   pattern_vectors<T, NU>(mean, C, nu, m);
   for (int j = 0; j < nv; ++j) s[j] = AV(A(0));
   for (e = begin; e + W <= end; e += W)
@@ -816,22 +893,25 @@ inline void stats_cl_block(const T* x, int64_t so, const T* shift, const RowRuns
   using A = acc_t<T>;
   AV s[2 * NP];
   for (int k = 0; k < 2 * NP; ++k) s[k] = AV(A(0));
-  for (const auto& run : runs)
-    for (int64_t r = run.first; r < run.second; ++r) {
-      const T* row = x + r * so + c;
-      for (int j = 0; j < NP; ++j) {
-        AV a, b, h0, h1;
-        IO::load(row + j * IO::K, a, b);
-        IO::load(shift + c + j * IO::K, h0, h1);
-        s[2 * j] += a - h0;
-        s[2 * j + 1] += b - h1;
-      }
+  std::fill(mean + c, mean + c + NP * IO::K, A(0));  // the finished blocks (RunAcc::vec_next)
+  const auto close_block = [&] {
+    for (int k = 0; k < 2 * NP; ++k) {
+      (AV::loadu(mean + c + k * IO::L) + s[k]).store(mean + c + k * IO::L);
+      s[k] = AV(A(0));
     }
+  };
+  blocked_rows(runs, [&](int64_t r) {
+    const T* row = x + r * so + c;
+    for (int j = 0; j < NP; ++j) {
+      AV a, b, h0, h1;
+      IO::load(row + j * IO::K, a, b);
+      IO::load(shift + c + j * IO::K, h0, h1);
+      s[2 * j] += a - h0;
+      s[2 * j + 1] += b - h1;
+    }
+  }, close_block);
   const AV inv(A(1) / static_cast<A>(n));
-  for (int j = 0; j < NP; ++j) {
-    (s[2 * j] * inv).store(mean + c + j * IO::K);
-    (s[2 * j + 1] * inv).store(mean + c + j * IO::K + IO::L);
-  }
+  for (int k = 0; k < 2 * NP; ++k) (AV::loadu(mean + c + k * IO::L) * inv).store(mean + c + k * IO::L);
   for (int k = 0; k < 2 * NP; ++k) s[k] = AV(A(0));  // now the M2 accumulators
   for (const auto& run : runs)
     for (int64_t r = run.first; r < run.second; ++r) {
@@ -943,14 +1023,30 @@ inline void stats_cl_rowmajor(const T* x, int64_t so, const T* shift, const RowR
   using A = acc_t<T>;
   std::fill(mean + c0, mean + c1, A(0));
   std::fill(m2 + c0, m2 + c1, A(0));
+  // The first pass sums blocks of about kStatsBlock rows in m2 (free until the second pass) and
+  // adds each finished block into mean (see RunAcc::vec_next).
+  int64_t in_block = 0;
+  const auto close_block = [&] {
+    for (int64_t c = c0; c < c1; ++c) {
+      mean[c] += m2[c];
+      m2[c] = A(0);
+    }
+    in_block = 0;
+  };
   for (const auto& run : runs) {
     int64_t r = run.first;
     // (in blocks, the first pass prefetches the next block's rows within the run)
     if (!row_at_a_time)
-      for (; r + 4 <= run.second; r += 4)
-        shifted_sums_cl_rows<T, 4>(x, so, shift, r, c0, c1, mean, std::min<int64_t>(4, run.second - r - 4));
-    for (; r < run.second; ++r) shifted_sums_cl_rows<T, 1>(x, so, shift, r, c0, c1, mean, 0);
+      for (; r + 4 <= run.second; r += 4) {
+        shifted_sums_cl_rows<T, 4>(x, so, shift, r, c0, c1, m2, std::min<int64_t>(4, run.second - r - 4));
+        if ((in_block += 4) >= kStatsBlock) close_block();
+      }
+    for (; r < run.second; ++r) {
+      shifted_sums_cl_rows<T, 1>(x, so, shift, r, c0, c1, m2, 0);
+      if (++in_block >= kStatsBlock) close_block();
+    }
   }
+  close_block();
   const A inv = A(1) / static_cast<A>(n);
   for (int64_t c = c0; c < c1; ++c) mean[c] *= inv;
   int64_t i = 0;  // (rows before this run in the task: the next task's rows are prefetched alongside)
@@ -1026,9 +1122,11 @@ inline void stats_cl_part(const ForwardParams& p, int64_t part, int64_t P, int64
   for (; c + IO::K <= C; c += IO::K) stats_cl_block<T, 1>(x, p.x_so, shift, runs, rows, c, mean, m2);
   for (; c < C; ++c) {  // the last < K features: scalar two-pass down the column
     const A h = static_cast<A>(shift[c]);
-    A sum = A(0);
-    for (const auto& run : runs)
-      for (int64_t r = run.first; r < run.second; ++r) sum += static_cast<A>(x[r * p.x_so + c]) - h;
+    A sum = A(0), block = A(0);
+    blocked_rows(runs, [&](int64_t r) { block += static_cast<A>(x[r * p.x_so + c]) - h; }, [&] {
+      sum += block;
+      block = A(0);
+    });
     const A dm = sum / n;
     A q = A(0);
     for (const auto& run : runs)
