@@ -20,6 +20,7 @@
 #include <cmath>
 #include <initializer_list>
 #include <utility>
+#include <vector>
 #include <numeric>
 #include <type_traits>
 #include <vector>
@@ -421,7 +422,7 @@ inline int64_t cl_partition(const View3& v, int64_t part, int64_t P, RowRuns& ru
 inline int64_t ghost_of_row(const View3& v, int64_t r) { return v.G == 1 ? 0 : (r / v.S) % v.G; }
 
 // Partial states per (partition, feature). `mean` holds the partial mean MINUS the feature's
-// shift (its first element, feature_shift): every partial of a feature shares that shift, so the
+// shift (one of its elements, feature_shift): every partial of a feature shares that shift, so the
 // partial means and the deltas of Chan's merges stay small and exact even when |mean| >> std
 // (with fp32 means rounded at an offset of 1e6, a merge delta is off by up to 0.06, which alone
 // adds 1e-3 to a variance of 1). The shift is added back once, after the last merge.
@@ -438,23 +439,147 @@ inline PartialArrays<A> partial_arrays(void* ws, int64_t P, int64_t C) {
   return PartialArrays<A>{base, base + P * C, base + 2 * P * C};
 }
 
-// Feature f's shift: its first element (with ghosts, f = g * C + c starts at row g * S).
+// A feature's shift: of its first k = min(kShiftPick, count) elements, the one nearest to their
+// mean (the first of equals). The first pass sums x - shift, and both its rounding and that of
+// the partial means (mean - shift) grow with |mean - shift|: the first element, the shift before,
+// lies a standard deviation or more from the mean as often as not, and one 4 standard deviations
+// out put mean errors of 5-13 units of eps * max(|mean|, std) into the float32 statistics; the
+// nearest of 16 is typically within a quarter of one (measured in docs/verification.md). Still an
+// element of the data: x - shift stays exact (Sterbenz) when |mean| >> std, and a constant
+// feature's shift is its value, so its variance is exactly 0.
+template <typename T>
+constexpr int64_t kShiftPick = Io<T>::K;  // (16; 8 for float64)
+
+// The pick of a full kShiftPick<T> (one vector step, Io<T>::K: 16 elements, 8 for float64) runs
+// in vector registers, the index from a compare mask (~5 ns); scalar loops took 20-50 ns a
+// feature, the whole statistics pass of a 256-element feature (8x1000x7x7 fp32 training
+// forward 150 -> 200 us). Fewer elements: the scalar loops. A NaN or inf among them gives the
+// first element, as the shift was before.
+template <typename T>
+inline T nearest_to_mean(const T* vals, int64_t k) {
+  using A = acc_t<T>;
+  using IO = Io<T>;
+  using AV = typename IO::AV;
+  if (k == IO::K) {
+    AV a, b;
+    IO::load(vals, a, b);
+    const AV x0(static_cast<A>(vals[0]));
+    a = a - x0;
+    b = b - x0;
+    const auto plus = [](const AV& u, const AV& v) { return u + v; };
+    const auto lower = [](const AV& u, const AV& v) { return at::vec::minimum(u, v); };
+    const AV m(at::vec::vec_reduce_all<A>(plus, a + b) / static_cast<A>(IO::K));  // (the mean minus x0)
+    a = (a - m).abs();
+    b = (b - m).abs();
+    const AV lo(at::vec::vec_reduce_all<A>(lower, at::vec::minimum(a, b)));
+    // (a == lo): all bits set where equal, so zero_mask marks the lanes that are not the minimum
+    const uint64_t other = static_cast<uint64_t>(static_cast<uint32_t>((a == lo).zero_mask())) |
+                           (static_cast<uint64_t>(static_cast<uint32_t>((b == lo).zero_mask())) << IO::L);
+    const uint64_t at_min = ~other & ((uint64_t(1) << IO::K) - 1);
+    return at_min ? vals[__builtin_ctzll(at_min)] : vals[0];
+  }
+  const A x0 = static_cast<A>(vals[0]);
+  A s = A(0);
+  for (int64_t j = 1; j < k; ++j) s += static_cast<A>(vals[j]) - x0;
+  const A m = s / static_cast<A>(k);
+  int64_t best = 0;
+  A best_d = std::abs(m);
+  for (int64_t j = 1; j < k; ++j) {
+    const A d = std::abs((static_cast<A>(vals[j]) - x0) - m);
+    best = d < best_d ? j : best;
+    best_d = d < best_d ? d : best_d;
+  }
+  return vals[best];
+}
+
+// Channels-first feature f's shift, from its first elements in row order (0 without elements).
 template <typename T>
 inline acc_t<T> feature_shift(const ForwardParams& p, int64_t f) {
+  constexpr int64_t K = kShiftPick<T>;
+  const View3& v = p.v;
+  const T* x = static_cast<const T*>(p.x) + f * p.x_sc;
+  if (v.I >= K) return static_cast<acc_t<T>>(nearest_to_mean(x, K));
+  // Rows of 4 to K - 1 elements: the first row's (a gather across rows, with its store-to-load
+  // stall before the vector pick, cost 64x512x2x2's training forward 55 -> 75 us)
+  if (v.I >= 4) return static_cast<acc_t<T>>(nearest_to_mean(x, v.I));
+  const int64_t k = std::min(v.O * v.I, K);
+  if (k == 0) return acc_t<T>(0);
+  T vals[K];
+  for (int64_t j = 0, r = 0, i = 0; j < k; ++j) {
+    vals[j] = x[r * p.x_so + i];
+    if (++i == v.I) {
+      i = 0;
+      ++r;
+    }
+  }
+  return static_cast<acc_t<T>>(nearest_to_mean(vals, k));
+}
+
+// Channels-last shifts of every (ghost, feature), ghost-major (G * C of them), from the first
+// rows of each ghost; as elements of the input type, the shift rows the channels-last loops load.
+// Vectorized across features (K at a time): a running minimum of the distances and a blend keep
+// each lane's nearest element (the first of equals; NaN / inf: the first row's).
+template <typename T>
+inline std::vector<T> cl_feature_shifts(const ForwardParams& p) {
+  using A = acc_t<T>;
+  using IO = Io<T>;
+  using AV = typename IO::AV;
+  const View3& v = p.v;
+  const int64_t C = v.C;
   const T* x = static_cast<const T*>(p.x);
-  if (!p.v.channels_last) return static_cast<acc_t<T>>(x[f * p.x_sc]);
-  return static_cast<acc_t<T>>(x[(f / p.v.C) * p.v.S * p.x_so + f % p.v.C]);
+  std::vector<T> out(static_cast<size_t>(v.features()));
+  const int64_t k = std::min(v.ghost_rows(), kShiftPick<T>);
+  if (k == 0) return out;
+  for (int64_t g = 0; g < v.G; ++g) {
+    const T* rows[kShiftPick<T>];  // ghost g's first k rows (cl_partition's map)
+    for (int64_t rho = 0; rho < k; ++rho)
+      rows[rho] = x + (v.G == 1 ? rho : ((rho / v.S) * v.G + g) * v.S + rho % v.S) * p.x_so;
+    T* o = out.data() + g * C;
+    int64_t c = 0;
+    const AV inv_k(A(1) / static_cast<A>(k));
+    for (; c + IO::K <= C; c += IO::K) {
+      AV x0[2], s[2] = {AV(A(0)), AV(A(0))};
+      IO::load(rows[0] + c, x0[0], x0[1]);
+      for (int64_t rho = 1; rho < k; ++rho) {
+        AV a[2];
+        IO::load(rows[rho] + c, a[0], a[1]);
+        for (int h = 0; h < 2; ++h) s[h] += a[h] - x0[h];
+      }
+      AV best[2], best_d[2];
+      for (int h = 0; h < 2; ++h) {
+        s[h] = s[h] * inv_k;  // (the mean minus the first row's value)
+        best[h] = x0[h];
+        best_d[h] = s[h].abs();
+      }
+      for (int64_t rho = 1; rho < k; ++rho) {
+        AV a[2];
+        IO::load(rows[rho] + c, a[0], a[1]);
+        for (int h = 0; h < 2; ++h) {
+          const AV d = ((a[h] - x0[h]) - s[h]).abs();
+          const AV closer = d < best_d[h];
+          best[h] = AV::blendv(best[h], a[h], closer);
+          best_d[h] = AV::blendv(best_d[h], d, closer);
+        }
+      }
+      IO::store(o + c, best[0], best[1]);  // (exact: values of the input type)
+    }
+    for (; c < C; ++c) {
+      T vals[kShiftPick<T>];
+      for (int64_t rho = 0; rho < k; ++rho) vals[rho] = rows[rho][c];
+      o[c] = nearest_to_mean(vals, k);
+    }
+  }
+  return out;
 }
 
 // Channels-first: partition `part` of feature c covers whole rows of the outer dim; rows longer
 // than a chunk are split into chunk-sized segments. The state's mean is relative to the shift.
 template <typename T>
-inline WelfordState<acc_t<T>> stats_cf_part(const ForwardParams& p, int64_t c, int64_t part,
+inline WelfordState<acc_t<T>> stats_cf_part(const ForwardParams& p, int64_t c, int64_t part, acc_t<T> shift,
                                              const CfNextRows<T>& next = {}) {
   using A = acc_t<T>;
   const View3& v = p.v;
   const T* x = static_cast<const T*>(p.x) + c * p.x_sc;
-  const A shift = feature_shift<T>(p, c);
   const int64_t rows_per_part = cf_rows_per_part(v);
   const int64_t r0 = part * rows_per_part, r1 = std::min(v.O, r0 + rows_per_part);
   WelfordState<A> st = welford_empty<A>();
@@ -1070,7 +1195,7 @@ inline int64_t cl_tiles(int64_t C) { return C >= kCpuRowMajorMinStatsC ? ceil_di
 // Means are relative to the shift row (the ghost's first row).
 template <typename T>
 inline void stats_cl_part(const ForwardParams& p, int64_t part, int64_t P, int64_t tile,
-                          PartialArrays<acc_t<T>> out) {
+                          PartialArrays<acc_t<T>> out, const T* shifts) {
   using A = acc_t<T>;
   using IO = Io<T>;
   const View3& v = p.v;
@@ -1093,7 +1218,7 @@ inline void stats_cl_part(const ForwardParams& p, int64_t part, int64_t P, int64
     std::fill(m2 + c0, m2 + c1, A(0));
     return;
   }
-  const T* shift = x + g * v.S * p.x_so;  // feature_shift of every feature of ghost g
+  const T* shift = shifts + g * C;  // (cl_feature_shifts: ghost g's)
   if (const int nu = periodic_units_stats<T>(v, p.x_so == C)) {  // (one run: no ghosts)
     with_periodic<T, StatsPeriodic>(nu, x, runs[0].first * C, runs[0].second * C, C, shift, mean, m2);
     return;
@@ -1407,14 +1532,15 @@ inline void apply_all(const ForwardParams& p, CoeffArrays<acc_t<T>> k, bool fold
 // two integer divisions per feature for its indices, and its scalar divisions and square root,
 // cost ~10 us for 1000 features.
 template <typename T>
-void finalize_cl_merged(const ForwardParams& p, PartialArrays<acc_t<T>> part, CoeffArrays<acc_t<T>> k) {
+void finalize_cl_merged(const ForwardParams& p, PartialArrays<acc_t<T>> part, CoeffArrays<acc_t<T>> k,
+                        const T* shifts) {
   using A = acc_t<T>;
   const View3& v = p.v;
   const int64_t C = v.C, per = p.partitions / v.G;
   const A eps = static_cast<A>(p.eps), mom = static_cast<A>(p.momentum);
   for (int64_t g = 0; g < v.G; ++g) {
     const int64_t row = g * per * C, f0 = g * C;
-    const T* __restrict__ shift = static_cast<const T*>(p.x) + g * v.S * p.x_so;  // feature_shift
+    const T* __restrict__ shift = shifts + g * C;
     const A* __restrict__ pm = part.mean + row;
     const A* __restrict__ pm2 = part.m2 + row;
     const A n = part.n[row];
@@ -1485,9 +1611,9 @@ void forward_train(const ForwardParams& p) {
   if (!p.mask && !p.stat_mean && cf_expand_ok<T>(v, {{p.x_so, p.x_sc}, {p.y_so, p.y_sc}})) {
     // Short dense channels-first rows (see cf_expand_ok): the statistics of the W = C * I
     // channels-last columns (x viewed as O rows of W), each column's state relative to its first
-    // element, merged per feature in column order after rebasing them on the feature's shift (its
-    // first element, as everywhere): the partial means stay small when |mean| >> std. Then the
-    // expanded apply.
+    // element (row 0 of the view as the shift row), merged per feature in column order after
+    // rebasing them on the feature's shift (feature_shift, as everywhere): the partial means stay
+    // small when |mean| >> std. Then the expanded apply.
     const int64_t W = C * v.I;
     ForwardParams pe = p;
     pe.v = rows_as_features(v);
@@ -1497,13 +1623,16 @@ void forward_train(const ForwardParams& p) {
     std::vector<A> ws(3 * Pe * W);
     const PartialArrays<A> cols = partial_arrays<A>(ws.data(), Pe, W);
     at::parallel_for(0, Pe * Te, grain_for(cl_part_elems(pe.v, Pe) / Te), [&](int64_t begin, int64_t end) {
-      for (int64_t t = begin; t < end; ++t) stats_cl_part<T>(pe, t / Te, Pe, t % Te, cols);
+      for (int64_t t = begin; t < end; ++t) stats_cl_part<T>(pe, t / Te, Pe, t % Te, cols, static_cast<const T*>(pe.x));
     });
     merge_cl_partials(cols, Pe, W, 1);  // each column's state: row 0 of the partials
     const T* x = static_cast<const T*>(p.x);
     at::parallel_for(0, C, grain_for(8 * v.I), [&](int64_t begin, int64_t end) {
+      // (the shifts first, in k.mean until the coefficients replace them: the picks of different
+      // features overlap, where one before each feature's merge sat on its critical path)
+      for (int64_t c = begin; c < end; ++c) k.mean[c] = feature_shift<T>(p, c);
       for (int64_t c = begin; c < end; ++c) {
-        const A shift = feature_shift<T>(p, c);  // (x[c * I]: also its first column's shift)
+        const A shift = k.mean[c];
         WelfordState<A> st = welford_empty<A>();
         for (int64_t j = c * v.I; j < (c + 1) * v.I; ++j)
           st = welford_merge(st, WelfordState<A>{(static_cast<A>(x[j]) - shift) + cols.mean[j], cols.m2[j], cols.n[j]});
@@ -1532,9 +1661,11 @@ void forward_train(const ForwardParams& p) {
     const T* x = static_cast<const T*>(p.x);
     const int64_t dist = cf_prefetch_distance<T>(v, v.O);
     at::parallel_for(0, C, grain_for(v.O * v.I), [&](int64_t begin, int64_t end) {
+      for (int64_t c = begin; c < end; ++c) k.mean[c] = feature_shift<T>(p, c);  // (as above)
       for (int64_t c = begin; c < end; ++c) {
-        WelfordState<A> st = stats_cf_part<T>(p, c, 0);
-        st.mean = feature_shift<T>(p, c) + st.mean;
+        const A shift = k.mean[c];
+        WelfordState<A> st = stats_cf_part<T>(p, c, 0, shift);
+        st.mean = shift + st.mean;
         const ApplyCoeffs<A> kc = finalize_feature(st, c);
         const bool folded = folds_exactly(sm[c], si[c]);
         const CfNextRows<T> next = cf_task_rows(x, p.x_so, p.x_sc, v, 1, v.O, c + dist, end);
@@ -1547,8 +1678,18 @@ void forward_train(const ForwardParams& p) {
     return;
   }
 
-  // Masked: per-feature shifts in k.mean until the finalize below overwrites it (same index).
-  if (p.mask) masked_feature_shifts<T>(p, k.mean);
+  // Per-feature shifts: channels-first and masked ones in k.mean until the finalize below
+  // overwrites it (same index); channels-last ones as rows of the input type.
+  std::vector<T> cl_shift;
+  if (p.mask) {
+    masked_feature_shifts<T>(p, k.mean);
+  } else if (v.channels_last) {
+    cl_shift = cl_feature_shifts<T>(p);
+  } else {
+    at::parallel_for(0, C, 256, [&](int64_t begin, int64_t end) {
+      for (int64_t c = begin; c < end; ++c) k.mean[c] = feature_shift<T>(p, c);
+    });
+  }
 
   if (!v.channels_last) {
     const T* x = static_cast<const T*>(p.x);
@@ -1558,7 +1699,7 @@ void forward_train(const ForwardParams& p) {
         const int64_t c = t / P, q = t % P;
         const WelfordState<A> st =
             p.mask ? masked_stats_cf_part<T>(p, c, q, k.mean[c])
-                   : stats_cf_part<T>(p, c, q, cf_task_rows(x, p.x_so, p.x_sc, v, P, per, t + dist, end));
+                   : stats_cf_part<T>(p, c, q, k.mean[c], cf_task_rows(x, p.x_so, p.x_sc, v, P, per, t + dist, end));
         part.mean[t] = st.mean;
         part.m2[t] = st.m2;
         part.n[t] = st.n;
@@ -1571,7 +1712,7 @@ void forward_train(const ForwardParams& p) {
         if (p.mask) {
           masked_stats_cl_part<T>(p, t, P, part, k.mean);
         } else {
-          stats_cl_part<T>(p, t / T_, P, t % T_, part);
+          stats_cl_part<T>(p, t / T_, P, t % T_, part, cl_shift.data());
         }
       }
     });
@@ -1582,7 +1723,7 @@ void forward_train(const ForwardParams& p) {
   const bool row_merged = v.channels_last && !p.mask;
   if (row_merged) merge_cl_partials(part, P, C, v.G);  // each ghost's merged state: its first row
   if (row_merged && !p.stat_mean) {
-    finalize_cl_merged<T>(p, part, k);
+    finalize_cl_merged<T>(p, part, k, cl_shift.data());
     apply_all<T>(p, k, folding_is_exact(sm, si, F));
     return;
   }
@@ -1596,7 +1737,8 @@ void forward_train(const ForwardParams& p) {
       }
       // Partials are relative to the shift; a masked feature with no unmasked element gets mean
       // 0, not its padding.
-      st.mean = p.mask ? (st.n > A(0) ? k.mean[c] + st.mean : A(0)) : feature_shift<T>(p, c) + st.mean;
+      const A shift = v.channels_last && !p.mask ? static_cast<A>(cl_shift[c]) : k.mean[c];
+      st.mean = p.mask && st.n == A(0) ? A(0) : shift + st.mean;
       if (p.stat_mean) {  // staged batch_stats: hand the merged local state to the caller
         static_cast<A*>(p.stat_mean)[c] = st.mean;
         static_cast<A*>(p.stat_m2)[c] = st.m2;
