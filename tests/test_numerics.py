@@ -4,6 +4,8 @@ on the same data (flash-attention's rule)."""
 
 from __future__ import annotations
 
+import zlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -446,3 +448,60 @@ def test_channels_last_wide_rows_ghosts(c, ghosts, device):
     ref_sdyx = (dyg * (xg - mean.double().cpu().reshape(ghosts, 1, c))).sum(1)
     assert max_err(sdy.double().cpu(), ref_sdy.reshape(-1)) <= 1e-4 * (ref_sdy.abs().max().item() + 1)
     assert max_err(sdyx.double().cpu(), ref_sdyx.reshape(-1)) <= 1e-4 * (ref_sdyx.abs().max().item() + 1)
+
+
+# Every CPU statistics path (channels-first: one long row, many rows, rows split into chunks,
+# short dense rows; channels-last: register blocks, row-major tiles, the periodic loops, a scalar
+# tail column, two features), each feature's first element (the first row, channels-last) put 4
+# standard deviations above its mean.
+FAR_FIRST_CASES = [
+    ((1, 1, 31213), 0, "contiguous"), ((8, 64, 28, 28), 1, "contiguous"), ((2, 3, 190, 190), 1, "contiguous"),
+    ((64, 17, 2, 2), 1, "contiguous"), ((4096, 64), 1, "contiguous"), ((2048, 300), 1, "contiguous"),
+    ((16, 3, 64, 64), 1, "channels_last"), ((8, 17, 28, 28), 1, "channels_last"), ((16384, 2), 1, "contiguous"),
+    ((33, 5, 9, 3), 1, "contiguous"),  # rows of 3 elements: the shift's candidates span rows
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape,axis,layout", FAR_FIRST_CASES,
+                         ids=[f"{s}-{a}-{l}".replace(" ", "") for s, a, l in FAR_FIRST_CASES])
+def test_mean_when_the_first_element_is_far(shape, axis, layout, dtype, device):
+    """The saved mean within 4 units of eps * max(|mean|, std) of float64 (the float32 mean of the
+    input's values), when the first element sits far from the mean. Summed from the first element,
+    as the CPU kernels did until 2026-12-06, these means were off by 5-19 units, and by up to 130
+    units of |mean| for a 31213-element fp16 feature whose grad_weight then missed by 2%."""
+    gen = torch.Generator().manual_seed(zlib.crc32(repr((shape, dtype)).encode()))
+    fshape = [1] * len(shape)
+    fshape[axis] = shape[axis]
+    m = torch.rand(fshape, generator=gen, dtype=torch.float64) * 4 - 2
+    sd = 0.3 + torch.rand(fshape, generator=gen, dtype=torch.float64)
+    x = m + sd * torch.randn(shape, generator=gen, dtype=torch.float64)
+    first = [0] * len(shape)
+    first[axis] = slice(None)
+    x[tuple(first)] = (m + 4 * sd).reshape(-1)
+    x = apply_layout(x.to(dtype).to(device), layout)
+    _, mean, _ = ops.forward_train(x, None, None, None, None, 0.1, 1e-5, [axis])
+    red = [d for d in range(x.dim()) if d != axis]
+    x64 = x.double().cpu()
+    ref = x64.mean(red).reshape(-1)
+    unit = float(torch.finfo(torch.float32).eps) * torch.maximum(ref.abs(), x64.std(red).reshape(-1))
+    worst = float(((mean.double().cpu() - ref).abs() / unit).max())
+    assert worst <= 4.0, f"saved mean off by {worst:.1f} units of eps * max(|mean|, std)"
+
+
+# Configurations of scripts/crosscheck_kernels.py (seed, index) that failed its arbiter on the CPU
+# build before the shift choice: grad_weight off by 5-18x torch's own error, from a mean rounded
+# ~10-100 ulp off times a large sum(dy).
+CROSSCHECK_CASES = [(9, 5614), (8, 22873), (9, 19673), (9, 23712)]
+
+
+@pytest.mark.parametrize("seed,index", CROSSCHECK_CASES)
+def test_crosscheck_grad_weight_cases(seed, index, device):
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    try:
+        import crosscheck_kernels as ck
+    finally:
+        sys.path.pop(0)
+    ck.run_case(ck.random_case(seed, index, 300_000), device, hook=False)
