@@ -83,12 +83,12 @@ struct Io {
 //
 // The statistics' first pass (shifted_sum_run) blocks the vector lanes too (vec_next): each lane
 // adds at most kStatsBlock steps per block, the blocks closed between runs (and inside runs longer
-// than a block), so the check costs once per run, not per step. Its sums are of x - shift, all
-// of one sign when the shift (the feature's first element) lies a standard deviation or more
-// from the mean, and a lane's serial sum of ~2000 of them rounded the mean by ~100 ulp; times a
-// large sum(dy) that moved grad_weight (a 31213-element fp16 feature: 1.86 of 79.3, 18x torch's
-// error; the same in float32, 5-9x, found by scripts/crosscheck_kernels.py). The second pass and
-// the gradient sums keep one block: their errors are relative to their own (second-order) sums.
+// than a block), so the check costs once per run, not per step. Its terms x - shift are all of
+// one sign when the shift lies a standard deviation or more from the mean, and a lane's serial
+// sum of ~2000 of them put a 31213-element fp16 feature's mean ~200 ulp off; times a large
+// sum(dy) that moved its grad_weight by 2%, 18x torch's error (scripts/crosscheck_kernels.py).
+// The shift is now also chosen near the mean (feature_shift). The second pass and the gradient
+// sums keep one block: their errors are relative to their own sums.
 constexpr int64_t kStatsBlock = 64;  // first-pass terms per lane (or per column) and block
 
 template <typename T>
@@ -439,49 +439,26 @@ inline PartialArrays<A> partial_arrays(void* ws, int64_t P, int64_t C) {
   return PartialArrays<A>{base, base + P * C, base + 2 * P * C};
 }
 
-// A feature's shift: of its first k = min(kShiftPick, count) elements, the one nearest to their
-// mean (the first of equals). The first pass sums x - shift, and both its rounding and that of
-// the partial means (mean - shift) grow with |mean - shift|: the first element, the shift before,
-// lies a standard deviation or more from the mean as often as not, and one 4 standard deviations
-// out put mean errors of 5-13 units of eps * max(|mean|, std) into the float32 statistics; the
-// nearest of 16 is typically within a quarter of one (measured in docs/verification.md). Still an
-// element of the data: x - shift stays exact (Sterbenz) when |mean| >> std, and a constant
-// feature's shift is its value, so its variance is exactly 0.
+// A feature's shift, near the mean of its first k = min(kShiftPick, count) elements:
+// channels-first, their mean (mean_shift); channels-last, the element nearest it, as the shift
+// row is of the input type (cl_feature_shifts). The first pass sums x - shift, and both its
+// rounding and that of the partial means (mean - shift) grow with |mean - shift|. The first
+// element, the shift before, lies a standard deviation or more from the mean as often as not; with
+// it 4 standard deviations out, the saved float32 means were off by up to 5-19 units of
+// eps * max(|mean|, std) (1.4-9 with the blocked first pass), and now by at most 0.2-3.5
+// (docs/cpu-kernels.md). Near the data: x - shift stays exact (Sterbenz) when |mean| >> std, and
+// a constant feature's shift is its value, so its variance is exactly 0.
 template <typename T>
 constexpr int64_t kShiftPick = Io<T>::K;  // (16; 8 for float64)
 
-// The pick of a full kShiftPick<T> (one vector step, Io<T>::K: 16 elements, 8 for float64) runs
-// in vector registers, the index from a compare mask (~5 ns); scalar loops took 20-50 ns a
-// feature, the whole statistics pass of a 256-element feature (8x1000x7x7 fp32 training
-// forward 150 -> 200 us). Fewer elements: the scalar loops. A NaN or inf among them gives the
-// first element, as the shift was before.
+// Channels-last (cl_feature_shifts' scalar tail): the element of vals[0:k] nearest their mean.
 template <typename T>
 inline T nearest_to_mean(const T* vals, int64_t k) {
   using A = acc_t<T>;
-  using IO = Io<T>;
-  using AV = typename IO::AV;
-  if (k == IO::K) {
-    AV a, b;
-    IO::load(vals, a, b);
-    const AV x0(static_cast<A>(vals[0]));
-    a = a - x0;
-    b = b - x0;
-    const auto plus = [](const AV& u, const AV& v) { return u + v; };
-    const auto lower = [](const AV& u, const AV& v) { return at::vec::minimum(u, v); };
-    const AV m(at::vec::vec_reduce_all<A>(plus, a + b) / static_cast<A>(IO::K));  // (the mean minus x0)
-    a = (a - m).abs();
-    b = (b - m).abs();
-    const AV lo(at::vec::vec_reduce_all<A>(lower, at::vec::minimum(a, b)));
-    // (a == lo): all bits set where equal, so zero_mask marks the lanes that are not the minimum
-    const uint64_t other = static_cast<uint64_t>(static_cast<uint32_t>((a == lo).zero_mask())) |
-                           (static_cast<uint64_t>(static_cast<uint32_t>((b == lo).zero_mask())) << IO::L);
-    const uint64_t at_min = ~other & ((uint64_t(1) << IO::K) - 1);
-    return at_min ? vals[__builtin_ctzll(at_min)] : vals[0];
-  }
   const A x0 = static_cast<A>(vals[0]);
   A s = A(0);
   for (int64_t j = 1; j < k; ++j) s += static_cast<A>(vals[j]) - x0;
-  const A m = s / static_cast<A>(k);
+  const A m = s / static_cast<A>(k);  // (the mean minus x0)
   int64_t best = 0;
   A best_d = std::abs(m);
   for (int64_t j = 1; j < k; ++j) {
@@ -492,16 +469,45 @@ inline T nearest_to_mean(const T* vals, int64_t k) {
   return vals[best];
 }
 
-// Channels-first feature f's shift, from its first elements in row order (0 without elements).
+// Channels-first: vals[0] + the mean of vals[0:k] - vals[0], rounded to the input type (exactly
+// vals[0] for constant data). A full step (k = Io<T>::K) in vector registers: ~12 instructions,
+// where the pick of the nearest element cost 10-15 ns a feature (8x1000x7x7 fp32 training forward
+// 0.90x) and scalar loops 20-50 ns. On the input's grid, a 16-bit input's x - shift and the
+// lanes' sums of them are exact; a float32 shift with bits below that grid rounded every term
+// the same way (fp16 8x64x28x28, a feature's mean 4.4 units off against 0.01 with the shift
+// rounded to fp16).
+template <typename T>
+inline acc_t<T> mean_shift(const T* vals, int64_t k) {
+  using A = acc_t<T>;
+  using IO = Io<T>;
+  using AV = typename IO::AV;
+  const A x0 = static_cast<A>(vals[0]);
+  A m;  // (the mean minus x0)
+  if (k == IO::K) {
+    AV a, b;
+    IO::load(vals, a, b);
+    const AV h(x0);
+    const auto plus = [](const AV& u, const AV& v) { return u + v; };
+    m = at::vec::vec_reduce_all<A>(plus, (a - h) + (b - h)) / static_cast<A>(IO::K);
+  } else {
+    A s = A(0);
+    for (int64_t j = 1; j < k; ++j) s += static_cast<A>(vals[j]) - x0;
+    m = s / static_cast<A>(k);
+  }
+  return static_cast<A>(static_cast<T>(x0 + m));
+}
+
+// Channels-first feature f's shift (see above), from its first elements in row order (0 without
+// elements).
 template <typename T>
 inline acc_t<T> feature_shift(const ForwardParams& p, int64_t f) {
   constexpr int64_t K = kShiftPick<T>;
   const View3& v = p.v;
   const T* x = static_cast<const T*>(p.x) + f * p.x_sc;
-  if (v.I >= K) return static_cast<acc_t<T>>(nearest_to_mean(x, K));
+  if (v.I >= K) return mean_shift(x, K);
   // Rows of 4 to K - 1 elements: the first row's (a gather across rows, with its store-to-load
-  // stall before the vector pick, cost 64x512x2x2's training forward 55 -> 75 us)
-  if (v.I >= 4) return static_cast<acc_t<T>>(nearest_to_mean(x, v.I));
+  // stall before a vector load, cost 64x512x2x2's training forward 55 -> 75 us)
+  if (v.I >= 4) return mean_shift(x, v.I);
   const int64_t k = std::min(v.O * v.I, K);
   if (k == 0) return acc_t<T>(0);
   T vals[K];
@@ -512,7 +518,7 @@ inline acc_t<T> feature_shift(const ForwardParams& p, int64_t f) {
       ++r;
     }
   }
-  return static_cast<acc_t<T>>(nearest_to_mean(vals, k));
+  return mean_shift(vals, k);
 }
 
 // Channels-last shifts of every (ghost, feature), ghost-major (G * C of them), from the first
