@@ -20,7 +20,6 @@
 #include <cmath>
 #include <initializer_list>
 #include <utility>
-#include <vector>
 #include <numeric>
 #include <type_traits>
 #include <vector>
@@ -422,7 +421,7 @@ inline int64_t cl_partition(const View3& v, int64_t part, int64_t P, RowRuns& ru
 inline int64_t ghost_of_row(const View3& v, int64_t r) { return v.G == 1 ? 0 : (r / v.S) % v.G; }
 
 // Partial states per (partition, feature). `mean` holds the partial mean MINUS the feature's
-// shift (one of its elements, feature_shift): every partial of a feature shares that shift, so the
+// shift (a value near its mean, feature_shift): every partial of a feature shares that shift, so the
 // partial means and the deltas of Chan's merges stay small and exact even when |mean| >> std
 // (with fp32 means rounded at an offset of 1e6, a merge delta is off by up to 0.06, which alone
 // adds 1e-3 to a variance of 1). The shift is added back once, after the last merge.
@@ -504,10 +503,9 @@ inline acc_t<T> feature_shift(const ForwardParams& p, int64_t f) {
   constexpr int64_t K = kShiftPick<T>;
   const View3& v = p.v;
   const T* x = static_cast<const T*>(p.x) + f * p.x_sc;
-  if (v.I >= K) return mean_shift(x, K);
-  // Rows of 4 to K - 1 elements: the first row's (a gather across rows, with its store-to-load
-  // stall before a vector load, cost 64x512x2x2's training forward 55 -> 75 us)
-  if (v.I >= 4) return mean_shift(x, v.I);
+  // Rows of 4 or more elements: the first row's (for rows of 4 to K - 1, a gather across rows,
+  // with its store-to-load stall before a vector load, cost 64x512x2x2's training forward 55 -> 75 us)
+  if (v.I >= 4) return mean_shift(x, std::min(v.I, K));
   const int64_t k = std::min(v.O * v.I, K);
   if (k == 0) return acc_t<T>(0);
   T vals[K];
@@ -1198,7 +1196,7 @@ template <typename T>
 inline int64_t cl_tiles(int64_t C) { return C >= kCpuRowMajorMinStatsC ? ceil_div(C, kCpuClRowTile<T>) : 1; }
 
 // Channels-last: partition `part` covers some rows of (O, C) (of one ghost) for every feature.
-// Means are relative to the shift row (the ghost's first row).
+// Means are relative to the shift row `shifts + g * C` of ghost g (cl_feature_shifts).
 template <typename T>
 inline void stats_cl_part(const ForwardParams& p, int64_t part, int64_t P, int64_t tile,
                           PartialArrays<acc_t<T>> out, const T* shifts) {
