@@ -184,6 +184,43 @@ inline void shifted_sum_run(const T* p, int64_t n, acc_t<T> shift, RunAcc<T>& ac
   for (; i < n; ++i) acc.tail += static_cast<acc_t<T>>(p[i]) - shift;
 }
 
+// shifted_sum_run over rows [r0, r1) of n elements, `so` apart, with the same blocks, but rows of
+// up to kStatsBlock vector steps are checked against the block size once per block of rows instead
+// of once per row (a channels-first feature of 7x7 maps is 3 steps and a tail a row; 8x1000x7x7
+// fp32 training forward, one thread, in cache, best of 5: 154 -> 151 us, 8x17x28x28 32.3 -> 31.0,
+// about this VM's noise). The same bits.
+template <typename T>
+inline void shifted_sum_rows(const T* x, int64_t so, int64_t r0, int64_t r1, int64_t n, acc_t<T> shift,
+                             RunAcc<T>& acc) {
+  using IO = Io<T>;
+  const int64_t steps = n / IO::K, tail = n - steps * IO::K;
+  if (steps == 0 || steps > kStatsBlock) {
+    for (int64_t r = r0; r < r1; ++r) shifted_sum_run(x + r * so, n, shift, acc);
+    return;
+  }
+  const typename IO::AV sh(shift);
+  // rows that fit the current block (a new block of kStatsBlock / steps rows when none does)
+  int64_t room = (kStatsBlock - acc.vec_n) / steps;
+  for (int64_t r = r0; r < r1;) {
+    const int64_t rb = std::min(r1, r + (room > 0 ? room : kStatsBlock / steps));
+    acc.vec_next(steps * (rb - r));
+    room = kStatsBlock / steps;
+    for (; r < rb; ++r) {
+      const T* p = x + r * so;
+      int64_t i = 0;
+      for (; i < steps * IO::K; i += IO::K) {
+        typename IO::AV a, b;
+        IO::load(p + i, a, b);
+        acc.v0 += a - sh;
+        acc.v1 += b - sh;
+      }
+      if (tail == 0) continue;
+      acc.tail_next(tail);
+      for (; i < n; ++i) acc.tail += static_cast<acc_t<T>>(p[i]) - shift;
+    }
+  }
+}
+
 // acc += sum(((p[0:n] - shift) - dmean)^2), the squared deviations from the mean shift + dmean
 // without rounding that mean to the acc type first (x - shift is exact when x and shift are close).
 template <typename T>
@@ -438,9 +475,8 @@ inline PartialArrays<A> partial_arrays(void* ws, int64_t P, int64_t C) {
   return PartialArrays<A>{base, base + P * C, base + 2 * P * C};
 }
 
-// A feature's shift, near the mean of its first k = min(kShiftPick, count) elements:
-// channels-first, their mean (mean_shift); channels-last, the element nearest it, as the shift
-// row is of the input type (cl_feature_shifts). The first pass sums x - shift, and both its
+// A feature's shift: the mean of its first k = min(kShiftPick, count) elements, rounded to the
+// input type (mean_shift; cl_feature_shifts for channels-last rows). The first pass sums x - shift, and both its
 // rounding and that of the partial means (mean - shift) grow with |mean - shift|. The first
 // element, the shift before, lies a standard deviation or more from the mean as often as not; with
 // it 4 standard deviations out, the saved float32 means were off by up to 5-19 units of
@@ -450,25 +486,7 @@ inline PartialArrays<A> partial_arrays(void* ws, int64_t P, int64_t C) {
 template <typename T>
 constexpr int64_t kShiftPick = Io<T>::K;  // (16; 8 for float64)
 
-// Channels-last (cl_feature_shifts' scalar tail): the element of vals[0:k] nearest their mean.
-template <typename T>
-inline T nearest_to_mean(const T* vals, int64_t k) {
-  using A = acc_t<T>;
-  const A x0 = static_cast<A>(vals[0]);
-  A s = A(0);
-  for (int64_t j = 1; j < k; ++j) s += static_cast<A>(vals[j]) - x0;
-  const A m = s / static_cast<A>(k);  // (the mean minus x0)
-  int64_t best = 0;
-  A best_d = std::abs(m);
-  for (int64_t j = 1; j < k; ++j) {
-    const A d = std::abs((static_cast<A>(vals[j]) - x0) - m);
-    best = d < best_d ? j : best;
-    best_d = d < best_d ? d : best_d;
-  }
-  return vals[best];
-}
-
-// Channels-first: vals[0] + the mean of vals[0:k] - vals[0], rounded to the input type (exactly
+// vals[0] + the mean of vals[0:k] - vals[0], rounded to the input type (exactly
 // vals[0] for constant data). A full step (k = Io<T>::K) in vector registers: ~12 instructions,
 // where the pick of the nearest element cost 10-15 ns a feature (8x1000x7x7 fp32 training forward
 // 0.90x) and scalar loops 20-50 ns. On the input's grid, a 16-bit input's x - shift and the
@@ -508,7 +526,7 @@ inline acc_t<T> feature_shift(const ForwardParams& p, int64_t f) {
   if (v.I >= 4) return mean_shift(x, std::min(v.I, K));
   const int64_t k = std::min(v.O * v.I, K);
   if (k == 0) return acc_t<T>(0);
-  T vals[K];
+  T vals[K] = {};  // (k >= 1 of them set below; initialized for -Wmaybe-uninitialized)
   for (int64_t j = 0, r = 0, i = 0; j < k; ++j) {
     vals[j] = x[r * p.x_so + i];
     if (++i == v.I) {
@@ -520,11 +538,13 @@ inline acc_t<T> feature_shift(const ForwardParams& p, int64_t f) {
 }
 
 // Channels-last shifts of every (ghost, feature), ghost-major (G * C of them), from the first
-// rows of each ghost; as elements of the input type, the shift rows the channels-last loops load.
-// Vectorized across features (K at a time): a running minimum of the distances and a blend keep
-// each lane's nearest element (the first of equals; NaN / inf: the first row's).
+// rows of each ghost: mean_shift's value, vectorized across features (K at a time), as elements
+// of the input type, the shift rows the channels-last loops load. The k rows' deviations from the
+// first are summed in four independent chains (rows mod 4), not one: a chain of k dependent adds
+// per K features made this latency-bound (64x1000 fp32, one thread, in cache: the pick of the
+// element nearest the mean, two such chains, cost the training forward 20.4 -> 23.2 us).
 template <typename T>
-inline std::vector<T> cl_feature_shifts(const ForwardParams& p) {
+inline std::vector<T> cl_feature_shifts(const ForwardParams& p, int64_t max_rows = kShiftPick<T>) {
   using A = acc_t<T>;
   using IO = Io<T>;
   using AV = typename IO::AV;
@@ -532,7 +552,7 @@ inline std::vector<T> cl_feature_shifts(const ForwardParams& p) {
   const int64_t C = v.C;
   const T* x = static_cast<const T*>(p.x);
   std::vector<T> out(static_cast<size_t>(v.features()));
-  const int64_t k = std::min(v.ghost_rows(), kShiftPick<T>);
+  const int64_t k = std::min({v.ghost_rows(), kShiftPick<T>, max_rows});
   if (k == 0) return out;
   for (int64_t g = 0; g < v.G; ++g) {
     const T* rows[kShiftPick<T>];  // ghost g's first k rows (cl_partition's map)
@@ -542,35 +562,22 @@ inline std::vector<T> cl_feature_shifts(const ForwardParams& p) {
     int64_t c = 0;
     const AV inv_k(A(1) / static_cast<A>(k));
     for (; c + IO::K <= C; c += IO::K) {
-      AV x0[2], s[2] = {AV(A(0)), AV(A(0))};
+      AV x0[2], s[4][2];
       IO::load(rows[0] + c, x0[0], x0[1]);
+      for (int q = 0; q < 4; ++q) s[q][0] = s[q][1] = AV(A(0));
       for (int64_t rho = 1; rho < k; ++rho) {
         AV a[2];
         IO::load(rows[rho] + c, a[0], a[1]);
-        for (int h = 0; h < 2; ++h) s[h] += a[h] - x0[h];
+        for (int h = 0; h < 2; ++h) s[rho & 3][h] += a[h] - x0[h];
       }
-      AV best[2], best_d[2];
-      for (int h = 0; h < 2; ++h) {
-        s[h] = s[h] * inv_k;  // (the mean minus the first row's value)
-        best[h] = x0[h];
-        best_d[h] = s[h].abs();
-      }
-      for (int64_t rho = 1; rho < k; ++rho) {
-        AV a[2];
-        IO::load(rows[rho] + c, a[0], a[1]);
-        for (int h = 0; h < 2; ++h) {
-          const AV d = ((a[h] - x0[h]) - s[h]).abs();
-          const AV closer = d < best_d[h];
-          best[h] = AV::blendv(best[h], a[h], closer);
-          best_d[h] = AV::blendv(best_d[h], d, closer);
-        }
-      }
-      IO::store(o + c, best[0], best[1]);  // (exact: values of the input type)
+      AV m[2];
+      for (int h = 0; h < 2; ++h) m[h] = x0[h] + ((s[0][h] + s[1][h]) + (s[2][h] + s[3][h])) * inv_k;
+      IO::store(o + c, m[0], m[1]);  // (rounded to the input type)
     }
     for (; c < C; ++c) {
-      T vals[kShiftPick<T>];
+      T vals[kShiftPick<T>] = {};  // (k >= 1 set; initialized for -Wmaybe-uninitialized)
       for (int64_t rho = 0; rho < k; ++rho) vals[rho] = rows[rho][c];
-      o[c] = nearest_to_mean(vals, k);
+      o[c] = static_cast<T>(mean_shift(vals, k));  // (exact: already rounded to T)
     }
   }
   return out;
@@ -590,7 +597,7 @@ inline WelfordState<acc_t<T>> stats_cf_part(const ForwardParams& p, int64_t c, i
   if (r1 <= r0) return st;
   if (v.I <= kCpuChunkElems) {
     RunAcc<T> s;
-    for (int64_t r = r0; r < r1; ++r) shifted_sum_run(x + r * p.x_so, v.I, shift, s);
+    shifted_sum_rows(x, p.x_so, r0, r1, v.I, shift, s);
     const A n = static_cast<A>((r1 - r0) * v.I);
     const A dmean = s.total() / n;
     RunAcc<T> m2;
@@ -1614,10 +1621,14 @@ void forward_train(const ForwardParams& p) {
 
   if (!p.mask && !p.stat_mean && cf_expand_ok<T>(v, {{p.x_so, p.x_sc}, {p.y_so, p.y_sc}})) {
     // Short dense channels-first rows (see cf_expand_ok): the statistics of the W = C * I
-    // channels-last columns (x viewed as O rows of W), each column's state relative to its first
-    // element (row 0 of the view as the shift row), merged per feature in column order after
-    // rebasing them on the feature's shift (feature_shift, as everywhere): the partial means stay
-    // small when |mean| >> std. Then the expanded apply.
+    // channels-last columns (x viewed as O rows of W), each column's state relative to its own
+    // shift (the mean of its first ceil(16 / I) rows: cl_feature_shifts of the view), merged per
+    // feature in column order after rebasing them on the feature's shift (feature_shift, as
+    // everywhere): the partial means stay small when |mean| >> std. Then the expanded apply.
+    // (docs/cpu-kernels.md: with each column's first element as its shift, 64x17x2x2 fp32 means
+    // were up to 2.1 units off, 0.9 now; as far off with the feature's shift for every column,
+    // for rows of 4 the mean of one row; 0.7 with 16 rows a column, which cost 32x256x3x3 fp16's
+    // training forward 37.5 -> 41.7 us, against 38.8 now.)
     const int64_t W = C * v.I;
     ForwardParams pe = p;
     pe.v = rows_as_features(v);
@@ -1626,11 +1637,11 @@ void forward_train(const ForwardParams& p) {
     const int64_t Pe = plan_partitions_cpu(pe.v), Te = cl_tiles<T>(W);
     std::vector<A> ws(3 * Pe * W);
     const PartialArrays<A> cols = partial_arrays<A>(ws.data(), Pe, W);
+    const std::vector<T> col_shift = cl_feature_shifts<T>(pe, ceil_div(kShiftPick<T>, v.I));
     at::parallel_for(0, Pe * Te, grain_for(cl_part_elems(pe.v, Pe) / Te), [&](int64_t begin, int64_t end) {
-      for (int64_t t = begin; t < end; ++t) stats_cl_part<T>(pe, t / Te, Pe, t % Te, cols, static_cast<const T*>(pe.x));
+      for (int64_t t = begin; t < end; ++t) stats_cl_part<T>(pe, t / Te, Pe, t % Te, cols, col_shift.data());
     });
     merge_cl_partials(cols, Pe, W, 1);  // each column's state: row 0 of the partials
-    const T* x = static_cast<const T*>(p.x);
     at::parallel_for(0, C, grain_for(8 * v.I), [&](int64_t begin, int64_t end) {
       // (the shifts first, in k.mean until the coefficients replace them: the picks of different
       // features overlap, where one before each feature's merge sat on its critical path)
@@ -1639,7 +1650,7 @@ void forward_train(const ForwardParams& p) {
         const A shift = k.mean[c];
         WelfordState<A> st = welford_empty<A>();
         for (int64_t j = c * v.I; j < (c + 1) * v.I; ++j)
-          st = welford_merge(st, WelfordState<A>{(static_cast<A>(x[j]) - shift) + cols.mean[j], cols.m2[j], cols.n[j]});
+          st = welford_merge(st, WelfordState<A>{(static_cast<A>(col_shift[j]) - shift) + cols.mean[j], cols.m2[j], cols.n[j]});
         st.mean = shift + st.mean;
         const ApplyCoeffs<A> kc = finalize_feature(st, c);
         k.mean[c] = kc.mean;
