@@ -184,43 +184,6 @@ inline void shifted_sum_run(const T* p, int64_t n, acc_t<T> shift, RunAcc<T>& ac
   for (; i < n; ++i) acc.tail += static_cast<acc_t<T>>(p[i]) - shift;
 }
 
-// shifted_sum_run over rows [r0, r1) of n elements, `so` apart, with the same blocks, but rows of
-// up to kStatsBlock vector steps are checked against the block size once per block of rows instead
-// of once per row (a channels-first feature of 7x7 maps is 3 steps and a tail a row; 8x1000x7x7
-// fp32 training forward, one thread, in cache, best of 5: 154 -> 151 us, 8x17x28x28 32.3 -> 31.0,
-// about this VM's noise). The same bits.
-template <typename T>
-inline void shifted_sum_rows(const T* x, int64_t so, int64_t r0, int64_t r1, int64_t n, acc_t<T> shift,
-                             RunAcc<T>& acc) {
-  using IO = Io<T>;
-  const int64_t steps = n / IO::K, tail = n - steps * IO::K;
-  if (steps == 0 || steps > kStatsBlock) {
-    for (int64_t r = r0; r < r1; ++r) shifted_sum_run(x + r * so, n, shift, acc);
-    return;
-  }
-  const typename IO::AV sh(shift);
-  // rows that fit the current block (a new block of kStatsBlock / steps rows when none does)
-  int64_t room = (kStatsBlock - acc.vec_n) / steps;
-  for (int64_t r = r0; r < r1;) {
-    const int64_t rb = std::min(r1, r + (room > 0 ? room : kStatsBlock / steps));
-    acc.vec_next(steps * (rb - r));
-    room = kStatsBlock / steps;
-    for (; r < rb; ++r) {
-      const T* p = x + r * so;
-      int64_t i = 0;
-      for (; i < steps * IO::K; i += IO::K) {
-        typename IO::AV a, b;
-        IO::load(p + i, a, b);
-        acc.v0 += a - sh;
-        acc.v1 += b - sh;
-      }
-      if (tail == 0) continue;
-      acc.tail_next(tail);
-      for (; i < n; ++i) acc.tail += static_cast<acc_t<T>>(p[i]) - shift;
-    }
-  }
-}
-
 // acc += sum(((p[0:n] - shift) - dmean)^2), the squared deviations from the mean shift + dmean
 // without rounding that mean to the acc type first (x - shift is exact when x and shift are close).
 template <typename T>
@@ -597,7 +560,7 @@ inline WelfordState<acc_t<T>> stats_cf_part(const ForwardParams& p, int64_t c, i
   if (r1 <= r0) return st;
   if (v.I <= kCpuChunkElems) {
     RunAcc<T> s;
-    shifted_sum_rows(x, p.x_so, r0, r1, v.I, shift, s);
+    for (int64_t r = r0; r < r1; ++r) shifted_sum_run(x + r * p.x_so, v.I, shift, s);
     const A n = static_cast<A>((r1 - r0) * v.I);
     const A dmean = s.total() / n;
     RunAcc<T> m2;
