@@ -224,34 +224,44 @@ else:
         extra_compile_args=extra, extra_link_args=link_args,
     )
 
-AVX2_SOURCE = "kernels_avx2.cpp"
-AVX2_FLAGS = ["-mavx2", "-mfma", "-mf16c"]
+# The per-capability copies of the CPU kernels and their flags (ATen's own for these capabilities,
+# plus F16C, which every AVX2 / AVX-512 CPU has). GCC 12 warns "'__Y' may be used uninitialized"
+# inside its own avx512fintrin.h wherever at::vec's 512-bit float16 / bfloat16 conversions are
+# inlined (its _mm512_undefined_* idiom): silenced for that file only.
+CAPABILITY_SOURCES = {
+    "kernels_avx2.cpp": ["-mavx2", "-mfma", "-mf16c"],
+    "kernels_avx512.cpp": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c",
+                           "-Wno-maybe-uninitialized", "-Wno-uninitialized"],
+}
 
 
 class BuildExt(cpp_extension.BuildExtension):
-    """Compiles csrc/cpu/kernels_avx2.cpp with -mavx2 -mfma -mf16c and every other source without.
+    """Compiles csrc/cpu/kernels_avx2.cpp and kernels_avx512.cpp with their instruction sets' flags
+    and every other source without.
 
-    The AVX2 kernels are picked at run time (cpu::use_avx2()), so only that translation unit may use
-    AVX2 instructions. A `#pragma GCC target` inside the file is not enough: GCC 13's libstdc++
-    refuses to inline its always_inline helpers across the target switch.
+    Those kernels are picked at run time (cpu::capability()), so only their translation units may
+    use AVX2 / AVX-512 instructions. A `#pragma GCC target` inside the file is not enough: GCC 13's
+    libstdc++ refuses to inline its always_inline helpers across the target switch.
     """
 
     def build_extension(self, ext):
-        avx2 = [s for s in ext.sources if Path(s).name == AVX2_SOURCE]
-        if avx2 and platform.machine().lower() in ("x86_64", "amd64"):
-            ext.sources = [s for s in ext.sources if s not in avx2]
-            args = ext.extra_compile_args
-            if isinstance(args, dict):
-                args = {k: list(v) for k, v in args.items()}
-                args["cxx"] = args.get("cxx", []) + AVX2_FLAGS
-            else:
-                args = list(args or []) + AVX2_FLAGS
-            objects = self.compiler.compile(
-                avx2, output_dir=self.build_temp, macros=ext.define_macros,
-                include_dirs=ext.include_dirs, debug=self.debug, extra_postargs=args,
-                depends=ext.depends,
-            )
-            ext.extra_objects = list(ext.extra_objects or []) + objects
+        special = [s for s in ext.sources if Path(s).name in CAPABILITY_SOURCES]
+        if special and platform.machine().lower() in ("x86_64", "amd64"):
+            ext.sources = [s for s in ext.sources if s not in special]
+            for src in special:
+                flags = CAPABILITY_SOURCES[Path(src).name]
+                args = ext.extra_compile_args
+                if isinstance(args, dict):
+                    args = {k: list(v) for k, v in args.items()}
+                    args["cxx"] = args.get("cxx", []) + flags
+                else:
+                    args = list(args or []) + flags
+                objects = self.compiler.compile(
+                    [src], output_dir=self.build_temp, macros=ext.define_macros,
+                    include_dirs=ext.include_dirs, debug=self.debug, extra_postargs=args,
+                    depends=ext.depends,
+                )
+                ext.extra_objects = list(ext.extra_objects or []) + objects
         super().build_extension(ext)
 
 

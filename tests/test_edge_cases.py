@@ -1,6 +1,6 @@
 """Edge cases: empty batches, single features and spatial sizes of 1, odd sizes that hit every
-vector tail, partial gradient requests, expanded inputs, and the agreement of the AVX2 and the
-portable ("default") copies of the CPU kernels."""
+vector tail, partial gradient requests, expanded inputs, and the agreement of the AVX-512, AVX2
+and portable ("default") copies of the CPU kernels."""
 
 from __future__ import annotations
 
@@ -200,7 +200,7 @@ def test_unbiased_running_var_flag(device):
 
 
 # ---------------------------------------------------------------------------------------------
-# AVX2 vs portable CPU kernels
+# AVX-512 and AVX2 vs portable CPU kernels
 
 
 _SUBPROCESS = textwrap.dedent("""
@@ -228,7 +228,12 @@ def _capability_cases():
                                         ((4, 19, 7, 5), 1, "channels_last", all_dtypes),
                                         ((300, 37), 1, "contiguous", all_dtypes),
                                         ((3, 5, 4, 6), (1, 3), "contiguous", all_dtypes),
-                                        ((2, 3, 190, 190), 1, "contiguous", (torch.float32,))]:
+                                        ((2, 3, 190, 190), 1, "contiguous", (torch.float32,)),
+                                        # rows of 49, 48 and 17 elements: AVX-512's half steps
+                                        # (32 + 16 + 1, 32 + 16, 16 + 1), AVX2's 3 x 16 + 1 ...
+                                        ((5, 19, 7, 7), 1, "contiguous", all_dtypes),
+                                        ((3, 5, 6, 8), 1, "contiguous", all_dtypes),
+                                        ((6, 4, 17), 1, "contiguous", all_dtypes)]:
         for dtype in dtypes:
             for training in (True, False):
                 x = apply_layout(make_input(shape, axis, dtype, offset=2.0), layout)
@@ -254,22 +259,34 @@ def _run_capability(cases_path, out_path, capability):
     return torch.load(out_path)
 
 
-def test_avx2_and_default_kernels_agree(tmp_path):
-    if os.environ.get("ATEN_CPU_CAPABILITY", "") == "default" or bn_cuda.build_info()["cpu_capability"] != "avx2":
-        pytest.skip("this CPU (or the environment) does not run the AVX2 kernels")
+def _capabilities_to_compare():
+    """The vectorized copies this CPU runs (by PyTorch's choice, which ours follows), each to be
+    compared with the portable one: AVX2 on an AVX2 CPU; AVX-512 and AVX2 on an AVX-512 CPU."""
+    if os.environ.get("ATEN_CPU_CAPABILITY", ""):
+        return []  # (the environment pins one copy)
+    best = bn_cuda.build_info()["cpu_capability"]
+    return {"avx512": ["avx512", "avx2"], "avx2": ["avx2"]}.get(best, [])
+
+
+def test_vectorized_and_default_kernels_agree(tmp_path):
+    caps = _capabilities_to_compare()
+    if not caps:
+        pytest.skip("this CPU (or the environment) runs only the portable kernels")
     cases = _capability_cases()
     torch.save(cases, tmp_path / "cases.pt")
     default = _run_capability(tmp_path / "cases.pt", tmp_path / "default.pt", "default")
     assert default["capability"] == "default"
-    avx2 = _run_capability(tmp_path / "cases.pt", tmp_path / "avx2.pt", None)
-    assert avx2["capability"] == "avx2"
     names = ["output", "running_mean", "running_var", "grad_input", "grad_weight", "grad_bias"]
-    for case, ra, rd in zip(cases, avx2["results"], default["results"]):
-        dtype = case["x"].dtype
-        for name, a, d in zip(names, ra, rd):
-            assert a.dtype == d.dtype and a.stride() == d.stride(), name
-            # The copies differ only by rounding (FMA contraction, vector width).
-            tol_dtype = a.dtype if a.dtype in (torch.float64, torch.float16, torch.bfloat16) else dtype
-            assert_close_ref(a, d.double(), tol_dtype if name in ("output", "grad_input") else
-                             (torch.float64 if a.dtype == torch.float64 else torch.float32),
-                             f"{name} {dtype} axis={case['axis']} training={case['training']}")
+    for cap in caps:
+        got = _run_capability(tmp_path / "cases.pt", tmp_path / f"{cap}.pt", cap)
+        assert got["capability"] == cap
+        for case, ra, rd in zip(cases, got["results"], default["results"]):
+            dtype = case["x"].dtype
+            for name, a, d in zip(names, ra, rd):
+                assert a.dtype == d.dtype and a.stride() == d.stride(), name
+                # The copies differ only by rounding (FMA contraction, vector width).
+                tol_dtype = a.dtype if a.dtype in (torch.float64, torch.float16, torch.bfloat16) else dtype
+                assert_close_ref(a, d.double(), tol_dtype if name in ("output", "grad_input") else
+                                 (torch.float64 if a.dtype == torch.float64 else torch.float32),
+                                 f"{cap}: {name} {dtype} {tuple(case['x'].shape)} axis={case['axis']} "
+                                 f"training={case['training']}")

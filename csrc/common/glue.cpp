@@ -126,10 +126,10 @@ FeatureTensor feature_tensor(const c10::optional<at::Tensor>& maybe, const char*
 
 namespace {
 
-// Small contiguous CPU tensors with float32 accumulation, on an AVX2 CPU: converted by the CPU
-// kernels' vector conversions (cpu::to_float / from_float), which round and encode NaNs as
-// Tensor::to's do; anything else (strided, larger than this, float64 accumulation, a CPU without
-// AVX2, whose scalar casts encode NaNs differently) through copy_, as before.
+// Small contiguous CPU tensors with float32 accumulation, on an AVX2 or AVX-512 CPU: converted by
+// the CPU kernels' vector conversions (cpu::to_float / from_float), which round and encode NaNs as
+// Tensor::to's do; anything else (strided, larger than this, float64 accumulation, the portable
+// kernels, whose scalar casts encode NaNs differently) through copy_, as before.
 constexpr int64_t kHostConvertMax = 1 << 16;
 
 bool host_convertible(const at::Tensor& t, at::ScalarType acc) {

@@ -16,29 +16,40 @@ namespace cpu {
   }
 BN_CUDA_DECLARE_CPU_KERNELS(DEFAULT)
 BN_CUDA_DECLARE_CPU_KERNELS(AVX2)
+BN_CUDA_DECLARE_CPU_KERNELS(AVX512)
 #undef BN_CUDA_DECLARE_CPU_KERNELS
 
-// True when the AVX2 copy may run: the CPU has AVX2, FMA and F16C, and ATEN_CPU_CAPABILITY
-// (PyTorch's own override) does not ask for "default".
-bool use_avx2();
+// Which copy runs: the one matching the kernels PyTorch itself runs (at::get_cpu_capability(),
+// which honours ATEN_CPU_CAPABILITY and checks the CPU), decided once per process. On x86 that is
+// AVX512 (AVX-512 F / BW / VL / DQ), AVX2 (AVX2, FMA; F16C checked here too) or DEFAULT; on other
+// architectures always DEFAULT.
+enum class Capability { kDefault, kAvx2, kAvx512 };
+Capability capability();
 const char* capability_name();
+// True when a vectorized x86 copy runs (AVX2 or AVX512).
+inline bool use_avx2() { return capability() != Capability::kDefault; }
 
-inline void forward_train(DType t, const ForwardParams& p) {
-  use_avx2() ? AVX2::forward_train(t, p) : DEFAULT::forward_train(t, p);
-}
-inline void forward_infer(DType t, const ForwardParams& p) {
-  use_avx2() ? AVX2::forward_infer(t, p) : DEFAULT::forward_infer(t, p);
-}
-inline void backward(DType t, const BackwardParams& p) {
-  use_avx2() ? AVX2::backward(t, p) : DEFAULT::backward(t, p);
-}
+#define BN_CUDA_CPU_DISPATCH(FN, ...)                       \
+  switch (capability()) {                                    \
+    case Capability::kAvx512:                                \
+      return AVX512::FN(__VA_ARGS__);                        \
+    case Capability::kAvx2:                                  \
+      return AVX2::FN(__VA_ARGS__);                          \
+    default:                                                 \
+      return DEFAULT::FN(__VA_ARGS__);                       \
+  }
+
+inline void forward_train(DType t, const ForwardParams& p) { BN_CUDA_CPU_DISPATCH(forward_train, t, p) }
+inline void forward_infer(DType t, const ForwardParams& p) { BN_CUDA_CPU_DISPATCH(forward_infer, t, p) }
+inline void backward(DType t, const BackwardParams& p) { BN_CUDA_CPU_DISPATCH(backward, t, p) }
 // n elements of type t to / from float32 (per-feature tensors; see kernels_impl.h).
 inline void to_float(DType t, const void* src, float* dst, int64_t n) {
-  use_avx2() ? AVX2::to_float(t, src, dst, n) : DEFAULT::to_float(t, src, dst, n);
+  BN_CUDA_CPU_DISPATCH(to_float, t, src, dst, n)
 }
 inline void from_float(DType t, const float* src, void* dst, int64_t n) {
-  use_avx2() ? AVX2::from_float(t, src, dst, n) : DEFAULT::from_float(t, src, dst, n);
+  BN_CUDA_CPU_DISPATCH(from_float, t, src, dst, n)
 }
+#undef BN_CUDA_CPU_DISPATCH
 
 }  // namespace cpu
 }  // namespace bn_cuda

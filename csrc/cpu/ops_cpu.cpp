@@ -1,10 +1,12 @@
 // CPU bodies of the bn_cuda operators: checks and canonicalization (common/glue), workspace, and
 // the capability-dispatched kernels.
 #include <ATen/ATen.h>
+#include <ATen/Version.h>
 #include <torch/library.h>
 
 #include <cstdlib>
 #include <cstring>
+#include <string>
 #include <tuple>
 
 #include "common/glue.h"
@@ -13,20 +15,33 @@
 namespace bn_cuda {
 namespace cpu {
 
-bool use_avx2() {
+Capability capability() {
+  static const Capability c = [] {
 #if defined(__x86_64__) || defined(_M_X64)
-  static const bool ok = [] {
-    const char* env = std::getenv("ATEN_CPU_CAPABILITY");
-    if (env && std::strcmp(env, "default") == 0) return false;
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-  }();
-  return ok;
-#else
-  return false;
+    // PyTorch's choice ("DEFAULT", "AVX2" or "AVX512" on x86), so that ATEN_CPU_CAPABILITY selects
+    // ours too and a benchmark compares kernels of the same vector width.
+    const std::string torch_cap = at::get_cpu_capability();
+    const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+    const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+    if (torch_cap == "AVX512" && avx512) return Capability::kAvx512;
+    if ((torch_cap == "AVX512" || torch_cap == "AVX2") && avx2) return Capability::kAvx2;
 #endif
+    return Capability::kDefault;
+  }();
+  return c;
 }
 
-const char* capability_name() { return use_avx2() ? "avx2" : "default"; }
+const char* capability_name() {
+  switch (capability()) {
+    case Capability::kAvx512:
+      return "avx512";
+    case Capability::kAvx2:
+      return "avx2";
+    default:
+      return "default";
+  }
+}
 
 }  // namespace cpu
 
