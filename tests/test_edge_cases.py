@@ -290,3 +290,22 @@ def test_vectorized_and_default_kernels_agree(tmp_path):
                                  (torch.float64 if a.dtype == torch.float64 else torch.float32),
                                  f"{cap}: {name} {dtype} {tuple(case['x'].shape)} axis={case['axis']} "
                                  f"training={case['training']}")
+
+
+def test_own_capability_override():
+    """BN_CUDA_CPU_CAPABILITY picks our copy alone (PyTorch keeps its own), at most what the CPU
+    runs; a value it does not know leaves PyTorch's choice, as ATEN_CPU_CAPABILITY does."""
+    if os.environ.get("ATEN_CPU_CAPABILITY", ""):
+        pytest.skip("the environment pins PyTorch's copy")
+    best = bn_cuda.build_info()["cpu_capability"]
+    order = ["default", "avx2", "avx512"]
+    code = ("import torch, bn_cuda; "
+            "print(bn_cuda.build_info()['cpu_capability'], torch.backends.cpu.get_cpu_capability())")
+    for want in ["default", "avx2", "avx512", "sse9"]:
+        env = dict(os.environ, BN_CUDA_CPU_CAPABILITY=want)
+        proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        ours, torchs = proc.stdout.split()
+        expected = best if want not in order else order[min(order.index(want), order.index(best))]
+        assert ours == expected, (want, ours)
+        assert torchs == torch.backends.cpu.get_cpu_capability(), (want, torchs)

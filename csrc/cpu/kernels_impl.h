@@ -808,10 +808,13 @@ inline int periodic_units(const View3& v, bool dense) {
   using UT = Unit<T>;
   if (!dense || !v.channels_last || v.G != 1) return 0;
   const int64_t nu = std::lcm(v.C, UT::U) / UT::U;
-  // Up to 16 units for any C; up to 32 for rows of fewer than 32 features (C = 17 .. 31 odd),
-  // where the per-row loops spend a large part of each row in their scalar tail (8x17x28x28 and
-  // 8x31x28x28, fp32 / fp16 / bf16, from memory: 1.1x-2.3x faster with the pattern).
-  const int64_t cap = v.C < 32 ? kPeriodicMaxUnits : kPeriodicMaxUnits / 2;
+  // Up to 16 units of 8 lanes for any C (the same number of elements in units of 16 lanes:
+  // AVX-512's 16-unit patterns of 512 fp16 features held 32 vectors per pattern and took 1.8x
+  // the row loops' time for 288x512 fp16 gradient sums); up to 32 units for rows of fewer than 32
+  // features (C = 17 .. 31 odd), where the per-row loops spend a large part of each row in their
+  // scalar tail (8x17x28x28 and 8x31x28x28, fp32 / fp16 / bf16, from memory: 1.1x-2.3x faster with
+  // the pattern).
+  const int64_t cap = v.C < 32 ? kPeriodicMaxUnits : kPeriodicMaxUnits / 2 * 8 / Unit<T>::L;
   return nu <= cap ? static_cast<int>(nu) : 0;
 }
 // The statistics' choice: beyond 4 units (pattern and accumulators no longer in registers) the

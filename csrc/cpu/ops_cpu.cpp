@@ -4,6 +4,7 @@
 #include <ATen/Version.h>
 #include <torch/library.h>
 
+#include <cctype>
 #include <cstdlib>
 #include <cstring>
 #include <string>
@@ -18,14 +19,22 @@ namespace cpu {
 Capability capability() {
   static const Capability c = [] {
 #if defined(__x86_64__) || defined(_M_X64)
-    // PyTorch's choice ("DEFAULT", "AVX2" or "AVX512" on x86), so that ATEN_CPU_CAPABILITY selects
-    // ours too and a benchmark compares kernels of the same vector width.
-    const std::string torch_cap = at::get_cpu_capability();
     const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
     const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
-    if (torch_cap == "AVX512" && avx512) return Capability::kAvx512;
-    if ((torch_cap == "AVX512" || torch_cap == "AVX2") && avx2) return Capability::kAvx2;
+    // BN_CUDA_CPU_CAPABILITY (default / avx2 / avx512) picks ours alone, e.g. to time our copies
+    // against the same torch; otherwise (unset or another value, as ATEN_CPU_CAPABILITY treats
+    // one it does not know) PyTorch's choice ("DEFAULT", "AVX2" or "AVX512" on x86), so that
+    // ATEN_CPU_CAPABILITY selects ours too. Either way at most what this CPU runs.
+    auto lower = [](std::string v) {
+      for (auto& ch : v) ch = static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
+      return v;
+    };
+    const char* own = std::getenv("BN_CUDA_CPU_CAPABILITY");
+    std::string want = lower(own ? own : "");
+    if (want != "default" && want != "avx2" && want != "avx512") want = lower(at::get_cpu_capability());
+    if (want == "avx512" && avx512) return Capability::kAvx512;
+    if ((want == "avx512" || want == "avx2") && avx2) return Capability::kAvx2;
 #endif
     return Capability::kDefault;
   }();
