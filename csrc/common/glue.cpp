@@ -134,7 +134,7 @@ constexpr int64_t kHostConvertMax = 1 << 16;
 
 bool host_convertible(const at::Tensor& t, at::ScalarType acc) {
   return acc == at::kFloat && t.is_cpu() && t.is_contiguous() && t.numel() <= kHostConvertMax && !t.is_neg() &&
-         !t.is_conj() && cpu::use_avx2();
+         !t.is_conj() && cpu::use_vector_kernels();
 }
 
 // The registered batched conversion (constant-initialized, so registering from another file's

@@ -19,15 +19,16 @@ BN_CUDA_DECLARE_CPU_KERNELS(AVX2)
 BN_CUDA_DECLARE_CPU_KERNELS(AVX512)
 #undef BN_CUDA_DECLARE_CPU_KERNELS
 
-// Which copy runs: the one matching the kernels PyTorch itself runs (at::get_cpu_capability(),
-// which honours ATEN_CPU_CAPABILITY and checks the CPU), decided once per process. On x86 that is
-// AVX512 (AVX-512 F / BW / VL / DQ), AVX2 (AVX2, FMA; F16C checked here too) or DEFAULT; on other
-// architectures always DEFAULT.
+// Which copy runs, decided once per process: the one named by BN_CUDA_CPU_CAPABILITY (default /
+// avx2 / avx512), else the one matching the kernels PyTorch itself runs (at::get_cpu_capability(),
+// which honours ATEN_CPU_CAPABILITY), at most what the CPU runs. On x86 that is AVX512 (AVX-512
+// F / BW / VL / DQ), AVX2 (AVX2, FMA, F16C) or DEFAULT; on other architectures always DEFAULT. (The
+// AVX512 copy hands a few input shapes to the AVX2 one: kernels_entry.h.)
 enum class Capability { kDefault, kAvx2, kAvx512 };
 Capability capability();
 const char* capability_name();
 // True when a vectorized x86 copy runs (AVX2 or AVX512).
-inline bool use_avx2() { return capability() != Capability::kDefault; }
+inline bool use_vector_kernels() { return capability() != Capability::kDefault; }
 
 #define BN_CUDA_CPU_DISPATCH(FN, ...)                       \
   switch (capability()) {                                    \

@@ -1,4 +1,4 @@
-// AVX2 + FMA + F16C copy of the CPU kernels, chosen at run time by cpu::use_avx2(); every symbol
+// AVX2 + FMA + F16C copy of the CPU kernels, chosen at run time by cpu::capability(); every symbol
 // defined here lives in namespace ...::AVX2, as ATen does for its own kernels.
 #if defined(__x86_64__) || defined(_M_X64)
 // setup.py compiles this file alone with -mavx2 -mfma -mf16c (a `#pragma GCC target` here broke

@@ -1,4 +1,4 @@
-// CPU kernels, compiled once per CPU capability (kernels_default.cpp, kernels_avx2.cpp).
+// CPU kernels, compiled once per CPU capability (kernels_default.cpp, kernels_avx2.cpp, kernels_avx512.cpp).
 //
 // Statistics: each partial reduction covers a fixed amount of data (plan_partitions_cpu), whose
 // moments are computed in two passes while it sits in cache (on data shifted by the feature's
