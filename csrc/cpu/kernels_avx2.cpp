@@ -11,16 +11,6 @@
 #include "kernels_entry.h"
 #else
 // Not x86: the AVX2 entry points forward to the portable ones (never selected anyway).
-#include "dispatch.h"
-namespace bn_cuda {
-namespace cpu {
-namespace AVX2 {
-void forward_train(DType t, const ForwardParams& p) { DEFAULT::forward_train(t, p); }
-void forward_infer(DType t, const ForwardParams& p) { DEFAULT::forward_infer(t, p); }
-void backward(DType t, const BackwardParams& p) { DEFAULT::backward(t, p); }
-void to_float(DType t, const void* src, float* dst, int64_t n) { DEFAULT::to_float(t, src, dst, n); }
-void from_float(DType t, const float* src, void* dst, int64_t n) { DEFAULT::from_float(t, src, dst, n); }
-}  // namespace AVX2
-}  // namespace cpu
-}  // namespace bn_cuda
+#include "forward_to_default.h"
+BN_CUDA_FORWARD_TO_DEFAULT(AVX2)
 #endif
