@@ -17,5 +17,6 @@ fi
 PARALLEL=()
 if bn_has xdist; then PARALLEL=(-n "$(nproc)"); fi
 echo "== avx2: the numerical suites on the AVX2 copy of the CPU kernels"
+unset BN_CUDA_CPU_CAPABILITY  # (it would override ours)
 ATEN_CPU_CAPABILITY=avx2 exec "$PY" -m pytest -q -p no:cacheprovider "${PARALLEL[@]}" \
   tests/test_numerics.py tests/test_functional.py tests/test_edge_cases.py tests/test_variants.py "$@"

@@ -259,11 +259,16 @@ def _run_capability(cases_path, out_path, capability):
     return torch.load(out_path)
 
 
+def _pinned_capability():
+    """Whether the environment pins which copy runs here (then build_info's is not the CPU's best)."""
+    return any(os.environ.get(k, "") for k in ("ATEN_CPU_CAPABILITY", "BN_CUDA_CPU_CAPABILITY"))
+
+
 def _capabilities_to_compare():
     """The vectorized copies this CPU runs (by PyTorch's choice, which ours follows), each to be
     compared with the portable one: AVX2 on an AVX2 CPU; AVX-512 and AVX2 on an AVX-512 CPU."""
-    if os.environ.get("ATEN_CPU_CAPABILITY", ""):
-        return []  # (the environment pins one copy)
+    if _pinned_capability():
+        return []
     best = bn_cuda.build_info()["cpu_capability"]
     return {"avx512": ["avx512", "avx2"], "avx2": ["avx2"]}.get(best, [])
 
@@ -295,8 +300,8 @@ def test_vectorized_and_default_kernels_agree(tmp_path):
 def test_own_capability_override():
     """BN_CUDA_CPU_CAPABILITY picks our copy alone (PyTorch keeps its own), at most what the CPU
     runs; a value it does not know leaves PyTorch's choice, as ATEN_CPU_CAPABILITY does."""
-    if os.environ.get("ATEN_CPU_CAPABILITY", ""):
-        pytest.skip("the environment pins PyTorch's copy")
+    if _pinned_capability():
+        pytest.skip("the environment pins a copy of the kernels")
     best = bn_cuda.build_info()["cpu_capability"]
     order = ["default", "avx2", "avx512"]
     code = ("import torch, bn_cuda; "
