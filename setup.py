@@ -233,11 +233,13 @@ CAPABILITY_SOURCES = {
     "kernels_avx512.cpp": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c",
                            "-Wno-maybe-uninitialized", "-Wno-uninitialized"],
 }
+# The bfloat16 kernels once more with AVX512_BF16's conversion instruction (kernels_impl.h: narrow).
+CAPABILITY_SOURCES["kernels_avx512_bf16.cpp"] = CAPABILITY_SOURCES["kernels_avx512.cpp"] + ["-mavx512bf16"]
 
 
 class BuildExt(cpp_extension.BuildExtension):
-    """Compiles csrc/cpu/kernels_avx2.cpp and kernels_avx512.cpp with their instruction sets' flags
-    and every other source without.
+    """Compiles csrc/cpu/kernels_avx2.cpp, kernels_avx512.cpp and kernels_avx512_bf16.cpp with their
+    instruction sets' flags and every other source without.
 
     Those kernels are picked at run time (cpu::capability()), so only their translation units may
     use AVX2 / AVX-512 instructions. A `#pragma GCC target` inside the file is not enough: GCC 13's

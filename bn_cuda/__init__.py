@@ -59,7 +59,8 @@ def build_info() -> Dict[str, Any]:
     dict
         ``version``, ``torch`` (the torch version it was built against), ``cuda`` (CUDA version or
         None), ``cuda_archs``, ``with_cuda`` (CUDA kernels compiled in), ``cpu_capability`` (the copy of
-        the CPU kernels this process runs: ``avx512``, ``avx2`` or ``default``; torch's choice unless
+        the CPU kernels this process runs: ``avx512_bf16``, ``avx512``, ``avx2`` or ``default``;
+        torch's choice, its ``avx512`` being ``avx512_bf16`` on CPUs with AVX512_BF16, unless
         ``BN_CUDA_CPU_CAPABILITY`` names one), ``compiler``,
         ``emulated_cuda`` (True only in the test build whose CPU ops run the CUDA kernels under a host
         emulation: scripts/emulate.sh).

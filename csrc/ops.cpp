@@ -166,7 +166,7 @@ uint64_t launch_count();  // emulate/runtime.cpp
 PYBIND11_MODULE(_C, m) {
   m.doc() = "bn_cuda native module: operators are registered under torch.ops.bn_cuda";
   m.def("build_info", &build_info, "How this extension was built (versions, CUDA archs, CPU capability).");
-  m.def("cpu_capability", &bn_cuda::cpu::capability_name, "The CPU kernel variant in use (avx512, avx2 or default).");
+  m.def("cpu_capability", &bn_cuda::cpu::capability_name, "The CPU kernel variant in use (avx512_bf16, avx512, avx2 or default).");
   bn_cuda::register_keras_step(m);
 #if BN_CUDA_WITH_CUDA || defined(BN_CUDA_EMULATE)
   m.def("_set_single_cf", &bn_cuda::set_single_cf, pybind11::arg("on"),

@@ -247,13 +247,18 @@ def _capability_cases():
     return cases
 
 
-def _run_capability(cases_path, out_path, capability):
+def _run_capability(cases_path, out_path, capability, script=_SUBPROCESS):
     env = dict(os.environ)
+    env.pop("BN_CUDA_CPU_CAPABILITY", None)
     if capability is None:
         env.pop("ATEN_CPU_CAPABILITY", None)
+    elif capability in ("avx512_bf16", "avx512"):
+        # (PyTorch has no avx512_bf16 level: ours alone tells the two AVX-512 copies apart)
+        env["ATEN_CPU_CAPABILITY"] = "avx512"
+        env["BN_CUDA_CPU_CAPABILITY"] = capability
     else:
         env["ATEN_CPU_CAPABILITY"] = capability
-    proc = subprocess.run([sys.executable, "-c", _SUBPROCESS, str(cases_path), str(out_path)], env=env,
+    proc = subprocess.run([sys.executable, "-c", script, str(cases_path), str(out_path)], env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return torch.load(out_path)
@@ -266,11 +271,13 @@ def _pinned_capability():
 
 def _capabilities_to_compare():
     """The vectorized copies this CPU runs (by PyTorch's choice, which ours follows), each to be
-    compared with the portable one: AVX2 on an AVX2 CPU; AVX-512 and AVX2 on an AVX-512 CPU."""
+    compared with the portable one: AVX2 on an AVX2 CPU; AVX-512 and AVX2 on an AVX-512 CPU, and
+    AVX512_BF16 too where it has that."""
     if _pinned_capability():
         return []
     best = bn_cuda.build_info()["cpu_capability"]
-    return {"avx512": ["avx512", "avx2"], "avx2": ["avx2"]}.get(best, [])
+    return {"avx512_bf16": ["avx512_bf16", "avx512", "avx2"], "avx512": ["avx512", "avx2"],
+            "avx2": ["avx2"]}.get(best, [])
 
 
 def test_vectorized_and_default_kernels_agree(tmp_path):
@@ -303,10 +310,10 @@ def test_own_capability_override():
     if _pinned_capability():
         pytest.skip("the environment pins a copy of the kernels")
     best = bn_cuda.build_info()["cpu_capability"]
-    order = ["default", "avx2", "avx512"]
+    order = ["default", "avx2", "avx512", "avx512_bf16"]
     code = ("import torch, bn_cuda; "
             "print(bn_cuda.build_info()['cpu_capability'], torch.backends.cpu.get_cpu_capability())")
-    for want in ["default", "avx2", "avx512", "sse9"]:
+    for want in ["default", "avx2", "avx512", "avx512_bf16", "sse9"]:
         env = dict(os.environ, BN_CUDA_CPU_CAPABILITY=want)
         proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0, proc.stderr[-2000:]
@@ -314,3 +321,104 @@ def test_own_capability_override():
         expected = best if want not in order else order[min(order.index(want), order.index(best))]
         assert ours == expected, (want, ours)
         assert torchs == torch.backends.cpu.get_cpu_capability(), (want, torchs)
+
+
+_BF16_SUBPROCESS = textwrap.dedent("""
+    import sys, torch, bn_cuda
+    from bn_cuda.functional import batch_norm
+    cases = torch.load(sys.argv[1])
+    out = {"capability": bn_cuda.build_info()["cpu_capability"], "results": []}
+    for c in cases:
+        x = c["x"].detach().requires_grad_(c["training"])
+        rm, rv = c["rm"].clone(), c["rv"].clone()
+        y = batch_norm(x, rm, rv, c["w"], c["b"], c["training"], eps=c["eps"])
+        res = [y, rm, rv]
+        if c["training"]:
+            res.append(torch.autograd.grad(y, x, c["g"])[0])
+        # (bits: NaN != NaN for torch.equal on floats)
+        out["results"].append([t.detach().view(torch.int16 if t.dtype == torch.bfloat16 else torch.int32)
+                               for t in res])
+    torch.save(out, sys.argv[2])
+""")
+
+
+def _bf16_special_cases():
+    """bfloat16 inputs whose outputs (and input gradients) round from every kind of float32: normal
+    values spanning the exponent range, halfway cases, denormals (the AVX512_BF16 instruction
+    flushes them, the emulation rounds them), signed zeros, infinities and NaN (the instruction
+    keeps payloads, the emulation writes 0xffff), in every store loop: channels-first and
+    channels-last, rows of whole and partial vectors, running statistics in bfloat16."""
+    torch.manual_seed(5)
+    cases = []
+    for shape, layout in [((4, 7, 49), "contiguous"), ((6, 40, 3, 3), "channels_last"), ((300, 37), "contiguous"),
+                          ((3, 5, 16, 16), "contiguous"), ((2, 64, 5, 5), "channels_last")]:
+        C = shape[1]
+        # per feature: magnitudes from 2^-140 (denormal results) to 2^120, some features NaN or inf
+        wexp = torch.randint(-140, 121, (C,)).double()
+        w = (torch.randn(C, dtype=torch.float64) * torch.exp2(wexp)).float()
+        b = (torch.randn(C, dtype=torch.float64) * torch.exp2(wexp - 3)).float()
+        b[::5] = 0.0
+        w[1 % C] = float("nan") if C > 1 else w[0]
+        b[2 % C] = float("inf") if C > 2 else b[0]
+        x = torch.randn(shape, dtype=torch.float64) * torch.rand(C, *[1] * (len(shape) - 2), dtype=torch.float64) * 50
+        x = x.to(torch.bfloat16)
+        flat = x.view(-1)
+        idx = torch.randperm(flat.numel())[:12]
+        flat[idx[:3]] = float("inf")
+        flat[idx[3:5]] = float("-inf")
+        flat[idx[5:7]] = float("nan")
+        flat[idx[7:9]] = 0.0
+        flat[idx[9:]] = -0.0
+        x = apply_layout(x, layout)
+        g = apply_layout(torch.randn(shape, dtype=torch.float64).to(torch.bfloat16), layout)
+        for training in (True, False):
+            for sdt in (torch.float32, torch.bfloat16):
+                rm = (torch.randn(C, dtype=torch.float64) * torch.exp2(wexp)).to(sdt)
+                rv = (torch.rand(C, dtype=torch.float64) + 0.5).to(sdt)
+                cases.append(dict(x=x, w=w.to(sdt), b=b.to(sdt), rm=rm, rv=rv, g=g, training=training,
+                                  eps=1e-3))
+    # Halfway cases, exact: in inference with running_var + eps = 0.75 + 0.25 = 1 and mean 0,
+    # y = x * 1 + b. Feature f holds x = 2^e (1 + k / 128), k = 0 .. 127 (bfloat16 values), and
+    # b = 2^(e - 8), half a bfloat16 step: every y lies halfway between two bfloat16 values and
+    # rounds to the even one, up for odd k, down for even k; at e = 127 the top ones overflow to inf.
+    exps = [-125, -100, -17, -1, 0, 1, 30, 100, 126, 127]
+    k = torch.arange(128, dtype=torch.float64)
+    e = torch.tensor(exps, dtype=torch.float64)
+    x = (torch.exp2(e)[None, :] * (1 + k[:, None] / 128))  # (128, features)
+    x = torch.cat([x, -x]).to(torch.bfloat16)
+    C = len(exps)
+    b = torch.exp2(e - 8).float()
+    for layout_x in (x, x.t().contiguous().t()):  # channels-last and channels-first rows
+        expect = (layout_x.double() + b.double()).float().to(torch.bfloat16)
+        cases.append(dict(x=layout_x, w=torch.ones(C), b=b, rm=torch.zeros(C), rv=torch.full((C,), 0.75),
+                          g=None, training=False, eps=0.25, expect=expect.view(torch.int16)))
+    return cases
+
+
+def test_avx512_bf16_copy_matches_avx512_bitwise(tmp_path):
+    """The AVX512_BF16 copy (native bfloat16 conversion) gives the AVX512 copy's bits for every
+    bfloat16 output, gradient and running statistic, denormals, infinities and NaN included."""
+    if _pinned_capability():
+        pytest.skip("the environment pins a copy of the kernels")
+    if bn_cuda.build_info()["cpu_capability"] != "avx512_bf16":
+        pytest.skip("this CPU has no AVX512_BF16")
+    cases = _bf16_special_cases()
+    torch.save(cases, tmp_path / "cases.pt")
+    ref = _run_capability(tmp_path / "cases.pt", tmp_path / "avx512.pt", "avx512", _BF16_SUBPROCESS)
+    got = _run_capability(tmp_path / "cases.pt", tmp_path / "avx512_bf16.pt", "avx512_bf16", _BF16_SUBPROCESS)
+    assert (ref["capability"], got["capability"]) == ("avx512", "avx512_bf16")
+    kinds = {"denormal": 0, "nan": 0, "inf": 0}
+    for i, (rr, rg) in enumerate(zip(ref["results"], got["results"])):
+        for j, (a, b) in enumerate(zip(rr, rg)):
+            assert a.dtype == b.dtype and a.stride() == b.stride(), (i, j)
+            assert torch.equal(a, b), (i, j, (a != b).sum().item())
+            if a.dtype == torch.int16:  # (the bfloat16 results: outputs, gradients, bfloat16 statistics)
+                v = a.view(torch.bfloat16).float()
+                kinds["nan"] += v.isnan().sum().item()
+                kinds["inf"] += v.isinf().sum().item()
+                kinds["denormal"] += ((v != 0) & (v.abs() < torch.finfo(torch.float32).tiny)).sum().item()
+        if "expect" in cases[i]:  # (and those bits are right)
+            kinds["halfway"] = kinds.get("halfway", 0) + cases[i]["expect"].numel()
+            assert torch.equal(rg[0], cases[i]["expect"]), (i, (rg[0] != cases[i]["expect"]).sum().item())
+    # the cases reach every special kind of output (else the comparison above proves little)
+    assert all(n > 0 for n in kinds.values()), kinds

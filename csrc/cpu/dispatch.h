@@ -17,21 +17,26 @@ namespace cpu {
 BN_CUDA_DECLARE_CPU_KERNELS(DEFAULT)
 BN_CUDA_DECLARE_CPU_KERNELS(AVX2)
 BN_CUDA_DECLARE_CPU_KERNELS(AVX512)
+BN_CUDA_DECLARE_CPU_KERNELS(AVX512_BF16)
 #undef BN_CUDA_DECLARE_CPU_KERNELS
 
 // Which copy runs, decided once per process: the one named by BN_CUDA_CPU_CAPABILITY (default /
-// avx2 / avx512), else the one matching the kernels PyTorch itself runs (at::get_cpu_capability(),
-// which honours ATEN_CPU_CAPABILITY), at most what the CPU runs. On x86 that is AVX512 (AVX-512
-// F / BW / VL / DQ), AVX2 (AVX2, FMA, F16C) or DEFAULT; on other architectures always DEFAULT. (The
-// AVX512 copy hands a few input shapes to the AVX2 one: kernels_entry.h.)
-enum class Capability { kDefault, kAvx2, kAvx512 };
+// avx2 / avx512 / avx512_bf16), else the one matching the kernels PyTorch itself runs
+// (at::get_cpu_capability(), which honours ATEN_CPU_CAPABILITY), at most what the CPU runs. On x86
+// that is AVX512 (AVX-512 F / BW / VL / DQ), AVX2 (AVX2, FMA, F16C) or DEFAULT; PyTorch's AVX512
+// becomes our AVX512_BF16 on CPUs with AVX512_BF16 (the AVX512 copy with native bfloat16 stores,
+// the same bits; PyTorch has no such level). On other architectures always DEFAULT. (The AVX512
+// copies hand a few input shapes to the AVX2 one: kernels_entry.h.)
+enum class Capability { kDefault, kAvx2, kAvx512, kAvx512Bf16 };
 Capability capability();
 const char* capability_name();
-// True when a vectorized x86 copy runs (AVX2 or AVX512).
+// True when a vectorized x86 copy runs (AVX2, AVX512 or AVX512_BF16).
 inline bool use_vector_kernels() { return capability() != Capability::kDefault; }
 
 #define BN_CUDA_CPU_DISPATCH(FN, ...)                       \
   switch (capability()) {                                    \
+    case Capability::kAvx512Bf16:                            \
+      return AVX512_BF16::FN(__VA_ARGS__);                   \
     case Capability::kAvx512:                                \
       return AVX512::FN(__VA_ARGS__);                        \
     case Capability::kAvx2:                                  \

@@ -7,11 +7,21 @@
 #if defined(CPU_CAPABILITY_AVX512)
 namespace bn_cuda {
 namespace cpu {
-namespace AVX2 {  // (kernels_avx2.cpp; not dispatch.h, whose AVX512 namespace is not inline)
+// (kernels_avx2.cpp and kernels_avx512.cpp; not dispatch.h, whose AVX512 namespace is not inline)
+namespace AVX2 {
 void forward_train(DType t, const ForwardParams& p);
 void forward_infer(DType t, const ForwardParams& p);
 void backward(DType t, const BackwardParams& p);
 }  // namespace AVX2
+#if defined(CPU_CAPABILITY_AVX512_BF16)
+namespace AVX512 {
+void forward_train(DType t, const ForwardParams& p);
+void forward_infer(DType t, const ForwardParams& p);
+void backward(DType t, const BackwardParams& p);
+void to_float(DType t, const void* src, float* dst, int64_t n);
+void from_float(DType t, const float* src, void* dst, int64_t n);
+}  // namespace AVX512
+#endif
 }  // namespace cpu
 }  // namespace bn_cuda
 #endif
@@ -33,6 +43,17 @@ inline namespace CPU_CAPABILITY {
       return FN<c10::BFloat16>(__VA_ARGS__);          \
   }
 
+#if defined(CPU_CAPABILITY_AVX512_BF16)
+// The AVX512_BF16 copy differs from the AVX512 one only in its bfloat16 stores (narrow), so it
+// holds the bfloat16 kernels alone and hands every other type to the AVX512 copy.
+#define BN_CUDA_OTHER_TYPES(t, FN, ...) \
+  if ((t) != DType::kBFloat16) return ::bn_cuda::cpu::AVX512::FN(t, __VA_ARGS__);
+#undef BN_CUDA_CPU_DTYPE_SWITCH
+#define BN_CUDA_CPU_DTYPE_SWITCH(t, FN, ...) return FN<c10::BFloat16>(__VA_ARGS__);
+#else
+#define BN_CUDA_OTHER_TYPES(t, FN, ...)
+#endif
+
 #if defined(CPU_CAPABILITY_AVX512)
 // Dense channels-last rows whose periodic pattern (periodic_units) would hold more than 8 units of
 // 16 lanes, i.e. odd feature counts from 9 to 31: there the AVX-512 copy's patterns are twice as
@@ -53,22 +74,30 @@ inline bool avx2_runs(DType t, const View3& v, bool dense) {
 #endif
 
 void forward_train(DType t, const ForwardParams& p) {
+  BN_CUDA_OTHER_TYPES(t, forward_train, p)
   BN_CUDA_AVX2_RUNS(t, p.v, p.x_so == p.v.C && p.y_so == p.v.C, forward_train, p)
   BN_CUDA_CPU_DTYPE_SWITCH(t, forward_train, p)
 }
 void forward_infer(DType t, const ForwardParams& p) {
+  BN_CUDA_OTHER_TYPES(t, forward_infer, p)
   BN_CUDA_AVX2_RUNS(t, p.v, p.x_so == p.v.C && p.y_so == p.v.C, forward_infer, p)
   BN_CUDA_CPU_DTYPE_SWITCH(t, forward_infer, p)
 }
 void backward(DType t, const BackwardParams& p) {
+  BN_CUDA_OTHER_TYPES(t, backward, p)
   BN_CUDA_AVX2_RUNS(t, p.v, p.x_so == p.v.C && p.dy_so == p.v.C, backward, p)
   BN_CUDA_CPU_DTYPE_SWITCH(t, backward, p)
 }
 #undef BN_CUDA_AVX2_RUNS
-void to_float(DType t, const void* src, float* dst, int64_t n) { BN_CUDA_CPU_DTYPE_SWITCH(t, to_float, src, dst, n) }
+void to_float(DType t, const void* src, float* dst, int64_t n) {
+  BN_CUDA_OTHER_TYPES(t, to_float, src, dst, n)
+  BN_CUDA_CPU_DTYPE_SWITCH(t, to_float, src, dst, n)
+}
 void from_float(DType t, const float* src, void* dst, int64_t n) {
+  BN_CUDA_OTHER_TYPES(t, from_float, src, dst, n)
   BN_CUDA_CPU_DTYPE_SWITCH(t, from_float, src, dst, n)
 }
+#undef BN_CUDA_OTHER_TYPES
 
 #undef BN_CUDA_CPU_DTYPE_SWITCH
 

@@ -21,9 +21,11 @@ Capability capability() {
     const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
     const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
-    // BN_CUDA_CPU_CAPABILITY (default / avx2 / avx512) picks ours alone, e.g. to time our copies
-    // against the same torch; otherwise (unset or another value, as ATEN_CPU_CAPABILITY treats
-    // one it does not know) PyTorch's choice ("DEFAULT", "AVX2" or "AVX512" on x86), so that
+    const bool avx512_bf16 = avx512 && __builtin_cpu_supports("avx512bf16");
+    // BN_CUDA_CPU_CAPABILITY (default / avx2 / avx512 / avx512_bf16) picks ours alone, e.g. to
+    // time our copies against the same torch; otherwise (unset or another value, as
+    // ATEN_CPU_CAPABILITY treats one it does not know) PyTorch's choice ("DEFAULT", "AVX2" or
+    // "AVX512" on x86; its AVX512 is our AVX512_BF16 where the CPU has it), so that
     // ATEN_CPU_CAPABILITY selects ours too. Either way at most what this CPU runs.
     auto lower = [](std::string v) {
       for (auto& ch : v) ch = static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
@@ -31,9 +33,14 @@ Capability capability() {
     };
     const char* own = std::getenv("BN_CUDA_CPU_CAPABILITY");
     std::string want = lower(own ? own : "");
-    if (want != "default" && want != "avx2" && want != "avx512") want = lower(at::get_cpu_capability());
-    if (want == "avx512" && avx512) return Capability::kAvx512;
-    if ((want == "avx512" || want == "avx2") && avx2) return Capability::kAvx2;
+    const bool named = want == "default" || want == "avx2" || want == "avx512" || want == "avx512_bf16";
+    if (!named) {
+      want = lower(at::get_cpu_capability());
+      if (want == "avx512") want = "avx512_bf16";
+    }
+    if (want == "avx512_bf16" && avx512_bf16) return Capability::kAvx512Bf16;
+    if ((want == "avx512_bf16" || want == "avx512") && avx512) return Capability::kAvx512;
+    if ((want == "avx512_bf16" || want == "avx512" || want == "avx2") && avx2) return Capability::kAvx2;
 #endif
     return Capability::kDefault;
   }();
@@ -42,6 +49,8 @@ Capability capability() {
 
 const char* capability_name() {
   switch (capability()) {
+    case Capability::kAvx512Bf16:
+      return "avx512_bf16";
     case Capability::kAvx512:
       return "avx512";
     case Capability::kAvx2:
