@@ -7,7 +7,7 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from . import ops
+from . import _C, ops
 
 _ops = torch.ops.bn_cuda
 
@@ -19,6 +19,10 @@ __all__ = ["batch_norm"]
 # Under torch.compile the fast path calls the OpOverloads, which dynamo traces.
 _forward_train = getattr(_ops.forward_train.default, "_op", _ops.forward_train.default)
 _forward_infer = getattr(_ops.forward_infer.default, "_op", _ops.forward_infer.default)
+# The common eager call whole in C++ (csrc/common/functional_fast.cpp): these checks and the op call
+# through the dispatcher, without this function's Python or the boxed call; None where the code
+# below must decide (another argument type, a torch function mode, a trace, an argument error).
+_batch_norm_fast = _C._batch_norm_fast
 _is_compiling = torch.compiler.is_compiling
 _is_exporting = torch.compiler.is_exporting
 _C_is_tracing = torch._C._is_tracing
@@ -71,6 +75,10 @@ def batch_norm(
     Tensor
         Same shape, dtype and memory format as ``input``.
     """
+    if not _is_compiling():
+        out = _batch_norm_fast(input, running_mean, running_var, weight, bias, training, momentum, eps, axis)
+        if out is not None:
+            return out
     if type(training) is not bool:  # (as torch's batch_norm: not a truthy value, which "no" would be)
         raise TypeError(f"bn_cuda.functional.batch_norm: training must be a bool, got {training!r} "
                         f"({type(training).__name__})")

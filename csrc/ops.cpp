@@ -153,6 +153,7 @@ pybind11::dict build_info() {
 
 namespace bn_cuda {
 void register_keras_step(pybind11::module_& m);  // common/keras_step.cpp
+void register_functional_fast(pybind11::module_& m);  // common/functional_fast.cpp
 #if BN_CUDA_WITH_CUDA || defined(BN_CUDA_EMULATE)
 bool set_single_cf(bool on);  // cuda/ops_cuda.cpp
 #endif
@@ -168,6 +169,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("build_info", &build_info, "How this extension was built (versions, CUDA archs, CPU capability).");
   m.def("cpu_capability", &bn_cuda::cpu::capability_name, "The CPU kernel variant in use (avx512_bf16, avx512, avx2 or default).");
   bn_cuda::register_keras_step(m);
+  bn_cuda::register_functional_fast(m);
 #if BN_CUDA_WITH_CUDA || defined(BN_CUDA_EMULATE)
   m.def("_set_single_cf", &bn_cuda::set_single_cf, pybind11::arg("on"),
         "Testing hook: let the CUDA training forward and backward of small channels-first inputs run as "

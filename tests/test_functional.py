@@ -443,3 +443,113 @@ def test_eval_gradient_saves_running_stats_like_torch():
         rv.add_(1.0)
         with pytest.raises(RuntimeError, match="modified by an inplace operation"):
             y.backward(gy)
+
+
+# ---------------------------------------------------------------------------------------------
+# The C++ fast path of batch_norm (csrc/common/functional_fast.cpp)
+
+
+def _direct(x, rm, rv, w, b, training, momentum, eps, axis):
+    """The op the Python path calls, called directly."""
+    a = axis % x.dim()
+    if training:
+        return torch.ops.bn_cuda.forward_train(x, w, b, rm, rv, momentum, eps, [a], True)[0]
+    return torch.ops.bn_cuda.forward_infer(x, w, b, rm, rv, eps, [a])
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("shape,axis,layout", [((5, 3, 7, 7), 1, "channels_last"), ((6, 17), -1, "contiguous"),
+                                               ((4, 7, 3), -2, "sliced"), ((0, 3, 2), 1, "contiguous")])
+@pytest.mark.parametrize("stats", [True, False])
+def test_fast_path_calls_the_op_with_the_same_arguments(training, shape, axis, layout, stats):
+    """The common call (plain tensors, float momentum and eps, an int axis) is taken in C++; its
+    output and running statistics are those of the op called directly, bit for bit, and the
+    momentum, eps and axis reach the op (different values give different results)."""
+    if not training and not stats:
+        pytest.skip("evaluation needs running statistics")
+    torch.manual_seed(3)
+    x = apply_layout(make_input(shape, axis % len(shape), torch.float32, offset=1.5), layout)
+    C = shape[axis]
+    w, b = torch.randn(C), torch.randn(C)
+    rm0, rv0 = torch.randn(C), torch.rand(C) + 0.5
+    outs = []
+    for momentum, eps in [(0.1, 1e-5), (0.3, 0.5)]:
+        rm1, rv1 = (rm0.clone(), rv0.clone()) if stats else (None, None)
+        rm2, rv2 = (rm0.clone(), rv0.clone()) if stats else (None, None)
+        y1 = batch_norm(x, rm1, rv1, torch.nn.Parameter(w), b, training, momentum, eps, axis=axis)
+        y2 = _direct(x, rm2, rv2, w, b, training, momentum, eps, axis)
+        assert y1.stride() == y2.stride() and torch.equal(y1, y2)
+        if stats:
+            assert torch.equal(rm1, rm2) and torch.equal(rv1, rv2)
+            if training and x.numel():
+                assert not torch.equal(rm1, rm0)
+        outs.append((y1, rm1))
+    if x.numel():
+        assert not torch.equal(outs[0][0], outs[1][0]) or (training and stats and not torch.equal(outs[0][1], outs[1][1]))
+
+
+def test_fast_path_leaves_other_calls_to_python():
+    """Tensor subclasses and torch function modes see the op call (the Python path), as before the
+    C++ fast path; torch dispatch modes see it from either; arguments of other types (an int
+    momentum, a tuple axis) give the same result through the Python path; bad arguments give its
+    errors."""
+    from torch.overrides import TorchFunctionMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Seen(TorchFunctionMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            self.seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    class SeenDispatch(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    class Logged(torch.Tensor):
+        seen: list = []
+
+        @classmethod
+        def __torch_function__(cls, func, types, args=(), kwargs=None):
+            cls.seen.append(str(func))
+            return super().__torch_function__(func, types, args, kwargs or {})
+
+    x = make_input((4, 3, 5), 1, torch.float32)
+    rm, rv = torch.zeros(3), torch.ones(3)
+    ref = batch_norm(x, rm.clone(), rv.clone(), training=True)
+    with Seen() as mode:
+        y = batch_norm(x, rm.clone(), rv.clone(), training=True)
+    assert "bn_cuda.forward_train.default" in mode.seen and torch.equal(y, ref)
+    rmc, rvc = rm.clone(), rv.clone()
+    with SeenDispatch() as mode:
+        y = batch_norm(x, rmc, rvc, training=True)
+    assert mode.seen == ["bn_cuda.forward_train.default"] and torch.equal(y, ref)
+    y = batch_norm(x.as_subclass(Logged), rm.clone(), rv.clone(), training=True)
+    assert "bn_cuda.forward_train.default" in Logged.seen and type(y) is Logged
+    assert torch.equal(y.as_subclass(torch.Tensor), ref)
+    # other argument types: the Python path, the same numbers
+    rm1, rv1, rm2, rv2 = rm.clone(), rv.clone(), rm.clone(), rv.clone()
+    y1 = batch_norm(x, rm1, rv1, training=True, momentum=1, eps=1)
+    y2 = batch_norm(x, rm2, rv2, training=True, momentum=1.0, eps=1.0, axis=(1,))
+    assert torch.equal(y1, y2) and torch.equal(rm1, rm2) and torch.equal(rv1, rv2)
+    # errors: the Python path's, with no running statistic changed
+    rm1, rv1 = rm.clone(), rv.clone()
+    with pytest.raises(ValueError, match="axis"):
+        batch_norm(x, rm1, rv1, training=True, axis=3)
+    with pytest.raises(ValueError, match="running_mean and running_var"):
+        batch_norm(x, rm1, None, training=True)
+    with pytest.raises(TypeError, match="training must be a bool"):
+        batch_norm(x, rm1, rv1, training=1)
+    with pytest.raises((ValueError, RuntimeError), match="weight"):
+        batch_norm(x, rm1, rv1, torch.ones(4), training=True)
+    with pytest.raises(ValueError, match="more than 1 value per"):
+        batch_norm(torch.randn(1, 3), rm1, rv1, training=True)
+    assert torch.equal(rm1, rm) and torch.equal(rv1, rv)
