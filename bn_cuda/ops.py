@@ -17,10 +17,16 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from . import _C
+
 __all__ = ["batch_norm_train", "batch_norm_infer", "check_same_device", "normalize_axes", "num_features", "as_float",
            "as_int", "as_axes"]
 
 _ops = torch.ops.bn_cuda
+# The op calls of batch_norm_train / batch_norm_infer from C++ (csrc/common/functional_fast.cpp).
+_forward_train_fast = _C._forward_train_fast
+_forward_infer_fast = _C._forward_infer_fast
+_is_compiling = torch.compiler.is_compiling
 
 _is_exporting = torch.compiler.is_exporting
 _is_tracing = torch.jit.is_tracing
@@ -593,6 +599,11 @@ def batch_norm_train(input: Tensor, weight: Optional[Tensor], bias: Optional[Ten
             _onnx().refuse_training(who)
         return _onnx().batch_norm_batch_stats(input, weight, bias, eps, axis)
     check_same_device(input, weight=weight, bias=bias, running_mean=running_mean, running_var=running_var)
+    if not _is_compiling():  # (plain tensors, float scalars, a list of int axes: the op called from C++)
+        out = _forward_train_fast(input, weight, bias, running_mean, running_var, momentum, eps, axis,
+                                  bool(unbiased_running_var))
+        if out is not None:
+            return out
     args = (input, weight, bias, running_mean, running_var, as_float(who, "momentum", momentum),
             as_float(who, "eps", eps), as_axes(who, axis), bool(unbiased_running_var))
     # The op's autograd kernel is C++ (csrc/common/autograd.cpp): no Python layer to skip.
@@ -605,6 +616,10 @@ def batch_norm_infer(input: Tensor, weight: Optional[Tensor], bias: Optional[Ten
     if _onnx_exporting():  # (torch operations that ONNX translates: bn_cuda.onnx)
         return _onnx().batch_norm_infer(input, weight, bias, running_mean, running_var, eps, axis)
     check_same_device(input, weight=weight, bias=bias, running_mean=running_mean, running_var=running_var)
+    if not _is_compiling():  # (as batch_norm_train)
+        out = _forward_infer_fast(input, weight, bias, running_mean, running_var, eps, axis)
+        if out is not None:
+            return out
     who = "bn_cuda.batch_norm_infer"
     return _ops.forward_infer.default(input, weight, bias, running_mean, running_var, as_float(who, "eps", eps),
                                       as_axes(who, axis))

@@ -553,3 +553,44 @@ def test_fast_path_leaves_other_calls_to_python():
     with pytest.raises(ValueError, match="more than 1 value per"):
         batch_norm(torch.randn(1, 3), rm1, rv1, training=True)
     assert torch.equal(rm1, rm) and torch.equal(rv1, rv)
+
+
+@pytest.mark.parametrize("unbiased", [True, False])
+def test_ops_fast_calls_match_the_op(unbiased):
+    """bn_cuda.ops.batch_norm_train / batch_norm_infer (the Keras layer's plain path) call the op from
+    C++ for plain tensors: every output and running statistic is the op's, bit for bit, the
+    arguments reach it (unbiased_running_var changes running_var), and a torch function mode still
+    sees the op call."""
+    from torch.overrides import TorchFunctionMode
+
+    from bn_cuda import ops
+
+    class Seen(TorchFunctionMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            self.seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(4)
+    x = make_input((3, 5, 4, 17), 3, torch.float32, offset=2.0)
+    w, b, rm0, rv0 = torch.randn(17), torch.randn(17), torch.randn(17), torch.rand(17) + 0.5
+    rm1, rv1, rm2, rv2 = rm0.clone(), rv0.clone(), rm0.clone(), rv0.clone()
+    got = ops.batch_norm_train(x, w, b, rm1, rv1, 0.3, 0.5, [3], unbiased_running_var=unbiased)
+    ref = torch.ops.bn_cuda.forward_train(x, w, b, rm2, rv2, 0.3, 0.5, [3], unbiased)
+    assert all(torch.equal(g, r) for g, r in zip(got, ref))
+    assert torch.equal(rm1, rm2) and torch.equal(rv1, rv2)
+    other = torch.ops.bn_cuda.forward_train(x, w, b, rm0.clone(), rv0.clone(), 0.3, 0.5, [3], not unbiased)[0]
+    assert torch.equal(other, ref[0])
+    rv3 = rv0.clone()
+    torch.ops.bn_cuda.forward_train(x, w, b, rm0.clone(), rv3, 0.3, 0.5, [3], not unbiased)
+    assert not torch.equal(rv3, rv1)
+    got = ops.batch_norm_infer(x, w, b, rm0, rv0, 0.5, [-1])
+    assert torch.equal(got, torch.ops.bn_cuda.forward_infer(x, w, b, rm0, rv0, 0.5, [3]))
+    with Seen() as mode:
+        ops.batch_norm_train(x, w, b, rm1, rv1, 0.3, 0.5, [3], unbiased_running_var=unbiased)
+        ops.batch_norm_infer(x, w, b, rm0, rv0, 0.5, [3])
+    assert mode.seen.count("bn_cuda.forward_train.default") == 1
+    assert mode.seen.count("bn_cuda.forward_infer.default") == 1

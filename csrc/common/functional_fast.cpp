@@ -1,6 +1,7 @@
 // bn_cuda.functional.batch_norm's common call in C++: the argument checks of its Python fast path
 // and the op call through the dispatcher, without the Python glue and the boxed call of
-// torch.ops (about 3-4 us of host time per call, as much as a small GPU call's launches).
+// torch.ops (about 3-4 us of host time per call, as much as a small GPU call's launches). Also
+// the op calls of bn_cuda.ops.batch_norm_train / batch_norm_infer (the Keras layer's plain path).
 //
 // It returns None whenever the Python function must decide: an argument of another type (a tensor
 // subclass, an int momentum, a tuple of axes ...), a torch function mode, a TorchScript trace, an
@@ -16,6 +17,8 @@
 #include <pybind11/pybind11.h>
 
 #include <optional>
+#include <tuple>
+#include <vector>
 
 #include "bn_cuda/ops.h"
 
@@ -72,12 +75,82 @@ py::object batch_norm_fast(py::handle input, py::handle running_mean, py::handle
   END_HANDLE_TH_ERRORS_PYBIND
 }
 
+// A list of Python ints (exactly), into `out`.
+bool int_list(PyObject* o, std::vector<int64_t>& out) {
+  if (!PyList_CheckExact(o)) return false;
+  const Py_ssize_t n = PyList_GET_SIZE(o);
+  out.resize(static_cast<size_t>(n));
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    PyObject* item = PyList_GET_ITEM(o, i);
+    if (!PyLong_CheckExact(item)) return false;
+    int overflow = 0;
+    out[static_cast<size_t>(i)] = PyLong_AsLongLongAndOverflow(item, &overflow);
+    if (overflow) return false;
+  }
+  return true;
+}
+
+// bn_cuda.ops.batch_norm_train / batch_norm_infer's op calls (the Keras layer's plain path) the
+// same way: the op's outputs, or None (another argument type, a mode, a trace: the Python path).
+py::object forward_train_fast(py::handle input, py::handle weight, py::handle bias, py::handle running_mean,
+                              py::handle running_var, py::handle momentum, py::handle eps, py::handle axis,
+                              py::handle unbiased) {
+  HANDLE_TH_ERRORS
+  OptTensor w, b, rm, rv;
+  std::vector<int64_t> axes;
+  if (!plain_tensor(input.ptr()) || !optional_tensor(weight.ptr(), w) || !optional_tensor(bias.ptr(), b) ||
+      !optional_tensor(running_mean.ptr(), rm) || !optional_tensor(running_var.ptr(), rv) ||
+      !PyFloat_CheckExact(momentum.ptr()) || !PyFloat_CheckExact(eps.ptr()) || !int_list(axis.ptr(), axes) ||
+      (unbiased.ptr() != Py_True && unbiased.ptr() != Py_False) || at::impl::torch_function_mode_enabled() ||
+      torch::jit::tracer::isTracing())
+    return py::none();
+  const at::Tensor& x = THPVariable_Unpack(input.ptr());
+  const double mom = PyFloat_AS_DOUBLE(momentum.ptr()), ep = PyFloat_AS_DOUBLE(eps.ptr());
+  const bool unb = unbiased.ptr() == Py_True;
+  at::Tensor out, mean, invstd;
+  {
+    py::gil_scoped_release no_gil;
+    std::tie(out, mean, invstd) = ops::forward_train(x, w, b, rm, rv, mom, ep, axes, unb);
+  }
+  return py::make_tuple(py::reinterpret_steal<py::object>(THPVariable_Wrap(std::move(out))),
+                        py::reinterpret_steal<py::object>(THPVariable_Wrap(std::move(mean))),
+                        py::reinterpret_steal<py::object>(THPVariable_Wrap(std::move(invstd))));
+  END_HANDLE_TH_ERRORS_PYBIND
+}
+
+py::object forward_infer_fast(py::handle input, py::handle weight, py::handle bias, py::handle running_mean,
+                              py::handle running_var, py::handle eps, py::handle axis) {
+  HANDLE_TH_ERRORS
+  OptTensor w, b;
+  std::vector<int64_t> axes;
+  if (!plain_tensor(input.ptr()) || !optional_tensor(weight.ptr(), w) || !optional_tensor(bias.ptr(), b) ||
+      !plain_tensor(running_mean.ptr()) || !plain_tensor(running_var.ptr()) || !PyFloat_CheckExact(eps.ptr()) ||
+      !int_list(axis.ptr(), axes) || at::impl::torch_function_mode_enabled() || torch::jit::tracer::isTracing())
+    return py::none();
+  const at::Tensor& x = THPVariable_Unpack(input.ptr());
+  const at::Tensor& rm = THPVariable_Unpack(running_mean.ptr());
+  const at::Tensor& rv = THPVariable_Unpack(running_var.ptr());
+  const double ep = PyFloat_AS_DOUBLE(eps.ptr());
+  at::Tensor out;
+  {
+    py::gil_scoped_release no_gil;
+    out = ops::forward_infer(x, w, b, rm, rv, ep, axes);
+  }
+  return py::reinterpret_steal<py::object>(THPVariable_Wrap(std::move(out)));
+  END_HANDLE_TH_ERRORS_PYBIND
+}
+
 }  // namespace
 
 void register_functional_fast(py::module_& m) {
   m.def("_batch_norm_fast", &batch_norm_fast,
         "bn_cuda.functional.batch_norm's common call (one int axis, plain tensors, float momentum and eps): "
         "the output, or None where the Python function must decide.");
+  m.def("_forward_train_fast", &forward_train_fast,
+        "torch.ops.bn_cuda.forward_train for plain tensors, float momentum / eps and a list of int axes, "
+        "called from C++: (output, mean, invstd), or None where the Python caller must call the op.");
+  m.def("_forward_infer_fast", &forward_infer_fast,
+        "torch.ops.bn_cuda.forward_infer likewise: the output, or None.");
 }
 
 }  // namespace bn_cuda
