@@ -598,12 +598,13 @@ def batch_norm_train(input: Tensor, weight: Optional[Tensor], bias: Optional[Ten
         if running_mean is not None or running_var is not None:
             _onnx().refuse_training(who)
         return _onnx().batch_norm_batch_stats(input, weight, bias, eps, axis)
-    check_same_device(input, weight=weight, bias=bias, running_mean=running_mean, running_var=running_var)
-    if not _is_compiling():  # (plain tensors, float scalars, a list of int axes: the op called from C++)
+    if not _is_compiling():
+        # Plain tensors on one device, float scalars, a list of int axes: the op called from C++.
         out = _forward_train_fast(input, weight, bias, running_mean, running_var, momentum, eps, axis,
                                   bool(unbiased_running_var))
         if out is not None:
             return out
+    check_same_device(input, weight=weight, bias=bias, running_mean=running_mean, running_var=running_var)
     args = (input, weight, bias, running_mean, running_var, as_float(who, "momentum", momentum),
             as_float(who, "eps", eps), as_axes(who, axis), bool(unbiased_running_var))
     # The op's autograd kernel is C++ (csrc/common/autograd.cpp): no Python layer to skip.
@@ -615,11 +616,11 @@ def batch_norm_infer(input: Tensor, weight: Optional[Tensor], bias: Optional[Ten
     """Differentiable inference forward with the running statistics."""
     if _onnx_exporting():  # (torch operations that ONNX translates: bn_cuda.onnx)
         return _onnx().batch_norm_infer(input, weight, bias, running_mean, running_var, eps, axis)
-    check_same_device(input, weight=weight, bias=bias, running_mean=running_mean, running_var=running_var)
     if not _is_compiling():  # (as batch_norm_train)
         out = _forward_infer_fast(input, weight, bias, running_mean, running_var, eps, axis)
         if out is not None:
             return out
+    check_same_device(input, weight=weight, bias=bias, running_mean=running_mean, running_var=running_var)
     who = "bn_cuda.batch_norm_infer"
     return _ops.forward_infer.default(input, weight, bias, running_mean, running_var, as_float(who, "eps", eps),
                                       as_axes(who, axis))

@@ -589,6 +589,13 @@ def test_ops_fast_calls_match_the_op(unbiased):
     assert not torch.equal(rv3, rv1)
     got = ops.batch_norm_infer(x, w, b, rm0, rv0, 0.5, [-1])
     assert torch.equal(got, torch.ops.bn_cuda.forward_infer(x, w, b, rm0, rv0, 0.5, [3]))
+    # tensors on two devices: the Python path's check and message (meta: a second device on any machine)
+    rm4 = rm0.clone()
+    with pytest.raises(RuntimeError, match="running_var is on meta but input is on cpu"):
+        ops.batch_norm_train(x, w, b, rm4, rv0.to("meta"), 0.3, 0.5, [3])
+    with pytest.raises(RuntimeError, match="weight is on meta but input is on cpu"):
+        ops.batch_norm_infer(x, w.to("meta"), b, rm0, rv0, 0.5, [3])
+    assert torch.equal(rm4, rm0)
     with Seen() as mode:
         ops.batch_norm_train(x, w, b, rm1, rv1, 0.3, 0.5, [3], unbiased_running_var=unbiased)
         ops.batch_norm_infer(x, w, b, rm0, rv0, 0.5, [3])

@@ -16,6 +16,7 @@
 #include <torch/csrc/jit/frontend/tracer.h>
 #include <pybind11/pybind11.h>
 
+#include <initializer_list>
 #include <optional>
 #include <tuple>
 #include <vector>
@@ -90,8 +91,17 @@ bool int_list(PyObject* o, std::vector<int64_t>& out) {
   return true;
 }
 
+// Whether every given tensor is on x's device (bn_cuda.ops.check_same_device's test: its error
+// message is the Python path's).
+bool same_device(const at::Tensor& x, std::initializer_list<const OptTensor*> ts) {
+  for (const OptTensor* t : ts)
+    if (t->has_value() && (*t)->device() != x.device()) return false;
+  return true;
+}
+
 // bn_cuda.ops.batch_norm_train / batch_norm_infer's op calls (the Keras layer's plain path) the
-// same way: the op's outputs, or None (another argument type, a mode, a trace: the Python path).
+// same way: the op's outputs, or None (another argument type, tensors on several devices, a mode,
+// a trace: the Python path).
 py::object forward_train_fast(py::handle input, py::handle weight, py::handle bias, py::handle running_mean,
                               py::handle running_var, py::handle momentum, py::handle eps, py::handle axis,
                               py::handle unbiased) {
@@ -105,6 +115,7 @@ py::object forward_train_fast(py::handle input, py::handle weight, py::handle bi
       torch::jit::tracer::isTracing())
     return py::none();
   const at::Tensor& x = THPVariable_Unpack(input.ptr());
+  if (!same_device(x, {&w, &b, &rm, &rv})) return py::none();
   const double mom = PyFloat_AS_DOUBLE(momentum.ptr()), ep = PyFloat_AS_DOUBLE(eps.ptr());
   const bool unb = unbiased.ptr() == Py_True;
   at::Tensor out, mean, invstd;
@@ -121,20 +132,21 @@ py::object forward_train_fast(py::handle input, py::handle weight, py::handle bi
 py::object forward_infer_fast(py::handle input, py::handle weight, py::handle bias, py::handle running_mean,
                               py::handle running_var, py::handle eps, py::handle axis) {
   HANDLE_TH_ERRORS
-  OptTensor w, b;
+  OptTensor w, b, rm, rv;
   std::vector<int64_t> axes;
   if (!plain_tensor(input.ptr()) || !optional_tensor(weight.ptr(), w) || !optional_tensor(bias.ptr(), b) ||
       !plain_tensor(running_mean.ptr()) || !plain_tensor(running_var.ptr()) || !PyFloat_CheckExact(eps.ptr()) ||
       !int_list(axis.ptr(), axes) || at::impl::torch_function_mode_enabled() || torch::jit::tracer::isTracing())
     return py::none();
   const at::Tensor& x = THPVariable_Unpack(input.ptr());
-  const at::Tensor& rm = THPVariable_Unpack(running_mean.ptr());
-  const at::Tensor& rv = THPVariable_Unpack(running_var.ptr());
+  optional_tensor(running_mean.ptr(), rm);
+  optional_tensor(running_var.ptr(), rv);
+  if (!same_device(x, {&w, &b, &rm, &rv})) return py::none();
   const double ep = PyFloat_AS_DOUBLE(eps.ptr());
   at::Tensor out;
   {
     py::gil_scoped_release no_gil;
-    out = ops::forward_infer(x, w, b, rm, rv, ep, axes);
+    out = ops::forward_infer(x, w, b, *rm, *rv, ep, axes);
   }
   return py::reinterpret_steal<py::object>(THPVariable_Wrap(std::move(out)));
   END_HANDLE_TH_ERRORS_PYBIND
