@@ -9,6 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+
 import bn_cuda
 from bn_cuda.functional import batch_norm
 from conftest import (LAYOUTS, apply_layout, assert_close_ref, coarser, feature_shape, hand_reference, layout_ok,
@@ -449,6 +452,30 @@ def test_eval_gradient_saves_running_stats_like_torch():
 # The C++ fast path of batch_norm (csrc/common/functional_fast.cpp)
 
 
+class _SeenFunctions(TorchFunctionMode):
+    """Records the functions a torch function mode sees."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.seen.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+class _SeenDispatch(TorchDispatchMode):
+    """Records the operators a torch dispatch mode sees."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.seen.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
 def _direct(x, rm, rv, w, b, training, momentum, eps, axis):
     """The op the Python path calls, called directly."""
     a = axis % x.dim()
@@ -490,27 +517,6 @@ def test_fast_path_leaves_other_calls_to_python():
     C++ fast path; torch dispatch modes see it from either; arguments of other types (an int
     momentum, a tuple axis) give the same result through the Python path; bad arguments give its
     errors."""
-    from torch.overrides import TorchFunctionMode
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Seen(TorchFunctionMode):
-        def __init__(self):
-            super().__init__()
-            self.seen = []
-
-        def __torch_function__(self, func, types, args=(), kwargs=None):
-            self.seen.append(str(func))
-            return func(*args, **(kwargs or {}))
-
-    class SeenDispatch(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.seen = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.seen.append(str(func))
-            return func(*args, **(kwargs or {}))
-
     class Logged(torch.Tensor):
         seen: list = []
 
@@ -522,11 +528,11 @@ def test_fast_path_leaves_other_calls_to_python():
     x = make_input((4, 3, 5), 1, torch.float32)
     rm, rv = torch.zeros(3), torch.ones(3)
     ref = batch_norm(x, rm.clone(), rv.clone(), training=True)
-    with Seen() as mode:
+    with _SeenFunctions() as mode:
         y = batch_norm(x, rm.clone(), rv.clone(), training=True)
     assert "bn_cuda.forward_train.default" in mode.seen and torch.equal(y, ref)
     rmc, rvc = rm.clone(), rv.clone()
-    with SeenDispatch() as mode:
+    with _SeenDispatch() as mode:
         y = batch_norm(x, rmc, rvc, training=True)
     assert mode.seen == ["bn_cuda.forward_train.default"] and torch.equal(y, ref)
     y = batch_norm(x.as_subclass(Logged), rm.clone(), rv.clone(), training=True)
@@ -558,18 +564,7 @@ def test_ops_fast_calls_match_the_op(unbiased):
     C++ for plain tensors: every output and running statistic is the op's, bit for bit, the
     arguments reach it (unbiased_running_var changes running_var), and a torch function mode still
     sees the op call."""
-    from torch.overrides import TorchFunctionMode
-
     from bn_cuda import ops
-
-    class Seen(TorchFunctionMode):
-        def __init__(self):
-            super().__init__()
-            self.seen = []
-
-        def __torch_function__(self, func, types, args=(), kwargs=None):
-            self.seen.append(str(func))
-            return func(*args, **(kwargs or {}))
 
     torch.manual_seed(4)
     x = make_input((3, 5, 4, 17), 3, torch.float32, offset=2.0)
@@ -593,7 +588,7 @@ def test_ops_fast_calls_match_the_op(unbiased):
     with pytest.raises(RuntimeError, match="weight is on meta but input is on cpu"):
         ops.batch_norm_infer(x, w.to("meta"), b, rm0, rv0, 0.5, [3])
     assert torch.equal(rm4, rm0)
-    with Seen() as mode:
+    with _SeenFunctions() as mode:
         ops.batch_norm_train(x, w, b, rm1, rv1, 0.3, 0.5, [3], unbiased_running_var=unbiased)
         ops.batch_norm_infer(x, w, b, rm0, rv0, 0.5, [3])
     assert mode.seen.count("bn_cuda.forward_train.default") == 1
