@@ -18,6 +18,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 try:  # triton (pulled in by torch._dynamo / torch.optim) segfaults when imported after
     import torch._dynamo  # noqa: F401  tensorflow in one process (both bundle LLVM): load it first.
@@ -319,3 +320,20 @@ def assert_close_ref(actual: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype
 
 def max_err(actual: torch.Tensor, ref: torch.Tensor) -> float:
     return float((actual.detach().to("cpu", torch.float64) - ref.detach().to("cpu", torch.float64)).abs().max())
+
+
+class DispatchLog(TorchDispatchMode):
+    """A torch dispatch mode that records every operator it sees: ``calls`` holds (name, args),
+    ``names`` the names alone."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    @property
+    def names(self) -> List[str]:
+        return [n for n, _ in self.calls]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls.append((str(func), args))
+        return func(*args, **(kwargs or {}))

@@ -10,7 +10,8 @@ from torch.autograd import gradcheck, gradgradcheck
 
 import bn_cuda  # noqa: F401
 from bn_cuda.functional import batch_norm
-from conftest import apply_layout, assert_close_ref, feature_shape, make_features, make_input, reference_batch_norm
+from conftest import (DispatchLog, apply_layout, assert_close_ref, feature_shape, make_features, make_input,
+                      reference_batch_norm)
 
 ops = torch.ops.bn_cuda
 
@@ -168,7 +169,6 @@ def test_functional_fast_path_keeps_python_dispatch(device):
     OpOverload.__call__): fake tensors still get the fake kernels, and a TorchDispatchMode still
     sees bn_cuda's ops with the arguments the OpOverloads would get."""
     from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.utils._python_dispatch import TorchDispatchMode
 
     from bn_cuda.functional import batch_norm
 
@@ -176,23 +176,14 @@ def test_functional_fast_path_keeps_python_dispatch(device):
     w, b = torch.rand(5, device=device) + 0.5, torch.randn(5, device=device)
     rm, rv = torch.randn(5, device=device), torch.rand(5, device=device) + 0.5
 
-    class Seen(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.ops = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.ops.append((str(func), args))
-            return func(*args, **(kwargs or {}))
-
     for training in (True, False):
         rm0 = rm.clone()
-        with Seen() as seen:
+        with DispatchLog() as seen:
             out = batch_norm(x, rm, rv, w, b, training=training, axis=-3)
-        names = [n for n, _ in seen.ops if n.startswith("bn_cuda.")]
+        names = [n for n, _ in seen.calls if n.startswith("bn_cuda.")]
         want = "bn_cuda.forward_train.default" if training else "bn_cuda.forward_infer.default"
-        assert names == [want], seen.ops
-        args = [a for n, a in seen.ops if n == want][0]
+        assert names == [want], seen.calls
+        args = [a for n, a in seen.calls if n == want][0]
         assert list(args[7 if training else 6]) == [1]  # axis -3 normalized to 1
         ref = F.batch_norm(x.double(), rm0.double(), rv.double(), w.double(), b.double(), training=training)
         torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)

@@ -10,12 +10,11 @@ import torch
 import torch.nn.functional as F
 
 from torch.overrides import TorchFunctionMode
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import bn_cuda
 from bn_cuda.functional import batch_norm
-from conftest import (LAYOUTS, apply_layout, assert_close_ref, coarser, feature_shape, hand_reference, layout_ok,
-                      make_features, make_input, reference_batch_norm)
+from conftest import (LAYOUTS, DispatchLog, apply_layout, assert_close_ref, coarser, feature_shape, hand_reference,
+                      layout_ok, make_features, make_input, reference_batch_norm)
 
 SHAPES = {2: (6, 5), 3: (4, 3, 7), 4: (3, 5, 4, 6), 5: (2, 3, 4, 3, 5)}
 
@@ -464,18 +463,6 @@ class _SeenFunctions(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-class _SeenDispatch(TorchDispatchMode):
-    """Records the operators a torch dispatch mode sees."""
-
-    def __init__(self):
-        super().__init__()
-        self.seen = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.seen.append(str(func))
-        return func(*args, **(kwargs or {}))
-
-
 def _direct(x, rm, rv, w, b, training, momentum, eps, axis):
     """The op the Python path calls, called directly."""
     a = axis % x.dim()
@@ -532,9 +519,9 @@ def test_fast_path_leaves_other_calls_to_python():
         y = batch_norm(x, rm.clone(), rv.clone(), training=True)
     assert "bn_cuda.forward_train.default" in mode.seen and torch.equal(y, ref)
     rmc, rvc = rm.clone(), rv.clone()
-    with _SeenDispatch() as mode:
+    with DispatchLog() as mode:
         y = batch_norm(x, rmc, rvc, training=True)
-    assert mode.seen == ["bn_cuda.forward_train.default"] and torch.equal(y, ref)
+    assert mode.names == ["bn_cuda.forward_train.default"] and torch.equal(y, ref)
     y = batch_norm(x.as_subclass(Logged), rm.clone(), rv.clone(), training=True)
     assert "bn_cuda.forward_train.default" in Logged.seen and type(y) is Logged
     assert torch.equal(y.as_subclass(torch.Tensor), ref)

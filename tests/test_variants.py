@@ -9,6 +9,7 @@ import torch
 from torch.func import functional_call
 
 import bn_cuda
+from conftest import DispatchLog
 
 DEVICES = ["cpu"] + ([pytest.param("cuda", marks=pytest.mark.cuda)] if torch.cuda.is_available() else [])
 
@@ -361,17 +362,6 @@ def test_native_step_backward_ops(device, name):
     mask's is grad_sums + grad_input, then the parameters' gradients (keras_grads). The node's edges
     go straight to gamma / beta (no ViewBackward of a flat view), whose gradients come back in the
     layer's shape."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Log(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.ops = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.ops.append(str(func))
-            return func(*args, **(kwargs or {}))
-
     shape = (12, 5, 7)
     layer = _layer(name, None, device, shape)
     x = _input(shape, device).float().requires_grad_(True)
@@ -380,9 +370,9 @@ def test_native_step_backward_ops(device, name):
     edges = [f.name() for f, _ in y.grad_fn.next_functions if f is not None]
     assert edges == ["torch::autograd::AccumulateGrad"] * 3, edges  # input, gamma, beta
     gy = torch.randn(shape, generator=torch.Generator().manual_seed(5)).to(device)
-    with Log() as log:
+    with DispatchLog() as log:
         y.backward(gy)
-    staged = [o for o in log.ops if o.startswith("bn_cuda.")]
+    staged = [o for o in log.names if o.startswith("bn_cuda.")]
     if "mask" in name:
         assert staged == ["bn_cuda.grad_sums.default", "bn_cuda.grad_input.default", "bn_cuda.keras_grads.default"]
     else:
@@ -390,10 +380,10 @@ def test_native_step_backward_ops(device, name):
     # (float32 weights: the parameter gradients come from keras_grads alone, no arithmetic ATen op
     # but a mask's sum_dy_xmu * invstd; the reshapes are gamma's and the gradients' layer shapes
     # (below the autograd key they reach the mode as reshapes, not views), the detaches AccumulateGrad's)
-    arithmetic = [o for o in log.ops if not o.startswith("bn_cuda.") and o not in ("aten.view.default",
+    arithmetic = [o for o in log.names if not o.startswith("bn_cuda.") and o not in ("aten.view.default",
                                                                                    "aten.reshape.default",
                                                                                    "aten.detach.default")]
-    assert arithmetic == (["aten.mul.Tensor"] if "mask" in name else []), log.ops
+    assert arithmetic == (["aten.mul.Tensor"] if "mask" in name else []), log.names
     for p in (layer.gamma, layer.beta):
         assert p.grad is not None and p.grad.shape == p.shape and torch.isfinite(p.grad).all()
 
