@@ -38,21 +38,25 @@ bool optional_tensor(PyObject* o, OptTensor& out) {
   out = THPVariable_Unpack(o);
   return true;
 }
+bool is_bool(py::handle o) { return o.ptr() == Py_True || o.ptr() == Py_False; }
+// Whether the call must be seen from Python: a torch function mode sees every call, and a
+// TorchScript trace records torch operations instead (bn_cuda.onnx).
+bool python_must_see() { return at::impl::torch_function_mode_enabled() || torch::jit::tracer::isTracing(); }
+py::object wrap(at::Tensor t) { return py::reinterpret_steal<py::object>(THPVariable_Wrap(std::move(t))); }
 
 py::object batch_norm_fast(py::handle input, py::handle running_mean, py::handle running_var, py::handle weight,
                            py::handle bias, py::handle training, py::handle momentum, py::handle eps,
                            py::handle axis) {
   HANDLE_TH_ERRORS
   PyObject* x_obj = input.ptr();
-  if (!plain_tensor(x_obj) || (training.ptr() != Py_True && training.ptr() != Py_False) ||
+  if (!plain_tensor(x_obj) || !is_bool(training) ||
       !PyFloat_CheckExact(momentum.ptr()) || !PyFloat_CheckExact(eps.ptr()) || !PyLong_CheckExact(axis.ptr()))
     return py::none();
   OptTensor rm, rv, w, b;
   if (!optional_tensor(running_mean.ptr(), rm) || !optional_tensor(running_var.ptr(), rv) ||
       !optional_tensor(weight.ptr(), w) || !optional_tensor(bias.ptr(), b))
     return py::none();
-  // (modes see every call, and traces record torch operations instead: bn_cuda.onnx)
-  if (at::impl::torch_function_mode_enabled() || torch::jit::tracer::isTracing()) return py::none();
+  if (python_must_see()) return py::none();
   int overflow = 0;
   const long long a_in = PyLong_AsLongLongAndOverflow(axis.ptr(), &overflow);
   const at::Tensor& x = THPVariable_Unpack(x_obj);
@@ -72,7 +76,7 @@ py::object batch_norm_fast(py::handle input, py::handle running_mean, py::handle
     py::gil_scoped_release no_gil;
     out = ops::forward_infer(x, w, b, *rm, *rv, ep, {a});
   }
-  return py::reinterpret_steal<py::object>(THPVariable_Wrap(std::move(out)));
+  return wrap(std::move(out));
   END_HANDLE_TH_ERRORS_PYBIND
 }
 
@@ -111,8 +115,7 @@ py::object forward_train_fast(py::handle input, py::handle weight, py::handle bi
   if (!plain_tensor(input.ptr()) || !optional_tensor(weight.ptr(), w) || !optional_tensor(bias.ptr(), b) ||
       !optional_tensor(running_mean.ptr(), rm) || !optional_tensor(running_var.ptr(), rv) ||
       !PyFloat_CheckExact(momentum.ptr()) || !PyFloat_CheckExact(eps.ptr()) || !int_list(axis.ptr(), axes) ||
-      (unbiased.ptr() != Py_True && unbiased.ptr() != Py_False) || at::impl::torch_function_mode_enabled() ||
-      torch::jit::tracer::isTracing())
+      !is_bool(unbiased) || python_must_see())
     return py::none();
   const at::Tensor& x = THPVariable_Unpack(input.ptr());
   if (!same_device(x, {&w, &b, &rm, &rv})) return py::none();
@@ -123,9 +126,7 @@ py::object forward_train_fast(py::handle input, py::handle weight, py::handle bi
     py::gil_scoped_release no_gil;
     std::tie(out, mean, invstd) = ops::forward_train(x, w, b, rm, rv, mom, ep, axes, unb);
   }
-  return py::make_tuple(py::reinterpret_steal<py::object>(THPVariable_Wrap(std::move(out))),
-                        py::reinterpret_steal<py::object>(THPVariable_Wrap(std::move(mean))),
-                        py::reinterpret_steal<py::object>(THPVariable_Wrap(std::move(invstd))));
+  return py::make_tuple(wrap(std::move(out)), wrap(std::move(mean)), wrap(std::move(invstd)));
   END_HANDLE_TH_ERRORS_PYBIND
 }
 
@@ -135,12 +136,10 @@ py::object forward_infer_fast(py::handle input, py::handle weight, py::handle bi
   OptTensor w, b, rm, rv;
   std::vector<int64_t> axes;
   if (!plain_tensor(input.ptr()) || !optional_tensor(weight.ptr(), w) || !optional_tensor(bias.ptr(), b) ||
-      !plain_tensor(running_mean.ptr()) || !plain_tensor(running_var.ptr()) || !PyFloat_CheckExact(eps.ptr()) ||
-      !int_list(axis.ptr(), axes) || at::impl::torch_function_mode_enabled() || torch::jit::tracer::isTracing())
+      !optional_tensor(running_mean.ptr(), rm) || !rm.has_value() || !optional_tensor(running_var.ptr(), rv) ||
+      !rv.has_value() || !PyFloat_CheckExact(eps.ptr()) || !int_list(axis.ptr(), axes) || python_must_see())
     return py::none();
   const at::Tensor& x = THPVariable_Unpack(input.ptr());
-  optional_tensor(running_mean.ptr(), rm);
-  optional_tensor(running_var.ptr(), rv);
   if (!same_device(x, {&w, &b, &rm, &rv})) return py::none();
   const double ep = PyFloat_AS_DOUBLE(eps.ptr());
   at::Tensor out;
@@ -148,7 +147,7 @@ py::object forward_infer_fast(py::handle input, py::handle weight, py::handle bi
     py::gil_scoped_release no_gil;
     out = ops::forward_infer(x, w, b, *rm, *rv, ep, axes);
   }
-  return py::reinterpret_steal<py::object>(THPVariable_Wrap(std::move(out)));
+  return wrap(std::move(out));
   END_HANDLE_TH_ERRORS_PYBIND
 }
 
