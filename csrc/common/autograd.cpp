@@ -50,7 +50,7 @@ void check_stats_need_no_grad(const OptTensor& running_mean, const OptTensor& ru
 }
 
 // A flat per-feature tensor shaped to broadcast against `input` (feature axes sorted).
-at::Tensor bcast(const at::Tensor& t, const at::Tensor& input, const std::vector<int64_t>& axes) {
+at::Tensor bcast(const at::Tensor& t, const at::Tensor& input, at::IntArrayRef axes) {
   std::vector<c10::SymInt> shape(static_cast<size_t>(input.dim()), c10::SymInt(1));
   for (int64_t a : axes) shape[static_cast<size_t>(a)] = input.sym_size(a);
   return t.reshape_symint(shape);
@@ -124,7 +124,7 @@ variable_list train_grads(const variable_list& grads, const at::Tensor& input, c
   if (mask[0] && (grad_mean.defined() || grad_invstd.defined())) {
     // Gradients reaching the returned statistics (double backward, or a caller using them):
     // d mean / dx = 1 / M, d invstd / dx = -invstd^3 (x - mean) / M.
-    const std::vector<int64_t> axes = normalize_axes(axis, input.dim());
+    const DimVec axes = normalize_axes(axis, input.dim());
     // (sizes are symbolic under torch.compile; mean has >= 1 element whenever input does)
     const c10::SymInt features = mean.sym_numel();
     const c10::Scalar count((input.sym_numel() / features.max(c10::SymInt(1))).max(c10::SymInt(1)));
@@ -288,7 +288,7 @@ auto make_node(bool train, const at::Tensor& input, const OptTensor& weight, con
 }
 
 // The reduced dims of `input` (those not among the feature axes).
-std::vector<int64_t> reduced_dims(const at::Tensor& input, const std::vector<int64_t>& axes) {
+std::vector<int64_t> reduced_dims(const at::Tensor& input, at::IntArrayRef axes) {
   std::vector<int64_t> red;
   for (int64_t d = 0; d < input.dim(); ++d)
     if (std::find(axes.begin(), axes.end(), d) == axes.end()) red.push_back(d);
@@ -302,7 +302,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_composite(const at::Tens
                                                                    const at::Tensor& weight, const at::Tensor& mean,
                                                                    const at::Tensor& invstd, bool train,
                                                                    at::IntArrayRef axis) {
-  const std::vector<int64_t> axes = normalize_axes(axis, input.dim());
+  const DimVec axes = normalize_axes(axis, input.dim());
   const std::vector<int64_t> red = reduced_dims(input, axes);
   const at::ScalarType acc = acc_scalar_type(input.scalar_type());
   const at::Tensor x = input.to(acc);
@@ -420,7 +420,7 @@ struct BackwardNode final : SavedArrayNode<BackwardNode, 5> {  // saved_: the op
 // y = (x - mean) * invstd * weight + bias, in the acc dtype, from the given (broadcast) statistics.
 at::Tensor affine_composite(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& invstd,
                             const OptTensor& weight, const OptTensor& bias, const at::Tensor& input,
-                            const std::vector<int64_t>& axes) {
+                            at::IntArrayRef axes) {
   const auto acc = x.scalar_type();
   at::Tensor y = (x - mean) * invstd;
   if (weight.has_value() && weight->defined()) y = y * bcast(weight->to(acc).reshape(-1), input, axes);
@@ -437,7 +437,7 @@ void train_tangents(const at::Tensor& out, const at::Tensor& save_mean, const at
                     const at::Tensor& input, const OptTensor& weight, const OptTensor& bias, double eps,
                     at::IntArrayRef axis) {
   if (input.numel() == 0) return;
-  const std::vector<int64_t> axes = normalize_axes(axis, input.dim());
+  const DimVec axes = normalize_axes(axis, input.dim());
   const std::vector<int64_t> red = reduced_dims(input, axes);
   const at::Tensor x = input.to(acc_scalar_type(input.scalar_type()));
   const at::Tensor mean = x.mean(red, /*keepdim=*/true);
@@ -450,7 +450,7 @@ void train_tangents(const at::Tensor& out, const at::Tensor& save_mean, const at
 void infer_tangents(const at::Tensor& out, const at::Tensor& input, const OptTensor& weight, const OptTensor& bias,
                     const at::Tensor& running_mean, const at::Tensor& running_var, double eps, at::IntArrayRef axis) {
   if (input.numel() == 0) return;
-  const std::vector<int64_t> axes = normalize_axes(axis, input.dim());
+  const DimVec axes = normalize_axes(axis, input.dim());
   const at::Tensor x = input.to(acc_scalar_type(input.scalar_type()));
   const auto acc = x.scalar_type();
   // (the running statistics are constants, as in torch: no tangent flows from them)

@@ -18,9 +18,9 @@ std::string shape_str(at::IntArrayRef s) {
   return os.str();
 }
 
-std::vector<int64_t> normalize_axes(at::IntArrayRef axis, int64_t ndim) {
+DimVec normalize_axes(at::IntArrayRef axis, int64_t ndim) {
   TORCH_CHECK_VALUE(!axis.empty(), "bn_cuda: axis must name at least one feature axis, got []");
-  std::vector<int64_t> out;
+  DimVec out;
   for (int64_t a : axis) {
     TORCH_CHECK_VALUE(a >= -ndim && a < ndim, "bn_cuda: axis ", a, " is out of range for an input of rank ",
                       ndim, " (valid: ", -ndim, " .. ", ndim - 1, "); axis=", shape_str(axis));
@@ -40,29 +40,39 @@ struct GroupView {
   bool ok = true;
 };
 
-// Collapse the dims perm[lo:hi] of t into one (size, stride); size-1 dims are skipped.
-bool collapse(const at::Tensor& t, const std::vector<int64_t>& perm, int64_t lo, int64_t hi, int64_t& stride) {
+// Collapse the dims perm[lo:hi] (sizes / strides of one tensor) into one (size, stride); size-1
+// dims are skipped. (ArrayRefs rather than Tensor::size(d) / stride(d), which wrap the dim each
+// time: this runs for every tensor of every call.)
+bool collapse(at::IntArrayRef sizes, at::IntArrayRef strides, const DimVec& perm, int64_t lo, int64_t hi,
+              int64_t& stride) {
   int64_t prev = -1;
   bool any = false;
   for (int64_t k = lo; k < hi; ++k) {
     const int64_t d = perm[k];
-    if (t.size(d) == 1) continue;
-    if (prev >= 0 && t.stride(prev) != t.stride(d) * t.size(d)) return false;
+    if (sizes[d] == 1) continue;
+    if (prev >= 0 && strides[prev] != strides[d] * sizes[d]) return false;
     prev = d;
     any = true;
   }
-  stride = any ? t.stride(prev) : 0;
+  stride = any ? strides[prev] : 0;
   return true;
+}
+
+// The three groups of `t` collapsed (group_strides without the inner-stride default).
+bool collapse3(const at::Tensor& t, const Canonical& c, int64_t& so, int64_t& sc, int64_t& si, bool& has_inner) {
+  const at::IntArrayRef sizes = t.sizes(), strides = t.strides();
+  const int64_t n = static_cast<int64_t>(c.perm.size());
+  has_inner = false;
+  for (int64_t k = c.b; k < n; ++k) has_inner |= sizes[c.perm[k]] != 1;
+  return collapse(sizes, strides, c.perm, 0, c.a, so) && collapse(sizes, strides, c.perm, c.a, c.b, sc) &&
+         collapse(sizes, strides, c.perm, c.b, n, si);
 }
 
 GroupView group_view(const at::Tensor& t, const Canonical& c) {
   GroupView g;
-  const int64_t n = static_cast<int64_t>(c.perm.size());
   int64_t si = 0;
   bool has_inner = false;
-  for (int64_t k = c.b; k < n; ++k) has_inner |= t.size(c.perm[k]) != 1;
-  g.ok = collapse(t, c.perm, 0, c.a, g.so) && collapse(t, c.perm, c.a, c.b, g.sc) &&
-         collapse(t, c.perm, c.b, n, si);
+  g.ok = collapse3(t, c, g.so, g.sc, si, has_inner);
   g.si = has_inner ? si : 1;
   if (!g.ok) return g;
   if (c.v.channels_last) {
@@ -79,8 +89,9 @@ void fill_sizes(const at::Tensor& x, Canonical& c) {
   c.v.O = 1;
   c.v.C = 1;
   c.v.I = 1;
+  const at::IntArrayRef sizes = x.sizes();
   for (int64_t k = 0; k < n; ++k) {
-    const int64_t s = x.size(c.perm[k]);
+    const int64_t s = sizes[c.perm[k]];
     (k < c.a ? c.v.O : (k < c.b ? c.v.C : c.v.I)) *= s;
   }
   c.v.channels_last = c.v.I == 1;
@@ -90,20 +101,24 @@ void fill_sizes(const at::Tensor& x, Canonical& c) {
 
 Canonical plan_canonical(const at::Tensor& x, at::IntArrayRef axis) {
   const int64_t nd = x.dim();
+  const at::IntArrayRef sizes = x.sizes(), strides = x.strides();
   Canonical c;
   c.axes = normalize_axes(axis, nd);
-  std::vector<bool> is_feat(nd, false);
+  c10::SmallVector<bool, 8> is_feat(nd, false);
   for (int64_t a : c.axes) {
     is_feat[a] = true;
-    c.feature_shape.push_back(x.size(a));
+    c.feature_shape.push_back(sizes[a]);
   }
 
   // 1) Follow memory order: non-size-1 dims by decreasing stride. The features must form one run
   //    (in axis order, so the flat feature index matches the weight's row-major order).
-  std::vector<int64_t> order;
-  for (int64_t d = 0; d < nd; ++d)
-    if (x.size(d) != 1) order.push_back(d);
-  std::stable_sort(order.begin(), order.end(), [&](int64_t p, int64_t q) { return x.stride(p) > x.stride(q); });
+  //    (A stable insertion sort: a handful of dims, and no buffer as std::stable_sort takes.)
+  DimVec order;
+  for (int64_t d = 0; d < nd; ++d) {
+    if (sizes[d] == 1) continue;
+    order.push_back(d);
+    for (size_t k = order.size() - 1; k > 0 && strides[order[k - 1]] < strides[d]; --k) std::swap(order[k - 1], order[k]);
+  }
   int64_t first = -1, last = -1;
   for (int64_t k = 0; k < static_cast<int64_t>(order.size()); ++k)
     if (is_feat[order[k]]) {
@@ -125,7 +140,7 @@ Canonical plan_canonical(const at::Tensor& x, at::IntArrayRef axis) {
       c.b = last + 1;
     }
     for (int64_t d = 0; d < nd; ++d)
-      if (x.size(d) == 1) c.perm.push_back(d);
+      if (sizes[d] == 1) c.perm.push_back(d);
     fill_sizes(x, c);
     if (group_view(x, c).ok) return c;
   }
@@ -170,11 +185,8 @@ void set_ghost_rows(Canonical& c, const at::Tensor& input, int64_t ghosts) {
 }
 
 bool group_strides(const at::Tensor& t, const Canonical& c, int64_t& so, int64_t& sc, int64_t& si) {
-  const int64_t n = static_cast<int64_t>(c.perm.size());
   bool has_inner = false;
-  for (int64_t k = c.b; k < n; ++k) has_inner |= t.size(c.perm[k]) != 1;
-  if (!(collapse(t, c.perm, 0, c.a, so) && collapse(t, c.perm, c.a, c.b, sc) && collapse(t, c.perm, c.b, n, si)))
-    return false;
+  if (!collapse3(t, c, so, sc, si, has_inner)) return false;
   if (!has_inner) si = 1;
   return true;
 }

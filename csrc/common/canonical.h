@@ -3,6 +3,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <c10/util/SmallVector.h>
 
 #include <string>
 #include <vector>
@@ -14,12 +15,14 @@ namespace bn_cuda {
 // How an input's dims map onto (O, C, I): perm orders the dims; perm[0:a] are the outer (reduced)
 // dims, perm[a:b] the feature dims, perm[b:] the inner (reduced) dims. Size-1 dims may sit in any
 // group; they never constrain strides.
+// (Inline storage for up to 6 dims: planning a call allocates nothing for the usual ranks.)
+using DimVec = c10::SmallVector<int64_t, 6>;
 struct Canonical {
-  std::vector<int64_t> axes;  // sorted, non-negative feature axes
-  std::vector<int64_t> perm;
+  DimVec axes;  // sorted, non-negative feature axes
+  DimVec perm;
   int64_t a = 0, b = 0;
   View3 v;
-  std::vector<int64_t> feature_shape;  // sizes of the feature dims, in axis order
+  DimVec feature_shape;  // sizes of the feature dims, in axis order
 };
 
 // A tensor viewed as (O, C, I) with inner stride 1 (or I == 1 and feature stride 1).
@@ -31,7 +34,7 @@ struct Strided3 {
 };
 
 // Sorted feature axes; errors name the argument and the value received.
-std::vector<int64_t> normalize_axes(at::IntArrayRef axis, int64_t ndim);
+DimVec normalize_axes(at::IntArrayRef axis, int64_t ndim);
 
 // Plan the view for `x` (no data is copied here).
 Canonical plan_canonical(const at::Tensor& x, at::IntArrayRef axis);

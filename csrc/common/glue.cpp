@@ -73,7 +73,7 @@ FeatureForms feature_forms(const Canonical& c, const at::Tensor& input) {
   const int64_t G = c.v.G;
   const int64_t r = G > 1 ? 1 : 0;  // (the ghost dim shifts every axis by one)
   f.flat = c.v.features();
-  f.dims = c.feature_shape;
+  f.dims.assign(c.feature_shape.begin(), c.feature_shape.end());
   f.input_shape = input.sizes().vec();
   f.keras.assign(nd + r, 1);
   if (r) {

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <c10/core/CPUAllocator.h>
 #include <c10/util/Exception.h>
 #include <c10/util/Optional.h>
 
@@ -108,5 +109,10 @@ BackwardCall prepare_backward(const at::Tensor& grad_out, const at::Tensor& inpu
                               std::array<bool, 3> output_mask, int64_t ghosts = 1,
                               const char* mean_name = "save_mean", const char* invstd_name = "save_invstd");
 void finish_backward(BackwardCall& call);
+
+// Scratch memory for one CPU kernel call, straight from torch's CPU allocator (its alignment) rather
+// than a tensor: no TensorImpl and no dispatch of at::empty (~0.2 us of host time a call). Never
+// empty.
+inline c10::DataPtr cpu_workspace(size_t bytes) { return c10::GetCPUAllocator()->allocate(bytes + 8); }
 
 }  // namespace bn_cuda

@@ -42,7 +42,7 @@ GhostPlan plan_ghosts(const at::Tensor& input, at::IntArrayRef axis, int64_t gho
   g.split_shape = {n / ghosts, ghosts};
   for (int64_t d = 1; d < input.dim(); ++d) g.split_shape.push_back(input.size(d));
   g.input = input.view(g.split_shape);
-  std::vector<int64_t> axes = {1};
+  DimVec axes = {1};
   for (int64_t a : g.axis) axes.push_back(a + 1);
   g.axis = axes;
   return g;

@@ -15,7 +15,7 @@ namespace bn_cuda {
 // per-feature arrays have ghosts * C entries, ghost-major. Errors name `ghosts` and the value.
 struct GhostPlan {
   at::Tensor input;           // the input to plan with (the split view when split)
-  std::vector<int64_t> axis;  // its feature axes
+  DimVec axis;  // its feature axes
   int64_t rows = 1;           // ghost rows (View3::G), 1 when none or split
   bool split = false;
   std::vector<int64_t> split_shape;

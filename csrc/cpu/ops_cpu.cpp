@@ -64,23 +64,17 @@ const char* capability_name() {
 
 namespace {
 
-at::Tensor workspace(const at::Tensor& like, at::ScalarType acc, size_t bytes) {
-  const int64_t n = static_cast<int64_t>(bytes / (acc == at::kDouble ? 8 : 4)) + 1;
-  return at::empty({n}, like.options().dtype(acc));
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_train_cpu(
     const at::Tensor& input, const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
     const c10::optional<at::Tensor>& running_mean, const c10::optional<at::Tensor>& running_var, double momentum,
     double eps, at::IntArrayRef axis, bool unbiased_running_var) {
   ForwardCall call = prepare_forward(input, weight, bias, running_mean, running_var, /*training=*/true, momentum,
                                      eps, axis, unbiased_running_var);
-  at::Tensor ws;
+  c10::DataPtr ws;
   if (!call.skip) {
     call.p.partitions = plan_partitions_cpu(call.p.v);
-    ws = workspace(input, acc_scalar_type(input.scalar_type()),
-                   forward_workspace_bytes(call.p.v, call.p.partitions, acc_size(call.dtype)));
-    call.p.workspace = ws.data_ptr();
+    ws = cpu_workspace(forward_workspace_bytes(call.p.v, call.p.partitions, acc_size(call.dtype)));
+    call.p.workspace = ws.get();
     cpu::forward_train(call.dtype, call.p);
   }
   finish_forward(call);
@@ -92,11 +86,11 @@ at::Tensor forward_infer_cpu(const at::Tensor& input, const c10::optional<at::Te
                              const at::Tensor& running_var, double eps, at::IntArrayRef axis) {
   ForwardCall call =
       prepare_forward(input, weight, bias, running_mean, running_var, /*training=*/false, 0.0, eps, axis, true);
-  at::Tensor ws;
+  c10::DataPtr ws;
   if (!call.skip) {
     call.p.partitions = 0;
-    ws = workspace(input, acc_scalar_type(input.scalar_type()), forward_workspace_bytes(call.p.v, 0, acc_size(call.dtype)));
-    call.p.workspace = ws.data_ptr();
+    ws = cpu_workspace(forward_workspace_bytes(call.p.v, 0, acc_size(call.dtype)));
+    call.p.workspace = ws.get();
     cpu::forward_infer(call.dtype, call.p);
   }
   finish_forward(call);
@@ -109,13 +103,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(const at::Tensor& gr
                                                              bool train, at::IntArrayRef axis,
                                                              std::array<bool, 3> output_mask) {
   BackwardCall call = prepare_backward(grad_out, input, weight, save_mean, save_invstd, train, axis, output_mask);
-  at::Tensor ws;
+  c10::DataPtr ws;
   if (!call.skip) {
     BackwardParams& p = call.p;
     p.partitions = plan_partitions_cpu(p.v);
-    ws = workspace(input, acc_scalar_type(input.scalar_type()),
-                   backward_workspace_bytes(p.v, p.partitions, acc_size(call.dtype)));
-    p.workspace = ws.data_ptr();
+    ws = cpu_workspace(backward_workspace_bytes(p.v, p.partitions, acc_size(call.dtype)));
+    p.workspace = ws.get();
     cpu::backward(call.dtype, p);
   }
   finish_backward(call);

@@ -13,18 +13,13 @@
 namespace bn_cuda {
 namespace {
 
-at::Tensor workspace(const at::Tensor& like, DType t, size_t bytes) {
-  const at::ScalarType acc = t == DType::kFloat64 ? at::kDouble : at::kFloat;
-  return at::empty({static_cast<int64_t>(bytes / acc_size(t)) + 1}, like.options().dtype(acc));
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_stats_cpu(const at::Tensor& input, at::IntArrayRef axis,
                                                                 const c10::optional<at::Tensor>& mask, int64_t ghosts) {
   BatchStatsCall call = prepare_batch_stats(input, axis, mask, ghosts);
   if (!call.skip) {
     call.p.partitions = plan_partitions_cpu(call.p.v);
-    at::Tensor ws = workspace(input, call.dtype, forward_workspace_bytes(call.p.v, call.p.partitions, acc_size(call.dtype)));
-    call.p.workspace = ws.data_ptr();
+    c10::DataPtr ws = cpu_workspace(forward_workspace_bytes(call.p.v, call.p.partitions, acc_size(call.dtype)));
+    call.p.workspace = ws.get();
     cpu::forward_train(call.dtype, call.p);
   }
   return {call.mean, call.m2, call.count};
@@ -113,8 +108,8 @@ at::Tensor normalize_cpu(const at::Tensor& input, const at::Tensor& mean, const 
   ForwardCall& f = call.fwd;
   if (!f.skip) {
     f.p.partitions = 0;
-    at::Tensor ws = workspace(input, f.dtype, forward_workspace_bytes(f.p.v, 0, acc_size(f.dtype)));
-    f.p.workspace = ws.data_ptr();
+    c10::DataPtr ws = cpu_workspace(forward_workspace_bytes(f.p.v, 0, acc_size(f.dtype)));
+    f.p.workspace = ws.get();
     cpu::forward_infer(f.dtype, f.p);
   }
   finish_forward(f);
@@ -124,8 +119,8 @@ at::Tensor normalize_cpu(const at::Tensor& input, const at::Tensor& mean, const 
 void run_backward(BackwardCall& b, const at::Tensor& input) {
   if (b.skip) return;
   b.p.partitions = plan_partitions_cpu(b.p.v);
-  at::Tensor ws = workspace(input, b.dtype, backward_workspace_bytes(b.p.v, b.p.partitions, acc_size(b.dtype)));
-  b.p.workspace = ws.data_ptr();
+  c10::DataPtr ws = cpu_workspace(backward_workspace_bytes(b.p.v, b.p.partitions, acc_size(b.dtype)));
+  b.p.workspace = ws.get();
   cpu::backward(b.dtype, b.p);
 }
 
