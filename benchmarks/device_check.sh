@@ -110,6 +110,9 @@ fi
 # Which kernel of a call costs what (device times from torch.profiler), for the next perf change.
 step kernel-profile 60 "$PY" -m benchmarks.kernel_profile --out "$WORK/kernel_profile.md"
 
+# Host time per call (enqueue time on the GPU) against torch's, tiny tensors (benchmarks/host_time.py).
+step host-time 60 "$PY" -m benchmarks.host_time --device cuda --out "$WORK/host"
+
 # Kernel time without the host's launch cost: the same cases (bf16 / fp16, ghost and renorm
 # included) replayed from CUDA graphs; small tensors are launch-bound in the eager table above.
 [ -z "${BN_CUDA_SKIP_BENCH:-}" ] && step bench-graphs 120 "$PY" -m benchmarks.bench --preset gpu-default \
@@ -138,6 +141,7 @@ step crosscheck-cuda 80 "$PY" scripts/crosscheck_kernels.py --device cuda --seed
   [ -f "$WORK/compare-eager.md" ] && { echo; echo "## against the last committed run, eager"; cat "$WORK/compare-eager.md"; }
   [ -f "$WORK/compare-graphs.md" ] && { echo; echo "## against the last committed run, CUDA graphs"; cat "$WORK/compare-graphs.md"; }
   [ -f "$WORK/kernel_profile.md" ] && { echo; cat "$WORK/kernel_profile.md"; }
+  [ -f "$WORK/host/host-time.md" ] && { echo; sed 's/^# /## /' "$WORK/host/host-time.md"; }
 } >>"$SUMMARY"
 
 # At most 8 files come back: the summary, the logs, the benchmark's JSON/CSV/PNG, and a tarball.

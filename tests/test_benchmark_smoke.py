@@ -190,3 +190,24 @@ def test_compare_two_runs(tmp_path, capsys):
     assert compare.main(["--against-latest", str(root), str(root / "h200/new.json"), "--out", str(out)]) == 0
     assert "a.json" in capsys.readouterr().out and "| inference | 1 | 2.00x |" in out.read_text()
     assert "Different devices" in compare.format_report(compare.compare(old, h100_run))
+
+
+def test_host_time_writes_every_row(tmp_path):
+    """benchmarks/host_time.py (host microseconds per call against torch): every row measured, the
+    files written. Times are not checked (a loaded CI machine decides them)."""
+    from benchmarks import host_time
+
+    doc = host_time.main(["--rounds", "1", "--calls", "3", "--out", str(tmp_path)])
+    rows = doc["rows"]
+    names = [r["call"] for r in rows]
+    assert len(names) == len(set(names)) == 12
+    for r in rows:
+        assert r["ours_us"] > 0, r
+        if r["call"].startswith("Keras layer"):
+            assert r["torch_us"] is None and r["torch_over_ours"] is None
+        else:
+            assert r["torch_us"] > 0 and r["torch_over_ours"] == pytest.approx(r["torch_us"] / r["ours_us"], rel=0.02)
+    saved = json.loads((tmp_path / "host-time.json").read_text())
+    assert saved["rows"] == rows and saved["settings"]["calls"] == 3
+    text = (tmp_path / "host-time.md").read_text()
+    assert all(f"| {n} |" in text for n in names)
