@@ -136,6 +136,8 @@ def torch_in_dtype(x, rm0, rv0, w, b, mom, eps, axis, g, training: bool, pdtype:
 
 ARBITRATED = Counter()
 WORST = {}  # name -> the largest (bn_cuda's error / torch's) among the arbitrated misses
+WORST_AT = {}  # name -> the configuration index of that miss (rerun it with --only INDEX)
+CURRENT = [0]  # the configuration index being checked
 
 
 def check(name: str, actual, ref, dtype, arbiter: dict, scale=None, factor: float = 4.0, slack: float = 0.0) -> None:
@@ -154,7 +156,8 @@ def check(name: str, actual, ref, dtype, arbiter: dict, scale=None, factor: floa
                                  f"input's dtype {e_torch:.3g} (scale {sc:.3g})") from None
         ARBITRATED[name] += 1
         ratio = 1.0 if e_ours == e_torch else e_ours / max(e_torch, 1e-300)  # (inf in both: 1)
-        WORST[name] = max(WORST.get(name, 0.0), ratio)
+        if ratio > WORST.get(name, 0.0):
+            WORST[name], WORST_AT[name] = ratio, CURRENT[0]
 
 
 @contextmanager
@@ -284,6 +287,7 @@ def main() -> int:
         elif time.monotonic() > deadline:
             break
         case = random_case(args.seed, index, max_numel)
+        CURRENT[0] = index
         try:
             run_case(case, args.device, hook)
             counts["passed"] += 1
@@ -297,7 +301,8 @@ def main() -> int:
         index += 1
     total = counts["passed"] + counts["failed"]
     print(f"{total} configurations: {counts['passed']} passed, {counts['failed']} failed; tolerance misses within "
-          f"the arbiter's bound: " + (", ".join(f"{k} {v} (at most {WORST[k]:.2g}x torch's error)"
+          f"the arbiter's bound: " + (", ".join(f"{k} {v} (at most {WORST[k]:.2g}x torch's error, "
+                                                 f"configuration {WORST_AT[k]})"
                                                  for k, v in sorted(ARBITRATED.items())) or "none"))
     print("  by dtype: " + ", ".join(f"{k} {counts[k]}" for k in DTYPES))
     print("  by layout: " + ", ".join(f"{k[7:]} {v}" for k, v in sorted(counts.items()) if k.startswith("layout ")))
