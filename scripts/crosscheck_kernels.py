@@ -268,6 +268,7 @@ def main() -> int:
     ap.add_argument("--max-numel", type=int, default=None,
                     help="elements per input (default: 20000 in the emulated build, else 300000)")
     ap.add_argument("--only", type=int, default=None, help="run configuration INDEX only")
+    ap.add_argument("--start", type=int, default=0, help="first configuration index (to continue a run)")
     args = ap.parse_args()
     info = bn_cuda.build_info()
     emulated = bool(info.get("emulated_cuda"))
@@ -278,7 +279,7 @@ def main() -> int:
     indices = [args.only] if args.only is not None else None
     deadline = time.monotonic() + 60 * args.minutes
     counts, failures = Counter(), []
-    index = 0
+    index = args.start
     while True:
         if indices is not None:
             if not indices:
