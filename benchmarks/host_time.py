@@ -128,7 +128,7 @@ def measure(device: torch.device, rounds: int = 5, calls: int = 0, warmup: int =
         ours_us, torch_us = best["ours"], best.get("torch")
         rows.append({"call": name, "ours_us": round(ours_us, 2),
                      "torch_us": None if torch_us is None else round(torch_us, 2),
-                     "torch_over_ours": None if torch_us is None else round(torch_us / ours_us, 3)})
+                     "torch_over_ours": None if torch_us is None else float(f"{torch_us / ours_us:.4g}")})
     return rows
 
 
