@@ -116,7 +116,7 @@ at::Tensor normalize_cpu(const at::Tensor& input, const at::Tensor& mean, const 
   return call.output();
 }
 
-void run_backward(BackwardCall& b, const at::Tensor& input) {
+void run_backward(BackwardCall& b) {
   if (b.skip) return;
   b.p.partitions = plan_partitions_cpu(b.p.v);
   c10::DataPtr ws = cpu_workspace(backward_workspace_bytes(b.p.v, b.p.partitions, acc_size(b.dtype)));
@@ -128,7 +128,7 @@ std::tuple<at::Tensor, at::Tensor> grad_sums_cpu(const at::Tensor& grad_out, con
                                                  const at::Tensor& mean, const at::Tensor& invstd, at::IntArrayRef axis,
                                                  int64_t ghosts) {
   GradSumsCall call = prepare_grad_sums(grad_out, input, mean, invstd, axis, ghosts);
-  run_backward(call.bwd, input);
+  run_backward(call.bwd);
   return {call.sum_dy, call.sum_dy_xmu};
 }
 
@@ -138,7 +138,7 @@ at::Tensor grad_input_cpu(const at::Tensor& grad_out, const at::Tensor& input, c
                           const c10::optional<at::Tensor>& mask, int64_t ghosts) {
   GradInputCall call =
       prepare_grad_input(grad_out, input, mean, invstd, weight, sum_dy, sum_dy_xmu, count, axis, mask, ghosts);
-  run_backward(call.bwd, input);
+  run_backward(call.bwd);
   finish_backward(call.bwd);
   return call.output();
 }
@@ -149,7 +149,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ghost_backward_cpu(const at::Tens
                                                                    at::IntArrayRef axis, int64_t ghosts,
                                                                    std::array<bool, 3> output_mask) {
   GhostBackwardCall call = prepare_ghost_backward(grad_out, input, mean, invstd, weight, axis, ghosts, output_mask);
-  run_backward(call.bwd, input);
+  run_backward(call.bwd);
   finish_backward(call.bwd);
   return {call.grad_input(), call.bwd.grad_weight, call.bwd.grad_bias};
 }
@@ -191,7 +191,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> keras_bac
   KerasGradsCall kc = prepare_keras_grads(call.bwd.grad_weight, call.bwd.grad_bias, r, d, gamma, adj_scale, adj_bias,
                                           beta, ghosts, {output_mask[1], output_mask[2], output_mask[3], output_mask[4]},
                                           "keras_backward");
-  run_backward(call.bwd, input);
+  run_backward(call.bwd);
   finish_backward(call.bwd);
   run_keras_grads(kc);
   return {call.grad_input(), kc.grad_gamma, kc.grad_beta, kc.grad_adj_scale, kc.grad_adj_bias};
