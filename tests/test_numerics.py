@@ -335,7 +335,25 @@ def test_channels_last_few_features(c, dtype, many, dense):
     257: no short pattern). Odd row counts (tails), one or several partitions, per-feature offsets (large for
     fp32 / fp64, which the sums must not lose); training output, running statistics, every
     gradient and the inference output against float64 on the same (dtype-exact) values."""
-    rows = max(40001 // c, 301) if many else 7
+    _check_narrow_rows(c, max(40001 // c, 301) if many else 7, dtype, dense)
+
+
+# Rows on both sides of the point where dense narrow rows switch from the row loops to the
+# periodic loops (kernels_impl.h, periodic_units: 16 patterns of up to 4 units, 48 of longer ones;
+# a unit is 8 / 16 fp32 lanes in the AVX2 / AVX-512 copy, twice that for 16-bit input): for
+# C = 3 (3 units) 128 / 256 / 512 rows, for C = 12 (3 units) 32 / 64 / 128 rows, for C = 17 and 27
+# (17 and 27 units, run by the AVX2 copy) 384 / 768 rows.
+@pytest.mark.parametrize("c,rows", [(3, 2), (3, 127), (3, 128), (3, 255), (3, 256), (3, 511), (3, 512), (3, 1024),
+                                    (12, 31), (12, 32), (12, 63), (12, 64), (12, 127), (12, 128), (17, 5), (17, 383), (17, 384),
+                                    (17, 767), (17, 768), (27, 2), (27, 383), (27, 384), (27, 767), (27, 768)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_channels_last_rows_at_the_pattern_threshold(c, rows, dtype):
+    """Dense narrow channels-last rows just below and at the periodic loops' threshold, whichever
+    loops run: every result against float64, as test_channels_last_few_features."""
+    _check_narrow_rows(c, rows, dtype, True)
+
+
+def _check_narrow_rows(c: int, rows: int, dtype: torch.dtype, dense: bool) -> None:
     g = torch.Generator().manual_seed(c * 1000 + rows + (7 if dense else 0))
     offset = 1e3 if dtype in (torch.float32, torch.float64) else 20.0
     x = (torch.randn(rows, c, generator=g, dtype=torch.float64) * (0.5 + torch.rand(c, generator=g, dtype=torch.float64))

@@ -55,13 +55,13 @@ inline namespace CPU_CAPABILITY {
 #endif
 
 #if defined(CPU_CAPABILITY_AVX512)
-// Dense channels-last rows whose periodic pattern (periodic_units) would hold more than 8 units of
+// Dense channels-last rows whose periodic pattern (pattern_units) would hold more than 8 units of
 // 16 lanes, i.e. odd feature counts from 9 to 31: there the AVX-512 copy's patterns are twice as
 // long as the AVX2 copy's (in elements) and took 1.1x-1.8x its time (8x9x28x28 .. 8x17x28x28
 // fp32 / fp16, training forward and backward, 2 threads), so the AVX2 copy runs them.
 template <typename T>
 inline bool long_pattern(const View3& v, bool dense) {
-  return periodic_units<T>(v, dense) > 8;
+  return pattern_units<T>(v, dense) > 8;
 }
 inline bool avx2_runs(DType t, const View3& v, bool dense) {
   BN_CUDA_CPU_DTYPE_SWITCH(t, long_pattern, v, dense)
