@@ -1452,9 +1452,19 @@ constexpr int64_t kCfExpandMaxW = 16384;
 
 template <typename T>
 inline bool cf_short_rows(const View3& v) {
-  constexpr int64_t K = Io<T>::K;
-  const int64_t tail = v.I % K;
-  return tail != 0 && (v.I < K || (tail * 4 >= v.I && v.O >= 4));
+  using IO = Io<T>;
+  const int64_t tail = v.I % IO::K;  // (after the K-element steps)
+  if (tail == 0) return false;
+  if (v.I < IO::K) return true;
+  if (tail * 4 < v.I) return false;
+  // A long tail, and enough samples. Where the runs take an L-element half step that leaves less
+  // than a quarter of the row to scalar code (AVX-512's 7x7 maps: 32 + 16 + 1), from 32 samples:
+  // below, the per-feature path won (one thread, 4x100x7x7 .. 16x64x7x7 fp32 / bf16 / fp16:
+  // training forward 0.50x-0.85x the expanded path's time, backward 0.64x-1.08x, inference
+  // 0.59x-1.00x); above, the expanded path's inference and backward (32x128x7x7 fp32: 1.10x /
+  // 1.20x with the per-feature path) made up for its training forward (0.76x).
+  const bool half_step_covers = IO::kHalfStep && tail % IO::L * 4 < v.I;
+  return v.O >= (half_step_covers ? 32 : 4);
 }
 // Whether a channels-first view with strides (so, sc) for each of its tensors takes the expanded
 // path: short rows, no ghosts, every tensor dense.
