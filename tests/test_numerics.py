@@ -172,11 +172,12 @@ SHORT_ROW_CASES = [((8192, 3, 2, 2), 0.0), ((8192, 3, 2, 2), 3.0), ((3640, 3, 3,
 # Dense channels-first inputs with short rows, which the CPU kernels normalize as channels-last
 # rows of C * I elements (kernels_impl.h, cf_expand_ok), and the shapes at that path's limits:
 # fewer than 4 samples with 25-element rows, more than 16384 elements per sample, C = 1, 3-D and
-# 5-D inputs, and 7x7 maps (with AVX-512's vectors, rows of 32 + 16 + 1: the expanded path from
-# 32 samples, the per-feature one below).
+# 5-D inputs, 4x4 maps with 3 and 4 samples (with AVX-512's vectors, one half step a row: the
+# expanded path from 4 samples), and 7x7 maps (with AVX-512's vectors, rows of 32 + 16 + 1: the
+# expanded path from 32 samples, the per-feature one below).
 SHORT_DENSE_CASES = [((64, 17, 2, 2), 0.0), ((32, 1000, 3, 3), 0.0), ((33, 3, 5, 5), 2.0), ((3, 2, 5, 5), 0.0),
                      ((2, 2000, 3, 3), 0.0), ((50, 1, 3, 3), 1.0), ((40, 3, 7), 0.0), ((16, 3, 2, 2, 3), 1.0),
-                     ((31, 5, 7, 7), 1.0), ((32, 5, 7, 7), 0.0)]
+                     ((3, 7, 4, 4), 1.0), ((4, 7, 4, 4), 0.0), ((31, 5, 7, 7), 1.0), ((32, 5, 7, 7), 0.0)]
 SHORT_ROW_CASES += SHORT_DENSE_CASES
 
 

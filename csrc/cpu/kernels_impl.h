@@ -1455,14 +1455,21 @@ inline bool cf_short_rows(const View3& v) {
   using IO = Io<T>;
   const int64_t tail = v.I % IO::K;  // (after the K-element steps)
   if (tail == 0) return false;
+  // Rows that the per-feature runs vectorize in part (a K-element step, or AVX-512's L-element
+  // half step) need 4 samples: with fewer, the per-feature path won (one thread, 2 and 3 samples of
+  // 5 .. 300 4x4 and 5x5 maps, fp32: training forward 0.70x-0.97x the expanded path's time,
+  // inference 0.62x-0.98x; bf16 4x4 alike, bf16 5x5 from 0.89x to 1.2x).
+  const bool vectorized = v.I >= (IO::kHalfStep ? IO::L : IO::K);
+  if (!vectorized) return true;
+  if (v.O < 4) return false;
   if (v.I < IO::K) return true;
   if (tail * 4 < v.I) return false;
-  // A long tail, and enough samples. Where the runs take an L-element half step that leaves less
-  // than a quarter of the row to scalar code (AVX-512's 7x7 maps: 32 + 16 + 1), from 32 samples:
-  // below, the per-feature path won (one thread, 4x100x7x7 .. 16x64x7x7 fp32 / bf16 / fp16:
-  // training forward 0.50x-0.85x the expanded path's time, backward 0.64x-1.08x, inference
-  // 0.59x-1.00x); above, the expanded path's inference and backward (32x128x7x7 fp32: 1.10x /
-  // 1.20x with the per-feature path) made up for its training forward (0.76x).
+  // A long tail. Where the runs take a half step that leaves less than a quarter of the row to
+  // scalar code (AVX-512's 7x7 maps: 32 + 16 + 1), from 32 samples: below, the per-feature path
+  // won (one thread, 4x100x7x7 .. 16x64x7x7 fp32 / bf16 / fp16: training forward 0.50x-0.85x the
+  // expanded path's time, backward 0.64x-1.08x, inference 0.59x-1.00x); above, the expanded
+  // path's inference and backward (32x128x7x7 fp32: 1.10x / 1.20x with the per-feature path) made
+  // up for its training forward (0.76x).
   const bool half_step_covers = IO::kHalfStep && tail % IO::L * 4 < v.I;
   return v.O >= (half_step_covers ? 32 : 4);
 }
