@@ -1466,11 +1466,13 @@ inline bool cf_short_rows(const View3& v) {
   if (tail == 0) return false;
   // Rows that the per-feature runs vectorize in part (a K-element step, or AVX-512's L-element
   // half step) need 4 samples: with fewer, the per-feature path won (one thread, 2 and 3 samples of
-  // 5 .. 300 4x4 and 5x5 maps, fp32: training forward 0.70x-0.97x the expanded path's time,
-  // inference 0.62x-0.98x; bf16 4x4 alike, bf16 5x5 from 0.89x to 1.2x).
+  // 5 .. 300 4x4 and 5x5 maps, fp32: 0.62x-0.98x the expanded path's time; bf16 4x4 alike), except
+  // for 16-bit rows with a scalar remainder, converted element by element there (bf16 5x5 maps up
+  // to 1.5x the time: 3x300x5x5 backward 31 -> 47 us), which keep the expanded path.
   const bool vectorized = v.I >= (IO::kHalfStep ? IO::L : IO::K);
   if (!vectorized) return true;
-  if (v.O < 4) return false;
+  const bool scalar_rest = (IO::kHalfStep ? tail % IO::L : tail) != 0;
+  if (v.O < 4) return !std::is_same_v<T, acc_t<T>> && scalar_rest && v.I < IO::K;
   if (v.I < IO::K) return true;
   if (tail * 4 < v.I) return false;
   // A long tail. Where the runs take a half step that leaves less than a quarter of the row to
