@@ -144,7 +144,7 @@ struct RunAcc {
   // Whether a vector step ran: without one the lanes hold +0.0 and total() skips their horizontal
   // sum (16 dependent adds with AVX-512), with the same result (+0.0 + the tails). Rows shorter
   // than a vector step paid two such sums a feature in the statistics and two in the gradient
-  // sums: 1x1000x9 fp32 training forward 51.8 us against torch's 25.5 (one thread).
+  // sums, on the latency chain of the per-feature fused paths.
   bool vec = false;
   // A run is about to add k > 0 tail elements: a new block when the current one would pass
   // kTailBlock (a block holds at most max(kTailBlock, k) elements).
