@@ -1471,8 +1471,8 @@ inline bool cf_short_rows(const View3& v) {
   // to 1.5x the time: 3x300x5x5 backward 31 -> 47 us), which keep the expanded path.
   const bool vectorized = v.I >= (IO::kHalfStep ? IO::L : IO::K);
   if (!vectorized) return true;
-  const bool scalar_rest = (IO::kHalfStep ? tail % IO::L : tail) != 0;
-  if (v.O < 4) return !std::is_same_v<T, acc_t<T>> && scalar_rest && v.I < IO::K;
+  const int64_t scalar = IO::kHalfStep ? tail % IO::L : tail;  // (left to scalar code)
+  if (v.O < 4) return !std::is_same_v<T, acc_t<T>> && scalar != 0 && v.I < IO::K;
   if (v.I < IO::K) return true;
   if (tail * 4 < v.I) return false;
   // A long tail. Where the runs take a half step that leaves less than a quarter of the row to
@@ -1481,8 +1481,7 @@ inline bool cf_short_rows(const View3& v) {
   // expanded path's time, backward 0.64x-1.08x, inference 0.59x-1.00x); above, the expanded
   // path's inference and backward (32x128x7x7 fp32: 1.10x / 1.20x with the per-feature path) made
   // up for its training forward (0.76x).
-  const bool half_step_covers = IO::kHalfStep && tail % IO::L * 4 < v.I;
-  return v.O >= (half_step_covers ? 32 : 4);
+  return v.O >= (scalar * 4 < v.I ? 32 : 4);  // (without half steps scalar == tail: 4)
 }
 // Whether a channels-first view with strides (so, sc) for each of its tensors takes the expanded
 // path: short rows, no ghosts, every tensor dense.
