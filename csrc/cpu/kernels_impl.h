@@ -1193,10 +1193,11 @@ constexpr int64_t kCpuRowMajorMinStatsC = 256;  // statistics: row-major from th
 // (the lanes past k load 0 and add 0), blocked as stats_cl_block's, instead of a scalar two-pass
 // walk down each of the k columns. Where loads can be masked (Io::load_part): the AVX2 copy's
 // 16-bit partial loads copy through a buffer, and took 1.85x the scalar walk's time for 64x17x3x3
-// bf16. One thread, channels-last training forward: bf16 64x150x7x7 272 -> 151 us,
-// 8x47x5x5 15.3 -> 10.4 us; fp32 64x27x7x7 58 -> 28 us, 64x150x7x7 307 -> 238 us, 64x27x3x3
-// 16.0 -> 10.8 us; channels-first short rows through the expanded path alike (64x27x3x3 fp32
-// 10.2 -> 9.1 us, its W = 243 columns leave 19).
+// bf16. One thread, channels-last training forward: bf16 64x150x7x7 272 -> 151 us, 8x47x5x5
+// 15.3 -> 10.4 us; fp32 64x150x7x7 307 -> 238 us, and in the AVX2 copy (which runs C = 17-31
+// for the AVX512 one, long_pattern) 64x27x7x7 51 -> 25 us, 64x27x3x3 12.8 -> 7.9 us;
+// channels-first short rows through the expanded path alike (64x27x3x3 fp32 10.2 -> 9.1 us, its
+// W = 243 columns leave 19).
 template <typename T>
 #if defined(CPU_CAPABILITY_AVX512)
 constexpr bool kMaskedLoads = true;
@@ -1556,8 +1557,8 @@ inline void apply_cf_run(const T* x, T* y, int64_t n, const ApplyCoeffs<acc_t<T>
 // call, and its statistics are taken as those of W channels-last columns, then merged I at a time
 // (forward_train); large float32 / float64 inputs keep the per-feature element-wise steps (see
 // cf_expand_elementwise). Up to kCfExpandMaxW elements per sample: beyond, the expanded
-// coefficients would not stay in cache. (One thread, in cache, before this path, against torch: 64x512x2x2
-// fp16 / bf16 inference 0.61x / 0.73x, training forward 0.85x / 0.86x.)
+// coefficients would not stay in cache. (One thread, in cache, before this path, against torch:
+// 64x512x2x2 fp16 / bf16 inference 0.61x / 0.73x, training forward 0.85x / 0.86x.)
 constexpr int64_t kCfExpandMaxW = 16384;
 
 template <typename T>
