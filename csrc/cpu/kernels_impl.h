@@ -1126,46 +1126,90 @@ BN_CUDA_PERIODIC_FN(GradInputPeriodic, grad_input_periodic)
 // Channels-last blocks: NP pairs of accumulator vectors (NP * K features) stay in registers while
 // the rows of a partition stream past, instead of read-modify-writing per-feature arrays per row.
 
+// The last k (0 < k < K) features of stats_cl_part's register blocks take a partial block (one
+// masked step per row, the lanes past k load 0 and add 0) instead of a scalar two-pass walk down
+// each of the k columns, where loads can be masked (Io::load_part): the AVX2 copy's
+// 16-bit partial loads copy through a buffer, and took 1.85x the scalar walk's time for 64x17x3x3
+// bf16. One thread, channels-last training forward: bf16 64x150x7x7 272 -> 151 us, 8x47x5x5
+// 15.3 -> 10.4 us; fp32 64x150x7x7 307 -> 238 us, and in the AVX2 copy (which runs C = 17-31
+// for the AVX512 one, long_pattern) 64x27x7x7 51 -> 25 us, 64x27x3x3 12.8 -> 7.9 us;
+// channels-first short rows through the expanded path alike (64x27x3x3 fp32 10.2 -> 9.1 us, its
+// W = 243 columns leave 19).
+template <typename T>
+#if defined(CPU_CAPABILITY_AVX512)
+constexpr bool kMaskedLoads = true;
+#elif defined(CPU_CAPABILITY_AVX2)
+constexpr bool kMaskedLoads = std::is_same_v<T, acc_t<T>>;  // (vmaskmov: 32- and 64-bit lanes)
+#else
+constexpr bool kMaskedLoads = false;
+#endif
+
 // Two-pass moments of the rows in `runs` (n of them) for features [c, c + NP * K), relative to the
-// shift row.
-template <typename T, int NP>
+// shift row. Part: the last k (0 < k < K) features, NP = 1, one masked step per row (the lanes past
+// k load 0 and add 0; see kMaskedLoads), the results through a buffer.
+template <typename T, int NP, bool Part = false>
 inline void stats_cl_block(const T* x, int64_t so, const T* shift, const RowRuns& runs, int64_t n, int64_t c,
-                           acc_t<T>* mean, acc_t<T>* m2) {
+                           acc_t<T>* mean_out, acc_t<T>* m2_out, int64_t k = NP * Io<T>::K) {
   // Only the accumulators live in registers (2 * NP vectors); the shift and the block's means are
   // re-read from L1, so NP = 4 (64 fp32 features) still fits the 16 AVX registers.
   using IO = Io<T>;
   using AV = typename IO::AV;
   using A = acc_t<T>;
+  static_assert(!Part || NP == 1, "a partial block is one vector pair");
+  const int64_t k0 = std::min<int64_t>(k, IO::L), k1 = k - k0;
+  const auto load = [&](const T* p, AV& a, AV& b) {
+    if constexpr (Part) {
+      a = IO::load_part(p, k0);
+      b = k1 > 0 ? IO::load_part(p + IO::L, k1) : AV(A(0));
+    } else {
+      IO::load(p, a, b);
+    }
+  };
+  // The shift: a partial block's masked loads once, kept in registers (the AVX2 copy's vmaskmov
+  // per row took 1.1x the time for 64x27x7x7 fp32); full blocks re-read it from L1.
+  AV ph0, ph1;
+  if constexpr (Part) load(shift + c, ph0, ph1);
+  const auto load_shift = [&](int j, AV& h0, AV& h1) {
+    if constexpr (Part) {
+      h0 = ph0;
+      h1 = ph1;
+    } else {
+      IO::load(shift + c + j * IO::K, h0, h1);
+    }
+  };
+  A buf_m[Part ? IO::K : 1], buf_q[Part ? IO::K : 1];
+  A* const mean = Part ? buf_m : mean_out + c;  // the block's first feature
+  A* const m2 = Part ? buf_q : m2_out + c;
   AV s[2 * NP];
-  for (int k = 0; k < 2 * NP; ++k) s[k] = AV(A(0));
-  std::fill(mean + c, mean + c + NP * IO::K, A(0));  // the finished blocks (RunAcc::vec_next)
+  for (int j = 0; j < 2 * NP; ++j) s[j] = AV(A(0));
+  std::fill(mean, mean + NP * IO::K, A(0));  // the finished blocks (RunAcc::vec_next)
   const auto close_block = [&] {
-    for (int k = 0; k < 2 * NP; ++k) {
-      (AV::loadu(mean + c + k * IO::L) + s[k]).store(mean + c + k * IO::L);
-      s[k] = AV(A(0));
+    for (int j = 0; j < 2 * NP; ++j) {
+      (AV::loadu(mean + j * IO::L) + s[j]).store(mean + j * IO::L);
+      s[j] = AV(A(0));
     }
   };
   blocked_rows(runs, [&](int64_t r) {
     const T* row = x + r * so + c;
     for (int j = 0; j < NP; ++j) {
       AV a, b, h0, h1;
-      IO::load(row + j * IO::K, a, b);
-      IO::load(shift + c + j * IO::K, h0, h1);
+      load(row + j * IO::K, a, b);
+      load_shift(j, h0, h1);
       s[2 * j] += a - h0;
       s[2 * j + 1] += b - h1;
     }
   }, close_block);
   const AV inv(A(1) / static_cast<A>(n));
-  for (int k = 0; k < 2 * NP; ++k) (AV::loadu(mean + c + k * IO::L) * inv).store(mean + c + k * IO::L);
-  for (int k = 0; k < 2 * NP; ++k) s[k] = AV(A(0));  // now the M2 accumulators
+  for (int j = 0; j < 2 * NP; ++j) (AV::loadu(mean + j * IO::L) * inv).store(mean + j * IO::L);
+  for (int j = 0; j < 2 * NP; ++j) s[j] = AV(A(0));  // now the M2 accumulators
   for (const auto& run : runs)
     for (int64_t r = run.first; r < run.second; ++r) {
       const T* row = x + r * so + c;
       for (int j = 0; j < NP; ++j) {
         AV a, b, h0, h1, m0, m1;
-        IO::load(row + j * IO::K, a, b);
-        IO::load(shift + c + j * IO::K, h0, h1);
-        IO::load_acc(mean + c + j * IO::K, m0, m1);
+        load(row + j * IO::K, a, b);
+        load_shift(j, h0, h1);
+        IO::load_acc(mean + j * IO::K, m0, m1);
         a = (a - h0) - m0;
         b = (b - h1) - m1;
         s[2 * j] = at::vec::fmadd(a, a, s[2 * j]);
@@ -1173,8 +1217,12 @@ inline void stats_cl_block(const T* x, int64_t so, const T* shift, const RowRuns
       }
     }
   for (int j = 0; j < NP; ++j) {
-    s[2 * j].store(m2 + c + j * IO::K);
-    s[2 * j + 1].store(m2 + c + j * IO::K + IO::L);
+    s[2 * j].store(m2 + j * IO::K);
+    s[2 * j + 1].store(m2 + j * IO::K + IO::L);
+  }
+  if constexpr (Part) {
+    std::copy(buf_m, buf_m + k, mean_out + c);
+    std::copy(buf_q, buf_q + k, m2_out + c);
   }
 }
 
@@ -1191,71 +1239,6 @@ inline void stats_cl_block(const T* x, int64_t so, const T* shift, const RowRuns
 // than the row) lose the sequential stream. Per feature the rows are added in row order, as in the
 // register blocks above, so every variant gives the same bits.
 constexpr int64_t kCpuRowMajorMinStatsC = 256;  // statistics: row-major from this many features
-// The last k (0 < k < K) features of stats_cl_part's register blocks: one masked step per row
-// (the lanes past k load 0 and add 0), blocked as stats_cl_block's, instead of a scalar two-pass
-// walk down each of the k columns. Where loads can be masked (Io::load_part): the AVX2 copy's
-// 16-bit partial loads copy through a buffer, and took 1.85x the scalar walk's time for 64x17x3x3
-// bf16. One thread, channels-last training forward: bf16 64x150x7x7 272 -> 151 us, 8x47x5x5
-// 15.3 -> 10.4 us; fp32 64x150x7x7 307 -> 238 us, and in the AVX2 copy (which runs C = 17-31
-// for the AVX512 one, long_pattern) 64x27x7x7 51 -> 25 us, 64x27x3x3 12.8 -> 7.9 us;
-// channels-first short rows through the expanded path alike (64x27x3x3 fp32 10.2 -> 9.1 us, its
-// W = 243 columns leave 19).
-template <typename T>
-#if defined(CPU_CAPABILITY_AVX512)
-constexpr bool kMaskedLoads = true;
-#elif defined(CPU_CAPABILITY_AVX2)
-constexpr bool kMaskedLoads = std::is_same_v<T, acc_t<T>>;  // (vmaskmov: 32- and 64-bit lanes)
-#else
-constexpr bool kMaskedLoads = false;
-#endif
-template <typename T>
-inline void stats_cl_rest(const T* x, int64_t so, const T* shift, const RowRuns& runs, int64_t n, int64_t c,
-                          int64_t k, acc_t<T>* mean, acc_t<T>* m2) {
-  using IO = Io<T>;
-  using AV = typename IO::AV;
-  using A = acc_t<T>;
-  const int64_t k0 = std::min<int64_t>(k, IO::L), k1 = k - k0;
-  const auto load = [&](const T* p, AV& a, AV& b) {
-    a = IO::load_part(p, k0);
-    b = k1 > 0 ? IO::load_part(p + IO::L, k1) : AV(A(0));
-  };
-  AV h0, h1;
-  load(shift + c, h0, h1);
-  AV s0(A(0)), s1(A(0)), f0(A(0)), f1(A(0));  // the current block's sums, the finished blocks'
-  blocked_rows(runs, [&](int64_t r) {
-    AV a, b;
-    load(x + r * so + c, a, b);
-    s0 += a - h0;
-    s1 += b - h1;
-  }, [&] {
-    f0 = f0 + s0;
-    f1 = f1 + s1;
-    s0 = AV(A(0));
-    s1 = AV(A(0));
-  });
-  const AV inv(A(1) / static_cast<A>(n));
-  const AV m0 = f0 * inv, m1 = f1 * inv;
-  AV q0(A(0)), q1(A(0));
-  for (const auto& run : runs)
-    for (int64_t r = run.first; r < run.second; ++r) {
-      AV a, b;
-      load(x + r * so + c, a, b);
-      a = (a - h0) - m0;
-      b = (b - h1) - m1;
-      q0 = at::vec::fmadd(a, a, q0);
-      q1 = at::vec::fmadd(b, b, q1);
-    }
-  A tm[IO::K], tq[IO::K];
-  m0.store(tm);
-  m1.store(tm + IO::L);
-  q0.store(tq);
-  q1.store(tq + IO::L);
-  for (int64_t j = 0; j < k; ++j) {
-    mean[c + j] = tm[j];
-    m2[c + j] = tq[j];
-  }
-}
-
 constexpr int64_t kCpuClTile = 512;             // column tile (features); a multiple of every Io<T>::K
 template <typename T>
 constexpr int64_t kCpuClRowTile = sizeof(T) == 2 ? 2048 : kCpuClTile;  // the statistics' and gradient sums' tile
@@ -1431,7 +1414,7 @@ inline void stats_cl_part(const ForwardParams& p, int64_t part, int64_t P, int64
   for (; c + 2 * IO::K <= C; c += 2 * IO::K) stats_cl_block<T, 2>(x, p.x_so, shift, runs, rows, c, mean, m2);
   for (; c + IO::K <= C; c += IO::K) stats_cl_block<T, 1>(x, p.x_so, shift, runs, rows, c, mean, m2);
   if (kMaskedLoads<T> && c < C) {
-    stats_cl_rest<T>(x, p.x_so, shift, runs, rows, c, C - c, mean, m2);
+    stats_cl_block<T, 1, true>(x, p.x_so, shift, runs, rows, c, mean, m2, C - c);
     return;
   }
   for (; c < C; ++c) {  // the last < K features: scalar two-pass down the column
