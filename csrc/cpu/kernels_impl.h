@@ -118,6 +118,56 @@ struct Io {
       return std::get<0>(at::vec::convert_to_float<T>(at::vec::Vectorized<T>::loadu(p, k)));
     }
   }
+  // v with lanes [k, L) set to 0 (0 < k <= L).
+  static inline AV keep_first(const AV& v, int64_t k) {
+#if defined(CPU_CAPABILITY_AVX512)
+    if constexpr (std::is_same_v<acc, float>) {
+      return _mm512_maskz_mov_ps(static_cast<__mmask16>((1u << k) - 1), v);
+    } else {
+      return _mm512_maskz_mov_pd(static_cast<__mmask8>((1u << k) - 1), v);
+    }
+#elif defined(CPU_CAPABILITY_AVX2)
+    if constexpr (std::is_same_v<acc, float>) {
+      return _mm256_and_ps(v, _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(k)),
+                                                                      _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7))));
+    } else {
+      return _mm256_and_pd(v, _mm256_castsi256_pd(_mm256_cmpgt_epi64(_mm256_set1_epi64x(k), _mm256_setr_epi64x(0, 1, 2, 3))));
+    }
+#else
+    return AV::set(AV(acc(0)), v, k);
+#endif
+  }
+  // The lanes [0, k) of a to p (0 < k <= L): a masked store where loads are masked (kMaskedLoads).
+  static inline void store_part(T* p, const AV& a, int64_t k) {
+#if defined(CPU_CAPABILITY_AVX512)
+    if constexpr (std::is_same_v<T, float>) {
+      _mm512_mask_storeu_ps(p, static_cast<__mmask16>((1u << k) - 1), a);
+    } else if constexpr (std::is_same_v<T, double>) {
+      _mm512_mask_storeu_pd(p, static_cast<__mmask8>((1u << k) - 1), a);
+    } else {
+      _mm512_mask_storeu_epi16(p, static_cast<__mmask32>((1u << k) - 1), __m512i(narrow<T>(a, a)));
+    }
+    return;
+#elif defined(CPU_CAPABILITY_AVX2)
+    if constexpr (std::is_same_v<T, float>) {
+      _mm256_maskstore_ps(p, _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(k)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)), a);
+      return;
+    } else if constexpr (std::is_same_v<T, double>) {
+      _mm256_maskstore_pd(p, _mm256_cmpgt_epi64(_mm256_set1_epi64x(k), _mm256_setr_epi64x(0, 1, 2, 3)), a);
+      return;
+    }
+#endif
+    if constexpr (std::is_same_v<T, acc>) {
+      a.store(p, static_cast<int>(k));
+    } else {
+      narrow<T>(a, a).store(p, static_cast<int>(k));
+    }
+  }
+  // The last r elements of a run (0 < r < K), lanes past them 0: a = [0, min(r, L)), b = the rest.
+  static inline void load_rest(const T* p, int64_t r, AV& a, AV& b) {
+    a = load_part(p, std::min(r, L));
+    b = r > L ? load_part(p + L, r - L) : AV(acc(0));
+  }
   // Load K accumulation-type values from an acc array (per-feature coefficients).
   static inline void load_acc(const acc* p, AV& a, AV& b) {
     a = AV::loadu(p);
@@ -146,8 +196,48 @@ struct Io {
   }
 };
 
+// The last k (0 < k < K) features of stats_cl_part's register blocks take a partial block (one
+// masked step per row, the lanes past k load 0 and add 0) instead of a scalar two-pass walk down
+// each of the k columns, where loads can be masked (Io::load_part): the AVX2 copy's
+// 16-bit partial loads copy through a buffer, and took 1.85x the scalar walk's time for 64x17x3x3
+// bf16. One thread, channels-last training forward: bf16 64x150x7x7 272 -> 151 us, 8x47x5x5
+// 15.3 -> 10.4 us; fp32 64x150x7x7 307 -> 238 us, and in the AVX2 copy (which runs C = 17-31
+// for the AVX512 one, long_pattern) 64x27x7x7 51 -> 25 us, 64x27x3x3 12.8 -> 7.9 us;
+// channels-first short rows through the expanded path alike (64x27x3x3 fp32 10.2 -> 9.1 us, its
+// W = 243 columns leave 19).
+template <typename T>
+#if defined(CPU_CAPABILITY_AVX512)
+constexpr bool kMaskedLoads = true;
+#elif defined(CPU_CAPABILITY_AVX2)
+constexpr bool kMaskedLoads = std::is_same_v<T, acc_t<T>>;  // (vmaskmov: 32- and 64-bit lanes)
+#else
+constexpr bool kMaskedLoads = false;
+#endif
+
+// Whether the last r elements of a run of n (r = n for a run shorter than a vector step) take masked
+// vector steps instead of scalar code (0 < r < K; masked loads only, kMaskedLoads). The tails then
+// add into the vector lanes (RunAcc), so a run shorter than a step pays a horizontal sum that its
+// scalar adds did not. One thread, per-feature paths, against the scalar tails: rows of 16 + r
+// fp32 elements (one vector step: AVX-512's half step, AVX2's K), training forward / backward /
+// inference,
+// r = 1 1.04x-1.12x the time, r = 2 1.01x-1.09x, r = 4 0.94x-1.04x, r = 8 0.80x-0.94x, r = 15
+// 0.64x-0.93x (2x300x63: 31.9 -> 20.5 us, 23.9 -> 15.5 us, 8.0 -> 7.3 us); bf16 r = 1
+// 1.11x-1.17x, r = 15 0.54x; runs shorter than a step (1x1000xn, AVX-512 fp32) n = 3 1.35x /
+// 1.25x / 0.94x, n = 9 1.07x / 0.96x / 0.94x, n = 12 0.97x / 0.80x / 0.81x; bf16 n = 5 1.15x /
+// 0.91x / 0.76x, n = 9 0.90x / 0.60x / 0.56x; AVX2 fp32 n = 3 1.12x, n = 5 1.02x / 0.95x / 0.88x.
+template <typename T>
+inline bool masked_tail(int64_t n, int64_t r) {
+  if constexpr (!kMaskedLoads<T>) {
+    return false;
+  } else {
+    constexpr int64_t L = Io<T>::L;
+    return n >= Io<T>::kVecRun ? r >= 4 : r >= (sizeof(T) == 2 ? L / 2 : 3 * L / 4);
+  }
+}
+
 // Sums over a walk of runs (the rows of a channels-first feature): two vector accumulators for
-// the runs' K-element steps and a scalar one for their tails, added up once per walk. (A
+// the runs' K-element steps (and their masked tail steps, masked_tail) and a scalar one for their
+// other tails, added up once per walk. (A
 // horizontal sum per run cost about as much as the run itself for the 49- and 196-element rows
 // of 7x7 and 14x14 maps.) The tails are summed in blocks of at most kTailBlock elements, then the
 // blocks: runs shorter than K (the 4- and 9-element rows of 2x2 and 3x3 maps) put every element
@@ -270,6 +360,16 @@ inline void shifted_sum_run(const T* p, int64_t n, acc_t<T> shift, RunAcc<T>& ac
     }
   }
   if (i == n) return;
+  if (masked_tail<T>(n, n - i)) {  // (see RunAcc)
+    const int64_t r = n - i;
+    typename IO::AV a, b;
+    IO::load_rest(p + i, r, a, b);
+    acc.vec = true;
+    acc.vec_next(1);
+    acc.v0 += IO::keep_first(a - sh, std::min(r, IO::L));
+    if (r > IO::L) acc.v1 += IO::keep_first(b - sh, r - IO::L);
+    return;
+  }
   acc.tail_next(n - i);
   for (; i < n; ++i) acc.tail += static_cast<acc_t<T>>(p[i]) - shift;
 }
@@ -300,6 +400,19 @@ inline void sqdev_run(const T* p, int64_t n, acc_t<T> shift, acc_t<T> dmean, Run
     }
   }
   if (i == n) return;
+  if (masked_tail<T>(n, n - i)) {
+    const int64_t r = n - i;
+    typename IO::AV a, b;
+    IO::load_rest(p + i, r, a, b);
+    acc.vec = true;
+    a = IO::keep_first((a - sh) - m, std::min(r, IO::L));
+    acc.v0 = at::vec::fmadd(a, a, acc.v0);
+    if (r > IO::L) {
+      b = IO::keep_first((b - sh) - m, r - IO::L);
+      acc.v1 = at::vec::fmadd(b, b, acc.v1);
+    }
+    return;
+  }
   acc.tail_next(n - i);
   for (; i < n; ++i) {
     const acc_t<T> d = (static_cast<acc_t<T>>(p[i]) - shift) - dmean;
@@ -334,6 +447,20 @@ inline void grad_sums_run(const T* dy, const T* x, int64_t n, acc_t<T> mean, Run
     }
   }
   if (i == n) return;
+  if (masked_tail<T>(n, n - i)) {  // (lanes past the run: dy = 0 adds 0 and 0 * (0 - mean))
+    const int64_t r = n - i;
+    typename IO::AV g0, g1, x0, x1;
+    IO::load_rest(dy + i, r, g0, g1);
+    IO::load_rest(x + i, r, x0, x1);
+    sdy.vec = sdyx.vec = true;
+    sdy.v0 += g0;
+    sdyx.v0 = at::vec::fmadd(g0, x0 - m, sdyx.v0);
+    if (r > IO::L) {
+      sdy.v1 += g1;
+      sdyx.v1 = at::vec::fmadd(g1, x1 - m, sdyx.v1);
+    }
+    return;
+  }
   sdy.tail_next(n - i);
   sdyx.tail_next(n - i);
   for (; i < n; ++i) {
@@ -370,6 +497,19 @@ inline void apply_run(const T* x, T* out, int64_t n, acc_t<T> mean, acc_t<T> sca
       i += IO::L;
     }
   }
+  if (i == n) return;
+  if (masked_tail<T>(n, n - i)) {
+    const int64_t r = n - i;
+    typename IO::AV x0, x1;
+    IO::load_rest(x + i, r, x0, x1);
+    if constexpr (!Folded) x0 = x0 - m;
+    IO::store_part(out + i, at::vec::fmadd(x0, s, b), std::min(r, IO::L));
+    if (r > IO::L) {
+      if constexpr (!Folded) x1 = x1 - m;
+      IO::store_part(out + i + IO::L, at::vec::fmadd(x1, s, b), r - IO::L);
+    }
+    return;
+  }
   const ApplyCoeffs<acc_t<T>> k{Folded ? acc_t<T>(0) : mean, scale, shift};  // (x - 0 is exact)
   for (; i < n; ++i) out[i] = static_cast<T>(apply_one(static_cast<acc_t<T>>(x[i]), k));
 }
@@ -395,6 +535,17 @@ inline void grad_run(const T* dy, const T* x, T* dx, int64_t n, const GradCoeffs
       IO::store1(dx + i, at::vec::fmadd(kd, g0, at::vec::fmadd(kx, x0 - m, k0)));
       i += IO::L;
     }
+  }
+  if (i == n) return;
+  if (masked_tail<T>(n, n - i)) {
+    const int64_t r = n - i;
+    typename IO::AV g0, g1, x0, x1;
+    IO::load_rest(dy + i, r, g0, g1);
+    IO::load_rest(x + i, r, x0, x1);
+    IO::store_part(dx + i, at::vec::fmadd(kd, g0, at::vec::fmadd(kx, x0 - m, k0)), std::min(r, IO::L));
+    if (r > IO::L)
+      IO::store_part(dx + i + IO::L, at::vec::fmadd(kd, g1, at::vec::fmadd(kx, x1 - m, k0)), r - IO::L);
+    return;
   }
   for (; i < n; ++i)
     dx[i] = static_cast<T>(grad_one(static_cast<acc_t<T>>(dy[i]), static_cast<acc_t<T>>(x[i]), g));
@@ -1125,24 +1276,6 @@ BN_CUDA_PERIODIC_FN(GradInputPeriodic, grad_input_periodic)
 
 // Channels-last blocks: NP pairs of accumulator vectors (NP * K features) stay in registers while
 // the rows of a partition stream past, instead of read-modify-writing per-feature arrays per row.
-
-// The last k (0 < k < K) features of stats_cl_part's register blocks take a partial block (one
-// masked step per row, the lanes past k load 0 and add 0) instead of a scalar two-pass walk down
-// each of the k columns, where loads can be masked (Io::load_part): the AVX2 copy's
-// 16-bit partial loads copy through a buffer, and took 1.85x the scalar walk's time for 64x17x3x3
-// bf16. One thread, channels-last training forward: bf16 64x150x7x7 272 -> 151 us, 8x47x5x5
-// 15.3 -> 10.4 us; fp32 64x150x7x7 307 -> 238 us, and in the AVX2 copy (which runs C = 17-31
-// for the AVX512 one, long_pattern) 64x27x7x7 51 -> 25 us, 64x27x3x3 12.8 -> 7.9 us;
-// channels-first short rows through the expanded path alike (64x27x3x3 fp32 10.2 -> 9.1 us, its
-// W = 243 columns leave 19).
-template <typename T>
-#if defined(CPU_CAPABILITY_AVX512)
-constexpr bool kMaskedLoads = true;
-#elif defined(CPU_CAPABILITY_AVX2)
-constexpr bool kMaskedLoads = std::is_same_v<T, acc_t<T>>;  // (vmaskmov: 32- and 64-bit lanes)
-#else
-constexpr bool kMaskedLoads = false;
-#endif
 
 // Two-pass moments of the rows in `runs` (n of them) for features [c, c + NP * K), relative to the
 // shift row. Part: the last k (0 < k < K) features, NP = 1, one masked step per row (the lanes past
