@@ -1692,16 +1692,23 @@ inline bool cf_short_rows(const View3& v) {
   const bool vectorized = v.I >= (IO::kHalfStep ? IO::L : IO::K);
   if (!vectorized) return true;
   const int64_t scalar = IO::kHalfStep ? tail % IO::L : tail;  // (left to scalar code)
-  if (v.O < 4) return !std::is_same_v<T, acc_t<T>> && scalar != 0 && v.I < IO::K;
-  if (v.I < IO::K) return true;
+  // (a remainder that masked_tail takes as a vector step instead: with it 2-3 samples of bf16 5x5
+  // and 4x5 maps ran 0.66x-0.92x the expanded path's time, training forward and backward, and 4
+  // samples of float32 rows of 16 + r, r = 9-15, 0.73x-0.94x (r = 8 within 2%, r = 4 1.04x-1.11x;
+  // bf16 5x5 4 samples 0.90x / 1.04x / 1.14x, 5-6 float32 samples 0.89x-1.08x))
+  const bool masked = scalar != 0 && masked_tail<T>(v.I, scalar);
+  if (v.O < 4) return !std::is_same_v<T, acc_t<T>> && scalar != 0 && !masked && v.I < IO::K;
+  if (v.I < IO::K) return !(std::is_same_v<T, float> && v.O == 4 && masked && scalar > IO::L / 2);
   if (tail * 4 < v.I) return false;
   // A long tail. Where the runs take a half step that leaves less than a quarter of the row to
   // scalar code (AVX-512's 7x7 maps: 32 + 16 + 1), from 32 samples: below, the per-feature path
   // won (one thread, 4x100x7x7 .. 16x64x7x7 fp32 / bf16 / fp16: training forward 0.50x-0.85x the
   // expanded path's time, backward 0.64x-1.08x, inference 0.59x-1.00x); above, the expanded
   // path's inference and backward (32x128x7x7 fp32: 1.10x / 1.20x with the per-feature path) made
-  // up for its training forward (0.76x).
-  return v.O >= (scalar * 4 < v.I ? 32 : 4);  // (without half steps scalar == tail: 4)
+  // up for its training forward (0.76x). A longer remainder from 4 samples, or from 16 where
+  // masked_tail takes it (rows of 32 + 12 and 32 + 15 fp32 / bf16 elements, 8 samples: 0.64x-0.94x
+  // the expanded path's time; 16 samples: training forward 0.76x-0.90x, backward 0.84x-1.19x).
+  return v.O >= (scalar * 4 < v.I ? 32 : masked ? 16 : 4);  // (without half steps scalar == tail)
 }
 // Whether a channels-first view with strides (so, sc) for each of its tensors takes the expanded
 // path: short rows, no ghosts, every tensor dense.
