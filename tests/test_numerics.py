@@ -200,14 +200,15 @@ def test_short_rows_vs_torch(shape, offset, dtype, device):
 
 # Channels-first rows that the CPU kernels' per-feature runs end with a masked vector step where the
 # vector unit masks loads (kernels_impl.h, masked_tail): remainders of 1-15 elements after the
-# vector steps, rows shorter than one step (one sample), and the sample counts at which
-# cf_short_rows now picks the per-feature path (4 samples of 16 + 9, 8 of 32 + 15). The offset
+# vector steps, rows shorter than one step (one and two samples), and the sample counts at which
+# cf_short_rows now picks the per-feature path (2 samples of 12 and 15, 4 of 16 + 9, 8 of 32 + 15). The offset
 # makes a masked lane that wrongly added x - shift show in the mean.
 TAIL_CASES = [((1, 7, 3), 3.0, "contiguous"), ((1, 5, 9), 0.0, "contiguous"), ((1, 9, 12), 3.0, "offset"),
               ((1, 4, 15), 3.0, "contiguous"), ((2, 5, 17), 3.0, "contiguous"), ((2, 3, 20), 0.0, "transposed"),
               ((3, 4, 25), 3.0, "contiguous"), ((2, 6, 31), 3.0, "offset"), ((4, 3, 25), 3.0, "contiguous"),
               ((8, 3, 44), 0.0, "contiguous"), ((8, 5, 47), 3.0, "transposed"), ((2, 3, 7, 9), 3.0, "contiguous"),
-              ((5, 3, 13), 3.0, "transposed"), ((6, 2, 1003), 3.0, "contiguous")]
+              ((5, 3, 13), 3.0, "transposed"), ((6, 2, 1003), 3.0, "contiguous"),
+              ((2, 7, 15), 3.0, "contiguous"), ((2, 4, 12), 0.0, "contiguous")]
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])

@@ -1690,7 +1690,11 @@ inline bool cf_short_rows(const View3& v) {
   // for 16-bit rows with a scalar remainder, converted element by element there (bf16 5x5 maps up
   // to 1.5x the time: 3x300x5x5 backward 31 -> 47 us), which keep the expanded path.
   const bool vectorized = v.I >= (IO::kHalfStep ? IO::L : IO::K);
-  if (!vectorized) return true;
+  // Rows shorter than a step that masked_tail takes as one masked step, 3/4 of a vector or longer:
+  // per feature for 1-2 samples (2x1000x15 fp32: 0.82x / 0.76x / 0.71x the expanded path's time,
+  // training forward / backward / inference; bf16 0.72x-0.82x; 3 samples 0.85x-1.01x, 4 samples
+  // 0.93x-1.20x; bf16 rows of 9 with 2 samples 1.04x-1.07x).
+  if (!vectorized) return !(v.O <= 2 && v.I * 4 >= 3 * IO::L && masked_tail<T>(v.I, v.I));
   const int64_t scalar = IO::kHalfStep ? tail % IO::L : tail;  // (left to scalar code)
   // (a remainder that masked_tail takes as a vector step instead: with it 2-3 samples of bf16 5x5
   // and 4x5 maps ran 0.66x-0.92x the expanded path's time, training forward and backward, and 4
