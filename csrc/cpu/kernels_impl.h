@@ -219,9 +219,8 @@ constexpr bool kMaskedLoads = false;
 // add into the vector lanes (RunAcc), so a run shorter than a step pays a horizontal sum that its
 // scalar adds did not. One thread, per-feature paths, against the scalar tails: rows of 16 + r
 // fp32 elements (one vector step: AVX-512's half step, AVX2's K), training forward / backward /
-// inference,
-// r = 1 1.04x-1.12x the time, r = 2 1.01x-1.09x, r = 4 0.94x-1.04x, r = 8 0.80x-0.94x, r = 15
-// 0.64x-0.93x (2x300x63: 31.9 -> 20.5 us, 23.9 -> 15.5 us, 8.0 -> 7.3 us); bf16 r = 1
+// inference, r = 1 1.04x-1.12x the time, r = 2 1.01x-1.09x, r = 4 0.94x-1.04x, r = 8
+// 0.80x-0.94x, r = 15 0.64x-0.93x (2x300x63: 31.9 -> 20.5 us, 23.9 -> 15.5 us, 8.0 -> 7.3 us); bf16 r = 1
 // 1.11x-1.17x, r = 15 0.54x; runs shorter than a step (1x1000xn, AVX-512 fp32) n = 3 1.35x /
 // 1.25x / 0.94x, n = 9 1.07x / 0.96x / 0.94x, n = 12 0.97x / 0.80x / 0.81x; bf16 n = 5 1.15x /
 // 0.91x / 0.76x, n = 9 0.90x / 0.60x / 0.56x; AVX2 fp32 n = 3 1.12x, n = 5 1.02x / 0.95x / 0.88x.
@@ -237,11 +236,10 @@ inline bool masked_tail(int64_t n, int64_t r) {
 
 // Sums over a walk of runs (the rows of a channels-first feature): two vector accumulators for
 // the runs' K-element steps (and their masked tail steps, masked_tail) and a scalar one for their
-// other tails, added up once per walk. (A
-// horizontal sum per run cost about as much as the run itself for the 49- and 196-element rows
-// of 7x7 and 14x14 maps.) The tails are summed in blocks of at most kTailBlock elements, then the
-// blocks: runs shorter than K (the 4- and 9-element rows of 2x2 and 3x3 maps) put every element
-// there, and one running sum over a partition's up to 32768 of them lost about n ulp
+// other tails, added up once per walk. (A horizontal sum per run cost about as much as the run
+// itself for the 49- and 196-element rows of 7x7 and 14x14 maps.) The scalar tails are summed in
+// blocks of at most kTailBlock elements, then the blocks: runs shorter than K (the 4- and
+// 9-element rows of 2x2 and 3x3 maps) put every element there, and one running sum over a partition's up to 32768 of them lost about n ulp
 // (3136 rows of 4 fp16 values: a feature's mean off by 1e-4 and its grad_weight by 0.7%, 80x
 // torch's own error, found by scripts/crosscheck_kernels.py).
 //
