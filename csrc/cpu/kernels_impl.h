@@ -100,16 +100,26 @@ struct Io {
       for (int64_t j = 0; j < w; ++j) tmp[j] += tmp[j + w];
     return tmp[0];
   }
+#if defined(CPU_CAPABILITY_AVX2)
+  // AVX2's mask of the first k lanes of 32-bit (E = float) or 64-bit (E = double) lanes.
+  template <typename E>
+  static inline __m256i first_lanes(int64_t k) {
+    if constexpr (sizeof(E) == 4) {
+      return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(k)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    } else {
+      return _mm256_cmpgt_epi64(_mm256_set1_epi64x(k), _mm256_setr_epi64x(0, 1, 2, 3));
+    }
+  }
+#endif
   // k elements (0 < k <= L) into a vector's first k lanes, the others 0: a masked load with
   // AVX-512, and with AVX2 for float32 / float64 (at::vec's partial loads copy through a buffer
   // there: see kMaskedLoads).
   static inline AV load_part(const T* p, int64_t k) {
 #if defined(CPU_CAPABILITY_AVX2)
     if constexpr (std::is_same_v<T, float>) {
-      return _mm256_maskload_ps(p, _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(k)),
-                                                      _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
+      return _mm256_maskload_ps(p, first_lanes<float>(k));
     } else if constexpr (std::is_same_v<T, double>) {
-      return _mm256_maskload_pd(p, _mm256_cmpgt_epi64(_mm256_set1_epi64x(k), _mm256_setr_epi64x(0, 1, 2, 3)));
+      return _mm256_maskload_pd(p, first_lanes<double>(k));
     }
 #endif
     if constexpr (std::is_same_v<T, acc>) {
@@ -128,10 +138,9 @@ struct Io {
     }
 #elif defined(CPU_CAPABILITY_AVX2)
     if constexpr (std::is_same_v<acc, float>) {
-      return _mm256_and_ps(v, _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(k)),
-                                                                      _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7))));
+      return _mm256_and_ps(v, _mm256_castsi256_ps(first_lanes<float>(k)));
     } else {
-      return _mm256_and_pd(v, _mm256_castsi256_pd(_mm256_cmpgt_epi64(_mm256_set1_epi64x(k), _mm256_setr_epi64x(0, 1, 2, 3))));
+      return _mm256_and_pd(v, _mm256_castsi256_pd(first_lanes<double>(k)));
     }
 #else
     return AV::set(AV(acc(0)), v, k);
@@ -150,10 +159,10 @@ struct Io {
     return;
 #elif defined(CPU_CAPABILITY_AVX2)
     if constexpr (std::is_same_v<T, float>) {
-      _mm256_maskstore_ps(p, _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(k)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)), a);
+      _mm256_maskstore_ps(p, first_lanes<float>(k), a);
       return;
     } else if constexpr (std::is_same_v<T, double>) {
-      _mm256_maskstore_pd(p, _mm256_cmpgt_epi64(_mm256_set1_epi64x(k), _mm256_setr_epi64x(0, 1, 2, 3)), a);
+      _mm256_maskstore_pd(p, first_lanes<double>(k), a);
       return;
     }
 #endif
@@ -239,9 +248,10 @@ inline bool masked_tail(int64_t n, int64_t r) {
 // other tails, added up once per walk. (A horizontal sum per run cost about as much as the run
 // itself for the 49- and 196-element rows of 7x7 and 14x14 maps.) The scalar tails are summed in
 // blocks of at most kTailBlock elements, then the blocks: runs shorter than K (the 4- and
-// 9-element rows of 2x2 and 3x3 maps) put every element there, and one running sum over a partition's up to 32768 of them lost about n ulp
-// (3136 rows of 4 fp16 values: a feature's mean off by 1e-4 and its grad_weight by 0.7%, 80x
-// torch's own error, found by scripts/crosscheck_kernels.py).
+// 9-element rows of 2x2 and 3x3 maps) put every element there, and one running sum over a
+// partition's up to 32768 of them lost about n ulp (3136 rows of 4 fp16 values: a feature's mean
+// off by 1e-4 and its grad_weight by 0.7%, 80x torch's own error, found by
+// scripts/crosscheck_kernels.py).
 //
 // The statistics' first pass (shifted_sum_run) blocks the vector lanes too (vec_next): each lane
 // adds at most kStatsBlock steps per block, the blocks closed between runs (and inside runs longer
@@ -1287,11 +1297,9 @@ inline void stats_cl_block(const T* x, int64_t so, const T* shift, const RowRuns
   using AV = typename IO::AV;
   using A = acc_t<T>;
   static_assert(!Part || NP == 1, "a partial block is one vector pair");
-  const int64_t k0 = std::min<int64_t>(k, IO::L), k1 = k - k0;
   const auto load = [&](const T* p, AV& a, AV& b) {
     if constexpr (Part) {
-      a = IO::load_part(p, k0);
-      b = k1 > 0 ? IO::load_part(p + IO::L, k1) : AV(A(0));
+      IO::load_rest(p, k, a, b);
     } else {
       IO::load(p, a, b);
     }
@@ -1739,8 +1747,9 @@ constexpr int64_t kCfExpandTile = 1024;
 // us; AVX2, 32x300x5x5 inference 87 -> 61 us. Aligned rows (48x256x5x5, 64x256x7x7) and inputs
 // below about 3/4 MiB (24x300x5x5, 16x200x7x7: both walks within 2%, this machine's L2 is 2 MiB)
 // kept the tiles. The statistics and gradient sums stay expanded (their per-feature runs measured
-// 1.1x-1.2x slower there), and 16-bit rows stay expanded throughout (the per-feature runs convert
-// their remainders element by element: bf16 64x300x5x5 inference 3.5x the time).
+// 1.1x-1.2x slower there), and 16-bit rows stay expanded throughout (the per-feature runs then
+// converted their remainders element by element: bf16 64x300x5x5 inference 3.5x the time; measured
+// before masked_tail, not since).
 constexpr int64_t kCfExpandMisalignedMaxBytes = 768 * 1024;
 template <typename T>
 inline bool cf_expand_elementwise(const View3& v) {
