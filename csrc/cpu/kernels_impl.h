@@ -19,6 +19,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <initializer_list>
 #include <utility>
 #include <memory>
@@ -110,6 +111,48 @@ struct Io {
       return _mm256_cmpgt_epi64(_mm256_set1_epi64x(k), _mm256_setr_epi64x(0, 1, 2, 3));
     }
   }
+  // AVX2 has no 16-bit masked loads or stores: the first k (0 < k <= 8) 16-bit values at p, the
+  // other lanes 0, and their store, as one access of each of 8, 4, 2 and 1 values that k holds
+  // (never touching memory past p + k).
+  static inline __m128i load16_part(const void* p, int64_t k) {
+    const char* b = static_cast<const char*>(p);
+    int32_t w;
+    switch (k) {
+      case 8: return _mm_loadu_si128(reinterpret_cast<const __m128i*>(b));
+      case 4: return _mm_loadl_epi64(reinterpret_cast<const __m128i*>(b));
+      case 1: return _mm_cvtsi32_si128(*reinterpret_cast<const uint16_t*>(b));
+      case 2: std::memcpy(&w, b, 4); return _mm_cvtsi32_si128(w);
+      case 3: std::memcpy(&w, b, 4); return _mm_insert_epi16(_mm_cvtsi32_si128(w), *reinterpret_cast<const uint16_t*>(b + 4), 2);
+      case 5: return _mm_insert_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(b)), *reinterpret_cast<const uint16_t*>(b + 8), 4);
+      case 6: std::memcpy(&w, b + 8, 4); return _mm_insert_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(b)), w, 2);
+      default:
+        std::memcpy(&w, b + 8, 4);
+        return _mm_insert_epi16(_mm_insert_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(b)), w, 2),
+                                *reinterpret_cast<const uint16_t*>(b + 12), 6);
+    }
+  }
+  static inline void store16_part(void* p, __m128i v, int64_t k) {
+    char* b = static_cast<char*>(p);
+    if (k == 8) {
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(b), v);
+      return;
+    }
+    if (k & 4) {
+      _mm_storel_epi64(reinterpret_cast<__m128i*>(b), v);
+      v = _mm_srli_si128(v, 8);
+      b += 8;
+    }
+    if (k & 2) {
+      const int32_t w = _mm_cvtsi128_si32(v);
+      std::memcpy(b, &w, 4);
+      v = _mm_srli_si128(v, 4);
+      b += 4;
+    }
+    if (k & 1) {
+      const uint16_t h = static_cast<uint16_t>(_mm_cvtsi128_si32(v));
+      std::memcpy(b, &h, 2);
+    }
+  }
 #endif
   // k elements (0 < k <= L) into a vector's first k lanes, the others 0: a masked load with
   // AVX-512, and with AVX2 for float32 / float64 (at::vec's partial loads copy through a buffer
@@ -120,6 +163,14 @@ struct Io {
       return _mm256_maskload_ps(p, first_lanes<float>(k));
     } else if constexpr (std::is_same_v<T, double>) {
       return _mm256_maskload_pd(p, first_lanes<double>(k));
+    } else {
+      // 16-bit: k of 8 values by 8-, 4-, 2- and 1-value loads (none past p + k), widened exactly.
+      const __m128i h = load16_part(p, k);
+      if constexpr (std::is_same_v<T, c10::Half>) {
+        return _mm256_cvtph_ps(h);
+      } else {
+        return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+      }
     }
 #endif
     if constexpr (std::is_same_v<T, acc>) {
@@ -164,6 +215,9 @@ struct Io {
     } else if constexpr (std::is_same_v<T, double>) {
       _mm256_maskstore_pd(p, first_lanes<double>(k), a);
       return;
+    } else {
+      store16_part(p, _mm256_castsi256_si128(__m256i(narrow<T>(a, a))), k);
+      return;
     }
 #endif
     if constexpr (std::is_same_v<T, acc>) {
@@ -171,6 +225,24 @@ struct Io {
     } else {
       narrow<T>(a, a).store(p, static_cast<int>(k));
     }
+  }
+  // The first r (0 < r < K) of the K values a, b to p: store_part's, and for the AVX2 copy's 16-bit
+  // types one conversion of both vectors.
+  static inline void store_rest(T* p, const AV& a, const AV& b, int64_t r) {
+#if defined(CPU_CAPABILITY_AVX2)
+    if constexpr (sizeof(T) == 2) {
+      const __m256i v = __m256i(narrow<T>(a, b));
+      if (r < L) {
+        store16_part(p, _mm256_castsi256_si128(v), r);
+      } else {
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(v));
+        if (r > L) store16_part(p + L, _mm256_extracti128_si256(v, 1), r - L);
+      }
+      return;
+    }
+#endif
+    store_part(p, a, std::min(r, L));
+    if (r > L) store_part(p + L, b, r - L);
   }
   // The last r elements of a run (0 < r < K), lanes past them 0: a = [0, min(r, L)), b = the rest.
   static inline void load_rest(const T* p, int64_t r, AV& a, AV& b) {
@@ -233,9 +305,25 @@ constexpr bool kMaskedLoads = false;
 // 1.11x-1.17x, r = 15 0.54x; runs shorter than a step (1x1000xn, AVX-512 fp32) n = 3 1.35x /
 // 1.25x / 0.94x, n = 9 1.07x / 0.96x / 0.94x, n = 12 0.97x / 0.80x / 0.81x; bf16 n = 5 1.15x /
 // 0.91x / 0.76x, n = 9 0.90x / 0.60x / 0.56x; AVX2 fp32 n = 3 1.12x, n = 5 1.02x / 0.95x / 0.88x.
+// Where the channels-first runs' tails take partial vector steps: masked loads, and the AVX2
+// copy's 16-bit partial loads (Io::load16_part: up to 4 accesses per 8 values). With those, one
+// thread, in cache, in-process A/B against the scalar tails on the AMD EPYC (Zen 3) VM: fp16 /
+// bf16 rows of 196 (12 steps + 4) training forward 0.83x / 0.98x the time, backward 0.96x / 0.93x,
+// inference 0.97x / 0.95x; rows of 169 (10 + 9) 0.83x-0.98x; rows of 21 and 36 0.83x-0.96x. The
+// short-row path choice (cf_short_rows) stays with the masked loads' measurements (masked_tail's
+// kMaskedOnly): taking the per-feature path for the AVX2 copy's 16-bit rows of 28-45 elements
+// instead of the expanded one measured 1.1x-1.3x slower in backward and inference.
 template <typename T>
+#if defined(CPU_CAPABILITY_AVX2) && !defined(CPU_CAPABILITY_AVX512)
+constexpr bool kPartialTails = kMaskedLoads<T> || sizeof(T) == 2;
+#else
+constexpr bool kPartialTails = kMaskedLoads<T>;
+#endif
+
+// kMaskedOnly: as if only masked loads took the tails (the path choices measured with them).
+template <typename T, bool kMaskedOnly = false>
 inline bool masked_tail(int64_t n, int64_t r) {
-  if constexpr (!kMaskedLoads<T>) {
+  if constexpr (!(kMaskedOnly ? kMaskedLoads<T> : kPartialTails<T>)) {
     return false;
   } else {
     constexpr int64_t L = Io<T>::L;
@@ -510,12 +598,11 @@ inline void apply_run(const T* x, T* out, int64_t n, acc_t<T> mean, acc_t<T> sca
     const int64_t r = n - i;
     typename IO::AV x0, x1;
     IO::load_rest(x + i, r, x0, x1);
-    if constexpr (!Folded) x0 = x0 - m;
-    IO::store_part(out + i, at::vec::fmadd(x0, s, b), std::min(r, IO::L));
-    if (r > IO::L) {
-      if constexpr (!Folded) x1 = x1 - m;
-      IO::store_part(out + i + IO::L, at::vec::fmadd(x1, s, b), r - IO::L);
+    if constexpr (!Folded) {
+      x0 = x0 - m;
+      x1 = x1 - m;
     }
+    IO::store_rest(out + i, at::vec::fmadd(x0, s, b), at::vec::fmadd(x1, s, b), r);
     return;
   }
   const ApplyCoeffs<acc_t<T>> k{Folded ? acc_t<T>(0) : mean, scale, shift};  // (x - 0 is exact)
@@ -550,9 +637,8 @@ inline void grad_run(const T* dy, const T* x, T* dx, int64_t n, const GradCoeffs
     typename IO::AV g0, g1, x0, x1;
     IO::load_rest(dy + i, r, g0, g1);
     IO::load_rest(x + i, r, x0, x1);
-    IO::store_part(dx + i, at::vec::fmadd(kd, g0, at::vec::fmadd(kx, x0 - m, k0)), std::min(r, IO::L));
-    if (r > IO::L)
-      IO::store_part(dx + i + IO::L, at::vec::fmadd(kd, g1, at::vec::fmadd(kx, x1 - m, k0)), r - IO::L);
+    IO::store_rest(dx + i, at::vec::fmadd(kd, g0, at::vec::fmadd(kx, x0 - m, k0)),
+                   at::vec::fmadd(kd, g1, at::vec::fmadd(kx, x1 - m, k0)), r);
     return;
   }
   for (; i < n; ++i)
@@ -1712,13 +1798,13 @@ inline bool cf_short_rows(const View3& v) {
   // per feature for 1-2 samples (2x1000x15 fp32: 0.82x / 0.76x / 0.71x the expanded path's time,
   // training forward / backward / inference; bf16 0.72x-0.82x; 3 samples 0.85x-1.01x, 4 samples
   // 0.93x-1.20x; bf16 rows of 9 with 2 samples 1.04x-1.07x).
-  if (!vectorized) return !(v.O <= 2 && v.I * 4 >= 3 * IO::L && masked_tail<T>(v.I, v.I));
+  if (!vectorized) return !(v.O <= 2 && v.I * 4 >= 3 * IO::L && masked_tail<T, true>(v.I, v.I));
   const int64_t scalar = IO::kHalfStep ? tail % IO::L : tail;  // (left to scalar code)
   // (a remainder that masked_tail takes as a vector step instead: with it 2-3 samples of bf16 5x5
   // and 4x5 maps ran 0.66x-0.92x the expanded path's time, training forward and backward, and 4
   // samples of float32 rows of 16 + r, r = 9-15, 0.73x-0.94x (r = 8 within 2%, r = 4 1.04x-1.11x;
   // bf16 5x5 4 samples 0.90x / 1.04x / 1.14x, 5-6 float32 samples 0.89x-1.08x))
-  const bool masked = scalar != 0 && masked_tail<T>(v.I, scalar);
+  const bool masked = scalar != 0 && masked_tail<T, true>(v.I, scalar);
   if (v.O < 4) return !std::is_same_v<T, acc_t<T>> && scalar != 0 && !masked && v.I < IO::K;
   if (v.I < IO::K) return !(std::is_same_v<T, float> && v.O == 4 && masked && scalar > IO::L / 2);
   if (tail * 4 < v.I) return false;
