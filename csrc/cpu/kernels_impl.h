@@ -116,19 +116,24 @@ struct Io {
   // (never touching memory past p + k).
   static inline __m128i load16_part(const void* p, int64_t k) {
     const char* b = static_cast<const char*>(p);
+    const auto h = [b](int64_t at) {  // (the value at b + at, as the low 16 bits of an int)
+      uint16_t u;
+      std::memcpy(&u, b + at, 2);
+      return static_cast<int>(u);
+    };
     int32_t w;
     switch (k) {
       case 8: return _mm_loadu_si128(reinterpret_cast<const __m128i*>(b));
       case 4: return _mm_loadl_epi64(reinterpret_cast<const __m128i*>(b));
-      case 1: return _mm_cvtsi32_si128(*reinterpret_cast<const uint16_t*>(b));
+      case 1: return _mm_cvtsi32_si128(h(0));
       case 2: std::memcpy(&w, b, 4); return _mm_cvtsi32_si128(w);
-      case 3: std::memcpy(&w, b, 4); return _mm_insert_epi16(_mm_cvtsi32_si128(w), *reinterpret_cast<const uint16_t*>(b + 4), 2);
-      case 5: return _mm_insert_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(b)), *reinterpret_cast<const uint16_t*>(b + 8), 4);
+      case 3: std::memcpy(&w, b, 4); return _mm_insert_epi16(_mm_cvtsi32_si128(w), h(4), 2);
+      case 5: return _mm_insert_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(b)), h(8), 4);
       case 6: std::memcpy(&w, b + 8, 4); return _mm_insert_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(b)), w, 2);
       default:
         std::memcpy(&w, b + 8, 4);
         return _mm_insert_epi16(_mm_insert_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(b)), w, 2),
-                                *reinterpret_cast<const uint16_t*>(b + 12), 6);
+                                h(12), 6);
     }
   }
   static inline void store16_part(void* p, __m128i v, int64_t k) {
@@ -155,8 +160,8 @@ struct Io {
   }
 #endif
   // k elements (0 < k <= L) into a vector's first k lanes, the others 0: a masked load with
-  // AVX-512, and with AVX2 for float32 / float64 (at::vec's partial loads copy through a buffer
-  // there: see kMaskedLoads).
+  // AVX-512, and with AVX2 for float32 / float64; the AVX2 copy's 16-bit types by load16_part
+  // (at::vec's partial loads copy through a buffer there: see kMaskedLoads, kPartialTails).
   static inline AV load_part(const T* p, int64_t k) {
 #if defined(CPU_CAPABILITY_AVX2)
     if constexpr (std::is_same_v<T, float>) {
@@ -295,16 +300,6 @@ constexpr bool kMaskedLoads = std::is_same_v<T, acc_t<T>>;  // (vmaskmov: 32- an
 constexpr bool kMaskedLoads = false;
 #endif
 
-// Whether the last r elements of a run of n (r = n for a run shorter than a vector step) take masked
-// vector steps instead of scalar code (0 < r < K; masked loads only, kMaskedLoads). The tails then
-// add into the vector lanes (RunAcc), so a run shorter than a step pays a horizontal sum that its
-// scalar adds did not. One thread, per-feature paths, against the scalar tails: rows of 16 + r
-// fp32 elements (one vector step: AVX-512's half step, AVX2's K), training forward / backward /
-// inference, r = 1 1.04x-1.12x the time, r = 2 1.01x-1.09x, r = 4 0.94x-1.04x, r = 8
-// 0.80x-0.94x, r = 15 0.64x-0.93x (2x300x63: 31.9 -> 20.5 us, 23.9 -> 15.5 us, 8.0 -> 7.3 us); bf16 r = 1
-// 1.11x-1.17x, r = 15 0.54x; runs shorter than a step (1x1000xn, AVX-512 fp32) n = 3 1.35x /
-// 1.25x / 0.94x, n = 9 1.07x / 0.96x / 0.94x, n = 12 0.97x / 0.80x / 0.81x; bf16 n = 5 1.15x /
-// 0.91x / 0.76x, n = 9 0.90x / 0.60x / 0.56x; AVX2 fp32 n = 3 1.12x, n = 5 1.02x / 0.95x / 0.88x.
 // Where the channels-first runs' tails take partial vector steps: masked loads, and the AVX2
 // copy's 16-bit partial loads (Io::load16_part: up to 4 accesses per 8 values). With those, one
 // thread, in cache, in-process A/B against the scalar tails on the AMD EPYC (Zen 3) VM: fp16 /
@@ -320,6 +315,16 @@ constexpr bool kPartialTails = kMaskedLoads<T> || sizeof(T) == 2;
 constexpr bool kPartialTails = kMaskedLoads<T>;
 #endif
 
+// Whether the last r elements of a run of n (r = n for a run shorter than a vector step) take masked
+// vector steps instead of scalar code (0 < r < K; kPartialTails). The tails then
+// add into the vector lanes (RunAcc), so a run shorter than a step pays a horizontal sum that its
+// scalar adds did not. One thread, per-feature paths, against the scalar tails: rows of 16 + r
+// fp32 elements (one vector step: AVX-512's half step, AVX2's K), training forward / backward /
+// inference, r = 1 1.04x-1.12x the time, r = 2 1.01x-1.09x, r = 4 0.94x-1.04x, r = 8
+// 0.80x-0.94x, r = 15 0.64x-0.93x (2x300x63: 31.9 -> 20.5 us, 23.9 -> 15.5 us, 8.0 -> 7.3 us); bf16 r = 1
+// 1.11x-1.17x, r = 15 0.54x; runs shorter than a step (1x1000xn, AVX-512 fp32) n = 3 1.35x /
+// 1.25x / 0.94x, n = 9 1.07x / 0.96x / 0.94x, n = 12 0.97x / 0.80x / 0.81x; bf16 n = 5 1.15x /
+// 0.91x / 0.76x, n = 9 0.90x / 0.60x / 0.56x; AVX2 fp32 n = 3 1.12x, n = 5 1.02x / 0.95x / 0.88x.
 // kMaskedOnly: as if only masked loads took the tails (the path choices measured with them).
 template <typename T, bool kMaskedOnly = false>
 inline bool masked_tail(int64_t n, int64_t r) {
