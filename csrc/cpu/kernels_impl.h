@@ -43,8 +43,28 @@ using at::vec::Vectorized;
 // in-cache inference's time). That instruction flushes denormal inputs to zero and keeps NaN
 // payloads, where the emulation rounds denormals and writes 0xffff for every NaN: a pair holding
 // either takes the emulation, so both copies give the same bits for every input.
+#if defined(CPU_CAPABILITY_AVX2)
+// A float32 vector's bfloat16 bits (rounded to nearest even; 0xffff for every NaN) in the low 16
+// bits of each 32-bit lane, the high 16 bits 0: at::vec's rounding, (x + 0x7fff + lsb) >> 16,
+// with the lsb taken as min(x & 0x10000, 1) and NaN as the unordered compare's all-ones OR-ed in
+// before the shift, so 2 shifts fewer and an OR for a blend: the same bits for all 2^32 inputs
+// (checked exhaustively against at::vec::convert_from_float), 0.28 -> 0.20 ns per value applied
+// with Io::store_lanes' order (one thread, in L1, AMD EPYC Zen 3).
+inline __m256i bf16_bits(const __m256& a) {
+  const __m256i x = _mm256_castps_si256(a);
+  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(a, a, _CMP_UNORD_Q));
+  const __m256i lsb = _mm256_min_epu32(_mm256_and_si256(x, _mm256_set1_epi32(0x10000)), _mm256_set1_epi32(1));
+  const __m256i t = _mm256_add_epi32(_mm256_add_epi32(x, _mm256_set1_epi32(0x7fff)), lsb);
+  return _mm256_srli_epi32(_mm256_or_si256(t, nan), 16);
+}
+#endif
+
 template <typename T>
 inline Vectorized<T> narrow(const Vectorized<float>& a, const Vectorized<float>& b) {
+#if defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<T, c10::BFloat16>)  // (packus keeps 128-bit lanes: vpermq restores the order)
+    return Vectorized<T>(_mm256_permute4x64_epi64(_mm256_packus_epi32(bf16_bits(a), bf16_bits(b)), 0xd8));
+#endif
 #if defined(CPU_CAPABILITY_AVX512_BF16)
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
     constexpr int kNanOrDenormal = 0x01 | 0x20 | 0x80;  // (VFPCLASSPS: QNaN, denormal, SNaN)
@@ -85,6 +105,34 @@ struct Io {
     } else {
       narrow<T>(a, b).store(p);
     }
+  }
+  // K values in an order that store_lanes undoes, for the runs whose constants are the same in
+  // every lane: elementwise (apply_run, grad_run) and per-run sums (shifted_sum_run, sqdev_run,
+  // grad_sums_run, where the order only decides which lane adds which value: still fixed by the
+  // shape). The AVX2 copy's bfloat16 widens by interleaving with zeros within 128-bit lanes (a =
+  // values 0-3, 8-11; b = 4-7, 12-15) and narrows by one pack, which restores that order: 2
+  // shuffles in and 1 out instead of 5 and 2 (one thread, in cache, AMD EPYC Zen 3: 0.28 -> 0.20
+  // ns per value applied). Other types: load and store.
+  static inline void load_lanes(const T* p, AV& a, AV& b) {
+#if defined(CPU_CAPABILITY_AVX2)
+    if constexpr (std::is_same_v<T, c10::BFloat16>) {
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+      const __m256i z = _mm256_setzero_si256();
+      a = _mm256_castsi256_ps(_mm256_unpacklo_epi16(z, v));
+      b = _mm256_castsi256_ps(_mm256_unpackhi_epi16(z, v));
+      return;
+    }
+#endif
+    load(p, a, b);
+  }
+  static inline void store_lanes(T* p, const AV& a, const AV& b) {
+#if defined(CPU_CAPABILITY_AVX2)
+    if constexpr (std::is_same_v<T, c10::BFloat16>) {
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm256_packus_epi32(bf16_bits(a), bf16_bits(b)));
+      return;
+    }
+#endif
+    store(p, a, b);
   }
   // A vector's lanes added as a tree (halves, then quarters, ...): log2(L) dependent adds instead
   // of L. The per-feature fused paths of small features end each feature's sums with two of
@@ -446,7 +494,7 @@ inline void shifted_sum_run(const T* p, int64_t n, acc_t<T> shift, RunAcc<T>& ac
     acc.vec_next(steps);
     for (const int64_t e = i + steps * IO::K; i < e; i += IO::K) {
       typename IO::AV a, b;
-      IO::load(p + i, a, b);
+      IO::load_lanes(p + i, a, b);
       acc.v0 += a - sh;
       acc.v1 += b - sh;
     }
@@ -485,7 +533,7 @@ inline void sqdev_run(const T* p, int64_t n, acc_t<T> shift, acc_t<T> dmean, Run
   int64_t i = 0;
   for (; i + IO::K <= n; i += IO::K) {
     typename IO::AV a, b;
-    IO::load(p + i, a, b);
+    IO::load_lanes(p + i, a, b);
     a = (a - sh) - m;
     b = (b - sh) - m;
     acc.v0 = at::vec::fmadd(a, a, acc.v0);
@@ -530,8 +578,8 @@ inline void grad_sums_run(const T* dy, const T* x, int64_t n, acc_t<T> mean, Run
   int64_t i = 0;
   for (; i + IO::K <= n; i += IO::K) {
     typename IO::AV g0, g1, x0, x1;
-    IO::load(dy + i, g0, g1);
-    IO::load(x + i, x0, x1);
+    IO::load_lanes(dy + i, g0, g1);
+    IO::load_lanes(x + i, x0, x1);
     sdy.v0 += g0;
     sdy.v1 += g1;
     sdyx.v0 = at::vec::fmadd(g0, x0 - m, sdyx.v0);
@@ -582,12 +630,12 @@ inline void apply_run(const T* x, T* out, int64_t n, acc_t<T> mean, acc_t<T> sca
   int64_t i = 0;
   for (; i + IO::K <= n; i += IO::K) {
     typename IO::AV x0, x1;
-    IO::load(x + i, x0, x1);
+    IO::load_lanes(x + i, x0, x1);
     if constexpr (!Folded) {
       x0 = x0 - m;
       x1 = x1 - m;
     }
-    IO::store(out + i, at::vec::fmadd(x0, s, b), at::vec::fmadd(x1, s, b));
+    IO::store_lanes(out + i, at::vec::fmadd(x0, s, b), at::vec::fmadd(x1, s, b));
   }
   if constexpr (IO::kHalfStep) {
     if (i + IO::L <= n) {
@@ -622,10 +670,10 @@ inline void grad_run(const T* dy, const T* x, T* dx, int64_t n, const GradCoeffs
   int64_t i = 0;
   for (; i + IO::K <= n; i += IO::K) {
     typename IO::AV g0, g1, x0, x1;
-    IO::load(dy + i, g0, g1);
-    IO::load(x + i, x0, x1);
-    IO::store(dx + i, at::vec::fmadd(kd, g0, at::vec::fmadd(kx, x0 - m, k0)),
-              at::vec::fmadd(kd, g1, at::vec::fmadd(kx, x1 - m, k0)));
+    IO::load_lanes(dy + i, g0, g1);
+    IO::load_lanes(x + i, x0, x1);
+    IO::store_lanes(dx + i, at::vec::fmadd(kd, g0, at::vec::fmadd(kx, x0 - m, k0)),
+                    at::vec::fmadd(kd, g1, at::vec::fmadd(kx, x1 - m, k0)));
   }
   if constexpr (IO::kHalfStep) {
     if (i + IO::L <= n) {
