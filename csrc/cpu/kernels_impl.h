@@ -90,12 +90,20 @@ struct Io {
   static constexpr int64_t L = AV::size();
   static constexpr int64_t K = 2 * L;  // elements per step: two accumulator vectors
 
+  // (The AVX2 copy's 16-bit types: two 8-value loads widened from memory, and float16 as two
+  // 8-value stores, where at::vec's 16-value vector took a second load and a lane extract in, and
+  // a lane insert out; bitwise the same values.)
   static inline void load(const T* p, AV& a, AV& b) {
     if constexpr (std::is_same_v<T, acc>) {
       a = AV::loadu(p);
       b = AV::loadu(p + L);
     } else {
+#if defined(CPU_CAPABILITY_AVX2)
+      a = widen8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+      b = widen8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + L)));
+#else
       at::vec::load_to_float<T>(p, a, b);
+#endif
     }
   }
   static inline void store(T* p, const AV& a, const AV& b) {
@@ -103,6 +111,13 @@ struct Io {
       a.store(p);
       b.store(p + L);
     } else {
+#if defined(CPU_CAPABILITY_AVX2)
+      if constexpr (std::is_same_v<T, c10::Half>) {  // (at::vec's rounding: to nearest even, no exceptions)
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(p + L), _mm256_cvtps_ph(b, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+        return;
+      }
+#endif
       narrow<T>(a, b).store(p);
     }
   }
@@ -157,6 +172,14 @@ struct Io {
       return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(k)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
     } else {
       return _mm256_cmpgt_epi64(_mm256_set1_epi64x(k), _mm256_setr_epi64x(0, 1, 2, 3));
+    }
+  }
+  // 8 16-bit values widened exactly to float32.
+  static inline AV widen8(__m128i h) {
+    if constexpr (std::is_same_v<T, c10::Half>) {
+      return _mm256_cvtph_ps(h);
+    } else {
+      return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
     }
   }
   // AVX2 has no 16-bit masked loads or stores: the first k (0 < k <= 8) 16-bit values at p, the
@@ -218,12 +241,7 @@ struct Io {
       return _mm256_maskload_pd(p, first_lanes<double>(k));
     } else {
       // 16-bit: k of 8 values by 8-, 4-, 2- and 1-value loads (none past p + k), widened exactly.
-      const __m128i h = load16_part(p, k);
-      if constexpr (std::is_same_v<T, c10::Half>) {
-        return _mm256_cvtph_ps(h);
-      } else {
-        return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-      }
+      return widen8(load16_part(p, k));
     }
 #endif
     if constexpr (std::is_same_v<T, acc>) {
