@@ -595,3 +595,37 @@ def test_renorm_propagates_nan_like_the_composite(device, name, poisoned):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, equal_nan=True, msg=f"buffer {n}")
     y = [layer(x, training=False) for layer in layers]
     torch.testing.assert_close(y[0], y[1], rtol=1e-5, atol=1e-5, equal_nan=True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("C", [16, 17, 40])
+@pytest.mark.parametrize("training", [True, False])
+def test_ghost_bf16_wide_rows_match_float64(device, C, training):
+    """Ghost batches over channels-last bfloat16 rows of whole vector blocks and a tail (C = 16, 17,
+    40; the AVX2 copy permutes each ghost's coefficients to its lane order there): output and input
+    gradient as the float64 layer's on the same bfloat16-rounded input, to bfloat16 rounding, each
+    ghost with its own statistics (ghost means 0 .. 6 apart: a ghost given another's coefficients
+    is off by O(1))."""
+    shape = (8, 5, 3, C)
+    g = torch.Generator().manual_seed(C)
+    x64 = torch.randn(shape, generator=g, dtype=torch.float64) * 2
+    x64 += torch.arange(8, dtype=torch.float64).view(8, 1, 1, 1) * 0.8  # (ghosts of 2 samples)
+    x64 = x64.to(torch.bfloat16).double().to(device)
+    gy = torch.randn(shape, generator=g, dtype=torch.float64).to(torch.bfloat16).double().to(device)
+    outs = {}
+    for dtype in (torch.float64, torch.bfloat16):
+        layer = bn_cuda.BatchNormalization(virtual_batch_size=2, momentum=0.5)
+        layer.build(shape, device=torch.device(device))
+        with torch.no_grad():
+            layer.gamma.copy_(torch.linspace(0.5, 1.5, C))
+            layer.beta.copy_(torch.linspace(-1, 1, C))
+            layer.moving_mean.copy_(torch.linspace(-0.2, 0.3, C))
+            layer.moving_variance.copy_(torch.linspace(0.5, 2, C))
+        x = x64.to(dtype).requires_grad_(training)
+        y = layer(x, training=training)
+        gx = torch.autograd.grad(y, x, gy.to(dtype))[0].double() if training else None
+        outs[dtype] = (y.double(), gx)
+    (y64, g64), (y16, g16) = outs[torch.float64], outs[torch.bfloat16]
+    torch.testing.assert_close(y16, y64, rtol=0, atol=8e-3 * y64.abs().max().item())
+    if training:
+        torch.testing.assert_close(g16, g64, rtol=0, atol=1.6e-2 * g64.abs().max().item())
