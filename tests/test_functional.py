@@ -337,6 +337,56 @@ def test_converted_per_feature_tensors_equal_explicit_conversion(dtype, feat, C,
                     assert torch.equal(a, r), name
 
 
+@pytest.mark.parametrize("C", [1, 17, 1000, 70001], ids=lambda c: f"C{c}")
+@pytest.mark.parametrize("dtype, feat", [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16),
+                                         (torch.float32, torch.bfloat16), (torch.float32, torch.float64),
+                                         (torch.float64, torch.float32)], ids=str)
+@pytest.mark.parametrize("how", ["flat", "keras-shape", "create-graph", "dispatch-mode"])
+def test_parameter_gradients_in_parameter_dtype_equal_explicit_conversion(dtype, feat, C, how, device):
+    """The weight / bias gradients of parameters whose dtype is not the accumulation type: the
+    backward op's (accumulation-typed) gradients converted as .to() converts, bitwise, in the
+    parameters' shape, for a training and an evaluation forward; with create_graph (a graph through
+    the cast) and under a dispatch mode, which sees the cast as an aten op. (bn_cuda converts plain
+    small CPU results with the CPU kernels' vector conversions, C = 70001 and every other case with
+    .to().)"""
+    if C > 1000 and device == "cpu" and bn_cuda.build_info()["emulated_cuda"] and how != "flat":
+        pytest.skip("emulated build: C = 70001 (70001 blocks under the host emulation) runs for 'flat' only")
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    x = make_input((3, C, 2), 1, dtype, device, offset=2.0)
+    g = make_input((3, C, 2), 1, dtype, device)
+    wshape = [1, C, 1] if how == "keras-shape" else [C]
+    w0 = make_features(wshape, feat, device, "weight")
+    b0 = make_features(wshape, feat, device, "bias")
+    for training in (True, False):
+        w, b = w0.clone().requires_grad_(), b0.clone().requires_grad_()
+        rm, rv = make_features([C], acc, device, "mean"), make_features([C], acc, device, "var")
+        xr = x.clone().requires_grad_()
+        y = batch_norm(xr, rm.clone(), rv.clone(), w, b, training)
+        log = DispatchLog()
+        if how == "dispatch-mode":
+            with log:
+                gx, gw, gb = torch.autograd.grad(y, (xr, w, b), g)
+        else:
+            gx, gw, gb = torch.autograd.grad(y, (xr, w, b), g, create_graph=how == "create-graph")
+        if training:
+            _, mean, invstd = torch.ops.bn_cuda.forward_train(x, w0, b0, None, None, 0.1, 1e-5, [1], True)
+        else:
+            mean, invstd = rm, torch.reciprocal(torch.sqrt(rv + 1e-5))  # (as the eval backward forms it)
+        want = torch.ops.bn_cuda.backward(g, x, w0, mean, invstd, training, [1], [True, True, True])
+        assert gw.dtype == feat and gb.dtype == feat and gw.shape == w0.shape and gb.shape == b0.shape
+        assert torch.equal(gx, want[0]), f"grad_input, training={training}"
+        assert torch.equal(gw, want[1].to(feat).reshape(wshape)), f"grad_weight, training={training}"
+        assert torch.equal(gb, want[2].to(feat).reshape(wshape)), f"grad_bias, training={training}"
+        assert_close_ref(gw, reference_batch_norm(x, rm, rv, w0, b0, training, grad_out=g)["grad_weight"],
+                         coarser(dtype, feat), "grad_weight")
+        if how == "create-graph":
+            assert gw.requires_grad and gb.requires_grad
+            (gx2,) = torch.autograd.grad((gw.to(acc) * torch.arange(1, C + 1, device=device).reshape(wshape)).sum(), xr)
+            assert gx2.dtype == dtype and bool(gx2.ne(0).any())
+        if how == "dispatch-mode":
+            assert log.names.count("aten._to_copy.default") >= 2, log.names
+
+
 @pytest.mark.parametrize("C", [5, 17, 40])
 @pytest.mark.parametrize("dtype, feat", [(torch.float32, torch.bfloat16), (torch.float32, torch.float16),
                                          (torch.float16, torch.float16), (torch.float64, torch.bfloat16),

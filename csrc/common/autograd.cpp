@@ -96,19 +96,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> param_backward(const AffineMeta& 
     std::tie(gi, gw, gb) = ops::backward(grad_out, input, w, mean, invstd, train, axis, mask);
   }
   if (!mask[0]) gi = at::Tensor();
-  // The op's (C,) gradients in the parameters' shapes and dtypes; flat parameters of the acc dtype
-  // (the usual case) take them as they are, without the cost of a view and a cast per call.
+  // The op's (C,) gradients in the parameters' shapes and dtypes; flat parameters take them without
+  // the cost of a view, and parameters of the acc dtype (the usual case) without a cast.
   if (!mask[1]) {
     gw = at::Tensor();
-  } else if (weight.dim() != 1 || weight.scalar_type() != gw.scalar_type()) {
-    gw = gw.reshape_symint(weight.sym_sizes()).to(weight.scalar_type());
+  } else if (weight.dim() != 1) {
+    gw = gw.reshape_symint(weight.sym_sizes());
   }
   if (!mask[2]) {
     gb = at::Tensor();
-  } else {
-    if (!meta.bias_shape.empty()) gb = gb.reshape_symint(meta.bias_shape);
-    if (meta.bias_dtype != gb.scalar_type()) gb = gb.to(meta.bias_dtype);
+  } else if (!meta.bias_shape.empty()) {
+    gb = gb.reshape_symint(meta.bias_shape);
   }
+  cast_results({{&gw, mask[1] ? weight.scalar_type() : at::kFloat}, {&gb, meta.bias_dtype}});
   return {gi, gw, gb};
 }
 

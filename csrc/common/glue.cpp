@@ -5,9 +5,13 @@
 #include <ATen/ATen.h>
 #include <ATen/MemoryOverlap.h>
 #include <ATen/core/LegacyTypeDispatch.h>
+#include <c10/core/DeviceGuard.h>
+#include <c10/core/impl/TorchDispatchModeTLS.h>
 #include <c10/util/Exception.h>
 
+#include <array>
 #include <cmath>
+#include <typeinfo>
 
 namespace bn_cuda {
 
@@ -227,6 +231,53 @@ void write_back(std::initializer_list<FeatureTensor*> fs) {
       at::AutoDispatchBelowADInplaceOrView below;
       f->user.copy_(f->acc.narrow(0, f->offset, n).view(f->user.sizes()));
     }
+  }
+  if (cp.count > 0) dev(cp);
+}
+
+namespace {
+
+// A tensor whose data the conversions may touch directly: a plain TensorImpl (no functorch or
+// functionalization wrapper, no sparse or nested layout), no Python key (fake tensors, subclasses),
+// no dispatch mode that expects to see the cast, no graph to record.
+bool plain_result(const at::Tensor& t) {
+  const c10::TensorImpl* impl = t.unsafeGetTensorImpl();
+  return typeid(*impl) == typeid(c10::TensorImpl) && !impl->key_set().has(c10::DispatchKey::Python) &&
+         t.layout() == at::kStrided && !t.requires_grad() && batchable(t) && !c10::impl::dispatch_mode_enabled();
+}
+
+}  // namespace
+
+void cast_results(std::initializer_list<std::pair<at::Tensor*, at::ScalarType>> ts) {
+  ConvertParams cp;
+  DeviceConvertFn dev = nullptr;
+  // The batched conversion's sources, alive until it ran (freed before, their memory could be
+  // handed to the next result's allocation: the caching allocator reuses a block on its stream)
+  std::array<at::Tensor, ConvertParams::kMaxSegments> sources;
+  c10::OptionalDeviceGuard guard;
+  for (const auto& [t, dst] : ts) {
+    if (!t->defined() || t->scalar_type() == dst) continue;
+    if (plain_result(*t)) {
+      const DeviceConvertFn d = device_convert_for(*t);
+      DType dst_t = DType::kFloat32;
+      if (d != nullptr && (dev == nullptr || (dev == d && t->device() == sources[0].device()))) {
+        at::Tensor out = at::empty(t->sizes(), t->options().dtype(dst));
+        if (add_segment(cp, t->const_data_ptr(), t->scalar_type(), out.mutable_data_ptr(), dst, t->numel())) {
+          if (dev == nullptr) guard.reset_device(t->device());  // (the launch's stream: its device's current one)
+          dev = d;
+          sources[cp.count - 1] = std::move(*t);
+          *t = std::move(out);
+          continue;
+        }
+      } else if (d == nullptr && t->scalar_type() == at::kFloat && t->is_cpu() && t->numel() <= kHostConvertMax &&
+                 cpu::use_vector_kernels() && to_dtype(dst, dst_t)) {
+        at::Tensor out = at::empty(t->sizes(), t->options().dtype(dst));
+        cpu::from_float(dst_t, t->const_data_ptr<float>(), out.mutable_data_ptr(), t->numel());
+        *t = std::move(out);
+        continue;
+      }
+    }
+    *t = t->to(dst);
   }
   if (cp.count > 0) dev(cp);
 }

@@ -65,6 +65,15 @@ void convert_features(std::initializer_list<FeatureTensor*> fs, at::ScalarType a
 // norm).
 void write_back(std::initializer_list<FeatureTensor*> fs);
 
+// Replace each defined `*first` by a copy in dtype `second` where they differ: the ops' weight / bias
+// gradients, which they return in the accumulation type, in the dtype of parameters of another one.
+// Ordinary contiguous tensors that need no autograd graph and meet no dispatch mode are converted
+// as write_back converts (one batched launch on a device that registered a conversion; on CPU the
+// vector conversions); anything else (fake tensors under torch.compile, functorch wrappers,
+// subclasses, create_graph) by Tensor::to. Two `.to()` calls cost ~11 us of host time on CPU, a
+// seventh of a small backward.
+void cast_results(std::initializer_list<std::pair<at::Tensor*, at::ScalarType>> ts);
+
 // A device's batched conversion (ConvertParams: up to kMaxSegments contiguous tensors, each to or
 // from the accumulation type, in one launch on the current stream; throws on a launch error).
 // ops_cuda.cpp registers its kernel's for CUDA tensors (for CPU tensors in the host emulation
