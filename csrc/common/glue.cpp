@@ -260,7 +260,9 @@ void cast_results(std::initializer_list<std::pair<at::Tensor*, at::ScalarType>> 
     if (plain_result(*t)) {
       const DeviceConvertFn d = device_convert_for(*t);
       DType dst_t = DType::kFloat32;
-      if (d != nullptr && (dev == nullptr || (dev == d && t->device() == sources[0].device()))) {
+      // (the batched kernel narrows to a 16-bit type from float32 only: convert.cuh)
+      if (d != nullptr && (t->scalar_type() == at::kFloat || dst == at::kFloat) &&
+          (dev == nullptr || (dev == d && t->device() == sources[0].device()))) {
         at::Tensor out = at::empty(t->sizes(), t->options().dtype(dst));
         if (add_segment(cp, t->const_data_ptr(), t->scalar_type(), out.mutable_data_ptr(), dst, t->numel())) {
           if (dev == nullptr) guard.reset_device(t->device());  // (the launch's stream: its device's current one)
