@@ -260,9 +260,10 @@ void cast_results(std::initializer_list<std::pair<at::Tensor*, at::ScalarType>> 
     if (plain_result(*t)) {
       const DeviceConvertFn d = device_convert_for(*t);
       DType dst_t = DType::kFloat32;
-      // (the batched kernel narrows to a 16-bit type from float32 only: convert.cuh)
+      // (the batched kernel narrows to a 16-bit type from float32 only: convert.cuh; one launch
+      // serves one device)
       if (d != nullptr && (t->scalar_type() == at::kFloat || dst == at::kFloat) &&
-          (dev == nullptr || (dev == d && t->device() == sources[0].device()))) {
+          (dev == nullptr || t->device() == sources[0].device())) {
         at::Tensor out = at::empty(t->sizes(), t->options().dtype(dst));
         if (add_segment(cp, t->const_data_ptr(), t->scalar_type(), out.mutable_data_ptr(), dst, t->numel())) {
           if (dev == nullptr) guard.reset_device(t->device());  // (the launch's stream: its device's current one)
@@ -271,8 +272,7 @@ void cast_results(std::initializer_list<std::pair<at::Tensor*, at::ScalarType>> 
           *t = std::move(out);
           continue;
         }
-      } else if (d == nullptr && t->scalar_type() == at::kFloat && t->is_cpu() && t->numel() <= kHostConvertMax &&
-                 cpu::use_vector_kernels() && to_dtype(dst, dst_t)) {
+      } else if (d == nullptr && host_convertible(*t, t->scalar_type()) && to_dtype(dst, dst_t)) {
         at::Tensor out = at::empty(t->sizes(), t->options().dtype(dst));
         cpu::from_float(dst_t, t->const_data_ptr<float>(), out.mutable_data_ptr(), t->numel());
         *t = std::move(out);
