@@ -7,6 +7,7 @@ from __future__ import annotations
 import inspect
 from typing import Any, Optional, Tuple
 
+import torch
 import torch.fx
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm, _LazyNormBase
@@ -98,6 +99,8 @@ def batch_norm_module(input: Tensor, weight: Optional[Tensor], bias: Optional[Te
 
 torch.fx.wrap("batch_norm_module")
 
+_is_scripting = torch.jit.is_scripting
+
 
 # torch.compiler.disable imports torch._dynamo, and with it triton, at once; torch._disable_dynamo
 # (torch's own lazy form, in every release we support) waits for the first call: after
@@ -124,16 +127,62 @@ class _BatchNormNd(_BatchNorm):
     """torch's ``_BatchNorm`` with the forward on :func:`bn_cuda.functional.batch_norm`."""
 
     _input_dims: Tuple[int, ...] = ()
+    # (read as TorchScript constants by _scripted_forward)
+    __constants__ = [*_BatchNorm.__constants__, "_input_dims", "_script_dims_error", "_script_name"]
+    _script_dims_error = ""
+    _script_name = ""
 
     def _check_input_dim(self, input: Tensor) -> None:
         _check_dims(input, self._input_dims)
 
     def forward(self, input: Tensor) -> Tensor:
+        if _is_scripting():  # (a static True for torch.jit.script, which compiles only this branch)
+            return self._scripted_forward(input)
         _refuse_onnx_training(self)
         fn = (_cumulative_batch_norm_module if self.momentum is None and self.training and self.track_running_stats
               else batch_norm_module)
         return fn(input, self.weight, self.bias, self.running_mean, self.running_var, self.num_batches_tracked,
                   self.training, self.track_running_stats, self.momentum, self.eps, self._input_dims)
+
+    def _scripted_forward(self, input: Tensor) -> Tensor:
+        """The forward under ``torch.jit.script`` (torch's batch norms are scriptable, so these
+        drop-ins are too): :func:`batch_norm_module`'s bookkeeping in TorchScript, the kernels called
+        through the dispatcher (``torch.ops.bn_cuda``, whose autograd is registered in C++). A saved
+        script module needs ``import bn_cuda`` in the process that loads it.
+
+        ``num_batches_tracked`` is counted after the kernel ran (TorchScript has no ``try``), so a
+        call that raises still changes no buffer."""
+        rank_ok = False
+        for rank in self._input_dims:
+            rank_ok = rank_ok or input.dim() == rank
+        if not rank_ok:
+            raise ValueError(self._script_dims_error + " (got " + str(input.dim()) + "D input)")
+        count = self.num_batches_tracked
+        counted = self.training and self.track_running_stats and count is not None
+        momentum = self.momentum
+        factor = 0.0
+        if momentum is not None:
+            factor = momentum
+        elif counted and count is not None:
+            factor = 1.0 / (float(count.item()) + 1.0)  # cumulative moving average, as torch's
+        mean = self.running_mean
+        var = self.running_var
+        bn_training = self.training or (mean is None and var is None)
+        if self.training and not self.track_running_stats:
+            mean = None
+            var = None
+        if bn_training:
+            if input.numel() == input.size(1) and input.numel() != 0:
+                raise ValueError("bn_cuda.nn." + self._script_name + ": expected more than 1 value per feature "
+                                 "when training, got input of shape " + str(input.shape))
+            out = torch.ops.bn_cuda.forward_train(input, self.weight, self.bias, mean, var, factor, self.eps, [1],
+                                                  True)[0]
+        else:
+            assert mean is not None and var is not None
+            out = torch.ops.bn_cuda.forward_infer(input, self.weight, self.bias, mean, var, self.eps, [1])
+        if counted and count is not None:
+            count.add_(1)
+        return out
 
 
 class BatchNorm1d(_BatchNormNd):
@@ -146,6 +195,8 @@ class BatchNorm1d(_BatchNormNd):
     """
 
     _input_dims = (2, 3)
+    _script_dims_error = "expected 2D or 3D input"
+    _script_name = "BatchNorm1d"
 
 
 class BatchNorm2d(_BatchNormNd):
@@ -153,6 +204,8 @@ class BatchNorm2d(_BatchNormNd):
     or ``channels_last`` (the output keeps the input's memory format). See :class:`BatchNorm1d`."""
 
     _input_dims = (4,)
+    _script_dims_error = "expected 4D input"
+    _script_name = "BatchNorm2d"
 
 
 class BatchNorm3d(_BatchNormNd):
@@ -160,6 +213,8 @@ class BatchNorm3d(_BatchNormNd):
     or ``channels_last_3d``. See :class:`BatchNorm1d`."""
 
     _input_dims = (5,)
+    _script_dims_error = "expected 5D input"
+    _script_name = "BatchNorm3d"
 
 
 class _LazyBatchNormNd(_LazyNormBase):

@@ -418,3 +418,104 @@ def test_compiled_cumulative_average_does_not_recompile():
             torch.testing.assert_close(compiled(x), ref(x), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(model[1].running_var, ref[1].running_var, rtol=1e-5, atol=1e-6)
     assert int(model[1].num_batches_tracked) == 6
+
+
+def _jit(fn, *args, **kwargs):
+    """A torch.jit call without its deprecation warning (TorchScript is deprecated, not removed:
+    torch's batch norms still script, so the drop-ins must)."""
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        return fn(*args, **kwargs)
+
+
+def _script(module):
+    return _jit(torch.jit.script, module)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", list(PAIRS))
+@pytest.mark.parametrize("kwargs", [{}, {"momentum": None}, {"affine": False}, {"track_running_stats": False},
+                                    {"momentum": 0.3, "eps": 1e-3}])
+def test_torch_jit_script_matches_torch_script(device, name, kwargs):
+    """torch.jit.script of BatchNorm1d/2d/3d (torch's own are scriptable): the script calls our
+    kernels (bn_cuda::forward_train / forward_infer in its graph) and computes what torch's scripted
+    layer computes (outputs, memory format, gradients, buffers over two training steps and an
+    evaluation call); it survives torch.jit.save / load."""
+    ours_cls, torch_cls, shape = PAIRS[name]
+    c = shape[1]
+    ref = torch_cls(c, **kwargs).double().to(device)
+    if ref.affine:
+        with torch.no_grad():
+            g = torch.Generator().manual_seed(3)
+            ref.weight.copy_(torch.rand(c, generator=g, dtype=torch.float64) + 0.5)
+            ref.bias.copy_(torch.randn(c, generator=g, dtype=torch.float64))
+    ours = ours_cls(c, **kwargs).double().to(device)
+    ours.load_state_dict(ref.state_dict())
+    scripted, ref_scripted = _script(ours), _script(ref)
+    graph = str(scripted.graph) + "".join(str(m.graph) for m in [scripted._c._get_method("_scripted_forward")])
+    assert "bn_cuda::forward_train" in graph
+    assert ("bn_cuda::forward_infer" in graph) == ref.track_running_stats  # (else eval uses batch statistics)
+    _compare_steps(scripted, ref_scripted, name, shape, device, seed=50)
+    if ref.affine:
+        torch.testing.assert_close(scripted.weight.grad, ref_scripted.weight.grad, rtol=1e-7, atol=1e-9)
+        torch.testing.assert_close(scripted.bias.grad, ref_scripted.bias.grad, rtol=1e-7, atol=1e-9)
+    import io
+    buffer = io.BytesIO()
+    _jit(torch.jit.save, scripted, buffer)
+    buffer.seek(0)
+    loaded = _jit(torch.jit.load, buffer, map_location=device)
+    x = _data(shape, 60, device)
+    for train in (False, True):
+        loaded.train(train)
+        scripted.train(train)
+        assert torch.equal(loaded(x), scripted(x))
+    assert torch.equal(loaded.running_var, scripted.running_var) if ref.track_running_stats else True
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_torch_jit_script_errors_change_no_buffer(momentum):
+    """The scripted layer refuses a wrong rank, one value per feature in training and a wrong channel
+    count with the eager layer's messages, and changes no buffer (num_batches_tracked included)."""
+    scripted = _script(BatchNorm2d(3, momentum=momentum))
+    before = {k: v.clone() for k, v in scripted.state_dict().items()}
+    for bad, match in (((2, 3, 4), r"expected 4D input \(got 3D input\)"),
+                       ((1, 3, 1, 1), r"expected more than 1 value per feature when training, got input of shape "
+                                      r"\[1, 3, 1, 1\]"),
+                       ((4, 5, 2, 2), r"weight has shape \[3\].*5 features")):
+        # (a raise in TorchScript reaches Python as torch.jit.Error, as with torch's scripted layers;
+        # the kernels' errors as RuntimeError)
+        with pytest.raises((torch.jit.Error, RuntimeError), match=match):
+            scripted(torch.randn(bad))
+        for k, v in scripted.state_dict().items():
+            assert torch.equal(v, before[k]), (bad, k)
+    x = _data((4, 3, 2, 2), 1, "cpu").float()
+    ref = torch.nn.BatchNorm2d(3, momentum=momentum)
+    for _ in range(3):
+        scripted(x)
+        ref(x)
+    assert int(scripted.num_batches_tracked) == 3
+    torch.testing.assert_close(scripted.running_var, ref.running_var)
+
+
+def test_torch_jit_script_of_a_converted_model():
+    """A model converted by convert_batchnorm scripts as a whole (the conversion must not break a
+    user's torch.jit.script export) and trains like the scripted original."""
+    torch.manual_seed(4)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 17, 3), torch.nn.BatchNorm2d(17), torch.nn.ReLU(),
+                                torch.nn.Flatten(2), torch.nn.BatchNorm1d(17, momentum=None)).double()
+    ref = _script(copy.deepcopy(model))
+    scripted = _script(convert_batchnorm(model))
+    assert type(model[1]) is BatchNorm2d and type(model[4]) is BatchNorm1d
+    for step in range(3):
+        scripted.train(step < 2)
+        ref.train(step < 2)
+        x = torch.randn(5, 3, 9, 9, dtype=torch.float64)
+        xo, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
+        yo, yr = scripted(xo), ref(xr)
+        torch.testing.assert_close(yo, yr, rtol=1e-9, atol=1e-9)
+        yo.sum().backward()
+        yr.sum().backward()
+        torch.testing.assert_close(xo.grad, xr.grad, rtol=1e-7, atol=1e-9)
+    for (n, a), (_, b) in zip(scripted.state_dict().items(), ref.state_dict().items()):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9, msg=n)
