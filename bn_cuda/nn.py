@@ -15,7 +15,7 @@ from torch.nn.modules.batchnorm import _BatchNorm, _LazyNormBase
 from . import distributed, functional, ops
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "LazyBatchNorm1d", "LazyBatchNorm2d", "LazyBatchNorm3d",
-           "SyncBatchNorm", "convert_batchnorm", "batch_norm_module"]
+           "SyncBatchNorm", "convert_batchnorm", "batch_norm_module", "fuser_method_mapping"]
 
 
 # torch.nn's batch norms take `bias=` (a weight without a bias) only in recent releases.
@@ -299,6 +299,52 @@ def convert_batchnorm(module: nn.Module) -> nn.Module:
         return m
 
     return _convert_tree(module, drop_in, {})
+
+
+def fuser_method_mapping() -> dict:
+    r"""Fuser methods for ``torch.ao.quantization.fuse_modules`` / ``fuse_modules_qat`` on the
+    patterns of torch's own table that hold a batch norm, with bn_cuda's :class:`BatchNorm1d/2d/3d`
+    in place of torch's: ``(Conv2d, BatchNorm2d)``, ``(Conv2d, BatchNorm2d, ReLU)``,
+    ``(Linear, BatchNorm1d)``, ``(ConvTranspose2d, BatchNorm2d)``, ``(BatchNorm2d, ReLU)``, ... in
+    1, 2 and 3 dimensions. ``fuse_modules`` looks fusers up by exact type, so without it a converted
+    model cannot be fused::
+
+        fuse_modules(model.eval(), [["conv", "bn", "relu"]],
+                     fuse_custom_config_dict={"additional_fuser_method_mapping": bn_cuda.nn.fuser_method_mapping()})
+
+    Each method hands torch's fuser a ``torch.nn.BatchNorm*d`` sharing the layer's parameters and
+    buffers (the same tensors), so the fused modules are torch's, as quantization expects: evaluation
+    fusion folds the statistics into the convolution or linear layer; quantization-aware training
+    gets torch's ``ConvBn2d`` and friends, whose batch norm trains on torch's kernels.
+    """
+    from torch.ao.quantization import fuser_method_mappings as torch_fusers
+
+    table = getattr(torch_fusers, "_DEFAULT_OP_LIST_TO_FUSER_METHOD", None)
+    if not isinstance(table, dict):  # pragma: no cover (a torch that renamed its table)
+        raise RuntimeError("bn_cuda.nn.fuser_method_mapping: this torch has no "
+                           "torch.ao.quantization.fuser_method_mappings._DEFAULT_OP_LIST_TO_FUSER_METHOD table; "
+                           "fuse with torch.nn.utils.fusion.fuse_conv_bn_eval instead")
+    ours = {torch_cls: our_cls for torch_cls, our_cls in _DROP_INS.items()}
+    return {tuple(ours.get(t, t) for t in key): _on_torch_layers(method)
+            for key, method in table.items() if any(t in ours for t in key)}
+
+
+def _on_torch_layers(method: Any) -> Any:
+    """``method(is_qat, *modules)`` with bn_cuda's batch norms among ``modules`` given as torch's."""
+    def fuse(is_qat: bool, *modules: nn.Module) -> nn.Module:
+        return method(is_qat, *(_as_torch_layer(m) for m in modules))
+
+    return fuse
+
+
+def _as_torch_layer(module: nn.Module) -> nn.Module:
+    """A :class:`BatchNorm1d/2d/3d` as torch's, sharing its parameters and buffers; anything else as it is."""
+    for torch_cls, our_cls in _DROP_INS.items():
+        if type(module) is our_cls:
+            layer = torch_cls(module.num_features, module.eps, module.momentum, module.affine,
+                              module.track_running_stats, **_bias_kwargs(module.bias is not None))
+            return _share_state(layer, module)
+    return module
 
 
 def _convert_tree(module: nn.Module, convert: Any, memo: dict) -> nn.Module:

@@ -519,3 +519,67 @@ def test_torch_jit_script_of_a_converted_model():
         torch.testing.assert_close(xo.grad, xr.grad, rtol=1e-7, atol=1e-9)
     for (n, a), (_, b) in zip(scripted.state_dict().items(), ref.state_dict().items()):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9, msg=n)
+
+
+def _fusable_model():
+    """Every batch-norm pattern of torch's fuser table once, in a model that runs: (conv, bn,
+    relu) in 1, 2 and 3 dimensions, (conv, bn), (linear, bn), (convtranspose, bn), (bn, relu)."""
+    nn = torch.nn
+    return nn.ModuleDict({
+        "c1": nn.Sequential(nn.Conv1d(3, 17, 3), nn.BatchNorm1d(17), nn.ReLU()),
+        "c2": nn.Sequential(nn.Conv2d(3, 17, 3), nn.BatchNorm2d(17), nn.ReLU()),
+        "c3": nn.Sequential(nn.Conv3d(3, 5, 3), nn.BatchNorm3d(5)),
+        "lin": nn.Sequential(nn.Linear(7, 17), nn.BatchNorm1d(17)),
+        "ct": nn.Sequential(nn.ConvTranspose2d(3, 5, 3), nn.BatchNorm2d(5)),
+        "br": nn.Sequential(nn.BatchNorm2d(3), nn.ReLU()),
+    })
+
+
+_FUSE_GROUPS = {"c1": ["0", "1", "2"], "c2": ["0", "1", "2"], "c3": ["0", "1"], "lin": ["0", "1"], "ct": ["0", "1"],
+                "br": ["0", "1"]}
+_FUSE_INPUTS = {"c1": (4, 3, 9), "c2": (4, 3, 9, 7), "c3": (2, 3, 5, 5, 5), "lin": (6, 7), "ct": (4, 3, 5, 5),
+                "br": (4, 3, 5, 7)}
+
+
+@pytest.mark.parametrize("qat", [False, True], ids=["eval", "qat"])
+def test_quantization_fuse_modules_with_fuser_method_mapping(qat):
+    """torch.ao.quantization.fuse_modules (eval) and fuse_modules_qat (training) fuse a converted
+    model with bn_cuda.nn.fuser_method_mapping(): the same fused module types as for torch's layers,
+    holding our layers' tensors, computing what torch's fusion of the original model computes."""
+    from torch.ao.quantization import fuse_modules, fuse_modules_qat
+    fuse = fuse_modules_qat if qat else fuse_modules
+    torch.manual_seed(5)
+    model = _fusable_model().double()
+    g = torch.Generator().manual_seed(6)
+    for m in model.modules():  # running statistics and affine parameters of their own
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=g, dtype=torch.float64))
+            m.running_var.copy_(torch.rand(m.num_features, generator=g, dtype=torch.float64) + 0.5)
+            with torch.no_grad():
+                m.weight.copy_(torch.rand(m.num_features, generator=g, dtype=torch.float64) + 0.5)
+                m.bias.copy_(torch.randn(m.num_features, generator=g, dtype=torch.float64))
+    model.train(qat)
+    ref = copy.deepcopy(model)
+    convert_batchnorm(model)
+    assert type(model["c2"][1]) is BatchNorm2d and type(model["lin"][1]) is BatchNorm1d
+    with pytest.raises(AssertionError, match="did not find fuser method"):  # (torch's table alone)
+        fuse(copy.deepcopy(model["c2"]), [["0", "1", "2"]])
+    bn_weights = {name: seq[0 if name == "br" else 1].weight for name, seq in model.items()}
+    mapping = bn_cuda.nn.fuser_method_mapping()
+    for name, group in _FUSE_GROUPS.items():
+        if qat and name == "ct":  # (torch refuses this one in QAT: so must we, with its message)
+            for m, kw in ((model, {"fuse_custom_config_dict": {"additional_fuser_method_mapping": mapping}}), (ref, {})):
+                with pytest.raises(Exception, match="ConvTranspose\\+BatchNorm not yet supported in QAT"):
+                    fuse(m[name], [group], inplace=True, **kw)
+            continue
+        fused = fuse(model[name], [group], inplace=True,
+                     fuse_custom_config_dict={"additional_fuser_method_mapping": mapping})
+        fused_ref = fuse(ref[name], [group], inplace=True)
+        assert [type(m) for m in fused] == [type(m) for m in fused_ref], name
+        x = torch.randn(_FUSE_INPUTS[name], generator=g, dtype=torch.float64)
+        if qat:  # (QAT modules keep the batch norm, sharing our layer's parameters)
+            assert any(p is bn_weights[name] for p in fused.parameters()), name
+        else:
+            fused.eval()
+            fused_ref.eval()
+        torch.testing.assert_close(fused(x), fused_ref(x), rtol=1e-9, atol=1e-9, msg=name)
