@@ -622,5 +622,42 @@ def batch_norm_infer(input: Tensor, weight: Optional[Tensor], bias: Optional[Ten
             return out
     check_same_device(input, weight=weight, bias=bias, running_mean=running_mean, running_var=running_var)
     who = "bn_cuda.batch_norm_infer"
+    if _is_compiling() and input.is_cuda and not _is_exporting():
+        return infer_for_inductor(input, weight, bias, running_mean, running_var, as_float(who, "eps", eps),
+                                  as_axes(who, axis))
     return _ops.forward_infer.default(input, weight, bias, running_mean, running_var, as_float(who, "eps", eps),
                                       as_axes(who, axis))
+
+
+def infer_for_inductor(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], running_mean: Tensor,
+                       running_var: Tensor, eps: float, axis: Sequence[int]) -> Tensor:
+    """The inference forward of CUDA tensors under ``torch.compile`` (not ``torch.export``, whose
+    programs keep ``bn_cuda::forward_infer`` for deployment and ONNX): the kernel's arithmetic as
+    torch operations, ``(x - mean) * (weight * (1 / sqrt(var + eps))) + bias`` in the accumulation
+    dtype (epilogue.h's ``apply_coeffs`` / ``apply_one``), after the operator's checks.
+
+    Inference is one elementwise pass, which Inductor's Triton code runs at the memory-bandwidth
+    floor too; as torch operations it fuses with its neighbours (a ReLU, a residual add: one pass
+    over the activation instead of two) and with ``freezing`` folds into a preceding convolution,
+    as torch's batch norm does. The opaque operator blocks both. (Not on CPU: there Inductor's C++
+    code for a batch norm alone ran 1.2-2.8x slower than our kernel, and with a ReLU after it
+    neither way won, on a 2-core AMD EPYC; see docs/cpu-kernels.md.)"""
+    # (_check_forward's message closures stop Dynamo's trace: its plain checks instead, as under
+    # torch.export's strict trace, bn_cuda.onnx)
+    _check_input_rank(input, "forward")
+    for name, t in (("input", input), ("weight", weight), ("bias", bias), ("running_mean", running_mean),
+                    ("running_var", running_var)):
+        if t is not None:
+            _check_floating(t, name)
+    _check_forward_eps(eps, False, input.dtype)
+    _onnx()._check(input, weight, bias, running_mean, running_var, False, eps, axis)
+    axes = normalize_axes(axis, input.dim())
+    acc = _acc_dtype(input.dtype)
+    shape = [input.shape[i] if i in axes else 1 for i in range(input.dim())]
+    scale = torch.reciprocal(torch.sqrt(running_var.to(acc).reshape(shape) + eps))
+    if weight is not None:
+        scale = weight.to(acc).reshape(shape) * scale
+    out = (input.to(acc) - running_mean.to(acc).reshape(shape)) * scale
+    if bias is not None:
+        out = out + bias.to(acc).reshape(shape)
+    return out.to(input.dtype)

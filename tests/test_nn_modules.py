@@ -583,3 +583,96 @@ def test_quantization_fuse_modules_with_fuser_method_mapping(qat):
             fused.eval()
             fused_ref.eval()
         torch.testing.assert_close(fused(x), fused_ref(x), rtol=1e-9, atol=1e-9, msg=name)
+
+
+def _graphs_of(fn, *args):
+    """The FX graphs torch.compile(fullgraph=True) hands its backend for ``fn(*args)``, and the result."""
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    out = torch.compile(fn, backend=backend, fullgraph=True)(*args)
+    return graphs, out
+
+
+def _bn_cuda_targets(graphs):
+    return [str(n.target) for g in graphs for n in g.graph.nodes if "bn_cuda" in str(n.target)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_compiled_inference_of_cuda_tensors_is_torch_operations(device, dtype):
+    """Under torch.compile an evaluation-mode batch norm of CUDA tensors traces as torch operations
+    (bn_cuda.ops.infer_for_inductor: the kernel's (x - mean) * (weight / sqrt(var + eps)) + bias in
+    the accumulation dtype), which Inductor fuses with a following ReLU and folds into a convolution
+    under freezing, as it does torch's own batch norm; of CPU tensors it stays bn_cuda's operator.
+    Either way the result is the eager kernel's to rounding (the torch operations are also compared
+    on CPU, called directly), on inputs whose mean is 1e4 times their spread, with float32
+    statistics for bf16 input, in channels_last; torch.export records bn_cuda::forward_infer."""
+    torch.manual_seed(7)
+    c = 17
+    layer = BatchNorm2d(c).to(device)
+    with torch.no_grad():
+        layer.running_mean.copy_(1e4 + torch.randn(c, dtype=torch.float64).to(device))
+        layer.running_var.copy_(torch.rand(c, dtype=torch.float64).to(device) + 0.5)
+        layer.weight.copy_(torch.rand(c) + 0.5)
+        layer.bias.copy_(torch.randn(c))
+    if dtype == torch.float64:
+        layer.double()
+    layer.eval()
+    model = torch.nn.Sequential(layer, torch.nn.ReLU())
+    x = (layer.running_mean.double().reshape(1, c, 1, 1) + torch.randn(5, c, 7, 7, dtype=torch.float64, device=device))
+    x = x.to(dtype).contiguous(memory_format=torch.channels_last).requires_grad_()
+    graphs, out = _graphs_of(model, x)
+    assert _bn_cuda_targets(graphs) == ([] if device == "cuda" else ["bn_cuda.forward_infer.default"])
+    params = (layer.weight, layer.bias, layer.running_mean, layer.running_var, layer.eps, [1])
+    direct_graphs, direct = _graphs_of(lambda t: bn_cuda.ops.infer_for_inductor(t, *params).relu(), x)
+    assert _bn_cuda_targets(direct_graphs) == []
+    eager = model(x)
+    tol = {torch.float32: 2e-6, torch.bfloat16: 1e-2, torch.float64: 1e-13}[dtype]
+    g = torch.randn_like(eager)
+    ys = (eager, out, direct)
+    grads = [torch.autograd.grad(y, (x, layer.weight, layer.bias), g) for y in ys]
+    for y, gs in zip(ys[1:], grads[1:]):
+        torch.testing.assert_close(y, eager, rtol=tol, atol=tol)
+        assert y.is_contiguous(memory_format=torch.channels_last)
+        for a, e, name in zip(gs, grads[0], ("input", "weight", "bias")):
+            torch.testing.assert_close(a, e, rtol=tol * 10, atol=tol * 10, msg=name)
+    ep = torch.export.export(model, (x.detach(),))
+    assert any("bn_cuda.forward_infer" in str(n.target) for n in ep.graph.nodes)
+
+
+def test_compiled_inference_fuses_under_inductor():
+    """Inductor compiles a converted Conv2d -> BatchNorm2d -> ReLU evaluation model on CPU (with and
+    without freezing) to what torch's model compiles to, within float32 rounding, and its errors keep their
+    messages: a wrong per-feature size and integer input (the fake kernel's error, which Dynamo
+    raises as a RuntimeError holding its message, or the kernel's where Dynamo runs the frame)."""
+    import torch._inductor.config as inductor_config
+    torch.manual_seed(8)
+    ref = torch.nn.Sequential(torch.nn.Conv2d(3, 17, 3), torch.nn.BatchNorm2d(17), torch.nn.ReLU()).eval()
+    with torch.no_grad():
+        ref[1].running_mean.uniform_(-1, 1)
+        ref[1].running_var.uniform_(0.5, 1.5)
+        ref[1].weight.uniform_(0.5, 1.5)
+        ref[1].bias.uniform_(-1, 1)
+    model = convert_batchnorm(copy.deepcopy(ref))
+    x = torch.randn(4, 3, 9, 9)
+    for freezing in (False, True):
+        torch._dynamo.reset()
+        with inductor_config.patch(freezing=freezing), torch.no_grad():
+            out = torch.compile(model)(x)
+        torch.testing.assert_close(out, ref(x), rtol=1e-5, atol=1e-5)
+    layer = BatchNorm2d(3).eval()
+    for bad, err, match in ((torch.randn(4, 5, 2, 2), (ValueError, RuntimeError), r"weight has shape \[3\].*5 features"),
+                            (torch.ones(4, 3, 2, 2, dtype=torch.int64), (TypeError, RuntimeError),
+                             "input must be a floating-point")):
+        torch._dynamo.reset()
+        with pytest.raises(err, match=match):
+            torch.compile(layer, backend="eager")(bad)
+        torch._dynamo.reset()  # (the torch operations CUDA tensors take: their own checks, same messages)
+        with pytest.raises(err, match=match):
+            torch.compile(lambda t: bn_cuda.ops.infer_for_inductor(t, layer.weight, layer.bias, layer.running_mean,
+                                                                   layer.running_var, 1e-5, [1]), backend="eager")(bad)
