@@ -55,21 +55,29 @@ def _compare_steps(ours, ref, name, shape, device, seed, first=None):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9, msg=n)
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("name", list(PAIRS))
-@pytest.mark.parametrize("kwargs", [{}, {"momentum": None}, {"affine": False}, {"track_running_stats": False},
-                                    {"momentum": 0.3, "eps": 1e-3}])
-def test_matches_torch_module(device, name, kwargs):
+def _module_pair(name, kwargs, device, seed):
+    """(ours, torch's) float64 layers of PAIRS[name] with ``kwargs``, the same random affine
+    parameters (seeded) and buffers."""
     ours_cls, torch_cls, shape = PAIRS[name]
     c = shape[1]
     ours = ours_cls(c, **kwargs).double().to(device)
     ref = torch_cls(c, **kwargs).double().to(device)
     if ref.affine:
         with torch.no_grad():
-            g = torch.Generator().manual_seed(1)
+            g = torch.Generator().manual_seed(seed)
             ref.weight.copy_(torch.rand(c, generator=g, dtype=torch.float64) + 0.5)
             ref.bias.copy_(torch.randn(c, generator=g, dtype=torch.float64))
     ours.load_state_dict(ref.state_dict())
+    return ours, ref
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", list(PAIRS))
+@pytest.mark.parametrize("kwargs", [{}, {"momentum": None}, {"affine": False}, {"track_running_stats": False},
+                                    {"momentum": 0.3, "eps": 1e-3}])
+def test_matches_torch_module(device, name, kwargs):
+    shape = PAIRS[name][2]
+    ours, ref = _module_pair(name, kwargs, device, seed=1)
     assert list(ours.state_dict()) == list(ref.state_dict())
     _compare_steps(ours, ref, name, shape, device, seed=10)
     if ref.affine:
@@ -442,16 +450,8 @@ def test_torch_jit_script_matches_torch_script(device, name, kwargs):
     kernels (bn_cuda::forward_train / forward_infer in its graph) and computes what torch's scripted
     layer computes (outputs, memory format, gradients, buffers over two training steps and an
     evaluation call); it survives torch.jit.save / load."""
-    ours_cls, torch_cls, shape = PAIRS[name]
-    c = shape[1]
-    ref = torch_cls(c, **kwargs).double().to(device)
-    if ref.affine:
-        with torch.no_grad():
-            g = torch.Generator().manual_seed(3)
-            ref.weight.copy_(torch.rand(c, generator=g, dtype=torch.float64) + 0.5)
-            ref.bias.copy_(torch.randn(c, generator=g, dtype=torch.float64))
-    ours = ours_cls(c, **kwargs).double().to(device)
-    ours.load_state_dict(ref.state_dict())
+    shape = PAIRS[name][2]
+    ours, ref = _module_pair(name, kwargs, device, seed=3)
     scripted, ref_scripted = _script(ours), _script(ref)
     graph = str(scripted.graph) + "".join(str(m.graph) for m in [scripted._c._get_method("_scripted_forward")])
     assert "bn_cuda::forward_train" in graph
