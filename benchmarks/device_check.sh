@@ -27,6 +27,7 @@ step() {  # step NAME TIMEOUT CMD...: run, log to $WORK/NAME.log, record the res
   echo "| $name | $verdict | $((SECONDS - t0)) s |" >>"$SUMMARY"
   echo "== $name: $verdict in $((SECONDS - t0)) s"; tail -n 5 "$WORK/$name.log"
 }
+measure() { local keep=$status; step "$@"; status=$keep; }  # a step whose failure or skip is reported, not fatal
 
 {
   echo "# bn_cuda device check"
@@ -125,6 +126,12 @@ step host-time 60 "$PY" -m benchmarks.host_time --device cuda --out "$WORK/host"
 # (and the one-launch channels-first path against the three-launch one, bitwise).
 step crosscheck-cuda 80 "$PY" scripts/crosscheck_kernels.py --device cuda --seed 1 --minutes 1
 
+# With time left: an evaluation-mode batch norm inside compiled models (BN -> ReLU, conv -> BN -> ReLU
+# with freezing), torch's against ours routed to torch operations and against our operator forced
+# (benchmarks/compile_eval.py: the measurement behind ops.infer_for_inductor's CUDA routing).
+# (a measurement, not a check: reported, not fatal; rows are written as they finish)
+measure compile-eval 120 "$PY" -m benchmarks.compile_eval --device cuda --out "$WORK/bench"
+
 # With time left: the CPU tests too (they also run in CI).
 [ -z "${BN_CUDA_SKIP_REST:-}" ] && step pytest-rest 120 "$PY" -m pytest tests -q -ra -m "not cuda and not tf" -x -p no:cacheprovider \
   --ignore=tests/test_distributed.py --ignore=tests/test_consumer_ext.py
@@ -142,6 +149,7 @@ step crosscheck-cuda 80 "$PY" scripts/crosscheck_kernels.py --device cuda --seed
   [ -f "$WORK/compare-graphs.md" ] && { echo; echo "## against the last committed run, CUDA graphs"; cat "$WORK/compare-graphs.md"; }
   [ -f "$WORK/kernel_profile.md" ] && { echo; cat "$WORK/kernel_profile.md"; }
   [ -f "$WORK/host/host-time.md" ] && { echo; sed 's/^# /## /' "$WORK/host/host-time.md"; }
+  [ -f "$WORK/bench/compile-eval.md" ] && { echo; sed 's/^# /## /' "$WORK/bench/compile-eval.md"; }
 } >>"$SUMMARY"
 
 # At most 8 files come back: the summary, the logs, the benchmark's JSON/CSV/PNG, and a tarball.

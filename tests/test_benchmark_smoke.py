@@ -211,3 +211,25 @@ def test_host_time_writes_every_row(tmp_path):
     assert saved["rows"] == rows and saved["settings"]["calls"] == 3
     text = (tmp_path / "host-time.md").read_text()
     assert all(f"| {n} |" in text for n in names)
+
+
+def test_compile_eval_writes_every_row(tmp_path):
+    """benchmarks/compile_eval.py (an evaluation-mode batch norm inside compiled models, torch's
+    against ours four ways): every model and dtype measured, the same outputs as torch's model, the
+    files written. (The eager backend: Inductor's compiles cost minutes on a small CPU; the device
+    check runs Inductor.) Times are not checked."""
+    from benchmarks import compile_eval
+
+    doc = compile_eval.main(["--backend", "eager", "--rounds", "1", "--min-run-time", "0.001", "--shape", "2x5x6x6",
+                             "--dtypes", "fp32,bf16", "--out", str(tmp_path)])
+    rows = doc["rows"]
+    assert [(r["model"], r["dtype"], r["layout"]) for r in rows] == [
+        ("bn-relu", "float32", "contiguous"), ("conv-bn-relu", "float32", "contiguous"),
+        ("bn-relu", "bfloat16", "channels_last"), ("conv-bn-relu", "bfloat16", "channels_last")]
+    for r in rows:
+        assert set(r["ms"]) == set(compile_eval.IMPLS) and all(v > 0 for v in r["ms"].values()), r
+        assert r["torch_over"]["ours"] == pytest.approx(r["ms"]["torch"] / r["ms"]["ours"], rel=0.01)
+        assert r["max_abs_diff"] <= (1e-5 if r["dtype"] == "float32" else 0.05), r
+    saved = json.loads((tmp_path / "compile-eval.json").read_text())
+    assert saved["rows"] == rows
+    assert (tmp_path / "compile-eval.md").read_text().count("| bn-relu |") == 2
