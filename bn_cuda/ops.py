@@ -640,8 +640,8 @@ def infer_for_inductor(input: Tensor, weight: Optional[Tensor], bias: Optional[T
     floor too; as torch operations it fuses with its neighbours (a ReLU, a residual add: one pass
     over the activation instead of two) and with ``freezing`` folds into a preceding convolution,
     as torch's batch norm does. The opaque operator blocks both. (Not on CPU: there Inductor's C++
-    code for a batch norm alone ran 1.2-2.8x slower than our kernel, and with a ReLU after it
-    neither way won, on a 2-core AMD EPYC; see docs/cpu-kernels.md.)"""
+    code for a batch norm alone ran 1.2-2.8x slower than our kernel, and with a ReLU after it our
+    operator was as fast or faster, on a 2-core AMD EPYC; see docs/cpu-kernels.md.)"""
     # (_check_forward's message closures stop Dynamo's trace: its plain checks instead, as under
     # torch.export's strict trace, bn_cuda.onnx)
     _check_input_rank(input, "forward")

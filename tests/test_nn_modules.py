@@ -676,3 +676,23 @@ def test_compiled_inference_fuses_under_inductor():
         with pytest.raises(err, match=match):
             torch.compile(lambda t: bn_cuda.ops.infer_for_inductor(t, layer.weight, layer.bias, layer.running_mean,
                                                                    layer.running_var, 1e-5, [1]), backend="eager")(bad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("axis, shape", [((-1, 1), (4, 5)), ((3, 1), (4, 5)), ((1, 3), (1, 4, 1, 5)), ((2,), (2,)),
+                                         ((1, 2), (8,)), ((1,), (4,))])
+def test_infer_for_inductor_matches_the_operator(dtype, axis, shape):
+    """bn_cuda.ops.infer_for_inductor (what CUDA tensors trace as under torch.compile) computes what
+    bn_cuda::forward_infer computes, for feature axes in any order and per-feature tensors in the
+    feature dims' shape, flat or Keras-shaped, float32 statistics for bf16 input; on a strided
+    (transposed) input."""
+    g = torch.Generator().manual_seed(9)
+    x = (torch.randn(3, 5, 2, 4, generator=g, dtype=torch.float64) * 2 + 7).transpose(1, 3).to(dtype)
+    pdt = torch.float32 if dtype == torch.bfloat16 else dtype
+    w, b, m = (torch.randn(shape, generator=g, dtype=torch.float64).to(pdt) for _ in range(3))
+    v = (torch.rand(shape, generator=g, dtype=torch.float64) + 0.5).to(pdt)
+    want = torch.ops.bn_cuda.forward_infer(x, w, b, m, v, 1e-5, list(axis))
+    got = bn_cuda.ops.infer_for_inductor(x, w, b, m, v, 1e-5, list(axis))
+    assert got.dtype == want.dtype == dtype
+    tol = {torch.float64: 1e-13, torch.float32: 2e-6, torch.bfloat16: 1e-2}[dtype]
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
