@@ -34,7 +34,7 @@ from torch.utils.benchmark import Timer
 
 import bn_cuda
 
-from .machine import device_slug, machine_info
+from .machine import device_slug, machine_info, provenance_lines
 
 IMPLS = ("torch", "ours", "ours-op", "ours-eager")
 MODELS = ("bn-relu", "conv-bn-relu")
@@ -108,8 +108,7 @@ def markdown(rows: List[Dict[str, Any]], info: Dict[str, Any], settings: Dict[st
     lines = [
         "# Evaluation-mode batch norm in a compiled model: torch's against ours",
         "",
-        f"- device: {info.get('device_name')}; torch {info.get('torch')}; commit {info.get('git_commit')}",
-        f"- bn_cuda: {info.get('bn_cuda_build')}",
+        *provenance_lines(info),
         f"- torch.compile backend {settings['backend']}, default mode; conv-bn-relu with Inductor's freezing; "
         f"median ms per call (torch.utils.benchmark), best of {settings['rounds']} alternating rounds",
         "- ours: convert_batchnorm (CUDA tensors: torch operations; CPU: the operator); ours-op: the operator "

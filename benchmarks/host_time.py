@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 import bn_cuda
 
-from .machine import device_slug, machine_info
+from .machine import device_slug, machine_info, provenance_lines
 
 Fn = Callable[[], Any]
 
@@ -136,8 +136,7 @@ def markdown(rows: List[Dict[str, Any]], info: Dict[str, Any], settings: Dict[st
     lines = [
         "# bn_cuda host time per call",
         "",
-        f"- device: {info.get('device_name')}; torch {info.get('torch')}; commit {info.get('git_commit')}",
-        f"- bn_cuda: {info.get('bn_cuda_build')}",
+        *provenance_lines(info),
         f"- input {'x'.join(map(str, SHAPE))} float32 (Keras layer: its channels-last transpose); "
         f"{settings['threads']} CPU thread(s); {settings['rounds']} alternating rounds of {settings['calls']} calls, "
         "the fastest round of each",

@@ -15,7 +15,7 @@ from typing import Any, Dict, Optional
 
 import torch
 
-__all__ = ["machine_info", "device_slug", "cpu_model", "OtherLoad"]
+__all__ = ["machine_info", "device_slug", "cpu_model", "provenance_lines", "OtherLoad"]
 
 _ROOT = Path(__file__).resolve().parent.parent
 
@@ -51,6 +51,13 @@ def _run(cmd: list) -> Optional[str]:
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() if out.returncode == 0 else None
+
+
+def provenance_lines(info: Dict[str, Any]) -> list:
+    """A markdown report's first bullets from :func:`machine_info`: device, torch and commit, then
+    how bn_cuda was built."""
+    return [f"- device: {info.get('device_name')}; torch {info.get('torch')}; commit {info.get('git_commit')}",
+            f"- bn_cuda: {info.get('bn_cuda_build')}"]
 
 
 def machine_info(device: torch.device) -> Dict[str, Any]:

@@ -106,14 +106,10 @@ def batch_norm(
                               ops.as_float(_WHO, "eps", eps), [a], True)[0]
             elif running_mean is not None and running_var is not None:
                 ops.as_float(_WHO, "momentum", momentum)  # (unused in evaluation, but checked as torch does)
-                if not compiling:
-                    return _forward_infer(input, weight, bias, running_mean, running_var,
-                                          ops.as_float(_WHO, "eps", eps), [a])
-                if input.is_cuda:  # (torch operations that Inductor fuses: ops.infer_for_inductor)
-                    return ops.batch_norm_infer(input, weight, bias, running_mean, running_var,
-                                                ops.as_float(_WHO, "eps", eps), [a])
-                return _ops.forward_infer.default(input, weight, bias, running_mean, running_var,
-                                                  ops.as_float(_WHO, "eps", eps), [a])
+                # (compiling: ops.batch_norm_infer picks the operator or, for CUDA tensors, torch
+                # operations that Inductor fuses)
+                fn = ops.batch_norm_infer if compiling else _forward_infer
+                return fn(input, weight, bias, running_mean, running_var, ops.as_float(_WHO, "eps", eps), [a])
     if not isinstance(input, Tensor):
         raise TypeError(f"bn_cuda.functional.batch_norm: input must be a Tensor, got {type(input).__name__}")
     axes = [axis] if type(axis) is int else ops.as_axes(_WHO, axis)  # (fast path for the common int)

@@ -128,9 +128,7 @@ class _BatchNormNd(_BatchNorm):
 
     _input_dims: Tuple[int, ...] = ()
     # (read as TorchScript constants by _scripted_forward)
-    __constants__ = [*_BatchNorm.__constants__, "_input_dims", "_script_dims_error", "_script_name"]
-    _script_dims_error = ""
-    _script_name = ""
+    __constants__ = [*_BatchNorm.__constants__, "_input_dims"]
 
     def _check_input_dim(self, input: Tensor) -> None:
         _check_dims(input, self._input_dims)
@@ -153,10 +151,12 @@ class _BatchNormNd(_BatchNorm):
         ``num_batches_tracked`` is counted after the kernel ran (TorchScript has no ``try``), so a
         call that raises still changes no buffer."""
         rank_ok = False
+        ranks = ""  # (_check_dims' message)
         for rank in self._input_dims:
             rank_ok = rank_ok or input.dim() == rank
+            ranks = ranks + (" or " if ranks != "" else "") + str(rank) + "D"
         if not rank_ok:
-            raise ValueError(self._script_dims_error + " (got " + str(input.dim()) + "D input)")
+            raise ValueError("expected " + ranks + " input (got " + str(input.dim()) + "D input)")
         count = self.num_batches_tracked
         counted = self.training and self.track_running_stats and count is not None
         momentum = self.momentum
@@ -173,8 +173,8 @@ class _BatchNormNd(_BatchNorm):
             var = None
         if bn_training:
             if input.numel() == input.size(1) and input.numel() != 0:
-                raise ValueError("bn_cuda.nn." + self._script_name + ": expected more than 1 value per feature "
-                                 "when training, got input of shape " + str(input.shape))
+                raise ValueError("bn_cuda.functional.batch_norm: expected more than 1 value per feature when "
+                                 "training, got input of shape " + str(input.shape) + " with feature axes [1]")
             out = torch.ops.bn_cuda.forward_train(input, self.weight, self.bias, mean, var, factor, self.eps, [1],
                                                   True)[0]
         else:
@@ -195,8 +195,6 @@ class BatchNorm1d(_BatchNormNd):
     """
 
     _input_dims = (2, 3)
-    _script_dims_error = "expected 2D or 3D input"
-    _script_name = "BatchNorm1d"
 
 
 class BatchNorm2d(_BatchNormNd):
@@ -204,8 +202,6 @@ class BatchNorm2d(_BatchNormNd):
     or ``channels_last`` (the output keeps the input's memory format). See :class:`BatchNorm1d`."""
 
     _input_dims = (4,)
-    _script_dims_error = "expected 4D input"
-    _script_name = "BatchNorm2d"
 
 
 class BatchNorm3d(_BatchNormNd):
@@ -213,8 +209,6 @@ class BatchNorm3d(_BatchNormNd):
     or ``channels_last_3d``. See :class:`BatchNorm1d`."""
 
     _input_dims = (5,)
-    _script_dims_error = "expected 5D input"
-    _script_name = "BatchNorm3d"
 
 
 class _LazyBatchNormNd(_LazyNormBase):

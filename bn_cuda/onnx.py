@@ -101,6 +101,15 @@ def _normalize(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], 
     if list(axes) == [1] and all(t is None or t.dtype == input.dtype for t in params):
         return torch.nn.functional.batch_norm(input, _flat(mean), _flat(var), _flat(weight), _flat(bias),
                                               False, 0.0, eps)
+    return affine(input, weight, bias, mean, var, eps, axes)
+
+
+def affine(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], mean: Tensor, var: Tensor,
+           eps: float, axes: Sequence[int]) -> Tensor:
+    """The kernels' apply step as torch operations (epilogue.h's ``apply_coeffs`` / ``apply_one``):
+    ``(x - mean) * (weight / sqrt(var + eps)) (+ bias)`` in the accumulation dtype, per-feature
+    tensors of any accepted shape broadcast along the feature axes ``axes`` (normalized). Also
+    what CUDA tensors trace as under torch.compile (ops.infer_for_inductor)."""
     acc = ops._acc_dtype(input.dtype)
     shape = [input.shape[i] if i in axes else 1 for i in range(input.dim())]
 

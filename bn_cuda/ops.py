@@ -650,14 +650,6 @@ def infer_for_inductor(input: Tensor, weight: Optional[Tensor], bias: Optional[T
         if t is not None:
             _check_floating(t, name)
     _check_forward_eps(eps, False, input.dtype)
-    _onnx()._check(input, weight, bias, running_mean, running_var, False, eps, axis)
-    axes = normalize_axes(axis, input.dim())
-    acc = _acc_dtype(input.dtype)
-    shape = [input.shape[i] if i in axes else 1 for i in range(input.dim())]
-    scale = torch.reciprocal(torch.sqrt(running_var.to(acc).reshape(shape) + eps))
-    if weight is not None:
-        scale = weight.to(acc).reshape(shape) * scale
-    out = (input.to(acc) - running_mean.to(acc).reshape(shape)) * scale
-    if bias is not None:
-        out = out + bias.to(acc).reshape(shape)
-    return out.to(input.dtype)
+    onnx = _onnx()
+    onnx._check(input, weight, bias, running_mean, running_var, False, eps, axis)
+    return onnx.affine(input, weight, bias, running_mean, running_var, eps, normalize_axes(axis, input.dim()))

@@ -587,15 +587,12 @@ def test_quantization_fuse_modules_with_fuser_method_mapping(qat):
 
 def _graphs_of(fn, *args):
     """The FX graphs torch.compile(fullgraph=True) hands its backend for ``fn(*args)``, and the result."""
-    graphs = []
+    from torch._dynamo.testing import EagerAndRecordGraphs
 
-    def backend(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
+    backend = EagerAndRecordGraphs()
     torch._dynamo.reset()
     out = torch.compile(fn, backend=backend, fullgraph=True)(*args)
-    return graphs, out
+    return backend.graphs, out
 
 
 def _bn_cuda_targets(graphs):
